@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One script for every set-up step on a fresh machine (Python >= 3.11 with venv is all it needs).
+#   bash dev.sh demo [ARGS]   make the virtualenv if needed, then run a whole conference on loopback
+#   bash dev.sh test          make the virtualenv if needed, then ruff, mypy and the test suite
+#   bash dev.sh bench NAME    run a benchmark script from bench/
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${PERC_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+setup() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PY" -m venv "$VENV"
+    fi
+    local stamp="$VENV/.perc-installed"
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+        "$VENV/bin/python" -m pip install --quiet -e '.[test]'
+        touch "$stamp"
+    fi
+}
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+    demo)
+        setup
+        exec "$VENV/bin/perc" demo "$@"
+        ;;
+    test)
+        setup
+        "$VENV/bin/ruff" check perc tests bench perc.py
+        "$VENV/bin/mypy"
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    bench)
+        setup
+        name=${1:?usage: bash dev.sh bench NAME}
+        shift
+        exec "$VENV/bin/python" "bench/$name.py" "$@"
+        ;;
+    *)
+        echo "usage: bash dev.sh demo|test|bench NAME" >&2
+        exit 2
+        ;;
+esac

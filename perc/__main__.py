@@ -1,0 +1,5 @@
+"""``python -m perc``."""
+
+from perc.cli import main
+
+main()
