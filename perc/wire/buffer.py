@@ -22,7 +22,7 @@ _U64 = struct.Struct("!Q")
 class Buffer:
     """Read cursor over immutable bytes, or a growable write buffer."""
 
-    __slots__ = ("_data", "_end", "_pos", "_out")
+    __slots__ = ("_data", "_end", "_out", "_pos")
 
     def __init__(self, data: bytes | bytearray | memoryview = b"") -> None:
         self._data = bytes(data)
@@ -128,7 +128,9 @@ class Buffer:
     def push_uint64(self, v: int) -> None:
         self._out += _U64.pack(v)
 
-    def push_vector(self, prefix: int, data: bytes, floor: int = 0, ceiling: int | None = None) -> None:
+    def push_vector(
+        self, prefix: int, data: bytes, floor: int = 0, ceiling: int | None = None
+    ) -> None:
         """Write ``opaque x<floor..ceiling>``; a length outside the bounds is local misuse."""
         limit = (1 << (8 * prefix)) - 1
         if ceiling is None:
