@@ -1,0 +1,1 @@
+"""Network utilities for whole-system tests (loopback only)."""
