@@ -96,6 +96,43 @@ def pack_records(records: Sequence[bytes], mtu: int) -> list[bytes]:
     return datagrams
 
 
+def build_context(
+    identity: Identity,
+    *,
+    cipher_suites: Sequence[int] = (0xC02B, 0xC02C, 0xCCA9),
+    groups: Sequence[int] = (29, 23),
+    srtp_profiles: Sequence[int] = (0x0007, 0x0008, 0x0009, 0x000A),
+    cookie_exchange: bool = False,
+) -> SSL.Context:
+    """A DTLS 1.2-only context with perc's profile, for one or many OpensslPeers."""
+    ctx = SSL.Context(SSL.DTLS_METHOD)
+    ctx.set_min_proto_version(DTLS1_2_VERSION)
+    ctx.set_max_proto_version(DTLS1_2_VERSION)
+    ctx.set_cipher_list(":".join(CIPHER_NAMES[c] for c in cipher_suites).encode())
+    groups_list = ":".join(GROUP_NAMES[g] for g in groups).encode()
+    if _lib.SSL_CTX_set1_curves_list(ctx._context, groups_list) != 1:
+        raise OpensslPeerError(f"OpenSSL refused groups {groups_list!r}")
+    ctx.set_tlsext_use_srtp(":".join(SRTP_PROFILE_NAMES[p] for p in srtp_profiles).encode())
+    ctx.use_certificate(identity.certificate)
+    ctx.use_privatekey(identity.private_key)
+    ctx.check_privatekey()
+    # We pin fingerprints ourselves; accept any (self-signed) certificate, but require one
+    # from the client (mutual authentication, D17).
+    ctx.set_verify(
+        SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
+        lambda conn, cert, errno, depth, ok: True,
+    )
+    # The memory BIO cannot answer an MTU query; the peer fixes the MTU itself.
+    ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
+    ctx.set_keylog_callback(lambda conn, line: conn.get_app_data().on_keylog(line))
+    if cookie_exchange:
+        ctx.set_cookie_generate_callback(lambda conn: conn.get_app_data().generate_cookie())
+        ctx.set_cookie_verify_callback(
+            lambda conn, cookie: conn.get_app_data().verify_cookie(cookie)
+        )
+    return ctx
+
+
 class OpensslPeer:
     """One side of a DTLS 1.2 association run by OpenSSL over memory BIOs."""
 
@@ -110,7 +147,10 @@ class OpensslPeer:
         mtu: int = 1200,
         cookie_exchange: bool = False,
         one_record_per_datagram: bool = False,
+        context: SSL.Context | None = None,
     ) -> None:
+        """``context``: a prebuilt :func:`build_context` to share (then the identity, suite,
+        group, profile and cookie options given here are not applied)."""
         self.is_client = is_client
         self.identity = identity
         self.mtu = mtu
@@ -127,51 +167,37 @@ class OpensslPeer:
         self._cookie_secret = os.urandom(32)
         self._listening = self.cookie_exchange
 
-        ctx = SSL.Context(SSL.DTLS_METHOD)
-        ctx.set_min_proto_version(DTLS1_2_VERSION)
-        ctx.set_max_proto_version(DTLS1_2_VERSION)
-        ctx.set_cipher_list(":".join(CIPHER_NAMES[c] for c in cipher_suites).encode())
-        groups_list = ":".join(GROUP_NAMES[g] for g in groups).encode()
-        if _lib.SSL_CTX_set1_curves_list(ctx._context, groups_list) != 1:
-            raise OpensslPeerError(f"OpenSSL refused groups {groups_list!r}")
-        ctx.set_tlsext_use_srtp(":".join(SRTP_PROFILE_NAMES[p] for p in srtp_profiles).encode())
-        ctx.use_certificate(identity.certificate)
-        ctx.use_privatekey(identity.private_key)
-        ctx.check_privatekey()
-        # We pin fingerprints ourselves; accept any (self-signed) certificate, but require one
-        # from the client (mutual authentication, D17).
-        ctx.set_verify(
-            SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT,
-            lambda conn, cert, errno, depth, ok: True,
-        )
-        # The memory BIO cannot answer an MTU query; fix the MTU ourselves.
-        ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
-        ctx.set_keylog_callback(self._on_keylog)
-        if self.cookie_exchange:
-            ctx.set_cookie_generate_callback(self._generate_cookie)
-            ctx.set_cookie_verify_callback(self._verify_cookie)
-        self.context = ctx
-        self.connection = SSL.Connection(ctx, None)
+        if context is None:
+            context = build_context(
+                identity,
+                cipher_suites=cipher_suites,
+                groups=groups,
+                srtp_profiles=srtp_profiles,
+                cookie_exchange=self.cookie_exchange,
+            )
+        self.context = context
+        self.connection = SSL.Connection(context, None)
+        self.connection.set_app_data(self)
         self.connection.set_ciphertext_mtu(mtu)
         if is_client:
             self.connection.set_connect_state()
         else:
             self.connection.set_accept_state()
 
-    # -- callbacks ------------------------------------------------------------------------
-    def _on_keylog(self, conn: SSL.Connection, line: bytes) -> None:
+    # -- callbacks (called through the context with the connection's app data) -------------
+    def on_keylog(self, line: bytes) -> None:
         self.keylog_lines.append(line.decode("ascii"))
 
-    def _cookie_for(self, conn: SSL.Connection) -> bytes:
+    def _cookie(self) -> bytes:
         # A memory BIO has no peer address; one peer per object, so the secret alone binds it.
         return hmac.new(self._cookie_secret, b"openssl-peer-cookie", hashlib.sha256).digest()[:20]
 
-    def _generate_cookie(self, conn: SSL.Connection) -> bytes:
+    def generate_cookie(self) -> bytes:
         self.cookies_generated += 1
-        return self._cookie_for(conn)
+        return self._cookie()
 
-    def _verify_cookie(self, conn: SSL.Connection, cookie: bytes) -> bool:
-        ok = hmac.compare_digest(cookie, self._cookie_for(conn))
+    def verify_cookie(self, cookie: bytes) -> bool:
+        ok = hmac.compare_digest(cookie, self._cookie())
         self.cookies_verified += ok
         return ok
 

@@ -1,0 +1,205 @@
+"""DTLS 1.2 handshake speed: perc's own engine against pyOpenSSL, measured in one process.
+
+Usage: .venv/bin/python bench/dtls_handshake.py [--count N] [--warmup N]
+
+Every handshake is a full mutually authenticated DTLS 1.2 handshake (ECDHE-ECDSA, P-256
+certificates, use_srtp, EMS) between a client and a server object joined in memory, without
+cookies and without loss (tests/dtls_interop/harness.py ``pump``). Rows:
+
+(a) pyOpenSSL client + pyOpenSSL server (the baseline, memory BIOs), one SSL.Context per role
+    shared by all handshakes as a real server would ("pyOpenSSL"); for information also with a
+    new SSL.Context (certificate and key loading) per connection ("pyOpenSSL+ctx");
+(b) perc client + perc server, one DtlsConfiguration per role;
+(c) the server alone: the time spent inside the server object's methods (receive_datagram,
+    datagrams_to_send, next_event) during the handshakes of (a) and (b), giving handshakes/s
+    one core sustains for the server role. A recorded client side cannot be replayed into a new
+    server (the server's random and ECDHE share change the transcript the client signs), so
+    the server is timed inside live pairs.
+
+Targets (issue 6): perc pair <= 4x the pyOpenSSL pair (the shared-context row, the stricter
+baseline); perc server >= 300 handshakes/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from perc import identity
+from perc.identity import Identity
+from tests.dtls_interop.harness import EnginePeer, pump
+from tests.dtls_interop.openssl_peer import OpensslPeer, build_context
+
+TARGET_RATIO = 4.0
+TARGET_SERVER_RATE = 300.0
+
+
+class TimedServer:
+    """Forwards the peer surface to a server and adds up the time spent inside it."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.elapsed = 0.0
+
+    @property
+    def handshake_complete(self) -> bool:
+        t = time.perf_counter()
+        done = bool(self.inner.handshake_complete)
+        self.elapsed += time.perf_counter() - t
+        return done
+
+    @property
+    def is_client(self) -> bool:
+        return False
+
+    @property
+    def failed(self) -> Any:
+        return self.inner.failed
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        t = time.perf_counter()
+        self.inner.receive_datagram(data, now)
+        self.elapsed += time.perf_counter() - t
+
+    def datagrams_to_send(self) -> list[bytes]:
+        t = time.perf_counter()
+        out: list[bytes] = self.inner.datagrams_to_send()
+        self.elapsed += time.perf_counter() - t
+        return out
+
+
+def openssl_peers(
+    client_id: Identity, server_id: Identity, *, shared: bool
+) -> tuple[Callable[[Identity], Any], Callable[[Identity], Any]]:
+    """Factories for pyOpenSSL peers; ``shared``: one SSL.Context per role, as a server would."""
+    if not shared:
+        return (
+            lambda ident: OpensslPeer(is_client=True, identity=ident),
+            lambda ident: OpensslPeer(is_client=False, identity=ident),
+        )
+    client_ctx, server_ctx = build_context(client_id), build_context(server_id)
+    return (
+        lambda ident: OpensslPeer(is_client=True, identity=ident, context=client_ctx),
+        lambda ident: OpensslPeer(is_client=False, identity=ident, context=server_ctx),
+    )
+
+
+def perc_peers(
+    client_id: Identity, server_id: Identity
+) -> tuple[Callable[[Identity], Any], Callable[[Identity], Any]]:
+    """Factories for perc peers sharing one DtlsConfiguration per role."""
+    from perc.dtls import DtlsConfiguration, DtlsConnection
+
+    def config(is_client: bool, ident: Identity) -> Any:
+        return DtlsConfiguration(
+            is_client=is_client, certificate=ident.certificate, private_key=ident.private_key
+        )
+
+    client_config, server_config = config(True, client_id), config(False, server_id)
+    return (
+        lambda ident: EnginePeer(DtlsConnection(client_config), is_client=True),
+        lambda ident: EnginePeer(DtlsConnection(server_config), is_client=False),
+    )
+
+
+def measure(
+    make_client: Callable[[Identity], Any],
+    make_server: Callable[[Identity], Any],
+    client_id: Identity,
+    server_id: Identity,
+    *,
+    count: int,
+    warmup: int,
+) -> tuple[list[float], list[float]]:
+    """Per-pair wall times and per-handshake server times (seconds), object set-up included."""
+    pair_times: list[float] = []
+    server_times: list[float] = []
+    for i in range(warmup + count):
+        gc.collect()
+        t0 = time.perf_counter()
+        client = make_client(client_id)
+        t1 = time.perf_counter()
+        server = TimedServer(make_server(server_id))
+        t2 = time.perf_counter()
+        client.connect(0.0)
+        pump(client, server)
+        t3 = time.perf_counter()
+        if not (client.handshake_complete and server.inner.handshake_complete):
+            raise SystemExit("handshake did not complete")
+        if i >= warmup:
+            pair_times.append(t3 - t0)
+            server_times.append(server.elapsed + (t2 - t1))
+    return pair_times, server_times
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200, help="handshakes per row")
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+
+    client_id = identity.generate("endpoint")
+    server_id = identity.generate("kmf")
+
+    rows: dict[str, tuple[list[float], list[float]] | None] = {}
+    options = {"count": args.count, "warmup": args.warmup}
+    rows["pyOpenSSL"] = measure(
+        *openssl_peers(client_id, server_id, shared=True), client_id, server_id, **options
+    )
+    rows["pyOpenSSL+ctx"] = measure(
+        *openssl_peers(client_id, server_id, shared=False), client_id, server_id, **options
+    )
+    try:
+        factories = perc_peers(client_id, server_id)
+    except ImportError as e:
+        print(f"perc engine not available: {e}")
+        rows["perc"] = None
+    else:
+        rows["perc"] = measure(*factories, client_id, server_id, **options)
+
+    print(f"DTLS 1.2 mutually authenticated handshake pairs in memory, count={args.count}")
+    print(
+        f"{'implementation':<14} {'mean ms/pair':>12} {'median ms':>10} {'pairs/s':>9} "
+        f"{'server ms/hs':>12} {'server hs/s':>11}"
+    )
+    for name, row in rows.items():
+        if row is None:
+            print(f"{name:<14} {'n/a':>12}")
+            continue
+        pairs, servers = row
+        mean = statistics.fmean(pairs)
+        smean = statistics.fmean(servers)
+        print(
+            f"{name:<14} {mean * 1e3:>12.2f} {statistics.median(pairs) * 1e3:>10.2f} "
+            f"{1 / mean:>9.1f} {smean * 1e3:>12.2f} {1 / smean:>11.1f}"
+        )
+    ours = rows["perc"]
+    if ours is not None:
+        for base_name in ("pyOpenSSL", "pyOpenSSL+ctx"):
+            base = rows[base_name]
+            assert base is not None
+            ratio = statistics.fmean(ours[0]) / statistics.fmean(base[0])
+            verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
+            print(
+                f"ratio perc/{base_name} pair time: {ratio:.2f}x "
+                f"(target <= {TARGET_RATIO:.0f}x: {verdict})"
+            )
+        rate = 1 / statistics.fmean(ours[1])
+        print(
+            f"perc server handshakes/s: {rate:.0f} "
+            f"(target >= {TARGET_SERVER_RATE:.0f}: "
+            f"{'met' if rate >= TARGET_SERVER_RATE else 'MISSED'})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
