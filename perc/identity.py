@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,99}$")
 _FP_RE = re.compile(r"^sha-256 ((?:[0-9A-F]{2}:){31}[0-9A-F]{2})$", re.IGNORECASE)
 
 
@@ -86,20 +87,46 @@ def generate(name: str, *, days: int = 3650) -> Identity:
     return Identity(certificate=cert, private_key=key)
 
 
-def write(identity: Identity, directory: Path, name: str) -> tuple[Path, Path]:
-    """Write ``name.key`` (mode 0600) and ``name.crt`` (PEM) into ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
+def check_name(name: str) -> str:
+    """An identity name must be a plain file stem: it becomes ``NAME.key`` and ``NAME.crt``."""
+    if not _NAME_RE.match(name):
+        raise IdentityError(
+            f"bad identity name {name!r}: use letters, digits, '.', '-' and '_' (no '/')"
+        )
+    return name
+
+
+def write(
+    identity: Identity, directory: Path, name: str, *, overwrite: bool = True
+) -> tuple[Path, Path]:
+    """Write ``name.key`` (mode 0600) and ``name.crt`` (PEM) into ``directory``.
+
+    With ``overwrite=False`` an existing file of either name is an :class:`IdentityError`
+    (nothing is written).
+    """
+    check_name(name)
     key_path = directory / f"{name}.key"
     crt_path = directory / f"{name}.crt"
+    if not overwrite:
+        for p in (key_path, crt_path):
+            if p.exists():
+                raise IdentityError(f"{p} exists; not overwriting it")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise IdentityError(f"cannot create folder {directory}: {e.strerror}") from None
     key_pem = identity.private_key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_pem)
-    crt_path.write_bytes(identity.certificate.public_bytes(serialization.Encoding.PEM))
+    try:
+        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key_pem)
+        crt_path.write_bytes(identity.certificate.public_bytes(serialization.Encoding.PEM))
+    except OSError as e:
+        raise IdentityError(f"cannot write {e.filename}: {e.strerror}") from None
     return key_path, crt_path
 
 
@@ -112,8 +139,9 @@ def load_certificate(path: Path) -> x509.Certificate:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
-    except ValueError as e:
-        raise IdentityError(f"{path} is not an X.509 certificate: {e}") from None
+    except ValueError:
+        # cryptography's parse errors are long and internal; the file name says enough.
+        raise IdentityError(f"{path} is not a PEM or DER X.509 certificate") from None
 
 
 def load(cert_path: Path, key_path: Path) -> Identity:
@@ -125,11 +153,9 @@ def load(cert_path: Path, key_path: Path) -> Identity:
         raise IdentityError(f"cannot read key {key_path}: {e.strerror}") from None
     try:
         key = serialization.load_pem_private_key(key_data, password=None)
-    except (ValueError, TypeError) as e:
-        raise IdentityError(f"{key_path} is not an unencrypted PEM private key: {e}") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(
-        key.curve, ec.SECP256R1
-    ):
+    except (ValueError, TypeError):
+        raise IdentityError(f"{key_path} is not an unencrypted PEM private key") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
         raise IdentityError(f"{key_path} is not an ECDSA P-256 key")
     if key.public_key() != cert.public_key():
         raise IdentityError(f"{key_path} does not belong to {cert_path}")

@@ -1,0 +1,701 @@
+"""Configuration of the KMF and MDD roles: attrs classes loaded from TOML with cattrs.
+
+This module is the one place defaults live. Every setting is an attrs field whose
+``metadata["doc"]`` says what it is; the CLI and the man page read them from here
+(:func:`describe`).
+
+Files (binding schemas of issue 2; the optional keys have the defaults shown)::
+
+    # kmf.toml
+    [kmf]
+    listen = "127.0.0.1:4444"         # TLS tunnel listener (TCP)
+    cert = "kmf.crt"                   # also the KMF's DTLS certificate toward endpoints
+    key = "kmf.key"
+    trusted_mdds = ["sha-256 AB:..."]  # MDD certificate fingerprints allowed to connect
+    dtls_cookies = true                # stateless HelloVerifyRequest cookies (D14)
+    profiles = [0x0009, 0x000A]        # DOUBLE profiles in preference order (D18)
+    # tls_id = "..."                   # the KMF's external_session_id (D15); random if unset
+    [[conference]]
+    id = "demo"
+    participants = ["sha-256 ..."]     # endpoint certificate fingerprints (D15)
+    tls_ids = { "sha-256 ..." = "..." } # optional expected tls-id per participant (D15)
+    rekey_on_join = true               # D22
+    rekey_on_leave = true              # D22
+    rekey_window = 0.5                 # seconds; joins/leaves within it share one rekey (D22)
+    ekt_ttl = 86400                    # EKTKey ekt_ttl in seconds (D10)
+
+    # mdd.toml
+    [mdd]
+    cert = "mdd.crt"
+    key = "mdd.key"
+    idle_timeout = 10.0                # seconds of endpoint silence before EndpointDisconnect (D3)
+    reconnect_min = 0.5                # first tunnel reconnect delay, doubling ... (D1)
+    reconnect_max = 30.0               # ... up to this cap
+    [[conference]]
+    id = "demo"
+    listen = "127.0.0.1:5004"          # UDP port where endpoints of this conference send
+    kmf = "127.0.0.1:4444"
+    kmf_fingerprint = "sha-256 ..."
+    # last_n = 4                       # forward only the last N active speakers (unset: all)
+
+Relative ``cert``/``key`` paths are relative to the folder of the config file. Loading also
+loads both identities (:func:`perc.identity.load`) and canonicalises every fingerprint. Any
+problem raises :class:`ConfigError` whose text is one line naming the key and the problem;
+unknown keys are refused so that typos do not pass silently.
+
+API::
+
+    load_kmf_config(path) -> KmfConfig        # .kmf: KmfSettings, .conferences, .identity
+    load_mdd_config(path) -> MddConfig        # .mdd: MddSettings, .conferences, .identity
+    mdd_quick_config(kmf=, kmf_fingerprint=, listen=, cert=, key=, conference="demo")
+    parse_host_port(text) -> HostPort         # HostPort(host, port); str() gives host:port
+    describe(cls) -> list[Setting]            # key, type, default, doc for CLI/man page
+    ConfigError
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NewType, TypeVar
+
+import attrs
+import cattrs
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.gen import make_dict_structure_fn
+
+from perc import identity as _identity
+
+__all__ = [
+    "ConfigError",
+    "Fingerprint",
+    "HostPort",
+    "KmfConference",
+    "KmfConfig",
+    "KmfSettings",
+    "MddConference",
+    "MddConfig",
+    "MddSettings",
+    "Setting",
+    "describe",
+    "load_kmf_config",
+    "load_mdd_config",
+    "mdd_quick_config",
+    "parse_host_port",
+]
+
+
+class ConfigError(Exception):
+    """A configuration is unusable. ``str(error)`` is one line naming the key and problem."""
+
+
+#: A certificate fingerprint in canonical D20 form (``sha-256 AB:CD:...``, uppercase).
+Fingerprint = NewType("Fingerprint", str)
+
+#: The DOUBLE profiles perc can run (D18): DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM, and 256.
+DOUBLE_PROFILES = (0x0009, 0x000A)
+
+_TLS_ID_RE = re.compile(r"^[A-Za-z0-9+/\-_]{20,255}$")  # RFC 8842 §4 tls-id-value
+
+
+class _Invalid(ValueError):
+    """A value has the right place but a bad form; its text is the problem, without the key."""
+
+
+@attrs.frozen
+class HostPort:
+    """A ``host:port`` pair (``[v6addr]:port`` for IPv6 literals)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str) -> HostPort:
+    """Parse ``host:port`` or ``[v6]:port``; port 0..65535. Raises ValueError."""
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise _Invalid(f"bad host:port {text!r}: write IPv6 addresses as [addr]:port")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise _Invalid(f"bad host:port {text!r}: expected HOST:PORT with PORT 0-65535")
+    return HostPort(host=host, port=int(port_text))
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+# --- the schema (one source of defaults) -------------------------------------------------------
+
+
+@attrs.frozen
+class KmfSettings:
+    """The ``[kmf]`` table."""
+
+    listen: HostPort = attrs.field(metadata=_doc("TLS tunnel listener (TCP host:port)"))
+    cert: Path = attrs.field(
+        metadata=_doc("certificate (PEM); also the KMF's DTLS certificate toward endpoints")
+    )
+    key: Path = attrs.field(metadata=_doc("private key of cert (PEM, ECDSA P-256)"))
+    trusted_mdds: tuple[Fingerprint, ...] = attrs.field(
+        metadata=_doc("MDD certificate fingerprints allowed to open a tunnel (D1, D20)")
+    )
+    dtls_cookies: bool = attrs.field(
+        default=True, metadata=_doc("stateless DTLS HelloVerifyRequest cookies (D14)")
+    )
+    profiles: tuple[int, ...] = attrs.field(
+        default=DOUBLE_PROFILES,
+        metadata=_doc("SRTP DOUBLE profiles the KMF accepts, in preference order (D18)"),
+    )
+    tls_id: str | None = attrs.field(
+        default=None,
+        metadata=_doc("the KMF's tls-id sent in external_session_id (D15); random if unset"),
+    )
+
+
+@attrs.frozen
+class KmfConference:
+    """One ``[[conference]]`` table of a KMF config."""
+
+    id: str = attrs.field(metadata=_doc("conference name, unique in the file"))
+    participants: tuple[Fingerprint, ...] = attrs.field(
+        metadata=_doc("endpoint certificate fingerprints admitted to the conference (D15)")
+    )
+    tls_ids: Mapping[Fingerprint, str] = attrs.field(
+        factory=dict,
+        metadata=_doc("expected tls-id per participant fingerprint (D15); unset: any"),
+    )
+    rekey_on_join: bool = attrs.field(
+        default=True, metadata=_doc("new EKTKey when an endpoint joins (D22)")
+    )
+    rekey_on_leave: bool = attrs.field(
+        default=True, metadata=_doc("new EKTKey when an endpoint leaves (D22)")
+    )
+    rekey_window: float = attrs.field(
+        default=0.5, metadata=_doc("seconds within which joins/leaves share one rekey (D22)")
+    )
+    ekt_ttl: int = attrs.field(
+        default=86400, metadata=_doc("ekt_ttl of each EKTKey, seconds (D10)")
+    )
+
+
+@attrs.frozen
+class MddSettings:
+    """The ``[mdd]`` table."""
+
+    cert: Path = attrs.field(metadata=_doc("certificate (PEM) presented to the KMF"))
+    key: Path = attrs.field(metadata=_doc("private key of cert (PEM, ECDSA P-256)"))
+    idle_timeout: float = attrs.field(
+        default=10.0,
+        metadata=_doc("seconds of endpoint silence before EndpointDisconnect is sent (D3)"),
+    )
+    reconnect_min: float = attrs.field(
+        default=0.5, metadata=_doc("first tunnel reconnect delay in seconds, doubling (D1)")
+    )
+    reconnect_max: float = attrs.field(
+        default=30.0, metadata=_doc("cap of the tunnel reconnect delay in seconds (D1)")
+    )
+
+
+@attrs.frozen
+class MddConference:
+    """One ``[[conference]]`` table of an MDD config: one UDP port and one tunnel (D1)."""
+
+    id: str = attrs.field(metadata=_doc("conference name, unique in the file"))
+    listen: HostPort = attrs.field(
+        metadata=_doc("UDP host:port where endpoints of this conference send")
+    )
+    kmf: HostPort = attrs.field(metadata=_doc("the KMF's tunnel address (TCP host:port)"))
+    kmf_fingerprint: Fingerprint = attrs.field(
+        metadata=_doc("the KMF's certificate fingerprint; any other KMF is refused (D1)")
+    )
+    last_n: int | None = attrs.field(
+        default=None, metadata=_doc("forward only the last N active speakers; unset: all")
+    )
+
+
+@attrs.frozen
+class KmfConfig:
+    """A loaded KMF configuration: settings, conferences and the loaded identity."""
+
+    kmf: KmfSettings
+    conferences: tuple[KmfConference, ...]
+    identity: _identity.Identity
+    source: Path | None = None
+
+    def conference(self, conference_id: str) -> KmfConference | None:
+        return next((c for c in self.conferences if c.id == conference_id), None)
+
+
+@attrs.frozen
+class MddConfig:
+    """A loaded MDD configuration: settings, conferences and the loaded identity."""
+
+    mdd: MddSettings
+    conferences: tuple[MddConference, ...]
+    identity: _identity.Identity
+    source: Path | None = None
+
+
+@attrs.frozen
+class _KmfFile:
+    kmf: KmfSettings
+    conference: tuple[KmfConference, ...] = ()
+
+
+@attrs.frozen
+class _MddFile:
+    mdd: MddSettings
+    conference: tuple[MddConference, ...] = ()
+
+
+@attrs.frozen
+class Setting:
+    """One documented key, for the CLI's help and the man page."""
+
+    key: str
+    type: str
+    default: object
+    required: bool
+    doc: str
+
+
+def _describe_type(t: object) -> str:
+    if t is Path:
+        return "path"
+    if t is HostPort:
+        return "host:port"
+    if t is Fingerprint:
+        return "fingerprint"
+    if isinstance(t, type):
+        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}.get(
+            t.__name__, t.__name__
+        )
+    args: tuple[object, ...] = getattr(t, "__args__", ())
+    if type(None) in args:
+        return _describe_type(next(a for a in args if a is not type(None))) + " (optional)"
+    if getattr(t, "__origin__", None) is tuple:
+        return "array of " + _describe_type(args[0])
+    if len(args) == 2:
+        return f"table of {_describe_type(args[0])} = {_describe_type(args[1])}"
+    return str(t)
+
+
+def describe(cls: type[Any]) -> list[Setting]:
+    """The documented keys of one schema class (e.g. ``describe(MddSettings)``)."""
+    attrs.resolve_types(cls)
+    out = []
+    for f in attrs.fields(cls):
+        required = f.default is attrs.NOTHING
+        default: object = None
+        if isinstance(f.default, attrs.Factory):  # type: ignore[arg-type]
+            default = f.default.factory()
+        elif not required:
+            default = f.default
+        out.append(
+            Setting(
+                key=f.name,
+                type=_describe_type(f.type),
+                default=default,
+                required=required,
+                doc=f.metadata.get("doc", ""),
+            )
+        )
+    return out
+
+
+# --- structuring: strict types, our messages ---------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+def _type_name(value: object) -> str:
+    return {
+        bool: "boolean",
+        int: "integer",
+        float: "float",
+        str: "string",
+        list: "array",
+        dict: "table",
+    }.get(type(value), type(value).__name__)
+
+
+def _strict(kind: type[_T], name: str) -> Callable[[object, object], _T]:
+    def hook(value: object, _: object) -> _T:
+        # TOML values are typed: refuse the coercions cattrs would do (bool("false") is True).
+        if isinstance(value, bool) and kind is not bool:
+            raise _Invalid(f"expected {name}, got boolean")
+        if kind is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, kind):
+            raise _Invalid(f"expected {name}, got {_type_name(value)}")
+        return value
+
+    return hook
+
+
+def _host_port(value: object, _: object) -> HostPort:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a string 'host:port', got {_type_name(value)}")
+    return parse_host_port(value)
+
+
+def _fingerprint(value: object, _: object) -> Fingerprint:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected a fingerprint string 'sha-256 AB:...', got {_type_name(value)}")
+    try:
+        return Fingerprint(_identity.parse_fingerprint(value))
+    except _identity.IdentityError as e:
+        raise _Invalid(str(e)) from None
+
+
+def _path(value: object, _: object) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"expected a file path string, got {_type_name(value)}")
+    return Path(value)
+
+
+class _Located(Exception):
+    """An error inside an array element or table entry: ``where`` is ``[i]`` or ``[key]``."""
+
+    def __init__(self, where: str, error: BaseException) -> None:
+        super().__init__(where)
+        self.where = where
+        self.error = error
+
+
+def _make_converter() -> cattrs.Converter:
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(str, _strict(str, "a string"))
+    conv.register_structure_hook(int, _strict(int, "an integer"))
+    conv.register_structure_hook(float, _strict(float, "a number"))
+    conv.register_structure_hook(bool, _strict(bool, "true or false"))
+    conv.register_structure_hook(HostPort, _host_port)
+    conv.register_structure_hook(Fingerprint, _fingerprint)
+    conv.register_structure_hook(Path, _path)
+
+    def table_hook(cl: Any) -> Callable[[object, object], object]:
+        inner = make_dict_structure_fn(cl, conv, _cattrs_forbid_extra_keys=True)
+
+        def hook(value: object, t: object) -> object:
+            if not isinstance(value, dict):
+                raise _Invalid(f"expected a table, got {_type_name(value)}")
+            return inner(value, t)
+
+        return hook
+
+    conv.register_structure_hook_factory(attrs.has, table_hook)
+
+    def is_homogeneous_tuple(t: Any) -> bool:
+        args: tuple[Any, ...] = getattr(t, "__args__", ())
+        return getattr(t, "__origin__", None) is tuple and args[1:] == (...,)
+
+    def tuple_hook(t: Any) -> Callable[[object, object], tuple[object, ...]]:
+        elem = t.__args__[0]
+        structure = conv.get_structure_hook(elem)
+
+        def hook(value: object, _: object) -> tuple[object, ...]:
+            # Our own loop (not cattrs'): a string is not an array of characters, and an
+            # element's error is reported at its index.
+            if not isinstance(value, list):
+                raise _Invalid(f"expected an array, got {_type_name(value)}")
+            out = []
+            for i, item in enumerate(value):
+                try:
+                    out.append(structure(item, elem))
+                except Exception as e:
+                    raise _Located(f"[{i}]", e) from None
+            return tuple(out)
+
+        return hook
+
+    conv.register_structure_hook_factory(is_homogeneous_tuple, tuple_hook)
+
+    def fingerprint_map(value: object, _: object) -> dict[Fingerprint, str]:
+        if not isinstance(value, dict):
+            raise _Invalid(f"expected a table, got {_type_name(value)}")
+        out = {}
+        for k, v in value.items():
+            try:
+                out[_fingerprint(k, None)] = _strict(str, "a string")(v, None)
+            except Exception as e:
+                raise _Located(f"[{k!r}]", e) from None
+        return out
+
+    conv.register_structure_hook_func(
+        lambda t: t == Mapping[Fingerprint, str],
+        fingerprint_map,
+    )
+    return conv
+
+
+_CONVERTER = _make_converter()
+
+
+def _key_path(path: str) -> str:
+    # cattrs paths look like "$.conference[0].listen"; show "conference[0].listen".
+    path = path.removeprefix("$").removeprefix(".")
+    return path or "(top level)"
+
+
+def _first_error(exc: BaseException, path: str = "$") -> tuple[str, str]:
+    """Walk a cattrs exception tree to its first leaf: (key path, problem)."""
+    if isinstance(exc, ForbiddenExtraKeysError):
+        extra = sorted(exc.extra_fields)[0]
+        where = _key_path(path)
+        return (extra if where == "(top level)" else f"{where}.{extra}"), "unknown key (a typo?)"
+    if isinstance(exc, _Located):
+        return _first_error(exc.error, path + exc.where)
+    if isinstance(exc, ClassValidationError):
+        with_notes, others = exc.group_exceptions()
+        if with_notes:
+            sub, note = with_notes[0]
+            return _first_error(sub, f"{path}.{note.name}")
+        return _first_error(others[0], path)
+    if isinstance(exc, IterableValidationError):
+        with_index, rest = exc.group_exceptions()
+        if with_index:
+            item, inote = with_index[0]
+            return _first_error(item, f"{path}[{inote.index!r}]")
+        return _first_error(rest[0], path)
+    if isinstance(exc, BaseExceptionGroup):
+        return _first_error(exc.exceptions[0], path)
+    if isinstance(exc, KeyError):
+        return _key_path(path), "required key missing"
+    if isinstance(exc, _Invalid):
+        return _key_path(path), str(exc)
+    return _key_path(path), f"invalid value ({exc})"
+
+
+def _structure(data: dict[str, Any], cls: type[_T], rename: Callable[[str], str]) -> _T:
+    try:
+        return _CONVERTER.structure(data, cls)
+    except Exception as e:
+        key, problem = _first_error(e)
+        raise ConfigError(f"{rename(key)}: {problem}") from None
+
+
+# --- semantic checks and loading ---------------------------------------------------------------
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def _check_positive(value: float, key: str) -> None:
+    _check(math.isfinite(value) and value > 0, key, f"must be a positive number, got {value}")
+
+
+def _check_unique_ids(ids: list[str], section: str) -> None:
+    seen: set[str] = set()
+    for i, cid in enumerate(ids):
+        _check(bool(cid), f"{section}[{i}].id", "must not be empty")
+        _check(cid not in seen, f"{section}[{i}].id", f"duplicate conference id {cid!r}")
+        seen.add(cid)
+
+
+def _load_identity(
+    cert: Path, key: Path, base: Path, cert_key: str, key_key: str
+) -> tuple[Path, Path, _identity.Identity]:
+    cert = base / cert
+    key = base / key
+    try:
+        _identity.load_certificate(cert)
+    except _identity.IdentityError as e:
+        raise ConfigError(f"{cert_key}: {e}") from None
+    try:
+        ident = _identity.load(cert, key)
+    except _identity.IdentityError as e:
+        raise ConfigError(f"{key_key}: {e}") from None
+    return cert, key, ident
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def _in_file(path: Path) -> Callable[[str], str]:
+    return lambda key: f"{path}: {key}"
+
+
+def load_kmf_config(path: str | Path) -> KmfConfig:
+    """Load and check a KMF config file (see the module docstring for the schema)."""
+    path = Path(path)
+    data = _read_toml(path)
+    where = _in_file(path)
+    try:
+        return build_kmf_config(data, base=path.resolve().parent, source=path)
+    except ConfigError as e:
+        raise ConfigError(where(str(e))) from None
+
+
+def build_kmf_config(data: dict[str, Any], *, base: Path, source: Path | None = None) -> KmfConfig:
+    """A KmfConfig from already-parsed TOML data; relative paths are relative to ``base``."""
+    raw = _structure(data, _KmfFile, lambda k: k)
+    kmf = raw.kmf
+    _check(bool(raw.conference), "conference", "at least one [[conference]] table is required")
+    _check_unique_ids([c.id for c in raw.conference], "conference")
+    _check(bool(kmf.profiles), "kmf.profiles", "must list at least one profile")
+    for i, p in enumerate(kmf.profiles):
+        _check(
+            p in DOUBLE_PROFILES,
+            f"kmf.profiles[{i}]",
+            f"unsupported profile {p:#06x}: perc runs 0x0009 and 0x000A (D18)",
+        )
+    _check(len(set(kmf.profiles)) == len(kmf.profiles), "kmf.profiles", "duplicate profile")
+    if kmf.tls_id is not None:
+        _check(
+            bool(_TLS_ID_RE.match(kmf.tls_id)),
+            "kmf.tls_id",
+            "must be 20-255 characters of A-Z a-z 0-9 + / - _ (RFC 8842)",
+        )
+    for i, c in enumerate(raw.conference):
+        key = f"conference[{i}]"
+        for fp, tls_id in c.tls_ids.items():
+            _check(
+                fp in c.participants,
+                f"{key}.tls_ids",
+                f"{fp} is not in this conference's participants",
+            )
+            _check(
+                bool(_TLS_ID_RE.match(tls_id)),
+                f"{key}.tls_ids",
+                f"tls-id of {fp} must be 20-255 characters of A-Z a-z 0-9 + / - _ (RFC 8842)",
+            )
+        _check(
+            math.isfinite(c.rekey_window) and c.rekey_window >= 0,
+            f"{key}.rekey_window",
+            f"must be a number >= 0, got {c.rekey_window}",
+        )
+        _check(
+            0 < c.ekt_ttl < 1 << 24,
+            f"{key}.ekt_ttl",
+            f"must be 1..16777215 seconds (uint24, RFC 8870 §5.2.2), got {c.ekt_ttl}",
+        )
+    cert, key_path, ident = _load_identity(kmf.cert, kmf.key, base, "kmf.cert", "kmf.key")
+    return KmfConfig(
+        kmf=attrs.evolve(kmf, cert=cert, key=key_path),
+        conferences=raw.conference,
+        identity=ident,
+        source=source,
+    )
+
+
+def load_mdd_config(path: str | Path) -> MddConfig:
+    """Load and check an MDD config file (see the module docstring for the schema)."""
+    path = Path(path)
+    data = _read_toml(path)
+    try:
+        return build_mdd_config(data, base=path.resolve().parent, source=path)
+    except ConfigError as e:
+        raise ConfigError(_in_file(path)(str(e))) from None
+
+
+def build_mdd_config(
+    data: dict[str, Any],
+    *,
+    base: Path,
+    source: Path | None = None,
+    rename: Callable[[str], str] = lambda k: k,
+) -> MddConfig:
+    """An MddConfig from already-parsed TOML data; relative paths are relative to ``base``."""
+    try:
+        raw = _structure(data, _MddFile, lambda k: k)
+        mdd = raw.mdd
+        _check(bool(raw.conference), "conference", "at least one [[conference]] table is required")
+        _check_unique_ids([c.id for c in raw.conference], "conference")
+        _check_positive(mdd.idle_timeout, "mdd.idle_timeout")
+        _check_positive(mdd.reconnect_min, "mdd.reconnect_min")
+        _check_positive(mdd.reconnect_max, "mdd.reconnect_max")
+        _check(
+            mdd.reconnect_max >= mdd.reconnect_min,
+            "mdd.reconnect_max",
+            "must be >= mdd.reconnect_min",
+        )
+        listens: dict[tuple[str, int], int] = {}
+        for i, c in enumerate(raw.conference):
+            key = f"conference[{i}]"
+            _check(c.kmf.port != 0, f"{key}.kmf", f"bad host:port {str(c.kmf)!r}: port 0")
+            if c.last_n is not None:
+                _check(c.last_n > 0, f"{key}.last_n", f"must be >= 1, got {c.last_n}")
+            addr = (c.listen.host, c.listen.port)
+            if c.listen.port != 0:  # port 0: each conference gets its own ephemeral port
+                _check(
+                    addr not in listens,
+                    f"{key}.listen",
+                    f"{c.listen} is already the listen address of conference[{listens.get(addr)}]",
+                )
+                listens[addr] = i
+        cert, key_path, ident = _load_identity(mdd.cert, mdd.key, base, "mdd.cert", "mdd.key")
+    except ConfigError as e:
+        key, _, problem = str(e).partition(": ")
+        raise ConfigError(f"{rename(key)}: {problem}") from None
+    return MddConfig(
+        mdd=attrs.evolve(mdd, cert=cert, key=key_path),
+        conferences=raw.conference,
+        identity=ident,
+        source=source,
+    )
+
+
+#: Config keys of the MDD quick form and the CLI options that set them.
+_QUICK_OPTIONS = {
+    "conference[0].kmf": "--kmf",
+    "conference[0].kmf_fingerprint": "--kmf-fingerprint",
+    "conference[0].listen": "--listen",
+    "conference[0].id": "--conference",
+    "mdd.cert": "--cert",
+    "mdd.key": "--key",
+    "mdd.idle_timeout": "--idle-timeout",
+}
+
+
+def mdd_quick_config(
+    *,
+    kmf: str,
+    kmf_fingerprint: str,
+    listen: str,
+    cert: str | Path,
+    key: str | Path,
+    conference: str = "demo",
+    idle_timeout: float | None = None,
+    base: Path | None = None,
+) -> MddConfig:
+    """The MDD quick form: one conference from command-line values (errors name the option).
+
+    ``perc mdd --kmf HOST:PORT --kmf-fingerprint FP --listen HOST:PORT --cert F --key F
+    [--conference ID]``; relative paths are relative to ``base`` (default: the current folder).
+    """
+    mdd: dict[str, Any] = {"cert": str(cert), "key": str(key)}
+    if idle_timeout is not None:
+        mdd["idle_timeout"] = idle_timeout
+    data = {
+        "mdd": mdd,
+        "conference": [
+            {
+                "id": conference,
+                "listen": listen,
+                "kmf": kmf,
+                "kmf_fingerprint": kmf_fingerprint,
+            }
+        ],
+    }
+    return build_mdd_config(
+        data,
+        base=base if base is not None else Path.cwd(),
+        rename=lambda k: _QUICK_OPTIONS.get(k, k),
+    )

@@ -1,0 +1,384 @@
+"""Configuration loading: good files of both kinds, relative paths, every bad-config class."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from perc import config, identity
+from perc.config import ConfigError, HostPort
+
+
+@pytest.fixture(scope="module")
+def ids(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    d = tmp_path_factory.mktemp("ids")
+    out: dict[str, Any] = {"dir": d}
+    for name in ("kmf", "mdd", "alice"):
+        ident = identity.generate(name)
+        identity.write(ident, d, name)
+        out[name] = ident.fingerprint
+    return out
+
+
+def kmf_toml(ids: dict[str, Any]) -> str:
+    return f"""
+[kmf]
+listen = "127.0.0.1:4444"
+cert = "kmf.crt"
+key = "kmf.key"
+trusted_mdds = ["{ids["mdd"].lower()}"]
+
+[[conference]]
+id = "demo"
+participants = ["{ids["alice"]}"]
+"""
+
+
+def mdd_toml(ids: dict[str, Any]) -> str:
+    return f"""
+[mdd]
+cert = "mdd.crt"
+key = "mdd.key"
+
+[[conference]]
+id = "demo"
+listen = "127.0.0.1:5004"
+kmf = "127.0.0.1:4444"
+kmf_fingerprint = "{ids["kmf"]}"
+"""
+
+
+def test_good_kmf_config(ids: dict[str, Any]) -> None:
+    path = ids["dir"] / "kmf.toml"
+    path.write_text(kmf_toml(ids))
+    cfg = config.load_kmf_config(path)
+    assert cfg.kmf.listen == HostPort("127.0.0.1", 4444)
+    assert cfg.kmf.cert == ids["dir"].resolve() / "kmf.crt"
+    assert cfg.kmf.trusted_mdds == (ids["mdd"],)  # canonical upper case
+    assert cfg.identity.fingerprint == ids["kmf"]
+    (conf,) = cfg.conferences
+    assert conf.id == "demo"
+    assert conf.participants == (ids["alice"],)
+    # Defaults come from the schema.
+    assert cfg.kmf.dtls_cookies is True
+    assert cfg.kmf.profiles == (0x0009, 0x000A)
+    assert (conf.rekey_on_join, conf.rekey_on_leave, conf.rekey_window) == (True, True, 0.5)
+    assert conf.ekt_ttl == 86400
+    assert conf.tls_ids == {}
+    assert cfg.conference("demo") is conf
+    assert cfg.conference("other") is None
+
+
+def test_kmf_optional_keys(ids: dict[str, Any]) -> None:
+    alice = ids["alice"]
+    text = kmf_toml(ids).replace(
+        'listen = "127.0.0.1:4444"',
+        'listen = "[::1]:0"\ndtls_cookies = false\nprofiles = [0x000A]\n'
+        'tls_id = "KMF_tls-id+/0123456789"',
+    ) + (
+        f'tls_ids = {{ "{alice.lower()}" = "abcdefghijklmnopqrstuvwxyz" }}\n'
+        "rekey_on_join = false\nrekey_window = 0\nekt_ttl = 60\n"
+        '[[conference]]\nid = "second"\nparticipants = []\n'
+    )
+    path = ids["dir"] / "kmf-opt.toml"
+    path.write_text(text)
+    cfg = config.load_kmf_config(path)
+    assert cfg.kmf.listen == HostPort("::1", 0)
+    assert str(cfg.kmf.listen) == "[::1]:0"
+    assert cfg.kmf.dtls_cookies is False
+    assert cfg.kmf.profiles == (0x000A,)
+    assert cfg.kmf.tls_id == "KMF_tls-id+/0123456789"
+    demo, second = cfg.conferences
+    assert demo.tls_ids == {alice: "abcdefghijklmnopqrstuvwxyz"}
+    assert (demo.rekey_on_join, demo.rekey_window, demo.ekt_ttl) == (False, 0.0, 60)
+    assert second.participants == ()
+
+
+def test_good_mdd_config_with_relative_paths(
+    ids: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cert/key are relative to the config file's folder, not to the working directory.
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    for name in ("mdd.crt", "mdd.key"):
+        (tmp_path / "keys" / name).write_bytes((ids["dir"] / name).read_bytes())
+    text = mdd_toml(ids).replace('"mdd.', '"../keys/mdd.')
+    (tmp_path / "etc" / "mdd.toml").write_text(text)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    cfg = config.load_mdd_config(Path("../etc/mdd.toml"))
+    assert cfg.mdd.cert.resolve() == (tmp_path / "keys" / "mdd.crt").resolve()
+    assert cfg.mdd.key.resolve() == (tmp_path / "keys" / "mdd.key").resolve()
+    assert cfg.identity.fingerprint == ids["mdd"]
+    (conf,) = cfg.conferences
+    assert conf.listen == HostPort("127.0.0.1", 5004)
+    assert conf.kmf == HostPort("127.0.0.1", 4444)
+    assert conf.kmf_fingerprint == ids["kmf"]
+    assert conf.last_n is None
+    assert cfg.mdd.idle_timeout == 10.0
+
+
+def test_mdd_quick_form(ids: dict[str, Any]) -> None:
+    cfg = config.mdd_quick_config(
+        kmf="127.0.0.1:4444",
+        kmf_fingerprint=ids["kmf"].lower(),
+        listen="127.0.0.1:0",
+        cert="mdd.crt",
+        key="mdd.key",
+        base=ids["dir"],
+    )
+    (conf,) = cfg.conferences
+    assert conf.id == "demo"
+    assert conf.kmf_fingerprint == ids["kmf"]
+    assert cfg.identity.fingerprint == ids["mdd"]
+    with pytest.raises(ConfigError) as e:
+        config.mdd_quick_config(
+            kmf="127.0.0.1:4444",
+            kmf_fingerprint="sha-256 00",
+            listen="127.0.0.1:0",
+            cert="mdd.crt",
+            key="mdd.key",
+            base=ids["dir"],
+        )
+    assert str(e.value).startswith("--kmf-fingerprint: malformed fingerprint 'sha-256 00'")
+    with pytest.raises(ConfigError, match=r"^--cert: cannot read certificate"):
+        config.mdd_quick_config(
+            kmf="127.0.0.1:4444",
+            kmf_fingerprint=ids["kmf"],
+            listen="127.0.0.1:0",
+            cert="nope.crt",
+            key="mdd.key",
+            base=ids["dir"],
+        )
+
+
+def _set(*keys: Any, value: Any) -> Any:
+    def mutate(d: dict[str, Any]) -> None:
+        for k in keys[:-1]:
+            d = d[k]
+        d[keys[-1]] = value
+
+    return mutate
+
+
+def _drop(*keys: Any) -> Any:
+    def mutate(d: dict[str, Any]) -> None:
+        for k in keys[:-1]:
+            d = d[k]
+        del d[keys[-1]]
+
+    return mutate
+
+
+FP_HINT = ": expected 'sha-256 ' and 32 hex pairs joined by ':'"
+
+MDD_BAD = [
+    # missing keys
+    (_drop("mdd", "cert"), "mdd.cert: required key missing"),
+    (
+        _drop("conference", 0, "kmf_fingerprint"),
+        "conference[0].kmf_fingerprint: required key missing",
+    ),
+    (_drop("mdd"), "mdd: required key missing"),
+    (_drop("conference"), "conference: at least one [[conference]] table is required"),
+    # wrong types
+    (_set("mdd", "idle_timeout", value="10"), "mdd.idle_timeout: expected a number, got string"),
+    (_set("mdd", "idle_timeout", value=True), "mdd.idle_timeout: expected a number, got boolean"),
+    (
+        _set("conference", 0, "listen", value=5004),
+        "conference[0].listen: expected a string 'host:port', got integer",
+    ),
+    (
+        _set("conference", 0, "last_n", value=2.5),
+        "conference[0].last_n: expected an integer, got float",
+    ),
+    (_set("mdd", value=[]), "mdd: expected a table, got array"),
+    (_set("conference", value={}), "conference: expected an array, got table"),
+    # bad values
+    (_set("mdd", "idle_timeout", value=0), "mdd.idle_timeout: must be a positive number, got 0.0"),
+    (_set("mdd", "reconnect_max", value=0.1), "mdd.reconnect_max: must be >= mdd.reconnect_min"),
+    (_set("conference", 0, "last_n", value=0), "conference[0].last_n: must be >= 1, got 0"),
+    (
+        _set("conference", 0, "listen", value="localhost"),
+        "conference[0].listen: bad host:port 'localhost': expected HOST:PORT with PORT 0-65535",
+    ),
+    (
+        _set("conference", 0, "listen", value="h:70000"),
+        "conference[0].listen: bad host:port 'h:70000': expected HOST:PORT with PORT 0-65535",
+    ),
+    (
+        _set("conference", 0, "listen", value="::1:5"),
+        "conference[0].listen: bad host:port '::1:5': write IPv6 addresses as [addr]:port",
+    ),
+    (
+        _set("conference", 0, "kmf", value="127.0.0.1:0"),
+        "conference[0].kmf: bad host:port '127.0.0.1:0': port 0",
+    ),
+    (
+        _set("conference", 0, "kmf_fingerprint", value="sha-1 AB:CD"),
+        "conference[0].kmf_fingerprint: malformed fingerprint 'sha-1 AB:CD'" + FP_HINT,
+    ),
+    # unknown keys (typos)
+    (_set("mdd", "idle_timout", value=3), "mdd.idle_timout: unknown key (a typo?)"),
+    (
+        _set("conference", 0, "kmf_fingerprints", value=[]),
+        "conference[0].kmf_fingerprints: unknown key (a typo?)",
+    ),
+    (_set("kmf", value={}), "kmf: unknown key (a typo?)"),
+    # identities
+    (
+        _set("mdd", "cert", value="missing.crt"),
+        "mdd.cert: cannot read certificate {dir}/missing.crt: No such file or directory",
+    ),
+    (
+        _set("mdd", "cert", value="mdd.key"),
+        "mdd.cert: {dir}/mdd.key is not a PEM or DER X.509 certificate",
+    ),
+    (
+        _set("mdd", "key", value="mdd.crt"),
+        "mdd.key: {dir}/mdd.crt is not an unencrypted PEM private key",
+    ),
+    (
+        _set("mdd", "key", value="kmf.key"),
+        "mdd.key: {dir}/kmf.key does not belong to {dir}/mdd.crt",
+    ),
+]
+
+
+def _duplicate_conference(d: dict[str, Any]) -> None:
+    d["conference"].append(dict(d["conference"][0], listen="127.0.0.1:5006"))
+
+
+def _duplicate_listen(d: dict[str, Any]) -> None:
+    d["conference"].append(dict(d["conference"][0], id="other"))
+
+
+MDD_BAD += [
+    (_duplicate_conference, "conference[1].id: duplicate conference id 'demo'"),
+    (
+        _duplicate_listen,
+        "conference[1].listen: 127.0.0.1:5004 is already the listen address of conference[0]",
+    ),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), MDD_BAD)
+def test_bad_mdd_config(ids: dict[str, Any], tmp_path: Path, mutate: Any, message: str) -> None:
+    data = tomllib.loads(mdd_toml(ids))
+    mutate(data)
+    with pytest.raises(ConfigError) as e:
+        config.build_mdd_config(data, base=ids["dir"])
+    text = str(e.value)
+    assert "\n" not in text
+    assert text == message.format(dir=ids["dir"])
+
+
+KMF_BAD = [
+    (_drop("kmf", "trusted_mdds"), "kmf.trusted_mdds: required key missing"),
+    (_drop("conference", 0, "participants"), "conference[0].participants: required key missing"),
+    (
+        _set("kmf", "trusted_mdds", value="sha-256 AB"),
+        "kmf.trusted_mdds: expected an array, got string",
+    ),
+    (
+        _set("kmf", "trusted_mdds", value=["sha-256 AB"]),
+        "kmf.trusted_mdds[0]: malformed fingerprint 'sha-256 AB'" + FP_HINT,
+    ),
+    (
+        _set("kmf", "trusted_mdds", value=[7]),
+        "kmf.trusted_mdds[0]: expected a fingerprint string 'sha-256 AB:...', got integer",
+    ),
+    (
+        _set("kmf", "dtls_cookies", value="false"),
+        "kmf.dtls_cookies: expected true or false, got string",
+    ),
+    (
+        _set("kmf", "profiles", value=[7]),
+        "kmf.profiles[0]: unsupported profile 0x0007: perc runs 0x0009 and 0x000A (D18)",
+    ),
+    (_set("kmf", "profiles", value=[]), "kmf.profiles: must list at least one profile"),
+    (_set("kmf", "profiles", value=[9, 9]), "kmf.profiles: duplicate profile"),
+    (
+        _set("kmf", "tls_id", value="short"),
+        "kmf.tls_id: must be 20-255 characters of A-Z a-z 0-9 + / - _ (RFC 8842)",
+    ),
+    (
+        _set("kmf", "listen", value="127.0.0.1"),
+        "kmf.listen: bad host:port '127.0.0.1': expected HOST:PORT with PORT 0-65535",
+    ),
+    (_set("kmf", "lisen", value="127.0.0.1:1"), "kmf.lisen: unknown key (a typo?)"),
+    (
+        _set("conference", 0, "ekt_ttl", value=0),
+        "conference[0].ekt_ttl: must be 1..16777215 seconds (uint24, RFC 8870 §5.2.2), got 0",
+    ),
+    (
+        _set("conference", 0, "rekey_window", value=-1),
+        "conference[0].rekey_window: must be a number >= 0, got -1.0",
+    ),
+    (
+        _set("conference", 0, "tls_ids", value={"sha-256 AB": "x"}),
+        "conference[0].tls_ids['sha-256 AB']: malformed fingerprint 'sha-256 AB'" + FP_HINT,
+    ),
+    (
+        _set("kmf", "cert", value="nope/kmf.crt"),
+        "kmf.cert: cannot read certificate {dir}/nope/kmf.crt: No such file or directory",
+    ),
+    (
+        _set("kmf", "key", value="alice.key"),
+        "kmf.key: {dir}/alice.key does not belong to {dir}/kmf.crt",
+    ),
+]
+
+
+@pytest.mark.parametrize(("mutate", "message"), KMF_BAD)
+def test_bad_kmf_config(ids: dict[str, Any], mutate: Any, message: str) -> None:
+    data = tomllib.loads(kmf_toml(ids))
+    mutate(data)
+    with pytest.raises(ConfigError) as e:
+        config.build_kmf_config(data, base=ids["dir"])
+    assert str(e.value) == message.format(dir=ids["dir"])
+
+
+def test_tls_ids_must_name_participants(ids: dict[str, Any]) -> None:
+    data = tomllib.loads(kmf_toml(ids))
+    data["conference"][0]["tls_ids"] = {ids["mdd"]: "abcdefghijklmnopqrstuvwxyz"}
+    with pytest.raises(ConfigError) as e:
+        config.build_kmf_config(data, base=ids["dir"])
+    assert str(e.value) == (
+        f"conference[0].tls_ids: {ids['mdd']} is not in this conference's participants"
+    )
+
+
+def test_file_errors_name_the_file(ids: dict[str, Any], tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        config.load_mdd_config(tmp_path / "absent.toml")
+    assert (
+        str(e.value) == f"cannot read config file {tmp_path}/absent.toml: No such file or directory"
+    )
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mdd\n")
+    with pytest.raises(ConfigError, match=r"bad.toml: not valid TOML: "):
+        config.load_mdd_config(bad)
+    typo = tmp_path / "typo.toml"
+    typo.write_text(mdd_toml(ids).replace("[mdd]", "[mdd]\nidle_timout = 3"))
+    with pytest.raises(ConfigError) as e:
+        config.load_mdd_config(typo)
+    assert str(e.value) == f"{typo}: mdd.idle_timout: unknown key (a typo?)"
+
+
+def test_describe_reads_the_schema() -> None:
+    settings = {s.key: s for s in config.describe(config.MddSettings)}
+    assert settings["idle_timeout"].default == 10.0
+    assert not settings["idle_timeout"].required
+    assert settings["cert"].required
+    assert settings["cert"].type == "path"
+    assert "EndpointDisconnect" in settings["idle_timeout"].doc
+    conf = {s.key: s for s in config.describe(config.MddConference)}
+    assert conf["listen"].type == "host:port"
+    assert conf["last_n"].type == "integer (optional)"
+    kconf = {s.key: s for s in config.describe(config.KmfConference)}
+    assert kconf["participants"].type == "array of fingerprint"
+    assert kconf["tls_ids"].default == {}
