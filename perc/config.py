@@ -14,6 +14,7 @@ Files (binding schemas of issue 2; the optional keys have the defaults shown)::
     trusted_mdds = ["sha-256 AB:..."]  # MDD certificate fingerprints allowed to connect
     dtls_cookies = true                # stateless HelloVerifyRequest cookies (D14)
     profiles = [0x0009, 0x000A]        # DOUBLE profiles in preference order (D18)
+    handshake_timeout = 10.0           # seconds for a tunnel's TLS handshake
     # tls_id = "..."                   # the KMF's external_session_id (D15); random if unset
     [[conference]]
     id = "demo"
@@ -31,12 +32,14 @@ Files (binding schemas of issue 2; the optional keys have the defaults shown)::
     idle_timeout = 10.0                # seconds of endpoint silence before EndpointDisconnect (D3)
     reconnect_min = 0.5                # first tunnel reconnect delay, doubling ... (D1)
     reconnect_max = 30.0               # ... up to this cap
+    handshake_timeout = 10.0           # seconds for a tunnel's TLS handshake
     [[conference]]
     id = "demo"
     listen = "127.0.0.1:5004"          # UDP port where endpoints of this conference send
     kmf = "127.0.0.1:4444"
     kmf_fingerprint = "sha-256 ..."
     # last_n = 4                       # forward only the last N active speakers (unset: all)
+    max_associations = 10000           # endpoints at once; new ones beyond are dropped
 
 Relative ``cert``/``key`` paths are relative to the folder of the config file. Loading also
 loads both identities (:func:`perc.identity.load`) and canonicalises every fingerprint. Any
@@ -158,6 +161,9 @@ class KmfSettings:
         default=None,
         metadata=_doc("the KMF's tls-id sent in external_session_id (D15); random if unset"),
     )
+    handshake_timeout: float = attrs.field(
+        default=10.0, metadata=_doc("seconds allowed for a tunnel's TLS handshake")
+    )
 
 
 @attrs.frozen
@@ -202,6 +208,9 @@ class MddSettings:
     reconnect_max: float = attrs.field(
         default=30.0, metadata=_doc("cap of the tunnel reconnect delay in seconds (D1)")
     )
+    handshake_timeout: float = attrs.field(
+        default=10.0, metadata=_doc("seconds allowed for a tunnel's TLS handshake")
+    )
 
 
 @attrs.frozen
@@ -218,6 +227,10 @@ class MddConference:
     )
     last_n: int | None = attrs.field(
         default=None, metadata=_doc("forward only the last N active speakers; unset: all")
+    )
+    max_associations: int = attrs.field(
+        default=10000,
+        metadata=_doc("most endpoint associations at once; new endpoints beyond are dropped"),
     )
 
 
@@ -549,6 +562,7 @@ def build_kmf_config(data: dict[str, Any], *, base: Path, source: Path | None = 
     kmf = raw.kmf
     _check(bool(raw.conference), "conference", "at least one [[conference]] table is required")
     _check_unique_ids([c.id for c in raw.conference], "conference")
+    _check_positive(kmf.handshake_timeout, "kmf.handshake_timeout")
     _check(bool(kmf.profiles), "kmf.profiles", "must list at least one profile")
     for i, p in enumerate(kmf.profiles):
         _check(
@@ -621,6 +635,7 @@ def build_mdd_config(
         _check_positive(mdd.idle_timeout, "mdd.idle_timeout")
         _check_positive(mdd.reconnect_min, "mdd.reconnect_min")
         _check_positive(mdd.reconnect_max, "mdd.reconnect_max")
+        _check_positive(mdd.handshake_timeout, "mdd.handshake_timeout")
         _check(
             mdd.reconnect_max >= mdd.reconnect_min,
             "mdd.reconnect_max",
@@ -630,6 +645,11 @@ def build_mdd_config(
         for i, c in enumerate(raw.conference):
             key = f"conference[{i}]"
             _check(c.kmf.port != 0, f"{key}.kmf", f"bad host:port {str(c.kmf)!r}: port 0")
+            _check(
+                c.max_associations > 0,
+                f"{key}.max_associations",
+                f"must be >= 1, got {c.max_associations}",
+            )
             if c.last_n is not None:
                 _check(c.last_n > 0, f"{key}.last_n", f"must be >= 1, got {c.last_n}")
             addr = (c.listen.host, c.listen.port)

@@ -119,6 +119,9 @@ def test_good_mdd_config_with_relative_paths(
     assert conf.kmf_fingerprint == ids["kmf"]
     assert conf.last_n is None
     assert cfg.mdd.idle_timeout == 10.0
+    assert (cfg.mdd.reconnect_min, cfg.mdd.reconnect_max) == (0.5, 30.0)
+    assert cfg.mdd.handshake_timeout == 10.0
+    assert conf.max_associations == 10000
 
 
 def test_mdd_quick_form(ids: dict[str, Any]) -> None:
