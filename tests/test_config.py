@@ -224,6 +224,14 @@ MDD_BAD = [
         _set("conference", 0, "kmf_fingerprint", value="sha-1 AB:CD"),
         "conference[0].kmf_fingerprint: malformed fingerprint 'sha-1 AB:CD'" + FP_HINT,
     ),
+    (
+        _set("mdd", "handshake_timeout", value=float("inf")),
+        "mdd.handshake_timeout: must be a positive number, got inf",
+    ),
+    (
+        _set("conference", 0, "max_associations", value=0),
+        "conference[0].max_associations: must be >= 1, got 0",
+    ),
     # unknown keys (typos)
     (_set("mdd", "idle_timout", value=3), "mdd.idle_timout: unknown key (a typo?)"),
     (
