@@ -48,6 +48,11 @@ Per-packet calls (state tracked per SSRC):
 - ``protect_rtp(packet) -> bytes`` / ``unprotect_rtp(packet) -> bytes``
 - ``protect_rtp_index(packet) -> (bytes, index)`` / ``unprotect_rtp_index(packet) ->
   (bytes, index)``: the same, also returning the 48-bit packet index used.
+- ``protect_rtp_parts(header, payload) -> bytes``: ``header || ct || tag`` when the caller
+  already holds the header (AAD) and payload apart; ``seal_rtp(header, payload) -> bytes``:
+  only ``ct || tag`` (RFC 8723 inner layer, whose AAD is the synthetic header).
+- ``unprotect_rtp_split(packet) -> (header_length, rtp)``; ``open_rtp(header, body) ->
+  payload``: the inverse of ``seal_rtp`` (same index, ROC and replay handling).
 - ``protect_rtcp(packet) -> bytes`` (E=1, next SRTCP index of the sender SSRC)
 - ``unprotect_rtcp(packet) -> bytes``; ``unprotect_rtcp_index(packet) -> (bytes, index,
   encrypted)``.
@@ -306,14 +311,50 @@ class SrtpSession:
         hlen = _rtp_header_length(packet)
         if hlen < 0:
             raise SrtpUsageError("not a well-formed RTP version 2 packet")
-        seq, ssrc = _unpack_seq_ssrc(packet, 2)
+        aad = packet[:hlen]
+        iv, idx = self._tx_rtp_iv(*_unpack_seq_ssrc(packet, 2))
+        return aad + self._rtp_encrypt(iv, packet[hlen:], aad), idx
+
+    def protect_rtp_parts(self, header: bytes, payload: bytes) -> bytes:
+        """``header || AEAD(payload)``: :meth:`protect_rtp` of ``header + payload`` where the
+        caller already knows where the header (the AAD, with CSRCs and extension) ends."""
+        if len(header) < 12 or header[0] & 0xC0 != 0x80:
+            raise SrtpUsageError("not a well-formed RTP version 2 header")
+        iv = self._tx_rtp_iv(*_unpack_seq_ssrc(header, 2))[0]
+        return header + self._rtp_encrypt(iv, payload, header)
+
+    def seal_rtp(self, header: bytes, payload: bytes) -> bytes:
+        """Only the ciphertext and tag of :meth:`protect_rtp_parts` (index tracked as there).
+
+        For the inner layer of RFC 8723, whose AAD (the synthetic header) differs from the
+        header the packet finally carries.
+        """
+        if len(header) < 12 or header[0] & 0xC0 != 0x80:
+            raise SrtpUsageError("not a well-formed RTP version 2 header")
+        iv = self._tx_rtp_iv(*_unpack_seq_ssrc(header, 2))[0]
+        return self._rtp_encrypt(iv, payload, header)
+
+    def _tx_rtp_iv(self, seq: int, ssrc: int) -> tuple[bytes, int]:
+        """Index the next packet of ``ssrc`` sent with ``seq``, commit it, return (IV, index)."""
         st = self._tx_rtp.get(ssrc)
-        out = self.protect_rtp(packet)
         if st is None:
-            st = self._tx_rtp[ssrc]
-        # protect_rtp either moved hi to this packet's index or marked an older one; recover
-        # the index the same way the IV was built: the Appendix A guess relative to hi.
-        return out, _guess_after(st.hi, seq)
+            st = self._new_tx_rtp(ssrc, seq)
+            idx = st.hi
+        else:
+            hi = st.hi
+            idx = _guess_after(hi, seq)
+            delta = idx - hi
+            if delta > 0:
+                if idx > MAX_RTP_INDEX:
+                    raise KeyLifetimeError("SRTP index space (2^48) exhausted: rekey")
+                st.mask = ((st.mask << delta) | 1) & self._wmask
+                st.hi = idx
+            else:
+                d = -delta
+                if d >= self._window or (st.mask >> d) & 1:
+                    raise SrtpUsageError(f"SRTP index {idx} of SSRC {ssrc:#x} already used")
+                st.mask |= 1 << d
+        return (st.iv_base ^ idx).to_bytes(12, "big"), idx
 
     def _new_tx_rtp(self, ssrc: int, seq: int) -> _Stream:
         if len(self._tx_rtp) >= self._max_streams:
@@ -345,7 +386,8 @@ class SrtpSession:
         seq, ssrc = _unpack_seq_ssrc(packet, 2)
         st = self._rx_rtp.get(ssrc)
         if st is None:
-            return self._unprotect_new_rtp(packet, hlen, seq, ssrc)[0]
+            aad = packet[:hlen]
+            return aad + self._open(aad, packet[hlen:], seq, ssrc)[0]
         hi = st.hi
         s_l = hi & 0xFFFF
         idx = hi - s_l + seq
@@ -381,31 +423,69 @@ class SrtpSession:
         if hlen < 0 or len(packet) < hlen + TAG_LENGTH:
             self.stats.decode_errors += 1
             raise SrtpDecodeError("not a well-formed SRTP packet")
+        aad = packet[:hlen]
         seq, ssrc = _unpack_seq_ssrc(packet, 2)
+        plain, idx = self._open(aad, packet[hlen:], seq, ssrc)
+        return aad + plain, idx
+
+    def unprotect_rtp_split(self, packet: bytes) -> tuple[int, bytes]:
+        """:meth:`unprotect_rtp`, also returning the RTP header length: ``(hlen, rtp)``."""
+        hlen = _rtp_header_length(packet)
+        if hlen < 0 or len(packet) < hlen + TAG_LENGTH:
+            self.stats.decode_errors += 1
+            raise SrtpDecodeError("not a well-formed SRTP packet")
+        aad = packet[:hlen]
+        seq, ssrc = _unpack_seq_ssrc(packet, 2)
+        return hlen, aad + self._open(aad, packet[hlen:], seq, ssrc)[0]
+
+    def open_rtp(self, header: bytes, body: bytes) -> bytes:
+        """Verify and decrypt ``body`` (ciphertext || tag) with ``header`` as the AAD; returns the
+        plaintext payload. Index, ROC and replay state as in :meth:`unprotect_rtp`.
+
+        The inverse of :meth:`seal_rtp` (RFC 8723 inner layer: the header is the synthetic one).
+        """
+        if len(header) < 12 or header[0] & 0xC0 != 0x80 or len(body) < TAG_LENGTH:
+            self.stats.decode_errors += 1
+            raise SrtpDecodeError("not a well-formed SRTP header and body")
+        seq, ssrc = _unpack_seq_ssrc(header, 2)
+        return self._open(header, body, seq, ssrc)[0]
+
+    def _open(self, aad: bytes, body: bytes, seq: int, ssrc: int) -> tuple[bytes, int]:
+        """Index, replay-check, decrypt, then commit: the receive path of every variant."""
         st = self._rx_rtp.get(ssrc)
         if st is None:
-            return self._unprotect_new_rtp(packet, hlen, seq, ssrc)
-        out = self.unprotect_rtp(packet)
-        return out, _guess_after(st.hi, seq)
-
-    def _unprotect_new_rtp(
-        self, packet: bytes, hlen: int, seq: int, ssrc: int
-    ) -> tuple[bytes, int]:
-        roc = self._pending_rx.get(ssrc, 0)
-        idx = (roc << 16) | seq
-        iv_base = self._rtp_salt ^ (ssrc << 48)
-        aad = packet[:hlen]
+            idx = (self._pending_rx.get(ssrc, 0) << 16) | seq
+            iv_base = self._rtp_salt ^ (ssrc << 48)
+            delta = 1
+        else:
+            hi = st.hi
+            idx = _guess_after(hi, seq)
+            delta = idx - hi
+            if delta > 0:
+                if idx > MAX_RTP_INDEX:
+                    self.stats.lifetime_errors += 1
+                    raise KeyLifetimeError("SRTP index beyond 2^48")
+            elif -delta >= self._window or (st.mask >> -delta) & 1:
+                self.stats.replays += 1
+                raise ReplayError(f"SRTP replay or too old: index {idx} of SSRC {ssrc:#x}")
+            iv_base = st.iv_base
         try:
-            plain = self._rtp_decrypt((iv_base ^ idx).to_bytes(12, "big"), packet[hlen:], aad)
+            plain = self._rtp_decrypt((iv_base ^ idx).to_bytes(12, "big"), body, aad)
         except InvalidTag:
             self.stats.auth_failures += 1
             raise AuthenticationError("SRTP authentication failed") from None
-        if len(self._rx_rtp) >= self._max_streams:
-            self.stats.stream_limit_drops += 1
-            raise StreamLimitError(f"more than {self._max_streams} receiving SSRCs")
-        self._pending_rx.pop(ssrc, None)
-        self._rx_rtp[ssrc] = _Stream(idx, 1, iv_base)
-        return aad + plain, idx
+        if st is None:
+            if len(self._rx_rtp) >= self._max_streams:
+                self.stats.stream_limit_drops += 1
+                raise StreamLimitError(f"more than {self._max_streams} receiving SSRCs")
+            self._pending_rx.pop(ssrc, None)
+            self._rx_rtp[ssrc] = _Stream(idx, 1, iv_base)
+        elif delta > 0:
+            st.mask = ((st.mask << delta) | 1) & self._wmask
+            st.hi = idx
+        else:
+            st.mask |= 1 << -delta
+        return plain, idx
 
     # --- SRTP with an explicit index (no state) ----------------------------------------------
 

@@ -484,5 +484,49 @@ def test_round_trip_property(seqs: list[int], payload: bytes) -> None:
     # Keep the spread inside the replay window: packets are delivered in reverse.
     seqs = sorted({(base + (s % 120)) & 0xFFFF for s in seqs}, key=lambda s: (s - base) & 0xFFFF)
     pkts = [(s, tx.protect_rtp(rtp_packet(s, payload=payload))) for s in seqs]
-    for s, p in reversed(pkts):
+    # The first packet a receiver sees fixes its ROC (RFC 3711 §3.3.1), so it goes first; the
+    # rest arrive in reverse order.
+    for s, p in [pkts[0], *reversed(pkts[1:])]:
         assert rx.unprotect_rtp(p) == rtp_packet(s, payload=payload)
+
+
+# --- parts API for the double transform -------------------------------------------------------
+
+
+def test_parts_api_matches_whole_packet_api() -> None:
+    p = rtp_packet(40, csrcs=(5,), extension=(0xBEDE, b"\x10\xaa\x00\x00"))
+    hlen = 12 + 4 + 8
+    a = SrtpSession(KEY, SALT).protect_rtp(p)
+    tx = SrtpSession(KEY, SALT)
+    assert tx.protect_rtp_parts(p[:hlen], p[hlen:]) == a
+    with pytest.raises(SrtpUsageError):
+        tx.protect_rtp_parts(p[:hlen], p[hlen:])  # same index again
+    assert SrtpSession(KEY, SALT).seal_rtp(p[:hlen], p[hlen:]) == a[hlen:]
+    rx = SrtpSession(KEY, SALT)
+    assert rx.unprotect_rtp_split(a) == (hlen, p)
+    with pytest.raises(ReplayError):
+        rx.unprotect_rtp_split(a)
+    rx2 = SrtpSession(KEY, SALT)
+    assert rx2.open_rtp(a[:hlen], a[hlen:]) == p[hlen:]
+    with pytest.raises(ReplayError):
+        rx2.open_rtp(a[:hlen], a[hlen:])
+    with pytest.raises(SrtpDecodeError):
+        rx2.open_rtp(a[:11], a[hlen:])
+    with pytest.raises(SrtpDecodeError):
+        rx2.open_rtp(a[:hlen], a[hlen : hlen + 15])
+    with pytest.raises(SrtpUsageError):
+        tx.seal_rtp(b"\x00" * 12, b"")
+
+
+def test_seal_open_with_synthetic_header_across_wrap() -> None:
+    # Inner-layer shape: the AAD is a header the packet on the wire does not carry.
+    tx, rx = pair()
+    for seq in range(65530, 65536 + 5):
+        synthetic = rtp_packet(seq, payload=b"")
+        body = tx.seal_rtp(synthetic, b"media")
+        assert rx.open_rtp(synthetic, body) == b"media"
+    assert rx.receive_roc(0x11223344) == 1
+    with pytest.raises(AuthenticationError):
+        rx.open_rtp(
+            rtp_packet(5, payload=b"", pt=97), tx.seal_rtp(rtp_packet(5, payload=b""), b"x")
+        )
