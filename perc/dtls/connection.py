@@ -1,0 +1,617 @@
+"""One DTLS 1.2 association, sans-IO: bytes and ``now`` in, datagrams, events and a timer out.
+
+Public API (API.md, the contract)::
+
+    conn = DtlsConnection(configuration, cookie_identity=b"")
+    conn.connect(now)                       # client: queue the ClientHello
+    conn.receive_datagram(data, now)        # never raises on peer input
+    conn.datagrams_to_send() -> list[bytes] # each <= configuration.mtu
+    conn.next_event() -> Event | None
+    conn.get_timer() -> float | None        # absolute time of the next timeout
+    conn.handle_timer(now)
+    conn.send_ekt_key(key, salt, spi, ttl, now)   # server, after HandshakeCompleted with EKT
+    conn.send_application_data(data, now)
+    conn.close(now)                         # close_notify
+    conn.export_keying_material(label, length)    # RFC 5705, no context
+    conn.stats                              # DtlsStats: drop and retransmission counters
+
+Theory of operation
+-------------------
+Three layers meet here and nowhere else: the record layer (:mod:`perc.dtls.record`), the
+flight layer (:mod:`perc.dtls.flight`: fragmentation, reassembly, timers) and the handshake
+state machine (:mod:`perc.dtls.handshake`). A datagram is split into records; each record is
+opened (epoch 1) or taken as is (epoch 0), then routed by content type. Handshake fragments go
+through the reassembler; whole messages go to the handshake, which answers with flights the
+connection packetizes and retransmits.
+
+Rules implemented here (SPEC-DTLS references):
+
+* invalid records are dropped silently and counted (1.7); epoch-1 records that arrive before
+  the peer's CCS are buffered (at most ``MAX_FUTURE_RECORDS``) and replayed after it (1.4, 3.8);
+* a handshake message with an old message_seq is the peer retransmitting: we retransmit our
+  current flight (or, server after completion, the final flight) at most once per
+  ``MIN_RETRANSMIT_GAP`` (3.7);
+* the client keeps retransmitting flight 5 until the server's Finished verifies; the server's
+  flight 6 has no timer and is only resent on demand (3.7);
+* EKTKey (D9, D23): the server sends it in an epoch-1 handshake record with its next
+  message_seq and retransmits it on its own 1 s/x2/60 s timer until an ACK record covers every
+  record of one transmission; the client ACKs every record that carried an EKTKey fragment,
+  retransmissions included (RFC 9147 §7);
+* peer misbehaviour raises :class:`AlertError` inside, which becomes one fatal alert and
+  ``ConnectionClosed``; after epoch 1 is in use, unauthenticated epoch-0 alerts are ignored
+  (4.10); an overall deadline ends a stuck handshake with reason ``"timeout"``.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import attrs
+
+from perc.dtls import keys
+from perc.dtls.config import DtlsConfiguration
+from perc.dtls.errors import AlertDescription as AD
+from perc.dtls.errors import AlertError, AlertLevel, LocalProtocolError
+from perc.dtls.events import (
+    AlertReceived,
+    ApplicationDataReceived,
+    ConnectionClosed,
+    EktKeyAcknowledged,
+    EktKeyReceived,
+    Event,
+    HandshakeCompleted,
+)
+from perc.dtls.flight import (
+    DROPPED,
+    OLD,
+    FlightItem,
+    OutgoingMessage,
+    Reassembler,
+    ReceivedMessage,
+    RetransmitTimer,
+    packetize,
+)
+from perc.dtls.handshake import Handshake, State
+from perc.dtls.record import INTEGRITY_LIMIT, RecordLayer
+from perc.wire.dtls import (
+    DTLS_1_2,
+    Ack,
+    Alert,
+    ContentType,
+    DtlsDecodeError,
+    DtlsRecord,
+    EktKey,
+    HandshakeFragment,
+    HandshakeType,
+    decode_change_cipher_spec,
+    parse_datagram_untrusted,
+    parse_handshake_fragments_untrusted,
+)
+
+MAX_FUTURE_RECORDS = 8
+MIN_RETRANSMIT_GAP = 0.1  # seconds; limits amplification by spoofed or duplicated flights
+MIN_MTU = 128
+MAX_PENDING_DATAGRAMS = 256
+
+
+@attrs.define
+class DtlsStats:
+    """Counters; every dropped record or fragment is counted in exactly one ``dropped_*``."""
+
+    datagrams_received: int = 0
+    records_received: int = 0
+    dropped_malformed: int = 0  # bad header, trailing bytes, bad fragment/alert/CCS encoding
+    dropped_epoch: int = 0  # unknown or no longer accepted epoch, or a bad version
+    dropped_replay: int = 0
+    dropped_decrypt: int = 0
+    dropped_unexpected: int = 0  # valid record of a type or in a state we do not accept
+    dropped_after_close: int = 0
+    fragments_dropped: int = 0  # reassembly bounds or inconsistent fragments
+    future_records_buffered: int = 0
+    retransmissions: int = 0
+
+
+@attrs.define
+class _PendingEkt:
+    spi: int
+    item: OutgoingMessage
+    transmissions: list[frozenset[tuple[int, int]]]
+    timer: RetransmitTimer
+    give_up_at: float
+
+
+class DtlsConnection:
+    def __init__(self, configuration: DtlsConfiguration, *, cookie_identity: bytes = b"") -> None:
+        if configuration.mtu < MIN_MTU:
+            raise LocalProtocolError(f"mtu {configuration.mtu} below {MIN_MTU}")
+        unknown = [s for s in configuration.cipher_suites if s not in keys.CIPHER_SUITES]
+        if unknown or not configuration.cipher_suites:
+            raise LocalProtocolError(f"unsupported cipher suites {unknown}")
+        if not configuration.groups or any(g not in (23, 29) for g in configuration.groups):
+            raise LocalProtocolError(f"unsupported groups {configuration.groups}")
+        self._config = configuration
+        #: the opaque identity the server's cookie was bound to (D14), e.g. the association id
+        self.cookie_identity = cookie_identity
+        self.stats = DtlsStats()
+        self._record = RecordLayer()
+        self._reasm = Reassembler()
+        self._hs = Handshake(configuration, self)
+        self._events: deque[Event] = deque()
+        self._out: list[bytes] = []
+        self._now = 0.0
+        self._closed = False
+        self._established = False
+        self._deadline: float | None = None
+        self._timer = RetransmitTimer()
+        self._flight: list[FlightItem] | None = None  # retransmitted on the timer
+        self._final_flight: list[FlightItem] | None = None  # server flight 6, on demand only
+        self._last_sent = -1e18
+        self._peer_retransmitted = False
+        self._future: list[DtlsRecord] = []
+        self._early_ccs = False
+        self._ekt: _PendingEkt | None = None
+        self._ekt_acked: set[tuple[int, int]] = set()
+        self._completed_event: HandshakeCompleted | None = None
+
+    # --- public API ----------------------------------------------------------------------------
+
+    @property
+    def is_established(self) -> bool:
+        return self._established and not self._closed
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed
+
+    @property
+    def state(self) -> State:
+        return self._hs.state
+
+    def connect(self, now: float) -> None:
+        if not self._config.is_client:
+            raise LocalProtocolError("connect() is for clients")
+        if self._hs.state is not State.CLIENT_START:
+            raise LocalProtocolError("connect() called twice")
+        self._now = now
+        self._deadline = now + self._config.handshake_timeout
+        self._hs.start()
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        self._now = now
+        self.stats.datagrams_received += 1
+        if self._closed:
+            self.stats.dropped_after_close += 1
+            return
+        if self._deadline is None and not self._established:
+            self._deadline = now + self._config.handshake_timeout
+        records, trailing = parse_datagram_untrusted(data)
+        if trailing:
+            self.stats.dropped_malformed += 1
+        self._peer_retransmitted = False
+        try:
+            for record in records:
+                self.stats.records_received += 1
+                self._handle_record(record)
+                if self.is_closed:
+                    break
+            if self._peer_retransmitted and not self.is_closed:
+                self._retransmit_on_demand()
+        except AlertError as e:
+            self._fatal(e)
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out = self._out
+        self._out = []
+        return out
+
+    def next_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        if self._closed:
+            return None
+        candidates = [self._timer.deadline]
+        if not self._established:
+            candidates.append(self._deadline)
+        if self._ekt is not None:
+            candidates += [self._ekt.timer.deadline, self._ekt.give_up_at]
+        times = [t for t in candidates if t is not None]
+        return min(times) if times else None
+
+    def handle_timer(self, now: float) -> None:
+        self._now = now
+        if self._closed:
+            return
+        if not self._established and self._deadline is not None and now >= self._deadline:
+            self._timeout()
+            return
+        if self._timer.deadline is not None and now >= self._timer.deadline:
+            if self._flight is not None:
+                self.stats.retransmissions += 1
+                self._transmit(self._flight)
+                self._timer.backoff(now)
+            else:
+                self._timer.stop()
+        ekt = self._ekt
+        if ekt is not None:
+            if now >= ekt.give_up_at:
+                self._timeout()
+                return
+            if ekt.timer.deadline is not None and now >= ekt.timer.deadline:
+                self.stats.retransmissions += 1
+                self._send_ekt(ekt)
+                ekt.timer.backoff(now)
+
+    def send_ekt_key(self, key: bytes, salt: bytes, spi: int, ttl: int, now: float) -> None:
+        self._now = now
+        if self._config.is_client:
+            raise LocalProtocolError("only the server sends EKTKey")
+        if not self.is_established:
+            raise LocalProtocolError("send_ekt_key() before HandshakeCompleted or after close")
+        if self._hs.ekt_cipher is None:
+            raise LocalProtocolError("no EKT cipher was negotiated")
+        if len(key) != {1: 16, 2: 32}.get(self._hs.ekt_cipher, -1):
+            raise LocalProtocolError("EKT key length does not fit the negotiated cipher")
+        try:
+            body = EktKey(key, salt, spi, ttl).encode()
+        except ValueError as e:
+            raise LocalProtocolError(str(e)) from None
+        item = OutgoingMessage(1, HandshakeType.EKT_KEY, self._hs.next_message_seq(), body)
+        # A new EKTKey supersedes an unacknowledged older one (D22: the newest key wins).
+        timer = RetransmitTimer()
+        ekt = _PendingEkt(spi, item, [], timer, now + self._config.handshake_timeout)
+        self._ekt = ekt
+        self._send_ekt(ekt)
+        timer.start(now)
+
+    def send_application_data(self, data: bytes, now: float) -> None:
+        self._now = now
+        if not self.is_established:
+            raise LocalProtocolError("application data before the handshake completed")
+        if len(data) + 13 + self._record.overhead(1) > self._config.mtu:
+            raise LocalProtocolError("application data does not fit one datagram")
+        self._out.append(self._record.seal(ContentType.APPLICATION_DATA, data))
+
+    def close(self, now: float) -> None:
+        """Send close_notify (RFC 5246 §7.2.1) and end the association; idempotent."""
+        self._now = now
+        if self._closed:
+            return
+        self._send_alert(AlertLevel.warning, AD.close_notify)
+        self._end(ConnectionClosed(AD.close_notify, False, "close_notify"))
+
+    def export_keying_material(self, label: bytes, length: int) -> bytes:
+        if not self._established or self._hs.suite is None:
+            raise LocalProtocolError("exporter before the handshake completed")
+        if not self._hs.master_secret:
+            raise LocalProtocolError("keys were erased (connection closed by an alert)")
+        return keys.export_keying_material(
+            self._hs.suite,
+            master_secret=self._hs.master_secret,
+            client_random=self._hs.client_random,
+            server_random=self._hs.server_random,
+            label=label,
+            length=length,
+        )
+
+    # --- handshake host ------------------------------------------------------------------------
+
+    def send_flight(self, items: list[FlightItem], final: bool) -> None:
+        if final:
+            self._flight = None
+            self._final_flight = items
+            self._timer.stop()
+        else:
+            self._flight = items
+            self._timer.start(self._now)
+        self._transmit(items)
+
+    def install_keys(self, suite: keys.CipherSuite, block: keys.KeyBlock) -> None:
+        if self._config.is_client:
+            self._record.install_keys(
+                suite,
+                block.client_write_key,
+                block.client_write_iv,
+                block.server_write_key,
+                block.server_write_iv,
+            )
+        else:
+            self._record.install_keys(
+                suite,
+                block.server_write_key,
+                block.server_write_iv,
+                block.client_write_key,
+                block.client_write_iv,
+            )
+
+    def echo_record_sequence(self, seq: int) -> None:
+        self._record.set_next_sequence(0, seq)
+
+    def handshake_complete(self) -> None:
+        hs = self._hs
+        self._established = True
+        self._reasm.any_order = True  # post-handshake messages (D23)
+        if self._config.is_client:
+            self._flight = None
+            self._timer.stop()
+        material = None
+        lengths = keys.SRTP_PROFILE_LENGTHS.get(hs.srtp_profile or -1)
+        if lengths is not None:
+            material = self.export_keying_material(
+                b"EXTRACTOR-dtls_srtp", 2 * (lengths[0] + lengths[1])
+            )
+        if hs.suite is None:  # pragma: no cover
+            raise AlertError(AD.internal_error, "no suite")
+        self._events.append(
+            HandshakeCompleted(
+                cipher_suite=hs.suite.code,
+                srtp_profile=hs.srtp_profile,
+                ekt_cipher=hs.ekt_cipher,
+                peer_certificate_der=hs.peer_certificate_der,
+                peer_fingerprint=hs.peer_fingerprint,
+                peer_tls_id=hs.peer_tls_id,
+                srtp_keying_material=material,
+            )
+        )
+
+    def ekt_key_received(self, message: EktKey) -> None:
+        self._events.append(
+            EktKeyReceived(
+                message.ekt_key_value, message.srtp_master_salt, message.ekt_spi, message.ekt_ttl
+            )
+        )
+
+    # --- sending -------------------------------------------------------------------------------
+
+    def _transmit(
+        self, items: list[FlightItem], numbers: list[tuple[int, int]] | None = None
+    ) -> None:
+        rl = self._record
+        if any(not rl.can_send(getattr(i, "epoch", 0)) for i in items):
+            raise AlertError(AD.internal_error, "sequence numbers exhausted")
+        self._out += packetize(
+            items,
+            seal=rl.seal,
+            overhead=rl.overhead,
+            next_sequence=rl.next_sequence,
+            mtu=self._config.mtu,
+            record_numbers=numbers,
+        )
+        if rl.write_epoch == 0 and any(getattr(i, "epoch", 0) == 1 for i in items):
+            rl.activate_write_epoch()  # the CCS went out (RFC 5246 §7.1)
+        self._last_sent = self._now
+        if len(self._out) > MAX_PENDING_DATAGRAMS:
+            del self._out[: len(self._out) - MAX_PENDING_DATAGRAMS]
+
+    def _send_ekt(self, ekt: _PendingEkt) -> None:
+        numbers: list[tuple[int, int]] = []
+        self._transmit([ekt.item], numbers)
+        ekt.transmissions.append(frozenset(numbers))
+
+    def _retransmit_on_demand(self) -> None:
+        """The peer resent part of its flight: it lost ours (RFC 6347 §4.2.4)."""
+        flight = self._flight if self._flight is not None else self._final_flight
+        if flight is None or self._now - self._last_sent < MIN_RETRANSMIT_GAP:
+            return
+        self.stats.retransmissions += 1
+        self._transmit(flight)
+
+    def _send_alert(self, level: int, description: int) -> None:
+        rl = self._record
+        if rl.can_send(rl.write_epoch):
+            self._out.append(rl.seal(ContentType.ALERT, Alert(level, description).encode()))
+
+    def _fatal(self, error: AlertError) -> None:
+        if self._closed:
+            return
+        self._send_alert(AlertLevel.fatal, error.description)
+        self._end(ConnectionClosed(error.description, False, f"alert sent: {error}"))
+
+    def _timeout(self) -> None:
+        self._end(ConnectionClosed(None, False, "timeout"))
+
+    def _end(self, event: ConnectionClosed) -> None:
+        self._closed = True
+        self._timer.stop()
+        self._flight = self._final_flight = None
+        self._ekt = None
+        self._future.clear()
+        if event.alert not in (None, AD.close_notify):
+            # A fatal alert ends the association and its secrets (RFC 5246 §7.2.2).
+            self._record.forget_keys()
+            self._hs.master_secret = b""
+        self._events.append(event)
+
+    # --- receiving -----------------------------------------------------------------------------
+
+    def _handle_record(self, record: DtlsRecord) -> None:
+        st = self.stats
+        rl = self._record
+        epoch = record.epoch
+        if epoch == 0:
+            # Accept {254, x} on epoch 0 (OpenSSL sends 0xFEFF on ClientHello, SPEC-DTLS 1.3).
+            if record.version >> 8 != 0xFE:
+                st.dropped_epoch += 1
+                return
+            plaintext = record.fragment
+            if self._established and record.content_type != ContentType.HANDSHAKE:
+                # Unauthenticated alerts or CCS after epoch 1 is in use: ignore (4.10).
+                st.dropped_unexpected += 1
+                return
+        elif epoch == 1:
+            if record.version != DTLS_1_2:
+                st.dropped_epoch += 1
+                return
+            if rl.read_epoch == 0:
+                if len(self._future) < MAX_FUTURE_RECORDS and not self._established:
+                    self._future.append(record)
+                    st.future_records_buffered += 1
+                else:
+                    st.dropped_epoch += 1
+                return
+            opened, reason = rl.open(record)
+            if opened is None:
+                if reason == "replay":
+                    st.dropped_replay += 1
+                else:
+                    st.dropped_decrypt += 1
+                    if rl.decrypt_failures >= INTEGRITY_LIMIT:
+                        raise AlertError(AD.bad_record_mac, "AEAD integrity limit reached")
+                return
+            plaintext = opened
+        else:
+            st.dropped_epoch += 1
+            return
+
+        ctype = record.content_type
+        if ctype == ContentType.HANDSHAKE:
+            self._handle_handshake_record(record, plaintext)
+        elif ctype == ContentType.CHANGE_CIPHER_SPEC:
+            self._handle_ccs(record, plaintext)
+        elif ctype == ContentType.ALERT:
+            self._handle_alert(record, plaintext)
+        elif ctype == ContentType.ACK and epoch == 1:
+            self._handle_ack(plaintext)
+        elif ctype == ContentType.APPLICATION_DATA and epoch == 1 and self._established:
+            self._events.append(ApplicationDataReceived(plaintext))
+        else:
+            st.dropped_unexpected += 1
+
+    def _handle_handshake_record(self, record: DtlsRecord, plaintext: bytes) -> None:
+        try:
+            fragments = parse_handshake_fragments_untrusted(plaintext)
+        except DtlsDecodeError as e:
+            if record.epoch == 1:
+                raise AlertError(AD.decode_error, f"handshake record: {e}") from None
+            self.stats.dropped_malformed += 1
+            return
+        ekt_seen = False
+        for frag in fragments:
+            if self._closed:
+                return
+            if frag.msg_type == HandshakeType.EKT_KEY and self._config.is_client:
+                ekt_seen = True
+            self._handle_fragment(record, frag)
+        if ekt_seen and record.epoch == 1 and self._established and not self._closed:
+            # ACK every record that carried EKTKey, retransmissions too (D9, RFC 9147 §7).
+            ack = Ack(((record.epoch, record.sequence_number),)).encode()
+            self._out.append(self._record.seal(ContentType.ACK, ack))
+
+    def _handle_fragment(self, record: DtlsRecord, frag: HandshakeFragment) -> None:
+        hs = self._hs
+        state = hs.state
+        if self._established and record.epoch == 0:
+            # Only a retransmitted final flight of the peer can still come in epoch 0.
+            if frag.message_seq < self._reasm.next_seq:
+                self._peer_retransmitted = True
+            else:
+                self.stats.fragments_dropped += 1
+            return
+        if state is State.CLIENT_EXPECT_SERVER_HELLO:
+            if frag.msg_type == HandshakeType.HELLO_VERIFY_REQUEST:
+                # SPEC-DTLS 3.2: an HVR must answer the ClientHello just sent, whole.
+                if frag.is_whole and frag.message_seq == hs.client_hello_seq and record.epoch == 0:
+                    hs.handle_hello_verify_request(frag.body)
+                else:
+                    self.stats.fragments_dropped += 1
+                return
+            if (
+                frag.msg_type == HandshakeType.SERVER_HELLO
+                and frag.message_seq <= hs.client_hello_seq
+            ):
+                self._reasm.reset_to(frag.message_seq)
+        elif state is State.SERVER_EXPECT_CLIENT_HELLO:
+            if frag.msg_type != HandshakeType.CLIENT_HELLO or record.epoch != 0:
+                self.stats.fragments_dropped += 1
+                return
+            self._reasm.reset_to(frag.message_seq)
+        elif frag.msg_type == HandshakeType.HELLO_VERIFY_REQUEST:
+            self.stats.fragments_dropped += 1
+            return
+        messages: list[ReceivedMessage] = []
+        status = self._reasm.add(frag, messages)
+        if status == OLD:
+            self._peer_retransmitted = True
+            return
+        if status == DROPPED:
+            self.stats.fragments_dropped += 1
+        for m in messages:
+            if self._closed:
+                return
+            self._handle_message(record, m)
+
+    def _handle_message(self, record: DtlsRecord, m: ReceivedMessage) -> None:
+        hs = self._hs
+        if self._established and m.msg_type != HandshakeType.EKT_KEY:
+            # No renegotiation (D17): a HelloRequest or epoch-1 ClientHello is ignored.
+            self.stats.dropped_unexpected += 1
+            return
+        hs.handle_message(m.msg_type, m.message_seq, m.body, record.epoch, record.sequence_number)
+        if self._early_ccs and hs.expects_ccs:
+            self._early_ccs = False
+            self._accept_ccs()
+
+    def _handle_ccs(self, record: DtlsRecord, plaintext: bytes) -> None:
+        try:
+            decode_change_cipher_spec(plaintext)
+        except DtlsDecodeError:
+            self.stats.dropped_malformed += 1
+            return
+        if record.epoch != 0 or self._established or self._record.read_epoch != 0:
+            self.stats.dropped_unexpected += 1  # repeats and late copies are ignored (3.8)
+            return
+        if self._hs.expects_ccs:
+            self._accept_ccs()
+        elif self._hs.state not in (State.CLIENT_START, State.SERVER_EXPECT_CLIENT_HELLO):
+            # Reordered ahead of the messages it follows: apply once they are in (3.8).
+            self._early_ccs = True
+        else:
+            self.stats.dropped_unexpected += 1
+
+    def _accept_ccs(self) -> None:
+        self._hs.handle_ccs()
+        self._record.activate_read_epoch()
+        future, self._future = self._future, []
+        for rec in future:
+            if self._closed:
+                return
+            self._handle_record(rec)
+
+    def _handle_alert(self, record: DtlsRecord, plaintext: bytes) -> None:
+        try:
+            alert = Alert.decode(plaintext)
+        except DtlsDecodeError:
+            self.stats.dropped_malformed += 1
+            return
+        if record.epoch == 0 and self._record.read_epoch == 1:
+            self.stats.dropped_unexpected += 1  # unauthenticated once epoch 1 is read (4.10)
+            return
+        self._events.append(AlertReceived(alert.level, alert.description))
+        if alert.description == AD.close_notify:
+            # Answer close_notify with close_notify (RFC 5246 §7.2.1).
+            self._send_alert(AlertLevel.warning, AD.close_notify)
+            self._end(ConnectionClosed(AD.close_notify, True, "close_notify"))
+        elif alert.level == AlertLevel.fatal:
+            try:
+                name = AD(alert.description).name
+            except ValueError:
+                name = str(alert.description)
+            self._end(ConnectionClosed(alert.description, True, f"alert received: {name}"))
+
+    def _handle_ack(self, plaintext: bytes) -> None:
+        if self._config.is_client or not self._established:
+            self.stats.dropped_unexpected += 1
+            return
+        try:
+            ack = Ack.decode(plaintext)
+        except DtlsDecodeError as e:
+            raise AlertError(AD.decode_error, f"ACK: {e}") from None
+        ekt = self._ekt
+        if ekt is None:
+            return
+        ekt_numbers = set().union(*ekt.transmissions)
+        self._ekt_acked.update(n for n in ack.record_numbers if n in ekt_numbers)
+        if any(t <= self._ekt_acked for t in ekt.transmissions):
+            self._ekt = None
+            self._ekt_acked.clear()
+            self._events.append(EktKeyAcknowledged(ekt.spi))
