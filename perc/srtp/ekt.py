@@ -245,6 +245,10 @@ class EktSender:
     def master_key(self) -> bytes:
         return self._key
 
+    def ssrcs(self) -> list[int]:
+        """SSRCs that have had a field since the last parameter-set change."""
+        return list(self._streams)
+
     def change_key(self, master_key: bytes, params: EktParameterSet | None = None) -> None:
         """Announce a new E2E master key, optionally under a new parameter set (rekey).
 
@@ -306,7 +310,9 @@ class InnerSession(Protocol):
 
     def unprotect_rtp(self, packet: bytes) -> bytes: ...
 
-    def set_roc(self, ssrc: int, roc: int) -> None: ...
+    def receive_roc(self, ssrc: int) -> int | None: ...
+
+    def set_receive_roc(self, ssrc: int, roc: int) -> None: ...
 
 
 @attrs.define(slots=True, eq=False)
@@ -519,10 +525,12 @@ class EktReceiver:
     def _update_roc(self, st: _InStream, spi: int, master_key: bytes, roc: int) -> None:
         for key in st.keys:
             if key.spi == spi and key.master_key == master_key:
-                if roc > key.roc:
-                    # Only move forward: a reordered older tag must not pull the estimate back.
-                    key.roc = roc
-                    key.session.set_roc(key.ssrc, roc)
+                key.roc = max(key.roc, roc)
+                current = key.session.receive_roc(key.ssrc)
+                if current is None or roc > current:
+                    # Only move forward: a reordered older tag must not pull the estimate
+                    # back (setting the ROC of a live stream also restarts its window).
+                    key.session.set_receive_roc(key.ssrc, roc)
                 return
 
     def _add_key(
@@ -535,7 +543,7 @@ class EktReceiver:
     ) -> None:
         salt = params.salt[: self._salt_length]
         session = self._factory(plain.master_key, salt)
-        session.set_roc(plain.ssrc, plain.roc)
+        session.set_receive_roc(plain.ssrc, plain.roc)
         key = ReceivedKey(
             plain.ssrc, field.spi, field.epoch, plain.master_key, salt, plain.roc, now, session
         )

@@ -296,7 +296,10 @@ class FakeSession:
     def unprotect_rtp(self, packet: bytes) -> bytes:
         return packet
 
-    def set_roc(self, ssrc: int, roc: int) -> None:
+    def receive_roc(self, ssrc: int) -> int | None:
+        return self.rocs.get(ssrc)
+
+    def set_receive_roc(self, ssrc: int, roc: int) -> None:
         self.rocs[ssrc] = roc
 
 

@@ -1,0 +1,395 @@
+"""Double encryption at the endpoints (RFC 8723 §5.1, §5.3) with EKT (RFC 8870).
+
+Theory of operation
+-------------------
+**Sender** (:class:`DoubleSender`, RFC 8723 §5.1). For each RTP packet:
+
+1. the *synthetic packet* is the original header with X cleared, cut to ``12 + 4*CC`` bytes
+   (header extensions are hop-by-hop only), followed by the original payload including any
+   RTP padding;
+2. it is encrypted with the **inner** (end-to-end) session: the sender's own E2E master key
+   with the conference salt of the current EKTKey (RFC 8871 §4.5.1, D10), tracking its own
+   ROC per SSRC;
+3. the original header (extensions, X bit) goes back in front of the inner ciphertext and
+   tag, followed by the empty OHB ``0x00``;
+4. that packet is encrypted with the **outer** (hop-by-hop) session, which keeps its own
+   ROC per SSRC ("SEQ and ROC are tracked independently", RFC 8723 §3);
+5. the EKT field from :class:`~perc.srtp.ekt.EktSender` is appended (Full or Short, §4.6 of
+   RFC 8870; the Full tag carries the inner ROC, D10).
+
+Key rotation (:meth:`DoubleSender.rekey`, RFC 8870 §4.5-4.6, RFC 8871 §4.5.2, D22): a new
+EKTKey forces a fresh random E2E key. The new key is announced at once in Full tags (three
+packets) under the new SPI, but the sender keeps encrypting with the old key (and the old
+salt) for 250 ms, so receivers have the new key before the first packet that needs it.
+
+**Receiver** (:class:`DoubleReceiver`, RFC 8723 §5.3). For each packet: strip and parse the EKT
+field (last-byte rule); let the :class:`~perc.srtp.ekt.EktReceiver` process the tag first, as
+RFC 8870 §4.3.2 orders it (it may drop the packet); verify and decrypt the outer layer with
+the receiver's inbound HBH session (outer replay check); take the OHB and the inner tag off
+the end; rebuild the synthetic header with the original PT/SEQ/M from the OHB; decrypt the
+inner layer with the sender's key learned from EKT (inner replay check, per key). Around a
+rekey a stream has more than one key: the key that last worked is tried first, then the
+others (RFC 8870 §4.3.2 allows trial decryption with integrity-protected transforms).
+
+The application view (:class:`MediaPacket`) follows RFC 8723 §5.3: the payload, marker and
+timestamp come from the end-to-end protected synthetic packet; the outer PT is what the
+application matches against SDP, and the outer SEQ is what it orders by. Outer header
+extensions are passed along but are not end-to-end protected.
+
+Repair mode (RTX/FEC outer-only packets, RFC 8723 §7) is not implemented.
+
+API
+---
+``DoubleSender(outer, params, *, inner_key=None, period=0.1)``:
+``protect(packet, now, *, keyframe=False) -> bytes``; ``rekey(params, now, *, inner_key=None)``;
+``inner_key``, ``params``, ``ekt`` (the :class:`EktSender`).
+
+``DoubleReceiver(outer, *, master_key_length=16)``: ``add_parameter_set(params)``;
+``unprotect(packet, now) -> MediaPacket``; ``ekt`` (the :class:`EktReceiver`); ``stats``.
+
+Errors: everything raised is a :class:`~perc.srtp.errors.SrtpError`: the session errors of
+:mod:`perc.srtp.errors`, the EKT errors of :mod:`perc.srtp.ekt`, and
+:class:`DoubleDecodeError` for an outer plaintext without a valid OHB and inner tag, or an
+inner payload whose RTP padding count is impossible.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import attrs
+
+from perc.srtp.context import TAG_LENGTH, SrtpSession
+from perc.srtp.ekt import (
+    OLD_KEY_SEND_TIME,
+    EktFieldError,
+    EktOutcome,
+    EktParameterSet,
+    EktReceiver,
+    EktSender,
+    EktUsageError,
+    ReceivedKey,
+)
+from perc.srtp.errors import (
+    AuthenticationError,
+    ReplayError,
+    SrtpDecodeError,
+    SrtpError,
+    SrtpUsageError,
+)
+from perc.srtp.hop import rtp_header_length
+from perc.wire.ekt import EktDecodeError, split_ekt_field
+from perc.wire.ohb import OhbDecodeError, decode_ohb
+
+__all__ = [
+    "DoubleDecodeError",
+    "DoubleReceiver",
+    "DoubleReceiverStats",
+    "DoubleSender",
+    "MediaPacket",
+    "NoInnerKeyError",
+]
+
+_SSRC = struct.Struct("!I")
+_unpack_ssrc = _SSRC.unpack_from
+_INNER_SALT_LENGTH = 12
+
+
+class DoubleDecodeError(SrtpDecodeError):
+    """An authenticated outer plaintext lacks a valid OHB/inner tag, or inner padding is bad."""
+
+
+class NoInnerKeyError(AuthenticationError):
+    """No end-to-end key is known for the packet's SSRC (no Full EKT tag seen yet)."""
+
+
+# --- sender --------------------------------------------------------------------------------
+
+
+class DoubleSender:
+    """Double-encrypts one endpoint's RTP packets and appends EKT fields."""
+
+    __slots__ = (
+        "_ekt",
+        "_inner",
+        "_inner_key",
+        "_outer",
+        "_params",
+        "_pending",
+        "_rekey_ssrcs",
+        "_switch_at",
+    )
+
+    def __init__(
+        self,
+        outer: SrtpSession,
+        params: EktParameterSet,
+        *,
+        inner_key: bytes | None = None,
+        period: float | None = 0.1,
+    ) -> None:
+        key_length = outer.profile.half_key_length
+        if inner_key is None:
+            # RFC 8870 §6: distinct, randomly generated master keys per sender.
+            inner_key = os.urandom(key_length)
+        if len(inner_key) != key_length:
+            raise SrtpUsageError(f"inner key must be {key_length} bytes like the outer key")
+        self._outer = outer
+        self._params = params
+        self._inner_key = inner_key
+        self._inner = SrtpSession(inner_key, _inner_salt(params))
+        self._ekt = EktSender(params, inner_key, period=period)
+        # (session, key, params) to switch to at _switch_at, while the old key is still used
+        self._pending: tuple[SrtpSession, bytes, EktParameterSet] | None = None
+        self._switch_at = 0.0
+        self._rekey_ssrcs: list[int] = []
+
+    @property
+    def inner_key(self) -> bytes:
+        """The E2E master key packets are currently encrypted with."""
+        return self._inner_key
+
+    @property
+    def params(self) -> EktParameterSet:
+        """The EKT parameter set whose salt the current inner key uses."""
+        return self._params
+
+    @property
+    def ekt(self) -> EktSender:
+        return self._ekt
+
+    @property
+    def outer_session(self) -> SrtpSession:
+        return self._outer
+
+    @property
+    def inner_session(self) -> SrtpSession:
+        return self._inner
+
+    def rekey(
+        self, params: EktParameterSet | None, now: float, *, inner_key: bytes | None = None
+    ) -> None:
+        """Switch to a fresh E2E key (RFC 8870 §4.5; required on every new EKTKey).
+
+        ``params`` is the new EKT parameter set (None: keep the current one and only change
+        the E2E key). The new key is announced immediately in Full tags; packets keep using
+        the old key for 250 ms (RFC 8870 §4.3.1, D22).
+        """
+        if self._pending is not None:
+            self._switch(now, force=True)
+        new_params = self._params if params is None else params
+        key_length = len(self._inner_key)
+        new_key = os.urandom(key_length) if inner_key is None else inner_key
+        if len(new_key) != key_length:
+            raise SrtpUsageError(f"inner key must be {key_length} bytes")
+        # SSRCs sent so far (the EKT sender forgets them when the parameter set changes).
+        self._rekey_ssrcs = self._ekt.ssrcs()
+        self._ekt.change_key(new_key, params)
+        self._pending = (SrtpSession(new_key, _inner_salt(new_params)), new_key, new_params)
+        self._switch_at = now + OLD_KEY_SEND_TIME
+
+    def _switch(self, now: float, *, force: bool = False) -> None:
+        pending = self._pending
+        if pending is None or (not force and now < self._switch_at):
+            return
+        session, key, params = pending
+        # The RTP stream goes on: the new inner context continues each SSRC's ROC.
+        for ssrc in {*self._rekey_ssrcs, *self._ekt.ssrcs()}:
+            roc = self._inner.send_roc(ssrc)
+            if roc is not None:
+                session.set_send_roc(ssrc, roc)
+        self._inner, self._inner_key, self._params = session, key, params
+        self._pending = None
+
+    def protect(self, packet: bytes, now: float, *, keyframe: bool = False) -> bytes:
+        """Double-encrypt one RTP packet and append its EKT field."""
+        if self._pending is not None and now >= self._switch_at:
+            self._switch(now)
+        b0 = packet[0] if packet else 0
+        if b0 & 0x10:
+            hlen = rtp_header_length(packet)
+            if hlen < 0:
+                raise SrtpUsageError("not a well-formed RTP version 2 packet")
+            slen = 12 + ((b0 & 0x0F) << 2)
+            # Synthetic packet (RFC 8723 §5.1 step 3): X = 0, extension dropped.
+            synth = bytes((b0 & 0xEF,)) + packet[1:slen] + packet[hlen:]
+            inner = self._inner.protect_rtp(synth)
+            plain = packet[:hlen] + inner[slen:] + b"\x00"
+        else:
+            # No extension: the synthetic packet is the packet itself, and so is its header.
+            plain = self._inner.protect_rtp(packet) + b"\x00"
+        ssrc = _unpack_ssrc(packet, 8)[0]
+        out = self._outer.protect_rtp(plain)
+        roc = self._inner.send_roc(ssrc)
+        return out + self._ekt.field(ssrc, roc or 0, now, keyframe=keyframe)
+
+
+def _inner_salt(params: EktParameterSet) -> bytes:
+    # RFC 8870 §4.3.2 step 4: a longer conference salt is cut to the transform's length.
+    if len(params.salt) < _INNER_SALT_LENGTH:
+        raise EktUsageError(f"conference salt of {len(params.salt)} bytes, need 12")
+    return params.salt[:_INNER_SALT_LENGTH]
+
+
+# --- receiver ------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class MediaPacket:
+    """The application view of a double-encrypted packet (RFC 8723 §5.3)."""
+
+    ssrc: int
+    #: outer PT: what the application matches against the SDP
+    payload_type: int
+    #: outer SEQ: what the application orders by
+    sequence_number: int
+    #: the end-to-end protected marker bit (from the OHB if an MD changed it)
+    marker: bool
+    timestamp: int
+    csrcs: tuple[int, ...]
+    #: the decrypted payload, RTP padding removed
+    payload: bytes
+    #: original PT and SEQ as the sender set them (statistics only)
+    original_payload_type: int
+    original_sequence_number: int
+    #: the outer header as received (its extensions are hop-by-hop only, not E2E protected)
+    header: bytes
+    #: the EKT parameter set and epoch of the key that decrypted the inner layer
+    spi: int
+    epoch: int
+    #: what the packet's EKT field did
+    ekt_outcome: EktOutcome
+
+
+@attrs.define
+class DoubleReceiverStats:
+    received: int = 0
+    accepted: int = 0
+    ekt_field_errors: int = 0
+    ohb_errors: int = 0
+    no_key: int = 0
+    inner_auth_failures: int = 0
+    inner_replays: int = 0
+    padding_errors: int = 0
+
+
+class DoubleReceiver:
+    """Decrypts double-encrypted packets arriving from a Media Distributor."""
+
+    def __init__(
+        self,
+        outer: SrtpSession,
+        *,
+        master_key_length: int | None = None,
+        ekt: EktReceiver | None = None,
+    ) -> None:
+        if master_key_length is None:
+            master_key_length = outer.profile.half_key_length
+        self._outer = outer
+        self._ekt = ekt or EktReceiver(SrtpSession, master_key_length=master_key_length)
+        self.stats = DoubleReceiverStats()
+
+    @property
+    def ekt(self) -> EktReceiver:
+        return self._ekt
+
+    @property
+    def outer_session(self) -> SrtpSession:
+        return self._outer
+
+    def add_parameter_set(self, params: EktParameterSet) -> None:
+        """A new EKTKey arrived (RFC 8870 §5.2.2): keep it, keys under it become readable."""
+        self._ekt.add_parameter_set(params)
+
+    def unprotect(self, packet: bytes, now: float) -> MediaPacket:
+        """Verify and decrypt both layers; raises a :class:`SrtpError` to drop the packet."""
+        self.stats.received += 1
+        try:
+            n, field = split_ekt_field(packet)
+        except EktDecodeError as exc:
+            self.stats.ekt_field_errors += 1
+            raise EktFieldError(str(exc)) from None
+        srtp = packet[:n]
+        if n < 12:
+            self._outer.unprotect_rtp(srtp)  # raises the session's decode error
+        ssrc = _unpack_ssrc(srtp, 8)[0]
+        # RFC 8870 §4.3.2 order: the EKT tag first (it may drop the packet), then SRTP. A
+        # packet dropped for its tag thus leaves the outer replay window untouched.
+        outcome = self._ekt.process(field, ssrc, now)
+        plain = self._outer.unprotect_rtp(srtp)
+        hlen = rtp_header_length(plain)
+        try:
+            ohb, olen = decode_ohb(memoryview(plain)[hlen:])
+        except OhbDecodeError as exc:
+            self.stats.ohb_errors += 1
+            raise DoubleDecodeError(f"OHB: {exc}") from None
+        inner_end = len(plain) - olen
+        if inner_end - hlen < TAG_LENGTH:
+            self.stats.ohb_errors += 1
+            raise DoubleDecodeError("outer plaintext too short for an inner tag")
+        b0 = plain[0]
+        b1 = plain[1]
+        out_pt = b1 & 0x7F
+        out_seq = (plain[2] << 8) | plain[3]
+        pt = out_pt if ohb.payload_type is None else ohb.payload_type
+        seq = out_seq if ohb.sequence_number is None else ohb.sequence_number
+        marker = bool(b1 & 0x80) if ohb.marker is None else ohb.marker
+        slen = 12 + ((b0 & 0x0F) << 2)
+        # Synthetic packet (RFC 8723 §5.3 step 4): original PT/SEQ/M, X = 0, no extension.
+        synth = (
+            bytes((b0 & 0xEF, (0x80 if marker else 0) | pt, seq >> 8, seq & 0xFF))
+            + plain[4:slen]
+            + plain[hlen:inner_end]
+        )
+        key, inner = self._decrypt_inner(synth, ssrc)
+        payload = inner[slen:]
+        if b0 & 0x20:
+            # RTP padding is covered by the inner layer only (SPEC 11.20): strip it here.
+            count = payload[-1] if payload else 0
+            if count == 0 or count > len(payload):
+                self.stats.padding_errors += 1
+                raise DoubleDecodeError(f"RTP padding count {count} invalid")
+            payload = payload[:-count]
+        self.stats.accepted += 1
+        cc = b0 & 0x0F
+        return MediaPacket(
+            ssrc=ssrc,
+            payload_type=out_pt,
+            sequence_number=out_seq,
+            marker=marker,
+            timestamp=_unpack_ssrc(plain, 4)[0],
+            csrcs=struct.unpack_from(f"!{cc}I", plain, 12),
+            payload=payload,
+            original_payload_type=pt,
+            original_sequence_number=seq,
+            header=plain[:hlen],
+            spi=key.spi,
+            epoch=key.epoch,
+            ekt_outcome=outcome,
+        )
+
+    def _decrypt_inner(self, synth: bytes, ssrc: int) -> tuple[ReceivedKey, bytes]:
+        keys = self._ekt.keys(ssrc)
+        if not keys:
+            self.stats.no_key += 1
+            raise NoInnerKeyError(f"no end-to-end key for SSRC {ssrc:#x}")
+        replay: SrtpError | None = None
+        for key in keys:
+            session = key.session
+            try:
+                inner = session.unprotect_rtp(synth)
+            except ReplayError as exc:
+                # Only a real replay if this key also authenticates it; try the others.
+                replay = exc
+                continue
+            except AuthenticationError:
+                continue
+            if key is not keys[0]:
+                self._ekt.mark_used(key)
+            return key, inner
+        if replay is not None:
+            self.stats.inner_replays += 1
+            raise replay
+        self.stats.inner_auth_failures += 1
+        raise AuthenticationError("inner (end-to-end) authentication failed")

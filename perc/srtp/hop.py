@@ -1,0 +1,213 @@
+"""The Media Distributor's hop-by-hop transform for double-encrypted SRTP (RFC 8723 §5.2).
+
+The MD holds **only outer (hop-by-hop) keys**. This module must never import
+``perc.srtp.ekt`` or ``perc.srtp.double``, directly or indirectly (a test checks it): the
+MDD process never loads the code that unwraps EKT tags.
+
+Theory of operation
+-------------------
+A packet from an endpoint (or an upstream MD) is::
+
+    RTP header | outer AEAD( inner ciphertext | inner tag | OHB ) | outer tag | EKT field
+
+:meth:`MediaDistributorHop.decrypt` runs once per incoming packet: it strips the trailing EKT
+field by the last-byte rule of RFC 8870 §4.3.2 step 1 *as opaque bytes* (D11: the MD never
+parses the ciphertext), then verifies and decrypts the outer layer with the sender's inbound
+:class:`~perc.srtp.context.SrtpSession` (outer replay check included, RFC 8871 §4.4). The result,
+an :class:`Inbound`, holds the plain packet (header | inner ciphertext | inner tag | OHB) and
+the EKT field.
+
+:meth:`MediaDistributorHop.encrypt_for` runs once per receiver: optionally rewrites PT, SEQ
+and the marker bit, updating the OHB exactly as RFC 8723 §5.2 says (a changed field that is
+not yet recorded gets its original value recorded, a field set back to its recorded original
+is removed, everything else leaves the OHB alone, so in a cascade the first MD's record
+survives), then encrypts the outer layer with that receiver's outbound session and appends
+the EKT field unchanged. The receiver's session keeps its own ROC per SSRC, driven by the SEQ
+we send (so a renumbering MD gets fresh IVs, RFC 7714 §8.4); RFC 8723 §9 forbids re-encrypting
+with the sender's own key, which is the caller's job to respect (one session per receiver).
+
+Hot path: without changes nothing is parsed beyond what the SRTP session parses itself, and a
+modified plain packet is built once per distinct set of changes and reused for the next
+receivers asking for the same changes.
+
+API
+---
+``MediaDistributorHop(inbound: SrtpSession, *, expect_ekt=True)``;
+``decrypt(packet) -> Inbound``; ``encrypt_for(session, inbound, changes=None) -> bytes``;
+``HeaderChanges(payload_type=None, sequence_number=None, marker=None)``; ``stats``.
+Errors: :class:`HopDecodeError` (a :class:`~perc.srtp.errors.SrtpDecodeError`) for a bad EKT
+framing, or an OHB that does not parse when changes are asked for; plus whatever the SRTP
+session raises (:mod:`perc.srtp.errors`).
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from perc.srtp.context import SrtpSession
+from perc.srtp.errors import SrtpDecodeError, SrtpUsageError
+from perc.wire.ekt import EktDecodeError, ekt_field_length_untrusted
+from perc.wire.ohb import Ohb, OhbDecodeError, decode_ohb, update_ohb
+
+__all__ = [
+    "HeaderChanges",
+    "HopDecodeError",
+    "HopStats",
+    "Inbound",
+    "MediaDistributorHop",
+    "rtp_header_length",
+]
+
+
+class HopDecodeError(SrtpDecodeError):
+    """The packet's EKT framing or (when rewriting) its OHB does not parse."""
+
+
+@attrs.frozen
+class HeaderChanges:
+    """Header fields a Media Distributor sets (RFC 8723 §4: only PT, SEQ and M); None = keep."""
+
+    payload_type: int | None = None
+    sequence_number: int | None = None
+    marker: bool | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if self.payload_type is not None and not 0 <= self.payload_type <= 0x7F:
+            raise SrtpUsageError(f"payload type {self.payload_type} outside 0..127")
+        if self.sequence_number is not None and not 0 <= self.sequence_number <= 0xFFFF:
+            raise SrtpUsageError(f"sequence number {self.sequence_number} outside 0..65535")
+
+
+@attrs.define
+class HopStats:
+    received: int = 0
+    ekt_framing_errors: int = 0
+    ohb_errors: int = 0
+    sent: int = 0
+
+
+def rtp_header_length(packet: bytes | bytearray | memoryview) -> int:
+    """Length of the RTP header (fixed part, CSRCs, RFC 8285 extension), or -1 if malformed."""
+    n = len(packet)
+    if n < 12:
+        return -1
+    b0 = packet[0]
+    if b0 & 0xC0 != 0x80:
+        return -1
+    hlen = 12 + ((b0 & 0x0F) << 2)
+    if b0 & 0x10:
+        if n < hlen + 4:
+            return -1
+        hlen += 4 + (((packet[hlen + 2] << 8) | packet[hlen + 3]) << 2)
+    return hlen if n >= hlen else -1
+
+
+class Inbound:
+    """One incoming packet after outer decryption (what ``encrypt_for`` re-encrypts)."""
+
+    __slots__ = ("_cache_changes", "_cache_packet", "ekt_field", "packet")
+
+    def __init__(self, packet: bytes, ekt_field: bytes) -> None:
+        #: header | inner ciphertext | inner tag | OHB (the outer plaintext with its header)
+        self.packet = packet
+        #: the trailing EKT field, opaque (D11); b"" when the hop expects none
+        self.ekt_field = ekt_field
+        self._cache_changes: HeaderChanges | None = None
+        self._cache_packet = b""
+
+    @property
+    def ssrc(self) -> int:
+        return int.from_bytes(self.packet[8:12], "big")
+
+    @property
+    def payload_type(self) -> int:
+        return self.packet[1] & 0x7F
+
+    @property
+    def sequence_number(self) -> int:
+        return (self.packet[2] << 8) | self.packet[3]
+
+    @property
+    def marker(self) -> bool:
+        return bool(self.packet[1] & 0x80)
+
+    def ohb(self) -> Ohb:
+        """The OHB this packet carries (parsed on demand; raises OhbDecodeError)."""
+        hlen = rtp_header_length(self.packet)
+        return decode_ohb(memoryview(self.packet)[hlen:])[0]
+
+
+class MediaDistributorHop:
+    """Outer-layer decrypt of one sender's packets and per-receiver re-encryption."""
+
+    __slots__ = ("_expect_ekt", "_inbound", "_unprotect", "stats")
+
+    def __init__(self, inbound: SrtpSession, *, expect_ekt: bool = True) -> None:
+        self._inbound = inbound
+        self._unprotect = inbound.unprotect_rtp
+        self._expect_ekt = expect_ekt
+        self.stats = HopStats()
+
+    @property
+    def inbound_session(self) -> SrtpSession:
+        return self._inbound
+
+    def decrypt(self, packet: bytes) -> Inbound:
+        """Strip the EKT field, verify and decrypt the outer layer (raises on any problem)."""
+        self.stats.received += 1
+        if not self._expect_ekt:
+            return Inbound(self._unprotect(packet), b"")
+        n = len(packet)
+        if n and packet[n - 1] == 0:  # ShortEKTField, by far the most common (RFC 8870 §4.6)
+            return Inbound(self._unprotect(packet[: n - 1]), b"\x00")
+        try:
+            length = ekt_field_length_untrusted(packet)
+        except EktDecodeError as exc:
+            self.stats.ekt_framing_errors += 1
+            raise HopDecodeError(f"EKT field: {exc}") from None
+        cut = n - length
+        return Inbound(self._unprotect(packet[:cut]), packet[cut:])
+
+    def encrypt_for(
+        self, session: SrtpSession, inbound: Inbound, changes: HeaderChanges | None = None
+    ) -> bytes:
+        """The packet for one receiver: outer-encrypted with ``session``, EKT field re-appended."""
+        if changes is None:
+            plain = inbound.packet
+        elif inbound._cache_changes == changes:
+            plain = inbound._cache_packet
+        else:
+            plain = self._rewrite(inbound.packet, changes)
+            inbound._cache_changes = changes
+            inbound._cache_packet = plain
+        self.stats.sent += 1
+        return session.protect_rtp(plain) + inbound.ekt_field
+
+    def _rewrite(self, packet: bytes, changes: HeaderChanges) -> bytes:
+        """Apply PT/SEQ/M changes to a plain packet, growing or shrinking its OHB (§5.2)."""
+        hlen = rtp_header_length(packet)
+        b1 = packet[1]
+        cur_pt = b1 & 0x7F
+        cur_m = bool(b1 & 0x80)
+        cur_seq = (packet[2] << 8) | packet[3]
+        try:
+            ohb, olen = decode_ohb(memoryview(packet)[hlen:])
+        except OhbDecodeError as exc:
+            self.stats.ohb_errors += 1
+            raise HopDecodeError(f"OHB: {exc}") from None
+        new_ohb = update_ohb(
+            ohb,
+            current_payload_type=cur_pt,
+            current_sequence_number=cur_seq,
+            current_marker=cur_m,
+            new_payload_type=changes.payload_type,
+            new_sequence_number=changes.sequence_number,
+            new_marker=changes.marker,
+        )
+        pt = cur_pt if changes.payload_type is None else changes.payload_type
+        m = cur_m if changes.marker is None else changes.marker
+        seq = cur_seq if changes.sequence_number is None else changes.sequence_number
+        head = bytes((packet[0], (0x80 if m else 0) | pt, seq >> 8, seq & 0xFF))
+        if new_ohb is ohb:
+            return head + packet[4:]
+        return head + packet[4 : len(packet) - olen] + new_ohb.encode()
