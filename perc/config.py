@@ -515,6 +515,16 @@ def _check_unique_ids(ids: list[str], section: str) -> None:
         seen.add(cid)
 
 
+def _check_role(data: dict[str, Any], own: str, other: str) -> None:
+    # The likeliest mistake of all: the other role's file. Say so instead of "missing key".
+    _check(
+        own in data or other not in data,
+        own,
+        f"required key missing (this is {'an MDD' if other == 'mdd' else 'a KMF'} config: "
+        f"it has [{other}])",
+    )
+
+
 def _load_identity(
     cert: Path, key: Path, base: Path, cert_key: str, key_key: str
 ) -> tuple[Path, Path, _identity.Identity]:
@@ -558,6 +568,7 @@ def load_kmf_config(path: str | Path) -> KmfConfig:
 
 def build_kmf_config(data: dict[str, Any], *, base: Path, source: Path | None = None) -> KmfConfig:
     """A KmfConfig from already-parsed TOML data; relative paths are relative to ``base``."""
+    _check_role(data, "kmf", "mdd")
     raw = _structure(data, _KmfFile, lambda k: k)
     kmf = raw.kmf
     _check(bool(raw.conference), "conference", "at least one [[conference]] table is required")
@@ -627,6 +638,7 @@ def build_mdd_config(
     rename: Callable[[str], str] = lambda k: k,
 ) -> MddConfig:
     """An MddConfig from already-parsed TOML data; relative paths are relative to ``base``."""
+    _check_role(data, "mdd", "kmf")
     try:
         raw = _structure(data, _MddFile, lambda k: k)
         mdd = raw.mdd

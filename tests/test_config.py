@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from perc import config, identity
+from perc.cli import main
 from perc.config import ConfigError, HostPort
 
 
@@ -393,3 +395,66 @@ def test_describe_reads_the_schema() -> None:
     kconf = {s.key: s for s in config.describe(config.KmfConference)}
     assert kconf["participants"].type == "array of fingerprint"
     assert kconf["tls_ids"].default == {}
+
+
+# Each bad-config class through the CLI: one line on stderr, exit 2, nothing started.
+CLI_BAD = [
+    ("missing key", ('cert = "mdd.crt"\n', ""), "mdd.cert: required key missing"),
+    (
+        "wrong type",
+        ('key = "mdd.key"\n', 'key = "mdd.key"\nidle_timeout = "soon"\n'),
+        "mdd.idle_timeout: expected a number, got string",
+    ),
+    (
+        "unreadable cert",
+        ('"mdd.crt"', '"gone.crt"'),
+        "mdd.cert: cannot read certificate {dir}/gone.crt: No such file or directory",
+    ),
+    (
+        "malformed fingerprint",
+        ('kmf_fingerprint = "sha-256 ', 'kmf_fingerprint = "sha-256 00:'),
+        "conference[0].kmf_fingerprint: malformed fingerprint 'sha-256 00:{fp}'" + FP_HINT,
+    ),
+    (
+        "bad host:port",
+        ('kmf = "127.0.0.1:4444"', 'kmf = "127.0.0.1"'),
+        "conference[0].kmf: bad host:port '127.0.0.1': expected HOST:PORT with PORT 0-65535",
+    ),
+    (
+        "unknown key",
+        ("[[conference]]\n", "[[conference]]\nlastn = 3\n"),
+        "conference[0].lastn: unknown key (a typo?)",
+    ),
+    (
+        "duplicate conference id",
+        ('id = "demo"\n', 'id = "demo"\n'),
+        "conference[1].id: duplicate conference id 'demo'",
+    ),
+]
+
+
+@pytest.mark.parametrize(("what", "edit", "message"), CLI_BAD, ids=[c[0] for c in CLI_BAD])
+def test_bad_config_through_the_cli(
+    ids: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    what: str,
+    edit: tuple[str, str],
+    message: str,
+) -> None:
+    import perc.cli
+
+    started: list[object] = []
+    monkeypatch.setattr(perc.cli, "_run_role", lambda *a: started.append(a))
+    text = mdd_toml(ids)
+    if what == "duplicate conference id":
+        text += text[text.index("[[conference]]") :].replace("5004", "5006")
+    else:
+        assert edit[0] in text
+        text = text.replace(edit[0], edit[1], 1)
+    path = ids["dir"] / f"bad-{what.replace(' ', '-')}.toml"
+    path.write_text(text)
+    result = CliRunner().invoke(main, ["mdd", "--config", str(path)])
+    assert result.exit_code == 2
+    expected = message.format(dir=ids["dir"], fp=ids["kmf"].removeprefix("sha-256 "))
+    assert result.stderr == f"perc: error: {path}: {expected}\n"
+    assert started == []
