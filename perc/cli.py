@@ -95,8 +95,12 @@ def _find_os_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def _run_role(serve: Callable[..., Awaitable[object]], cfg: object) -> None:
-    """Run a role's ``serve(config)`` under trio until SIGINT/SIGTERM (then exit 0)."""
+def _run_role(serve: Callable[..., Awaitable[object]], cfg: object, what: str = "") -> None:
+    """Run a role's ``serve(config)`` under trio until SIGINT/SIGTERM (then exit 0).
+
+    An OSError out of the role (a port in use, an address not on this host) becomes one
+    ``perc: error:`` line prefixed with ``what`` and exit status 1.
+    """
     from perc.roles.runner import run_until_signal
 
     try:
@@ -105,7 +109,8 @@ def _run_role(serve: Callable[..., Awaitable[object]], cfg: object) -> None:
         os_error = _find_os_error(e)
         if os_error is None:
             raise
-        raise RuntimeFailure(str(os_error)) from None
+        text = os_error.strerror or str(os_error)
+        raise RuntimeFailure(f"{what}: {text}" if what else text) from None
 
 
 # --- the commands -----------------------------------------------------------------------------
@@ -202,7 +207,7 @@ def kmf_command(config_path: Path) -> None:
     _setup_logging()
     from perc.roles import kmf
 
-    _run_role(kmf.serve, cfg)
+    _run_role(kmf.serve, cfg, f"KMF on {cfg.kmf.listen}")
 
 
 _QUICK = ("kmf", "kmf_fingerprint", "listen", "cert", "key")
@@ -299,7 +304,8 @@ def mdd_command(
     _setup_logging()
     from perc.roles import mdd
 
-    _run_role(mdd.serve, cfg)
+    listens = ", ".join(str(c.listen) for c in cfg.conferences)
+    _run_role(mdd.serve, cfg, f"MDD on {listens}")
 
 
 @main.command("demo")

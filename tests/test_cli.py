@@ -132,7 +132,11 @@ def test_bad_config_in_a_real_process(tmp_path: Path) -> None:
 @pytest.fixture
 def started(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, Any]]:
     calls: list[tuple[Any, Any]] = []
-    monkeypatch.setattr(perc.cli, "_run_role", lambda serve, cfg: calls.append((serve, cfg)))
+
+    def run_role(serve: Any, cfg: Any, what: str = "") -> None:
+        calls.append((serve, cfg))
+
+    monkeypatch.setattr(perc.cli, "_run_role", run_role)
     return calls
 
 
@@ -282,9 +286,9 @@ def test_role_failure_is_one_line_and_exit_1(idents: dict[str, Any]) -> None:
 
     cfg = config.load_kmf_config(idents["dir"] / "kmf.toml")
     with pytest.raises(perc.cli.RuntimeFailure) as e:
-        perc.cli._run_role(serve, cfg)
+        perc.cli._run_role(serve, cfg, "KMF on 127.0.0.1:1")
     assert e.value.exit_code == 1
-    assert e.value.message == "[Errno 98] Address already in use"
+    assert e.value.message == "KMF on 127.0.0.1:1: Address already in use"
 
 
 # --- logging ------------------------------------------------------------------------------------
