@@ -80,10 +80,16 @@ class Pair:
 
 
 def make_pair(
-    *, cookies: bool = False, client_kw: dict[str, Any] | None = None,
+    *,
+    cookies: bool = False,
+    client_kw: dict[str, Any] | None = None,
     server_kw: dict[str, Any] | None = None,
 ) -> Pair:
     client = DtlsConnection(config(True, **(client_kw or {})))
     scfg = config(False, **(server_kw or {}))
-    return Pair(client=client, server=None, server_config=scfg,
-                gate=CookieGate(b"k" * 32) if cookies else None)
+    return Pair(
+        client=client,
+        server=None,
+        server_config=scfg,
+        gate=CookieGate(b"k" * 32) if cookies else None,
+    )
