@@ -326,7 +326,11 @@ class TunnelFramer:
     are discarded with it: the tunnel is being closed anyway.
     """
 
-    __slots__ = ("_buf", "_failed", "max_body")
+    __slots__ = ("_buf", "_failed", "_ids", "max_body")
+
+    #: Association ids seen recently, so that the relay's hot path does not build a new
+    #: uuid.UUID (about 1 us) per message. Bounded: cleared when it reaches this size.
+    ID_CACHE_SIZE = 4096
 
     def __init__(self, max_body: int = MAX_BODY) -> None:
         if not 0 <= max_body <= MAX_BODY:
@@ -334,6 +338,7 @@ class TunnelFramer:
         self.max_body = max_body
         self._buf = bytearray()
         self._failed: str | None = None
+        self._ids: dict[bytes, uuid.UUID] = {}
 
     @property
     def pending(self) -> int:
@@ -344,32 +349,53 @@ class TunnelFramer:
         """Add stream bytes; return the messages they complete, in order."""
         if self._failed is not None:
             raise TunnelDecodeError(f"tunnel stream already failed: {self._failed}")
-        self._buf += data
+        if self._buf:
+            self._buf += data
+            chunk = bytes(self._buf)
+        else:
+            chunk = data if isinstance(data, bytes) else bytes(data)
         try:
-            out, used = self._parse()
+            out, used = self._parse(chunk)
         except TunnelDecodeError as e:
             self._failed = str(e)
-            self._buf.clear()
+            self._buf = bytearray()
             raise
-        del self._buf[:used]
+        self._buf = bytearray(chunk[used:]) if used < len(chunk) else bytearray()
         return out
 
-    def _parse(self) -> tuple[list[TunnelMessage], int]:
-        buf = self._buf
+    def _parse(self, chunk: bytes) -> tuple[list[TunnelMessage], int]:
         out: list[TunnelMessage] = []
+        ids = self._ids
         pos = 0
-        end = len(buf)
+        end = len(chunk)
         while end - pos >= HEADER_SIZE:
-            msg_type, length = _HEADER.unpack_from(buf, pos)
+            msg_type, length = _HEADER.unpack_from(chunk, pos)
             if not MsgType.SUPPORTED_PROFILES <= msg_type <= MsgType.ENDPOINT_DISCONNECT:
                 raise TunnelDecodeError(f"unknown tunnel msg_type {msg_type}")
             if length > self.max_body:
                 raise TunnelDecodeError(
                     f"declared body length {length} exceeds the limit {self.max_body}"
                 )
-            stop = pos + HEADER_SIZE + length
+            start = pos + HEADER_SIZE
+            stop = start + length
             if stop > end:
                 break
-            out.append(decode_message(msg_type, bytes(buf[pos + HEADER_SIZE : stop])))
+            if (
+                msg_type == MsgType.TUNNELED_DTLS
+                and length > _UUID_LEN + 2
+                and int.from_bytes(chunk[start + _UUID_LEN : start + _UUID_LEN + 2], "big")
+                == length - _UUID_LEN - 2
+            ):
+                # Hot path: a well-formed TunneledDtls, decoded in place (same checks as
+                # _decode_tunneled_dtls, which handles and reports every malformed case).
+                key = chunk[start : start + _UUID_LEN]
+                association_id = ids.get(key)
+                if association_id is None:
+                    if len(ids) >= self.ID_CACHE_SIZE:
+                        ids.clear()
+                    association_id = ids[key] = uuid.UUID(bytes=key)
+                out.append(TunneledDtls(association_id, chunk[start + _UUID_LEN + 2 : stop]))
+            else:
+                out.append(decode_message(msg_type, chunk[start:stop]))
             pos = stop
         return out, pos

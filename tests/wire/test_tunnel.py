@@ -317,3 +317,21 @@ def test_encoding_out_of_range_values_is_local_misuse() -> None:
     with pytest.raises(ValueError, match="exceeds"):
         encode_message(SupportedProfiles(version=0, protection_profiles=(9,) * 32767))
     assert MsgType.TUNNELED_DTLS == 4
+
+
+def test_framer_reports_malformed_tunneled_dtls_like_decode_message() -> None:
+    for body_hex, reason in [(U + "0000", "empty"), (U + "000201", "declares 2 bytes")]:
+        body = bytes.fromhex(body_hex)
+        with pytest.raises(TunnelDecodeError, match=reason):
+            TunnelFramer().feed(bytes([4]) + len(body).to_bytes(2, "big") + body)
+
+
+def test_framer_association_id_cache_is_bounded() -> None:
+    class SmallCache(TunnelFramer):
+        ID_CACHE_SIZE = 2
+
+    framer = SmallCache()
+    msgs = [TunneledDtls(association_id=uuid.uuid4(), dtls_message=b"\x16") for _ in range(5)]
+    stream = b"".join(encode_message(m) for m in msgs * 2)
+    assert framer.feed(stream) == msgs * 2
+    assert len(framer._ids) <= 2
