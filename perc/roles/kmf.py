@@ -79,7 +79,7 @@ __all__ = [
     "serve",
 ]
 
-log = logging.getLogger("perc.kmf")
+log = logging.getLogger(__name__)
 
 #: Bound on simultaneous tunnel connections (including ones still in their handshake).
 MAX_TUNNELS = 256

@@ -73,7 +73,7 @@ __all__ = [
     "serve",
 ]
 
-log = logging.getLogger("perc.mdd")
+log = logging.getLogger(__name__)
 
 #: The profiles an MDD can act as Media Distributor for: the DOUBLE profiles (D18).
 MDD_PROFILES = (0x0009, 0x000A)

@@ -17,7 +17,7 @@ import trio
 
 __all__ = ["run_until_signal"]
 
-log = logging.getLogger("perc")
+log = logging.getLogger(__name__)
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 

@@ -75,7 +75,7 @@ __all__ = [
     "make_tls_context",
 ]
 
-log = logging.getLogger("perc.tunnel")
+log = logging.getLogger(__name__)
 
 #: Default bound on the TLS handshake (seconds).
 HANDSHAKE_TIMEOUT = 10.0
