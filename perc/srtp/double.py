@@ -40,9 +40,12 @@ Repair mode (RTX/FEC outer-only packets, RFC 8723 §7) is not implemented.
 
 API
 ---
-``DoubleSender(outer, params, *, inner_key=None, period=0.1)``:
+``DoubleSender(outer_key, outer_salt, params, *, inner_key=None, period=0.1)``:
 ``protect(packet, now, *, keyframe=False) -> bytes``; ``rekey(params, now, *, inner_key=None)``;
-``inner_key``, ``params``, ``ekt`` (the :class:`EktSender`).
+``inner_key``, ``params``, ``ekt`` (the :class:`EktSender`), ``inner_roc(ssrc)``,
+``outer_roc(ssrc)``. The sender keeps its own send state for both layers (one header parse,
+one function body; see :class:`_TxLayer`): the only RTP sender of its outer key, as RFC 7714
+§8.4 requires. SRTCP under the same outer key goes through an ordinary SrtpSession.
 
 ``DoubleReceiver(outer, *, master_key_length=16)``: ``add_parameter_set(params)``;
 ``unprotect(packet, now) -> MediaPacket``; ``ekt`` (the :class:`EktReceiver`); ``stats``.
@@ -59,8 +62,9 @@ import os
 import struct
 
 import attrs
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from perc.srtp.context import TAG_LENGTH, SrtpSession
+from perc.srtp.context import MAX_RTP_INDEX, TAG_LENGTH, SrtpSession
 from perc.srtp.ekt import (
     OLD_KEY_SEND_TIME,
     EktFieldError,
@@ -73,12 +77,15 @@ from perc.srtp.ekt import (
 )
 from perc.srtp.errors import (
     AuthenticationError,
+    KeyLifetimeError,
     ReplayError,
     SrtpDecodeError,
     SrtpError,
     SrtpUsageError,
+    StreamLimitError,
 )
 from perc.srtp.hop import rtp_header_length
+from perc.srtp.keys import derive_session_keys
 from perc.wire.ekt import EktDecodeError, split_ekt_field
 from perc.wire.ohb import OhbDecodeError, decode_ohb
 
@@ -93,6 +100,7 @@ __all__ = [
 
 _SSRC = struct.Struct("!I")
 _unpack_ssrc = _SSRC.unpack_from
+_unpack_seq_ssrc = struct.Struct("!H4xI").unpack_from
 _INNER_SALT_LENGTH = 12
 
 
@@ -107,8 +115,87 @@ class NoInnerKeyError(AuthenticationError):
 # --- sender --------------------------------------------------------------------------------
 
 
+class _TxStream:
+    """Send-side index state of one SSRC in one layer (RFC 3711 §3.3.1, RFC 7714 §8.4)."""
+
+    __slots__ = ("hi", "iv_base", "mask")
+
+    def __init__(self, hi: int, iv_base: int) -> None:
+        self.hi = hi  # highest index sent: ROC << 16 | SEQ
+        self.mask = 0  # bit i set: index hi - i was sent (IV-reuse guard); none yet
+        self.iv_base = iv_base  # session salt XOR SSRC << 48
+
+
+class _TxLayer:
+    """One layer's SRTP send state: one cached AESGCM, the session salt, streams by SSRC.
+
+    The double sender keeps its own send state instead of calling two
+    :class:`~perc.srtp.context.SrtpSession` objects: one header parse and one function body
+    for both layers is what makes the 2.5x-of-libsrtp target reachable in Python. Session keys
+    come from the same KDF (:func:`perc.srtp.keys.derive_session_keys`), the index rule is the
+    one of RFC 3711 Appendix A that SrtpSession uses, and the result is byte-identical to
+    ``SrtpSession.protect_rtp`` (checked by the tests and against libsrtp).
+    """
+
+    __slots__ = ("encrypt", "pending", "salt", "streams")
+
+    def __init__(self, master_key: bytes, master_salt: bytes) -> None:
+        if len(master_salt) != _INNER_SALT_LENGTH:
+            raise SrtpUsageError(f"master salt must be 12 bytes, got {len(master_salt)}")
+        keys = derive_session_keys(master_key, master_salt)
+        self.encrypt = AESGCM(keys.rtp_key).encrypt
+        self.salt = int.from_bytes(keys.rtp_salt, "big")
+        self.streams: dict[int, _TxStream] = {}
+        self.pending: dict[int, int] = {}  # ROC to start a new SSRC with
+
+    def roc(self, ssrc: int) -> int | None:
+        st = self.streams.get(ssrc)
+        return self.pending.get(ssrc) if st is None else st.hi >> 16
+
+    def new_stream(self, ssrc: int, seq: int) -> _TxStream:
+        if len(self.streams) >= _MAX_SEND_STREAMS:
+            raise StreamLimitError(f"more than {_MAX_SEND_STREAMS} sending SSRCs")
+        st = _TxStream((self.pending.pop(ssrc, 0) << 16) | seq, self.salt ^ (ssrc << 48))
+        self.streams[ssrc] = st
+        return st
+
+
+_MAX_SEND_STREAMS = 64
+_WINDOW = 128
+_WMASK = (1 << _WINDOW) - 1
+
+
+def _next_index(st: _TxStream, seq: int) -> int:
+    """Index of a packet sent with ``seq`` (RFC 3711 Appendix A guess), committed to ``st``."""
+    hi = st.hi
+    s_l = hi & 0xFFFF
+    idx = hi - s_l + seq
+    if s_l < 0x8000:
+        if seq - s_l > 0x8000 and idx >= 0x10000:
+            idx -= 0x10000
+    elif s_l - 0x8000 > seq:
+        idx += 0x10000
+    delta = idx - hi
+    if delta > 0:
+        if idx > MAX_RTP_INDEX:
+            raise KeyLifetimeError("SRTP index space (2^48) exhausted: rekey")
+        st.mask = ((st.mask << delta) | 1) & _WMASK
+        st.hi = idx
+    else:
+        # RFC 7714 §8.4: never the same (SSRC, ROC, SEQ) twice under one key.
+        if -delta >= _WINDOW or (st.mask >> -delta) & 1:
+            raise SrtpUsageError(f"SRTP index {idx} already used: IV reuse refused")
+        st.mask |= 1 << -delta
+    return idx
+
+
 class DoubleSender:
-    """Double-encrypts one endpoint's RTP packets and appends EKT fields."""
+    """Double-encrypts one endpoint's RTP packets and appends EKT fields.
+
+    ``outer_key``/``outer_salt`` are the endpoint's outer (HBH) write master key and salt (the
+    second halves of its DTLS-SRTP client_write key and salt); ``params`` is the current EKT
+    parameter set. The E2E key is random unless ``inner_key`` is given.
+    """
 
     __slots__ = (
         "_ekt",
@@ -123,25 +210,28 @@ class DoubleSender:
 
     def __init__(
         self,
-        outer: SrtpSession,
+        outer_key: bytes,
+        outer_salt: bytes,
         params: EktParameterSet,
         *,
         inner_key: bytes | None = None,
         period: float | None = 0.1,
     ) -> None:
-        key_length = outer.profile.half_key_length
+        key_length = len(outer_key)
+        if key_length not in (16, 32):
+            raise SrtpUsageError(f"outer key must be 16 or 32 bytes, got {key_length}")
         if inner_key is None:
             # RFC 8870 §6: distinct, randomly generated master keys per sender.
             inner_key = os.urandom(key_length)
         if len(inner_key) != key_length:
             raise SrtpUsageError(f"inner key must be {key_length} bytes like the outer key")
-        self._outer = outer
+        self._outer = _TxLayer(outer_key, outer_salt)
         self._params = params
         self._inner_key = inner_key
-        self._inner = SrtpSession(inner_key, _inner_salt(params))
+        self._inner = _TxLayer(inner_key, _inner_salt(params))
         self._ekt = EktSender(params, inner_key, period=period)
-        # (session, key, params) to switch to at _switch_at, while the old key is still used
-        self._pending: tuple[SrtpSession, bytes, EktParameterSet] | None = None
+        # (layer, key, params) to switch to at _switch_at, while the old key is still used
+        self._pending: tuple[_TxLayer, bytes, EktParameterSet] | None = None
         self._switch_at = 0.0
         self._rekey_ssrcs: list[int] = []
 
@@ -159,13 +249,13 @@ class DoubleSender:
     def ekt(self) -> EktSender:
         return self._ekt
 
-    @property
-    def outer_session(self) -> SrtpSession:
-        return self._outer
+    def inner_roc(self, ssrc: int) -> int | None:
+        """ROC of the inner (E2E) layer for ``ssrc`` (what Full EKT tags carry, D10)."""
+        return self._inner.roc(ssrc)
 
-    @property
-    def inner_session(self) -> SrtpSession:
-        return self._inner
+    def outer_roc(self, ssrc: int) -> int | None:
+        """ROC of the outer (HBH) layer for ``ssrc``."""
+        return self._outer.roc(ssrc)
 
     def rekey(
         self, params: EktParameterSet | None, now: float, *, inner_key: bytes | None = None
@@ -183,46 +273,71 @@ class DoubleSender:
         new_key = os.urandom(key_length) if inner_key is None else inner_key
         if len(new_key) != key_length:
             raise SrtpUsageError(f"inner key must be {key_length} bytes")
+        layer = _TxLayer(new_key, _inner_salt(new_params))
         # SSRCs sent so far (the EKT sender forgets them when the parameter set changes).
         self._rekey_ssrcs = self._ekt.ssrcs()
         self._ekt.change_key(new_key, params)
-        self._pending = (SrtpSession(new_key, _inner_salt(new_params)), new_key, new_params)
+        self._pending = (layer, new_key, new_params)
         self._switch_at = now + OLD_KEY_SEND_TIME
 
     def _switch(self, now: float, *, force: bool = False) -> None:
         pending = self._pending
         if pending is None or (not force and now < self._switch_at):
             return
-        session, key, params = pending
+        layer, key, params = pending
         # The RTP stream goes on: the new inner context continues each SSRC's ROC.
         for ssrc in {*self._rekey_ssrcs, *self._ekt.ssrcs()}:
-            roc = self._inner.send_roc(ssrc)
+            roc = self._inner.roc(ssrc)
             if roc is not None:
-                session.set_send_roc(ssrc, roc)
-        self._inner, self._inner_key, self._params = session, key, params
+                layer.pending[ssrc] = roc
+        self._inner, self._inner_key, self._params = layer, key, params
         self._pending = None
 
     def protect(self, packet: bytes, now: float, *, keyframe: bool = False) -> bytes:
-        """Double-encrypt one RTP packet and append its EKT field."""
+        """Double-encrypt one RTP packet and append its EKT field (``keyframe``: video)."""
         if self._pending is not None and now >= self._switch_at:
             self._switch(now)
-        b0 = packet[0] if packet else 0
+        n = len(packet)
+        b0 = packet[0] if n else 0
+        hlen = 12 + ((b0 & 0x0F) << 2)
         if b0 & 0x10:
+            slen = hlen
             hlen = rtp_header_length(packet)
             if hlen < 0:
                 raise SrtpUsageError("not a well-formed RTP version 2 packet")
-            slen = 12 + ((b0 & 0x0F) << 2)
-            # Synthetic packet (RFC 8723 §5.1 step 3): X = 0, extension dropped.
-            synth = bytes((b0 & 0xEF,)) + packet[1:slen] + packet[hlen:]
-            inner = self._inner.protect_rtp(synth)
-            plain = packet[:hlen] + inner[slen:] + b"\x00"
+            header = packet[:hlen]
+            # Synthetic header (RFC 8723 §5.1 step 3): X = 0, extension dropped.
+            synth = bytes((b0 & 0xEF,)) + packet[1:slen]
+        elif n < hlen or b0 & 0xC0 != 0x80:
+            raise SrtpUsageError("not a well-formed RTP version 2 packet")
         else:
-            # No extension: the synthetic packet is the packet itself, and so is its header.
-            plain = self._inner.protect_rtp(packet) + b"\x00"
-        ssrc = _unpack_ssrc(packet, 8)[0]
-        out = self._outer.protect_rtp(plain)
-        roc = self._inner.send_roc(ssrc)
-        return out + self._ekt.field(ssrc, roc or 0, now, keyframe=keyframe)
+            header = synth = packet[:hlen]  # no extension: synthetic header = header
+        seq, ssrc = _unpack_seq_ssrc(packet, 2)
+        inner = self._inner
+        outer = self._outer
+        st_in = inner.streams.get(ssrc) or inner.new_stream(ssrc, seq)
+        st_out = outer.streams.get(ssrc) or outer.new_stream(ssrc, seq)
+        # Inner and outer track their indexes separately (RFC 8723 §3). Fast path for the
+        # usual case, the next SEQ in order; anything else takes the full Appendix A rule.
+        idx_in = st_in.hi + 1
+        if idx_in & 0xFFFF == seq and idx_in <= MAX_RTP_INDEX:
+            st_in.hi = idx_in
+            st_in.mask = ((st_in.mask << 1) | 1) & _WMASK
+        else:
+            idx_in = _next_index(st_in, seq)
+        idx_out = st_out.hi + 1
+        if idx_out & 0xFFFF == seq and idx_out <= MAX_RTP_INDEX:
+            st_out.hi = idx_out
+            st_out.mask = ((st_out.mask << 1) | 1) & _WMASK
+        else:
+            idx_out = _next_index(st_out, seq)
+        # Inner layer over the synthetic packet, then the empty OHB 0x00 (§5.1 steps 4-5),
+        # then the outer layer with the full original header as AAD (step 6).
+        body = inner.encrypt((st_in.iv_base ^ idx_in).to_bytes(12, "big"), packet[hlen:], synth)
+        out = header + outer.encrypt(
+            (st_out.iv_base ^ idx_out).to_bytes(12, "big"), body + b"\x00", header
+        )
+        return out + self._ekt.field(ssrc, idx_in >> 16, now, keyframe)
 
 
 def _inner_salt(params: EktParameterSet) -> bytes:

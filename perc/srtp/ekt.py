@@ -267,7 +267,7 @@ class EktSender:
             self._encryptions = 0
             self._streams.clear()
 
-    def field(self, ssrc: int, roc: int, now: float, *, keyframe: bool = False) -> bytes:
+    def field(self, ssrc: int, roc: int, now: float, keyframe: bool = False) -> bytes:
         """The EKT field for the next packet of ``ssrc`` (whose inner ROC is ``roc``)."""
         st = self._streams.get(ssrc)
         if st is None:

@@ -96,13 +96,14 @@ class Chain:
 
 def make_chain(key_length: int = 16, cipher: EktCipher = EktCipher.AESKW_128) -> Chain:
     params = new_params(cipher=cipher)
-    a_out, md1_in = session_pair(key_length)
+    a_key, a_salt = os.urandom(key_length), os.urandom(12)
+    md1_in = SrtpSession(a_key, a_salt)
     md1_out, md2_in = session_pair(key_length)
     md2_out, b_in = session_pair(key_length)
     receiver = DoubleReceiver(b_in)
     receiver.add_parameter_set(params)
     return Chain(
-        sender=DoubleSender(a_out, params),
+        sender=DoubleSender(a_key, a_salt, params),
         md1=MediaDistributorHop(md1_in),
         md1_out=md1_out,
         md2=MediaDistributorHop(md2_in),

@@ -13,13 +13,12 @@ from hypothesis import strategies as st
 from perc.srtp.context import SrtpSession
 from perc.srtp.double import (
     DoubleDecodeError,
-    DoubleReceiver,
     DoubleSender,
     MediaPacket,
     NoInnerKeyError,
 )
 from perc.srtp.ekt import EktCipher, EktOutcome, EktUnwrapError, UnknownSpiError
-from perc.srtp.errors import AuthenticationError, ReplayError, SrtpError
+from perc.srtp.errors import AuthenticationError, ReplayError, SrtpError, SrtpUsageError
 from perc.srtp.hop import HeaderChanges, MediaDistributorHop
 from perc.wire.ohb import Ohb, decode_ohb
 
@@ -29,7 +28,6 @@ from .double_helpers import (
     new_params,
     one_byte_extension,
     rtp,
-    session_pair,
     two_byte_extension,
 )
 
@@ -136,8 +134,8 @@ def test_sender_seq_wrap_inner_and_outer_roc() -> None:
         p = rtp((65530 + i) & 0xFFFF)
         view = chain.receiver.unprotect(chain.through(p, i * 0.02), i * 0.02)
         assert view.sequence_number == (65530 + i) & 0xFFFF
-    assert chain.sender.inner_session.send_roc(0x11223344) == 1
-    assert chain.sender.outer_session.send_roc(0x11223344) == 1
+    assert chain.sender.inner_roc(0x11223344) == 1
+    assert chain.sender.outer_roc(0x11223344) == 1
 
 
 headers = st.fixed_dictionaries(
@@ -372,17 +370,42 @@ def test_rekey_late_packet_with_old_key_still_decrypts() -> None:
 
 def test_unknown_spi_drops_packet() -> None:
     chain = make_chain()
-    stranger = DoubleReceiver(SrtpSession(os.urandom(16), os.urandom(12)))
-    del stranger
-    other = new_params(spi=1)  # same SPI number, different EKTKey
-    a_out, md_in = session_pair()
-    sender = DoubleSender(a_out, new_params(spi=7))
-    hop = MediaDistributorHop(md_in)
+    key, salt = os.urandom(16), os.urandom(12)
+    sender = DoubleSender(key, salt, new_params(spi=7))
+    hop = MediaDistributorHop(SrtpSession(key, salt))
     out = hop.encrypt_for(chain.md2_out, hop.decrypt(sender.protect(rtp(1), 0.0)))
     with pytest.raises(UnknownSpiError):
         chain.receiver.unprotect(out, 0.0)
-    sender2 = DoubleSender(session_pair()[0], other)
-    assert sender2.params.spi == chain.params.spi
+    assert chain.receiver.ekt.stats.unknown_spi == 1
+    # the same SPI number under a different EKTKey: the tag does not unwrap
+    sender = DoubleSender(key, salt, new_params(spi=chain.params.spi))
+    out = hop.encrypt_for(chain.md2_out, hop.decrypt(sender.protect(rtp(2), 0.0)))
+    with pytest.raises(EktUnwrapError):
+        chain.receiver.unprotect(out, 0.0)
+
+
+def test_sender_matches_srtp_session_byte_for_byte() -> None:
+    """The fused send path equals two SrtpSession.protect_rtp calls (inner, then outer)."""
+    params = new_params()
+    okey, osalt, ikey = os.urandom(16), os.urandom(12), os.urandom(16)
+    sender = DoubleSender(okey, osalt, params, inner_key=ikey)
+    inner, outer = SrtpSession(ikey, params.salt), SrtpSession(okey, osalt)
+    ext = EXTENSIONS["one-byte"]
+    for i, seq in enumerate([65534, 65535, 0, 1, 3, 2]):
+        p = rtp(seq, extension=ext if i % 2 else None, csrcs=(1, 2)[: i % 3])
+        wire = sender.protect(p, i * 0.05)
+        cc = p[0] & 0x0F
+        hlen = len(p) - 160
+        synth = bytes([p[0] & 0xEF]) + p[1 : 12 + 4 * cc] + p[hlen:]
+        expect = outer.protect_rtp(p[:hlen] + inner.protect_rtp(synth)[12 + 4 * cc :] + b"\x00")
+        assert wire.startswith(expect)
+        assert len(wire) - len(expect) in (1, 47)
+    assert sender.inner_roc(0x11223344) == inner.send_roc(0x11223344) == 1
+    with pytest.raises(SrtpUsageError):
+        sender.protect(rtp(3), 1.0)  # index reuse refused (RFC 7714 §8.4)
+    for bad in (b"", b"\x80" * 11, b"\x40" + bytes(20), b"\x90" + bytes(13)):
+        with pytest.raises(SrtpUsageError):
+            sender.protect(bad, 1.0)
 
 
 def test_malformed_outer_plaintext() -> None:
