@@ -1,0 +1,446 @@
+"""Our client against our server, in memory, with injected time."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from perc.dtls import CookieGate, DtlsConnection, LocalProtocolError
+from perc.dtls import handshake as hsmod
+from perc.dtls.events import (
+    AlertReceived,
+    ApplicationDataReceived,
+    ConnectionClosed,
+    EktKeyAcknowledged,
+    EktKeyReceived,
+    HandshakeCompleted,
+)
+from perc.wire import dtls as w
+from tests.dtls.helpers import Pair, ident, make_pair
+
+
+def _completed(events: list[Any]) -> HandshakeCompleted:
+    done = [e for e in events if isinstance(e, HandshakeCompleted)]
+    assert len(done) == 1, events
+    return done[0]
+
+
+def _closed(events: list[Any]) -> ConnectionClosed:
+    closed = [e for e in events if isinstance(e, ConnectionClosed)]
+    assert len(closed) == 1, events
+    return closed[0]
+
+
+def _handshake(p: Pair) -> tuple[HandshakeCompleted, HandshakeCompleted]:
+    p.client.connect(p.now)
+    p.pump()
+    return _completed(p.client_events), _completed(p.server_events)
+
+
+@pytest.mark.parametrize(
+    ("suite", "group"), list(itertools.product((0xC02B, 0xC02C, 0xCCA9), (29, 23)))
+)
+def test_every_suite_and_group(suite: int, group: int) -> None:
+    p = make_pair(
+        client_kw={"cipher_suites": (suite,), "groups": (group, 23)},
+        server_kw={"groups": (group, 23)},
+    )
+    c, s = _handshake(p)
+    assert c.cipher_suite == s.cipher_suite == suite
+    assert p.server is not None
+    assert p.server._hs._group == group
+    assert c.srtp_profile == s.srtp_profile == 0x0009
+    assert c.ekt_cipher == s.ekt_cipher == 1
+    assert c.srtp_keying_material == s.srtp_keying_material
+    assert c.srtp_keying_material is not None and len(c.srtp_keying_material) == 112
+    assert p.client.export_keying_material(b"x", 20) == p.server.export_keying_material(b"x", 20)
+    # Mutual authentication (D17): each side saw the other's certificate.
+    assert c.peer_fingerprint == ident("server").fingerprint
+    assert s.peer_fingerprint == ident("client").fingerprint
+    assert s.peer_certificate_der == ident("client").certificate_der
+    # Application data both ways, in epoch 1.
+    p.client.send_application_data(b"ping", p.now)
+    p.server.send_application_data(b"pong", p.now)
+    p.pump()
+    assert ApplicationDataReceived(b"ping") in p.server_events
+    assert ApplicationDataReceived(b"pong") in p.client_events
+
+
+def test_cookie_exchange() -> None:
+    p = make_pair(cookies=True)
+    p.client.connect(0.0)
+    first = p.client.datagrams_to_send()
+    assert p.gate is not None
+    verdict = p.gate.check(first[0], p.identity, 0.0)
+    assert not verdict.accepted and verdict.reply is not None
+    (rec,), _ = w.parse_datagram_untrusted(verdict.reply)
+    assert rec.version == 0xFEFF and rec.sequence_number == 0
+    p.c2s.extend(first)
+    p.pump()
+    c, s = _completed(p.client_events), _completed(p.server_events)
+    assert c.srtp_keying_material == s.srtp_keying_material
+    assert p.server is not None and p.server.cookie_identity == b"assoc-1"
+    # The server answered CH#2 (record seq 1, message_seq 1) with ServerHello seq 1 / seq 1.
+    assert p.server._hs._send_seq == 7  # SH 1 .. SHD 5, Finished 6
+
+
+def test_cookie_gate_rules() -> None:
+    gate = CookieGate(b"s" * 32, rotate_every=60.0)
+    client = DtlsConnection(make_pair().client._config)
+    client.connect(0.0)
+    ch1 = client.datagrams_to_send()[0]
+    hvr = gate.check(ch1, b"id", 10.0).reply
+    assert hvr is not None
+    client.receive_datagram(hvr, 0.0)
+    ch2 = client.datagrams_to_send()[0]
+    assert gate.check(ch2, b"id", 10.0).accepted
+    assert gate.check(ch2, b"id", 100.0).accepted  # previous period still valid
+    assert not gate.check(ch2, b"id", 130.0).accepted  # two periods later: stale
+    assert not gate.check(ch2, b"other", 10.0).accepted  # bound to the identity
+    assert not CookieGate(b"t" * 32).check(ch2, b"id", 10.0).accepted  # other secret
+    assert gate.check(b"\x16garbage", b"id", 0.0) == gate.check(b"", b"id", 0.0)
+
+
+def test_client_hello_flood_allocates_no_state() -> None:
+    gate = CookieGate(b"s" * 32)
+    p = make_pair()
+    p.client.connect(0.0)
+    ch = p.client.datagrams_to_send()[0]
+    (rec,), _ = w.parse_datagram_untrusted(ch)
+    (frag,) = w.parse_handshake_fragments_untrusted(rec.fragment)
+    hello = w.ClientHello.decode(frag.body)
+    for i in range(500):
+        forged = w.ClientHello(
+            hello.client_version,
+            i.to_bytes(32, "big"),
+            b"",
+            bytes([i % 256]) * 17,
+            hello.cipher_suites,
+            hello.compression_methods,
+            hello.extensions,
+        )
+        body = forged.encode()
+        msg = w.encode_handshake(1, 0, body)
+        dg = w.encode_record_header(22, 0xFEFD, 0, i, len(msg)) + msg
+        verdict = gate.check(dg, i.to_bytes(4, "big"), float(i))
+        assert not verdict.accepted and verdict.reply is not None
+    assert len(gate._keys) <= 2  # the only state: two period keys
+    assert not hasattr(gate, "__dict__")
+
+
+def test_mtu_300_fragments_certificates() -> None:
+    p = make_pair(client_kw={"mtu": 300}, server_kw={"mtu": 300})
+    p.client.connect(0.0)
+    sizes: list[int] = []
+    frag_offsets: list[int] = []
+
+    def spy(dg: bytes) -> bytes:
+        sizes.append(len(dg))
+        for rec in w.parse_datagram_untrusted(dg)[0]:
+            if rec.content_type == 22 and rec.epoch == 0:
+                frag_offsets.extend(
+                    f.fragment_offset for f in w.parse_handshake_fragments_untrusted(rec.fragment)
+                )
+        return dg
+
+    p.tamper_c2s = p.tamper_s2c = spy
+    p.pump()
+    c, s = _completed(p.client_events), _completed(p.server_events)
+    assert c.srtp_keying_material == s.srtp_keying_material
+    assert max(sizes) <= 300
+    assert any(off > 0 for off in frag_offsets)
+
+
+def test_reordered_fragments_and_ccs_after_finished() -> None:
+    p = make_pair(client_kw={"mtu": 256}, server_kw={"mtu": 256})
+    p.client.connect(0.0)
+    p.pump(rounds=1)  # CH -> server, flight 4 queued at the server
+    assert p.server is not None
+    flight4 = p.server.datagrams_to_send()
+    assert len(flight4) >= 3
+    for dg in reversed(flight4):  # every datagram out of order
+        p.client.receive_datagram(dg, 0.0)
+    flight5 = p.client.datagrams_to_send()
+    # Split flight 5 into single records and deliver the epoch-1 Finished before the CCS.
+    records = [r for dg in flight5 for r in w.parse_datagram_untrusted(dg)[0]]
+    records.sort(key=lambda r: (r.content_type != 22 or r.epoch != 0, -r.epoch))
+    for r in records:
+        p.server.receive_datagram(w.encode_record(r), 0.0)
+    assert p.server.stats.future_records_buffered == 1
+    p.pump()
+    c, s = _completed(p.client_events), _completed(p.server_events)
+    assert c.srtp_keying_material == s.srtp_keying_material
+
+
+def _fail_case(p: Pair, code: int) -> None:
+    p.client.connect(0.0)
+    p.pump()
+    c, s = _closed(p.client_events), _closed(p.server_events)
+    assert c.alert == s.alert == code
+    assert not any(isinstance(e, HandshakeCompleted) for e in p.client_events + p.server_events)
+    return
+
+
+def test_corrupted_finished(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = hsmod.Handshake._verify_data
+
+    def bad(self: hsmod.Handshake, client: bool) -> bytes:
+        vd = real(self, client)
+        return bytes(12) if self.is_client and client else vd
+
+    monkeypatch.setattr(hsmod.Handshake, "_verify_data", bad)
+    p = make_pair()
+    _fail_case(p, 51)
+    assert _closed(p.server_events).sent_by_peer is False
+    assert _closed(p.client_events).sent_by_peer is True
+
+
+def test_bad_server_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = hsmod.Handshake._sign
+
+    def bad(self: hsmod.Handshake, scheme: int, data: bytes) -> bytes:
+        return real(self, scheme, data + (b"" if self.is_client else b"x"))
+
+    monkeypatch.setattr(hsmod.Handshake, "_sign", bad)
+    p = make_pair()
+    _fail_case(p, 51)
+    assert _closed(p.client_events).sent_by_peer is False
+
+
+def test_bad_client_signature(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = hsmod.Handshake._sign
+
+    def bad(self: hsmod.Handshake, scheme: int, data: bytes) -> bytes:
+        return real(self, scheme, data + (b"x" if self.is_client else b""))
+
+    monkeypatch.setattr(hsmod.Handshake, "_sign", bad)
+    p = make_pair()
+    _fail_case(p, 51)
+    assert _closed(p.server_events).sent_by_peer is False
+
+
+def test_refused_fingerprint_by_server() -> None:
+    seen: list[Any] = []
+
+    def roster(peer: Any) -> int | None:
+        seen.append(peer)
+        return 49  # access_denied (D15)
+
+    p = make_pair(client_kw={"tls_id": b"T" * 20}, server_kw={"verify_peer": roster})
+    _fail_case(p, 49)
+    assert seen[0].fingerprint == ident("client").fingerprint
+    assert seen[0].tls_id == b"T" * 20
+
+
+def test_refused_fingerprint_by_client() -> None:
+    p = make_pair(client_kw={"verify_peer": lambda peer: 42})
+    _fail_case(p, 42)
+
+
+def test_accepting_policy_and_tls_ids() -> None:
+    fps: list[str] = []
+    p = make_pair(
+        client_kw={
+            "tls_id": b"c" * 20,
+            "expected_peer_tls_id": b"k" * 20,
+            "verify_peer": lambda peer: fps.append(peer.fingerprint),
+        },
+        server_kw={"tls_id": b"k" * 20},
+    )
+    c, s = _handshake(p)
+    assert c.peer_tls_id == b"k" * 20 and s.peer_tls_id == b"c" * 20
+    assert fps == [ident("server").fingerprint]
+
+
+def test_wrong_server_tls_id() -> None:
+    p = make_pair(
+        client_kw={"tls_id": b"c" * 20, "expected_peer_tls_id": b"k" * 20},
+        server_kw={"tls_id": b"z" * 20},
+    )
+    _fail_case(p, 47)
+
+
+def test_no_common_srtp_profile() -> None:
+    p = make_pair(client_kw={"srtp_profiles": (7,)}, server_kw={"srtp_profiles": (9, 10)})
+    _fail_case(p, 40)
+
+
+def test_select_srtp_profile_callback() -> None:
+    offered: list[Any] = []
+
+    def pick(profiles: Any) -> int | None:
+        offered.append(tuple(profiles))
+        return 10
+
+    p = make_pair(server_kw={"select_srtp_profile": pick})
+    c, s = _handshake(p)
+    assert offered == [(9, 10)]
+    assert c.srtp_profile == s.srtp_profile == 10
+    assert c.srtp_keying_material is not None and len(c.srtp_keying_material) == 176
+    p2 = make_pair(server_kw={"select_srtp_profile": lambda profiles: None})
+    _fail_case(p2, 40)
+
+
+def test_no_ekt_when_not_offered() -> None:
+    p = make_pair(client_kw={"ekt_ciphers": ()})
+    c, s = _handshake(p)
+    assert c.ekt_cipher is None and s.ekt_cipher is None
+    assert p.server is not None
+    with pytest.raises(LocalProtocolError):
+        p.server.send_ekt_key(bytes(16), bytes(12), 1, 86400, 0.0)
+
+
+def test_keylog_lines_match() -> None:
+    lines: list[str] = []
+    p = make_pair(client_kw={"keylog": lines.append}, server_kw={"keylog": lines.append})
+    _handshake(p)
+    assert len(lines) == 2 and lines[0] == lines[1] and lines[0].startswith("CLIENT_RANDOM ")
+    assert len(lines[0].split()[2]) == 96
+
+
+def test_ekt_key_delivered_and_acknowledged() -> None:
+    p = make_pair()
+    _handshake(p)
+    assert p.server is not None
+    p.server.send_ekt_key(b"K" * 16, b"S" * 12, 0x0102, 86400, p.now)
+    (dg,) = p.server.datagrams_to_send()
+    (rec,), _ = w.parse_datagram_untrusted(dg)
+    assert (rec.content_type, rec.epoch) == (22, 1)
+    p.s2c.append(dg)
+    p.pump()
+    assert EktKeyReceived(b"K" * 16, b"S" * 12, 0x0102, 86400) in p.client_events
+    assert EktKeyAcknowledged(0x0102) in p.server_events
+    assert p.server.get_timer() is None
+    # A second key uses the next message_seq (D23).
+    p.server.send_ekt_key(b"L" * 16, b"S" * 12, 0x0103, 60, p.now)
+    p.pump()
+    assert EktKeyAcknowledged(0x0103) in p.server_events
+
+
+def test_ekt_key_retransmitted_until_ack() -> None:
+    p = make_pair()
+    _handshake(p)
+    assert p.server is not None
+    p.server.send_ekt_key(b"K" * 16, b"S" * 12, 5, 86400, 0.0)
+    p.server.datagrams_to_send()  # the first EKTKey is lost
+    assert p.server.get_timer() == 1.0
+    p.server.handle_timer(1.0)
+    retrans = p.server.datagrams_to_send()
+    assert len(retrans) == 1
+    p.client.receive_datagram(retrans[0], 1.0)
+    (ack,) = p.client.datagrams_to_send()  # this ACK is lost
+    assert p.server.get_timer() == 3.0  # doubled
+    p.server.handle_timer(3.0)
+    p.client.receive_datagram(p.server.datagrams_to_send()[0], 3.0)
+    p.server.receive_datagram(p.client.datagrams_to_send()[0], 3.0)
+    p.drain()
+    assert [e for e in p.client_events if isinstance(e, EktKeyReceived)] == [
+        EktKeyReceived(b"K" * 16, b"S" * 12, 5, 86400)
+    ]  # once, though ACKed twice
+    assert EktKeyAcknowledged(5) in p.server_events
+    # A stale ACK after acknowledgement is harmless.
+    p.server.receive_datagram(ack, 3.5)
+    assert p.server.is_established
+
+
+def test_close_notify() -> None:
+    p = make_pair()
+    _handshake(p)
+    p.client.close(p.now)
+    p.pump()
+    assert AlertReceived(1, 0) in p.server_events
+    s, c = _closed(p.server_events), _closed(p.client_events)
+    assert (s.alert, s.sent_by_peer, s.reason) == (0, True, "close_notify")
+    assert (c.alert, c.sent_by_peer, c.reason) == (0, False, "close_notify")
+    assert p.client.get_timer() is None
+
+
+def test_lost_flights_recovered_by_timer() -> None:
+    p = make_pair()
+    p.client.connect(0.0)
+    p.client.datagrams_to_send()  # CH lost
+    p.client.handle_timer(1.0)
+    p.now = 1.0
+    p.pump(rounds=1)  # CH -> server
+    assert p.server is not None
+    p.server.datagrams_to_send()  # flight 4 lost
+    p.server.handle_timer(2.0)
+    p.now = 2.0
+    p.client.receive_datagram(p.server.datagrams_to_send()[0], 2.0)
+    flight5 = p.client.datagrams_to_send()
+    p.server.receive_datagram(flight5[0], 2.0)
+    p.server.datagrams_to_send()  # flight 6 lost: server done, client not
+    p.drain()
+    assert _completed(p.server_events)
+    assert not any(isinstance(e, HandshakeCompleted) for e in p.client_events)
+    t = p.client.get_timer()
+    assert t == 3.0
+    p.client.handle_timer(t)
+    p.now = t
+    p.pump()  # flight 5 again -> server answers with flight 6 on demand
+    assert _completed(p.client_events)
+    assert p.client.get_timer() is None
+    assert p.server.stats.retransmissions >= 2
+
+
+def test_vanished_peer_times_out() -> None:
+    p = make_pair(client_kw={"handshake_timeout": 30.0})
+    p.client.connect(0.0)
+    sent = 0
+    while (t := p.client.get_timer()) is not None:
+        p.client.handle_timer(t)
+        sent += len(p.client.datagrams_to_send())
+        p.drain()
+    closed = _closed(p.client_events)
+    assert closed.reason == "timeout" and closed.alert is None
+    assert 3 <= sent <= 6  # 1, 2, 4, 8, 16 s intervals inside 30 s
+
+
+def test_robust_against_garbage_replays_and_wrong_epochs() -> None:
+    p = make_pair()
+    p.client.connect(0.0)
+    captured: list[bytes] = []
+
+    def keep(dg: bytes) -> bytes:
+        captured.append(dg)
+        return dg
+
+    p.tamper_s2c = keep
+    p.pump()
+    _completed(p.client_events)
+    assert p.server is not None
+    before = p.client.stats.dropped_replay
+    for dg in captured:  # replay the whole server side
+        p.client.receive_datagram(dg, 5.0)
+    assert p.client.stats.dropped_replay > before
+    for junk in (
+        b"",
+        b"\x17",
+        b"\x16\xfe\xfd" + bytes(10),
+        b"\x17\xfe\xfd\x00\x02" + bytes(8) + b"\x00\x20" + bytes(32),
+        bytes(range(256)),
+    ):
+        p.client.receive_datagram(junk, 5.0)
+        p.server.receive_datagram(junk, 5.0)
+    p.pump()
+    p.drain()
+    assert p.client.is_established and p.server.is_established
+    assert not any(isinstance(e, ConnectionClosed) for e in p.client_events + p.server_events)
+
+
+def test_local_misuse() -> None:
+    p = make_pair()
+    with pytest.raises(LocalProtocolError):
+        p.client.send_ekt_key(bytes(16), bytes(12), 1, 1, 0.0)
+    with pytest.raises(LocalProtocolError):
+        p.client.export_keying_material(b"x", 8)
+    with pytest.raises(LocalProtocolError):
+        p.client.send_application_data(b"x", 0.0)
+    server = DtlsConnection(p.server_config)
+    with pytest.raises(LocalProtocolError):
+        server.connect(0.0)
+    p.client.connect(0.0)
+    with pytest.raises(LocalProtocolError):
+        p.client.connect(0.0)
