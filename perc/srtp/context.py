@@ -296,7 +296,9 @@ class SrtpSession:
             if delta > 0:
                 if idx > MAX_RTP_INDEX:
                     raise KeyLifetimeError("SRTP index space (2^48) exhausted: rekey")
-                st.mask = ((st.mask << delta) | 1) & self._wmask
+                # A jump beyond the window clears it: never shift by a huge delta (SRTCP
+                # indexes may jump by up to 2^31, which would allocate a huge int).
+                st.mask = ((st.mask << delta) | 1) & self._wmask if delta < self._window else 1
                 st.hi = idx
             else:
                 d = -delta
@@ -347,7 +349,9 @@ class SrtpSession:
             if delta > 0:
                 if idx > MAX_RTP_INDEX:
                     raise KeyLifetimeError("SRTP index space (2^48) exhausted: rekey")
-                st.mask = ((st.mask << delta) | 1) & self._wmask
+                # A jump beyond the window clears it: never shift by a huge delta (SRTCP
+                # indexes may jump by up to 2^31, which would allocate a huge int).
+                st.mask = ((st.mask << delta) | 1) & self._wmask if delta < self._window else 1
                 st.hi = idx
             else:
                 d = -delta
@@ -411,7 +415,9 @@ class SrtpSession:
             self.stats.auth_failures += 1
             raise AuthenticationError("SRTP authentication failed") from None
         if delta > 0:
-            st.mask = ((st.mask << delta) | 1) & self._wmask
+            # A jump beyond the window clears it: never shift by a huge delta (SRTCP
+            # indexes may jump by up to 2^31, which would allocate a huge int).
+            st.mask = ((st.mask << delta) | 1) & self._wmask if delta < self._window else 1
             st.hi = idx
         else:
             st.mask |= 1 << -delta
@@ -481,7 +487,9 @@ class SrtpSession:
             self._pending_rx.pop(ssrc, None)
             self._rx_rtp[ssrc] = _Stream(idx, 1, iv_base)
         elif delta > 0:
-            st.mask = ((st.mask << delta) | 1) & self._wmask
+            # A jump beyond the window clears it: never shift by a huge delta (SRTCP
+            # indexes may jump by up to 2^31, which would allocate a huge int).
+            st.mask = ((st.mask << delta) | 1) & self._wmask if delta < self._window else 1
             st.hi = idx
         else:
             st.mask |= 1 << -delta
@@ -602,7 +610,9 @@ class SrtpSession:
         else:
             delta = idx - st.hi
             if delta > 0:
-                st.mask = ((st.mask << delta) | 1) & self._wmask
+                # A jump beyond the window clears it: never shift by a huge delta (SRTCP
+                # indexes may jump by up to 2^31, which would allocate a huge int).
+                st.mask = ((st.mask << delta) | 1) & self._wmask if delta < self._window else 1
                 st.hi = idx
             else:
                 st.mask |= 1 << -delta
