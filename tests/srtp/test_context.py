@@ -530,3 +530,19 @@ def test_seal_open_with_synthetic_header_across_wrap() -> None:
         rx.open_rtp(
             rtp_packet(5, payload=b"", pt=97), tx.seal_rtp(rtp_packet(5, payload=b""), b"x")
         )
+
+
+def test_context_never_loads_ekt() -> None:
+    # The MDD imports perc.srtp.context; it must not pull in the EKT unwrapping code.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, perc.srtp, perc.srtp.context, perc.srtp.keys, perc.wire.rtp, perc.wire.rtcp;"
+        "bad = [m for m in sys.modules if m.startswith(('perc.srtp.ekt', 'perc.srtp.double'))];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
