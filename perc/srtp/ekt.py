@@ -33,8 +33,10 @@ applies RFC 8870 §4.3.2 with the epoch rule of D8:
 * SSRC in the plaintext differs from the packet's: the tag is ignored, the packet is still
   processed (step 5);
 * D8, for one SPI+SSRC: a higher epoch is a new key; the same epoch with the same key only
-  updates the ROC; a ciphertext identical to the cached one is skipped without unwrapping;
-  the same or a lower epoch with a different key is ignored (the tag, not the packet).
+  updates the ROC (forward only; it seeds the key's inner context until that context has
+  decrypted a packet, after which the context's own RFC 3711 estimate rules); a ciphertext
+  identical to the cached one is skipped without unwrapping; the same or a lower epoch with
+  a different key is ignored (the tag, not the packet).
 
 Old keys of a stream stay usable for late packets after a rekey: up to ``keys_per_stream``
 per SSRC, each for ``old_key_lifetime`` seconds after a newer one arrived. A sender keeps
@@ -312,6 +314,8 @@ class InnerSession(Protocol):
 
     def receive_roc(self, ssrc: int) -> int | None: ...
 
+    def receive_index(self, ssrc: int) -> int | None: ...
+
     def set_receive_roc(self, ssrc: int, roc: int) -> None: ...
 
 
@@ -526,11 +530,15 @@ class EktReceiver:
         for key in st.keys:
             if key.spi == spi and key.master_key == master_key:
                 key.roc = max(key.roc, roc)
-                current = key.session.receive_roc(key.ssrc)
-                if current is None or roc > current:
-                    # Only move forward: a reordered older tag must not pull the estimate
-                    # back (setting the ROC of a live stream also restarts its window).
-                    key.session.set_receive_roc(key.ssrc, roc)
+                if key.session.receive_index(key.ssrc) is None:
+                    # No packet decrypted under this key yet: start it with the newest ROC.
+                    current = key.session.receive_roc(key.ssrc)
+                    if current is None or roc > current:
+                        key.session.set_receive_roc(key.ssrc, roc)
+                # A live stream keeps its own estimate (RFC 3711 Appendix A): the tag's ROC
+                # belongs to the SEQ of the packet carrying it, which for the double transform
+                # sits in the encrypted OHB, and the outer layer (no EKT) would need the same
+                # resynchronisation anyway.
                 return
 
     def _add_key(

@@ -292,12 +292,16 @@ class FakeSession:
         self.key = key
         self.salt = salt
         self.rocs: dict[int, int] = {}
+        self.live: dict[int, int] = {}  # SSRC -> highest index, once a packet decrypted
 
     def unprotect_rtp(self, packet: bytes) -> bytes:
         return packet
 
     def receive_roc(self, ssrc: int) -> int | None:
         return self.rocs.get(ssrc)
+
+    def receive_index(self, ssrc: int) -> int | None:
+        return self.live.get(ssrc)
 
     def set_receive_roc(self, ssrc: int, roc: int) -> None:
         self.rocs[ssrc] = roc
@@ -333,8 +337,14 @@ def test_receiver_learns_key_salt_roc() -> None:
     assert r.process(full(s, 7, 3, 0.0), 7, 0.0) is EktOutcome.CACHED
     # same epoch, same key, new ROC: ROC updated (D8)
     assert r.process(full(s, 7, 4, 0.0), 7, 0.0) is EktOutcome.ROC_UPDATED
-    assert k.roc == 4 and k.session.rocs[7] == 4
-    assert r.stats.new_keys == 1 and r.stats.cached == 1 and r.stats.roc_updates == 1
+    assert k.roc == 4 and k.session.rocs[7] == 4  # no packet yet: the start ROC moves
+    # a live stream keeps its own estimate; an older ROC never moves anything back
+    k.session.live[7] = 4 << 16
+    assert r.process(full(s, 7, 5, 0.0), 7, 0.0) is EktOutcome.ROC_UPDATED
+    assert k.roc == 5 and k.session.rocs[7] == 4
+    assert r.process(full(s, 7, 2, 0.0), 7, 0.0) is EktOutcome.ROC_UPDATED
+    assert k.roc == 5
+    assert r.stats.new_keys == 1 and r.stats.cached == 1 and r.stats.roc_updates == 3
 
 
 def test_receiver_unknown_spi_is_authentication_failure() -> None:
