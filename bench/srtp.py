@@ -140,7 +140,19 @@ def single_layer_rows(n: int) -> list[Row]:
         f = libsrtp_session(key, salt, outbound=True).protect_rtcp
         return lambda: [f(rtcp) for _ in range(n)]
 
+    ref = libsrtp_session(key, salt, outbound=True)
+    srtcp = [ref.protect_rtcp(rtcp) for _ in range(n)]
+
+    def ours_srtcp() -> Runner:
+        f = SrtpSession(key, salt).unprotect_rtcp
+        return lambda: [f(p) for p in srtcp]
+
+    def lib_srtcp() -> Runner:
+        f = libsrtp_session(key, salt, outbound=False).unprotect_rtcp
+        return lambda: [f(p) for p in srtcp]
+
     rows.append(Row("SRTCP protect AES-128-GCM", len(rtcp) - 8, ours_rtcp, lib_rtcp, 1.3))
+    rows.append(Row("SRTCP unprotect AES-128-GCM", len(rtcp) - 8, ours_srtcp, lib_srtcp, 1.3))
     return rows
 
 
