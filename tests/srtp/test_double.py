@@ -417,3 +417,24 @@ def test_malformed_outer_plaintext() -> None:
         with pytest.raises(DoubleDecodeError):
             chain.receiver.unprotect(pkt, 0.0)
     assert decode_ohb(b"\x00") == (Ohb(), 1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.binary(max_size=200))
+def test_receiver_garbage_raises_only_srtp_errors(data: bytes) -> None:
+    chain = make_chain()
+    for cut in (len(data), len(data) // 2):
+        try:
+            chain.receiver.unprotect(data[:cut], 0.0)
+        except SrtpError:
+            continue
+        raise AssertionError("garbage accepted")  # pragma: no cover
+
+
+def test_receiver_every_truncation_raises_only_srtp_errors() -> None:
+    chain = make_chain()
+    full, short = _first_packets(chain)
+    for packet in (full, short):
+        for cut in range(len(packet)):
+            with pytest.raises(SrtpError):
+                chain.receiver.unprotect(packet[:cut], 0.0)

@@ -469,3 +469,11 @@ def test_receiver_bounds() -> None:
 def test_receiver_ignores_extension_type() -> None:
     r = receiver(params())
     assert r.process(ExtensionEktField(4, b"x"), 1, 0.0) is EktOutcome.IGNORED_TYPE
+
+
+@given(st.binary(min_size=1, max_size=242), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_plaintext_every_truncation(key: bytes, ssrc: int, roc: int) -> None:
+    enc = EktPlaintext(key, ssrc, roc).encode()
+    for cut in range(len(enc)):
+        with pytest.raises(EktDecodeError):
+            decode_ekt_plaintext(enc[:cut])
