@@ -92,6 +92,9 @@ MAX_FUTURE_RECORDS = 8
 MIN_RETRANSMIT_GAP = 0.1  # seconds; limits amplification by spoofed or duplicated flights
 MIN_MTU = 128
 MAX_PENDING_DATAGRAMS = 256
+# An unacknowledged EKTKey is retransmitted (1 s doubling to 60 s, D9) for this many times the
+# handshake timeout before the association is declared dead (reason "timeout").
+EKT_GIVE_UP_FACTOR = 10
 
 
 @attrs.define
@@ -145,7 +148,7 @@ class DtlsConnection:
         self._timer = RetransmitTimer()
         self._flight: list[FlightItem] | None = None  # retransmitted on the timer
         self._final_flight: list[FlightItem] | None = None  # server flight 6, on demand only
-        self._last_sent = -1e18
+        self._flight_sent_at = -1e18  # last (re)transmission of a handshake flight
         self._peer_retransmitted = False
         self._future: list[DtlsRecord] = []
         self._early_ccs = False
@@ -229,6 +232,7 @@ class DtlsConnection:
             if self._flight is not None:
                 self.stats.retransmissions += 1
                 self._transmit(self._flight)
+                self._flight_sent_at = now
                 self._timer.backoff(now)
             else:
                 self._timer.stop()
@@ -259,7 +263,9 @@ class DtlsConnection:
         item = OutgoingMessage(1, HandshakeType.EKT_KEY, self._hs.next_message_seq(), body)
         # A new EKTKey supersedes an unacknowledged older one (D22: the newest key wins).
         timer = RetransmitTimer()
-        ekt = _PendingEkt(spi, item, [], timer, now + self._config.handshake_timeout)
+        ekt = _PendingEkt(
+            spi, item, [], timer, now + EKT_GIVE_UP_FACTOR * self._config.handshake_timeout
+        )
         self._ekt = ekt
         self._send_ekt(ekt)
         timer.start(now)
@@ -305,6 +311,7 @@ class DtlsConnection:
             self._flight = items
             self._timer.start(self._now)
         self._transmit(items)
+        self._flight_sent_at = self._now
 
     def install_keys(self, suite: keys.CipherSuite, block: keys.KeyBlock) -> None:
         if self._config.is_client:
@@ -379,7 +386,6 @@ class DtlsConnection:
         )
         if rl.write_epoch == 0 and any(getattr(i, "epoch", 0) == 1 for i in items):
             rl.activate_write_epoch()  # the CCS went out (RFC 5246 §7.1)
-        self._last_sent = self._now
         if len(self._out) > MAX_PENDING_DATAGRAMS:
             del self._out[: len(self._out) - MAX_PENDING_DATAGRAMS]
 
@@ -391,10 +397,11 @@ class DtlsConnection:
     def _retransmit_on_demand(self) -> None:
         """The peer resent part of its flight: it lost ours (RFC 6347 §4.2.4)."""
         flight = self._flight if self._flight is not None else self._final_flight
-        if flight is None or self._now - self._last_sent < MIN_RETRANSMIT_GAP:
+        if flight is None or self._now - self._flight_sent_at < MIN_RETRANSMIT_GAP:
             return
         self.stats.retransmissions += 1
         self._transmit(flight)
+        self._flight_sent_at = self._now
 
     def _send_alert(self, level: int, description: int) -> None:
         rl = self._record
@@ -448,6 +455,10 @@ class DtlsConnection:
                     st.future_records_buffered += 1
                 else:
                     st.dropped_epoch += 1
+                if self._hs.state is State.CLIENT_EXPECT_CCS:
+                    # The server already uses epoch 1, so it has our flight 5 and its flight 6
+                    # was lost: resend flight 5 to get flight 6 again (SPEC-DTLS 3.7).
+                    self._peer_retransmitted = True
                 return
             opened, reason = rl.open(record)
             if opened is None:
