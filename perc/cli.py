@@ -36,7 +36,7 @@ class CliError(click.ClickException):
     exit_code = 2
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"perc: error: {self.message}", err=True)
+        click.echo(f"perc: error: {config.one_line(self.message)}", err=True)
 
 
 class RuntimeFailure(CliError):

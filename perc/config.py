@@ -94,6 +94,18 @@ __all__ = [
 class ConfigError(Exception):
     """A configuration is unusable. ``str(error)`` is one line naming the key and problem."""
 
+    def __init__(self, message: str) -> None:
+        # Values from the file (paths, names) may hold control characters: escape them so
+        # the message stays one printable line.
+        super().__init__(one_line(message))
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters escaped (``\\n``, ``\\x1b``...): one printable line."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
 
 #: A certificate fingerprint in canonical D20 form (``sha-256 AB:CD:...``, uppercase).
 Fingerprint = NewType("Fingerprint", str)
@@ -372,6 +384,8 @@ def _fingerprint(value: object, _: object) -> Fingerprint:
 def _path(value: object, _: object) -> Path:
     if not isinstance(value, str) or not value:
         raise _Invalid(f"expected a file path string, got {_type_name(value)}")
+    if "\0" in value:
+        raise _Invalid("a file path cannot contain a NUL character")
     return Path(value)
 
 

@@ -135,6 +135,8 @@ def load_certificate(path: Path) -> x509.Certificate:
         data = path.read_bytes()
     except OSError as e:
         raise IdentityError(f"cannot read certificate {path}: {e.strerror}") from None
+    except ValueError:  # e.g. a NUL in the path
+        raise IdentityError(f"cannot read certificate {str(path)!r}: bad file name") from None
     try:
         if b"-----BEGIN" in data:
             return x509.load_pem_x509_certificate(data)
@@ -151,6 +153,8 @@ def load(cert_path: Path, key_path: Path) -> Identity:
         key_data = key_path.read_bytes()
     except OSError as e:
         raise IdentityError(f"cannot read key {key_path}: {e.strerror}") from None
+    except ValueError:  # e.g. a NUL in the path
+        raise IdentityError(f"cannot read key {str(key_path)!r}: bad file name") from None
     try:
         key = serialization.load_pem_private_key(key_data, password=None)
     except (ValueError, TypeError):

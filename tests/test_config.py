@@ -8,6 +8,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from perc import config, identity
 from perc.cli import main
@@ -458,3 +460,82 @@ def test_bad_config_through_the_cli(
     expected = message.format(dir=ids["dir"], fp=ids["kmf"].removeprefix("sha-256 "))
     assert result.stderr == f"perc: error: {path}: {expected}\n"
     assert started == []
+
+
+# Whatever a TOML file holds, loading fails only with a one-line ConfigError.
+toml_scalars = st.one_of(
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=True),
+    st.text(max_size=10),
+    st.sampled_from(["127.0.0.1:1", "[::1]:2", "mdd.crt", "mdd.key", "kmf.crt", "sha-256 AB"]),
+)
+KEYS = [
+    "mdd", "kmf", "conference", "cert", "key", "listen", "kmf_fingerprint", "id",
+    "participants", "trusted_mdds", "tls_ids", "idle_timeout", "last_n", "profiles",
+]  # fmt: skip
+keys = st.sampled_from(KEYS) | st.text(max_size=6)
+toml_values = st.one_of(
+    toml_scalars,
+    st.lists(toml_scalars, max_size=3),
+    st.dictionaries(keys, toml_scalars, max_size=3),
+)
+tables = st.dictionaries(keys, toml_values, max_size=5)
+toml_docs = st.dictionaries(
+    keys, st.one_of(toml_values, tables, st.lists(tables, max_size=2)), max_size=3
+)
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix] if prefix else []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _only_config_error(build: Any, doc: dict[str, Any], base: Path) -> None:
+    try:
+        build(doc, base=base)
+    except ConfigError as e:
+        assert "\n" not in str(e)
+        assert str(e)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(doc=toml_docs)
+def test_arbitrary_documents_raise_only_config_error(
+    ids: dict[str, Any], doc: dict[str, Any]
+) -> None:
+    _only_config_error(config.build_mdd_config, doc, ids["dir"])
+    _only_config_error(config.build_kmf_config, doc, ids["dir"])
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.data())
+def test_mutated_good_documents_raise_only_config_error(
+    ids: dict[str, Any], data: st.DataObject
+) -> None:
+    # One change anywhere in a good file of either kind: replaced, removed or added.
+    for text, build in ((mdd_toml(ids), config.build_mdd_config),
+                        (kmf_toml(ids), config.build_kmf_config)):  # fmt: skip
+        doc = tomllib.loads(text)
+        path = data.draw(st.sampled_from(_paths(doc)))
+        parent = doc
+        for k in path[:-1]:
+            parent = parent[k]
+        action = data.draw(st.sampled_from(["replace", "remove", "add"]))
+        if action == "replace":
+            parent[path[-1]] = data.draw(toml_values)
+        elif action == "remove":
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[data.draw(keys)] = data.draw(toml_values)
+        _only_config_error(build, doc, ids["dir"])
