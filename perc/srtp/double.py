@@ -47,6 +47,9 @@ API
 one function body; see :class:`_TxLayer`): the only RTP sender of its outer key, as RFC 7714
 §8.4 requires. SRTCP under the same outer key goes through an ordinary SrtpSession.
 
+``DoubleSender.for_endpoint(material, params)`` and ``DoubleReceiver.for_endpoint(material)``
+build both from a DOUBLE profile's :class:`~perc.srtp.keys.KeyingMaterial` (DTLS client side).
+
 ``DoubleReceiver(outer, *, master_key_length=16)``: ``add_parameter_set(params)``;
 ``unprotect(packet, now) -> MediaPacket``; ``ekt`` (the :class:`EktReceiver`); ``stats``.
 
@@ -85,7 +88,7 @@ from perc.srtp.errors import (
     StreamLimitError,
 )
 from perc.srtp.hop import rtp_header_length
-from perc.srtp.keys import derive_session_keys
+from perc.srtp.keys import KeyingMaterial, derive_session_keys
 from perc.wire.ekt import EktDecodeError, split_ekt_field
 from perc.wire.ohb import OhbDecodeError, decode_ohb
 
@@ -235,6 +238,16 @@ class DoubleSender:
         self._switch_at = 0.0
         self._rekey_ssrcs: list[int] = []
 
+    @classmethod
+    def for_endpoint(
+        cls, material: KeyingMaterial, params: EktParameterSet, *, period: float | None = 0.1
+    ) -> DoubleSender:
+        """The sender of a DTLS client endpoint: outer half of ``client_write`` (RFC 8871
+        §4.5.1, §6.2); the inner half of the exporter output is not used, a fresh random E2E
+        key is (RFC 8870 §6)."""
+        outer = material.outer()
+        return cls(outer.client_key, outer.client_salt, params, period=period)
+
     @property
     def inner_key(self) -> bytes:
         """The E2E master key packets are currently encrypted with."""
@@ -266,8 +279,10 @@ class DoubleSender:
         the E2E key). The new key is announced immediately in Full tags; packets keep using
         the old key for 250 ms (RFC 8870 §4.3.1, D22).
         """
-        if self._pending is not None:
-            self._switch(now, force=True)
+        # A rekey while another is pending: the pending key has never encrypted a packet,
+        # so it is simply replaced (receivers may have it, they never need it); packets go
+        # on with the current key for 250 ms after this announcement.
+        self._pending = None
         new_params = self._params if params is None else params
         key_length = len(self._inner_key)
         new_key = os.urandom(key_length) if inner_key is None else inner_key
@@ -280,9 +295,9 @@ class DoubleSender:
         self._pending = (layer, new_key, new_params)
         self._switch_at = now + OLD_KEY_SEND_TIME
 
-    def _switch(self, now: float, *, force: bool = False) -> None:
+    def _switch(self, now: float) -> None:
         pending = self._pending
-        if pending is None or (not force and now < self._switch_at):
+        if pending is None or now < self._switch_at:
             return
         layer, key, params = pending
         # The RTP stream goes on: the new inner context continues each SSRC's ROC.
@@ -404,6 +419,13 @@ class DoubleReceiver:
         self._outer = outer
         self._ekt = ekt or EktReceiver(SrtpSession, master_key_length=master_key_length)
         self.stats = DoubleReceiverStats()
+
+    @classmethod
+    def for_endpoint(cls, material: KeyingMaterial) -> DoubleReceiver:
+        """The receiver of a DTLS client endpoint: what the MD sends it is protected with the
+        outer half of ``server_write`` (RFC 9185 §6.4: the MD holds the server side)."""
+        outer = material.outer()
+        return cls(SrtpSession(outer.server_key, outer.server_salt))
 
     @property
     def ekt(self) -> EktReceiver:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from perc.srtp.context import SrtpSession
 from perc.srtp.double import (
     DoubleDecodeError,
+    DoubleReceiver,
     DoubleSender,
     MediaPacket,
     NoInnerKeyError,
@@ -20,6 +21,7 @@ from perc.srtp.double import (
 from perc.srtp.ekt import EktCipher, EktOutcome, EktUnwrapError, UnknownSpiError
 from perc.srtp.errors import AuthenticationError, ReplayError, SrtpError, SrtpUsageError
 from perc.srtp.hop import HeaderChanges, MediaDistributorHop
+from perc.srtp.keys import SrtpProfile, exporter_length, outer_media_keys, split_exporter
 from perc.wire.ohb import Ohb, decode_ohb
 
 from .double_helpers import (
@@ -438,3 +440,57 @@ def test_receiver_every_truncation_raises_only_srtp_errors() -> None:
         for cut in range(len(packet)):
             with pytest.raises(SrtpError):
                 chain.receiver.unprotect(packet[:cut], 0.0)
+
+
+@pytest.mark.parametrize(
+    "profile", [SrtpProfile.DOUBLE_AEAD_AES_128_GCM, SrtpProfile.DOUBLE_AEAD_AES_256_GCM]
+)
+def test_endpoints_from_dtls_keying_material(profile: SrtpProfile) -> None:
+    """A and B from their DTLS-SRTP exports; the MD only from MediaKeys' outer halves (D4)."""
+    export_a = os.urandom(exporter_length(profile))
+    export_b = os.urandom(exporter_length(profile))
+    cipher = EktCipher.AESKW_128 if profile.half_key_length == 16 else EktCipher.AESKW_256
+    params = new_params(cipher=cipher)
+    sender = DoubleSender.for_endpoint(split_exporter(profile, export_a), params)
+    receiver = DoubleReceiver.for_endpoint(split_exporter(profile, export_b))
+    receiver.add_parameter_set(params)
+    a_ck, _, a_cs, _ = outer_media_keys(profile, export_a)
+    _, b_sk, _, b_ss = outer_media_keys(profile, export_b)
+    hop = MediaDistributorHop(SrtpSession(a_ck, a_cs))
+    to_b = SrtpSession(b_sk, b_ss)
+    for i in range(5):
+        out = hop.encrypt_for(to_b, hop.decrypt(sender.protect(rtp(i), i * 0.02)))
+        assert receiver.unprotect(out, i * 0.02).payload == b"\xab" * 160
+
+
+def test_video_sender_keyframes_and_two_ssrcs() -> None:
+    chain = make_chain()
+    key, salt = os.urandom(16), os.urandom(12)
+    video = DoubleSender(key, salt, chain.params, period=None)
+    hop = MediaDistributorHop(SrtpSession(key, salt))
+    kinds = []
+    for i in range(12):
+        for ssrc in (1, 2):  # audio and video SSRC under one E2E key
+            wire = video.protect(rtp(i, ssrc), i * 0.5, keyframe=i == 8)
+            kinds.append("F" if wire[-1] == 2 else "s")
+            out = hop.encrypt_for(chain.md2_out, hop.decrypt(wire))
+            assert chain.receiver.unprotect(out, i * 0.5).ssrc == ssrc
+    assert "".join(kinds) == "FF" * 3 + "ss" * 5 + "FF" + "ss" * 3
+    assert chain.receiver.ekt.keys(1)[0].master_key == chain.receiver.ekt.keys(2)[0].master_key
+
+
+def test_rekey_twice_before_switch_keeps_old_key_until_last_announcement() -> None:
+    chain = make_chain()
+    chain.receiver.unprotect(chain.through(rtp(0), 0.0), 0.0)
+    key0 = chain.sender.inner_key
+    p2, p3 = new_params(spi=2), new_params(spi=3)
+    chain.receiver.add_parameter_set(p2)
+    chain.receiver.add_parameter_set(p3)
+    chain.sender.rekey(p2, 0.01)
+    chain.sender.rekey(p3, 0.02)  # the SPI 2 key never encrypted anything: replaced
+    views = [
+        chain.receiver.unprotect(chain.through(rtp(i), i * 0.05), i * 0.05) for i in range(1, 9)
+    ]
+    assert chain.sender.inner_key != key0
+    assert [v.spi for v in views] == [1, 1, 1, 1, 1, 3, 3, 3]  # switch at 0.02 + 0.25
+    assert chain.receiver.stats.accepted == 9
