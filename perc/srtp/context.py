@@ -23,7 +23,9 @@ caller set beforehand (``set_receive_roc``/``set_send_roc``, e.g. from an EKT ta
 
 Replay (RFC 3711 §3.3.2). A bit mask of ``replay_window`` (default 128, at least 64) packets
 below ``hi``; state is only committed after the tag verifies, so forged packets never move
-the window or create a stream. The number of SSRCs per direction is bounded (``max_streams``).
+the window or create a stream. A jump past the window clears the mask instead of shifting it
+by the jump (an SRTCP index may jump by up to 2^31). The number of SSRCs per direction is
+bounded (``max_streams``).
 
 IV and AAD (RFC 7714 §8.1, §9.1). ``IV = (00 00 | SSRC | ROC | SEQ) XOR salt`` for SRTP and
 ``(00 00 | SSRC | 00 00 | 0 | SRTCP index) XOR salt`` for SRTCP. Both are computed as one
@@ -296,8 +298,7 @@ class SrtpSession:
             if delta > 0:
                 if idx > MAX_RTP_INDEX:
                     raise KeyLifetimeError("SRTP index space (2^48) exhausted: rekey")
-                # A jump beyond the window clears it: never shift by a huge delta (SRTCP
-                # indexes may jump by up to 2^31, which would allocate a huge int).
+                # A jump past the window clears it rather than shifting by the jump.
                 st.mask = ((st.mask << delta) | 1) & self._wmask if delta < self._window else 1
                 st.hi = idx
             else:
@@ -349,8 +350,7 @@ class SrtpSession:
             if delta > 0:
                 if idx > MAX_RTP_INDEX:
                     raise KeyLifetimeError("SRTP index space (2^48) exhausted: rekey")
-                # A jump beyond the window clears it: never shift by a huge delta (SRTCP
-                # indexes may jump by up to 2^31, which would allocate a huge int).
+                # A jump past the window clears it rather than shifting by the jump.
                 st.mask = ((st.mask << delta) | 1) & self._wmask if delta < self._window else 1
                 st.hi = idx
             else:
@@ -415,8 +415,7 @@ class SrtpSession:
             self.stats.auth_failures += 1
             raise AuthenticationError("SRTP authentication failed") from None
         if delta > 0:
-            # A jump beyond the window clears it: never shift by a huge delta (SRTCP
-            # indexes may jump by up to 2^31, which would allocate a huge int).
+            # A jump past the window clears it rather than shifting by the jump.
             st.mask = ((st.mask << delta) | 1) & self._wmask if delta < self._window else 1
             st.hi = idx
         else:
@@ -487,8 +486,7 @@ class SrtpSession:
             self._pending_rx.pop(ssrc, None)
             self._rx_rtp[ssrc] = _Stream(idx, 1, iv_base)
         elif delta > 0:
-            # A jump beyond the window clears it: never shift by a huge delta (SRTCP
-            # indexes may jump by up to 2^31, which would allocate a huge int).
+            # A jump past the window clears it rather than shifting by the jump.
             st.mask = ((st.mask << delta) | 1) & self._wmask if delta < self._window else 1
             st.hi = idx
         else:
@@ -610,8 +608,7 @@ class SrtpSession:
         else:
             delta = idx - st.hi
             if delta > 0:
-                # A jump beyond the window clears it: never shift by a huge delta (SRTCP
-                # indexes may jump by up to 2^31, which would allocate a huge int).
+                # A jump past the window clears it rather than shifting by the jump.
                 st.mask = ((st.mask << delta) | 1) & self._wmask if delta < self._window else 1
                 st.hi = idx
             else:
