@@ -356,6 +356,7 @@ class KmfServer:
                 self._dispatch(tunnel, await conn.receive_messages())
         finally:
             del self.tunnels[tunnel.tunnel_id]
+            conn.close_soon()  # from here on the handler's send_* calls return False
             try:
                 self.handler.on_tunnel_down(tunnel)
             except Exception:

@@ -228,9 +228,11 @@ class ConferenceRelay:
                 await conn.handshake(self.settings.handshake_timeout)
                 # TLS 1.3: the KMF checks our certificate after our handshake has ended.
                 await conn.wait_accepted(self.settings.handshake_timeout)
-            except (OSError, trio.TooSlowError, TunnelError) as e:
+            except BaseException as e:
                 if conn is not None:
                     await conn.aclose()
+                if not isinstance(e, (OSError, trio.TooSlowError, TunnelError)):
+                    raise
                 self.stats.connect_failures += 1
                 log.warning(
                     "tunnel connect failed conference=%s peer=%s: %s; retry in %.3g s",

@@ -213,7 +213,8 @@ class TunnelConnection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             await trio.aclose_forcefully(self._transport)
             raise TlsHandshakeError(f"connection failed during the TLS handshake: {e}") from None
-        except TlsHandshakeError:
+        except BaseException:
+            # TlsHandshakeError, or cancellation: never leak the socket.
             await trio.aclose_forcefully(self._transport)
             raise
 
@@ -256,6 +257,8 @@ class TunnelConnection:
             return f"peer certificate {self.peer_fingerprint} is not trusted ({text})"
         if "certificate verify failed" in text or "peer did not return a certificate" in text:
             return f"peer certificate refused ({text})"
+        if "alert" in text:
+            return f"peer refused the handshake ({text})"
         return f"TLS handshake failed: {text}"
 
     async def wait_accepted(self, timeout: float = HANDSHAKE_TIMEOUT) -> bool:
@@ -312,6 +315,11 @@ class TunnelConnection:
         self.stats.messages_out += 1
         self.stats.bytes_out += len(data)
         return True
+
+    def close_soon(self) -> None:
+        """Stop accepting messages; the writer flushes what is queued and sends close_notify."""
+        self._closing = True
+        self._wake.set()
 
     @property
     def pending(self) -> int:
@@ -443,8 +451,7 @@ class TunnelConnection:
                 except Exception as e:
                     error = e
                 finally:
-                    self._closing = True
-                    self._wake.set()
+                    self.close_soon()
                     nursery.cancel_scope.deadline = min(
                         nursery.cancel_scope.deadline, trio.current_time() + self._close_timeout
                     )
