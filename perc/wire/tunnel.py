@@ -4,10 +4,10 @@ Theory of operation
 -------------------
 The tunnel is a TLS byte stream carrying ``TunnelMessage`` structs (RFC 9185 §6.1)::
 
-    +--------+----------------+----------------------------+
-    | type   | length (uint16)| body (exactly length bytes) |
-    | 1 byte | 2 bytes, BE    |                            |
-    +--------+----------------+----------------------------+
+    +--------+-----------------+-----------------------------+
+    | type   | length (uint16) | body (exactly length bytes) |
+    | 1 byte | 2 bytes, BE     |                             |
+    +--------+-----------------+-----------------------------+
 
 Body layouts (RFC 9185 §6.2-§6.6; vector bounds from the RFC structs):
 
@@ -22,8 +22,11 @@ Body layouts (RFC 9185 §6.2-§6.6; vector bounds from the RFC structs):
 This module is the trust boundary for tunnel bytes: :func:`decode_message` and
 :class:`TunnelFramer` parse untrusted input and raise :class:`TunnelDecodeError` and nothing
 else. A body must parse exactly (no trailing bytes), per decision D2; the one leniency is a
-``SupportedProfiles`` of a version we do not know, which is read only as far as its version
-byte (RFC 9185 §5.5: the KMF must be able to answer ``UnsupportedVersion`` to it).
+``SupportedProfiles`` of a version other than 0: its body is read in the version 0 layout if
+that parses, else kept as the version byte alone (``protection_profiles == ()``), because the
+KMF must still answer ``UnsupportedVersion`` to it (RFC 9185 §5.5). Association ids are any
+16 bytes: RFC 9185 §5.3 has the MDD make version 4 UUIDs, but the receiver only routes by them.
+Protocol rules above the codec (``SupportedProfiles`` first and once, D2) are the roles'.
 
 Encoding values that cannot be represented (a vector outside its bounds, an integer that does
 not fit its field) is local misuse and raises :class:`ValueError`.
@@ -40,7 +43,7 @@ API::
     TunnelMessage = the union of the five
     encode_message(msg) -> bytes            # 3-byte header + body
     decode_message(msg_type, body) -> TunnelMessage
-    TunnelFramer(max_body=65535).feed(data) -> list[TunnelMessage]
+    TunnelFramer(max_body=65535).feed(data) -> list[TunnelMessage]; .pending (bytes held)
     MsgType, TUNNEL_VERSION (0), MAX_BODY (65535), HEADER_SIZE (3)
 """
 
