@@ -313,11 +313,6 @@ def mdd_command(
 def demo_command() -> NoReturn:
     """Run what exists of a whole conference on loopback (KMF, MDD, ...) and report."""
     _setup_logging()
-    # perc.roles.demo lands with the roles work of this issue; until then say so plainly.
-    import importlib
+    from perc.roles import demo
 
-    try:
-        demo = importlib.import_module("perc.roles.demo")
-    except ModuleNotFoundError:
-        raise RuntimeFailure("perc demo is not available yet in this build") from None
     sys.exit(demo.main())
