@@ -47,7 +47,14 @@ import attrs
 from perc.srtp.context import SrtpSession
 from perc.srtp.errors import SrtpDecodeError, SrtpUsageError
 from perc.wire.ekt import EktDecodeError, ekt_field_length_untrusted
-from perc.wire.ohb import Ohb, OhbDecodeError, decode_ohb, update_ohb
+from perc.wire.ohb import (
+    Ohb,
+    OhbDecodeError,
+    decode_ohb,
+    decode_ohb_fields,
+    encode_ohb_fields,
+    update_ohb_fields,
+)
 
 __all__ = [
     "HeaderChanges",
@@ -174,7 +181,7 @@ class MediaDistributorHop:
         """The packet for one receiver: outer-encrypted with ``session``, EKT field re-appended."""
         if changes is None:
             plain = inbound.packet
-        elif inbound._cache_changes == changes:
+        elif inbound._cache_changes is changes or inbound._cache_changes == changes:
             plain = inbound._cache_packet
         else:
             plain = self._rewrite(inbound.packet, changes)
@@ -187,27 +194,18 @@ class MediaDistributorHop:
         """Apply PT/SEQ/M changes to a plain packet, growing or shrinking its OHB (§5.2)."""
         hlen = rtp_header_length(packet)
         b1 = packet[1]
-        cur_pt = b1 & 0x7F
-        cur_m = bool(b1 & 0x80)
-        cur_seq = (packet[2] << 8) | packet[3]
+        current = (b1 & 0x7F, (packet[2] << 8) | packet[3], bool(b1 & 0x80))
         try:
-            ohb, olen = decode_ohb(memoryview(packet)[hlen:])
+            pt, seq, m, olen = decode_ohb_fields(packet, hlen)
         except OhbDecodeError as exc:
             self.stats.ohb_errors += 1
             raise HopDecodeError(f"OHB: {exc}") from None
-        new_ohb = update_ohb(
-            ohb,
-            current_payload_type=cur_pt,
-            current_sequence_number=cur_seq,
-            current_marker=cur_m,
-            new_payload_type=changes.payload_type,
-            new_sequence_number=changes.sequence_number,
-            new_marker=changes.marker,
-        )
-        pt = cur_pt if changes.payload_type is None else changes.payload_type
-        m = cur_m if changes.marker is None else changes.marker
-        seq = cur_seq if changes.sequence_number is None else changes.sequence_number
-        head = bytes((packet[0], (0x80 if m else 0) | pt, seq >> 8, seq & 0xFF))
-        if new_ohb is ohb:
+        new = (changes.payload_type, changes.sequence_number, changes.marker)
+        recorded = update_ohb_fields((pt, seq, m), current, new)
+        out_pt = current[0] if new[0] is None else new[0]
+        out_seq = current[1] if new[1] is None else new[1]
+        out_m = current[2] if new[2] is None else new[2]
+        head = bytes((packet[0], (0x80 if out_m else 0) | out_pt, out_seq >> 8, out_seq & 0xFF))
+        if recorded == (pt, seq, m):
             return head + packet[4:]
-        return head + packet[4 : len(packet) - olen] + new_ohb.encode()
+        return head + packet[4 : len(packet) - olen] + encode_ohb_fields(*recorded)

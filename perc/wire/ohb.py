@@ -23,9 +23,13 @@ and shrinking the block when it rewrites header fields.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import attrs
 
 from perc.wire.errors import DecodeError
+
+T = TypeVar("T", int, bool)
 
 OHB_Q = 0x01
 OHB_P = 0x02
@@ -78,13 +82,7 @@ class Ohb:
 
     def encode(self) -> bytes:
         """The wire bytes: ``[PT] [SEQ] Config``."""
-        out = bytearray()
-        if self.payload_type is not None:
-            out.append(self.payload_type)
-        if self.sequence_number is not None:
-            out += self.sequence_number.to_bytes(2, "big")
-        out.append(self.config)
-        return bytes(out)
+        return encode_ohb_fields(self.payload_type, self.sequence_number, self.marker)
 
     def __len__(self) -> int:
         return _LENGTH_BY_PQ[self.config & 0x03]
@@ -103,19 +101,20 @@ def ohb_length_untrusted(config: int) -> int:
     return _LENGTH_BY_PQ[config & 0x03]
 
 
-def decode_ohb(data: bytes | bytearray | memoryview) -> tuple[Ohb, int]:
-    """Parse the OHB at the end of ``data`` (an outer plaintext), backwards from its last byte.
+def decode_ohb_fields(
+    data: bytes | bytearray | memoryview, start: int = 0
+) -> tuple[int | None, int | None, bool | None, int]:
+    """:func:`decode_ohb` without objects, for hot paths: ``(pt, seq, marker, length)``.
 
-    Returns the block and its length in bytes, so ``data[:-length]`` is what precedes it
-    (the inner ciphertext and inner tag). Raises :class:`OhbDecodeError` only.
+    The OHB must lie within ``data[start:]`` (``start`` = where the outer payload begins).
     """
     end = len(data)
-    if end == 0:
+    if end <= start:
         raise OhbDecodeError("no room for an OHB: empty outer plaintext")
     config = data[end - 1]
     length = ohb_length_untrusted(config)
-    if length > end:
-        raise OhbDecodeError(f"OHB of {length} bytes does not fit in {end} bytes")
+    if length > end - start:
+        raise OhbDecodeError(f"OHB of {length} bytes does not fit in {end - start} bytes")
     pos = end - length
     payload_type: int | None = None
     sequence_number: int | None = None
@@ -130,7 +129,60 @@ def decode_ohb(data: bytes | bytearray | memoryview) -> tuple[Ohb, int]:
     marker: bool | None = None
     if config & OHB_M:
         marker = bool(config & OHB_B)
-    return Ohb(payload_type, sequence_number, marker), length
+    return payload_type, sequence_number, marker, length
+
+
+def decode_ohb(data: bytes | bytearray | memoryview) -> tuple[Ohb, int]:
+    """Parse the OHB at the end of ``data`` (an outer plaintext), backwards from its last byte.
+
+    Returns the block and its length in bytes, so ``data[:-length]`` is what precedes it
+    (the inner ciphertext and inner tag). Raises :class:`OhbDecodeError` only.
+    """
+    pt, seq, marker, length = decode_ohb_fields(data)
+    return Ohb(pt, seq, marker), length
+
+
+def encode_ohb_fields(pt: int | None, seq: int | None, marker: bool | None) -> bytes:
+    """The wire bytes ``[PT] [SEQ] Config`` of the given recorded fields (None = absent)."""
+    if pt is None and seq is None:
+        if marker is None:
+            return EMPTY_OHB
+        return b"\x0c" if marker else b"\x04"
+    config = 0
+    out = bytearray()
+    if pt is not None:
+        out.append(pt)
+        config |= OHB_P
+    if seq is not None:
+        out += seq.to_bytes(2, "big")
+        config |= OHB_Q
+    if marker is not None:
+        config |= OHB_M | (OHB_B if marker else 0)
+    out.append(config)
+    return bytes(out)
+
+
+def _update_field(recorded: T | None, current: T, new: T | None) -> T | None:
+    if new is None or new == current:
+        return recorded  # not changed: MUST NOT modify the OHB
+    if recorded is None:
+        return current  # changed, not yet recorded: record the original (grow)
+    if new == recorded:
+        return None  # set back to the original: remove it (shrink, the RFC's SHOULD)
+    return recorded  # already recorded by an earlier MD: leave it
+
+
+def update_ohb_fields(
+    recorded: tuple[int | None, int | None, bool | None],
+    current: tuple[int, int, bool],
+    new: tuple[int | None, int | None, bool | None],
+) -> tuple[int | None, int | None, bool | None]:
+    """:func:`update_ohb` on plain ``(pt, seq, marker)`` tuples (hot path of the MD)."""
+    return (
+        _update_field(recorded[0], current[0], new[0]),
+        _update_field(recorded[1], current[1], new[1]),
+        _update_field(recorded[2], current[2], new[2]),
+    )
 
 
 def update_ohb(
@@ -155,24 +207,12 @@ def update_ohb(
     * otherwise the OHB entry is left exactly as it was, so a later MD in a cascade never
       overwrites the first MD's record.
     """
-    pt = ohb.payload_type
-    if new_payload_type is not None and new_payload_type != current_payload_type:
-        if pt is None:
-            pt = current_payload_type
-        elif new_payload_type == pt:
-            pt = None
-    seq = ohb.sequence_number
-    if new_sequence_number is not None and new_sequence_number != current_sequence_number:
-        if seq is None:
-            seq = current_sequence_number
-        elif new_sequence_number == seq:
-            seq = None
-    m = ohb.marker
-    if new_marker is not None and new_marker != current_marker:
-        if m is None:
-            m = current_marker
-        elif new_marker == m:
-            m = None
-    if pt == ohb.payload_type and seq == ohb.sequence_number and m == ohb.marker:
+    old = (ohb.payload_type, ohb.sequence_number, ohb.marker)
+    pt, seq, m = update_ohb_fields(
+        old,
+        (current_payload_type, current_sequence_number, current_marker),
+        (new_payload_type, new_sequence_number, new_marker),
+    )
+    if (pt, seq, m) == old:
         return ohb
     return Ohb(pt, seq, m)
