@@ -11,6 +11,8 @@ from perc.wire.ohb import (
     Ohb,
     OhbDecodeError,
     decode_ohb,
+    decode_ohb_fields,
+    encode_ohb_fields,
     ohb_length_untrusted,
     update_ohb,
 )
@@ -188,3 +190,16 @@ def test_update_chain_always_recovers_original(
         )
         assert orig == (pt, seq, m)
         assert decode_ohb(ohb.encode())[0] == ohb
+
+
+@given(ohbs, st.binary(max_size=10))
+def test_field_helpers_match_objects(ohb: Ohb, prefix: bytes) -> None:
+    enc = ohb.encode()
+    assert encode_ohb_fields(ohb.payload_type, ohb.sequence_number, ohb.marker) == enc
+    data = prefix + enc
+    fields = decode_ohb_fields(data, len(prefix))
+    assert fields == (ohb.payload_type, ohb.sequence_number, ohb.marker, len(enc))
+    # the OHB may not reach back before ``start``
+    if len(enc) > 1:
+        with pytest.raises(OhbDecodeError):
+            decode_ohb_fields(data, len(prefix) + 1)
