@@ -396,6 +396,7 @@ class MediaPacket:
 class DoubleReceiverStats:
     received: int = 0
     accepted: int = 0
+    short_packets: int = 0
     ekt_field_errors: int = 0
     ohb_errors: int = 0
     no_key: int = 0
@@ -449,7 +450,8 @@ class DoubleReceiver:
             raise EktFieldError(str(exc)) from None
         srtp = packet[:n]
         if n < 12:
-            self._outer.unprotect_rtp(srtp)  # raises the session's decode error
+            self.stats.short_packets += 1
+            raise DoubleDecodeError("packet shorter than an RTP header")
         ssrc = _unpack_ssrc(srtp, 8)[0]
         # RFC 8870 §4.3.2 order: the EKT tag first (it may drop the packet), then SRTP. A
         # packet dropped for its tag thus leaves the outer replay window untouched.

@@ -61,7 +61,7 @@ from cryptography.hazmat.primitives.keywrap import (
     aes_key_wrap_with_padding,
 )
 
-from perc.srtp.errors import AuthenticationError, SrtpError
+from perc.srtp.errors import AuthenticationError, SrtpDecodeError, SrtpError
 from perc.wire.ekt import (
     SHORT_EKT_FIELD,
     EktDecodeError,
@@ -97,7 +97,7 @@ class EktError(SrtpError):
     """Base of the EKT errors."""
 
 
-class EktFieldError(EktError):
+class EktFieldError(EktError, SrtpDecodeError):
     """The EKT field at the end of a packet does not parse; the packet is dropped."""
 
 
