@@ -179,6 +179,9 @@ class MediaDistributorHop:
         self, session: SrtpSession, inbound: Inbound, changes: HeaderChanges | None = None
     ) -> bytes:
         """The packet for one receiver: outer-encrypted with ``session``, EKT field re-appended."""
+        if session is self._inbound:
+            # RFC 8723 §5.2, §9: never re-encrypt with the sender's key (GCM nonce reuse).
+            raise SrtpUsageError("re-encrypting with the inbound session's key is forbidden")
         if changes is None:
             plain = inbound.packet
         elif inbound._cache_changes is changes or inbound._cache_changes == changes:

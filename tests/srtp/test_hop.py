@@ -148,3 +148,10 @@ def test_garbage_raises_only_srtp_errors(data: bytes) -> None:
         except SrtpError:
             continue
         hop.encrypt_for(to_b, inbound)  # pragma: no cover - a forgery would need the key
+
+
+def test_refuses_to_reencrypt_with_inbound_session() -> None:
+    up, hop, _, _ = _hop()
+    inbound = hop.decrypt(up.protect_rtp(rtp(1, payload=b"\x00")) + b"\x00")
+    with pytest.raises(SrtpUsageError):
+        hop.encrypt_for(hop.inbound_session, inbound)
