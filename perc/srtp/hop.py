@@ -26,8 +26,9 @@ the EKT field unchanged. The receiver's session keeps its own ROC per SSRC, driv
 we send (so a renumbering MD gets fresh IVs, RFC 7714 §8.4); RFC 8723 §9 forbids re-encrypting
 with the sender's own key, which is the caller's job to respect (one session per receiver).
 
-Hot path: without changes nothing is parsed beyond what the SRTP session parses itself, and a
-modified plain packet is built once per distinct set of changes and reused for the next
+Hot path: without changes nothing is parsed beyond what the SRTP session parses itself (the
+EKT field is cut by its last byte, the OHB is not looked at); with changes the header and OHB
+are rewritten on plain integers, and the rewritten plain packet is reused for consecutive
 receivers asking for the same changes.
 
 API
