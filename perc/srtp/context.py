@@ -567,7 +567,33 @@ class SrtpSession:
 
     def unprotect_rtcp(self, packet: bytes) -> bytes:
         """Verify (and decrypt if E=1) one SRTCP packet; returns the RTCP compound packet."""
-        return self.unprotect_rtcp_index(packet)[0]
+        # Fast path for the common case (E=1, known SSRC); everything else, errors included,
+        # goes through unprotect_rtcp_index.
+        n = len(packet)
+        if n < _MIN_SRTCP or packet[0] & 0xC0 != 0x80 or not packet[n - 4] & 0x80:
+            return self.unprotect_rtcp_index(packet)[0]
+        st = self._rx_rtcp.get(_unpack_u32(packet, 4)[0])
+        if st is None:
+            return self.unprotect_rtcp_index(packet)[0]
+        idx = _unpack_u32(packet, n - 4)[0] & MAX_RTCP_INDEX
+        delta = idx - st.hi
+        if delta <= 0 and (-delta >= self._window or (st.mask >> -delta) & 1):
+            self.stats.replays += 1
+            raise ReplayError(f"SRTCP replay or too old: index {idx}")
+        head = packet[:8]
+        try:
+            plain = self._rtcp_decrypt(
+                (st.iv_base ^ idx).to_bytes(12, "big"), packet[8 : n - 4], head + packet[n - 4 :]
+            )
+        except InvalidTag:
+            self.stats.auth_failures += 1
+            raise AuthenticationError("SRTCP authentication failed") from None
+        if delta > 0:
+            st.mask = ((st.mask << delta) | 1) & self._wmask if delta < self._window else 1
+            st.hi = idx
+        else:
+            st.mask |= 1 << -delta
+        return head + plain
 
     def unprotect_rtcp_index(self, packet: bytes) -> tuple[bytes, int, bool]:
         """:meth:`unprotect_rtcp`, also returning the SRTCP index and the E flag."""

@@ -392,12 +392,17 @@ def test_srtcp_round_trip_compound_and_replay() -> None:
 
 def test_srtcp_tamper_every_byte() -> None:
     tx = SrtpSession(KEY, SALT)
+    first = tx.protect_rtcp(rtcp_sr())
     p = tx.protect_rtcp(rtcp_sr())
+    known = SrtpSession(KEY, SALT)  # knows the SSRC: the fast path
+    known.unprotect_rtcp(first)
     for i in range(len(p)):
         bad = bytearray(p)
         bad[i] ^= 0x01
-        with pytest.raises((AuthenticationError, SrtpDecodeError)):
-            SrtpSession(KEY, SALT).unprotect_rtcp(bytes(bad))
+        for rx in (SrtpSession(KEY, SALT), known):
+            with pytest.raises((AuthenticationError, SrtpDecodeError, ReplayError)):
+                rx.unprotect_rtcp(bytes(bad))
+    assert known.unprotect_rtcp(p) == rtcp_sr()
 
 
 def test_srtcp_e_flag_is_authenticated() -> None:
