@@ -551,3 +551,27 @@ def test_context_never_loads_ekt() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@settings(max_examples=60)
+@given(
+    csrcs=st.lists(st.integers(0, 0xFFFFFFFF), max_size=4),
+    ext_words=st.none() | st.integers(0, 3),
+    payload=st.binary(max_size=40),
+    flip=st.integers(0, 10_000),
+)
+def test_every_truncation_and_a_flip_property(
+    csrcs: list[int], ext_words: int | None, payload: bytes, flip: int
+) -> None:
+    extension = None if ext_words is None else (0xBEDE, bytes(4 * ext_words))
+    p = rtp_packet(9, csrcs=tuple(csrcs), extension=extension, payload=payload)
+    srtp = SrtpSession(KEY, SALT).protect_rtp(p)
+    rx = SrtpSession(KEY, SALT)
+    for n in range(len(srtp)):
+        with pytest.raises((SrtpDecodeError, AuthenticationError)):
+            rx.unprotect_rtp(srtp[:n])
+    bad = bytearray(srtp)
+    bad[flip % len(bad)] ^= 1 << (flip % 8)
+    with pytest.raises((SrtpDecodeError, AuthenticationError)):
+        rx.unprotect_rtp(bytes(bad))
+    assert rx.unprotect_rtp(srtp) == p
