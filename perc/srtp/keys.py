@@ -103,9 +103,17 @@ class SrtpProfile(enum.IntEnum):
         return GCM_SALT_LENGTH * (2 if self.is_double else 1)
 
 
-def exporter_length(profile: SrtpProfile) -> int:
+def _as_profile(profile: SrtpProfile | int) -> SrtpProfile:
+    try:
+        return SrtpProfile(profile)
+    except ValueError:
+        raise SrtpUsageError(f"unsupported SRTP protection profile {profile!r}") from None
+
+
+def exporter_length(profile: SrtpProfile | int) -> int:
     """Bytes to request from the EXTRACTOR-dtls_srtp exporter (RFC 5764 §4.2)."""
-    return 2 * (profile.key_length + profile.salt_length)
+    p = _as_profile(profile)
+    return 2 * (p.key_length + p.salt_length)
 
 
 @attrs.frozen(repr=False)
@@ -149,9 +157,9 @@ class KeyingMaterial:
         return self._half(second=True)
 
 
-def split_exporter(profile: SrtpProfile, material: bytes) -> KeyingMaterial:
+def split_exporter(profile: SrtpProfile | int, material: bytes) -> KeyingMaterial:
     """Cut DTLS-SRTP exporter output into keys and salts (RFC 5764 §4.2 layout)."""
-    profile = SrtpProfile(profile)
+    profile = _as_profile(profile)
     k, s = profile.key_length, profile.salt_length
     if len(material) != 2 * (k + s):
         raise SrtpUsageError(
@@ -166,7 +174,9 @@ def split_exporter(profile: SrtpProfile, material: bytes) -> KeyingMaterial:
     )
 
 
-def outer_media_keys(profile: SrtpProfile, material: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+def outer_media_keys(
+    profile: SrtpProfile | int, material: bytes
+) -> tuple[bytes, bytes, bytes, bytes]:
     """The four values of ``MediaKeys`` (RFC 9185 §5.4, D4).
 
     For a DOUBLE profile: the outer (HBH) halves only, half-length keys and 12-byte salts. For

@@ -89,7 +89,7 @@ def test_profile_lengths(profile: SrtpProfile, key: int, salt: int, double: bool
     assert profile.key_length == key
     assert profile.salt_length == salt
     assert profile.is_double is double
-    assert exporter_length(profile) == 2 * (key + salt)
+    assert exporter_length(profile) == exporter_length(int(profile)) == 2 * (key + salt)
     assert profile.half_key_length == (key // 2 if double else key)
     assert profile.half_salt_length == 12
 
@@ -148,6 +148,9 @@ def test_split_double_256_layout() -> None:
     assert km.outer().profile is SrtpProfile.AEAD_AES_256_GCM
 
 
-def test_split_rejects_wrong_length() -> None:
+def test_split_rejects_wrong_length_and_profile() -> None:
     with pytest.raises(SrtpUsageError):
         split_exporter(SrtpProfile.DOUBLE_AEAD_AES_128_GCM, bytes(56))
+    with pytest.raises(SrtpUsageError):
+        split_exporter(1, bytes(60))
+    assert split_exporter(7, bytes(56)).profile is SrtpProfile.AEAD_AES_128_GCM
