@@ -28,7 +28,8 @@ Packet bodies (after the 4-byte header):
 
 API: :func:`parse_rtcp` (compound bytes -> list of packet objects), :func:`serialize_rtcp`
 (the reverse; each object also has ``serialize()``), :func:`peek_rtcp` (type and sender SSRC
-of the first packet without building objects). ``parse_rtcp`` raises :class:`RtcpDecodeError`
+of the first packet without building objects); for routing, :func:`sender_ssrc` and
+:func:`media_ssrcs` (the sources a packet is about). ``parse_rtcp`` raises :class:`RtcpDecodeError`
 and nothing else. It does not enforce the RFC 3550 §6.1 compound rules (SR/RR first, CNAME
 present), so reduced-size RTCP (RFC 5506) passes; padding is removed on parse and never
 written (SRTCP does not need it). Out-of-range fields when serializing raise ``ValueError``.
@@ -67,8 +68,10 @@ __all__ = [
     "SenderReport",
     "SourceDescription",
     "UnknownRtcp",
+    "media_ssrcs",
     "parse_rtcp",
     "peek_rtcp",
+    "sender_ssrc",
     "serialize_rtcp",
 ]
 
@@ -493,6 +496,33 @@ def parse_rtcp(data: bytes) -> list[RtcpPacket]:
 def serialize_rtcp(packets: Iterable[RtcpPacket]) -> bytes:
     """Concatenate packets into one compound packet."""
     return b"".join(p.serialize() for p in packets)
+
+
+def sender_ssrc(packet: RtcpPacket) -> int | None:
+    """The SSRC that sent ``packet`` (SDES: first chunk, BYE: first SSRC; None if unknown)."""
+    if isinstance(packet, (SenderReport, ReceiverReport)):
+        return packet.ssrc
+    if isinstance(packet, (Nack, Pli, Fir, RtpFeedback, PayloadFeedback)):
+        return packet.sender_ssrc
+    if isinstance(packet, SourceDescription):
+        return packet.chunks[0].ssrc if packet.chunks else None
+    if isinstance(packet, Bye):
+        return packet.ssrcs[0] if packet.ssrcs else None
+    return None
+
+
+def media_ssrcs(packet: RtcpPacket) -> tuple[int, ...]:
+    """The media sources ``packet`` reports on or asks something of: route it toward their
+    senders. Report blocks of SR/RR, the media SSRC of feedback, the SSRCs of FIR entries
+    (RFC 5104 §4.3.1: the FIR media SSRC field is 0). ``()`` for SDES, BYE and unknown types,
+    which describe the sender itself."""
+    if isinstance(packet, (SenderReport, ReceiverReport)):
+        return tuple(block.ssrc for block in packet.reports)
+    if isinstance(packet, Fir):
+        return tuple(ssrc for ssrc, _ in packet.entries)
+    if isinstance(packet, (Nack, Pli, RtpFeedback, PayloadFeedback)):
+        return (packet.media_ssrc,)
+    return ()
 
 
 def peek_rtcp(data: bytes) -> tuple[int, int]:

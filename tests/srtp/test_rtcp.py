@@ -23,8 +23,10 @@ from perc.wire.rtcp import (
     SenderReport,
     SourceDescription,
     UnknownRtcp,
+    media_ssrcs,
     parse_rtcp,
     peek_rtcp,
+    sender_ssrc,
     serialize_rtcp,
 )
 from tests.srtp.conftest import RFC7714_RTCP, h
@@ -258,3 +260,22 @@ def test_round_trip_property(items: list[RtcpPacket]) -> None:
     assert parse_rtcp(data) == items
     for n in range(0, len(data), 3):
         _parse_or_error(data[:n])
+
+
+def test_routing_helpers() -> None:
+    expected = [
+        (1, (2,)),  # RR: report block about SSRC 2
+        (1, ()),  # SDES
+        (1, (2,)),  # NACK
+        (1, (2,)),  # PLI
+        (1, (2, 3)),  # FIR entries
+        (1, (2,)),
+        (1, (2,)),
+        (None, ()),  # APP
+        (1, ()),  # BYE
+        (None, ()),  # empty BYE
+    ]
+    assert [(sender_ssrc(p), media_ssrcs(p)) for p in SAMPLE] == expected
+    assert sender_ssrc(SenderReport(9, reports=(ReportBlock(4),))) == 9
+    assert media_ssrcs(SenderReport(9, reports=(ReportBlock(4),))) == (4,)
+    assert sender_ssrc(SourceDescription(())) is None
