@@ -76,8 +76,10 @@ Helpers: ``rtp_iv(salt, ssrc, index)``, ``rtcp_iv(salt, ssrc, index)``.
 
 Errors (:mod:`perc.srtp.errors`): ``unprotect_*`` raise only ``SrtpDecodeError``,
 ``AuthenticationError``, ``ReplayError``, ``KeyLifetimeError`` and ``StreamLimitError`` (each
-also counted in ``stats``); ``protect_*`` raise ``SrtpUsageError`` (malformed packet, index
-reuse), ``KeyLifetimeError`` and ``StreamLimitError``.
+also counted in ``stats``; ``open_rtp`` and ``unprotect_rtp_split`` likewise), plus
+``SrtpUsageError`` for an out-of-range explicit index; ``protect_*`` and ``seal_rtp`` raise
+``SrtpUsageError`` (malformed packet, index reuse), ``KeyLifetimeError`` and
+``StreamLimitError``.
 """
 
 from __future__ import annotations
