@@ -112,6 +112,7 @@ class DtlsStats:
     fragments_dropped: int = 0  # reassembly bounds or inconsistent fragments
     future_records_buffered: int = 0
     retransmissions: int = 0
+    internal_errors: int = 0  # unexpected exceptions turned into internal_error alerts
 
 
 @attrs.define
@@ -132,6 +133,13 @@ class DtlsConnection:
             raise LocalProtocolError(f"unsupported cipher suites {unknown}")
         if not configuration.groups or any(g not in (23, 29) for g in configuration.groups):
             raise LocalProtocolError(f"unsupported groups {configuration.groups}")
+        for tls_id in (configuration.tls_id, configuration.expected_peer_tls_id):
+            if tls_id is not None and not 1 <= len(tls_id) <= 255:
+                raise LocalProtocolError("tls_id must be 1..255 bytes (RFC 8844 §4.3)")
+        if any(not 0 <= p < 1 << 16 for p in configuration.srtp_profiles) or any(
+            not 0 < e < 256 for e in configuration.ekt_ciphers
+        ):
+            raise LocalProtocolError("SRTP profiles are uint16, EKT ciphers uint8")
         self._config = configuration
         #: the opaque identity the server's cookie was bound to (D14), e.g. the association id
         self.cookie_identity = cookie_identity
@@ -201,6 +209,10 @@ class DtlsConnection:
                 self._retransmit_on_demand()
         except AlertError as e:
             self._fatal(e)
+        except Exception as e:  # the contract: peer input never raises out of here
+            # A bug or a library error on hostile input: end this association, not the caller.
+            self.stats.internal_errors += 1
+            self._fatal(AlertError(AD.internal_error, f"{type(e).__name__}: {e}"))
 
     def datagrams_to_send(self) -> list[bytes]:
         out = self._out
