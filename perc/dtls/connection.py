@@ -162,6 +162,7 @@ class DtlsConnection:
         self._early_ccs = False
         self._ekt: _PendingEkt | None = None
         self._ekt_acked: set[tuple[int, int]] = set()
+        self._ack_pending: list[tuple[int, int]] = []  # client: EKTKey records to ACK
         self._completed_event: HandshakeCompleted | None = None
 
     # --- public API ----------------------------------------------------------------------------
@@ -508,16 +509,22 @@ class DtlsConnection:
                 raise AlertError(AD.decode_error, f"handshake record: {e}") from None
             self.stats.dropped_malformed += 1
             return
-        ekt_seen = False
         for frag in fragments:
             if self._closed:
                 return
-            if frag.msg_type == HandshakeType.EKT_KEY and self._config.is_client:
-                ekt_seen = True
+            if (
+                frag.msg_type == HandshakeType.EKT_KEY
+                and self._config.is_client
+                and record.epoch == 1
+                and len(self._ack_pending) < MAX_FUTURE_RECORDS
+            ):
+                self._ack_pending.append((record.epoch, record.sequence_number))
             self._handle_fragment(record, frag)
-        if ekt_seen and record.epoch == 1 and self._established and not self._closed:
-            # ACK every record that carried EKTKey, retransmissions too (D9, RFC 9147 §7).
-            ack = Ack(((record.epoch, record.sequence_number),)).encode()
+        if self._ack_pending and self._established and not self._closed:
+            # ACK every record that carried EKTKey, retransmissions too (D9, RFC 9147 §7);
+            # records that came before our handshake completed are ACKed now.
+            ack = Ack(tuple(dict.fromkeys(self._ack_pending))).encode()
+            self._ack_pending.clear()
             self._out.append(self._record.seal(ContentType.ACK, ack))
 
     def _handle_fragment(self, record: DtlsRecord, frag: HandshakeFragment) -> None:

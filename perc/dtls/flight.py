@@ -41,6 +41,7 @@ MAX_TIMEOUT = 60.0
 MAX_AHEAD = 10  # messages buffered beyond next_receive_seq (OpenSSL uses the same look-ahead)
 MAX_BUFFERED_BYTES = 65536  # aggregate reassembly memory per association
 MAX_FRAGMENTS_PER_MESSAGE = 256
+MAX_SLOTS = 16  # incomplete messages held at once
 # Below this many bytes of room, start a new datagram rather than cut a tiny fragment.
 _MIN_FRAGMENT = 64
 
@@ -208,7 +209,9 @@ class Reassembler:
         seq = frag.message_seq
         if seq < self.next_seq:
             return OLD
-        if seq > self.next_seq + MAX_AHEAD:
+        if seq > self.next_seq + MAX_AHEAD and not self.any_order:
+            # After the handshake any unprocessed message_seq is fine (D23): the server may
+            # have superseded EKTKeys we never saw. Memory stays bounded by the caps below.
             return DROPPED
         if frag.length > _MAX_BODY.get(frag.msg_type, _DEFAULT_MAX_BODY):
             return DROPPED
@@ -220,7 +223,7 @@ class Reassembler:
                 self.next_seq = seq + 1
                 self._drain(out)
                 return ADDED
-            if self._buffered + frag.length > MAX_BUFFERED_BYTES:
+            if self._buffered + frag.length > MAX_BUFFERED_BYTES or len(self._slots) >= MAX_SLOTS:
                 return DROPPED
             slot = self._slots[seq] = _Slot(frag.msg_type, frag.length)
             self._buffered += frag.length

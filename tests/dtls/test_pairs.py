@@ -444,3 +444,41 @@ def test_local_misuse() -> None:
     p.client.connect(0.0)
     with pytest.raises(LocalProtocolError):
         p.client.connect(0.0)
+
+
+def test_ekt_key_before_server_finished_is_acked_on_completion() -> None:
+    p = make_pair()
+    p.client.connect(0.0)
+    p.pump(rounds=1)
+    assert p.server is not None
+    p.client.receive_datagram(p.server.datagrams_to_send()[0], 0.0)  # flight 4 (one datagram)
+    p.server.receive_datagram(p.client.datagrams_to_send()[0], 0.0)  # flight 5
+    flight6 = p.server.datagrams_to_send()
+    p.drain()
+    p.server.send_ekt_key(b"K" * 16, b"S" * 12, 9, 86400, 0.0)
+    (ekt,) = p.server.datagrams_to_send()
+    p.client.receive_datagram(ekt, 0.5)  # overtakes flight 6: buffered, flight 5 resent
+    assert p.client.stats.future_records_buffered == 1
+    for dg in flight6:
+        p.client.receive_datagram(dg, 0.5)
+    p.drain()
+    assert EktKeyReceived(b"K" * 16, b"S" * 12, 9, 86400) in p.client_events
+    for dg in p.client.datagrams_to_send():
+        p.server.receive_datagram(dg, 0.5)
+    p.drain()
+    assert EktKeyAcknowledged(9) in p.server_events  # no retransmission was needed
+    assert p.server.stats.retransmissions == 1  # flight 6 on demand only
+
+
+def test_superseded_ekt_keys_any_message_seq() -> None:
+    p = make_pair()
+    _handshake(p)
+    assert p.server is not None
+    for spi in range(12):  # all lost
+        p.server.send_ekt_key(b"K" * 16, b"S" * 12, spi, 86400, p.now)
+        p.server.datagrams_to_send()
+    p.server.send_ekt_key(b"N" * 16, b"S" * 12, 99, 86400, p.now)
+    p.pump()
+    assert [e.spi for e in p.client_events if isinstance(e, EktKeyReceived)] == [99]
+    assert EktKeyAcknowledged(99) in p.server_events
+    assert not any(isinstance(e, EktKeyAcknowledged) and e.spi != 99 for e in p.server_events)
