@@ -29,8 +29,9 @@ Rules implemented here (SPEC-DTLS references):
 * invalid records are dropped silently and counted (1.7); epoch-1 records that arrive before
   the peer's CCS are buffered (at most ``MAX_FUTURE_RECORDS``) and replayed after it (1.4, 3.8);
 * a handshake message with an old message_seq is the peer retransmitting: we retransmit our
-  current flight (or, server after completion, the final flight) at most once per
-  ``MIN_RETRANSMIT_GAP`` (3.7);
+  current flight (or, server after completion, the final flight) at most once per half timer
+  interval (3.7); a client still waiting for flight 6 takes an epoch-1 record (the EKTKey)
+  as the same signal;
 * the client keeps retransmitting flight 5 until the server's Finished verifies; the server's
   flight 6 has no timer and is only resent on demand (3.7);
 * EKTKey (D9, D23): the server sends it in an epoch-1 handshake record with its next
@@ -156,7 +157,7 @@ class DtlsConnection:
         self._timer = RetransmitTimer()
         self._flight: list[FlightItem] | None = None  # retransmitted on the timer
         self._final_flight: list[FlightItem] | None = None  # server flight 6, on demand only
-        self._flight_sent_at = -1e18  # last (re)transmission of a handshake flight
+        self._on_demand_at = -1e18  # last resend triggered by a peer retransmission
         self._peer_retransmitted = False
         self._future: list[DtlsRecord] = []
         self._early_ccs = False
@@ -245,7 +246,6 @@ class DtlsConnection:
             if self._flight is not None:
                 self.stats.retransmissions += 1
                 self._transmit(self._flight)
-                self._flight_sent_at = now
                 self._timer.backoff(now)
             else:
                 self._timer.stop()
@@ -324,7 +324,6 @@ class DtlsConnection:
             self._flight = items
             self._timer.start(self._now)
         self._transmit(items)
-        self._flight_sent_at = self._now
 
     def install_keys(self, suite: keys.CipherSuite, block: keys.KeyBlock) -> None:
         if self._config.is_client:
@@ -410,11 +409,15 @@ class DtlsConnection:
     def _retransmit_on_demand(self) -> None:
         """The peer resent part of its flight: it lost ours (RFC 6347 §4.2.4)."""
         flight = self._flight if self._flight is not None else self._final_flight
-        if flight is None or self._now - self._flight_sent_at < MIN_RETRANSMIT_GAP:
+        # At most once per half timer interval, measured from the previous on-demand resend
+        # only: the peers' timers run in lock-step, so comparing with our own timer-driven
+        # resend would suppress exactly the answers that matter (SPEC-DTLS 3.7).
+        gap = max(MIN_RETRANSMIT_GAP, self._timer.interval / 2)
+        if flight is None or self._now - self._on_demand_at < gap:
             return
         self.stats.retransmissions += 1
         self._transmit(flight)
-        self._flight_sent_at = self._now
+        self._on_demand_at = self._now
 
     def _send_alert(self, level: int, description: int) -> None:
         rl = self._record
