@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import warnings
 from collections.abc import Callable
 from enum import Enum, auto
 from typing import Protocol, TypeVar
@@ -42,6 +43,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, x25519
+from cryptography.utils import CryptographyDeprecationWarning
 
 from perc.dtls import keys
 from perc.dtls.config import DtlsConfiguration, PeerIdentity, own_certificate_der
@@ -169,8 +171,18 @@ def load_peer_certificate(
         raise AlertError(AD.handshake_failure, "peer sent no certificate")
     der = certificates[0]
     try:
-        cert = x509.load_der_x509_certificate(der)
-    except ValueError:
+        with warnings.catch_warnings():
+            # cryptography warns (and will later refuse) on RFC 5280 violations such as a
+            # non-positive serial: refuse them now, deterministically, instead of printing.
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            cert = x509.load_der_x509_certificate(der)
+    except (
+        ValueError,
+        TypeError,
+        x509.InvalidVersion,
+        UnsupportedAlgorithm,
+        CryptographyDeprecationWarning,
+    ):
         raise AlertError(AD.bad_certificate, "certificate does not parse") from None
     try:
         key = cert.public_key()
