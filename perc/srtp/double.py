@@ -89,8 +89,8 @@ from perc.srtp.errors import (
 )
 from perc.srtp.hop import rtp_header_length
 from perc.srtp.keys import KeyingMaterial, derive_session_keys
-from perc.wire.ekt import EktDecodeError, split_ekt_field
-from perc.wire.ohb import OhbDecodeError, decode_ohb
+from perc.wire.ekt import SHORT, EktDecodeError, split_ekt_field
+from perc.wire.ohb import OhbDecodeError, decode_ohb_fields
 
 __all__ = [
     "DoubleDecodeError",
@@ -105,6 +105,7 @@ _SSRC = struct.Struct("!I")
 _unpack_ssrc = _SSRC.unpack_from
 _unpack_seq_ssrc = struct.Struct("!H4xI").unpack_from
 _INNER_SALT_LENGTH = 12
+_CSRCS = [struct.Struct(f"!{cc}I").unpack_from for cc in range(16)]
 
 
 class DoubleDecodeError(SrtpDecodeError):
@@ -443,23 +444,31 @@ class DoubleReceiver:
     def unprotect(self, packet: bytes, now: float) -> MediaPacket:
         """Verify and decrypt both layers; raises a :class:`SrtpError` to drop the packet."""
         self.stats.received += 1
-        try:
-            n, field = split_ekt_field(packet)
-        except EktDecodeError as exc:
-            self.stats.ekt_field_errors += 1
-            raise EktFieldError(str(exc)) from None
-        srtp = packet[:n]
-        if n < 12:
-            self.stats.short_packets += 1
-            raise DoubleDecodeError("packet shorter than an RTP header")
-        ssrc = _unpack_ssrc(srtp, 8)[0]
-        # RFC 8870 §4.3.2 order: the EKT tag first (it may drop the packet), then SRTP. A
-        # packet dropped for its tag thus leaves the outer replay window untouched.
-        outcome = self._ekt.process(field, ssrc, now)
+        n = len(packet)
+        if n > 12 and packet[n - 1] == 0:
+            # ShortEKTField (most packets, RFC 8870 §4.6): nothing for EKT to do.
+            n -= 1
+            srtp = packet[:n]
+            ssrc = _unpack_ssrc(srtp, 8)[0]
+            outcome = self._ekt.process(SHORT, ssrc, now)
+        else:
+            try:
+                n, field = split_ekt_field(packet)
+            except EktDecodeError as exc:
+                self.stats.ekt_field_errors += 1
+                raise EktFieldError(str(exc)) from None
+            if n < 12:
+                self.stats.short_packets += 1
+                raise DoubleDecodeError("packet shorter than an RTP header")
+            srtp = packet[:n]
+            ssrc = _unpack_ssrc(srtp, 8)[0]
+            # RFC 8870 §4.3.2 order: the EKT tag first (it may drop the packet), then SRTP.
+            # A packet dropped for its tag thus leaves the outer replay window untouched.
+            outcome = self._ekt.process(field, ssrc, now)
         plain = self._outer.unprotect_rtp(srtp)
         hlen = rtp_header_length(plain)
         try:
-            ohb, olen = decode_ohb(memoryview(plain)[hlen:])
+            ohb_pt, ohb_seq, ohb_m, olen = decode_ohb_fields(plain, hlen)
         except OhbDecodeError as exc:
             self.stats.ohb_errors += 1
             raise DoubleDecodeError(f"OHB: {exc}") from None
@@ -471,9 +480,9 @@ class DoubleReceiver:
         b1 = plain[1]
         out_pt = b1 & 0x7F
         out_seq = (plain[2] << 8) | plain[3]
-        pt = out_pt if ohb.payload_type is None else ohb.payload_type
-        seq = out_seq if ohb.sequence_number is None else ohb.sequence_number
-        marker = bool(b1 & 0x80) if ohb.marker is None else ohb.marker
+        pt = out_pt if ohb_pt is None else ohb_pt
+        seq = out_seq if ohb_seq is None else ohb_seq
+        marker = bool(b1 & 0x80) if ohb_m is None else ohb_m
         slen = 12 + ((b0 & 0x0F) << 2)
         # Synthetic packet (RFC 8723 §5.3 step 4): original PT/SEQ/M, X = 0, no extension.
         synth = (
@@ -498,7 +507,7 @@ class DoubleReceiver:
             sequence_number=out_seq,
             marker=marker,
             timestamp=_unpack_ssrc(plain, 4)[0],
-            csrcs=struct.unpack_from(f"!{cc}I", plain, 12),
+            csrcs=_CSRCS[cc](plain, 12),
             payload=payload,
             original_payload_type=pt,
             original_sequence_number=seq,
