@@ -62,7 +62,8 @@ def test_reassembly_overlaps_duplicates_any_order() -> None:
         out: list[ReceivedMessage] = []
         for start, n in pieces:
             # ADDED until the message is complete, then the leftovers are retransmissions.
-            assert r.add(_frag(0, body, start, n), out) == (OLD if out else ADDED)
+            expected = OLD if out else ADDED
+            assert r.add(_frag(0, body, start, n), out) == expected
         assert out == [ReceivedMessage(11, 0, body)]
         assert r.add(_frag(0, body, 0, 10), out) == OLD
 
