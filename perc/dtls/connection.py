@@ -78,6 +78,7 @@ from perc.wire.dtls import (
     DTLS_1_2,
     Ack,
     Alert,
+    ClientHello,
     ContentType,
     DtlsDecodeError,
     DtlsRecord,
@@ -533,6 +534,22 @@ class DtlsConnection:
     def _handle_fragment(self, record: DtlsRecord, frag: HandshakeFragment) -> None:
         hs = self._hs
         state = hs.state
+        if (
+            frag.msg_type == HandshakeType.CLIENT_HELLO
+            and not self._config.is_client
+            and state is not State.SERVER_EXPECT_CLIENT_HELLO
+            and frag.is_whole
+        ):
+            try:
+                random = ClientHello.decode(frag.body).random
+            except DtlsDecodeError:
+                random = b""
+            if random != hs.client_random:
+                # A ClientHello with another random is a new handshake (a restarted client,
+                # RFC 6347 §4.2.8), not a retransmission: do not answer it with our flight.
+                # The caller starts a new DtlsConnection for it (through the CookieGate).
+                self.stats.dropped_unexpected += 1
+                return
         if self._established and record.epoch == 0:
             # Only a retransmitted final flight of the peer can still come in epoch 0.
             if frag.message_seq < self._reasm.next_seq:

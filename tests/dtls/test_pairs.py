@@ -482,3 +482,14 @@ def test_superseded_ekt_keys_any_message_seq() -> None:
     assert [e.spi for e in p.client_events if isinstance(e, EktKeyReceived)] == [99]
     assert EktKeyAcknowledged(99) in p.server_events
     assert not any(isinstance(e, EktKeyAcknowledged) and e.spi != 99 for e in p.server_events)
+
+
+def test_new_client_hello_on_live_association_is_not_a_retransmission() -> None:
+    p = make_pair()
+    _handshake(p)
+    assert p.server is not None
+    other = DtlsConnection(p.client._config)
+    other.connect(5.0)
+    p.server.receive_datagram(other.datagrams_to_send()[0], 5.0)
+    assert p.server.datagrams_to_send() == []  # no flight 6 for a stranger
+    assert p.server.stats.dropped_unexpected == 1 and p.server.is_established
