@@ -493,3 +493,49 @@ def test_new_client_hello_on_live_association_is_not_a_retransmission() -> None:
     p.server.receive_datagram(other.datagrams_to_send()[0], 5.0)
     assert p.server.datagrams_to_send() == []  # no flight 6 for a stranger
     assert p.server.stats.dropped_unexpected == 1 and p.server.is_established
+
+
+def test_hello_verify_request_rules() -> None:
+    gate = CookieGate(b"g" * 32)
+    client = DtlsConnection(make_pair().client._config)
+    client.connect(0.0)
+    ch1 = client.datagrams_to_send()[0]
+    client.handle_timer(1.0)  # CH#1 retransmitted: same message_seq 0, record seq 1
+    client.handle_timer(3.0)  # record seq 2
+    retrans = client.datagrams_to_send()
+    assert len(retrans) == 2
+    hvr = gate.check(retrans[-1], b"id", 3.0).reply
+    assert hvr is not None
+    (rec,), _ = w.parse_datagram_untrusted(hvr)
+    assert rec.sequence_number == 2  # echoes the ClientHello's record sequence number
+    client.receive_datagram(hvr, 3.0)
+    client.receive_datagram(hvr, 3.0)  # a duplicate HVR is ignored (message_seq 0 < 1)
+    (ch2,) = client.datagrams_to_send()
+    assert gate.check(ch2, b"id", 3.0).accepted
+    (rec2,), _ = w.parse_datagram_untrusted(ch2)
+    assert rec2.sequence_number == 3
+    server = DtlsConnection(make_pair().server_config, cookie_identity=b"id")
+    server.receive_datagram(ch2, 3.0)
+    first = w.parse_datagram_untrusted(server.datagrams_to_send()[0])[0][0]
+    (sh,) = w.parse_handshake_fragments_untrusted(first.fragment)[:1]
+    # ServerHello: record seq and message_seq echo the ClientHello's (SPEC-DTLS 1.5, 3.2).
+    assert (first.sequence_number, sh.msg_type, sh.message_seq) == (3, 2, 1)
+    assert ch1 != ch2
+
+
+def test_hello_verify_request_loop_is_bounded() -> None:
+    gate = CookieGate(b"g" * 32)
+    client = DtlsConnection(make_pair().client._config)
+    client.connect(0.0)
+    for i in range(4):
+        (ch,) = client.datagrams_to_send()
+        # A server that never accepts: a fresh HVR each time (another identity each round).
+        hvr = gate.check(ch, b"round-%d" % i, 0.0).reply
+        assert hvr is not None
+        client.receive_datagram(hvr, 0.0)
+    events = []
+    while (e := client.next_event()) is not None:
+        events.append(e)
+    assert events[-1] == ConnectionClosed(
+        40, False, "alert sent: handshake_failure: too many HelloVerifyRequests"
+    )
