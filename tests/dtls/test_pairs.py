@@ -40,10 +40,12 @@ def _handshake(p: Pair) -> tuple[HandshakeCompleted, HandshakeCompleted]:
 
 
 @pytest.mark.parametrize(
-    ("suite", "group"), list(itertools.product((0xC02B, 0xC02C, 0xCCA9), (29, 23)))
+    ("suite", "group", "cookies"),
+    list(itertools.product((0xC02B, 0xC02C, 0xCCA9), (29, 23), (False, True))),
 )
-def test_every_suite_and_group(suite: int, group: int) -> None:
+def test_every_suite_and_group(suite: int, group: int, cookies: bool) -> None:
     p = make_pair(
+        cookies=cookies,
         client_kw={"cipher_suites": (suite,), "groups": (group, 23)},
         server_kw={"groups": (group, 23)},
     )
