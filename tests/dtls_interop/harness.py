@@ -33,12 +33,14 @@ def pump(
     max_steps: int = 100,
     until: Callable[[], bool] | None = None,
     tap: Callable[[str, bytes], None] | None = None,
+    stop_when_quiet: bool = False,
 ) -> int:
     """Exchange datagrams between ``a`` and ``b`` (no loss) until ``until()`` holds.
 
     The default goal is both handshakes complete. Each step delivers everything each side has
     queued. Returns the number of steps; raises PumpStalled if the pair goes quiet first or the
-    step limit is hit. ``tap(direction, datagram)`` sees every datagram ("a->b" / "b->a").
+    step limit is hit (``stop_when_quiet``: a quiet pair just ends the pump). ``tap(direction,
+    datagram)`` sees every datagram ("a->b" / "b->a").
     """
     if until is None:
 
@@ -51,6 +53,8 @@ def pump(
         out_a = a.datagrams_to_send()
         out_b = b.datagrams_to_send()
         if not out_a and not out_b:
+            if stop_when_quiet:
+                return step
             raise PumpStalled(f"pair went quiet after {step} steps: {describe(a)} / {describe(b)}")
         for datagram in out_a:
             if tap is not None:
@@ -79,19 +83,27 @@ def describe(peer: Any) -> str:
 class EnginePeer:
     """perc's DtlsConnection with the OpensslPeer surface; records every event."""
 
-    def __init__(self, connection: Any, *, is_client: bool) -> None:
+    def __init__(
+        self,
+        connection: Any,
+        *,
+        is_client: bool,
+        on_handshake_complete: Callable[[EnginePeer, float], None] | None = None,
+    ) -> None:
         self.connection = connection
         self.is_client = is_client
         self.events: list[Any] = []
+        # called once, with the time, right after HandshakeCompleted is emitted
+        self.on_handshake_complete = on_handshake_complete
 
     # -- sans-IO surface, forwarding and draining events ----------------------------------
     def connect(self, now: float) -> None:
         self.connection.connect(now)
-        self._drain()
+        self._drain(now)
 
     def receive_datagram(self, data: bytes, now: float) -> None:
         self.connection.receive_datagram(data, now)
-        self._drain()
+        self._drain(now)
 
     def datagrams_to_send(self) -> list[bytes]:
         return list(self.connection.datagrams_to_send())
@@ -102,19 +114,21 @@ class EnginePeer:
 
     def handle_timer(self, now: float) -> None:
         self.connection.handle_timer(now)
-        self._drain()
+        self._drain(now)
 
     def send_ekt_key(self, key: bytes, salt: bytes, spi: int, ttl: int, now: float) -> None:
         self.connection.send_ekt_key(key, salt, spi, ttl, now)
-        self._drain()
+        self._drain(now)
 
     def export_keying_material(self, label: bytes, length: int) -> bytes:
         material: bytes = self.connection.export_keying_material(label, length)
         return material
 
-    def _drain(self) -> None:
+    def _drain(self, now: float) -> None:
         while (event := self.connection.next_event()) is not None:
             self.events.append(event)
+            if type(event).__name__ == "HandshakeCompleted" and self.on_handshake_complete:
+                self.on_handshake_complete(self, now)
 
     # -- results --------------------------------------------------------------------------
     def first(self, name: str) -> Any | None:

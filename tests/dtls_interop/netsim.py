@@ -130,8 +130,12 @@ class Network:
         max_time: float = 300.0,
         now: float = 0.0,
         max_turns: int = 100_000,
+        tap: Callable[[str, bytes, float], None] | None = None,
     ) -> RunResult:
-        """Run the pair under this network from fake time ``now``; see the module docstring."""
+        """Run the pair under this network from fake time ``now``; see the module docstring.
+
+        ``tap(direction, datagram, now)`` runs just before each delivery (it may inject extra
+        datagrams into the peers itself)."""
         result = RunResult("stalled", now, 0, self.stats["c2s"], self.stats["s2c"])
         for turn in range(max_turns):
             result.turns = turn
@@ -162,6 +166,8 @@ class Network:
                 self.stats[direction].delivered += 1
                 if self.record_trace:
                     result.trace.append((now, direction, len(datagram)))
+                if tap is not None:
+                    tap(direction, datagram, now)
                 target = server if direction == "c2s" else client
                 target.receive_datagram(datagram, now)
             if client_timer is not None and client_timer <= now:

@@ -191,3 +191,21 @@ def test_turn_limit_bounds_a_timer_stuck_in_the_past() -> None:
     result = Network(1).run(Stuck(), PongServer(), until=lambda: False, max_turns=50)
     assert result.outcome == "timed_out"
     assert result.now == 0.0
+
+
+def test_tap_sees_every_delivery_in_order() -> None:
+    seen: list[tuple[str, bytes, float]] = []
+    client, server = PingClient(3), PongServer()
+    client.connect(0.0)
+    result = Network.symmetric(1, Link(latency=0.5)).run(
+        client, server, until=lambda: client.done, tap=lambda d, x, t: seen.append((d, x, t))
+    )
+    assert result.done
+    assert seen == [
+        ("c2s", b"PING 0", 0.5),
+        ("s2c", b"PONG 0", 1.0),
+        ("c2s", b"PING 1", 1.5),
+        ("s2c", b"PONG 1", 2.0),
+        ("c2s", b"PING 2", 2.5),
+        ("s2c", b"PONG 2", 3.0),
+    ]

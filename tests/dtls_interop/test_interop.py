@@ -1,0 +1,383 @@
+"""perc's DTLS 1.2 engine against OpenSSL (pyOpenSSL over memory BIOs), both directions.
+
+OpenSSL is the independent referee (issue 6): the handshake completes, both sides agree on
+cipher suite, group and SRTP profile, the RFC 5705 exporter output is byte-identical, and the
+key-log lines (master secret) match. Clean in-memory network: OpenSSL's timers read the real
+clock, so nothing is lost or delayed here (lossy runs are in test_lossy.py, engine only).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from perc.identity import Identity, fingerprint_of
+from tests.dtls_interop.engine import GatedServer, client_peer, server_peer
+from tests.dtls_interop.harness import EnginePeer, pump
+from tests.dtls_interop.openssl_peer import (
+    EXPORTER_LABEL,
+    SRTP_EXPORTER_LENGTH,
+    OpensslPeer,
+    split_records,
+)
+
+PROFILES = (0x0007, 0x0008, 0x0009, 0x000A)
+SUITES = (0xC02B, 0xC02C, 0xCCA9)
+GROUPS = {29: "x25519", 23: "secp256r1"}
+
+CERTIFICATE = 11
+
+
+class Wire:
+    """Every datagram of a pumped pair, by direction."""
+
+    def __init__(self) -> None:
+        self.datagrams: list[tuple[str, bytes]] = []
+
+    def tap(self, direction: str, datagram: bytes) -> None:
+        self.datagrams.append((direction, datagram))
+
+    def sent_by(self, direction: str) -> list[bytes]:
+        return [d for dirn, d in self.datagrams if dirn == direction]
+
+    def certificate_fragments(self, direction: str) -> list[tuple[int, int]]:
+        """(fragment_offset, fragment_length) of each plaintext Certificate fragment."""
+        out = []
+        for datagram in self.sent_by(direction):
+            for record in split_records(datagram):
+                if record[0] == 22 and record[3:5] == b"\x00\x00" and record[13] == CERTIFICATE:
+                    out.append(
+                        (
+                            int.from_bytes(record[19:22], "big"),
+                            int.from_bytes(record[22:25], "big"),
+                        )
+                    )
+        return out
+
+
+def check_agreement(ours: Any, theirs: OpensslPeer, *, profile: int | None = None) -> None:
+    assert ours.failed is None, ours.failed
+    assert theirs.failed is None, theirs.failed
+    event = ours.completed
+    assert event.srtp_profile == theirs.srtp_profile
+    if profile is not None:
+        assert event.srtp_profile == profile
+    assert event.cipher_suite == theirs.cipher_suite
+    material = event.srtp_keying_material
+    assert material is not None
+    assert len(material) == SRTP_EXPORTER_LENGTH[event.srtp_profile]
+    assert material == theirs.srtp_keying_material
+    # an arbitrary other exporter length, through the engine's own exporter
+    assert ours.export_keying_material(EXPORTER_LABEL, 100) == theirs.export_keying_material(
+        EXPORTER_LABEL, 100
+    )
+    # mutual authentication: each side saw the other's certificate
+    assert event.peer_certificate_der == theirs.identity.certificate_der
+    assert event.peer_fingerprint == fingerprint_of(theirs.identity.certificate)
+    assert theirs.peer_certificate_der is not None
+    # OpenSSL knows neither EKT nor external_session_id: nothing negotiated
+    assert event.ekt_cipher is None
+    assert event.peer_tls_id is None
+
+
+def ours_client(
+    client_identity: Identity, server_identity: Identity, *, mtu: int = 1200, **options: Any
+) -> tuple[EnginePeer, OpensslPeer, Wire, list[str]]:
+    """Our client against an OpenSSL server (options: ours=..., openssl=...)."""
+    keylog: list[str] = []
+    client = client_peer(client_identity, mtu=mtu, keylog=keylog.append, **options.get("ours", {}))
+    server = OpensslPeer(
+        is_client=False, identity=server_identity, mtu=mtu, **options.get("openssl", {})
+    )
+    wire = Wire()
+    client.connect(0.0)
+    pump(client, server, tap=wire.tap)
+    return client, server, wire, keylog
+
+
+def ours_server(
+    client_identity: Identity,
+    server_identity: Identity,
+    *,
+    mtu: int = 1200,
+    gated: bool = False,
+    **options: Any,
+) -> tuple[Any, OpensslPeer, Wire, list[str]]:
+    """An OpenSSL client against our server (options: ours=..., openssl=...)."""
+    keylog: list[str] = []
+    ours_options = {"mtu": mtu, "keylog": keylog.append, **options.get("ours", {})}
+    server: Any
+    if gated:
+        server = GatedServer(server_identity, **ours_options)
+    else:
+        server = server_peer(server_identity, **ours_options)
+    client = OpensslPeer(
+        is_client=True, identity=client_identity, mtu=mtu, **options.get("openssl", {})
+    )
+    wire = Wire()
+    client.connect(0.0)
+    pump(client, server, tap=wire.tap)
+    return server, client, wire, keylog
+
+
+# --- SRTP profiles ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_our_client_openssl_server_profile(
+    client_identity: Identity, server_identity: Identity, profile: int
+) -> None:
+    client, server, _, keylog = ours_client(
+        client_identity, server_identity, ours={"srtp_profiles": (profile,)}
+    )
+    check_agreement(client, server, profile=profile)
+    assert server.peer_certificate_der == client_identity.certificate_der
+    assert keylog == server.keylog_lines
+    assert len(keylog) == 1
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+def test_openssl_client_our_server_profile(
+    client_identity: Identity, server_identity: Identity, profile: int
+) -> None:
+    server, client, _, keylog = ours_server(
+        client_identity, server_identity, ours={"srtp_profiles": (profile,)}
+    )
+    check_agreement(server, client, profile=profile)
+    assert client.peer_certificate_der == server_identity.certificate_der
+    assert keylog == client.keylog_lines
+    assert len(keylog) == 1
+
+
+def test_our_server_picks_its_first_profile_the_client_offers(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    # OpenSSL offers 7, 8, 9, 10; our default server list is (9, 10)
+    server, client, _, _ = ours_server(client_identity, server_identity)
+    check_agreement(server, client, profile=0x0009)
+
+
+def test_our_client_offers_in_order_openssl_server_picks(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    client, server, _, _ = ours_client(
+        client_identity, server_identity, ours={"srtp_profiles": (0x000A, 0x0008)}
+    )
+    assert client.completed.srtp_profile in (0x000A, 0x0008)
+    check_agreement(client, server)
+
+
+# --- cipher suites and groups ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_our_client_openssl_server_suite(
+    client_identity: Identity, server_identity: Identity, suite: int
+) -> None:
+    client, server, _, keylog = ours_client(
+        client_identity, server_identity, openssl={"cipher_suites": (suite,)}
+    )
+    assert client.completed.cipher_suite == suite
+    check_agreement(client, server)
+    assert keylog == server.keylog_lines
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_openssl_client_our_server_suite(
+    client_identity: Identity, server_identity: Identity, suite: int
+) -> None:
+    server, client, _, keylog = ours_server(
+        client_identity, server_identity, ours={"cipher_suites": (suite,)}
+    )
+    assert server.completed.cipher_suite == suite
+    check_agreement(server, client)
+    assert keylog == client.keylog_lines
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_our_client_openssl_server_group(
+    client_identity: Identity, server_identity: Identity, group: int
+) -> None:
+    # keep both groups offered (an ECDSA P-256 certificate needs secp256r1 listed, RFC 8422
+    # §5.1.1); the client's first choice wins with OpenSSL
+    client, server, _, _ = ours_client(
+        client_identity, server_identity, ours={"groups": (group, 29 + 23 - group)}
+    )
+    check_agreement(client, server)
+    assert server.group_name == GROUPS[group]
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_openssl_client_our_server_group(
+    client_identity: Identity, server_identity: Identity, group: int
+) -> None:
+    # our server picks by its own preference among the groups OpenSSL offers (both)
+    server, client, _, _ = ours_server(
+        client_identity, server_identity, ours={"groups": (group, 29 + 23 - group)}
+    )
+    check_agreement(server, client)
+    assert client.group_name == GROUPS[group]
+
+
+# --- cookies ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mtu", [1200, 300])
+def test_our_client_openssl_server_cookie(
+    client_identity: Identity, server_identity: Identity, mtu: int
+) -> None:
+    client, server, wire, keylog = ours_client(
+        client_identity, server_identity, mtu=mtu, openssl={"cookie_exchange": True}
+    )
+    check_agreement(client, server)
+    assert server.cookies_generated == 1
+    assert server.cookies_verified >= 1
+    # the HVR is answered by a second ClientHello (message_seq 1)
+    hellos = [d for d in wire.sent_by("a->b") if d[0] == 22 and d[13] == 1]
+    assert [int.from_bytes(h[17:19], "big") for h in hellos] == [0, 1]
+    assert keylog == server.keylog_lines
+
+
+@pytest.mark.parametrize("mtu", [1200, 300])
+def test_openssl_client_our_cookie_gate(
+    client_identity: Identity, server_identity: Identity, mtu: int
+) -> None:
+    server, client, wire, keylog = ours_server(
+        client_identity, server_identity, mtu=mtu, gated=True
+    )
+    check_agreement(server, client)
+    assert server.hello_verify_requests == 1
+    # flight 2 is a lone HelloVerifyRequest
+    direction, hvr = wire.datagrams[1]
+    assert direction == "b->a"
+    assert hvr[0] == 22 and hvr[13] == 3
+    assert keylog == client.keylog_lines
+
+
+# --- small MTU: fragmented certificates ------------------------------------------------------
+
+
+def test_our_client_openssl_server_mtu_300(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    client, server, wire, _ = ours_client(client_identity, server_identity, mtu=300)
+    check_agreement(client, server)
+    assert max(map(len, wire.sent_by("a->b"))) <= 300
+    # both certificates travel in several fragments
+    assert len(wire.certificate_fragments("a->b")) > 1
+    assert len(wire.certificate_fragments("b->a")) > 1
+
+
+def test_openssl_client_our_server_mtu_300(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    server, client, wire, _ = ours_server(client_identity, server_identity, mtu=300)
+    check_agreement(server, client)
+    assert max(map(len, wire.sent_by("b->a"))) <= 300
+    assert len(wire.certificate_fragments("a->b")) > 1
+    assert len(wire.certificate_fragments("b->a")) > 1
+
+
+def test_openssl_one_record_per_datagram_to_our_client(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    # every fragment alone in its own datagram, as a UDP sender that never packs would do
+    client, server, _, _ = ours_client(
+        client_identity, server_identity, mtu=300, openssl={"one_record_per_datagram": True}
+    )
+    check_agreement(client, server)
+
+
+# --- after the handshake: application data, close_notify -------------------------------------
+
+
+def test_application_data_and_close_our_client(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    client, server, _, _ = ours_client(client_identity, server_identity)
+    client.connection.send_application_data(b"hello openssl", 1.0)
+    server.send_application_data(b"hello perc")
+    pump(
+        client,
+        server,
+        until=lambda: bool(server.application_data) and client.has("ApplicationDataReceived"),
+    )
+    assert server.application_data == [b"hello openssl"]
+    assert client.first("ApplicationDataReceived").data == b"hello perc"
+    client.connection.close(2.0)
+    client._drain(2.0)
+    pump(client, server, until=lambda: server.peer_closed)
+    closed = client.first("ConnectionClosed")
+    assert closed is not None and closed.sent_by_peer is False
+
+
+def test_openssl_close_notify_reaches_our_server(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    server, client, _, _ = ours_server(client_identity, server_identity)
+    client.connection.shutdown()
+    pump(client, server, until=lambda: server.has("ConnectionClosed"))
+    closed = server.first("ConnectionClosed")
+    assert closed.sent_by_peer is True
+    assert closed.alert == 0  # close_notify
+
+
+# --- refusals carry the right alert to OpenSSL -----------------------------------------------
+
+
+def pump_to_end(a: Any, b: Any) -> None:
+    pump(a, b, stop_when_quiet=True, until=lambda: False)
+
+
+def test_our_server_refuses_fingerprint_access_denied(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    server = server_peer(server_identity, verify_peer=lambda identity: 49)
+    client = OpensslPeer(is_client=True, identity=client_identity)
+    client.connect(0.0)
+    pump_to_end(client, server)
+    closed = server.first("ConnectionClosed")
+    assert closed is not None and closed.alert == 49 and closed.sent_by_peer is False
+    assert not server.handshake_complete
+    assert client.failed is not None and "access denied" in str(client.failed)
+
+
+def test_our_client_refuses_fingerprint_bad_certificate(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    client = client_peer(client_identity, verify_peer=lambda identity: 42)
+    server = OpensslPeer(is_client=False, identity=server_identity)
+    client.connect(0.0)
+    pump_to_end(client, server)
+    closed = client.first("ConnectionClosed")
+    assert closed is not None and closed.alert == 42 and closed.sent_by_peer is False
+    assert server.failed is not None and "bad certificate" in str(server.failed)
+
+
+def test_no_common_profile_handshake_failure(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    server = server_peer(server_identity, srtp_profiles=(0x0009, 0x000A))
+    client = OpensslPeer(is_client=True, identity=client_identity, srtp_profiles=(0x0007,))
+    client.connect(0.0)
+    pump_to_end(client, server)
+    closed = server.first("ConnectionClosed")
+    assert closed is not None and closed.alert == 40
+    assert client.failed is not None and "handshake failure" in str(client.failed)
+
+
+def test_openssl_refusal_reaches_our_client_as_alert(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    # OpenSSL server with only AEAD_AES_128_GCM, our client offers only DOUBLE: OpenSSL goes on
+    # without use_srtp (RFC 5764 §4.1.1), and our client, which requires a profile, must end
+    # the handshake with an alert rather than complete without SRTP keys.
+    client = client_peer(client_identity, srtp_profiles=(0x0009,))
+    server = OpensslPeer(is_client=False, identity=server_identity, srtp_profiles=(0x0007,))
+    client.connect(0.0)
+    pump_to_end(client, server)
+    assert not client.handshake_complete
+    closed = client.first("ConnectionClosed")
+    assert closed is not None and closed.alert is not None
+    assert not server.handshake_complete
