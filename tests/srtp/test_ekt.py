@@ -477,3 +477,34 @@ def test_plaintext_every_truncation(key: bytes, ssrc: int, roc: int) -> None:
     for cut in range(len(enc)):
         with pytest.raises(EktDecodeError):
             decode_ekt_plaintext(enc[:cut])
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(0, 2), st.integers(0, 2)),
+        max_size=25,
+    )
+)
+def test_receiver_never_rolls_back(tags: list[tuple[int, int, int, int]]) -> None:
+    """Random Full tags (key index, epoch, ROC, SSRC choice): per SPI+SSRC the newest key's
+    epoch only grows, a tag's key is only learnt at a higher epoch, and nothing but the
+    documented outcomes happen."""
+    p = params()
+    keys = [bytes([k]) * 16 for k in range(4)]
+    r = receiver(p)
+    best: dict[int, int] = {}
+    for key_i, epoch, roc, ssrc_choice in tags:
+        ct = ekt_wrap(p.cipher, p.key, EktPlaintext(keys[key_i], 7, roc).encode())
+        packet_ssrc = 7 if ssrc_choice else 8
+        outcome = r.process(FullEktField(ct, p.spi, epoch), packet_ssrc, 0.0)
+        if packet_ssrc == 8:
+            assert outcome is EktOutcome.IGNORED_SSRC
+            continue
+        if outcome is EktOutcome.NEW_KEY:
+            assert epoch > best.get(p.spi, -1)
+            best[p.spi] = epoch
+        known = r.keys(7)  # newest first (no key was marked used)
+        if known:
+            assert known[0].epoch == best[p.spi]
+            assert [k.epoch for k in known] == sorted((k.epoch for k in known), reverse=True)
+        assert len(known) <= 3
