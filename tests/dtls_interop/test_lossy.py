@@ -29,12 +29,14 @@ RUNS = 100
 MODERATE = Link(drop=0.10, duplicate=0.10, reorder=0.10)
 HEAVY = Link(drop=0.30)
 HEAVY_MIXED = Link(drop=0.30, duplicate=0.10, reorder=0.10)
-# Fake-clock budget of one run. With 30% loss each way a flight round trip fails about half the
-# time, and the retransmission timer doubles from 1 s, so several failures in a row are normal;
-# the handshake deadline is raised to match (the default 60 s would legitimately give up on a
-# few of 100 seeds: 0.51^6 per flight exchange to need 63 s).
+# Fake-clock budget of one run, and the handshake deadline for the 30% cases. With 30% loss
+# each way a flight round trip fails about half the time and the retransmission timer doubles
+# from 1 s, so six lost round trips in a row (1+2+4+8+16+32 = 63 s > the default 60 s
+# deadline) happen to about 1 in 70 exchanges: with the cookie round (4 exchanges), seeds 12
+# and 27 of 0..99 lose the ClientHello/HelloVerifyRequest exchange six times. That is the
+# protocol, not the engine, so the 30% runs raise the deadline; the 10% runs keep the default.
 MAX_TIME = 900.0
-HANDSHAKE_TIMEOUT = 600.0
+HEAVY_HANDSHAKE_TIMEOUT = 600.0
 
 
 def ekt_done(client: Any, server: Any) -> bool:
@@ -48,8 +50,9 @@ def run_seed(
     server_identity: Identity,
     *,
     gated: bool,
+    handshake_timeout: float = 60.0,
 ) -> tuple[RunResult, Any, Any]:
-    options = {"handshake_timeout": HANDSHAKE_TIMEOUT}
+    options = {"handshake_timeout": handshake_timeout}
     client = client_peer(client_identity, **options)
     server: Any
     if gated:
@@ -90,26 +93,38 @@ def check_run(result: RunResult, client: Any, server: Any, seed: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "link, gated",
+    "link, gated, handshake_timeout",
     [
-        pytest.param(MODERATE, False, id="10drop-10dup-10reorder"),
-        pytest.param(MODERATE, True, id="10drop-10dup-10reorder-cookie"),
-        pytest.param(HEAVY, False, id="30drop"),
-        pytest.param(HEAVY_MIXED, True, id="30drop-10dup-10reorder-cookie"),
+        pytest.param(MODERATE, False, 60.0, id="10drop-10dup-10reorder"),
+        pytest.param(MODERATE, True, 60.0, id="10drop-10dup-10reorder-cookie"),
+        pytest.param(HEAVY, False, HEAVY_HANDSHAKE_TIMEOUT, id="30drop"),
+        pytest.param(HEAVY, True, HEAVY_HANDSHAKE_TIMEOUT, id="30drop-cookie"),
+        pytest.param(
+            HEAVY_MIXED, True, HEAVY_HANDSHAKE_TIMEOUT, id="30drop-10dup-10reorder-cookie"
+        ),
     ],
 )
 def test_hundred_seeded_handshakes_with_ekt(
-    client_identity: Identity, server_identity: Identity, link: Link, gated: bool
+    client_identity: Identity,
+    server_identity: Identity,
+    link: Link,
+    gated: bool,
+    handshake_timeout: float,
 ) -> None:
     failures = []
-    slowest = 0.0
     for seed in range(RUNS):
-        result, client, server = run_seed(seed, link, client_identity, server_identity, gated=gated)
+        result, client, server = run_seed(
+            seed,
+            link,
+            client_identity,
+            server_identity,
+            gated=gated,
+            handshake_timeout=handshake_timeout,
+        )
         try:
             check_run(result, client, server, seed)
         except AssertionError as e:
             failures.append(str(e))
-        slowest = max(slowest, result.now)
     assert not failures, f"{len(failures)} of {RUNS} failed:\n" + "\n".join(failures[:5])
 
 
