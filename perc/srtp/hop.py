@@ -88,10 +88,10 @@ class HeaderChanges:
 
 @attrs.define
 class HopStats:
-    received: int = 0
+    """Drops the hop itself decides (the SRTP sessions count their own in their ``stats``)."""
+
     ekt_framing_errors: int = 0
     ohb_errors: int = 0
-    sent: int = 0
 
 
 def rtp_header_length(packet: bytes | bytearray | memoryview) -> int:
@@ -162,7 +162,6 @@ class MediaDistributorHop:
 
     def decrypt(self, packet: bytes) -> Inbound:
         """Strip the EKT field, verify and decrypt the outer layer (raises on any problem)."""
-        self.stats.received += 1
         if not self._expect_ekt:
             return Inbound(self._unprotect(packet), b"")
         n = len(packet)
@@ -191,7 +190,6 @@ class MediaDistributorHop:
             plain = self._rewrite(inbound.packet, changes)
             inbound._cache_changes = changes
             inbound._cache_packet = plain
-        self.stats.sent += 1
         return session.protect_rtp(plain) + inbound.ekt_field
 
     def _rewrite(self, packet: bytes, changes: HeaderChanges) -> bytes:

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from perc.srtp.context import SrtpSession
 from perc.srtp.errors import ReplayError, SrtpError, SrtpUsageError
-from perc.srtp.hop import HeaderChanges, HopDecodeError, MediaDistributorHop, rtp_header_length
+from perc.srtp.hop import (
+    HeaderChanges,
+    HopDecodeError,
+    HopStats,
+    MediaDistributorHop,
+    rtp_header_length,
+)
 from perc.wire.ekt import ExtensionEktField, FullEktField
 from perc.wire.ohb import Ohb, OhbDecodeError
 
@@ -103,7 +109,7 @@ def test_changes_per_receiver_and_cache() -> None:
         assert plain.endswith(b"\x00" if c is None else Ohb(payload_type=96).encode())
     # the same changes gave the same plaintext (built once), different ciphertexts (keys)
     assert outs[0] != outs[1]
-    assert chain.md1.stats.sent == 3 and chain.md1.stats.received == 1
+    assert chain.md1.stats == HopStats()
 
 
 def test_hop_replay_even_with_other_ekt_field() -> None:
