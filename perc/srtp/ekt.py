@@ -44,6 +44,26 @@ encrypting with its old key for 250 ms after announcing a new one (§4.3.1, D22)
 double receiver tries the key that last worked first and falls back to the others.
 
 Every drop and ignored tag is counted in ``stats``.
+
+API
+---
+- ``EktCipher`` (AESKW_128 = 1, AESKW_256 = 2, D6); ``ekt_wrap``/``ekt_unwrap`` and the
+  plain RFC 5649 ``aes_kw_wrap_with_padding``/``aes_kw_unwrap_with_padding``;
+  ``ekt_ciphertext_length(m)`` (D7).
+- ``EktParameterSet(spi, cipher, key, salt, expires_at=None)``,
+  ``EktParameterSet.from_ekt_key(key, salt, spi, ttl, now, cipher=None)``.
+- ``EktSender(params, master_key, *, period=0.1, burst=3)``:
+  ``field(ssrc, roc, now, keyframe=False) -> bytes``, ``change_key(master_key, params=None)``,
+  ``ssrcs()``, ``stats``.
+- ``EktReceiver(session_factory, *, master_key_length, salt_length=12, max_parameter_sets=8,
+  max_streams=1024, keys_per_stream=3, old_key_lifetime=10.0)``: ``add_parameter_set``,
+  ``remove_parameter_set``, ``parameter_set(spi)``, ``process(field, ssrc, now) ->
+  EktOutcome``, ``keys(ssrc)``, ``mark_used(key)``, ``forget(ssrc)``,
+  ``expire_old_keys(now)``, ``stats``.
+- Errors (all :class:`~perc.srtp.errors.SrtpError`): ``UnknownSpiError`` and
+  ``EktUnwrapError`` (also ``AuthenticationError``), ``EktPlaintextError``,
+  ``EktStreamLimitError``, ``EktFieldError`` (also ``SrtpDecodeError``); local misuse
+  ``EktUsageError`` (also ``ValueError``).
 """
 
 from __future__ import annotations
@@ -178,11 +198,28 @@ class EktParameterSet:
 
     @classmethod
     def from_ekt_key(
-        cls, key: bytes, salt: bytes, spi: int, ttl: int, now: float
+        cls,
+        key: bytes,
+        salt: bytes,
+        spi: int,
+        ttl: int,
+        now: float,
+        *,
+        cipher: int | None = None,
     ) -> EktParameterSet:
-        """From the fields of an EKTKey message received at ``now`` (cipher from key size)."""
-        cipher = EktCipher.AESKW_128 if len(key) == 16 else EktCipher.AESKW_256
-        return cls(spi, cipher, key, salt, now + ttl)
+        """From the fields of an EKTKey message received at ``now``.
+
+        ``cipher`` is the EKT cipher the DTLS handshake negotiated (1 or 2, D6); without it
+        the cipher follows from the key length. A key that does not fit the cipher is
+        :class:`EktUsageError`.
+        """
+        if cipher is None:
+            cipher = EktCipher.AESKW_128 if len(key) == 16 else EktCipher.AESKW_256
+        try:
+            chosen = EktCipher(cipher)
+        except ValueError:
+            raise EktUsageError(f"unknown EKT cipher {cipher}") from None
+        return cls(spi, chosen, key, salt, now + ttl)
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at

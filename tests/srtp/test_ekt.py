@@ -202,6 +202,17 @@ def spec_9_4_params(now: float = 0.0) -> EktParameterSet:
     return EktParameterSet.from_ekt_key(key, salt, spi, ttl, now)
 
 
+def test_from_ekt_key_with_negotiated_cipher() -> None:
+    p = EktParameterSet.from_ekt_key(bytes(32), bytes(12), 5, 10, 0.0, cipher=2)
+    assert p.cipher is EktCipher.AESKW_256
+    with pytest.raises(EktUsageError):
+        EktParameterSet.from_ekt_key(bytes(16), bytes(12), 5, 10, 0.0, cipher=2)
+    with pytest.raises(EktUsageError):
+        EktParameterSet.from_ekt_key(bytes(16), bytes(12), 5, 10, 0.0, cipher=0)
+    with pytest.raises(EktUsageError):
+        EktParameterSet.from_ekt_key(bytes(16), bytes(12), 0x10000, 10, 0.0)
+
+
 def test_spec_9_4_parameter_set() -> None:
     p = spec_9_4_params(now=100.0)
     assert p.spi == 0x0102
