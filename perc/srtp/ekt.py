@@ -51,7 +51,7 @@ API
   plain RFC 5649 ``aes_kw_wrap_with_padding``/``aes_kw_unwrap_with_padding``;
   ``ekt_ciphertext_length(m)`` (D7).
 - ``EktParameterSet(spi, cipher, key, salt, expires_at=None)``,
-  ``EktParameterSet.from_ekt_key(key, salt, spi, ttl, now, cipher=None)``.
+  ``EktParameterSet.from_ekt_key(key, salt, spi, ttl, now, *, cipher=None)``.
 - ``EktSender(params, master_key, *, period=0.1, burst=3)``:
   ``field(ssrc, roc, now, keyframe=False) -> bytes``, ``change_key(master_key, params=None)``,
   ``ssrcs()``, ``stats``.

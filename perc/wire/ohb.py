@@ -16,9 +16,11 @@ Because the OHB sits at the end of the payload and its length is given by its la
 it is parsed backwards from the end of the outer plaintext. RFC 8723 §4 forbids ``B`` without
 ``M``; the RFC's text says "``C & 0x0C`` MUST NOT be ``0x80``", a typo for ``0x08`` (D12).
 
-:func:`decode_ohb` is the one parser of untrusted OHB bytes and raises only
-:class:`OhbDecodeError`. :func:`update_ohb` is the Media Distributor's §5.2 rule for growing
-and shrinking the block when it rewrites header fields.
+:func:`decode_ohb` (and its object-free twin :func:`decode_ohb_fields`, for hot paths) is
+the one parser of untrusted OHB bytes and raises only :class:`OhbDecodeError`.
+:func:`update_ohb` / :func:`update_ohb_fields` are the Media Distributor's §5.2 rule for
+growing and shrinking the block when it rewrites header fields; :meth:`Ohb.encode` /
+:func:`encode_ohb_fields` write it.
 """
 
 from __future__ import annotations
