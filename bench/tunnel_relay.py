@@ -15,6 +15,9 @@ and generator in one trio process on one core. Baseline measured in the same run
 generator against a plain UDP echo task (one trio process, same drain-until-EAGAIN loop), the
 floor that any Python UDP relay pays.
 
+The in-process row also shows how many tunnel messages the MDD's writer put into each TLS
+write on average ("N/write"): the batching of STYLE practice 11.
+
 Rows: round trips/s, and relayed datagrams/s = 2 x round trips (endpoint->KMF and back), and
 the relay's share of the baseline. Lost datagrams (a full queue or socket buffer) are refilled
 after 200 ms of silence and reported.
@@ -40,6 +43,8 @@ from perc.roles.demo import make_demo_files
 
 LOCAL = "127.0.0.1"
 WARMUP = 0.5
+#: MDD->KMF tunnel messages per TLS write in the in-process rows (STYLE practice 11).
+BATCHING: list[float] = []
 
 
 # --- the load generator --------------------------------------------------------------------------
@@ -173,6 +178,9 @@ async def inproc(payload: bytes, args: argparse.Namespace) -> tuple[int, int]:
         relay = mdd_server.conferences["demo"]
         await _wait_tunnel(relay)
         result = await _generator(relay.address, payload, args.seconds, args.window, args.endpoints)
+        stats = relay.tunnel_stats
+        if stats is not None and stats.batches_out:
+            BATCHING.append(stats.messages_out / stats.batches_out)
         nursery.cancel_scope.cancel()
     return result
 
@@ -229,7 +237,7 @@ def main() -> None:
         f"{args.seconds:g} s per row after {WARMUP} s warm-up; loopback TLS 1.3"
     )
     print(
-        f"{'row':<28}{'bytes':>7}{'round trips/s':>15}{'datagrams/s':>13}"
+        f"{'row':<34}{'bytes':>7}{'round trips/s':>15}{'datagrams/s':>13}"
         f"{'vs baseline':>13}{'refills':>9}"
     )
     for size in sizes:
@@ -237,7 +245,7 @@ def main() -> None:
         done, refills = trio.run(baseline, payload, args)
         base = done / args.seconds
         print(
-            f"{'baseline: UDP echo':<28}{size:>7}{base:>15,.0f}{2 * base:>13,.0f}"
+            f"{'baseline: UDP echo':<34}{size:>7}{base:>15,.0f}{2 * base:>13,.0f}"
             f"{'1.00x':>13}{refills:>9}"
         )
         for mode in modes:
@@ -248,8 +256,10 @@ def main() -> None:
                 done, refills = trio.run(inproc, payload, args)
                 name = "relay, one process"
             rate = done / args.seconds
+            if mode == "inproc" and BATCHING:
+                name += f" ({BATCHING[-1]:.0f}/write)"
             print(
-                f"{name:<28}{size:>7}{rate:>15,.0f}{2 * rate:>13,.0f}"
+                f"{name:<34}{size:>7}{rate:>15,.0f}{2 * rate:>13,.0f}"
                 f"{rate / base if base else 0:>12.2f}x{refills:>9}"
             )
 

@@ -31,7 +31,7 @@ API::
     serve(config: MddConfig, *, task_status=trio.TASK_STATUS_IGNORED)   # started(MddServer)
     MddServer.conferences: dict[str, ConferenceRelay]
     ConferenceRelay: .address (UDP), .stats: RelayStats, .associations: dict[UUID, Association],
-                     .tunnel_is_up, .kmf_highest_version, wait_changed()
+                     .tunnel_is_up, .tunnel_stats, .kmf_highest_version, wait_changed()
     Association: association_id, conference, address, created, last_seen, media_keys, counters
 """
 
@@ -50,6 +50,7 @@ from perc.roles.tunnel import (
     TunnelConnection,
     TunnelError,
     TunnelProtocolError,
+    TunnelStats,
     format_address,
     make_tls_context,
 )
@@ -167,6 +168,11 @@ class ConferenceRelay:
     @property
     def tunnel_is_up(self) -> bool:
         return self._tunnel is not None and self._tunnel.is_open
+
+    @property
+    def tunnel_stats(self) -> TunnelStats | None:
+        """Counters of the current tunnel connection (None while it is down)."""
+        return self._tunnel.stats if self._tunnel is not None else None
 
     async def wait_changed(self) -> None:
         """Wait for the next tunnel up/down or association table change."""
