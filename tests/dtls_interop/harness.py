@@ -174,3 +174,19 @@ class EnginePeer:
     def peer_certificate_der(self) -> bytes:
         der: bytes = self.completed.peer_certificate_der
         return der
+
+
+def internal_errors(peer: Any) -> int:
+    """Unexpected exceptions the engine contained as internal_error alerts (0 for non-engine
+    peers). The engine never lets them escape, so tests must look here to see them."""
+    inner = getattr(peer, "peer", peer)  # GatedServer -> its EnginePeer (or None)
+    connection = getattr(inner, "connection", None)
+    stats = getattr(connection, "stats", None)
+    count = getattr(stats, "internal_errors", 0)
+    closed = [e for e in getattr(inner, "events", ()) if type(e).__name__ == "ConnectionClosed"]
+    return int(count) + sum(e.alert == 80 and not e.sent_by_peer for e in closed)
+
+
+def assert_no_internal_errors(*peers: Any) -> None:
+    for peer in peers:
+        assert internal_errors(peer) == 0, f"internal error contained: {describe(peer)}"

@@ -14,7 +14,7 @@ import pytest
 
 from perc.identity import Identity, fingerprint_of
 from tests.dtls_interop.engine import GatedServer, client_peer, server_peer
-from tests.dtls_interop.harness import EnginePeer, pump
+from tests.dtls_interop.harness import EnginePeer, assert_no_internal_errors, pump
 from tests.dtls_interop.openssl_peer import (
     EXPORTER_LABEL,
     SRTP_EXPORTER_LENGTH,
@@ -57,6 +57,7 @@ class Wire:
 
 
 def check_agreement(ours: Any, theirs: OpensslPeer, *, profile: int | None = None) -> None:
+    assert_no_internal_errors(ours)
     assert ours.failed is None, ours.failed
     assert theirs.failed is None, theirs.failed
     event = ours.completed

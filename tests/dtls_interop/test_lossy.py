@@ -22,7 +22,7 @@ from tests.dtls_interop.engine import (
     client_peer,
     ekt_server_peer,
 )
-from tests.dtls_interop.harness import describe
+from tests.dtls_interop.harness import assert_no_internal_errors, describe
 from tests.dtls_interop.netsim import Link, Network, RunResult
 
 RUNS = 100
@@ -74,6 +74,7 @@ def check_run(result: RunResult, client: Any, server: Any, seed: int) -> None:
     )
     assert result.done, context
     assert client.failed is None and server.failed is None, context
+    assert_no_internal_errors(client, server)
     ours, theirs = client.completed, server.completed
     assert ours.srtp_keying_material == theirs.srtp_keying_material, context
     assert ours.srtp_profile == theirs.srtp_profile == 0x0009, context

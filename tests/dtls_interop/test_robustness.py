@@ -33,7 +33,7 @@ from perc.wire.dtls import (
     parse_handshake_fragments_untrusted,
 )
 from tests.dtls_interop.engine import GatedServer, client_peer, ekt_server_peer, server_peer
-from tests.dtls_interop.harness import describe
+from tests.dtls_interop.harness import assert_no_internal_errors, describe
 from tests.dtls_interop.netsim import Network
 from tests.dtls_interop.openssl_peer import split_records
 
@@ -106,6 +106,7 @@ def test_fresh_peers_never_raise(
         server.receive_datagram(datagram, float(i))
         client.datagrams_to_send()
         server.datagrams_to_send()
+    assert_no_internal_errors(client, server)
 
 
 class Mutator:
@@ -185,6 +186,7 @@ def test_mutated_traffic_at_every_stage_never_raises(
 
     client.connect(0.0)
     Network(seed).run(client, server, until=lambda: False, max_time=60.0, tap=tap)
+    assert_no_internal_errors(client, server)
 
 
 # --- record-layer junk does not stop the handshake -------------------------------------------
@@ -293,6 +295,7 @@ def run_with_junk(
     assert result.done, context
     assert client.failed is None and server.failed is None, context
     assert client.completed.srtp_keying_material == server.completed.srtp_keying_material
+    assert_no_internal_errors(client, server)
     return client, server, result
 
 
@@ -367,6 +370,7 @@ def test_all_wrong_epoch_copies_of_all_records_at_every_stage(
     )
     assert result.done, f"{describe(client)} / {describe(server)}"
     assert moved > 50
+    assert_no_internal_errors(client, server)
 
 
 # --- CookieGate: no state before a valid cookie ----------------------------------------------
