@@ -466,3 +466,92 @@ def test_client_hello_flood_leaves_no_state(client_identity: Identity) -> None:
         )
     )
     assert growth < 16 * 1024, f"perc allocations grew by {growth} bytes over 5000 hellos"
+
+
+# --- bounded memory under floods -------------------------------------------------------------
+
+
+def fragment(msg_type: int, length: int, message_seq: int, offset: int, body: bytes) -> bytes:
+    return (
+        bytes([msg_type])
+        + length.to_bytes(3, "big")
+        + message_seq.to_bytes(2, "big")
+        + offset.to_bytes(3, "big")
+        + len(body).to_bytes(3, "big")
+        + body
+    )
+
+
+def traced_growth(peer: Any, datagrams: list[bytes]) -> int:
+    """Bytes still allocated by perc after feeding ``datagrams`` (garbage collected)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for datagram in datagrams:
+            peer.receive_datagram(datagram, 0.0)
+            peer.datagrams_to_send()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    perc_only = [tracemalloc.Filter(True, "*/perc/*")]
+    return sum(
+        stat.size_diff
+        for stat in after.filter_traces(perc_only).compare_to(
+            before.filter_traces(perc_only), "filename"
+        )
+    )
+
+
+def test_fragment_and_future_epoch_floods_stay_bounded(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    """Reassembly slots and the buffer of early epoch-1 records are bounded (SPEC-DTLS 1.4,
+    3.3): thousands of partial messages of the maximum size, in every message_seq slot the
+    look-ahead allows, or of unverifiable epoch-1 records, leave at most a few hundred KiB."""
+    rng = random.Random(11)
+    count = 2000
+    floods = {
+        "certificate fragments": [
+            record(
+                22,
+                0xFEFD,
+                0,
+                i,
+                fragment(
+                    rng.choice((2, 11, 12, 13, 14)),
+                    16384,
+                    rng.randrange(12),
+                    rng.randrange(16000),
+                    rng.randbytes(300),
+                ),
+            )
+            for i in range(count)
+        ],
+        "huge declared lengths": [
+            record(
+                22,
+                0xFEFD,
+                0,
+                i,
+                fragment(11, 0xFFFFFF, rng.randrange(12), rng.randrange(0xFFFF00), b"x" * 200),
+            )
+            for i in range(count)
+        ],
+        "early epoch-1 records": [
+            record(rng.choice((21, 22, 23, 26)), 0xFEFD, 1, i, rng.randbytes(1000))
+            for i in range(count)
+        ],
+    }
+    for name, datagrams in floods.items():
+        for make in ("client", "server"):
+            if make == "client":
+                peer = client_peer(client_identity)
+                peer.connect(0.0)
+                peer.datagrams_to_send()
+            else:
+                peer = server_peer(server_identity)
+            growth = traced_growth(peer, datagrams)
+            assert growth < 512 * 1024, f"{make}, {name}: {growth} bytes kept"
+            assert_no_internal_errors(peer)
