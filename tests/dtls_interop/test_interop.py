@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from OpenSSL import SSL
 
 from perc.identity import Identity, fingerprint_of
 from tests.dtls_interop.engine import GatedServer, client_peer, server_peer
@@ -172,26 +173,35 @@ def test_our_client_offers_in_order_openssl_server_picks(
 # --- cipher suites and groups ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("group", sorted(GROUPS))
 @pytest.mark.parametrize("suite", SUITES)
 def test_our_client_openssl_server_suite(
-    client_identity: Identity, server_identity: Identity, suite: int
+    client_identity: Identity, server_identity: Identity, suite: int, group: int
 ) -> None:
     client, server, _, keylog = ours_client(
-        client_identity, server_identity, openssl={"cipher_suites": (suite,)}
+        client_identity,
+        server_identity,
+        openssl={"cipher_suites": (suite,)},
+        ours={"groups": (group, 29 + 23 - group)},
     )
     assert client.completed.cipher_suite == suite
+    assert server.group_name == GROUPS[group]
     check_agreement(client, server)
     assert keylog == server.keylog_lines
 
 
+@pytest.mark.parametrize("group", sorted(GROUPS))
 @pytest.mark.parametrize("suite", SUITES)
 def test_openssl_client_our_server_suite(
-    client_identity: Identity, server_identity: Identity, suite: int
+    client_identity: Identity, server_identity: Identity, suite: int, group: int
 ) -> None:
     server, client, _, keylog = ours_server(
-        client_identity, server_identity, ours={"cipher_suites": (suite,)}
+        client_identity,
+        server_identity,
+        ours={"cipher_suites": (suite,), "groups": (group, 29 + 23 - group)},
     )
     assert server.completed.cipher_suite == suite
+    assert client.group_name == GROUPS[group]
     check_agreement(server, client)
     assert keylog == client.keylog_lines
 
@@ -382,3 +392,73 @@ def test_openssl_refusal_reaches_our_client_as_alert(
     closed = client.first("ConnectionClosed")
     assert closed is not None and closed.alert is not None
     assert not server.handshake_complete
+
+
+# --- perc extensions OpenSSL does not know -----------------------------------------------------
+
+
+def test_our_client_tls_id_is_ignored_by_openssl(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    # external_session_id (56) and supported_ekt_ciphers (39) offered: OpenSSL ignores both
+    client, server, _, _ = ours_client(client_identity, server_identity, ours={"tls_id": b"e" * 16})
+    check_agreement(client, server)
+
+
+def test_our_server_sends_no_unsolicited_extensions(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    # our server has a tls-id and EKT ciphers, OpenSSL offered neither: sending ext 56 or 39
+    # would make OpenSSL abort with unsupported_extension (RFC 5246 §7.4.1.4)
+    server, client, _, _ = ours_server(
+        client_identity, server_identity, ours={"tls_id": b"k" * 16, "ekt_ciphers": (1, 2)}
+    )
+    check_agreement(server, client)
+
+
+def test_our_client_requires_tls_id_openssl_cannot_send(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    client = client_peer(client_identity, expected_peer_tls_id=b"k" * 16)
+    server = OpensslPeer(is_client=False, identity=server_identity)
+    client.connect(0.0)
+    pump_to_end(client, server)
+    closed = client.first("ConnectionClosed")
+    assert closed is not None and closed.alert == 47  # illegal_parameter
+    assert server.failed is not None and "illegal parameter" in str(server.failed)
+
+
+# --- renegotiation is refused without harm (D17, SPEC-DTLS 3.9) --------------------------------
+
+
+def renegotiate(peer: OpensslPeer) -> None:
+    assert peer.connection.renegotiate()
+    try:
+        peer.connection.do_handshake()
+    except SSL.WantReadError:
+        pass
+
+
+def test_openssl_client_renegotiation_is_refused(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    server, client, _, _ = ours_server(client_identity, server_identity)
+    before = server.export_keying_material(EXPORTER_LABEL, 56)
+    renegotiate(client)  # a ClientHello in epoch 1
+    pump_to_end(client, server)
+    assert_no_internal_errors(server)
+    assert not server.has("ConnectionClosed")
+    assert [type(e).__name__ for e in server.events].count("HandshakeCompleted") == 1
+    # the association and its keys are unchanged on our side
+    assert server.export_keying_material(EXPORTER_LABEL, 56) == before
+
+
+def test_openssl_server_hello_request_is_refused(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    client, server, _, _ = ours_client(client_identity, server_identity)
+    renegotiate(server)  # a HelloRequest in epoch 1
+    pump_to_end(client, server)
+    assert_no_internal_errors(client)
+    assert not client.has("ConnectionClosed")
+    assert [type(e).__name__ for e in client.events].count("HandshakeCompleted") == 1
