@@ -43,7 +43,6 @@ fingerprint), :class:`TunnelClosed` (the connection ended: EOF, reset, TLS alert
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -74,8 +73,6 @@ __all__ = [
     "format_address",
     "make_tls_context",
 ]
-
-log = logging.getLogger(__name__)
 
 #: Default bound on the TLS handshake (seconds).
 HANDSHAKE_TIMEOUT = 10.0
@@ -193,7 +190,6 @@ class TunnelConnection:
         self._close_timeout = close_timeout
         self._wake = trio.Event()
         self._closing = False
-        self._sending = False  # the writer is running
         self._stopped = False  # no more sends possible
         self._early = bytearray()
         self._eof = False

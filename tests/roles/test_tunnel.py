@@ -399,3 +399,32 @@ async def test_association_table_is_bounded(ids: SimpleNamespace, clock: MockClo
 def test_endpoint_disconnect_encoding_used_by_mdd() -> None:
     # The MDD sends exactly RFC 9185's 19-byte EndpointDisconnect.
     assert encode_message(EndpointDisconnect(AID)) == bytes.fromhex("050010") + AID.bytes
+
+
+async def test_handler_failure_closes_only_that_tunnel(
+    ids: SimpleNamespace, clock: MockClock
+) -> None:
+    class Exploding(RecordingHandler):
+        def on_datagram(
+            self, association_id: uuid.UUID, data: bytes, tunnel: kmf.KmfTunnel
+        ) -> None:
+            super().on_datagram(association_id, data, tunnel)
+            if data == b"\x16boom":
+                raise RuntimeError("handler bug")
+
+    handler = Exploding()
+    async with trio.open_nursery() as nursery:
+        server = await start_kmf(nursery, ids, handler)
+        relay = await start_mdd(nursery, mdd_config(ids.mdd, server.address, ids.kmf.fingerprint))
+        await until(lambda: relay.tunnel_is_up)
+        sock = await endpoint()
+        with sock:
+            await sock.sendto(b"\x16boom", relay.address)
+            await until(lambda: server.stats.handler_errors == 1)
+            # The KMF keeps running; the MDD reconnects and the relay works again.
+            await until(lambda: relay.stats.tunnels_up == 2 and relay.tunnel_is_up)
+            await sock.sendto(b"\x16fine", relay.address)
+            await until(lambda: handler.seen[-1].data == b"\x16fine")
+        assert len(handler.down) == 1
+        assert not handler.down[0].send_dtls(uuid.uuid4(), b"\x16")  # closed tunnel refuses
+        nursery.cancel_scope.cancel()
