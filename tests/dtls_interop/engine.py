@@ -58,12 +58,15 @@ class GatedServer:
         gate: CookieGate | None = None,
         make_peer: Callable[[DtlsConnection], EnginePeer] | None = None,
         send_ekt: bool = False,
+        configuration: DtlsConfiguration | None = None,
         **options: Any,
     ) -> None:
         self.is_client = False
         self.gate = gate if gate is not None else CookieGate()
         self.cookie_identity = cookie_identity
-        self.config = config(False, ident, **options)
+        self.config = (
+            configuration if configuration is not None else config(False, ident, **options)
+        )
         self.make_peer = make_peer or (
             lambda conn: EnginePeer(
                 conn,
