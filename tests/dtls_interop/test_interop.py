@@ -8,18 +8,25 @@ clock, so nothing is lost or delayed here (lossy runs are in test_lossy.py, engi
 
 from __future__ import annotations
 
+import datetime
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from perc.identity import Identity, fingerprint_of
 from tests.dtls_interop.engine import GatedServer, client_peer, server_peer
 from tests.dtls_interop.harness import EnginePeer, assert_no_internal_errors, pump
 from tests.dtls_interop.openssl_peer import (
+    DTLS1_2_VERSION,
     EXPORTER_LABEL,
     SRTP_EXPORTER_LENGTH,
     OpensslPeer,
+    build_context,
     split_records,
 )
 
@@ -462,3 +469,95 @@ def test_openssl_server_hello_request_is_refused(
     assert_no_internal_errors(client)
     assert not client.has("ConnectionClosed")
     assert [type(e).__name__ for e in client.events].count("HandshakeCompleted") == 1
+
+
+# --- certificates outside perc's profile (D17: one self-signed ECDSA P-256 certificate) --------
+
+
+def self_signed(key: Any) -> Identity:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "other")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return Identity(certificate=cert, private_key=key)
+
+
+def test_openssl_client_with_p384_certificate_is_refused(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    server = server_peer(server_identity)
+    client = OpensslPeer(
+        is_client=True, identity=self_signed(ec.generate_private_key(ec.SECP384R1()))
+    )
+    client.connect(0.0)
+    pump_to_end(client, server)
+    closed = server.first("ConnectionClosed")
+    assert closed is not None and closed.alert == 43  # unsupported_certificate
+    assert client.failed is not None and "unsupported certificate" in str(client.failed)
+
+
+def test_openssl_client_without_certificate_is_refused(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    # a client context with no certificate sends an empty Certificate: mutual authentication
+    # is mandatory (D17), so our server must not complete
+    bare = SSL.Context(SSL.DTLS_METHOD)
+    bare.set_min_proto_version(DTLS1_2_VERSION)
+    bare.set_max_proto_version(DTLS1_2_VERSION)
+    bare.set_cipher_list(b"ECDHE-ECDSA-AES128-GCM-SHA256")
+    bare.set_tlsext_use_srtp(b"SRTP_DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM")
+    bare.set_verify(SSL.VERIFY_PEER, lambda *args: True)
+    bare.set_options(SSL.OP_NO_QUERY_MTU)
+    bare.set_keylog_callback(lambda conn, line: None)
+    server = server_peer(server_identity)
+    client = OpensslPeer(is_client=True, identity=client_identity, context=bare)
+    client.connect(0.0)
+    pump_to_end(client, server)
+    assert not server.handshake_complete
+    closed = server.first("ConnectionClosed")
+    assert closed is not None and closed.alert == 40  # handshake_failure
+    assert client.failed is not None
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        pytest.param(lambda: ec.generate_private_key(ec.SECP384R1()), id="p384"),
+        pytest.param(
+            lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048), id="rsa"
+        ),
+    ],
+)
+def test_openssl_server_outside_the_profile_gets_no_handshake(
+    client_identity: Identity, key: Any
+) -> None:
+    # our client offers only ECDSA suites with P-256 signatures: OpenSSL finds no shared cipher
+    client = client_peer(client_identity)
+    server = OpensslPeer(is_client=False, identity=self_signed(key()))
+    client.connect(0.0)
+    pump_to_end(client, server)
+    assert not client.handshake_complete
+    closed = client.first("ConnectionClosed")
+    assert closed is not None and closed.alert == 40 and closed.sent_by_peer
+    assert server.failed is not None and "no shared cipher" in str(server.failed)
+
+
+def test_extra_chain_certificates_are_tolerated_leaf_is_reported(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    server_context = build_context(server_identity)
+    server_context.add_extra_chain_cert(client_identity.certificate)
+    client = client_peer(client_identity)
+    server = OpensslPeer(is_client=False, identity=server_identity, context=server_context)
+    client.connect(0.0)
+    pump(client, server)
+    assert client.completed.peer_certificate_der == server_identity.certificate_der
+    assert client.completed.srtp_keying_material == server.srtp_keying_material
