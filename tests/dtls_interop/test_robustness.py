@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 import attrs
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,9 +34,9 @@ from perc.wire.dtls import (
     parse_handshake_fragments_untrusted,
 )
 from tests.dtls_interop.engine import GatedServer, client_peer, ekt_server_peer, server_peer
-from tests.dtls_interop.harness import assert_no_internal_errors, describe
+from tests.dtls_interop.harness import assert_no_internal_errors, describe, pump
 from tests.dtls_interop.netsim import Network
-from tests.dtls_interop.openssl_peer import split_records
+from tests.dtls_interop.openssl_peer import OpensslPeer, split_records
 
 SETTINGS = settings(
     max_examples=100,
@@ -555,3 +556,44 @@ def test_fragment_and_future_epoch_floods_stay_bounded(
             growth = traced_growth(peer, datagrams)
             assert growth < 512 * 1024, f"{make}, {name}: {growth} bytes kept"
             assert_no_internal_errors(peer)
+
+
+# --- junk while talking to OpenSSL -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ours_is_client", [True, False], ids=["our-client", "our-server"])
+@pytest.mark.parametrize("kind", JUNK_KINDS)
+def test_record_layer_junk_against_openssl(
+    client_identity: Identity, server_identity: Identity, kind: str, ours_is_client: bool
+) -> None:
+    """Our side of an OpenSSL handshake gets junk of one kind before every real delivery;
+    OpenSSL gets only the real traffic (no loss: OpenSSL's timers read the wall clock)."""
+    rng = random.Random(kind)
+    junk = RecordJunk(rng)
+    ours: Any
+    if ours_is_client:
+        ours = client_peer(client_identity)
+        theirs = OpensslPeer(is_client=False, identity=server_identity)
+        ours.connect(0.0)
+    else:
+        ours = server_peer(server_identity)
+        theirs = OpensslPeer(is_client=True, identity=client_identity)
+        theirs.connect(0.0)
+    towards_us: list[tuple[str, bytes]] = []
+    injected = 0
+
+    def tap(direction: str, datagram: bytes) -> None:
+        nonlocal injected
+        if direction == "a->b":  # theirs -> ours
+            towards_us.append((direction, datagram))
+            junk.mutator.history = towards_us
+            for _ in range(2):
+                data = junk.make(kind)
+                if data is not None:
+                    injected += 1
+                    ours.receive_datagram(data, 0.0)
+
+    pump(theirs, ours, tap=tap)
+    assert injected >= 4
+    assert_no_internal_errors(ours)
+    assert ours.completed.srtp_keying_material == theirs.srtp_keying_material
