@@ -226,3 +226,33 @@ def test_ekt_to_vanished_client_does_not_retransmit_forever(
     assert not server.has("EktKeyAcknowledged")
     assert result.outcome == "stalled", f"server still retransmitting at t={result.now}"
     assert server.has("ConnectionClosed")
+
+
+def test_early_and_repeated_timer_calls_change_nothing(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    """handle_timer(now) before the timer is due (a shell may wake early or twice) must not
+    retransmit or disturb the handshake: a clean run with extra calls everywhere sends exactly
+    the datagrams of a clean run."""
+
+    def run(extra_calls: bool) -> tuple[RunResult, Any, Any]:
+        client = client_peer(client_identity)
+        server = ekt_server_peer(server_identity)
+
+        def tap(direction: str, datagram: bytes, now: float) -> None:
+            if extra_calls:
+                for peer in (client, server, client, server):
+                    peer.handle_timer(now)
+
+        client.connect(0.0)
+        result = Network(2).run(
+            client, server, until=lambda: ekt_done(client, server), max_time=60.0, tap=tap
+        )
+        return result, client, server
+
+    plain, _, _ = run(False)
+    poked, client, server = run(True)
+    check_run(poked, client, server, 2)
+    assert (poked.c2s.sent, poked.s2c.sent) == (plain.c2s.sent, plain.s2c.sent)
+    assert client.connection.stats.retransmissions == 0
+    assert server.connection.stats.retransmissions == 0
