@@ -51,8 +51,9 @@ def run_seed(
     *,
     gated: bool,
     handshake_timeout: float = 60.0,
+    mtu: int = 1200,
 ) -> tuple[RunResult, Any, Any]:
-    options = {"handshake_timeout": handshake_timeout}
+    options = {"handshake_timeout": handshake_timeout, "mtu": mtu}
     client = client_peer(client_identity, **options)
     server: Any
     if gated:
@@ -94,14 +95,22 @@ def check_run(result: RunResult, client: Any, server: Any, seed: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "link, gated, handshake_timeout",
+    "link, gated, handshake_timeout, mtu",
     [
-        pytest.param(MODERATE, False, 60.0, id="10drop-10dup-10reorder"),
-        pytest.param(MODERATE, True, 60.0, id="10drop-10dup-10reorder-cookie"),
-        pytest.param(HEAVY, False, HEAVY_HANDSHAKE_TIMEOUT, id="30drop"),
-        pytest.param(HEAVY, True, HEAVY_HANDSHAKE_TIMEOUT, id="30drop-cookie"),
+        pytest.param(MODERATE, False, 60.0, 1200, id="10drop-10dup-10reorder"),
+        pytest.param(MODERATE, True, 60.0, 1200, id="10drop-10dup-10reorder-cookie"),
+        pytest.param(MODERATE, True, 60.0, 300, id="10drop-10dup-10reorder-cookie-mtu300"),
+        pytest.param(HEAVY, False, HEAVY_HANDSHAKE_TIMEOUT, 1200, id="30drop"),
+        pytest.param(HEAVY, True, HEAVY_HANDSHAKE_TIMEOUT, 1200, id="30drop-cookie"),
         pytest.param(
-            HEAVY_MIXED, True, HEAVY_HANDSHAKE_TIMEOUT, id="30drop-10dup-10reorder-cookie"
+            HEAVY_MIXED, True, HEAVY_HANDSHAKE_TIMEOUT, 1200, id="30drop-10dup-10reorder-cookie"
+        ),
+        pytest.param(
+            HEAVY_MIXED,
+            True,
+            HEAVY_HANDSHAKE_TIMEOUT,
+            300,
+            id="30drop-10dup-10reorder-cookie-mtu300",
         ),
     ],
 )
@@ -111,6 +120,7 @@ def test_hundred_seeded_handshakes_with_ekt(
     link: Link,
     gated: bool,
     handshake_timeout: float,
+    mtu: int,
 ) -> None:
     failures = []
     for seed in range(RUNS):
@@ -121,6 +131,7 @@ def test_hundred_seeded_handshakes_with_ekt(
             server_identity,
             gated=gated,
             handshake_timeout=handshake_timeout,
+            mtu=mtu,
         )
         try:
             check_run(result, client, server, seed)
