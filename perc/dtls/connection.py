@@ -115,6 +115,7 @@ class DtlsStats:
     future_records_buffered: int = 0
     retransmissions: int = 0
     internal_errors: int = 0  # unexpected exceptions turned into internal_error alerts
+    outgoing_discarded: int = 0  # queued datagrams dropped because nobody collected them
 
 
 @attrs.define
@@ -400,7 +401,10 @@ class DtlsConnection:
         if rl.write_epoch == 0 and any(getattr(i, "epoch", 0) == 1 for i in items):
             rl.activate_write_epoch()  # the CCS went out (RFC 5246 §7.1)
         if len(self._out) > MAX_PENDING_DATAGRAMS:
-            del self._out[: len(self._out) - MAX_PENDING_DATAGRAMS]
+            # The caller is not draining datagrams_to_send(): keep the newest, count the rest.
+            excess = len(self._out) - MAX_PENDING_DATAGRAMS
+            self.stats.outgoing_discarded += excess
+            del self._out[:excess]
 
     def _send_ekt(self, ekt: _PendingEkt) -> None:
         numbers: list[tuple[int, int]] = []
