@@ -1,7 +1,7 @@
 """Fixtures for the role tests: identities, configs built without files, a mock clock.
 
 The tests run real loopback TLS and UDP inside one trio process under a ``MockClock`` that
-jumps only after 20 ms of real idleness: loopback data sent in-process is already in the
+jumps only after 30 ms of real idleness: loopback data sent in-process is already in the
 receiver's socket buffer, so the jump never outruns I/O, while timeouts, backoffs and the
 idle timeout pass in virtual time.
 """
@@ -28,4 +28,4 @@ def ids() -> SimpleNamespace:
 
 @pytest.fixture
 def clock() -> MockClock:
-    return MockClock(autojump_threshold=0.02)
+    return MockClock(autojump_threshold=0.03)

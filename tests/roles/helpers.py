@@ -75,14 +75,14 @@ def mdd_config(
 async def until(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
     """Wait (in virtual time) until ``predicate()`` holds.
 
-    Each poll that finds nothing costs the mock clock's 20 ms of real idleness, so the poll
-    interval grows (virtual 10 ms doubling to 250 ms) to keep long virtual waits cheap.
+    Each poll that finds nothing costs the mock clock's 30 ms of real idleness, so the poll
+    interval grows (virtual 10 ms doubling to 1 s) to keep long virtual waits cheap.
     """
     step = 0.01
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(step)
-            step = min(step * 2, 0.25)
+            step = min(step * 2, 1.0)
 
 
 async def open_raw_tunnel(
