@@ -26,6 +26,7 @@ after 200 ms of silence and reported.
 from __future__ import annotations
 
 import argparse
+import logging
 import multiprocessing
 import socket
 import sys
@@ -140,7 +141,13 @@ def _configs(folder: Path) -> tuple[Path, Path]:
     return files.kmf_config, files.mdd_config
 
 
+def _quiet() -> None:
+    # The MDD may start before the KMF listens; its reconnect warnings are not results.
+    logging.getLogger("perc").setLevel(logging.ERROR)
+
+
 def _run_kmf(path: Path) -> None:
+    _quiet()
     config = load_kmf_config(path)
     trio.run(lambda: kmf.serve(config, handler=kmf.EchoHandler()))
 
@@ -207,6 +214,7 @@ def split(payload: bytes, args: argparse.Namespace) -> tuple[int, int]:
 
 
 def _run_mdd_forever(path: Path, conn: Any) -> None:
+    _quiet()
     config = load_mdd_config(path)
 
     async def main() -> None:
