@@ -1,9 +1,14 @@
 """Hostile bytes against live connections: mutated, truncated, duplicated and replayed
 datagrams at every stage of the handshake. Nothing may raise, and the internal-error safety
-net of receive_datagram must never be what catches it (stats.internal_errors stays 0)."""
+net of receive_datagram must never be what catches it (stats.internal_errors stays 0).
+
+``PERC_SOAK=1`` in the environment multiplies the example counts by 25 for a soak run; the
+default counts keep this file well under a second.
+"""
 
 from __future__ import annotations
 
+import os
 import random
 
 from hypothesis import HealthCheck, given, settings
@@ -11,6 +16,8 @@ from hypothesis import strategies as st
 
 from perc.dtls.events import HandshakeCompleted
 from tests.dtls.helpers import make_pair
+
+SOAK = 25 if os.environ.get("PERC_SOAK") == "1" else 1
 
 
 def _mutate(rng: random.Random, dg: bytes) -> list[bytes]:
@@ -29,7 +36,7 @@ def _mutate(rng: random.Random, dg: bytes) -> list[bytes]:
     return [dg, dg]
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200 * SOAK, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32), st.booleans(), st.sampled_from([1200, 300]))
 def test_mutated_traffic_never_crashes(seed: int, cookies: bool, mtu: int) -> None:
     # The engine's own randomness (keys, randoms) varies the sizes, so mutations come from a
@@ -68,7 +75,7 @@ def test_mutated_traffic_never_crashes(seed: int, cookies: bool, mtu: int) -> No
         assert done_c[0].srtp_keying_material == done_s[0].srtp_keying_material
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60 * SOAK, deadline=None)
 @given(st.lists(st.binary(min_size=13, max_size=200), max_size=10))
 def test_random_records_into_established_connection(junk: list[bytes]) -> None:
     p = make_pair()
