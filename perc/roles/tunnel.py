@@ -33,7 +33,8 @@ connection then fails with :class:`TunnelClosed`); the KMF never accepts such a 
 * Closing: when the session function given to :meth:`run` returns or raises, the writer
   flushes what is queued and sends close_notify (bounded by ``close_timeout``), then the
   socket is closed. So "send UnsupportedVersion, then close" (RFC 9185 §5.5) is: queue it,
-  return.
+  return. When the task is cancelled instead (process shutdown), queued messages are
+  dropped but close_notify is still sent, briefly and shielded, if the stream is intact.
 
 Errors: :class:`TlsHandshakeError` (handshake failed or timed out, including a refused
 fingerprint), :class:`TunnelClosed` (the connection ended: EOF, reset, TLS alert, close_notify),
@@ -191,6 +192,8 @@ class TunnelConnection:
         self._wake = trio.Event()
         self._closing = False
         self._stopped = False  # no more sends possible
+        self._in_send = False  # a send_all is (or was, if cancelled) in progress
+        self._close_notify_sent = False
         self._early = bytearray()
         self._eof = False
         self._peer_closed = False
@@ -336,6 +339,25 @@ class TunnelConnection:
                 return
             self._cipher_out += chunk
 
+    async def _send_cipher(self) -> None:
+        data = bytes(self._cipher_out)
+        self._cipher_out.clear()
+        # A send_all cancelled half-way leaves the stream unusable; remember that.
+        self._in_send = True
+        await self._transport.send_all(data)
+        self._in_send = False
+
+    def _queue_close_notify(self) -> None:
+        # RFC 8446 §6.1: close_notify before closing the write side.
+        if self._close_notify_sent:
+            return
+        self._close_notify_sent = True
+        try:
+            self._ssl.shutdown()
+        except SSL.Error:
+            pass
+        self._drain_bio()
+
     async def _writer(self) -> None:
         try:
             while True:
@@ -350,20 +372,12 @@ class TunnelConnection:
                     self._plain_out.clear()
                     self._ssl.sendall(plain)
                     self._drain_bio()
-                data = bytes(self._cipher_out)
-                self._cipher_out.clear()
                 self.stats.batches_out += 1
-                await self._transport.send_all(data)
-            # Graceful end: close_notify (RFC 8446 §6.1), then stop.
-            try:
-                self._ssl.shutdown()
-            except SSL.Error:
-                pass
-            self._drain_bio()
+                await self._send_cipher()
+            # Graceful end: everything queued is sent; close_notify, then stop.
+            self._queue_close_notify()
             if self._cipher_out:
-                data = bytes(self._cipher_out)
-                self._cipher_out.clear()
-                await self._transport.send_all(data)
+                await self._send_cipher()
         except (trio.BrokenResourceError, trio.ClosedResourceError, SSL.Error, OSError) as e:
             self._broken = f"sending failed: {e}"
             # Wake the reader, which is waiting on the same socket.
@@ -371,6 +385,19 @@ class TunnelConnection:
         finally:
             self._stopped = True
             self._plain_out.clear()
+
+    async def _close_notify_on_cancel(self) -> None:
+        """Cancelled from outside (shutdown): still tell the peer, briefly, if the stream is
+        intact, so that it logs a clean close rather than a truncated connection."""
+        if self._close_notify_sent or self._in_send or self._broken is not None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(min(self._close_timeout, 0.5)):
+            self._queue_close_notify()
+            if self._cipher_out:
+                try:
+                    await self._send_cipher()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
 
     # --- reading -----------------------------------------------------------------------------
 
@@ -453,6 +480,7 @@ class TunnelConnection:
                     )
         finally:
             self._stopped = True
+            await self._close_notify_on_cancel()
             await trio.aclose_forcefully(self._transport)
         if error is not None:
             raise error

@@ -55,11 +55,14 @@ async def test_kmf_and_mdd_processes(tmp_path: Path, signum: signal.Signals) -> 
         mdd = await start(nursery, "--log-level", "debug", "mdd", "--config", str(files.mdd_config))
         await mdd.wait_for("tunnel up conference=demo")
         await kmf.wait_for("tunnel up peer=")
-        for child in (mdd, kmf):
-            child.process.send_signal(signum)
-            with trio.fail_after(30):
-                code = await child.process.wait()
-            assert code == 0, child.text
+        mdd.process.send_signal(signum)
+        with trio.fail_after(30):
+            assert await mdd.process.wait() == 0, mdd.text
+        # The stopping MDD closed its tunnel with a TLS close_notify.
+        await kmf.wait_for("peer closed the tunnel (close_notify)")
+        kmf.process.send_signal(signum)
+        with trio.fail_after(30):
+            assert await kmf.process.wait() == 0, kmf.text
     assert f"stopping on {signum.name}" in mdd.text
     assert f"stopping on {signum.name}" in kmf.text
     assert "Traceback" not in kmf.text + mdd.text
