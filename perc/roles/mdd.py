@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
+from typing import Any
 
 import attrs
 import trio
@@ -92,8 +93,9 @@ class Association:
 
     association_id: uuid.UUID
     conference: str
-    address: tuple[str, int]
-    """The endpoint's (host, port); with the conference's socket, the 5-tuple."""
+    address: tuple[Any, ...]
+    """The endpoint's socket address as recvfrom gave it ((host, port), or the 4-tuple of
+    IPv6); with the conference's socket, the 5-tuple."""
     created: float
     last_seen: float
     media_keys: MediaKeys | None = None
@@ -148,7 +150,7 @@ class ConferenceRelay:
         self.settings = config.mdd
         self.stats = RelayStats()
         self.associations: dict[uuid.UUID, Association] = {}
-        self._by_address: dict[tuple[str, int], Association] = {}
+        self._by_address: dict[tuple[Any, ...], Association] = {}
         self.address: tuple[str, int] = ("", 0)
         #: Highest tunnel version the KMF said it supports (RFC 9185 §5.5), if it ever did.
         self.kmf_highest_version: int | None = None
@@ -401,7 +403,7 @@ class ConferenceRelay:
                 # A full batch: let other tasks (the tunnel writer) run before draining more.
                 await trio.lowlevel.checkpoint()
 
-    def _from_endpoint(self, data: bytes, addr: tuple[str, int], now: float) -> None:
+    def _from_endpoint(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
         self.stats.datagrams_in += 1
         first = data[0] if data else -1
         assoc = self._by_address.get(addr)
@@ -435,12 +437,12 @@ class ConferenceRelay:
         else:
             self.stats.dropped_other += 1
 
-    def _create(self, addr: tuple[str, int], now: float) -> Association:
+    def _create(self, addr: tuple[Any, ...], now: float) -> Association:
         # RFC 9185 §5.3: a version 4 (random) UUID per association.
         assoc = Association(
             association_id=uuid.uuid4(),
             conference=self.id,
-            address=(str(addr[0]), int(addr[1])),
+            address=addr,
             created=now,
             last_seen=now,
         )

@@ -48,6 +48,7 @@ def mdd_config(
     idle_timeout: float = 10.0,
     conferences: Sequence[str] = ("demo",),
     max_associations: int = 10000,
+    listen_host: str = LOCAL,
 ) -> MddConfig:
     return MddConfig(
         mdd=MddSettings(
@@ -61,7 +62,7 @@ def mdd_config(
         conferences=tuple(
             MddConference(
                 id=cid,
-                listen=HostPort(LOCAL, 0),
+                listen=HostPort(listen_host, 0),
                 kmf=HostPort(kmf_address[0], kmf_address[1]),
                 kmf_fingerprint=Fingerprint(kmf_fingerprint),
                 max_associations=max_associations,

@@ -428,3 +428,27 @@ async def test_handler_failure_closes_only_that_tunnel(
         assert len(handler.down) == 1
         assert not handler.down[0].send_dtls(uuid.uuid4(), b"\x16")  # closed tunnel refuses
         nursery.cancel_scope.cancel()
+
+
+async def test_ipv6_endpoints(ids: SimpleNamespace, clock: MockClock) -> None:
+    handler = RecordingHandler(reply=lambda data: b"\x17" + data)
+    async with trio.open_nursery() as nursery:
+        server = await start_kmf(nursery, ids, handler)
+        config = mdd_config(ids.mdd, server.address, ids.kmf.fingerprint, listen_host="::1")
+        relay = await start_mdd(nursery, config)
+        await until(lambda: relay.tunnel_is_up)
+        sock = trio.socket.socket(trio.socket.AF_INET6, trio.socket.SOCK_DGRAM)
+        with sock:
+            await sock.bind(("::1", 0))
+            await sock.sendto(DTLS, relay.address)
+            with trio.fail_after(5):
+                data, _ = await sock.recvfrom(2048)
+            assert data == b"\x17" + DTLS
+            first = handler.seen[0]
+            first.tunnel.send_disconnect(first.association_id)
+            await until(lambda: not relay.associations)
+            await sock.sendto(DTLS, relay.address)
+            await until(lambda: len(handler.seen) == 2)
+        assert handler.seen[1].association_id != first.association_id
+        assert len(relay.associations) == 1
+        nursery.cancel_scope.cancel()
