@@ -20,6 +20,15 @@ handler should answer through the tunnel of the latest datagram. Handler methods
 synchronous and must not block: the engine is sans-IO, and timers belong in
 :meth:`AssociationHandler.run`, which :func:`serve` runs for its whole life.
 
+Notes for the engine: the MDD keeps an association (and its id) per endpoint 5-tuple until
+the endpoint is idle for ``idle_timeout`` or the KMF sends ``EndpointDisconnect``; so a fresh
+ClientHello can arrive on an id the handler already knows (the endpoint restarted its
+handshake, or the KMF restarted and lost its state). ``on_tunnel_down`` does not end the
+associations it carried: the MDD reconnects and their datagrams come back on a new tunnel.
+Send ``EndpointDisconnect`` (``send_disconnect``) when an association ends on the KMF side
+(D3), ``MediaKeys`` right after its handshake (RFC 9185 §5.4), choosing the profile among
+``tunnel.protection_profiles`` (D18).
+
 Until the DTLS engine lands, :class:`LoggingHandler` only logs and counts.
 
 API::
