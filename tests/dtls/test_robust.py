@@ -15,15 +15,46 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from perc.dtls.events import HandshakeCompleted
+from perc.wire import dtls as w
 from tests.dtls.helpers import make_pair
 
 SOAK = 25 if os.environ.get("PERC_SOAK") == "1" else 1
 
 
+def _deep(rng: random.Random, dg: bytes) -> bytes:
+    """Flip bytes inside one plaintext handshake body, keeping every header consistent, so
+    the mutation reaches the message decoders and the state machine."""
+    records, _ = w.parse_datagram_untrusted(dg)
+    out = []
+    for rec in records:
+        if rec.content_type == 22 and rec.epoch == 0 and rng.random() < 0.5:
+            frags = w.parse_handshake_fragments_untrusted(rec.fragment)
+            payload = b""
+            for f in frags:
+                body = bytearray(f.body)
+                if body:
+                    body[rng.randrange(len(body))] ^= rng.randint(1, 255)
+                payload += w.encode_handshake_fragment(
+                    f.msg_type, f.length, f.message_seq, f.fragment_offset, bytes(body)
+                )
+            out.append(
+                w.encode_record(
+                    w.DtlsRecord(
+                        rec.content_type, rec.version, rec.epoch, rec.sequence_number, payload
+                    )
+                )
+            )
+        else:
+            out.append(w.encode_record(rec))
+    return b"".join(out)
+
+
 def _mutate(rng: random.Random, dg: bytes) -> list[bytes]:
-    kind = rng.choice(["keep", "keep", "flip", "truncate", "garbage", "dup"])
+    kind = rng.choice(["keep", "keep", "flip", "truncate", "garbage", "dup", "deep", "deep"])
     if kind == "keep" or not dg:
         return [dg]
+    if kind == "deep":
+        return [_deep(rng, dg), dg]
     if kind == "flip":
         b = bytearray(dg)
         for _ in range(rng.randint(1, 3)):
