@@ -97,11 +97,23 @@ def rows(n: int) -> list[Row]:
             )
             out.append(
                 # Not an issue target (libsrtp cannot rewrite at all): shown for information.
-                Row(f"MD hop+SEQ rewrite AES-{bits}-GCM", size, ours_hop_rewrite, lib_hop, 2.5,
-                    "libsrtp unprot+prot")
+                Row(
+                    f"MD hop+SEQ rewrite AES-{bits}-GCM",
+                    size,
+                    ours_hop_rewrite,
+                    lib_hop,
+                    2.5,
+                    "libsrtp unprot+prot",
+                )
             )
             out.append(
-                Row(f"double sender AES-{bits}-GCM", size, ours_send, lib_send, 2.5,
-                    "libsrtp protect")
+                Row(
+                    f"double sender AES-{bits}-GCM",
+                    size,
+                    ours_send,
+                    lib_send,
+                    2.5,
+                    "libsrtp protect",
+                )
             )
     return out
