@@ -93,6 +93,8 @@ from perc.wire.dtls import (
 MAX_FUTURE_RECORDS = 8
 MIN_RETRANSMIT_GAP = 0.1  # seconds; limits amplification by spoofed or duplicated flights
 MIN_MTU = 128
+MIN_ALERT_REPEAT_GAP = 0.5  # seconds between repeats of our fatal alert
+MAX_ALERT_REPEATS = 6
 MAX_PENDING_DATAGRAMS = 256
 # An unacknowledged EKTKey is retransmitted (1 s doubling to 60 s, D9) for this many times the
 # handshake timeout before the association is declared dead (reason "timeout").
@@ -116,6 +118,7 @@ class DtlsStats:
     retransmissions: int = 0
     internal_errors: int = 0  # unexpected exceptions turned into internal_error alerts
     outgoing_discarded: int = 0  # queued datagrams dropped because nobody collected them
+    alerts_repeated: int = 0  # our fatal alert sent again to a peer that kept sending
 
 
 @attrs.define
@@ -166,7 +169,9 @@ class DtlsConnection:
         self._ekt: _PendingEkt | None = None
         self._ekt_acked: set[tuple[int, int]] = set()
         self._ack_pending: list[tuple[int, int]] = []  # client: EKTKey records to ACK
-        self._completed_event: HandshakeCompleted | None = None
+        self._fatal_record: bytes | None = None  # the fatal alert we sent, for repeats
+        self._fatal_repeat_at = 0.0
+        self._fatal_repeats = 0
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -196,6 +201,7 @@ class DtlsConnection:
         self.stats.datagrams_received += 1
         if self._closed:
             self.stats.dropped_after_close += 1
+            self._repeat_fatal_alert(now)
             return
         if self._deadline is None and not self._established:
             self._deadline = now + self._config.handshake_timeout
@@ -433,7 +439,25 @@ class DtlsConnection:
         if self._closed:
             return
         self._send_alert(AlertLevel.fatal, error.description)
+        if self._out:
+            self._fatal_record = self._out[-1]
+            self._fatal_repeat_at = self._now + MIN_ALERT_REPEAT_GAP
         self._end(ConnectionClosed(error.description, False, f"alert sent: {error}"))
+
+    def _repeat_fatal_alert(self, now: float) -> None:
+        """The peer is still sending, so our fatal alert was probably lost: regenerate it
+        (RFC 6347 §4.2.7). The keys are gone, so the cached record goes out again; it is
+        new to a peer that never got it, and harmless to one that did."""
+        if (
+            self._fatal_record is None
+            or now < self._fatal_repeat_at
+            or self._fatal_repeats >= MAX_ALERT_REPEATS
+        ):
+            return
+        self._fatal_repeats += 1
+        self._fatal_repeat_at = now + MIN_ALERT_REPEAT_GAP
+        self.stats.alerts_repeated += 1
+        self._out.append(self._fatal_record)
 
     def _timeout(self) -> None:
         self._end(ConnectionClosed(None, False, "timeout"))

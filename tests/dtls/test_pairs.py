@@ -541,3 +541,24 @@ def test_hello_verify_request_loop_is_bounded() -> None:
     assert events[-1] == ConnectionClosed(
         40, False, "alert sent: handshake_failure: too many HelloVerifyRequests"
     )
+
+
+def test_lost_fatal_alert_is_regenerated() -> None:
+    p = make_pair(server_kw={"verify_peer": lambda peer: 49})
+    p.client.connect(0.0)
+    p.pump(rounds=1)
+    assert p.server is not None
+    p.client.receive_datagram(p.server.datagrams_to_send()[0], 0.0)
+    p.server.receive_datagram(p.client.datagrams_to_send()[0], 0.0)
+    p.server.datagrams_to_send()  # the access_denied alert is lost
+    p.drain()
+    assert _closed(p.server_events).alert == 49
+    p.client.handle_timer(1.0)  # client resends flight 5
+    for dg in p.client.datagrams_to_send():
+        p.server.receive_datagram(dg, 1.0)
+    (alert,) = p.server.datagrams_to_send()
+    p.client.receive_datagram(alert, 1.0)
+    p.drain()
+    closed = _closed(p.client_events)
+    assert (closed.alert, closed.sent_by_peer) == (49, True)
+    assert p.server.stats.alerts_repeated == 1
