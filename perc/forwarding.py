@@ -1,0 +1,920 @@
+"""The Media Distributor's forwarding core: one conference's SRTP/SRTCP routing table (sans-IO).
+
+The MDD's I/O shell hands every SRTP/SRTCP datagram an endpoint sends to
+:meth:`ForwardingTable.handle_datagram` and sends what it returns: ``(address, datagram)``
+pairs, one per receiving endpoint. Only the hop-by-hop layer is touched: the table holds the
+outer (HBH) keys of each association from ``MediaKeys`` (D4) and nothing else. It imports
+``perc.srtp.hop`` and ``perc.srtp.context`` but never ``perc.srtp.ekt`` or
+``perc.srtp.double`` (RFC 8871 §4.1: the MD must not be able to read media; a test checks
+that importing this module loads neither).
+
+Theory of operation
+-------------------
+**Associations.** One per endpoint DTLS association (RFC 9185 §5.3), keyed by its association
+id, with the endpoint's transport address (opaque and hashable, e.g. ``(host, port)``). When
+``MediaKeys`` arrive (:meth:`ForwardingTable.install_keys`) the association gets two
+RFC 7714 sessions: *inbound* from ``client_write`` (decrypts what the endpoint sends) and
+*outbound* from ``server_write`` (encrypts what we send to it), RFC 9185 §6.4, SPEC 4.7.
+
+**D5 hold.** SRTP/SRTCP from a known address before its keys is held, at most
+``hold_limit`` (64) datagrams per association, and processed in arrival order when the keys
+arrive (their output is returned by ``install_keys``). Beyond that: dropped, counted
+(``drop_queue_full``). An association removed with datagrams still held counts them as
+``drop_no_keys``.
+
+**RTP vs RTCP** by the second byte (RFC 5761 §4, SPEC 2.8): 192-223 is RTCP (its packet
+type sits where RTP has M+PT), anything else RTP.
+
+**RTP** (RFC 8723 §5.2). :meth:`~perc.srtp.hop.MediaDistributorHop.decrypt` once with the
+sender's inbound session (EKT field cut off as opaque bytes, D11; outer authentication and
+replay check, RFC 8871 §4.4), then for every receiver one outer encryption with that
+receiver's outbound session and the EKT field re-appended unchanged. Each sender keeps a
+precomputed route list ``[(address, protect, counters)]`` of every other keyed association,
+rebuilt only when the membership changes, so the per-delivery path is one prebound
+``SrtpSession.protect_rtp`` call, one concatenation (the EKT field) and two counter updates.
+This is exactly ``MediaDistributorHop.encrypt_for(session, inbound)`` without header changes,
+inlined: the hop's guard against re-encrypting with the sender's key is upheld structurally
+(a route never points back at its sender, and ``install_keys`` refuses ``client_write ==
+server_write``, RFC 8723 §5.2/§9). Renumbered deliveries (``last_n`` below) go through
+``encrypt_for`` with :class:`~perc.srtp.hop.HeaderChanges`, which updates the OHB.
+
+**SSRC ownership.** The first association whose authenticated RTP carries an SSRC owns it
+until it is removed; RTP with that SSRC from anyone else is dropped (``drop_ssrc_conflict``):
+two senders merged into one SSRC would make a receiver's outbound session see the same
+(SSRC, ROC, SEQ) twice, which RFC 7714 §8.4 forbids (``SrtpSession`` refuses it anyway). The
+owner map routes RTCP feedback. At most ``max_ssrcs_per_association`` SSRCs per association.
+
+**RTCP** (D19, RFC 8871 §4.4: the MD may forward, split or originate RTCP). The compound is
+decrypted with the sender's inbound SRTCP context and parsed (:func:`perc.wire.rtcp.parse_rtcp`);
+each packet is routed on its own:
+
+- SR (200): to every other keyed endpoint;
+- RR (201): to the owners of the SSRCs its report blocks are about;
+- RTPFB/PSFB (205/206: NACK, PLI, FIR, others): to the owner of the media SSRC (FIR: of the
+  SSRCs in its entries, RFC 5104 §4.3.1);
+- SDES, BYE, APP and anything else describe the sender: they go along to every destination
+  the rest of the compound goes to, or to every other endpoint when it goes nowhere else.
+
+Every destination gets one compound in the original order; if the original compound began
+with an SR/RR (RFC 3550 §6.1) that this destination does not get, an empty RR (no report
+blocks) from the same SSRC is put first, so what it receives is still a valid compound.
+Each compound is re-encrypted with the destination's outbound SRTCP context (E=1). A
+report or feedback about an SSRC nobody owns is dropped and counted (``drop_unknown_ssrc``,
+the "unknown source" of RTCP), as is a packet about the sender's own SSRC.
+
+**last_n** (``ForwardingConfig.last_n``, ``None`` = off). Video (``video_payload_types``,
+default {96}) is forwarded to a receiver only from the ``last_n`` most recently active video
+streams other than its own; audio and every other PT are always forwarded. The rule:
+
+- *Ranking.* The table keeps the video SSRCs in order of their latest **activity start**, most
+  recent first. A stream's activity starts with its first packet, or with its first packet
+  after it was silent for more than ``last_n_idle`` (default 2 s); at that moment it goes to
+  the front. A stream silent for more than ``last_n_idle`` leaves the ranking (checked on
+  video packets, at most every ``last_n_idle / 8``, and by :meth:`ForwardingTable.tick`), which
+  lets the streams behind it move up. For a receiver the wanted streams are the first
+  ``last_n`` of the ranking that it does not send itself.
+- *Hysteresis.* Only an activity start or a stream falling silent changes the ranking, so a
+  stream that pauses for less than ``last_n_idle`` keeps its place, and continuous streams
+  never reorder among themselves: no flapping.
+- *Switch at frame boundaries.* The MD cannot see keyframes (the payload is end-to-end
+  encrypted), but the outer marker bit ends a frame. A wanted stream starts for a receiver
+  with the first packet after a marker (a frame start); an unwanted one stops after its next
+  marker (frame end). If no marker shows for ``last_n_switch_timeout`` (1 s) it switches
+  anyway. The receiver then asks the sender for a keyframe (PLI/FIR, routed above).
+- *Contiguous SEQ per receiver.* Each (receiver, SSRC) feed has an offset: ``out_seq = in_seq
+  - offset (mod 2^16)``. The first time a feed starts the offset is 0 (no rewrite, no OHB
+  change); when it resumes after a pause the offset is chosen so that ``out_seq`` continues
+  at the highest SEQ this receiver got for that SSRC plus one. Renumbered packets go through
+  ``encrypt_for`` with a SEQ change, so the OHB records the original SEQ (RFC 8723 §5.2) and
+  the receiver's end-to-end check still passes. Packets older than the current start point
+  (late arrivals from the paused period) are dropped (``drop_reorder``): with the new offset
+  they would reuse an index already sent, RFC 7714 §8.4. Within a running feed the map is
+  one to one, and the inbound replay check guarantees each input index is seen once, so no
+  (SSRC, ROC, SEQ) is ever emitted twice to one receiver; ``SrtpSession`` refusing an index
+  is still caught and counted (``drop_limit``) rather than raised.
+- Every (receiver, packet) pair not forwarded because of ``last_n`` counts as
+  ``drop_last_n`` on the sender.
+
+**Removal.** :meth:`ForwardingTable.remove` (EndpointDisconnect, D3) drops the association,
+its keys and SSRCs, and rebuilds routes; :meth:`ForwardingTable.expire_idle` removes those
+silent for longer than a timeout and returns their ids (the shell sends EndpointDisconnect).
+
+**Errors.** :meth:`ForwardingTable.handle_datagram` never raises on network input: every
+problem is a counted drop and an empty list. Local misuse (unknown association id, an
+address already in use) raises :class:`ForwardingUsageError`; unusable ``MediaKeys`` (a peer,
+the KMF, sent them) raise :class:`MediaKeysError`.
+
+API
+---
+``ForwardingConfig(last_n=None, video_payload_types={96}, audio_payload_types={111},
+hold_limit=64, max_associations=1024, max_ssrcs_per_association=32, last_n_idle=2.0,
+last_n_switch_timeout=1.0, replay_window=128)``.
+
+``ForwardingTable(config=ForwardingConfig())`` (generic in the address type):
+
+- ``add(association_id, address, now) -> Association``; ``install_keys(media_keys, now) ->
+  list[(address, bytes)]`` (held datagrams released); ``remove(association_id) -> bool``;
+  ``expire_idle(now, timeout) -> list[UUID]``; ``tick(now)`` (last_n ranking upkeep);
+  ``touch(association_id, now)`` (other traffic, e.g. DTLS, also counts as activity).
+- ``handle_datagram(address, data, now) -> list[(address, bytes)]``;
+  ``handle_from(association_id, data, now)`` (the same, looked up by id).
+- ``associations`` (dict by id, read only), ``association_for(address)``, ``stats``
+  (:class:`TableStats`), ``snapshot() -> ForwardingSnapshot`` (plain dicts, cheap, for
+  periodic logging), ``video_ranking()`` (last_n ranking, most recent first).
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeAlias, TypeVar
+
+import attrs
+
+from perc.srtp.context import SrtpSession
+from perc.srtp.errors import (
+    AuthenticationError,
+    ReplayError,
+    SrtpDecodeError,
+    SrtpError,
+)
+from perc.srtp.hop import HeaderChanges, Inbound, MediaDistributorHop
+from perc.srtp.keys import GCM_SALT_LENGTH, SrtpProfile
+from perc.wire.rtcp import (
+    RR,
+    SR,
+    Fir,
+    PayloadFeedback,
+    Pli,
+    ReceiverReport,
+    RtcpDecodeError,
+    RtpFeedback,
+    SenderReport,
+    parse_rtcp,
+)
+from perc.wire.rtcp import Nack as _Nack
+from perc.wire.tunnel import MediaKeys
+
+__all__ = [
+    "Association",
+    "AssociationCounters",
+    "ForwardingConfig",
+    "ForwardingError",
+    "ForwardingSnapshot",
+    "ForwardingTable",
+    "ForwardingUsageError",
+    "MediaKeysError",
+    "TableStats",
+]
+
+AddrT = TypeVar("AddrT", bound=Hashable)
+
+#: ``SrtpSession.protect_rtp`` / ``protect_rtcp`` of a receiver's outbound session, prebound.
+_Protect: TypeAlias = Callable[[bytes], bytes]
+
+_unpack_u32 = struct.Struct("!I").unpack_from
+_RTCP_HEADER = struct.Struct("!BBH")
+#: Outbound sessions see every SSRC of the conference; the table bounds them itself
+#: (max_associations x max_ssrcs_per_association), so the session's own bound is set wide.
+_OUTBOUND_MAX_STREAMS = 1 << 20
+
+
+class ForwardingError(Exception):
+    """Base of the forwarding core's errors."""
+
+
+class ForwardingUsageError(ForwardingError, ValueError):
+    """Local misuse: unknown association id, duplicate address or id, bad configuration."""
+
+
+class MediaKeysError(ForwardingError):
+    """``MediaKeys`` from the KMF that the MDD cannot use (wrong profile, lengths or an MKI)."""
+
+
+@attrs.frozen
+class ForwardingConfig:
+    """Per-conference forwarding options (one source of defaults, STYLE 14)."""
+
+    last_n: int | None = None
+    """Forward video only from the N most recently active video streams (None: all)."""
+    video_payload_types: frozenset[int] = frozenset({96})
+    """RTP payload types that are video (subject to last_n)."""
+    audio_payload_types: frozenset[int] = frozenset({111})
+    """RTP payload types that are audio (always forwarded; counted as audio)."""
+    hold_limit: int = 64
+    """D5: SRTP/SRTCP datagrams held per association before its MediaKeys."""
+    max_associations: int = 1024
+    """Associations per conference."""
+    max_ssrcs_per_association: int = 32
+    """RTP SSRCs one association may send."""
+    last_n_idle: float = 2.0
+    """Seconds of silence after which a video stream leaves the last_n ranking."""
+    last_n_switch_timeout: float = 1.0
+    """Seconds to wait for a frame boundary (marker bit) before switching a stream anyway."""
+    replay_window: int = 128
+    """Inbound SRTP/SRTCP replay window (RFC 3711 §3.3.2: at least 64)."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.last_n is not None and self.last_n < 0:
+            raise ForwardingUsageError(f"last_n must be >= 0 or None, got {self.last_n}")
+        if self.hold_limit < 0 or self.max_associations < 1 or self.max_ssrcs_per_association < 1:
+            raise ForwardingUsageError("hold_limit >= 0, max_associations and SSRC bound >= 1")
+        if not 64 <= self.replay_window <= 0x8000:
+            raise ForwardingUsageError("replay_window must be 64..32768")
+        if self.last_n_idle <= 0 or self.last_n_switch_timeout < 0:
+            raise ForwardingUsageError("last_n_idle > 0 and last_n_switch_timeout >= 0")
+        for pt in (*self.video_payload_types, *self.audio_payload_types):
+            if not 0 <= pt <= 127:
+                raise ForwardingUsageError(f"payload type {pt} outside 0..127")
+
+
+class AssociationCounters:
+    """Per-association counters (STYLE 8: every drop counted, by reason).
+
+    ``*_in`` count what the endpoint sent that authenticated; ``*_out`` what was sent to it.
+    Drops are counted on the association whose datagram was dropped (for ``drop_last_n``:
+    once per receiver that did not get the packet).
+    """
+
+    __slots__ = (
+        "audio_in",
+        "bytes_in",
+        "bytes_out",
+        "drop_auth",
+        "drop_last_n",
+        "drop_limit",
+        "drop_malformed",
+        "drop_no_keys",
+        "drop_queue_full",
+        "drop_reorder",
+        "drop_replay",
+        "drop_ssrc_conflict",
+        "drop_unknown_ssrc",
+        "held",
+        "packets_in",
+        "packets_out",
+        "received",
+        "rtcp_in",
+        "rtcp_out",
+        "video_in",
+    )
+
+    def __init__(self) -> None:
+        self.received = 0  #: datagrams received (before any check)
+        self.packets_in = 0  #: authenticated SRTP + SRTCP packets accepted
+        self.bytes_in = 0
+        self.rtcp_in = 0  #: of which SRTCP
+        self.audio_in = 0  #: RTP with an audio payload type
+        self.video_in = 0  #: RTP with a video payload type
+        self.packets_out = 0  #: datagrams produced for this endpoint (RTP + RTCP)
+        self.bytes_out = 0
+        self.rtcp_out = 0
+        self.held = 0  #: datagrams held before the keys (D5), processed later
+        self.drop_no_keys = 0  #: held datagrams discarded because the association ended
+        self.drop_auth = 0  #: outer authentication failed
+        self.drop_replay = 0  #: replayed or older than the replay window
+        self.drop_malformed = 0  #: not SRTP/SRTCP, bad EKT framing, RTCP that does not parse
+        self.drop_queue_full = 0  #: D5 hold queue full
+        self.drop_last_n = 0  #: (receiver, packet) pairs not sent because of last_n
+        self.drop_unknown_ssrc = 0  #: RTCP about an SSRC no other endpoint sends
+        self.drop_ssrc_conflict = 0  #: RTP with an SSRC owned by another association
+        self.drop_reorder = 0  #: late packet from before a last_n resume point
+        self.drop_limit = 0  #: SSRC bound, key lifetime, or an index the session refused
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+@attrs.define
+class TableStats:
+    """Conference-level counters (what cannot be charged to an association)."""
+
+    unknown_source: int = 0
+    """Datagrams from an address no association has."""
+    associations_refused: int = 0
+    """``add`` calls refused because the table was full."""
+    keys_installed: int = 0
+    removed: int = 0
+    last_n_switches: int = 0
+    """Feed switches (on or off) executed at a frame boundary or timeout."""
+
+
+@attrs.frozen
+class ForwardingSnapshot:
+    """A copy of every counter, for periodic logging (cheap: no state is shared)."""
+
+    now: float
+    table: dict[str, int]
+    associations: dict[uuid.UUID, dict[str, int]]
+
+    def totals(self) -> dict[str, int]:
+        """Every association counter summed over the conference."""
+        out: dict[str, int] = {}
+        for counters in self.associations.values():
+            for k, v in counters.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+
+class Association(Generic[AddrT]):
+    """One endpoint of the conference: address, keys, counters, routes."""
+
+    __slots__ = (
+        "_hop",
+        "_in_session",
+        "_out_session",
+        "_protect_rtcp",
+        "_protect_rtp",
+        "_routes",
+        "_rtcp_routes",
+        "address",
+        "association_id",
+        "counters",
+        "created",
+        "held",
+        "last_seen",
+        "ssrcs",
+    )
+
+    def __init__(self, association_id: uuid.UUID, address: AddrT, now: float) -> None:
+        self.association_id = association_id
+        self.address = address
+        self.created = now
+        self.last_seen = now
+        self.counters = AssociationCounters()
+        #: D5: datagrams received before the keys, in order
+        self.held: list[bytes] = []
+        #: RTP SSRCs this association sends (it owns them in the table)
+        self.ssrcs: set[int] = set()
+        self._hop: MediaDistributorHop | None = None
+        self._in_session: SrtpSession | None = None
+        self._out_session: SrtpSession | None = None
+        self._protect_rtp: _Protect | None = None
+        self._protect_rtcp: _Protect | None = None
+        #: (address, protect_rtp, counters) of every other keyed association
+        self._routes: list[tuple[AddrT, _Protect, AssociationCounters]] = []
+        #: every other keyed association (RTCP destinations)
+        self._rtcp_routes: list[Association[AddrT]] = []
+
+    @property
+    def has_keys(self) -> bool:
+        return self._hop is not None
+
+    @property
+    def outbound_session(self) -> SrtpSession | None:
+        """The session that encrypts what we send to this endpoint (None before keys)."""
+        return self._out_session
+
+    def __repr__(self) -> str:
+        return (
+            f"<Association {self.association_id} {self.address!r} "
+            f"keys={self.has_keys} ssrcs={len(self.ssrcs)}>"
+        )
+
+
+class _Feed(Generic[AddrT]):
+    """One (receiver, video SSRC) pair under last_n: switching state and SEQ offset."""
+
+    __slots__ = (
+        "counters",
+        "ever_on",
+        "last_out",
+        "offset",
+        "on",
+        "receiver",
+        "session",
+        "since",
+        "start_seq",
+        "want",
+    )
+
+    def __init__(self, receiver: Association[AddrT]) -> None:
+        self.receiver = receiver
+        self.session: SrtpSession | None = receiver._out_session
+        self.counters = receiver.counters
+        self.on = False  # packets are being sent to the receiver
+        self.want = False  # the ranking says they should be
+        self.since = -1.0  # when ``want`` last changed (< 0: at the next packet)
+        self.ever_on = False
+        self.offset = 0  # out_seq = in_seq - offset (mod 2^16)
+        self.start_seq = 0  # in_seq of the first packet of the current on period
+        self.last_out = 0  # highest out_seq sent (valid once ever_on)
+
+
+class _VideoStream(Generic[AddrT]):
+    """One video SSRC under last_n: activity, frame boundary, and its feeds."""
+
+    __slots__ = ("feeds", "last_seen", "owner", "prev_marker", "ranked", "ssrc")
+
+    def __init__(self, ssrc: int, owner: Association[AddrT], now: float) -> None:
+        self.ssrc = ssrc
+        self.owner = owner
+        self.last_seen = now
+        self.ranked = False
+        self.prev_marker = True  # the first packet seen counts as a frame start
+        self.feeds: dict[uuid.UUID, _Feed[AddrT]] = {}
+
+
+Output = list[tuple[AddrT, bytes]]
+
+
+class ForwardingTable(Generic[AddrT]):
+    """One conference: associations, keys, routes, last_n state and counters."""
+
+    def __init__(self, config: ForwardingConfig | None = None) -> None:
+        self.config = config or ForwardingConfig()
+        self.stats = TableStats()
+        self._by_id: dict[uuid.UUID, Association[AddrT]] = {}
+        self._by_address: dict[AddrT, Association[AddrT]] = {}
+        self._ssrc_owner: dict[int, Association[AddrT]] = {}
+        self._video_pts = frozenset(self.config.video_payload_types)
+        self._audio_pts = frozenset(self.config.audio_payload_types)
+        self._last_n = self.config.last_n
+        self._video: dict[int, _VideoStream[AddrT]] = {}
+        self._rank: list[_VideoStream[AddrT]] = []
+        self._pruned_at = float("-inf")
+        self._prune_every = self.config.last_n_idle / 8
+
+    # --- membership -----------------------------------------------------------------------------
+
+    @property
+    def associations(self) -> dict[uuid.UUID, Association[AddrT]]:
+        """Every association by id (do not modify)."""
+        return self._by_id
+
+    def association_for(self, address: AddrT) -> Association[AddrT] | None:
+        return self._by_address.get(address)
+
+    def add(self, association_id: uuid.UUID, address: AddrT, now: float) -> Association[AddrT]:
+        """A new endpoint association (the shell saw its first datagram)."""
+        if association_id in self._by_id:
+            raise ForwardingUsageError(f"association {association_id} already exists")
+        if address in self._by_address:
+            raise ForwardingUsageError(f"address {address!r} already has an association")
+        if len(self._by_id) >= self.config.max_associations:
+            self.stats.associations_refused += 1
+            raise ForwardingUsageError(
+                f"conference full ({self.config.max_associations} associations)"
+            )
+        assoc: Association[AddrT] = Association(association_id, address, now)
+        self._by_id[association_id] = assoc
+        self._by_address[address] = assoc
+        return assoc
+
+    def install_keys(self, keys: MediaKeys, now: float) -> Output[AddrT]:
+        """Install an association's hop-by-hop keys; returns the released D5 output."""
+        assoc = self._by_id.get(keys.association_id)
+        if assoc is None:
+            raise ForwardingUsageError(f"no association {keys.association_id}")
+        inbound, outbound = self._sessions(keys)
+        assoc._in_session = inbound
+        assoc._out_session = outbound
+        assoc._hop = MediaDistributorHop(inbound, expect_ekt=True)
+        assoc._protect_rtp = outbound.protect_rtp
+        assoc._protect_rtcp = outbound.protect_rtcp
+        self.stats.keys_installed += 1
+        # New keys: the receiver's outbound session is fresh, so its last_n feeds restart.
+        for vs in self._video.values():
+            vs.feeds.pop(assoc.association_id, None)
+        self._rebuild()
+        held, assoc.held = assoc.held, []
+        out: Output[AddrT] = []
+        for data in held:
+            out += self._process(assoc, data, now)
+        return out
+
+    def _sessions(self, keys: MediaKeys) -> tuple[SrtpSession, SrtpSession]:
+        try:
+            profile = SrtpProfile(keys.protection_profile)
+        except ValueError:
+            raise MediaKeysError(f"unknown profile 0x{keys.protection_profile:04X}") from None
+        if not profile.is_double:
+            raise MediaKeysError(f"{profile.name} is not a DOUBLE profile (D18)")
+        klen = profile.half_key_length
+        if keys.mki:
+            raise MediaKeysError("MediaKeys with an MKI (EKT forbids MKI, D4)")
+        for name, value, want in (
+            ("client_write key", keys.client_write_master_key, klen),
+            ("server_write key", keys.server_write_master_key, klen),
+            ("client_write salt", keys.client_write_master_salt, GCM_SALT_LENGTH),
+            ("server_write salt", keys.server_write_master_salt, GCM_SALT_LENGTH),
+        ):
+            if len(value) != want:
+                raise MediaKeysError(
+                    f"{name} of {len(value)} bytes, {profile.name} needs {want} (D4)"
+                )
+        if keys.client_write_master_key == keys.server_write_master_key:
+            # RFC 8723 §5.2, §9: decrypt and re-encrypt keys must be independent.
+            raise MediaKeysError("client_write and server_write keys are equal")
+        window = self.config.replay_window
+        inbound = SrtpSession(
+            keys.client_write_master_key,
+            keys.client_write_master_salt,
+            replay_window=window,
+            max_streams=self.config.max_ssrcs_per_association,
+        )
+        outbound = SrtpSession(
+            keys.server_write_master_key,
+            keys.server_write_master_salt,
+            max_streams=_OUTBOUND_MAX_STREAMS,
+        )
+        return inbound, outbound
+
+    def remove(self, association_id: uuid.UUID) -> bool:
+        """Drop an association, its keys, SSRCs and feeds (EndpointDisconnect, D3)."""
+        assoc = self._by_id.pop(association_id, None)
+        if assoc is None:
+            return False
+        del self._by_address[assoc.address]
+        assoc.counters.drop_no_keys += len(assoc.held)
+        assoc.held = []
+        for ssrc in assoc.ssrcs:
+            if self._ssrc_owner.get(ssrc) is assoc:
+                del self._ssrc_owner[ssrc]
+            vs = self._video.pop(ssrc, None)
+            if vs is not None and vs.ranked:
+                self._rank.remove(vs)
+        for vs in self._video.values():
+            vs.feeds.pop(association_id, None)
+        assoc._hop = None
+        assoc._in_session = assoc._out_session = None
+        self.stats.removed += 1
+        self._rebuild()
+        return True
+
+    def expire_idle(self, now: float, timeout: float) -> list[uuid.UUID]:
+        """Remove associations silent for more than ``timeout`` (D3); returns their ids."""
+        gone = [a.association_id for a in self._by_id.values() if now - a.last_seen > timeout]
+        for aid in gone:
+            self.remove(aid)
+        return gone
+
+    def touch(self, association_id: uuid.UUID, now: float) -> None:
+        """Non-media traffic (DTLS) from the endpoint also keeps it alive."""
+        assoc = self._by_id.get(association_id)
+        if assoc is not None:
+            assoc.last_seen = now
+
+    def tick(self, now: float) -> None:
+        """Periodic upkeep (call every few hundred ms): last_n ranking of silent streams."""
+        if self._last_n is not None:
+            self._prune(now)
+
+    def _rebuild(self) -> None:
+        """Recompute every route list (membership or keys changed; never per packet)."""
+        keyed = [a for a in self._by_id.values() if a._protect_rtp is not None]
+        for a in self._by_id.values():
+            others = [b for b in keyed if b is not a]
+            a._routes = [
+                (b.address, b._protect_rtp, b.counters)
+                for b in others
+                if b._protect_rtp is not None
+            ]
+            a._rtcp_routes = others
+        if self._last_n is not None:
+            for vs in self._video.values():
+                self._sync_feeds(vs)
+            self._rerank(-1.0)
+
+    # --- datagrams ------------------------------------------------------------------------------
+
+    def handle_datagram(self, address: AddrT, data: bytes, now: float) -> Output[AddrT]:
+        """One SRTP/SRTCP datagram from ``address``: the datagrams to send (never raises)."""
+        assoc = self._by_address.get(address)
+        if assoc is None:
+            self.stats.unknown_source += 1
+            return []
+        return self._process(assoc, data, now)
+
+    def handle_from(self, association_id: uuid.UUID, data: bytes, now: float) -> Output[AddrT]:
+        """:meth:`handle_datagram` for a datagram the shell already matched to its association."""
+        assoc = self._by_id.get(association_id)
+        if assoc is None:
+            self.stats.unknown_source += 1
+            return []
+        return self._process(assoc, data, now)
+
+    def _process(self, assoc: Association[AddrT], data: bytes, now: float) -> Output[AddrT]:
+        c = assoc.counters
+        c.received += 1
+        assoc.last_seen = now
+        hop = assoc._hop
+        n = len(data)
+        if n < 12 or data[0] & 0xC0 != 0x80:
+            c.drop_malformed += 1
+            return []
+        if hop is None:
+            # D5: hold until MediaKeys, bounded.
+            if len(assoc.held) >= self.config.hold_limit:
+                c.drop_queue_full += 1
+            else:
+                assoc.held.append(bytes(data))
+                c.held += 1
+            return []
+        if 192 <= data[1] <= 223:  # RFC 5761 §4: RTCP packet types 192-223
+            return self._rtcp(assoc, data)
+        try:
+            inbound = hop.decrypt(data)
+        except AuthenticationError:
+            c.drop_auth += 1
+            return []
+        except ReplayError:
+            c.drop_replay += 1
+            return []
+        except SrtpDecodeError:
+            c.drop_malformed += 1
+            return []
+        except SrtpError:  # key lifetime, SSRC bound of the inbound session
+            c.drop_limit += 1
+            return []
+        plain = inbound.packet
+        ssrc = _unpack_u32(plain, 8)[0]
+        if ssrc not in assoc.ssrcs and not self._claim(assoc, ssrc):
+            return []
+        c.packets_in += 1
+        c.bytes_in += n
+        pt = plain[1] & 0x7F
+        if pt in self._video_pts:
+            c.video_in += 1
+            if self._last_n is not None:
+                return self._video_rtp(assoc, inbound, ssrc, now)
+        elif pt in self._audio_pts:
+            c.audio_in += 1
+        # The hot path: one protect per receiver, EKT field re-appended (D11).
+        ekt = inbound.ekt_field
+        out: Output[AddrT] = []
+        append = out.append
+        for address, protect, rc in assoc._routes:
+            try:
+                append((address, protect(plain) + ekt))
+            except SrtpError:  # the receiver's session refused (index space, bounds)
+                c.drop_limit += 1
+                continue
+            rc.packets_out += 1
+            rc.bytes_out += n
+        return out
+
+    def _claim(self, assoc: Association[AddrT], ssrc: int) -> bool:
+        """First authenticated RTP of ``ssrc`` from ``assoc``: take ownership if free."""
+        owner = self._ssrc_owner.get(ssrc)
+        if owner is not None and owner is not assoc:
+            assoc.counters.drop_ssrc_conflict += 1
+            return False
+        if len(assoc.ssrcs) >= self.config.max_ssrcs_per_association:
+            assoc.counters.drop_limit += 1
+            return False
+        assoc.ssrcs.add(ssrc)
+        self._ssrc_owner[ssrc] = assoc
+        return True
+
+    # --- last_n ---------------------------------------------------------------------------------
+
+    def video_ranking(self) -> list[int]:
+        """The last_n ranking: video SSRCs by latest activity start, most recent first."""
+        return [vs.ssrc for vs in self._rank]
+
+    def _sync_feeds(self, vs: _VideoStream[AddrT]) -> None:
+        """Make ``vs.feeds`` match the current keyed receivers (state of survivors kept)."""
+        receivers = {a.association_id: a for a in vs.owner._rtcp_routes}
+        for aid in [aid for aid in vs.feeds if aid not in receivers]:
+            del vs.feeds[aid]
+        for aid, a in receivers.items():
+            if aid not in vs.feeds:
+                vs.feeds[aid] = _Feed(a)
+
+    def _prune(self, now: float) -> None:
+        self._pruned_at = now
+        idle = self.config.last_n_idle
+        stale = [vs for vs in self._rank if now - vs.last_seen > idle]
+        if stale:
+            for vs in stale:
+                vs.ranked = False
+                self._rank.remove(vs)
+            self._rerank(now)
+
+    def _rerank(self, now: float) -> None:
+        """Recompute every feed's ``want`` from the ranking (only when the ranking changed).
+
+        ``now < 0``: the time is not known here (membership change); the switch timeout
+        then starts at the stream's next packet."""
+        limit = self._last_n
+        if limit is None:
+            return
+        for vs in self._video.values():
+            for aid, feed in vs.feeds.items():
+                want = False
+                if vs.ranked:
+                    taken = 0
+                    for other in self._rank:
+                        if other.owner.association_id == aid:
+                            continue  # a receiver never gets its own video
+                        if taken >= limit:
+                            break
+                        if other is vs:
+                            want = True
+                            break
+                        taken += 1
+                if want != feed.want:
+                    feed.want = want
+                    feed.since = now
+
+    def _video_rtp(
+        self, assoc: Association[AddrT], inbound: Inbound, ssrc: int, now: float
+    ) -> Output[AddrT]:
+        """A video packet under last_n: ranking, frame-boundary switching, SEQ renumbering."""
+        c = assoc.counters
+        vs = self._video.get(ssrc)
+        if vs is None:
+            vs = self._video[ssrc] = _VideoStream(ssrc, assoc, now)
+            self._sync_feeds(vs)
+        elif now - vs.last_seen > self.config.last_n_idle and vs.ranked:
+            # Silent past the idle limit but not pruned yet: this is a new activity start.
+            vs.ranked = False
+            self._rank.remove(vs)
+        vs.last_seen = now
+        if not vs.ranked:
+            vs.ranked = True
+            self._rank.insert(0, vs)  # activity start: the most recently active stream
+            self._rerank(now)
+        elif now - self._pruned_at >= self._prune_every:
+            self._prune(now)
+        plain = inbound.packet
+        seq = (plain[2] << 8) | plain[3]
+        marker = bool(plain[1] & 0x80)
+        frame_start = vs.prev_marker
+        vs.prev_marker = marker
+        timeout = self.config.last_n_switch_timeout
+        ekt = inbound.ekt_field
+        n = len(plain) + 16 + len(ekt)
+        out: Output[AddrT] = []
+        hop = assoc._hop
+        if hop is None:  # pragma: no cover - decrypt succeeded, so the keys are there
+            return out
+        encrypt_for = hop.encrypt_for
+        for feed in vs.feeds.values():
+            session = feed.session
+            if session is None:
+                continue
+            send = feed.on
+            if send != feed.want:
+                if feed.since < 0:
+                    feed.since = now
+                late = now - feed.since >= timeout
+                if feed.want:
+                    if frame_start or late:  # start with a frame start
+                        self._start_feed(feed, seq)
+                        send = True
+                elif marker or late:
+                    # Stop after the frame end: the packet with the marker is still sent;
+                    # with no boundary in sight (late), stop before this packet.
+                    feed.on = False
+                    self.stats.last_n_switches += 1
+                    send = marker
+            if not send:
+                c.drop_last_n += 1
+                continue
+            if (seq - feed.start_seq) & 0x8000:
+                c.drop_reorder += 1  # from before this feed's resume point (RFC 7714 §8.4)
+                continue
+            out_seq = (seq - feed.offset) & 0xFFFF
+            try:
+                if out_seq == seq:
+                    data = encrypt_for(session, inbound)
+                else:
+                    data = encrypt_for(session, inbound, HeaderChanges(sequence_number=out_seq))
+            except SrtpError:
+                c.drop_limit += 1
+                continue
+            if (out_seq - feed.last_out) & 0xFFFF < 0x8000:
+                feed.last_out = out_seq
+            rc = feed.counters
+            rc.packets_out += 1
+            rc.bytes_out += n
+            out.append((feed.receiver.address, data))
+        return out
+
+    def _start_feed(self, feed: _Feed[AddrT], seq: int) -> None:
+        if feed.ever_on:
+            # Continue where this receiver's view of the stream stopped (contiguous SEQ).
+            feed.offset = (seq - feed.last_out - 1) & 0xFFFF
+        else:
+            feed.offset = 0
+            feed.last_out = (seq - 1) & 0xFFFF
+            feed.ever_on = True
+        feed.start_seq = seq
+        feed.on = True
+        self.stats.last_n_switches += 1
+
+    # --- RTCP -----------------------------------------------------------------------------------
+
+    def _rtcp(self, assoc: Association[AddrT], data: bytes) -> Output[AddrT]:
+        c = assoc.counters
+        session = assoc._in_session
+        if session is None:  # pragma: no cover - keys are checked by the caller
+            return []
+        try:
+            compound = session.unprotect_rtcp(data)
+        except AuthenticationError:
+            c.drop_auth += 1
+            return []
+        except ReplayError:
+            c.drop_replay += 1
+            return []
+        except SrtpDecodeError:
+            c.drop_malformed += 1
+            return []
+        except SrtpError:
+            c.drop_limit += 1
+            return []
+        try:
+            packets = parse_rtcp(compound)
+        except RtcpDecodeError:
+            c.drop_malformed += 1
+            return []
+        c.packets_in += 1
+        c.bytes_in += len(data)
+        c.rtcp_in += 1
+        others = assoc._rtcp_routes
+        # Destination of each packet: a list of associations, or None = "companion" (goes
+        # wherever the rest goes). Raw slices keep the sender's bytes (padding included).
+        pos = 0
+        parts: list[tuple[bytes, list[Association[AddrT]] | None]] = []
+        for pkt in packets:
+            end = pos + 4 + 4 * _RTCP_HEADER.unpack_from(compound, pos)[2]
+            raw = compound[pos:end]
+            pos = end
+            dests: list[Association[AddrT]] | None
+            if isinstance(pkt, SenderReport):
+                dests = list(others)
+            elif isinstance(pkt, ReceiverReport):
+                dests = self._owners(assoc, [b.ssrc for b in pkt.reports])
+            elif isinstance(pkt, Fir):
+                dests = self._owners(assoc, [s for s, _ in pkt.entries])
+            elif isinstance(pkt, (_Nack, Pli, RtpFeedback, PayloadFeedback)):
+                dests = self._owners(assoc, [pkt.media_ssrc])
+            else:  # SDES, BYE, APP, XR, unknown: about the sender itself
+                dests = None
+            parts.append((raw, dests))
+        routed: dict[uuid.UUID, Association[AddrT]] = {}
+        for _, dests in parts:
+            if dests:
+                for d in dests:
+                    routed[d.association_id] = d
+        if not routed and any(d is None for _, d in parts):
+            routed = {d.association_id: d for d in others}
+        if not routed:
+            return []
+        head_type = compound[1]
+        head = None
+        if head_type in (SR, RR):
+            # RFC 3550 §6.1: a compound starts with SR or RR; keep that for every destination.
+            head = bytes((0x80, RR, 0, 1)) + compound[4:8]
+        out: Output[AddrT] = []
+        for aid, dest in routed.items():
+            chunks = [
+                raw
+                for raw, dests in parts
+                if dests is None or any(d.association_id == aid for d in dests)
+            ]
+            first_dests = parts[0][1]
+            if head is not None and first_dests is not None and dest not in first_dests:
+                chunks.insert(0, head)
+            protect = dest._protect_rtcp
+            if protect is None:
+                continue
+            try:
+                sealed = protect(b"".join(chunks))
+            except SrtpError:
+                c.drop_limit += 1
+                continue
+            rc = dest.counters
+            rc.packets_out += 1
+            rc.rtcp_out += 1
+            rc.bytes_out += len(sealed)
+            out.append((dest.address, sealed))
+        return out
+
+    def _owners(
+        self, sender: Association[AddrT], ssrcs: list[int]
+    ) -> list[Association[AddrT]]:
+        """Keyed owners of ``ssrcs`` other than the sender; unknown ones are counted."""
+        out: list[Association[AddrT]] = []
+        for ssrc in ssrcs:
+            owner = self._ssrc_owner.get(ssrc)
+            if owner is None or owner is sender or owner._protect_rtcp is None:
+                sender.counters.drop_unknown_ssrc += 1
+            elif owner not in out:
+                out.append(owner)
+        return out
+
+    # --- statistics -----------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> ForwardingSnapshot:
+        """Copy every counter (cheap; for periodic logging and on exit)."""
+        return ForwardingSnapshot(
+            now=now,
+            table=attrs.asdict(self.stats),
+            associations={aid: a.counters.as_dict() for aid, a in self._by_id.items()},
+        )
+
