@@ -1,0 +1,682 @@
+"""The sans-IO media engine of a PERC endpoint: send, receive, verify, report.
+
+Theory of operation
+-------------------
+:class:`EndpointMedia` is everything an endpoint does with media once its DTLS-SRTP
+association with the Key Distributor is up (RFC 8871 §4.5.1: the endpoint is the DTLS
+client) and it holds an EKTKey. It never touches a socket or a clock: the I/O shell calls
+
+* ``timer()`` for the next deadline and ``handle_timer(now)`` when it passes;
+* ``receive(datagram, now)`` for every SRTP/SRTCP datagram from the Media Distributor;
+* ``datagrams_to_send()`` to drain what to send (bounded queue, drops counted);
+* ``rekey(params, now)`` for every new EKTKey; ``bye(now)`` when leaving;
+* ``report()`` for the JSON report.
+
+**Keys** (RFC 8871 §6.2, RFC 8723 §3, SPEC 4.7). From the DOUBLE profile's exporter output the
+endpoint uses only the outer halves: it *sends* (SRTP outer layer and SRTCP) with the outer
+half of ``client_write`` and *receives* with the outer half of ``server_write``, which is
+what the Media Distributor re-encrypts with (RFC 9185 §6.4). The inner (end-to-end) key is a
+fresh random key of its own (RFC 8870 §6), made by :class:`~perc.srtp.double.DoubleSender` and
+announced in Full EKT tags under the current EKTKey; the inner salt is the EKTKey's conference
+salt (RFC 8871 §4.5.1).
+
+**Sending.** :mod:`perc.media.sources` makes plain RTP on the audio (50 packets/s, PT 111)
+and video (PT 96) timetables; one :class:`DoubleSender` (the only user of the outer write key,
+RFC 7714 §8.4) double-encrypts each packet and appends the EKT field on the RFC 8870 §4.6
+schedule: Full tags in the first three packets and after each key change, then every 100 ms
+when audio is sent, or with each key frame for a video-only sender (the source flags the
+first packet of a key frame).
+
+**Rekeying** (D22, RFC 8870 §4.5, RFC 8871 §4.5.2). ``rekey`` hands the new parameter set to
+the receiver first (so tags under the new SPI are readable) and then to the sender, which
+picks a new random E2E key, announces it in three Full tags under the new SPI and keeps
+encrypting with the old key for 250 ms. Every SPI ever used is remembered for the report.
+
+**Receiving** (RFC 8723 §5.3). RTP and RTCP share the port; RFC 5761 §4 tells them apart by
+the second byte (RTCP packet types 192-223). SRTP goes through
+:class:`~perc.srtp.double.DoubleReceiver`; what comes out must then parse as a perc payload
+(:mod:`perc.media.payload`) whose sender name and stream kind match what this SSRC said
+before and whose stream sequence keeps a constant distance to the original RTP SEQ. Failures
+are classified:
+
+* **HBH failure**: the outer (hop-by-hop) layer rejected the packet (bad tag, malformed
+  framing, too many streams). Outer replays (network duplicates, or packets later than the
+  128-packet window) are counted apart as ``hbh_replays``: they are not forgeries.
+* **E2E failure**: the packet was good hop by hop (or was dropped for its EKT tag before the
+  outer layer, as RFC 8870 §4.3.2 orders it: unknown SPI, unwrap failure), but the EKT or
+  inner layer failed: no key for the SSRC, inner tag mismatch, inner replay, bad OHB. The
+  reason is counted too.
+* **Payload failure**: both layers verified but the payload did not.
+
+Counters are per SSRC and reported per sender name (learnt from the first verified payload of
+the SSRC); failures on an SSRC that never verified have no name and go to ``unattributed``.
+A video packet that fails for want of a key triggers a PLI (rate-limited): the key frame it
+asks for brings a Full EKT tag (RFC 8870 §4.6).
+
+**RTCP** (D19: hop-by-hop only, SRTCP with E=1 under the outer keys; RFC 8871 §4.1: nothing
+confidential, so the CNAME is random, not the endpoint name). Every ``rtcp_interval`` seconds
+(randomised by [0.5, 1.5], RFC 3550 §6.3.1) one compound packet: an SR per sending stream (or
+an RR from a receive-only SSRC), RFC 3550 reception report blocks for every stream heard in
+the last few intervals (more than 31 go into further RR packets), and SDES CNAME. Incoming
+SR (LSR/DLSR for our reports), RR blocks about our streams (round-trip time), PLI and FIR
+(the video source makes a key frame; a FIR with a repeated command sequence number is a
+retransmission and ignored, RFC 5104 §4.3.1.2), NACK (counted: RTX is not implemented) and
+BYE are consumed and counted.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+import struct
+from typing import Any
+
+import attrs
+
+from perc.media.payload import PayloadDecodeError, StreamKind, parse_payload
+from perc.media.sources import (
+    AUDIO_CLOCK_RATE,
+    VIDEO_CLOCK_RATE,
+    VIDEO_PT,
+    AudioSource,
+    OutgoingPacket,
+    VideoSettings,
+    VideoSource,
+    random_ssrc,
+)
+from perc.media.stats import (
+    RemoteStream,
+    SeqStats,
+    Unattributed,
+    build_report,
+    ntp_middle32,
+    ntp_timestamp,
+)
+from perc.srtp.context import SrtpSession
+from perc.srtp.double import DoubleDecodeError, DoubleReceiver, DoubleSender, NoInnerKeyError
+from perc.srtp.ekt import (
+    EktError,
+    EktFieldError,
+    EktParameterSet,
+    EktPlaintextError,
+    EktStreamLimitError,
+    EktUnwrapError,
+    UnknownSpiError,
+)
+from perc.srtp.errors import ReplayError, SrtpError
+from perc.srtp.keys import KeyingMaterial, SrtpProfile, split_exporter
+from perc.wire.rtcp import (
+    Bye,
+    Fir,
+    Nack,
+    Pli,
+    ReceiverReport,
+    ReportBlock,
+    RtcpDecodeError,
+    RtcpPacket,
+    SdesChunk,
+    SdesItem,
+    SenderReport,
+    SourceDescription,
+    parse_rtcp,
+    serialize_rtcp,
+)
+
+__all__ = [
+    "EndpointMedia",
+    "EndpointMediaStats",
+    "MediaChoice",
+    "MediaUsageError",
+    "is_rtcp",
+]
+
+_unpack_ssrc = struct.Struct("!I").unpack_from
+_MAX_BLOCKS = 31  # RFC 3550 §6.4.1: the 5-bit report count
+#: report on a stream heard within this many seconds (RFC 3550 §6.4: sources heard since the
+#: last report; a few intervals so one lost report interval does not hide a stream)
+_REPORT_WINDOW = 5.0
+_PLI_MIN_INTERVAL = 0.5
+_HOUSEKEEPING = 1.0
+
+
+class MediaUsageError(ValueError):
+    """Local misuse of the media engine (bad name, media choice, keying material)."""
+
+
+class MediaChoice(enum.Enum):
+    """What an endpoint sends (``--media``)."""
+
+    AUDIO = "audio"
+    VIDEO = "video"
+    BOTH = "both"
+    NONE = "none"
+
+    @property
+    def audio(self) -> bool:
+        return self in (MediaChoice.AUDIO, MediaChoice.BOTH)
+
+    @property
+    def video(self) -> bool:
+        return self in (MediaChoice.VIDEO, MediaChoice.BOTH)
+
+
+def is_rtcp(datagram: bytes) -> bool:
+    """RFC 5761 §4: on a shared port, a second byte of 192-223 is RTCP, anything else RTP."""
+    return len(datagram) > 1 and 192 <= datagram[1] <= 223
+
+
+@attrs.define
+class EndpointMediaStats:
+    sent_rtp: int = 0
+    sent_octets: int = 0
+    sent_rtcp: int = 0
+    #: packets the sources made that could not be protected (e.g. expired EKTKey)
+    send_errors: int = 0
+    #: datagrams dropped because the caller did not drain ``datagrams_to_send``
+    queue_drops: int = 0
+    received_rtp: int = 0
+    received_rtcp: int = 0
+    rtcp_auth_failures: int = 0
+    rtcp_replays: int = 0
+    rtcp_decode_errors: int = 0
+    sr_received: int = 0
+    rr_received: int = 0
+    report_blocks_about_us: int = 0
+    pli_received: int = 0
+    fir_received: int = 0
+    fir_duplicates: int = 0
+    nack_received: int = 0
+    bye_received: int = 0
+    feedback_not_ours: int = 0
+    other_rtcp: int = 0
+    pli_sent: int = 0
+    rekeys: int = 0
+    #: last round-trip time (seconds) computed from a report block about one of our streams
+    last_rtt: float | None = None
+
+
+class EndpointMedia:
+    """Sans-IO media core of one endpoint (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        media: MediaChoice | str,
+        keying: KeyingMaterial,
+        ekt: EktParameterSet,
+        now: float,
+        *,
+        video: VideoSettings | None = None,
+        audio_rate: float = 50.0,
+        audio_payload_size: int = 160,
+        rtcp_interval: float = 1.0,
+        ntp_offset: float = 0.0,
+        max_streams: int = 256,
+        max_queue: int = 4096,
+        seed: int | None = None,
+    ) -> None:
+        try:
+            choice = MediaChoice(media)
+        except ValueError:
+            raise MediaUsageError(f"unknown media choice {media!r}") from None
+        if not keying.profile.is_double:
+            raise MediaUsageError(f"{keying.profile.name} is not a DOUBLE profile")
+        if rtcp_interval <= 0 or max_streams < 1 or max_queue < 1:
+            raise MediaUsageError("rtcp_interval, max_streams and max_queue must be positive")
+        self.name = name
+        self.media = choice
+        self._rng = random.Random(seed)
+        self._ntp_offset = ntp_offset
+        self._rtcp_interval = rtcp_interval
+        self._max_streams = max_streams
+        self._max_queue = max_queue
+        outer = keying.outer()
+        # Sending: outer half of client_write (SRTP via the DoubleSender, SRTCP via a session
+        # used only for RTCP); receiving: outer half of server_write for both.
+        self._rtcp_tx = SrtpSession(outer.client_key, outer.client_salt)
+        rx_session = SrtpSession(outer.server_key, outer.server_salt)
+        self._rx = DoubleReceiver(rx_session)
+        self._rx.add_parameter_set(ekt)
+        self._rtcp_rx = rx_session
+        self.audio = (
+            AudioSource(name, now, rate=audio_rate, payload_size=audio_payload_size)
+            if choice.audio
+            else None
+        )
+        self.video = VideoSource(name, now, video) if choice.video else None
+        self._sources: list[AudioSource | VideoSource] = [
+            s for s in (self.audio, self.video) if s is not None
+        ]
+        self._tx: DoubleSender | None = None
+        if self._sources:
+            # RFC 8870 §4.6: Full tags every 100 ms with audio, with each key frame for video.
+            period = None if choice is MediaChoice.VIDEO else 0.1
+            self._tx = DoubleSender(outer.client_key, outer.client_salt, ekt, period=period)
+        # A receive-only endpoint still needs an SSRC for its reports (RFC 3550 §6.4.2).
+        self.rtcp_ssrc = self._sources[0].ssrc if self._sources else random_ssrc()
+        self._cname = self._rng.getrandbits(96).to_bytes(12, "big").hex().encode()
+        self.spis: list[int] = [ekt.spi]
+        self.stats = EndpointMediaStats()
+        self.streams: dict[int, RemoteStream] = {}
+        self.unattributed = Unattributed()
+        self._out: list[bytes] = []
+        self._e2e_mark = 0
+        self._pli_at: dict[int, float] = {}
+        self._fir_seq: dict[tuple[int, int], int] = {}
+        #: latest report block about each of our SSRCs, per reporting SSRC (bounded)
+        self.reports_about_us: dict[int, dict[int, ReportBlock]] = {}
+        self._next_rtcp = now + self._rtcp_delay()
+        self._next_housekeeping = now + _HOUSEKEEPING
+        self._closed = False
+
+    @classmethod
+    def from_exporter(
+        cls,
+        name: str,
+        media: MediaChoice | str,
+        profile: SrtpProfile | int,
+        exporter: bytes,
+        *,
+        ekt: EktParameterSet,
+        now: float,
+        **kwargs: Any,
+    ) -> EndpointMedia:
+        """From the negotiated DOUBLE profile and the raw EXTRACTOR-dtls_srtp output."""
+        return cls(name, media, split_exporter(profile, exporter), ekt, now, **kwargs)
+
+    # --- properties --------------------------------------------------------------------------
+
+    @property
+    def ssrc(self) -> int:
+        """The report's SSRC: the audio SSRC, else the first stream's, else the RTCP SSRC."""
+        return self.rtcp_ssrc
+
+    @property
+    def receiver(self) -> DoubleReceiver:
+        return self._rx
+
+    @property
+    def sender(self) -> DoubleSender | None:
+        return self._tx
+
+    @property
+    def sent(self) -> int:
+        return self.stats.sent_rtp
+
+    def our_ssrcs(self) -> list[int]:
+        return [s.ssrc for s in self._sources] or [self.rtcp_ssrc]
+
+    def peers_verified(self) -> set[str]:
+        """Names of the peers with at least one verified packet."""
+        return {s.name for s in self.streams.values() if s.name is not None and s.verified}
+
+    # --- timers and output -------------------------------------------------------------------
+
+    def timer(self) -> float | None:
+        """When ``handle_timer`` should next be called (None: nothing scheduled)."""
+        if self._closed:
+            return None
+        t = min(self._next_rtcp, self._next_housekeeping)
+        for s in self._sources:
+            t = min(t, s.next_due())
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        """Make the media packets and reports due at ``now``."""
+        if self._closed:
+            return
+        tx = self._tx
+        if tx is not None:
+            for source in self._sources:
+                for pkt in source.packets_due(now):
+                    self._send_rtp(tx, pkt, now)
+        if now >= self._next_rtcp:
+            for compound in self._rtcp_compounds(now):
+                self._send_rtcp(compound)
+            self._next_rtcp = now + self._rtcp_delay()
+        if now >= self._next_housekeeping:
+            self._rx.ekt.expire_old_keys(now)
+            self._next_housekeeping = now + _HOUSEKEEPING
+
+    def datagrams_to_send(self) -> list[bytes]:
+        """Drain the SRTP/SRTCP datagrams made since the last call."""
+        out, self._out = self._out, []
+        return out
+
+    def _queue(self, datagram: bytes) -> bool:
+        if len(self._out) >= self._max_queue:
+            self.stats.queue_drops += 1
+            return False
+        self._out.append(datagram)
+        return True
+
+    def _send_rtp(self, tx: DoubleSender, pkt: OutgoingPacket, now: float) -> None:
+        try:
+            data = tx.protect(pkt.rtp, now, keyframe=pkt.ekt_full_hint)
+        except SrtpError:
+            self.stats.send_errors += 1
+            return
+        if self._queue(data):
+            self.stats.sent_rtp += 1
+            self.stats.sent_octets += pkt.payload_length
+
+    def _send_rtcp(self, packets: list[RtcpPacket]) -> None:
+        try:
+            data = self._rtcp_tx.protect_rtcp(serialize_rtcp(packets))
+        except SrtpError:
+            self.stats.send_errors += 1
+            return
+        if self._queue(data):
+            self.stats.sent_rtcp += 1
+
+    def _rtcp_delay(self) -> float:
+        # RFC 3550 §6.3.1: randomise the interval by [0.5, 1.5] to avoid synchronisation.
+        return self._rtcp_interval * (0.5 + self._rng.random())
+
+    # --- rekeying and leaving ----------------------------------------------------------------
+
+    def rekey(self, params: EktParameterSet, now: float) -> None:
+        """A new EKTKey arrived: accept tags under it and switch to a new E2E key (D22)."""
+        self._rx.add_parameter_set(params)
+        if self._tx is not None:
+            self._tx.rekey(params, now)
+        if params.spi not in self.spis:
+            self.spis.append(params.spi)
+        self.stats.rekeys += 1
+
+    def bye(self, now: float, reason: bytes = b"leaving") -> None:
+        """Queue a final report with an RTCP BYE for our SSRCs and stop sending (RFC 3550 §6.6)."""
+        if self._closed:
+            return
+        compounds = self._rtcp_compounds(now)
+        compounds[0].append(Bye(tuple(self.our_ssrcs()), reason[:255]))
+        for compound in compounds:
+            self._send_rtcp(compound)
+        self._closed = True
+
+    # --- receiving ---------------------------------------------------------------------------
+
+    def receive(self, datagram: bytes, now: float) -> None:
+        """Consume one SRTP or SRTCP datagram from the Media Distributor."""
+        if is_rtcp(datagram):
+            self._receive_rtcp(datagram, now)
+        else:
+            self._receive_rtp(datagram, now)
+
+    def _receive_rtp(self, data: bytes, now: float) -> None:
+        self.stats.received_rtp += 1
+        ssrc = _unpack_ssrc(data, 8)[0] if len(data) >= 12 else None
+        st = self.streams.get(ssrc) if ssrc is not None else None
+        try:
+            pkt = self._rx.unprotect(data, now)
+        except SrtpError as exc:
+            self._count_failure(st, data, exc, now)
+            return
+        try:
+            payload = parse_payload(pkt.payload)
+        except PayloadDecodeError:
+            self._count_payload_failure(st)
+            return
+        if st is None:
+            if len(self.streams) >= self._max_streams:
+                self.unattributed.received += 1
+                self.unattributed.untracked += 1
+                return
+            st = self.streams[pkt.ssrc] = RemoteStream(pkt.ssrc, payload.name, payload.kind)
+        elif payload.name != st.name or payload.kind is not st.kind:
+            # Another sender (any EKTKey holder can make tags for any SSRC) or a confused one.
+            self._count_payload_failure(st)
+            return
+        offset = (pkt.original_sequence_number - payload.seq) & 0xFFFF
+        if st.seq_offset is None:
+            st.seq_offset = offset
+        elif offset != st.seq_offset:
+            self._count_payload_failure(st)
+            return
+        st.received += 1
+        st.verified += 1
+        spis = st.spis
+        if not spis or spis[-1] != pkt.spi:
+            if pkt.spi in spis:
+                spis.remove(pkt.spi)  # keep the most recent last (late packets after a rekey)
+            spis.append(pkt.spi)
+        seq = st.seq
+        if seq is None:
+            rate = AUDIO_CLOCK_RATE if payload.kind is StreamKind.AUDIO else VIDEO_CLOCK_RATE
+            seq = st.seq = SeqStats(pkt.sequence_number, rate)
+        seq.update(pkt.sequence_number, pkt.timestamp, now)
+        st.last_at = now
+
+    def _count_payload_failure(self, st: RemoteStream | None) -> None:
+        if st is None:
+            self.unattributed.received += 1
+            self.unattributed.payload_failures += 1
+        else:
+            st.received += 1
+            st.payload_failures += 1
+
+    def _count_failure(
+        self, st: RemoteStream | None, data: bytes, exc: SrtpError, now: float
+    ) -> None:
+        target: RemoteStream | Unattributed = self.unattributed if st is None else st
+        target.received += 1
+        reason = _e2e_reason(exc)
+        if reason is None:
+            # Errors from after the outer layer raise the same base types as the outer layer
+            # itself; the receiver's end-to-end counters tell which layer it was.
+            s = self._rx.stats
+            mark = s.no_key + s.inner_auth_failures + s.inner_replays + s.ohb_errors
+            mark += s.padding_errors
+            if mark != self._e2e_mark:
+                self._e2e_mark = mark
+                reason = _inner_reason(exc)
+        if reason is None:
+            if isinstance(exc, ReplayError):
+                target.hbh_replays += 1
+            else:
+                target.hbh_failures += 1
+            return
+        target.count_e2e(reason)
+        # A video receiver without the sender's current key waits for the next Full tag,
+        # which comes with a key frame (RFC 8870 §4.6): ask for one.
+        if (
+            reason in ("no_key", "inner_auth", "unknown_spi")
+            and len(data) >= 12
+            and data[1] & 0x7F == VIDEO_PT
+        ):
+            self._maybe_pli(_unpack_ssrc(data, 8)[0], now)
+
+    def _maybe_pli(self, media_ssrc: int, now: float) -> None:
+        last = self._pli_at.get(media_ssrc)
+        if last is not None and now - last < _PLI_MIN_INTERVAL:
+            return
+        if len(self._pli_at) >= self._max_streams:
+            self._pli_at.clear()  # bounded; losing old rate-limit entries is harmless
+        self._pli_at[media_ssrc] = now
+        # RFC 4585 §3.5 early feedback; reduced-size RTCP (RFC 5506) with the PLI alone.
+        self._send_rtcp([Pli(self.rtcp_ssrc, media_ssrc)])
+        self.stats.pli_sent += 1
+
+    def _receive_rtcp(self, data: bytes, now: float) -> None:
+        self.stats.received_rtcp += 1
+        try:
+            plain = self._rtcp_rx.unprotect_rtcp(data)
+        except ReplayError:
+            self.stats.rtcp_replays += 1
+            return
+        except SrtpError:
+            self.stats.rtcp_auth_failures += 1
+            return
+        try:
+            packets = parse_rtcp(plain)
+        except RtcpDecodeError:
+            self.stats.rtcp_decode_errors += 1
+            return
+        video_ssrc = self.video.ssrc if self.video is not None else None
+        ours = set(self.our_ssrcs())
+        for p in packets:
+            if isinstance(p, SenderReport):
+                self.stats.sr_received += 1
+                st = self.streams.get(p.ssrc)
+                if st is not None:
+                    st.last_sr = ntp_middle32(p.ntp_timestamp)
+                    st.last_sr_at = now
+                    st.sr_packet_count = p.packet_count
+                self._report_blocks(p.ssrc, p.reports, ours, now)
+            elif isinstance(p, ReceiverReport):
+                self.stats.rr_received += 1
+                self._report_blocks(p.ssrc, p.reports, ours, now)
+            elif isinstance(p, Pli):
+                if p.media_ssrc == video_ssrc and self.video is not None:
+                    self.stats.pli_received += 1
+                    self.video.request_keyframe()
+                else:
+                    self.stats.feedback_not_ours += 1
+            elif isinstance(p, Fir):
+                self._fir(p, video_ssrc)
+            elif isinstance(p, Nack):
+                if p.media_ssrc in ours:
+                    self.stats.nack_received += 1
+                else:
+                    self.stats.feedback_not_ours += 1
+            elif isinstance(p, Bye):
+                self.stats.bye_received += 1
+                for ssrc in p.ssrcs:
+                    bye_st = self.streams.get(ssrc)
+                    if bye_st is not None:
+                        bye_st.bye = True
+            elif not isinstance(p, SourceDescription):
+                self.stats.other_rtcp += 1
+
+    def _fir(self, p: Fir, video_ssrc: int | None) -> None:
+        mine = [seq for ssrc, seq in p.entries if ssrc == video_ssrc]
+        if not mine or self.video is None or video_ssrc is None:
+            self.stats.feedback_not_ours += 1
+            return
+        key = (p.sender_ssrc, video_ssrc)
+        if self._fir_seq.get(key) == mine[-1]:
+            # RFC 5104 §4.3.1.2: the same command sequence number is a retransmission.
+            self.stats.fir_duplicates += 1
+            return
+        if len(self._fir_seq) >= self._max_streams:
+            self._fir_seq.clear()
+        self._fir_seq[key] = mine[-1]
+        self.stats.fir_received += 1
+        self.video.request_keyframe()
+
+    def _report_blocks(
+        self, reporter: int, blocks: tuple[ReportBlock, ...], ours: set[int], now: float
+    ) -> None:
+        for block in blocks:
+            if block.ssrc not in ours:
+                continue  # a report about someone else's stream (the MD may fan RTCP out)
+            self.stats.report_blocks_about_us += 1
+            table = self.reports_about_us.setdefault(block.ssrc, {})
+            if reporter not in table and len(table) >= self._max_streams:
+                continue
+            table[reporter] = block
+            if block.lsr:
+                # RFC 3550 §6.4.1: RTT = A - LSR - DLSR, in 1/65536 s.
+                arrival = ntp_middle32(ntp_timestamp(now, self._ntp_offset))
+                rtt = (arrival - block.lsr - block.dlsr) & 0xFFFFFFFF
+                if rtt < 0x80000000:
+                    self.stats.last_rtt = rtt / 65536.0
+
+    # --- RTCP generation ---------------------------------------------------------------------
+
+    def _report_blocks_due(self, now: float) -> list[ReportBlock]:
+        blocks: list[ReportBlock] = []
+        for st in self.streams.values():
+            if st.seq is None or st.bye or now - st.last_at > _REPORT_WINDOW:
+                continue
+            lsr = dlsr = 0
+            if st.last_sr_at is not None:
+                lsr = st.last_sr
+                dlsr = min(0xFFFFFFFF, max(0, math.floor((now - st.last_sr_at) * 65536)))
+            blocks.append(st.seq.report_block(st.ssrc, lsr, dlsr))
+        return blocks
+
+    def _rtcp_compounds(self, now: float) -> list[list[RtcpPacket]]:
+        """RFC 3550 §6.1 compound packets: SR/RR first, extra RRs, then SDES CNAME."""
+        blocks = self._report_blocks_due(now)
+        groups = [blocks[i : i + _MAX_BLOCKS] for i in range(0, len(blocks), _MAX_BLOCKS)]
+        first = groups[0] if groups else []
+        ntp = ntp_timestamp(now, self._ntp_offset)
+        head: list[RtcpPacket] = []
+        for source in self._sources:
+            s = source.stream
+            if s.sent:
+                # RFC 3550 §6.4.1: a sender reports as a sender; the reception blocks ride on
+                # the first SR.
+                head.append(
+                    SenderReport(
+                        ssrc=s.ssrc,
+                        ntp_timestamp=ntp,
+                        rtp_timestamp=s.rtp_timestamp_at(now),
+                        packet_count=s.sent & 0xFFFFFFFF,
+                        octet_count=s.octets & 0xFFFFFFFF,
+                        reports=tuple(first) if not head else (),
+                    )
+                )
+        if not head:
+            # Nothing sent yet (or a receive-only endpoint): an RR leads (RFC 3550 §6.4.2).
+            head.append(ReceiverReport(self.rtcp_ssrc, tuple(first)))
+        sdes = SourceDescription(
+            tuple(SdesChunk(ssrc, (SdesItem(1, self._cname),)) for ssrc in self.our_ssrcs())
+        )
+        out: list[list[RtcpPacket]] = [[*head, sdes]]
+        for group in groups[1:]:
+            # Further blocks: their own compound packets so each stays well under the MTU.
+            out.append([ReceiverReport(self.rtcp_ssrc, tuple(group)), sdes])
+        return out
+
+    # --- report ------------------------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """The endpoint's report (issue 5's schema, plus diagnostic fields)."""
+        sent_by_stream = {
+            s.kind.name.lower(): {
+                "ssrc": s.ssrc,
+                "sent": s.stream.sent,
+                "skipped": s.stream.skipped,
+            }
+            for s in self._sources
+        }
+        rtcp = attrs.asdict(self.stats)
+        return build_report(
+            self.name,
+            ssrc=self.ssrc,
+            sent=self.stats.sent_rtp,
+            spis=self.spis,
+            streams=self.streams,
+            unattributed=self.unattributed,
+            extra={"media": self.media.value, "streams": sent_by_stream, "stats": rtcp},
+        )
+
+
+def _e2e_reason(exc: SrtpError) -> str | None:
+    """The end-to-end reason of an error that can only come from the EKT layer (or None)."""
+    if isinstance(exc, EktFieldError):
+        return None  # the packet's framing is broken: counted with the hop-by-hop failures
+    if isinstance(exc, UnknownSpiError):
+        return "unknown_spi"
+    if isinstance(exc, EktUnwrapError):
+        return "ekt_unwrap"
+    if isinstance(exc, EktPlaintextError):
+        return "ekt_plaintext"
+    if isinstance(exc, EktStreamLimitError):
+        return "ekt_stream_limit"
+    if isinstance(exc, EktError):
+        return "ekt"
+    return None
+
+
+def _inner_reason(exc: SrtpError) -> str:
+    if isinstance(exc, NoInnerKeyError):
+        return "no_key"
+    if isinstance(exc, ReplayError):
+        return "inner_replay"
+    if isinstance(exc, DoubleDecodeError):
+        return "ohb"
+    return "inner_auth"

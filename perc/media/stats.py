@@ -1,0 +1,302 @@
+"""Receive statistics: RFC 3550 reception math per SSRC, per-peer counters and the report.
+
+Theory of operation
+-------------------
+:class:`SeqStats` is RFC 3550 Appendix A.1 (sequence tracking with MAX_DROPOUT/MAX_MISORDER,
+cycle counting), A.3 (expected and lost packets, the fraction lost of the last interval) and
+A.8 (interarrival jitter in timestamp units), fed only with packets that passed both SRTP
+layers and the payload check. It runs on the **outer** SEQ: RFC 8723 §5.3 says the
+application orders by the outer SEQ, and reception reports describe the hop the packets
+arrived on (RTCP is hop-by-hop, D19). The first verified packet starts the stream (no
+probation: the packet is authenticated). Cumulative loss is clamped to the signed 24-bit
+field of the report block.
+
+:class:`RemoteStream` is everything known about one received SSRC: the sender name and
+stream kind from its first verified payload, counters of what arrived and why it failed, the
+SPIs it was decrypted under, the last sender report (for LSR/DLSR, RFC 3550 §6.4.1) and
+whether a BYE was seen. Packets that fail before any packet of their SSRC was verified
+cannot be attributed to a sender name: they are counted in :class:`Unattributed` (a joiner
+cannot read packets sent before its first Full EKT tag, and must not be able to read the
+ones under a key from before it joined, RFC 8871 §4.5.2).
+
+:func:`build_report` groups streams by sender name into the report of issue 5::
+
+    {"name", "ssrc", "sent", "spis": [...],
+     "peers": {name: {"ssrc", "received", "verified", "hbh_failures", "e2e_failures", ...}}}
+
+NTP helpers: perc's sans-IO core has only the caller's monotonic ``now``; ``ntp_offset``
+(seconds) maps it to NTP time. Round-trip times only need the sender's own clock to be
+consistent, so the offset may be 0 in tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import attrs
+
+from perc.media.payload import StreamKind
+from perc.wire.rtcp import ReportBlock
+
+__all__ = [
+    "MAX_DROPOUT",
+    "MAX_MISORDER",
+    "RemoteStream",
+    "SeqStats",
+    "Unattributed",
+    "build_report",
+    "ntp_middle32",
+    "ntp_timestamp",
+]
+
+#: RFC 3550 Appendix A.1 constants.
+MAX_DROPOUT = 3000
+MAX_MISORDER = 100
+RTP_SEQ_MOD = 1 << 16
+_LOST_MAX = (1 << 23) - 1
+_LOST_MIN = -(1 << 23)
+_NTP_UNIX_OFFSET = 2_208_988_800
+
+
+def ntp_timestamp(now: float, ntp_offset: float = 0.0) -> int:
+    """64-bit NTP timestamp (RFC 3550 §4) of ``now`` on the caller's clock."""
+    return int((now + ntp_offset) * (1 << 32)) & 0xFFFFFFFFFFFFFFFF
+
+
+def ntp_middle32(ntp: int) -> int:
+    """The middle 32 bits of a 64-bit NTP timestamp (LSR, RFC 3550 §6.4.1)."""
+    return (ntp >> 16) & 0xFFFFFFFF
+
+
+class SeqStats:
+    """RFC 3550 A.1/A.3/A.8 reception statistics of one source."""
+
+    __slots__ = (
+        "bad_seq",
+        "base_seq",
+        "clock_rate",
+        "cycles",
+        "expected_prior",
+        "jitter",
+        "max_seq",
+        "received",
+        "received_prior",
+        "reordered",
+        "restarts",
+        "transit",
+    )
+
+    def __init__(self, seq: int, clock_rate: int) -> None:
+        self.clock_rate = clock_rate
+        self.restarts = 0
+        self.reordered = 0
+        self.jitter = 0.0
+        self.transit: int | None = None
+        self._init(seq)
+
+    def _init(self, seq: int) -> None:
+        self.base_seq = seq
+        self.max_seq = seq
+        self.bad_seq = RTP_SEQ_MOD + 1  # so seq == bad_seq is false
+        self.cycles = 0
+        self.received = 0
+        self.expected_prior = 0
+        self.received_prior = 0
+
+    def update(self, seq: int, timestamp: int, now: float) -> bool:
+        """Count one packet (RFC 3550 A.1 ``update_seq``); False: it was set aside as bad."""
+        udelta = (seq - self.max_seq) & 0xFFFF
+        if udelta < MAX_DROPOUT:
+            # in order, with a permissible gap
+            if seq < self.max_seq:
+                self.cycles += RTP_SEQ_MOD  # SEQ wrapped: count another 64K cycle
+            self.max_seq = seq
+        elif udelta <= RTP_SEQ_MOD - MAX_MISORDER:
+            # the SEQ made a very large jump
+            if seq == self.bad_seq:
+                # Two sequential packets: the source restarted without telling us.
+                self.restarts += 1
+                self._init(seq)
+            else:
+                self.bad_seq = (seq + 1) & (RTP_SEQ_MOD - 1)
+                return False
+        else:
+            # a late (reordered) packet; duplicates never get here, SRTP replay checks drop them
+            self.reordered += 1
+        self.received += 1
+        self._jitter(timestamp, now)
+        return True
+
+    def _jitter(self, timestamp: int, now: float) -> None:
+        # RFC 3550 A.8: transit = arrival - timestamp in timestamp units; J += (|D| - J) / 16.
+        arrival = int(now * self.clock_rate)
+        transit = (arrival - timestamp) & 0xFFFFFFFF
+        prev = self.transit
+        self.transit = transit
+        if prev is not None:
+            d = (transit - prev) & 0xFFFFFFFF
+            if d >= 0x80000000:
+                d -= 1 << 32
+            self.jitter += (abs(d) - self.jitter) / 16.0
+
+    @property
+    def extended_max(self) -> int:
+        return self.cycles + self.max_seq
+
+    @property
+    def expected(self) -> int:
+        return self.extended_max - self.base_seq + 1
+
+    @property
+    def lost(self) -> int:
+        """Cumulative packets lost (late packets make it go down, RFC 3550 A.3), unclamped."""
+        return self.expected - self.received
+
+    def report_block(self, ssrc: int, lsr: int = 0, dlsr: int = 0) -> ReportBlock:
+        """A reception report block; starts a new interval for the fraction lost (A.3)."""
+        expected = self.expected
+        expected_interval = expected - self.expected_prior
+        self.expected_prior = expected
+        received_interval = self.received - self.received_prior
+        self.received_prior = self.received
+        lost_interval = expected_interval - received_interval
+        if expected_interval == 0 or lost_interval <= 0:
+            fraction = 0
+        else:
+            fraction = (lost_interval << 8) // expected_interval
+        lost = max(_LOST_MIN, min(_LOST_MAX, self.lost))
+        return ReportBlock(
+            ssrc=ssrc,
+            fraction_lost=min(fraction, 255),
+            packets_lost=lost,
+            highest_sequence=self.extended_max & 0xFFFFFFFF,
+            jitter=int(self.jitter) & 0xFFFFFFFF,
+            lsr=lsr,
+            dlsr=dlsr,
+        )
+
+
+@attrs.define(slots=True)
+class RemoteStream:
+    """One SSRC we receive from: identity (once verified), counters, reception statistics."""
+
+    ssrc: int
+    name: str | None = None
+    kind: StreamKind | None = None
+    #: every packet that arrived with this SSRC once it was known (incl. failures)
+    received: int = 0
+    #: passed both SRTP layers and the payload check
+    verified: int = 0
+    #: the outer (hop-by-hop) layer failed: bad tag, malformed, stream limit
+    hbh_failures: int = 0
+    #: outer replay check: duplicates, or later than the 128-packet window (not failures)
+    hbh_replays: int = 0
+    #: EKT or inner (end-to-end) layer failed after the packet was accepted hop by hop
+    e2e_failures: int = 0
+    #: decrypted end to end, but the payload did not verify (checksum, filler, identity)
+    payload_failures: int = 0
+    e2e_reasons: dict[str, int] = attrs.Factory(dict)
+    spis: list[int] = attrs.Factory(list)
+    seq: SeqStats | None = None
+    #: RTP SEQ minus the payload's stream sequence number (constant for an honest sender)
+    seq_offset: int | None = None
+    #: middle 32 bits of the last SR's NTP time and when it arrived (LSR/DLSR)
+    last_sr: int = 0
+    last_sr_at: float | None = None
+    sr_packet_count: int | None = None
+    bye: bool = False
+    #: when the last verified packet arrived
+    last_at: float = 0.0
+
+    def count_e2e(self, reason: str) -> None:
+        self.e2e_failures += 1
+        self.e2e_reasons[reason] = self.e2e_reasons.get(reason, 0) + 1
+
+
+@attrs.define
+class Unattributed:
+    """Failures of packets whose SSRC never had a verified packet (no sender name known)."""
+
+    received: int = 0
+    hbh_failures: int = 0
+    hbh_replays: int = 0
+    e2e_failures: int = 0
+    payload_failures: int = 0
+    e2e_reasons: dict[str, int] = attrs.Factory(dict)
+    #: packets dropped because the table of remote streams is full
+    untracked: int = 0
+
+    def count_e2e(self, reason: str) -> None:
+        self.e2e_failures += 1
+        self.e2e_reasons[reason] = self.e2e_reasons.get(reason, 0) + 1
+
+
+def _peer_entry(streams: list[RemoteStream]) -> dict[str, Any]:
+    # The peer's "ssrc" is its audio SSRC if it sends audio, else its first stream's.
+    first = next((s for s in streams if s.kind is StreamKind.AUDIO), streams[0])
+    spis: list[int] = []
+    reasons: dict[str, int] = {}
+    lost = expected = reordered = 0
+    for s in streams:
+        for spi in s.spis:
+            if spi not in spis:
+                spis.append(spi)
+        for k, v in s.e2e_reasons.items():
+            reasons[k] = reasons.get(k, 0) + v
+        if s.seq is not None:
+            lost += s.seq.lost
+            expected += s.seq.expected
+            reordered += s.seq.reordered
+    return {
+        "ssrc": first.ssrc,
+        "received": sum(s.received for s in streams),
+        "verified": sum(s.verified for s in streams),
+        "hbh_failures": sum(s.hbh_failures for s in streams),
+        "e2e_failures": sum(s.e2e_failures for s in streams),
+        "payload_failures": sum(s.payload_failures for s in streams),
+        "hbh_replays": sum(s.hbh_replays for s in streams),
+        "e2e_reasons": reasons,
+        "expected": expected,
+        "lost": lost,
+        "reordered": reordered,
+        "spis": spis,
+        "streams": {
+            str(s.ssrc): {
+                "kind": s.kind.name.lower() if s.kind is not None else None,
+                "received": s.received,
+                "verified": s.verified,
+                "lost": s.seq.lost if s.seq is not None else 0,
+                "jitter": int(s.seq.jitter) if s.seq is not None else 0,
+                "bye": s.bye,
+            }
+            for s in streams
+        },
+    }
+
+
+def build_report(
+    name: str,
+    *,
+    ssrc: int,
+    sent: int,
+    spis: list[int],
+    streams: dict[int, RemoteStream],
+    unattributed: Unattributed,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON-ready report of one endpoint (issue 5's schema plus diagnostic fields)."""
+    by_name: dict[str, list[RemoteStream]] = {}
+    for s in streams.values():
+        if s.name is not None:
+            by_name.setdefault(s.name, []).append(s)
+    report: dict[str, Any] = {
+        "name": name,
+        "ssrc": ssrc,
+        "sent": sent,
+        "spis": list(spis),
+        "peers": {peer: _peer_entry(group) for peer, group in sorted(by_name.items())},
+        "unattributed": attrs.asdict(unattributed),
+    }
+    if extra:
+        report.update(extra)
+    return report
