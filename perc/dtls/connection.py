@@ -356,8 +356,7 @@ class DtlsConnection:
 
     def handshake_complete(self) -> None:
         hs = self._hs
-        self._established = True
-        self._reasm.any_order = True  # post-handshake messages (D23)
+        self._established = True  # the reassembler switches mode after this message
         if self._config.is_client:
             self._flight = None
             self._timer.stop()
@@ -607,7 +606,7 @@ class DtlsConnection:
             self.stats.fragments_dropped += 1
             return
         messages: list[ReceivedMessage] = []
-        status = self._reasm.add(frag, messages)
+        status = self._reasm.add(frag, messages, record.epoch)
         if status == OLD:
             self._peer_retransmitted = True
             return
@@ -617,6 +616,16 @@ class DtlsConnection:
             if self._closed:
                 return
             self._handle_message(record, m)
+        if self._established and not self._reasm.any_order and not self._closed:
+            # The handshake just completed: switch to post-handshake numbering (D23) and
+            # deliver what waited behind an abandoned message_seq (each message keeps the
+            # epoch it arrived in, so a buffered plaintext one is refused as such).
+            late: list[ReceivedMessage] = []
+            self._reasm.switch_to_any_order(late)
+            for m in late:
+                if self.is_closed:
+                    return
+                self._handle_message(record, m)
 
     def _handle_message(self, record: DtlsRecord, m: ReceivedMessage) -> None:
         hs = self._hs
@@ -624,7 +633,8 @@ class DtlsConnection:
             # No renegotiation (D17): a HelloRequest or epoch-1 ClientHello is ignored.
             self.stats.dropped_unexpected += 1
             return
-        hs.handle_message(m.msg_type, m.message_seq, m.body, record.epoch, record.sequence_number)
+        # The message's own epoch (all its fragments share it), not the completing record's.
+        hs.handle_message(m.msg_type, m.message_seq, m.body, m.epoch, record.sequence_number)
         if self._early_ccs and hs.expects_ccs:
             self._early_ccs = False
             self._accept_ccs()

@@ -141,11 +141,12 @@ class RetransmitTimer:
 
 
 class _Slot:
-    __slots__ = ("body", "count", "length", "msg_type", "ranges")
+    __slots__ = ("body", "count", "epoch", "length", "msg_type", "ranges")
 
-    def __init__(self, msg_type: int, length: int) -> None:
+    def __init__(self, msg_type: int, length: int, epoch: int) -> None:
         self.msg_type = msg_type
         self.length = length
+        self.epoch = epoch
         self.body = bytearray(length)
         self.ranges: list[list[int]] = []  # sorted, merged [start, end)
         self.count = 0
@@ -184,6 +185,7 @@ class ReceivedMessage:
     msg_type: int
     message_seq: int
     body: bytes
+    epoch: int = 0  # of every fragment it was built from
 
 
 # Results of Reassembler.add besides the delivered messages.
@@ -205,7 +207,14 @@ class Reassembler:
         for s in [s for s in self._slots if s < seq]:
             self._buffered -= self._slots.pop(s).length
 
-    def add(self, frag: HandshakeFragment, out: list[ReceivedMessage]) -> int:
+    def add(self, frag: HandshakeFragment, out: list[ReceivedMessage], epoch: int = 0) -> int:
+        """Take one fragment that arrived in ``epoch``; complete messages go to ``out``.
+
+        A message is built from fragments of one epoch only: an epoch-1 (authenticated)
+        fragment evicts a partial epoch-0 slot for the same message_seq, and an epoch-0
+        fragment never joins an epoch-1 slot, so forged plaintext cannot become part of, or
+        block, a protected message.
+        """
         seq = frag.message_seq
         if seq < self.next_seq:
             return OLD
@@ -216,29 +225,50 @@ class Reassembler:
         if frag.length > _MAX_BODY.get(frag.msg_type, _DEFAULT_MAX_BODY):
             return DROPPED
         slot = self._slots.get(seq)
+        if slot is not None and slot.epoch < epoch:
+            del self._slots[seq]
+            self._buffered -= slot.length
+            slot = None
         if slot is None:
             if frag.is_whole and (seq == self.next_seq or self.any_order):
                 # Fast path: a whole message in order, nothing to copy.
-                out.append(ReceivedMessage(frag.msg_type, seq, frag.body))
-                self.next_seq = seq + 1
+                out.append(ReceivedMessage(frag.msg_type, seq, frag.body, epoch))
+                self.reset_to(seq + 1)
                 self._drain(out)
                 return ADDED
             if self._buffered + frag.length > MAX_BUFFERED_BYTES or len(self._slots) >= MAX_SLOTS:
                 return DROPPED
-            slot = self._slots[seq] = _Slot(frag.msg_type, frag.length)
+            slot = self._slots[seq] = _Slot(frag.msg_type, frag.length, epoch)
             self._buffered += frag.length
-        elif slot.msg_type != frag.msg_type or slot.length != frag.length:
-            return DROPPED  # inconsistent header for this message_seq
+        elif slot.msg_type != frag.msg_type or slot.length != frag.length or slot.epoch != epoch:
+            return DROPPED  # inconsistent header for this message_seq, or older epoch
         if slot.count >= MAX_FRAGMENTS_PER_MESSAGE:
             return DROPPED
         slot.add(frag.fragment_offset, frag.body)
         if self.any_order and slot.complete:
             del self._slots[seq]
             self._buffered -= slot.length
-            out.append(ReceivedMessage(slot.msg_type, seq, bytes(slot.body)))
+            out.append(ReceivedMessage(slot.msg_type, seq, bytes(slot.body), slot.epoch))
             self.reset_to(seq + 1)
         self._drain(out)
         return ADDED
+
+    def switch_to_any_order(self, out: list[ReceivedMessage]) -> None:
+        """Enter post-handshake mode (D23) and hand out complete messages that were held
+        behind a message_seq the peer abandoned (e.g. an EKTKey that overtook flight 6 while
+        the EKTKey it superseded was lost)."""
+        self.any_order = True
+        for seq in sorted(self._slots):
+            slot = self._slots[seq]
+            if slot.epoch == 0:
+                # Only protected messages follow the handshake: plaintext leftovers are forged.
+                del self._slots[seq]
+                self._buffered -= slot.length
+            elif seq >= self.next_seq and slot.complete:
+                del self._slots[seq]
+                self._buffered -= slot.length
+                out.append(ReceivedMessage(slot.msg_type, seq, bytes(slot.body), slot.epoch))
+                self.reset_to(seq + 1)
 
     def _drain(self, out: list[ReceivedMessage]) -> None:
         while True:
@@ -247,5 +277,5 @@ class Reassembler:
                 return
             del self._slots[self.next_seq]
             self._buffered -= slot.length
-            out.append(ReceivedMessage(slot.msg_type, self.next_seq, bytes(slot.body)))
+            out.append(ReceivedMessage(slot.msg_type, self.next_seq, bytes(slot.body), slot.epoch))
             self.next_seq += 1

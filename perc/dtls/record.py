@@ -35,6 +35,7 @@ from perc.wire.dtls import DTLS_1_2, RECORD_HEADER, DtlsRecord
 REPLAY_WINDOW = 64
 _WINDOW_MASK = (1 << REPLAY_WINDOW) - 1
 MAX_SEQUENCE = (1 << 48) - 1
+ECHO_MARGIN = 1 << 32  # room left for our records after a sequence-number echo
 # RFC 9325 §4.4: at most 2^28 failed decryptions per AES-GCM key in DTLS 1.2.
 INTEGRITY_LIMIT = 1 << 28
 _AAD_TAIL_OFFSET = 8
@@ -160,8 +161,11 @@ class RecordLayer:
         return self._write_seq[epoch]
 
     def set_next_sequence(self, epoch: int, seq: int) -> None:
-        """Stateless-server echo (RFC 6347 §4.2.1): never moves the counter backwards."""
-        self._write_seq[epoch] = max(self._write_seq[epoch], seq)
+        """Stateless-server echo (RFC 6347 §4.2.1): never moves the counter backwards, and
+        never so close to 2^48 that our own flights and retransmissions could run out (a
+        spoofed plaintext ClientHello could otherwise exhaust the counter): then no echo."""
+        if seq <= MAX_SEQUENCE - ECHO_MARGIN:
+            self._write_seq[epoch] = max(self._write_seq[epoch], seq)
 
     def can_send(self, epoch: int) -> bool:
         return self._write_seq[epoch] <= MAX_SEQUENCE and (

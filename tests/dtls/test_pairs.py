@@ -562,3 +562,72 @@ def test_lost_fatal_alert_is_regenerated() -> None:
     closed = _closed(p.client_events)
     assert (closed.alert, closed.sent_by_peer) == (49, True)
     assert p.server.stats.alerts_repeated == 1
+
+
+def _hold_flight6(p: Pair) -> list[bytes]:
+    p.client.connect(0.0)
+    p.pump(rounds=1)
+    assert p.server is not None
+    p.client.receive_datagram(p.server.datagrams_to_send()[0], 0.0)
+    p.server.receive_datagram(p.client.datagrams_to_send()[0], 0.0)
+    p.drain()
+    return p.server.datagrams_to_send()
+
+
+def test_superseding_ekt_key_overtakes_flight6() -> None:  # findings F3
+    p = make_pair()
+    flight6 = _hold_flight6(p)
+    assert p.server is not None
+    p.server.send_ekt_key(b"A" * 16, b"S" * 12, 1, 60, 0.0)
+    p.server.datagrams_to_send()  # lost
+    p.server.send_ekt_key(b"B" * 16, b"S" * 12, 2, 60, 0.0)  # message_seq + 1
+    (ekt2,) = p.server.datagrams_to_send()
+    p.client.receive_datagram(ekt2, 0.1)  # before flight 6
+    for dg in flight6:
+        p.client.receive_datagram(dg, 0.2)
+    p.drain()
+    assert [e.spi for e in p.client_events if isinstance(e, EktKeyReceived)] == [2]
+    for dg in p.client.datagrams_to_send():
+        p.server.receive_datagram(dg, 0.2)
+    p.drain()
+    assert EktKeyAcknowledged(2) in p.server_events
+
+
+def test_forged_plaintext_ekt_key_before_completion_is_discarded() -> None:
+    p = make_pair()
+    flight6 = _hold_flight6(p)
+    assert p.server is not None
+    seq = p.server._hs._send_seq  # the message_seq the first real EKTKey will use
+    body = w.EktKey(b"F" * 16, b"S" * 12, 66, 60).encode()
+    # A whole forged message one ahead, and a partial one at the real EKTKey's seq: both wait
+    # in the reassembler while the handshake is still running.
+    for frag in (
+        w.encode_handshake(26, seq + 1, body),
+        w.encode_handshake_fragment(26, len(body), seq, 0, body[:10]),
+    ):
+        p.client.receive_datagram(w.encode_record(w.DtlsRecord(22, 0xFEFD, 0, 50, frag)), 0.1)
+    assert len(p.client._reasm._slots) == 2
+    for dg in flight6:
+        p.client.receive_datagram(dg, 0.2)
+    p.drain()
+    assert p.client.is_established
+    p.server.send_ekt_key(b"R" * 16, b"S" * 12, 7, 60, 0.3)
+    p.pump()
+    assert [e.spi for e in p.client_events if isinstance(e, EktKeyReceived)] == [7]
+
+
+def test_client_hello_record_sequence_near_limit() -> None:  # findings F2
+    p = make_pair()
+    p.client.connect(0.0)
+    (ch,) = p.client.datagrams_to_send()
+    (rec,), _ = w.parse_datagram_untrusted(ch)
+    server = DtlsConnection(p.server_config)
+    p.server = server
+    for seq in ((1 << 48) - 1, (1 << 48) - 6):
+        bogus = w.DtlsRecord(rec.content_type, rec.version, 0, seq, rec.fragment)
+        server.receive_datagram(w.encode_record(bogus), 0.0)
+    p.c2s.append(ch)
+    p.pump()
+    assert server.stats.internal_errors == 0
+    _completed(p.client_events)
+    _completed(p.server_events)
