@@ -53,6 +53,7 @@ class Endpoint:
         profile: int = 0x0009,
     ) -> None:
         self.name = name
+        self.params = params
         self.ssrc = ssrc
         self.address: Address = ("127.0.0.1", port)
         self.association_id = uuid.uuid4()
@@ -71,11 +72,17 @@ class Endpoint:
         self.rtcp: list[list[RtcpPacket]] = []
 
     def send(
-        self, now: float, *, pt: int = 111, marker: bool = False, ssrc: int | None = None
+        self,
+        now: float,
+        *,
+        pt: int = 111,
+        marker: bool = False,
+        ssrc: int | None = None,
+        keyframe: bool = False,
     ) -> bytes:
         self.seq = (self.seq + 1) & 0xFFFF
         packet = rtp(self.seq, self.ssrc if ssrc is None else ssrc, pt=pt, marker=marker)
-        return self.sender.protect(packet, now)
+        return self.sender.protect(packet, now, keyframe=keyframe)
 
     def send_rtcp(self, compound: bytes) -> bytes:
         return self.rtcp_tx.protect_rtcp(compound)
@@ -96,11 +103,14 @@ def conference(
     keys: bool = True,
     profile: int = 0x0009,
     first_port: int = 5000,
+    first_name: str = "a",
+    params: EktParameterSet | None = None,
 ) -> list[Endpoint]:
     key_length = 16 if profile == 0x0009 else 32
-    params = new_params(key_length)
+    if params is None:
+        params = new_params(key_length)
     eps = [
-        Endpoint(chr(ord("a") + i), 0x1000 + i, params, port=first_port + i, profile=profile)
+        Endpoint(chr(ord(first_name) + i), 0x1000 + i, params, port=first_port + i, profile=profile)
         for i in range(n)
     ]
     for ep in eps:

@@ -123,7 +123,7 @@ def test_d5_srtcp_held_too_and_removed_association_counts_held_as_no_keys() -> N
     assert len(b.rtcp) == 1 and len(b.got) == 1
     # Held, then the association ends before its keys: counted as drop_no_keys.
     table.handle_datagram(b.address, b.send(0.2), 0.2)
-    other = conference(table, 1, keys=False, first_port=6000)[0]
+    other = conference(table, 1, keys=False, first_port=6000, first_name="x")[0]
     for i in range(3):
         table.handle_datagram(other.address, other.send(i), float(i))
     oc = table.associations[other.association_id].counters
