@@ -312,6 +312,8 @@ class DtlsConnection:
             raise LocalProtocolError("exporter before the handshake completed")
         if not self._hs.master_secret:
             raise LocalProtocolError("keys were erased (connection closed by an alert)")
+        if not 0 < length <= 0xFFFF:
+            raise LocalProtocolError("exporter length must be 1..65535 bytes")
         return keys.export_keying_material(
             self._hs.suite,
             master_secret=self._hs.master_secret,
