@@ -37,7 +37,7 @@ import os
 import warnings
 from collections.abc import Callable
 from enum import Enum, auto
-from typing import Protocol, TypeVar
+from typing import ClassVar, Protocol, Self, TypeVar
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -111,6 +111,17 @@ class State(Enum):
     SERVER_EXPECT_CCS = auto()
     SERVER_EXPECT_FINISHED = auto()
     ESTABLISHED = auto()
+
+
+class _Encodable(Protocol):
+    msg_type: ClassVar[int]
+
+    def encode(self) -> bytes: ...
+
+
+class _Decodable(Protocol):
+    @classmethod
+    def decode(cls, data: bytes) -> Self: ...
 
 
 class HandshakeHost(Protocol):
@@ -238,9 +249,9 @@ class Handshake:
 
     # --- helpers -------------------------------------------------------------------------
 
-    def _message(self, msg: object, epoch: int = 0, transcript: bool = True) -> OutgoingMessage:
-        body: bytes = msg.encode()  # type: ignore[attr-defined]
-        msg_type: int = msg.msg_type  # type: ignore[attr-defined]
+    def _message(self, msg: _Encodable, epoch: int = 0, transcript: bool = True) -> OutgoingMessage:
+        body = msg.encode()
+        msg_type = msg.msg_type
         seq = self._send_seq
         self._send_seq += 1
         if transcript:
@@ -680,12 +691,12 @@ def _type_name(msg_type: int) -> str:
         return f"handshake type {msg_type}"
 
 
-_T = TypeVar("_T")
+_T = TypeVar("_T", bound=_Decodable)
 
 
 def _decode(cls: type[_T], body: bytes) -> _T:
     try:
-        return cls.decode(body)  # type: ignore[attr-defined,no-any-return]
+        return cls.decode(body)
     except DtlsDecodeError as e:
         raise AlertError(AD.decode_error, f"{cls.__name__}: {e}") from None
 
