@@ -303,6 +303,16 @@ class Handshake:
         if verdict is not None:
             raise AlertError(verdict, f"peer {self.peer_fingerprint} refused")
 
+    def _finish(self) -> None:
+        """ESTABLISHED: drop what only the handshake needed (a KMF keeps many associations)."""
+        self.state = State.ESTABLISHED
+        self._transcript = bytearray()
+        self._client_hello = None
+        self._client_hello_raw = b""
+        self._peer_key = None
+        self._server_public = b""
+        self.host.handshake_complete()
+
     def _add_received(self, msg_type: int, seq: int, body: bytes) -> None:
         self._transcript += encode_handshake(msg_type, seq, body)
 
@@ -531,8 +541,7 @@ class Handshake:
         if not hmac.compare_digest(fin.verify_data, self._verify_data(client=False)):
             raise AlertError(AD.decrypt_error, "server Finished does not verify")
         self._add_received(HandshakeType.FINISHED, seq, body)
-        self.state = State.ESTABLISHED
-        self.host.handshake_complete()
+        self._finish()
 
     def _client_ekt_key(self, seq: int, body: bytes, record_seq: int) -> None:
         if not self.is_client:
@@ -677,9 +686,8 @@ class Handshake:
             OutgoingCcs(0),
             self._message(Finished(self._verify_data(client=False)), epoch=1),
         ]
-        self.state = State.ESTABLISHED
         self.host.send_flight(items, final=True)
-        self.host.handshake_complete()
+        self._finish()
 
 
 def _type_name(msg_type: int) -> str:
