@@ -32,6 +32,7 @@ Finished) or the signature hash (CertificateVerify).
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import warnings
@@ -181,6 +182,14 @@ def load_peer_certificate(
         # D17: the client must authenticate; an empty server chain is no better.
         raise AlertError(AD.handshake_failure, "peer sent no certificate")
     der = certificates[0]
+    return der, _validated_key(der)
+
+
+@functools.lru_cache(maxsize=1024)
+def _validated_key(der: bytes) -> ec.EllipticCurvePublicKey:
+    """Parse and check one DER certificate. Cached by its exact bytes: the same peers come
+    back (every endpoint sees the KMF's certificate; the KMF sees each endpoint's on every
+    reconnection), and the result depends on nothing else. Failures are not cached."""
     try:
         with warnings.catch_warnings():
             # cryptography warns (and will later refuse) on RFC 5280 violations such as a
@@ -205,7 +214,7 @@ def load_peer_certificate(
         cert.verify_directly_issued_by(cert)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
         raise AlertError(AD.bad_certificate, "certificate is not validly self-signed") from None
-    return der, key
+    return key
 
 
 def _verify(key: ec.EllipticCurvePublicKey, scheme: int, signature: bytes, data: bytes) -> None:
