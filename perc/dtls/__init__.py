@@ -1,19 +1,59 @@
 """perc's own sans-IO DTLS 1.2 engine for DTLS-SRTP with EKT (issue 6).
 
-Public API (API.md)::
+Public API (the API.md contract, as built)::
 
     from perc.dtls import DtlsConfiguration, DtlsConnection, CookieGate, events, errors
 
-* :class:`DtlsConfiguration` (``perc.dtls.config``), :class:`PeerIdentity`
-* :class:`DtlsConnection` (``perc.dtls.connection``): connect / receive_datagram /
-  datagrams_to_send / next_event / get_timer / handle_timer / send_ekt_key /
-  send_application_data / close / export_keying_material / stats
-* :class:`CookieGate` (``perc.dtls.cookie``): ``check(datagram, identity, now) ->
-  CookieVerdict(reply, accepted)``
-* ``events``: HandshakeCompleted, EktKeyReceived, EktKeyAcknowledged,
-  ApplicationDataReceived, AlertReceived, ConnectionClosed
-* ``errors``: LocalProtocolError (caller misuse), AlertError (peer misbehaviour, internal),
-  AlertDescription codes
+    DtlsConfiguration(                      # attrs frozen, perc.dtls.config
+        is_client, certificate, private_key,
+        cipher_suites=(0xC02B, 0xC02C, 0xCCA9), groups=(29, 23),
+        srtp_profiles=(0x0009, 0x000A), select_srtp_profile=None,   # server callback
+        ekt_ciphers=(1, 2), tls_id=None, expected_peer_tls_id=None,
+        verify_peer=None,                   # (PeerIdentity) -> None | alert code
+        mtu=1200, handshake_timeout=60.0, keylog=None)               # keylog(str)
+    PeerIdentity(certificate_der, fingerprint, tls_id)
+
+    conn = DtlsConnection(configuration, *, cookie_identity=b"")
+    conn.connect(now)                       # client: queue the ClientHello
+    conn.receive_datagram(data, now)        # never raises on peer input
+    conn.datagrams_to_send() -> list[bytes] # each <= mtu
+    conn.next_event() -> Event | None
+    conn.get_timer() -> float | None        # absolute time; None when nothing is pending
+    conn.handle_timer(now)
+    conn.send_ekt_key(key, salt, spi, ttl, now)  # server, after HandshakeCompleted with EKT
+    conn.send_application_data(data, now)
+    conn.close(now)                         # close_notify; idempotent
+    conn.export_keying_material(label, length)   # RFC 5705 without context
+    conn.stats                              # DtlsStats counters (drops, retransmissions, ...)
+    conn.is_established, conn.is_closed, conn.state, conn.cookie_identity
+
+    gate = CookieGate(secret=None, rotate_every=60.0)
+    gate.check(datagram, identity, now) -> CookieVerdict(reply: bytes | None, accepted: bool)
+
+    events.HandshakeCompleted(cipher_suite, srtp_profile, ekt_cipher, peer_certificate_der,
+                              peer_fingerprint, peer_tls_id, srtp_keying_material)
+    events.EktKeyReceived(key, salt, spi, ttl)       # client
+    events.EktKeyAcknowledged(spi)                   # server
+    events.ApplicationDataReceived(data)
+    events.AlertReceived(level, description)         # every alert received
+    events.ConnectionClosed(alert, sent_by_peer, reason)
+        # reason: "close_notify", "timeout", "alert sent: <name>: <why>",
+        # "alert received: <name>"; alert None only for a timeout
+
+    errors.LocalProtocolError   # caller misuse, raised to the caller
+    errors.AlertError           # peer misbehaviour inside the engine (carries .description)
+    errors.AlertDescription     # IntEnum of the alert codes
+
+Behaviour worth knowing for callers:
+
+* The server numbers its flight from the ClientHello (stateless cookie echo), so a connection
+  created after ``CookieGate.check(...).accepted`` must be fed that same datagram.
+* A ClientHello with a new random on a live server association is dropped (counted): a
+  restarted client needs a new ``DtlsConnection`` (route it through the gate).
+* ``send_ekt_key`` supersedes an unacknowledged EKTKey; retransmission runs on its own timer
+  (1 s doubling to 60 s) and gives up after 10 x ``handshake_timeout`` with ConnectionClosed
+  ``"timeout"``.
+* Peer certificates are validated once per distinct DER (LRU cache of 1024).
 
 Layers: ``perc.wire.dtls`` (codecs), ``record`` (protection, replay), ``flight``
 (fragmentation, reassembly, timers), ``handshake`` (state machine), ``keys`` (PRF, key
