@@ -597,3 +597,40 @@ def test_record_layer_junk_against_openssl(
     assert injected >= 4
     assert_no_internal_errors(ours)
     assert ours.completed.srtp_keying_material == theirs.srtp_keying_material
+
+
+# --- record sequence numbers near the end of the space (findings F2) --------------------------
+
+MAX_SEQ = 2**48 - 1
+
+
+def with_sequence_number(datagram: bytes, seq: int) -> bytes:
+    return b"".join(r[:5] + seq.to_bytes(6, "big") + r[11:] for r in split_records(datagram))
+
+
+@pytest.mark.parametrize("seq", [MAX_SEQ, MAX_SEQ - 1, MAX_SEQ - 5, MAX_SEQ - 20])
+def test_client_hello_near_the_last_record_sequence_number(
+    client_identity: Identity, server_identity: Identity, seq: int
+) -> None:
+    """A stateless server echoes the ClientHello's record sequence number (RFC 6347 §4.2.1);
+    a (spoofed or broken) ClientHello numbered near 2^48 - 1 must not push the server's own
+    counter past the end (SPEC-DTLS 1.5): no internal error, and the genuine handshake that
+    follows still completes."""
+    client = client_peer(client_identity)
+    server = ekt_server_peer(server_identity)
+    client.connect(0.0)
+    first = True
+
+    def tap(direction: str, datagram: bytes) -> None:
+        nonlocal first
+        if first:
+            first = False
+            server.receive_datagram(with_sequence_number(datagram, seq), 0.0)
+
+    pump(
+        client,
+        server,
+        tap=tap,
+        until=lambda: client.has("EktKeyReceived") and server.has("EktKeyAcknowledged"),
+    )
+    assert_no_internal_errors(client, server)
