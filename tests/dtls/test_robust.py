@@ -14,6 +14,7 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from perc.dtls import CookieGate
 from perc.dtls.events import HandshakeCompleted
 from perc.wire import dtls as w
 from tests.dtls.helpers import make_pair
@@ -121,3 +122,46 @@ def test_random_records_into_established_connection(junk: list[bytes]) -> None:
             conn.receive_datagram(b"\x16\xfe\xfd\x00\x00" + j[5:], 1.0)
     assert p.client.is_established and p.server.is_established
     assert p.client.stats.internal_errors == 0 and p.server.stats.internal_errors == 0
+
+
+@settings(max_examples=150 * SOAK, deadline=None)
+@given(
+    random_bytes=st.binary(min_size=32, max_size=32),
+    cookie=st.binary(max_size=255),
+    suites=st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=20),
+    record_seq=st.integers(0, (1 << 48) - 1),
+    message_seq=st.integers(0, 0xFFFF),
+    identity=st.binary(max_size=40),
+    now=st.floats(0, 1e9),
+)
+def test_cookie_gate_stateless_under_forged_client_hellos(
+    random_bytes: bytes,
+    cookie: bytes,
+    suites: list[int],
+    record_seq: int,
+    message_seq: int,
+    identity: bytes,
+    now: float,
+) -> None:
+    gate = _GATE
+    keys_before = len(gate._keys)
+    ch = w.ClientHello(0xFEFD, random_bytes, b"", cookie, tuple(suites), b"\0", ())
+    msg = w.encode_handshake(1, message_seq, ch.encode())
+    dg = w.encode_record_header(22, 0xFEFD, 0, record_seq, len(msg)) + msg
+    verdict = gate.check(dg, identity, now)
+    assert not verdict.accepted  # a forged cookie never passes (2^-128)
+    assert verdict.reply is not None
+    (rec,), _ = w.parse_datagram_untrusted(verdict.reply)
+    (frag,) = w.parse_handshake_fragments_untrusted(rec.fragment)
+    assert (rec.sequence_number, frag.message_seq) == (record_seq, message_seq)
+    # The reply's cookie is accepted for the same ClientHello, identity and time.
+    hvr = w.HelloVerifyRequest.decode(frag.body)
+    good = w.ClientHello(0xFEFD, random_bytes, b"", hvr.cookie, tuple(suites), b"\0", ())
+    msg2 = w.encode_handshake(1, message_seq, good.encode())
+    dg2 = w.encode_record_header(22, 0xFEFD, 0, record_seq, len(msg2)) + msg2
+    assert gate.check(dg2, identity, now).accepted
+    assert len(gate._keys) <= max(2, keys_before)  # only the two period keys, ever
+    assert not hasattr(gate, "__dict__")
+
+
+_GATE = CookieGate(b"p" * 32)
