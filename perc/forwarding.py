@@ -321,28 +321,43 @@ class Association(Generic[AddrT]):
     """One endpoint of the conference: address, keys, counters, routes."""
 
     __slots__ = (
+        "_counters",
+        "_fan_bytes",
+        "_fan_packets",
+        "_flush",
         "_hop",
         "_in_session",
         "_out_session",
         "_protect_rtcp",
         "_protect_rtp",
+        "_route_counters",
         "_routes",
         "_rtcp_routes",
         "address",
         "association_id",
-        "counters",
         "created",
         "held",
         "last_seen",
         "ssrcs",
     )
 
-    def __init__(self, association_id: uuid.UUID, address: AddrT, now: float) -> None:
+    def __init__(
+        self,
+        association_id: uuid.UUID,
+        address: AddrT,
+        now: float,
+        flush: Callable[[], None] = lambda: None,
+    ) -> None:
         self.association_id = association_id
         self.address = address
         self.created = now
         self.last_seen = now
-        self.counters = AssociationCounters()
+        self._counters = AssociationCounters()
+        self._flush = flush
+        #: RTP packets (and their bytes) sent to every entry of ``_routes`` since the last
+        #: flush: the receivers' packets_out/bytes_out are credited from these in bulk.
+        self._fan_packets = 0
+        self._fan_bytes = 0
         #: D5: datagrams received before the keys, in order
         self.held: list[bytes] = []
         #: RTP SSRCs this association sends (it owns them in the table)
@@ -352,10 +367,17 @@ class Association(Generic[AddrT]):
         self._out_session: SrtpSession | None = None
         self._protect_rtp: _Protect | None = None
         self._protect_rtcp: _Protect | None = None
-        #: (address, protect_rtp, counters) of every other keyed association
-        self._routes: list[tuple[AddrT, _Protect, AssociationCounters]] = []
+        #: (address, protect_rtp) of every other keyed association, and their counters
+        self._routes: list[tuple[AddrT, _Protect]] = []
+        self._route_counters: list[AssociationCounters] = []
         #: every other keyed association (RTCP destinations)
         self._rtcp_routes: list[Association[AddrT]] = []
+
+    @property
+    def counters(self) -> AssociationCounters:
+        """This association's counters, up to date (pending fan-out credits flushed)."""
+        self._flush()
+        return self._counters
 
     @property
     def has_keys(self) -> bool:
@@ -392,7 +414,7 @@ class _Feed(Generic[AddrT]):
     def __init__(self, receiver: Association[AddrT]) -> None:
         self.receiver = receiver
         self.session: SrtpSession | None = receiver._out_session
-        self.counters = receiver.counters
+        self.counters = receiver._counters
         self.on = False  # packets are being sent to the receiver
         self.want = False  # the ranking says they should be
         self.since = -1.0  # when ``want`` last changed (< 0: at the next packet)
@@ -457,7 +479,7 @@ class ForwardingTable(Generic[AddrT]):
             raise ForwardingUsageError(
                 f"conference full ({self.config.max_associations} associations)"
             )
-        assoc: Association[AddrT] = Association(association_id, address, now)
+        assoc: Association[AddrT] = Association(association_id, address, now, self.flush)
         self._by_id[association_id] = assoc
         self._by_address[address] = assoc
         return assoc
@@ -527,7 +549,8 @@ class ForwardingTable(Generic[AddrT]):
         if assoc is None:
             return False
         del self._by_address[assoc.address]
-        assoc.counters.drop_no_keys += len(assoc.held)
+        self.flush()
+        assoc._counters.drop_no_keys += len(assoc.held)
         assoc.held = []
         for ssrc in assoc.ssrcs:
             if self._ssrc_owner.get(ssrc) is assoc:
@@ -563,14 +586,14 @@ class ForwardingTable(Generic[AddrT]):
 
     def _rebuild(self) -> None:
         """Recompute every route list (membership or keys changed; never per packet)."""
+        self.flush()
         keyed = [a for a in self._by_id.values() if a._protect_rtp is not None]
         for a in self._by_id.values():
             others = [b for b in keyed if b is not a]
             a._routes = [
-                (b.address, b._protect_rtp, b.counters)
-                for b in others
-                if b._protect_rtp is not None
+                (b.address, b._protect_rtp) for b in others if b._protect_rtp is not None
             ]
+            a._route_counters = [b._counters for b in others]
             a._rtcp_routes = others
         if self._last_n is not None:
             for vs in self._video.values():
@@ -596,7 +619,7 @@ class ForwardingTable(Generic[AddrT]):
         return self._process(assoc, data, now)
 
     def _process(self, assoc: Association[AddrT], data: bytes, now: float) -> Output[AddrT]:
-        c = assoc.counters
+        c = assoc._counters
         c.received += 1
         assoc.last_seen = now
         hop = assoc._hop
@@ -641,28 +664,39 @@ class ForwardingTable(Generic[AddrT]):
                 return self._video_rtp(assoc, inbound, ssrc, now)
         elif pt in self._audio_pts:
             c.audio_in += 1
-        # The hot path: one protect per receiver, EKT field re-appended (D11).
+        # The hot path: one prebound protect per receiver, EKT field re-appended (D11);
+        # receivers' packets_out/bytes_out are credited in bulk (see flush).
         ekt = inbound.ekt_field
+        assoc._fan_packets += 1
+        assoc._fan_bytes += n
+        try:
+            return [(address, protect(plain) + ekt) for address, protect in assoc._routes]
+        except SrtpError:
+            # A receiver's session refused (index space or SSRC bound exhausted): redo one
+            # by one. Receivers already served refuse the index now and lose this packet.
+            return self._fan_out_slowly(assoc, plain, ekt, n)
+
+    def _fan_out_slowly(
+        self, assoc: Association[AddrT], plain: bytes, ekt: bytes, n: int
+    ) -> Output[AddrT]:
         out: Output[AddrT] = []
-        append = out.append
-        for address, protect, rc in assoc._routes:
+        for (address, protect), rc in zip(assoc._routes, assoc._route_counters, strict=True):
             try:
-                append((address, protect(plain) + ekt))
-            except SrtpError:  # the receiver's session refused (index space, bounds)
-                c.drop_limit += 1
-                continue
-            rc.packets_out += 1
-            rc.bytes_out += n
+                out.append((address, protect(plain) + ekt))
+            except SrtpError:
+                assoc._counters.drop_limit += 1
+                rc.packets_out -= 1  # the bulk credit (see flush) counted it
+                rc.bytes_out -= n
         return out
 
     def _claim(self, assoc: Association[AddrT], ssrc: int) -> bool:
         """First authenticated RTP of ``ssrc`` from ``assoc``: take ownership if free."""
         owner = self._ssrc_owner.get(ssrc)
         if owner is not None and owner is not assoc:
-            assoc.counters.drop_ssrc_conflict += 1
+            assoc._counters.drop_ssrc_conflict += 1
             return False
         if len(assoc.ssrcs) >= self.config.max_ssrcs_per_association:
-            assoc.counters.drop_limit += 1
+            assoc._counters.drop_limit += 1
             return False
         assoc.ssrcs.add(ssrc)
         self._ssrc_owner[ssrc] = assoc
@@ -723,7 +757,7 @@ class ForwardingTable(Generic[AddrT]):
         self, assoc: Association[AddrT], inbound: Inbound, ssrc: int, now: float
     ) -> Output[AddrT]:
         """A video packet under last_n: ranking, frame-boundary switching, SEQ renumbering."""
-        c = assoc.counters
+        c = assoc._counters
         vs = self._video.get(ssrc)
         if vs is None:
             vs = self._video[ssrc] = _VideoStream(ssrc, assoc, now)
@@ -809,7 +843,7 @@ class ForwardingTable(Generic[AddrT]):
     # --- RTCP -----------------------------------------------------------------------------------
 
     def _rtcp(self, assoc: Association[AddrT], data: bytes) -> Output[AddrT]:
-        c = assoc.counters
+        c = assoc._counters
         session = assoc._in_session
         if session is None:  # pragma: no cover - keys are checked by the caller
             return []
@@ -888,7 +922,7 @@ class ForwardingTable(Generic[AddrT]):
             except SrtpError:
                 c.drop_limit += 1
                 continue
-            rc = dest.counters
+            rc = dest._counters
             rc.packets_out += 1
             rc.rtcp_out += 1
             rc.bytes_out += len(sealed)
@@ -903,7 +937,7 @@ class ForwardingTable(Generic[AddrT]):
         for ssrc in ssrcs:
             owner = self._ssrc_owner.get(ssrc)
             if owner is None or owner is sender or owner._protect_rtcp is None:
-                sender.counters.drop_unknown_ssrc += 1
+                sender._counters.drop_unknown_ssrc += 1
             elif owner not in out:
                 out.append(owner)
         return out
@@ -912,9 +946,25 @@ class ForwardingTable(Generic[AddrT]):
 
     def snapshot(self, now: float) -> ForwardingSnapshot:
         """Copy every counter (cheap; for periodic logging and on exit)."""
+        self.flush()
         return ForwardingSnapshot(
             now=now,
             table=attrs.asdict(self.stats),
-            associations={aid: a.counters.as_dict() for aid, a in self._by_id.items()},
+            associations={aid: a._counters.as_dict() for aid, a in self._by_id.items()},
         )
+
+    def flush(self) -> None:
+        """Credit pending fan-out to the receivers' packets_out/bytes_out (O(routes)).
+
+        The RTP hot path counts one increment per incoming packet on the sender instead of
+        one per delivery on each receiver; reading ``Association.counters`` or taking a
+        snapshot flushes, so readers always see exact numbers."""
+        for a in self._by_id.values():
+            packets = a._fan_packets
+            if packets:
+                size = a._fan_bytes
+                for rc in a._route_counters:
+                    rc.packets_out += packets
+                    rc.bytes_out += size
+                a._fan_packets = a._fan_bytes = 0
 

@@ -1,0 +1,311 @@
+"""Forwarding-core speed: deliveries/s of perc.forwarding against two baselines in the same run.
+
+Run: ``.venv/bin/python bench/forwarding_core.py`` (or ``bash dev.sh bench forwarding_core``).
+Options: ``--packets N`` (incoming packets per timed run, default 2000), ``--receivers R``
+(default 10), ``--repeats K`` (best of K, default 7), ``--bits 128|256`` (outer key size,
+default 128), ``--check`` (exit 1 if a core row misses the per-delivery target).
+
+What is timed: one sender's pre-encrypted double-encrypted SRTP (made by a real DoubleSender,
+EKT tags on the RFC 8870 §4.6 schedule: Full on the first three packets and every 100 ms for
+audio, on every keyframe for video) goes through ``ForwardingTable.handle_datagram`` of a
+conference of ``1 + R`` endpoints; each incoming packet becomes ``R`` outgoing datagrams. A
+*delivery* is one outgoing datagram. Rows:
+
+- ``core audio``: 160-byte payload, PT 111 (always forwarded).
+- ``core video``: 1200-byte payload, PT 96, last_n off.
+- ``core video last_n=R``: the same with last_n on (every receiver wants the stream, so the
+  last_n bookkeeping is paid but nothing is withheld or renumbered).
+- ``core video renumbered``: last_n on and the stream resumed for every receiver after a
+  pause, so every delivery is SEQ-rewritten with an OHB (``encrypt_for`` with changes).
+
+Baselines per size, measured alternately with the core rows:
+
+- ``python copy relay``: the per-delivery floor of any Python relay: for each incoming packet
+  a Python loop builds ``(address, copy of the datagram)`` for R destinations.
+- ``pylibsrtp 1 unprotect + R protect``: the crypto work a hop-by-hop relay must do (libsrtp,
+  single-layer AES-GCM, no EKT, no OHB) with R outbound sessions.
+
+Output: microseconds per delivery, deliveries/s, and the core's cost relative to each
+baseline. Target (issue 5's system goal of 150,000 deliveries/s for the whole MDD process,
+whose I/O shell costs at least as much again): the core alone at <= 3 us per delivery.
+Fresh state per timed run (a table refuses replays). The garbage collector is off while timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import pathlib
+import struct
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from pylibsrtp import Policy, Session
+
+from perc.forwarding import ForwardingConfig, ForwardingTable
+from perc.srtp.double import DoubleSender
+from perc.srtp.ekt import EktCipher, EktParameterSet
+from perc.srtp.keys import exporter_length, outer_media_keys, split_exporter
+from perc.wire.tunnel import MediaKeys
+
+Runner = Callable[[], object]
+Factory = Callable[[], Runner]
+Address = tuple[str, int]
+TARGET_US = 3.0
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    size: int
+    factory: Factory
+    core: bool  # a perc row (checked against the target) or a baseline
+
+
+def _rtp(i: int, size: int, pt: int, ssrc: int, *, marker: bool) -> bytes:
+    payload = (bytes(range(256)) * (size // 256 + 1))[:size]
+    return (
+        struct.pack(
+            "!BBHII",
+            0x80,
+            (0x80 if marker else 0) | pt,
+            (1000 + i) & 0xFFFF,
+            (160 * i) & 0xFFFFFFFF,
+            ssrc,
+        )
+        + payload
+    )
+
+
+class Conference:
+    """Keys for 1 sender + R receivers and the sender's pre-encrypted packets."""
+
+    def __init__(self, n: int, size: int, pt: int, receivers: int, bits: int) -> None:
+        profile = 0x0009 if bits == 128 else 0x000A
+        cipher = EktCipher.AESKW_128 if bits == 128 else EktCipher.AESKW_256
+        params = EktParameterSet(1, cipher, os.urandom(cipher.key_length), os.urandom(12))
+        self.keys: list[MediaKeys] = []
+        self.addresses: list[Address] = []
+        sender: DoubleSender | None = None
+        for i in range(1 + receivers):
+            material = os.urandom(exporter_length(profile))
+            ck, sk, cs, ss = outer_media_keys(profile, material)
+            self.keys.append(MediaKeys(uuid.uuid4(), profile, b"", ck, sk, cs, ss))
+            self.addresses.append(("10.0.0.1", 5000 + i))
+            if i == 0:
+                sender = DoubleSender.for_endpoint(split_exporter(profile, material), params)
+        assert sender is not None
+        video = pt == 96
+        # Video: 5 packets per frame, marker on the last, a keyframe every 30 frames.
+        self.packets = [
+            sender.protect(
+                _rtp(i, size, pt, 0x5501A0B2, marker=video and i % 5 == 4),
+                i * 0.02,
+                keyframe=video and i % 150 == 0,
+            )
+            for i in range(n)
+        ]
+        # The same packets as plain single-layer SRTP for the libsrtp baseline.
+        self.key_bytes = bits // 8
+        self.plain = [_rtp(i, size, pt, 0x5501A0B2, marker=False) for i in range(n)]
+
+    def table(self, config: ForwardingConfig) -> ForwardingTable[Address]:
+        table: ForwardingTable[Address] = ForwardingTable(config)
+        for keys, address in zip(self.keys, self.addresses, strict=True):
+            table.add(keys.association_id, address, 0.0)
+            table.install_keys(keys, 0.0)
+        return table
+
+
+def core_factory(conf: Conference, config: ForwardingConfig, *, renumber: bool) -> Factory:
+    def factory() -> Runner:
+        table = conf.table(config)
+        handle = table.handle_datagram
+        src = conf.addresses[0]
+        packets = conf.packets
+        if renumber:
+            # A stream that paused for everyone: run the first frames, force every feed off
+            # (as a ranking change would), skip a frame's worth of input, then resume.
+            for p in packets[:10]:
+                handle(src, p, 0.0)
+            for vs in table._video.values():
+                for feed in vs.feeds.values():
+                    feed.on = feed.want = False
+            for p in packets[10:15]:
+                handle(src, p, 0.0)
+            for vs in table._video.values():
+                for feed in vs.feeds.values():
+                    feed.want = True
+            packets = packets[15:]
+
+        def run() -> object:
+            for p in packets:
+                handle(src, p, 0.0)
+            return table
+
+        return run
+
+    return factory
+
+
+def copy_factory(conf: Conference) -> Factory:
+    def factory() -> Runner:
+        dests = conf.addresses[1:]
+        packets = conf.packets
+
+        def run() -> object:
+            for p in packets:
+                out = []
+                append = out.append
+                for address in dests:
+                    append((address, memoryview(p).tobytes()))
+            return None
+
+        return run
+
+    return factory
+
+
+def libsrtp_factory(conf: Conference) -> Factory:
+    profile = (
+        Policy.SRTP_PROFILE_AEAD_AES_128_GCM
+        if conf.key_bytes == 16
+        else Policy.SRTP_PROFILE_AEAD_AES_256_GCM
+    )
+
+    def session(outbound: bool, key: bytes) -> Session:
+        return Session(
+            Policy(
+                key=key,
+                ssrc_type=Policy.SSRC_ANY_OUTBOUND if outbound else Policy.SSRC_ANY_INBOUND,
+                srtp_profile=profile,
+            )
+        )
+
+    in_key = os.urandom(conf.key_bytes + 12)
+    ref = session(True, in_key)
+    wire = [ref.protect(p) for p in conf.plain]
+    n_out = len(conf.addresses) - 1
+
+    def factory() -> Runner:
+        unprotect = session(False, in_key).unprotect
+        dests = [
+            (a, session(True, os.urandom(conf.key_bytes + 12)).protect)
+            for a in conf.addresses[1 : 1 + n_out]
+        ]
+
+        def run() -> object:
+            for p in wire:
+                plain = unprotect(p)
+                out = []
+                append = out.append
+                for address, protect in dests:
+                    append((address, protect(plain)))
+            return None
+
+        return run
+
+    return factory
+
+
+def _time(factory: Factory) -> float:
+    runner = factory()
+    gc.collect()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        runner()
+        return time.perf_counter() - t0
+    finally:
+        gc.enable()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--packets", type=int, default=2000)
+    parser.add_argument("--receivers", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--bits", type=int, choices=(128, 256), default=128)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    n, r = args.packets, args.receivers
+    audio = Conference(n, 160, 111, r, args.bits)
+    video = Conference(n, 1200, 96, r, args.bits)
+    plain = ForwardingConfig()
+    last_n = ForwardingConfig(last_n=r)
+    groups: list[tuple[Conference, list[Row]]] = [
+        (
+            audio,
+            [
+                Row("core audio", 160, core_factory(audio, plain, renumber=False), True),
+                Row("python copy relay", 160, copy_factory(audio), False),
+                Row(f"pylibsrtp 1 unprotect + {r} protect", 160, libsrtp_factory(audio), False),
+            ],
+        ),
+        (
+            video,
+            [
+                Row("core video", 1200, core_factory(video, plain, renumber=False), True),
+                Row(
+                    f"core video last_n={r}",
+                    1200,
+                    core_factory(video, last_n, renumber=False),
+                    True,
+                ),
+                Row(
+                    "core video renumbered (OHB)",
+                    1200,
+                    core_factory(video, last_n, renumber=True),
+                    True,
+                ),
+                Row("python copy relay", 1200, copy_factory(video), False),
+                Row(f"pylibsrtp 1 unprotect + {r} protect", 1200, libsrtp_factory(video), False),
+            ],
+        ),
+    ]
+    print(
+        f"AES-{args.bits}-GCM, 1 sender -> {r} receivers, {n} incoming packets per run, "
+        f"best of {args.repeats}; us = microseconds per delivery (one outgoing datagram)"
+    )
+    header = (
+        f"{'row':<36} {'bytes':>5} {'us':>7} {'deliveries/s':>13} {'vs copy':>8} "
+        f"{'vs libsrtp':>10}  target"
+    )
+    print(header)
+    print("-" * len(header))
+    failed = 0
+    for _conf, rows in groups:
+        best = {row.name: float("inf") for row in rows}
+        for _ in range(args.repeats):  # rows alternate within each repeat
+            for row in rows:
+                best[row.name] = min(best[row.name], _time(row.factory))
+        deliveries = {}
+        for row in rows:
+            # The renumbered row runs 15 fewer input packets (its warm-up).
+            count = (n - 15 if "renumbered" in row.name else n) * r
+            deliveries[row.name] = best[row.name] / count * 1e6
+        copy_us = next(v for k, v in deliveries.items() if k.startswith("python copy"))
+        lib_us = next(v for k, v in deliveries.items() if k.startswith("pylibsrtp"))
+        for row in rows:
+            us = deliveries[row.name]
+            verdict = ""
+            if row.core:
+                ok = us <= TARGET_US
+                failed += not ok
+                verdict = f"<= {TARGET_US:.1f} us {'yes' if ok else 'NO'}"
+            print(
+                f"{row.name:<36} {row.size:>5} {us:>7.3f} {1e6 / us:>13,.0f} "
+                f"{us / copy_us:>7.1f}x {us / lib_us:>9.2f}x  {verdict}",
+                flush=True,
+            )
+    return 1 if (args.check and failed) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
