@@ -173,6 +173,8 @@ class EndpointMediaStats:
     sent_rtcp: int = 0
     #: packets the sources made that could not be protected (e.g. expired EKTKey)
     send_errors: int = 0
+    #: packets not sent because the current EKTKey's lifetime (ekt_ttl) is over
+    ekt_expired: int = 0
     #: datagrams dropped because the caller did not drain ``datagrams_to_send``
     queue_drops: int = 0
     received_rtp: int = 0
@@ -328,9 +330,15 @@ class EndpointMedia:
             return
         tx = self._tx
         if tx is not None:
+            # RFC 8870 §5.2.2: past ekt_ttl the EKTKey must not be used; receivers drop tags
+            # under it, so the packets it would have to announce keys for are not sent.
+            expired = tx.ekt.params.expired(now)
             for source in self._sources:
                 for pkt in source.packets_due(now):
-                    self._send_rtp(tx, pkt, now)
+                    if expired:
+                        self.stats.ekt_expired += 1
+                    else:
+                        self._send_rtp(tx, pkt, now)
         if now >= self._next_rtcp:
             for compound in self._rtcp_compounds(now):
                 self._send_rtcp(compound)

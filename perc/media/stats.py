@@ -129,7 +129,7 @@ class SeqStats:
 
     def _jitter(self, timestamp: int, now: float) -> None:
         # RFC 3550 A.8: transit = arrival - timestamp in timestamp units; J += (|D| - J) / 16.
-        arrival = int(now * self.clock_rate)
+        arrival = round(now * self.clock_rate)
         transit = (arrival - timestamp) & 0xFFFFFFFF
         prev = self.transit
         self.transit = transit

@@ -158,7 +158,12 @@ class Conference:
     ) -> EndpointMedia:
         keying = keying or new_keying()
         ep = EndpointMedia(
-            name, media, keying, ekt, self.now if now is None else now, seed=len(self.endpoints),
+            name,
+            media,
+            keying,
+            ekt,
+            self.now if now is None else now,
+            seed=len(self.endpoints),
             **kwargs,  # type: ignore[arg-type]
         )
         self.endpoints[name] = ep
