@@ -64,6 +64,7 @@ from perc.dtls.events import (
 )
 from perc.dtls.flight import (
     DROPPED,
+    INITIAL_TIMEOUT,
     OLD,
     FlightItem,
     OutgoingMessage,
@@ -424,7 +425,9 @@ class DtlsConnection:
         # At most once per half timer interval, measured from the previous on-demand resend
         # only: the peers' timers run in lock-step, so comparing with our own timer-driven
         # resend would suppress exactly the answers that matter (SPEC-DTLS 3.7).
-        gap = max(MIN_RETRANSMIT_GAP, self._timer.interval / 2)
+        # The final flight has no timer of its own: do not inherit flight 4's backed-off one.
+        interval = self._timer.interval if self._flight is not None else INITIAL_TIMEOUT
+        gap = max(MIN_RETRANSMIT_GAP, interval / 2)
         if flight is None or self._now - self._on_demand_at < gap:
             return
         self.stats.retransmissions += 1
