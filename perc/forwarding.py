@@ -43,13 +43,18 @@ until it is removed; RTP with that SSRC from anyone else is dropped (``drop_ssrc
 two senders merged into one SSRC would make a receiver's outbound session see the same
 (SSRC, ROC, SEQ) twice, which RFC 7714 §8.4 forbids (``SrtpSession`` refuses it anyway). The
 owner map routes RTCP feedback. At most ``max_ssrcs_per_association`` SSRCs per association.
+A receiver's outbound session never forgets an SSRC it has sent (forgetting would allow an
+index to be used twice under that receiver's key), so an SSRC reused by a later association
+is refused for a receiver until its SEQ passes what that receiver was last sent (counted,
+``drop_limit``); endpoints pick a fresh random SSRC when they rejoin (RFC 3550 §8.1).
 
 **RTCP** (D19, RFC 8871 §4.4: the MD may forward, split or originate RTCP). The compound is
 decrypted with the sender's inbound SRTCP context and parsed (:func:`perc.wire.rtcp.parse_rtcp`);
 each packet is routed on its own:
 
 - SR (200): to every other keyed endpoint;
-- RR (201): to the owners of the SSRCs its report blocks are about;
+- RR (201): to the owners of the SSRCs its report blocks are about, each getting an RR with
+  only the blocks about its own streams (as received when all blocks are about one owner);
 - RTPFB/PSFB (205/206: NACK, PLI, FIR, others): to the owner of the media SSRC (FIR: of the
   SSRCs in its entries, RFC 5104 §4.3.1);
 - SDES, BYE, APP and anything else describe the sender: they go along to every destination
@@ -81,6 +86,8 @@ streams other than its own; audio and every other PT are always forwarded. The r
   with the first packet after a marker (a frame start); an unwanted one stops after its next
   marker (frame end). If no marker shows for ``last_n_switch_timeout`` (1 s) it switches
   anyway. The receiver then asks the sender for a keyframe (PLI/FIR, routed above).
+- Once an SSRC has been seen as video, all its packets take this path whatever their PT, so
+  the feed offsets apply to every packet of the SSRC.
 - *Contiguous SEQ per receiver.* Each (receiver, SSRC) feed has an offset: ``out_seq = in_seq
   - offset (mod 2^16)``. The first time a feed starts the offset is 0 (no rewrite, no OHB
   change); when it resumes after a pause the offset is chosen so that ``out_seq`` continues
@@ -148,6 +155,7 @@ from perc.wire.rtcp import (
     PayloadFeedback,
     Pli,
     ReceiverReport,
+    ReportBlock,
     RtcpDecodeError,
     RtpFeedback,
     SenderReport,
@@ -545,11 +553,11 @@ class ForwardingTable(Generic[AddrT]):
 
     def remove(self, association_id: uuid.UUID) -> bool:
         """Drop an association, its keys, SSRCs and feeds (EndpointDisconnect, D3)."""
-        assoc = self._by_id.pop(association_id, None)
-        if assoc is None:
+        if association_id not in self._by_id:
             return False
+        self.flush()  # credit this sender's pending fan-out while its routes still exist
+        assoc = self._by_id.pop(association_id)
         del self._by_address[assoc.address]
-        self.flush()
         assoc._counters.drop_no_keys += len(assoc.held)
         assoc.held = []
         for ssrc in assoc.ssrcs:
@@ -590,9 +598,7 @@ class ForwardingTable(Generic[AddrT]):
         keyed = [a for a in self._by_id.values() if a._protect_rtp is not None]
         for a in self._by_id.values():
             others = [b for b in keyed if b is not a]
-            a._routes = [
-                (b.address, b._protect_rtp) for b in others if b._protect_rtp is not None
-            ]
+            a._routes = [(b.address, b._protect_rtp) for b in others if b._protect_rtp is not None]
             a._route_counters = [b._counters for b in others]
             a._rtcp_routes = others
         if self._last_n is not None:
@@ -664,6 +670,10 @@ class ForwardingTable(Generic[AddrT]):
                 return self._video_rtp(assoc, inbound, ssrc, now)
         elif pt in self._audio_pts:
             c.audio_in += 1
+        elif ssrc in self._video:
+            # A last_n video SSRC with another PT (a codec switch) stays on its feeds: their
+            # SEQ offsets must apply to every packet of the SSRC (RFC 7714 §8.4).
+            return self._video_rtp(assoc, inbound, ssrc, now)
         # The hot path: one prebound protect per receiver, EKT field re-appended (D11);
         # receivers' packets_out/bytes_out are credited in bulk (see flush).
         ekt = inbound.ekt_field
@@ -870,52 +880,46 @@ class ForwardingTable(Generic[AddrT]):
         c.bytes_in += len(data)
         c.rtcp_in += 1
         others = assoc._rtcp_routes
-        # Destination of each packet: a list of associations, or None = "companion" (goes
-        # wherever the rest goes). Raw slices keep the sender's bytes (padding included).
+        # Each packet's bytes per destination id, or None for a "companion" (SDES, BYE, ...:
+        # goes wherever the rest goes). Raw slices keep the sender's bytes (padding included).
         pos = 0
-        parts: list[tuple[bytes, list[Association[AddrT]] | None]] = []
+        parts: list[tuple[bytes, dict[uuid.UUID, bytes] | None]] = []
+        targets: dict[uuid.UUID, Association[AddrT]] = {}
         for pkt in packets:
             end = pos + 4 + 4 * _RTCP_HEADER.unpack_from(compound, pos)[2]
             raw = compound[pos:end]
             pos = end
-            dests: list[Association[AddrT]] | None
+            per: dict[uuid.UUID, bytes] | None
             if isinstance(pkt, SenderReport):
-                dests = list(others)
+                per = {d.association_id: raw for d in others}
             elif isinstance(pkt, ReceiverReport):
-                dests = self._owners(assoc, [b.ssrc for b in pkt.reports])
+                per = self._split_rr(assoc, pkt, raw)
             elif isinstance(pkt, Fir):
-                dests = self._owners(assoc, [s for s, _ in pkt.entries])
+                per = self._to_owners(assoc, [s for s, _ in pkt.entries], raw)
             elif isinstance(pkt, (_Nack, Pli, RtpFeedback, PayloadFeedback)):
-                dests = self._owners(assoc, [pkt.media_ssrc])
+                per = self._to_owners(assoc, [pkt.media_ssrc], raw)
             else:  # SDES, BYE, APP, XR, unknown: about the sender itself
-                dests = None
-            parts.append((raw, dests))
-        routed: dict[uuid.UUID, Association[AddrT]] = {}
-        for _, dests in parts:
-            if dests:
-                for d in dests:
-                    routed[d.association_id] = d
-        if not routed and any(d is None for _, d in parts):
-            routed = {d.association_id: d for d in others}
-        if not routed:
-            return []
-        head_type = compound[1]
-        head = None
-        if head_type in (SR, RR):
-            # RFC 3550 §6.1: a compound starts with SR or RR; keep that for every destination.
-            head = bytes((0x80, RR, 0, 1)) + compound[4:8]
+                per = None
+            parts.append((raw, per))
+        for _, per in parts:
+            if per:
+                for aid in per:
+                    targets[aid] = self._by_id[aid]
+        if not targets and any(per is None for _, per in parts):
+            targets = {d.association_id: d for d in others}
+        # RFC 3550 §6.1: a compound starts with SR or RR. A destination that does not get
+        # the leading report gets an empty RR from the same SSRC in its place.
+        first = parts[0][1]
+        head = bytes((0x80, RR, 0, 1)) + compound[4:8] if compound[1] in (SR, RR) else None
         out: Output[AddrT] = []
-        for aid, dest in routed.items():
+        for aid, dest in targets.items():
             chunks = [
-                raw
-                for raw, dests in parts
-                if dests is None or any(d.association_id == aid for d in dests)
+                raw if per is None else per[aid] for raw, per in parts if per is None or aid in per
             ]
-            first_dests = parts[0][1]
-            if head is not None and first_dests is not None and dest not in first_dests:
+            if head is not None and first is not None and aid not in first:
                 chunks.insert(0, head)
             protect = dest._protect_rtcp
-            if protect is None:
+            if protect is None:  # pragma: no cover - targets are keyed associations
                 continue
             try:
                 sealed = protect(b"".join(chunks))
@@ -929,18 +933,39 @@ class ForwardingTable(Generic[AddrT]):
             out.append((dest.address, sealed))
         return out
 
-    def _owners(
-        self, sender: Association[AddrT], ssrcs: list[int]
-    ) -> list[Association[AddrT]]:
-        """Keyed owners of ``ssrcs`` other than the sender; unknown ones are counted."""
-        out: list[Association[AddrT]] = []
+    def _split_rr(
+        self, sender: Association[AddrT], rr: ReceiverReport, raw: bytes
+    ) -> dict[uuid.UUID, bytes]:
+        """An RR for each owner of its report blocks, holding only that owner's blocks."""
+        blocks: dict[uuid.UUID, list[ReportBlock]] = {}
+        for block in rr.reports:
+            owner = self._owner(sender, block.ssrc)
+            if owner is not None:
+                blocks.setdefault(owner.association_id, []).append(block)
+        if len(blocks) == 1 and len(next(iter(blocks.values()))) == len(rr.reports):
+            return dict.fromkeys(blocks, raw)  # all about one sender: forward as received
+        return {
+            aid: ReceiverReport(rr.ssrc, tuple(mine), rr.extension).serialize()
+            for aid, mine in blocks.items()
+        }
+
+    def _to_owners(
+        self, sender: Association[AddrT], ssrcs: list[int], raw: bytes
+    ) -> dict[uuid.UUID, bytes]:
+        out: dict[uuid.UUID, bytes] = {}
         for ssrc in ssrcs:
-            owner = self._ssrc_owner.get(ssrc)
-            if owner is None or owner is sender or owner._protect_rtcp is None:
-                sender._counters.drop_unknown_ssrc += 1
-            elif owner not in out:
-                out.append(owner)
+            owner = self._owner(sender, ssrc)
+            if owner is not None:
+                out[owner.association_id] = raw
         return out
+
+    def _owner(self, sender: Association[AddrT], ssrc: int) -> Association[AddrT] | None:
+        """The keyed owner of ``ssrc`` if it is not the sender; otherwise counted, None."""
+        owner = self._ssrc_owner.get(ssrc)
+        if owner is None or owner is sender or owner._protect_rtcp is None:
+            sender._counters.drop_unknown_ssrc += 1
+            return None
+        return owner
 
     # --- statistics -----------------------------------------------------------------------------
 
@@ -967,4 +992,3 @@ class ForwardingTable(Generic[AddrT]):
                     rc.packets_out += packets
                     rc.bytes_out += size
                 a._fan_packets = a._fan_bytes = 0
-

@@ -13,6 +13,7 @@ from perc.forwarding import (
     ForwardingUsageError,
     MediaKeysError,
 )
+from perc.srtp.errors import KeyLifetimeError
 from perc.wire.ekt import ekt_field_length_untrusted
 from perc.wire.rtcp import (
     Bye,
@@ -292,10 +293,15 @@ def test_rtcp_receiver_reports_and_feedback_go_only_to_the_media_sender() -> Non
     fir = Fir(b.ssrc, 0, ((c.ssrc, 1),))
     got = _rtcp_to(table, eps, b, [rr, fir])
     assert got == {"a": [rr], "c": [ReceiverReport(b.ssrc), fir]}
-    # An RR about two senders goes to both.
-    rr2 = ReceiverReport(b.ssrc, (ReportBlock(a.ssrc), ReportBlock(c.ssrc)))
-    got = _rtcp_to(table, eps, b, [rr2])
-    assert got == {"a": [rr2], "c": [rr2]}
+    # An RR about two senders is split: each gets only the block about its own stream.
+    ba, bc = ReportBlock(a.ssrc, fraction_lost=1), ReportBlock(c.ssrc, fraction_lost=2)
+    rr2 = ReceiverReport(b.ssrc, (ba, bc, ReportBlock(0xDEAD)))
+    got = _rtcp_to(table, eps, b, [rr2, sdes])
+    assert got == {
+        "a": [ReceiverReport(b.ssrc, (ba,)), sdes],
+        "c": [ReceiverReport(b.ssrc, (bc,)), sdes],
+    }
+    assert table.associations[b.association_id].counters.drop_unknown_ssrc == 1
 
 
 def test_rtcp_about_unknown_or_own_ssrc_is_dropped_and_counted() -> None:
@@ -315,3 +321,23 @@ def test_rtcp_about_unknown_or_own_ssrc_is_dropped_and_counted() -> None:
     assert table.handle_datagram(b.address, bad, 0.0) == []
     assert table.associations[b.association_id].counters.drop_malformed == 1
     del a, c
+
+
+def test_a_receiver_session_refusing_is_counted_and_the_others_still_served() -> None:
+    table: ForwardingTable[Address] = ForwardingTable()
+    a, b, c = conference(table, 3)
+    dispatch([a, b, c], table.handle_datagram(a.address, a.send(0.0), 0.0), 0.0)
+    sender = table.associations[a.association_id]
+
+    def refuse(packet: bytes) -> bytes:
+        raise KeyLifetimeError("index space exhausted")
+
+    # Inject a refusing outbound session for b (only reachable after 2^48 packets for real).
+    sender._routes[0] = (sender._routes[0][0], refuse)
+    out = table.handle_datagram(a.address, a.send(0.1), 0.1)
+    assert [addr for addr, _ in out] == [c.address]
+    dispatch([a, b, c], out, 0.1)
+    assert (len(b.got), len(c.got)) == (1, 2)
+    counters = {ep.name: table.associations[ep.association_id].counters for ep in (a, b, c)}
+    assert counters["a"].drop_limit == 1
+    assert (counters["b"].packets_out, counters["c"].packets_out) == (1, 2)

@@ -179,3 +179,24 @@ def test_receiver_joining_and_leaving_under_last_n() -> None:
     v.run(0.3, [a])
     _check_receiver(v, c)
     _check_receiver(v, d)
+
+
+def test_a_video_ssrc_changing_payload_type_keeps_its_feed() -> None:
+    table: ForwardingTable[Address] = ForwardingTable(ForwardingConfig(last_n=1))
+    eps = conference(table, 3)
+    a, b, c = eps
+    v = Video(table, eps)
+    v.run(0.5, [a])
+    v.run(0.5, [a, b])  # c on b; a withheld from c while sending
+    v.run(2.5, [a])  # b gone: c resumes a, renumbered
+    assert (
+        _pauses(c, a.ssrc) == 1 and c.got[-1].sequence_number != c.got[-1].original_sequence_number
+    )
+    # a switches codec (PT 100, not in the video set): still renumbered on c's feed.
+    for _ in range(3):
+        v.now += STEP
+        data = a.send(v.now, pt=100)
+        v.marker[(a.ssrc, a.seq)] = False
+        v.feed(a, data)
+    assert c.got[-1].payload_type == 100
+    _check_receiver(v, c)
