@@ -194,6 +194,7 @@ class EndpointMediaStats:
     other_rtcp: int = 0
     pli_sent: int = 0
     rekeys: int = 0
+    duplicate_ekt_keys: int = 0
     #: last round-trip time (seconds) computed from a report block about one of our streams
     last_rtt: float | None = None
 
@@ -259,6 +260,7 @@ class EndpointMedia:
         self.rtcp_ssrc = self._sources[0].ssrc if self._sources else random_ssrc()
         self._cname = self._rng.getrandbits(96).to_bytes(12, "big").hex().encode()
         self.spis: list[int] = [ekt.spi]
+        self._ekt_params = ekt
         self.stats = EndpointMediaStats()
         self.streams: dict[int, RemoteStream] = {}
         self.unattributed = Unattributed()
@@ -384,14 +386,24 @@ class EndpointMedia:
 
     # --- rekeying and leaving ----------------------------------------------------------------
 
-    def rekey(self, params: EktParameterSet, now: float) -> None:
-        """A new EKTKey arrived: accept tags under it and switch to a new E2E key (D22)."""
+    def rekey(self, params: EktParameterSet, now: float) -> bool:
+        """A new EKTKey arrived: accept tags under it and switch to a new E2E key (D22).
+
+        The same parameter set again (a repeated EKTKey message) changes nothing: RFC 8871
+        §4.5.2 asks for a new E2E key per *new* EKT key. Returns whether a rekey happened.
+        """
+        if params == self._ekt_params:
+            self.stats.duplicate_ekt_keys += 1
+            return False
+        self._ekt_params = params
+        # Receiver first, so Full tags under the new SPI from faster peers are readable.
         self._rx.add_parameter_set(params)
         if self._tx is not None:
             self._tx.rekey(params, now)
         if params.spi not in self.spis:
             self.spis.append(params.spi)
         self.stats.rekeys += 1
+        return True
 
     def bye(self, now: float, reason: bytes = b"leaving") -> None:
         """Queue a final report with an RTCP BYE for our SSRCs and stop sending (RFC 3550 §6.6)."""
@@ -445,10 +457,8 @@ class EndpointMedia:
         st.received += 1
         st.verified += 1
         spis = st.spis
-        if not spis or spis[-1] != pkt.spi:
-            if pkt.spi in spis:
-                spis.remove(pkt.spi)  # keep the most recent last (late packets after a rekey)
-            spis.append(pkt.spi)
+        if (not spis or spis[-1] != pkt.spi) and pkt.spi not in spis:
+            spis.append(pkt.spi)  # in order of first use
         seq = st.seq
         if seq is None:
             rate = AUDIO_CLOCK_RATE if payload.kind is StreamKind.AUDIO else VIDEO_CLOCK_RATE

@@ -69,7 +69,8 @@ _FLAG_END_OF_FRAME = 0x02
 _HEAD = struct.Struct("!4sBBBB")  # magic, version, kind, flags, name_len
 _COUNTERS = struct.Struct("!II")  # seq, frame
 _FIXED = _HEAD.size + _COUNTERS.size + CHECKSUM_LENGTH
-_SHA256 = hashes.SHA256()
+#: an empty SHA-256 context: copying it skips the algorithm checks of a fresh ``Hash``
+_SHA256_EMPTY = hashes.Hash(hashes.SHA256())
 
 
 class StreamKind(enum.IntEnum):
@@ -99,7 +100,7 @@ class Payload:
 
 
 def _sha256(data: bytes) -> bytes:
-    h = hashes.Hash(_SHA256)
+    h = _SHA256_EMPTY.copy()
     h.update(data)
     return h.finalize()
 

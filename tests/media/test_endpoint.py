@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from perc.media.endpoint import EndpointMedia, MediaChoice, MediaUsageError, is_rtcp
 from perc.media.sources import VideoSettings
+from perc.srtp.context import SrtpSession
 from perc.srtp.ekt import EktCipher, EktParameterSet
 from perc.srtp.keys import SrtpProfile, exporter_length, split_exporter
 from perc.wire.rtcp import Fir, Pli, serialize_rtcp
@@ -461,3 +462,43 @@ def test_garbage_datagrams_are_counted_never_raised(data: bytes) -> None:
     ep.receive(data, 1.0)
     assert ep.stats.received_rtp + ep.stats.received_rtcp == before + 1
     assert not any(s.verified for s in ep.streams.values())
+
+
+def test_a_repeated_ekt_key_does_not_rekey() -> None:
+    ekt = new_ekt(1)
+    ep = EndpointMedia("alice", "audio", new_keying(), ekt, 0.0)
+    assert ep.sender is not None
+    key = ep.sender.inner_key
+    assert not ep.rekey(ekt, 0.1)
+    same_again = EktParameterSet(ekt.spi, ekt.cipher, ekt.key, ekt.salt, ekt.expires_at)
+    assert not ep.rekey(same_again, 0.1)
+    assert ep.stats.duplicate_ekt_keys == 2 and ep.stats.rekeys == 0
+    assert ep.rekey(new_ekt(2), 0.2)
+    ep.handle_timer(0.5)
+    assert ep.sender.inner_key != key and ep.spis == [1, 2]
+
+
+def test_more_than_31_report_blocks_are_split() -> None:
+    """RFC 3550 §6.4.1: the report count is 5 bits; extra blocks go into more RR packets."""
+    from perc.media.stats import RemoteStream, SeqStats
+    from perc.wire.rtcp import ReceiverReport, SourceDescription, parse_rtcp
+
+    keying = new_keying()
+    ep = EndpointMedia("alice", "none", keying, new_ekt(), 0.0, rtcp_interval=1.0)
+    for ssrc in range(1, 41):
+        st = ep.streams[ssrc] = RemoteStream(ssrc, f"peer{ssrc}")
+        st.seq = SeqStats(100, 48_000)
+        st.seq.update(100, 0, 1.0)
+        st.last_at = 1.0
+    ep.handle_timer(2.0)
+    outer = keying.outer()
+    mdd_side = SrtpSession(outer.client_key, outer.client_salt)
+    compounds = [parse_rtcp(mdd_side.unprotect_rtcp(d)) for d in ep.datagrams_to_send()]
+    assert len(compounds) == 2
+    for c in compounds:
+        assert isinstance(c[0], ReceiverReport) and isinstance(c[-1], SourceDescription)
+        assert c[0].ssrc == ep.rtcp_ssrc
+    counts = [len(c[0].reports) for c in compounds]  # type: ignore[union-attr]
+    assert counts == [31, 9]
+    reported = {b.ssrc for c in compounds for b in c[0].reports}  # type: ignore[union-attr]
+    assert reported == set(range(1, 41))
