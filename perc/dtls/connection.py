@@ -102,6 +102,27 @@ MAX_PENDING_DATAGRAMS = 256
 EKT_GIVE_UP_FACTOR = 10
 
 
+_EPOCH0_FROM_SERVER = frozenset(
+    (
+        HandshakeType.HELLO_VERIFY_REQUEST,
+        HandshakeType.SERVER_HELLO,
+        HandshakeType.CERTIFICATE,
+        HandshakeType.SERVER_KEY_EXCHANGE,
+        HandshakeType.CERTIFICATE_REQUEST,
+        HandshakeType.SERVER_HELLO_DONE,
+        HandshakeType.HELLO_REQUEST,
+    )
+)
+_EPOCH0_FROM_CLIENT = frozenset(
+    (
+        HandshakeType.CLIENT_HELLO,
+        HandshakeType.CERTIFICATE,
+        HandshakeType.CLIENT_KEY_EXCHANGE,
+        HandshakeType.CERTIFICATE_VERIFY,
+    )
+)
+
+
 @attrs.define
 class DtlsStats:
     """Counters; every dropped record or fragment is counted in exactly one ``dropped_*``."""
@@ -170,6 +191,8 @@ class DtlsConnection:
         self._ekt: _PendingEkt | None = None
         self._ekt_acked: set[tuple[int, int]] = set()
         self._ack_pending: list[tuple[int, int]] = []  # client: EKTKey records to ACK
+        # Handshake messages the peer may send in plaintext (epoch 0), by role.
+        self._epoch0_types = _EPOCH0_FROM_SERVER if configuration.is_client else _EPOCH0_FROM_CLIENT
         self._fatal_record: bytes | None = None  # the fatal alert we sent, for repeats
         self._fatal_repeat_at = 0.0
         self._fatal_repeats = 0
@@ -582,6 +605,11 @@ class DtlsConnection:
                 # The caller starts a new DtlsConnection for it (through the CookieGate).
                 self.stats.dropped_unexpected += 1
                 return
+        if record.epoch == 0 and frag.msg_type not in self._epoch0_types:
+            # Finished and EKTKey only exist under epoch-1 keys: a plaintext one is forged and
+            # must not occupy a message_seq the real (protected) message will need.
+            self.stats.fragments_dropped += 1
+            return
         if self._established and record.epoch == 0:
             # Only a retransmitted final flight of the peer can still come in epoch 0.
             if frag.message_seq < self._reasm.next_seq:

@@ -272,6 +272,11 @@ class Reassembler:
 
     def _drain(self, out: list[ReceivedMessage]) -> None:
         while True:
+            if not self.any_order and out and out[-1].epoch > 0:
+                # An epoch-1 message (a Finished) ends the in-order phase: what follows is
+                # handed out by switch_to_any_order once the handshake has completed, so a
+                # plaintext message waiting at the next message_seq cannot consume it.
+                return
             slot = self._slots.get(self.next_seq)
             if slot is None or not slot.complete:
                 return

@@ -154,10 +154,13 @@ def test_unexpected_message_in_handshake_is_fatal() -> None:
     p = make_pair()
     p.client.connect(0.0)
     p.client.datagrams_to_send()
-    # The client waits for a ServerHello; a Certificate with seq 0 is buffered ahead,
-    # but a Finished in epoch 0 with the ServerHello's sequence is unexpected.
+    # A plaintext Finished can only be forged: dropped without a word.
     fin = w.encode_handshake(20, 0, bytes(12))
     p.client.receive_datagram(w.encode_record(w.DtlsRecord(22, 0xFEFD, 0, 0, fin)), 0.0)
+    assert p.client.stats.fragments_dropped == 1 and not p.client.is_closed
+    # The client waits for a ServerHello: a CertificateRequest in its place is unexpected.
+    cr = w.encode_handshake(13, 0, w.CertificateRequest(b"\x40", (0x0403,)).encode())
+    p.client.receive_datagram(w.encode_record(w.DtlsRecord(22, 0xFEFD, 0, 1, cr)), 0.0)
     p.drain()
     assert _alerts(p.client_events) == [10]
     (dg,) = p.client.datagrams_to_send()

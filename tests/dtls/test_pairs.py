@@ -599,11 +599,17 @@ def test_forged_plaintext_ekt_key_before_completion_is_discarded() -> None:
     assert p.server is not None
     seq = p.server._hs._send_seq  # the message_seq the first real EKTKey will use
     body = w.EktKey(b"F" * 16, b"S" * 12, 66, 60).encode()
-    # A whole forged message one ahead, and a partial one at the real EKTKey's seq: both wait
-    # in the reassembler while the handshake is still running.
+    # Plaintext EKTKeys never even reach the reassembler.
+    for frag in (w.encode_handshake(26, seq, body), w.encode_handshake(26, seq + 1, body)):
+        p.client.receive_datagram(w.encode_record(w.DtlsRecord(22, 0xFEFD, 0, 40, frag)), 0.1)
+    assert p.client.stats.fragments_dropped == 2 and not p.client._reasm._slots
+    # Plaintext messages of a type allowed in epoch 0, numbered where the real EKTKey goes (a
+    # whole one and a partial one), wait in the reassembler while the handshake runs; they
+    # must neither be delivered nor use up the EKTKey's message_seq when it completes.
+    cert = w.Certificate((b"\x30" * 40,)).encode()
     for frag in (
-        w.encode_handshake(26, seq + 1, body),
-        w.encode_handshake_fragment(26, len(body), seq, 0, body[:10]),
+        w.encode_handshake(11, seq, cert),
+        w.encode_handshake_fragment(11, len(cert), seq + 1, 0, cert[:10]),
     ):
         p.client.receive_datagram(w.encode_record(w.DtlsRecord(22, 0xFEFD, 0, 50, frag)), 0.1)
     assert len(p.client._reasm._slots) == 2
