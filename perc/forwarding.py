@@ -595,8 +595,10 @@ class ForwardingTable(Generic[AddrT]):
     def _rebuild(self) -> None:
         """Recompute every route list (membership or keys changed; never per packet)."""
         self.flush()
+        # O(k^2) for k keyed associations, once per join or leave. Associations without keys
+        # (possibly many: every new 5-tuple that sends DTLS) have no routes and cost nothing.
         keyed = [a for a in self._by_id.values() if a._protect_rtp is not None]
-        for a in self._by_id.values():
+        for a in keyed:
             others = [b for b in keyed if b is not a]
             a._routes = [(b.address, b._protect_rtp) for b in others if b._protect_rtp is not None]
             a._route_counters = [b._counters for b in others]
