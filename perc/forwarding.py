@@ -125,9 +125,14 @@ last_n_switch_timeout=1.0, replay_window=128)``.
   ``touch(association_id, now)`` (other traffic, e.g. DTLS, also counts as activity).
 - ``handle_datagram(address, data, now) -> list[(address, bytes)]``;
   ``handle_from(association_id, data, now)`` (the same, looked up by id).
-- ``associations`` (dict by id, read only), ``association_for(address)``, ``stats``
-  (:class:`TableStats`), ``snapshot() -> ForwardingSnapshot`` (plain dicts, cheap, for
-  periodic logging), ``video_ranking()`` (last_n ranking, most recent first).
+- ``associations`` (dict by id, read only; ``Association.counters`` is an
+  :class:`AssociationCounters`), ``association_for(address)``, ``stats`` (:class:`TableStats`),
+  ``snapshot(now) -> ForwardingSnapshot`` (plain dicts; ``totals()``, ``log_lines()``; cheap,
+  for periodic logging and on exit), ``video_ranking()`` (last_n ranking, most recent first).
+
+``data`` is ``bytes``; every returned datagram is a new ``bytes`` object. Counters of what
+was sent to a receiver are credited in bulk (one increment per incoming packet, not per
+delivery); ``snapshot`` and ``Association.counters`` flush them, so readers see exact values.
 """
 
 from __future__ import annotations
@@ -315,6 +320,18 @@ class ForwardingSnapshot:
     now: float
     table: dict[str, int]
     associations: dict[uuid.UUID, dict[str, int]]
+
+    def log_lines(self) -> list[str]:
+        """One line per association: traffic, then the non-zero drop counters."""
+        lines = []
+        for aid, c in self.associations.items():
+            drops = " ".join(f"{k[5:]}={v}" for k, v in c.items() if k.startswith("drop_") and v)
+            lines.append(
+                f"association={aid} in={c['packets_in']}/{c['bytes_in']}B "
+                f"out={c['packets_out']}/{c['bytes_out']}B rtcp={c['rtcp_in']}/{c['rtcp_out']} "
+                f"held={c['held']} drops: {drops or 'none'}"
+            )
+        return lines
 
     def totals(self) -> dict[str, int]:
         """Every association counter summed over the conference."""

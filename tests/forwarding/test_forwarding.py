@@ -341,3 +341,15 @@ def test_a_receiver_session_refusing_is_counted_and_the_others_still_served() ->
     counters = {ep.name: table.associations[ep.association_id].counters for ep in (a, b, c)}
     assert counters["a"].drop_limit == 1
     assert (counters["b"].packets_out, counters["c"].packets_out) == (1, 2)
+
+
+def test_snapshot_log_lines() -> None:
+    table: ForwardingTable[Address] = ForwardingTable()
+    a, b = conference(table, 2)
+    dispatch([a, b], table.handle_datagram(a.address, a.send(0.0), 0.0), 0.0)
+    table.handle_datagram(a.address, b"\x80" * 40, 0.0)
+    lines = table.snapshot(1.0).log_lines()
+    assert len(lines) == 2
+    assert f"association={a.association_id} in=1/" in lines[0]
+    assert lines[0].endswith("drops: malformed=1")  # its last byte is no EKT field
+    assert "out=1/" in lines[1] and lines[1].endswith("drops: none")

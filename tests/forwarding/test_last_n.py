@@ -242,3 +242,17 @@ def test_random_switching_with_loss_and_reordering_never_repeats_an_index(seed: 
     assert totals["drop_limit"] == 0 and totals["drop_replay"] == 0
     assert totals["drop_last_n"] > 0 and table.stats.last_n_switches > 20
     assert any(p.sequence_number != p.original_sequence_number for ep in eps for p in ep.got)
+
+
+def test_tick_prunes_silent_streams_without_traffic() -> None:
+    table: ForwardingTable[Address] = ForwardingTable(ForwardingConfig(last_n=1))
+    eps = conference(table, 3)
+    v = Video(table, eps)
+    v.run(0.2, eps[:2])
+    assert table.video_ranking() == [eps[1].ssrc, eps[0].ssrc]
+    table.tick(v.now + 1.0)
+    assert len(table.video_ranking()) == 2
+    table.tick(v.now + 2.5)
+    assert table.video_ranking() == []
+    table.remove(eps[0].association_id)
+    assert eps[0].ssrc not in table._video
