@@ -808,8 +808,6 @@ class ForwardingTable(Generic[AddrT]):
         frame_start = vs.prev_marker
         vs.prev_marker = marker
         timeout = self.config.last_n_switch_timeout
-        ekt = inbound.ekt_field
-        n = len(plain) + 16 + len(ekt)
         out: Output[AddrT] = []
         hop = assoc._hop
         if hop is None:  # pragma: no cover - decrypt succeeded, so the keys are there
@@ -853,7 +851,7 @@ class ForwardingTable(Generic[AddrT]):
                 feed.last_out = out_seq
             rc = feed.counters
             rc.packets_out += 1
-            rc.bytes_out += n
+            rc.bytes_out += len(data)
             out.append((feed.receiver.address, data))
         return out
 
