@@ -225,7 +225,22 @@ class Reassembler:
         if frag.length > _MAX_BODY.get(frag.msg_type, _DEFAULT_MAX_BODY):
             return DROPPED
         slot = self._slots.get(seq)
-        if slot is not None and slot.epoch < epoch:
+        if slot is not None and (
+            slot.epoch < epoch
+            or (
+                slot.epoch == epoch
+                and (
+                    slot.msg_type != frag.msg_type
+                    or slot.length != frag.length
+                    or slot.count >= MAX_FRAGMENTS_PER_MESSAGE
+                )
+            )
+        ):
+            # Start the slot over: a protected fragment beats plaintext, and a fragment that
+            # contradicts a partial slot (type, total length) or a slot flooded with fragments
+            # wins over it. Honest retransmissions never contradict (RFC 9147 §5.5), so this
+            # only discards forged or corrupted plaintext, which must not block the real
+            # message until the handshake times out.
             del self._slots[seq]
             self._buffered -= slot.length
             slot = None
@@ -240,10 +255,8 @@ class Reassembler:
                 return DROPPED
             slot = self._slots[seq] = _Slot(frag.msg_type, frag.length, epoch)
             self._buffered += frag.length
-        elif slot.msg_type != frag.msg_type or slot.length != frag.length or slot.epoch != epoch:
-            return DROPPED  # inconsistent header for this message_seq, or older epoch
-        if slot.count >= MAX_FRAGMENTS_PER_MESSAGE:
-            return DROPPED
+        elif slot.epoch != epoch:
+            return DROPPED  # plaintext never joins a protected message
         slot.add(frag.fragment_offset, frag.body)
         if self.any_order and slot.complete:
             del self._slots[seq]

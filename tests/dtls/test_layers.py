@@ -81,9 +81,16 @@ def test_reassembly_in_order_delivery_and_bounds() -> None:
     assert r.add(w.HandshakeFragment(11, 20000, 3, 0, b"x"), out) == DROPPED  # too big
     assert r.add(w.HandshakeFragment(1, 3000, 3, 0, b"x"), out) == DROPPED  # CH > 2048
     r.add(w.HandshakeFragment(11, 100, 4, 0, b"x" * 10), out)
-    # Same message_seq with another type or length: inconsistent, dropped.
-    assert r.add(w.HandshakeFragment(12, 100, 4, 10, b"x" * 10), out) == DROPPED
-    assert r.add(w.HandshakeFragment(11, 99, 4, 10, b"x" * 10), out) == DROPPED
+    # Same message_seq with another type or length: the contradicting fragment starts the
+    # slot over (a forged partial fragment must not block the real message).
+    assert r.add(w.HandshakeFragment(12, 100, 4, 10, b"x" * 10), out) == ADDED
+    assert r._slots[4].msg_type == 12 and r._slots[4].ranges == [[10, 20]]
+    assert r.add(w.HandshakeFragment(11, 99, 4, 10, b"x" * 10), out) == ADDED
+    assert r._slots[4].length == 99 and r._buffered == 99
+    # A protected fragment replaces a plaintext slot; plaintext never joins a protected one.
+    assert r.add(w.HandshakeFragment(11, 50, 4, 0, b"y" * 5), out, epoch=1) == ADDED
+    assert r._slots[4].epoch == 1
+    assert r.add(w.HandshakeFragment(11, 50, 4, 5, b"z" * 5), out, epoch=0) == DROPPED
     r.reset_to(5)
     assert r._buffered == 0
 

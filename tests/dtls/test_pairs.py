@@ -637,3 +637,15 @@ def test_client_hello_record_sequence_near_limit() -> None:  # findings F2
     assert server.stats.internal_errors == 0
     _completed(p.client_events)
     _completed(p.server_events)
+
+
+@pytest.mark.parametrize(("msg_type", "seq"), [(2, 0), (11, 1), (12, 2), (14, 4)])
+def test_forged_partial_fragment_does_not_block_flight4(msg_type: int, seq: int) -> None:
+    # findings F5: one plaintext partial fragment with a wrong total length before flight 4
+    p = make_pair()
+    p.client.connect(0.0)
+    forged = w.encode_handshake_fragment(msg_type, 100, seq, 0, bytes(10))
+    p.client.receive_datagram(w.encode_record(w.DtlsRecord(22, 0xFEFD, 0, 1000, forged)), 0.0)
+    p.pump()
+    c, s = _completed(p.client_events), _completed(p.server_events)
+    assert c.srtp_keying_material == s.srtp_keying_material
