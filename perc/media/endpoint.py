@@ -47,6 +47,10 @@ are classified:
   inner layer failed: no key for the SSRC, inner tag mismatch, inner replay, bad OHB. The
   reason is counted too.
 * **Payload failure**: both layers verified but the payload did not.
+* **Key wait**: E2E failures that turn out to have waited for an EKTKey that arrived late
+  (the failing Full tags named its SPI, and :meth:`EndpointMedia.rekey` then delivered it) are
+  moved out of ``e2e_failures`` into ``key_wait`` (see :class:`perc.media.stats._Failures`). A
+  receiver that never gets the new EKTKey (a leaver) keeps them as E2E failures.
 
 Counters are per SSRC and reported per sender name (learnt from the first verified payload of
 the SSRC); failures on an SSRC that never verified have no name and go to ``unattributed``.
@@ -106,6 +110,7 @@ from perc.srtp.ekt import (
 )
 from perc.srtp.errors import ReplayError, SrtpError
 from perc.srtp.keys import KeyingMaterial, SrtpProfile, split_exporter
+from perc.wire.ekt import EktDecodeError, FullEktField, split_ekt_field
 from perc.wire.rtcp import (
     Bye,
     Fir,
@@ -402,6 +407,10 @@ class EndpointMedia:
             self._tx.rekey(params, now)
         if params.spi not in self.spis:
             self.spis.append(params.spi)
+        # Failures that were waiting for this EKTKey were late key delivery, not tampering.
+        for st in self.streams.values():
+            st.key_arrived(params.spi, now)
+        self.unattributed.key_arrived(params.spi, now)
         self.stats.rekeys += 1
         return True
 
@@ -456,6 +465,7 @@ class EndpointMedia:
             return
         st.received += 1
         st.verified += 1
+        st.verified_one()
         spis = st.spis
         if (not spis or spis[-1] != pkt.spi) and pkt.spi not in spis:
             spis.append(pkt.spi)  # in order of first use
@@ -495,7 +505,15 @@ class EndpointMedia:
             else:
                 target.hbh_failures += 1
             return
-        target.count_e2e(reason)
+        spi = None
+        if reason == "unknown_spi":
+            try:
+                field = split_ekt_field(data)[1]
+            except EktDecodeError:  # cannot happen: the receiver parsed it already
+                field = None
+            if isinstance(field, FullEktField):
+                spi = field.spi
+        target.count_e2e(reason, now, spi)
         # A video receiver without the sender's current key waits for the next Full tag,
         # which comes with a key frame (RFC 8870 §4.6): ask for one.
         if (

@@ -176,8 +176,75 @@ class SeqStats:
         )
 
 
+#: how long after a late EKTKey arrived failures still count as waiting for the sender's key
+KEY_WAIT_GRACE = 2.0
+
+
+@attrs.define(slots=True, kw_only=True)
+class _Failures:
+    """End-to-end failure counting, with the *key wait* rule.
+
+    A receiver whose copy of a new EKTKey is late (a lost DTLS record is retransmitted after
+    1 s, D9) sees Full tags under an SPI it does not know, then packets under a key it could
+    not learn. Until the EKTKey arrives such failures are indistinguishable from those of a
+    receiver that was left out of the rekey on purpose (a leaver), so they count as
+    ``e2e_failures``. Once :meth:`key_arrived` names the awaited SPI they are moved to
+    ``key_wait``, and so are failures until the stream verifies again (at most
+    ``KEY_WAIT_GRACE`` seconds): they are the cost of late key delivery, not of tampering.
+    """
+
+    e2e_failures: int = 0
+    e2e_reasons: dict[str, int] = attrs.Factory(dict)
+    #: failures caused by an EKTKey that arrived late (see above); not in e2e_failures
+    key_wait: int = 0
+    waiting_spi: int | None = None
+    waiting: dict[str, int] = attrs.Factory(dict)
+    key_arrived_at: float | None = None
+
+    def count_e2e(self, reason: str, now: float, spi: int | None = None) -> None:
+        if spi is not None and spi != self.waiting_spi:
+            # a Full tag under an SPI we lack: the sender moved to an EKTKey we do not have
+            self.waiting_spi = spi
+            self.waiting = {}
+            self.key_arrived_at = None
+        if self.waiting_spi is not None and reason in _WAITING_REASONS:
+            if self.key_arrived_at is not None:
+                if now - self.key_arrived_at <= KEY_WAIT_GRACE:
+                    self.key_wait += 1
+                    return
+                self.waiting_spi = None
+            else:
+                self.waiting[reason] = self.waiting.get(reason, 0) + 1
+        self.e2e_failures += 1
+        self.e2e_reasons[reason] = self.e2e_reasons.get(reason, 0) + 1
+
+    def key_arrived(self, spi: int, now: float) -> None:
+        """The EKTKey with ``spi`` arrived: failures that waited for it were not integrity
+        failures."""
+        if self.waiting_spi != spi or self.key_arrived_at is not None:
+            return
+        for reason, count in self.waiting.items():
+            self.e2e_failures -= count
+            left = self.e2e_reasons[reason] - count
+            if left:
+                self.e2e_reasons[reason] = left
+            else:
+                del self.e2e_reasons[reason]
+            self.key_wait += count
+        self.waiting = {}
+        self.key_arrived_at = now
+
+    def verified_one(self) -> None:
+        if self.key_arrived_at is not None:
+            self.waiting_spi = None
+            self.key_arrived_at = None
+
+
+_WAITING_REASONS = frozenset(("unknown_spi", "inner_auth", "no_key"))
+
+
 @attrs.define(slots=True)
-class RemoteStream:
+class RemoteStream(_Failures):
     """One SSRC we receive from: identity (once verified), counters, reception statistics."""
 
     ssrc: int
@@ -191,11 +258,8 @@ class RemoteStream:
     hbh_failures: int = 0
     #: outer replay check: duplicates, or later than the 128-packet window (not failures)
     hbh_replays: int = 0
-    #: EKT or inner (end-to-end) layer failed after the packet was accepted hop by hop
-    e2e_failures: int = 0
     #: decrypted end to end, but the payload did not verify (checksum, filler, identity)
     payload_failures: int = 0
-    e2e_reasons: dict[str, int] = attrs.Factory(dict)
     spis: list[int] = attrs.Factory(list)
     seq: SeqStats | None = None
     #: RTP SEQ minus the payload's stream sequence number (constant for an honest sender)
@@ -208,27 +272,29 @@ class RemoteStream:
     #: when the last verified packet arrived
     last_at: float = 0.0
 
-    def count_e2e(self, reason: str) -> None:
-        self.e2e_failures += 1
-        self.e2e_reasons[reason] = self.e2e_reasons.get(reason, 0) + 1
-
 
 @attrs.define
-class Unattributed:
+class Unattributed(_Failures):
     """Failures of packets whose SSRC never had a verified packet (no sender name known)."""
 
     received: int = 0
     hbh_failures: int = 0
     hbh_replays: int = 0
-    e2e_failures: int = 0
     payload_failures: int = 0
-    e2e_reasons: dict[str, int] = attrs.Factory(dict)
     #: packets dropped because the table of remote streams is full
     untracked: int = 0
 
-    def count_e2e(self, reason: str) -> None:
-        self.e2e_failures += 1
-        self.e2e_reasons[reason] = self.e2e_reasons.get(reason, 0) + 1
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "hbh_failures": self.hbh_failures,
+            "hbh_replays": self.hbh_replays,
+            "e2e_failures": self.e2e_failures,
+            "payload_failures": self.payload_failures,
+            "e2e_reasons": dict(self.e2e_reasons),
+            "key_wait": self.key_wait,
+            "untracked": self.untracked,
+        }
 
 
 def _peer_entry(streams: list[RemoteStream]) -> dict[str, Any]:
@@ -253,6 +319,7 @@ def _peer_entry(streams: list[RemoteStream]) -> dict[str, Any]:
         "verified": sum(s.verified for s in streams),
         "hbh_failures": sum(s.hbh_failures for s in streams),
         "e2e_failures": sum(s.e2e_failures for s in streams),
+        "key_wait": sum(s.key_wait for s in streams),
         "payload_failures": sum(s.payload_failures for s in streams),
         "hbh_replays": sum(s.hbh_replays for s in streams),
         "e2e_reasons": reasons,
@@ -295,7 +362,7 @@ def build_report(
         "sent": sent,
         "spis": list(spis),
         "peers": {peer: _peer_entry(group) for peer, group in sorted(by_name.items())},
-        "unattributed": attrs.asdict(unattributed),
+        "unattributed": unattributed.as_dict(),
     }
     if extra:
         report.update(extra)
