@@ -424,11 +424,13 @@ class _Feed(Generic[AddrT]):
     """One (receiver, video SSRC) pair under last_n: switching state and SEQ offset."""
 
     __slots__ = (
+        "address",
         "counters",
         "ever_on",
         "last_out",
         "offset",
         "on",
+        "protect",
         "receiver",
         "session",
         "since",
@@ -436,9 +438,11 @@ class _Feed(Generic[AddrT]):
         "want",
     )
 
-    def __init__(self, receiver: Association[AddrT]) -> None:
+    def __init__(self, receiver: Association[AddrT], session: SrtpSession) -> None:
         self.receiver = receiver
-        self.session: SrtpSession | None = receiver._out_session
+        self.session = session
+        self.protect = session.protect_rtp
+        self.address = receiver.address
         self.counters = receiver._counters
         self.on = False  # packets are being sent to the receiver
         self.want = False  # the ranking says they should be
@@ -743,8 +747,8 @@ class ForwardingTable(Generic[AddrT]):
         for aid in [aid for aid in vs.feeds if aid not in receivers]:
             del vs.feeds[aid]
         for aid, a in receivers.items():
-            if aid not in vs.feeds:
-                vs.feeds[aid] = _Feed(a)
+            if aid not in vs.feeds and a._out_session is not None:
+                vs.feeds[aid] = _Feed(a, a._out_session)
 
     def _prune(self, now: float) -> None:
         self._pruned_at = now
@@ -813,10 +817,11 @@ class ForwardingTable(Generic[AddrT]):
         if hop is None:  # pragma: no cover - decrypt succeeded, so the keys are there
             return out
         encrypt_for = hop.encrypt_for
+        ekt = inbound.ekt_field
+        # Feeds that resumed together share an offset: one HeaderChanges object for them lets
+        # the hop reuse its rewritten packet (identity hit in its cache).
+        changes: HeaderChanges | None = None
         for feed in vs.feeds.values():
-            session = feed.session
-            if session is None:
-                continue
             send = feed.on
             if send != feed.want:
                 if feed.since < 0:
@@ -841,9 +846,12 @@ class ForwardingTable(Generic[AddrT]):
             out_seq = (seq - feed.offset) & 0xFFFF
             try:
                 if out_seq == seq:
-                    data = encrypt_for(session, inbound)
+                    # encrypt_for(session, inbound) without changes, inlined (see above).
+                    data = feed.protect(plain) + ekt
                 else:
-                    data = encrypt_for(session, inbound, HeaderChanges(sequence_number=out_seq))
+                    if changes is None or changes.sequence_number != out_seq:
+                        changes = HeaderChanges(sequence_number=out_seq)
+                    data = encrypt_for(feed.session, inbound, changes)
             except SrtpError:
                 c.drop_limit += 1
                 continue
@@ -852,7 +860,7 @@ class ForwardingTable(Generic[AddrT]):
             rc = feed.counters
             rc.packets_out += 1
             rc.bytes_out += len(data)
-            out.append((feed.receiver.address, data))
+            out.append((feed.address, data))
         return out
 
     def _start_feed(self, feed: _Feed[AddrT], seq: int) -> None:
