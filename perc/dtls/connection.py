@@ -97,6 +97,7 @@ MIN_MTU = 128
 MIN_ALERT_REPEAT_GAP = 0.5  # seconds between repeats of our fatal alert
 MAX_ALERT_REPEATS = 6
 MAX_PENDING_DATAGRAMS = 256
+MAX_PENDING_EVENTS = 1024
 # An unacknowledged EKTKey is retransmitted (1 s doubling to 60 s, D9) for this many times the
 # handshake timeout before the association is declared dead (reason "timeout").
 EKT_GIVE_UP_FACTOR = 10
@@ -141,6 +142,7 @@ class DtlsStats:
     internal_errors: int = 0  # unexpected exceptions turned into internal_error alerts
     outgoing_discarded: int = 0  # queued datagrams dropped because nobody collected them
     alerts_repeated: int = 0  # our fatal alert sent again to a peer that kept sending
+    events_dropped: int = 0  # data/warning events beyond MAX_PENDING_EVENTS undrained
 
 
 @attrs.define
@@ -556,7 +558,7 @@ class DtlsConnection:
         elif ctype == ContentType.ACK and epoch == 1:
             self._handle_ack(plaintext)
         elif ctype == ContentType.APPLICATION_DATA and epoch == 1 and self._established:
-            self._events.append(ApplicationDataReceived(plaintext))
+            self._peer_event(ApplicationDataReceived(plaintext))
         else:
             st.dropped_unexpected += 1
 
@@ -707,7 +709,7 @@ class DtlsConnection:
         if record.epoch == 0 and self._record.read_epoch == 1:
             self.stats.dropped_unexpected += 1  # unauthenticated once epoch 1 is read (4.10)
             return
-        self._events.append(AlertReceived(alert.level, alert.description))
+        self._peer_event(AlertReceived(alert.level, alert.description))
         if alert.description == AD.close_notify:
             # Answer close_notify with close_notify (RFC 5246 §7.2.1).
             self._send_alert(AlertLevel.warning, AD.close_notify)
@@ -718,6 +720,14 @@ class DtlsConnection:
             except ValueError:
                 name = str(alert.description)
             self._end(ConnectionClosed(alert.description, True, f"alert received: {name}"))
+
+    def _peer_event(self, event: Event) -> None:
+        """Queue an event the peer can repeat at will (data, warnings), bounded: the
+        protocol events (completion, EKT, close) are few by construction."""
+        if len(self._events) >= MAX_PENDING_EVENTS:
+            self.stats.events_dropped += 1
+        else:
+            self._events.append(event)
 
     def _handle_ack(self, plaintext: bytes) -> None:
         if self._config.is_client or not self._established:

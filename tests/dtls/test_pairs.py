@@ -649,3 +649,15 @@ def test_forged_partial_fragment_does_not_block_flight4(msg_type: int, seq: int)
     p.pump()
     c, s = _completed(p.client_events), _completed(p.server_events)
     assert c.srtp_keying_material == s.srtp_keying_material
+
+
+def test_event_queue_bounded_against_data_flood() -> None:
+    p = make_pair()
+    _handshake(p)
+    assert p.server is not None
+    for _ in range(1100):
+        p.server.send_application_data(b"x", 1.0)
+    for dg in p.server.datagrams_to_send():
+        p.client.receive_datagram(dg, 1.0)
+    assert len(p.client._events) == 1024
+    assert p.client.stats.events_dropped + p.server.stats.outgoing_discarded == 1100 - 1024
