@@ -15,6 +15,7 @@ id, with the endpoint's transport address (opaque and hashable, e.g. ``(host, po
 ``MediaKeys`` arrive (:meth:`ForwardingTable.install_keys`) the association gets two
 RFC 7714 sessions: *inbound* from ``client_write`` (decrypts what the endpoint sends) and
 *outbound* from ``server_write`` (encrypts what we send to it), RFC 9185 §6.4, SPEC 4.7.
+``MediaKeys`` for an association that already has keys replace them (fresh sessions).
 
 **D5 hold.** SRTP/SRTCP from a known address before its keys is held, at most
 ``hold_limit`` (64) datagrams per association, and processed in arrival order when the keys
@@ -29,9 +30,11 @@ type sits where RTP has M+PT), anything else RTP.
 sender's inbound session (EKT field cut off as opaque bytes, D11; outer authentication and
 replay check, RFC 8871 §4.4), then for every receiver one outer encryption with that
 receiver's outbound session and the EKT field re-appended unchanged. Each sender keeps a
-precomputed route list ``[(address, protect, counters)]`` of every other keyed association,
-rebuilt only when the membership changes, so the per-delivery path is one prebound
-``SrtpSession.protect_rtp`` call, one concatenation (the EKT field) and two counter updates.
+precomputed route list ``[(address, protect)]`` of every other keyed association, rebuilt
+only when the membership changes, so the per-delivery path is one prebound
+``SrtpSession.protect_rtp`` call, one concatenation (the EKT field) and one tuple in a list
+comprehension; the receivers' ``packets_out``/``bytes_out`` are credited in bulk from one
+counter per sender (see :meth:`ForwardingTable.flush`).
 This is exactly ``MediaDistributorHop.encrypt_for(session, inbound)`` without header changes,
 inlined: the hop's guard against re-encrypting with the sender's key is upheld structurally
 (a route never points back at its sender, and ``install_keys`` refuses ``client_write ==
