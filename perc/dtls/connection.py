@@ -273,6 +273,12 @@ class DtlsConnection:
         self._now = now
         if self._closed:
             return
+        try:
+            self._on_timer(now)
+        except AlertError as e:  # e.g. sequence numbers exhausted: end the association
+            self._fatal(e)
+
+    def _on_timer(self, now: float) -> None:
         if not self._established and self._deadline is not None and now >= self._deadline:
             self._timeout()
             return
@@ -314,7 +320,12 @@ class DtlsConnection:
             spi, item, [], timer, now + EKT_GIVE_UP_FACTOR * self._config.handshake_timeout
         )
         self._ekt = ekt
-        self._send_ekt(ekt)
+        self._ekt_acked.clear()
+        try:
+            self._send_ekt(ekt)
+        except AlertError as e:
+            self._fatal(e)
+            return
         timer.start(now)
 
     def send_application_data(self, data: bytes, now: float) -> None:
