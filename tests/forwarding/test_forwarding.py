@@ -22,6 +22,7 @@ from perc.wire.rtcp import (
     Pli,
     ReceiverReport,
     ReportBlock,
+    RtcpPacket,
     SdesChunk,
     SdesItem,
     SenderReport,
@@ -29,7 +30,7 @@ from perc.wire.rtcp import (
     serialize_rtcp,
 )
 
-from .helpers import Address, conference, dispatch
+from .helpers import Address, Endpoint, conference, dispatch
 
 
 def test_three_endpoints_every_packet_to_the_other_two_verified_end_to_end() -> None:
@@ -246,13 +247,18 @@ def test_usage_errors_and_bad_media_keys() -> None:
 # --- RTCP ---------------------------------------------------------------------------------------
 
 
-def _media(table: ForwardingTable[Address], eps: list, now: float = 0.0) -> None:  # type: ignore[type-arg]
+def _media(table: ForwardingTable[Address], eps: list[Endpoint], now: float = 0.0) -> None:
     """Every endpoint sends one RTP packet so the table learns who owns which SSRC."""
     for ep in eps:
         dispatch(eps, table.handle_datagram(ep.address, ep.send(now), now), now)
 
 
-def _rtcp_to(table: ForwardingTable[Address], eps: list, sender, packets: list) -> dict:  # type: ignore[no-untyped-def,type-arg]
+def _rtcp_to(
+    table: ForwardingTable[Address],
+    eps: list[Endpoint],
+    sender: Endpoint,
+    packets: list[RtcpPacket],
+) -> dict[str, list[RtcpPacket]]:
     out = table.handle_datagram(sender.address, sender.send_rtcp(serialize_rtcp(packets)), 0.0)
     for ep in eps:
         ep.rtcp.clear()
@@ -265,7 +271,7 @@ def test_rtcp_sender_report_with_sdes_and_bye_goes_to_all_others() -> None:
     eps = conference(table, 3)
     a, b, _c = eps
     _media(table, eps)
-    compound = [
+    compound: list[RtcpPacket] = [
         SenderReport(a.ssrc, packet_count=5, reports=(ReportBlock(b.ssrc),)),
         SourceDescription((SdesChunk(a.ssrc, (SdesItem(1, b"alice@perc"),)),)),
         Bye((a.ssrc,)),
@@ -353,3 +359,20 @@ def test_snapshot_log_lines() -> None:
     assert f"association={a.association_id} in=1/" in lines[0]
     assert lines[0].endswith("drops: malformed=1")  # its last byte is no EKT field
     assert "out=1/" in lines[1] and lines[1].endswith("drops: none")
+
+
+def test_new_media_keys_for_an_association_replace_the_old_ones() -> None:
+    table: ForwardingTable[Address] = ForwardingTable()
+    a, b = conference(table, 2)
+    dispatch([a, b], table.handle_datagram(a.address, a.send(0.0), 0.0), 0.0)
+    # b's association gets new keys (as after a new handshake on the same association id).
+    b2 = Endpoint("b2", 0x2000, a.params, port=b.address[1])
+    b2.association_id = b.association_id
+    b2.media_keys = attrs.evolve(b2.media_keys, association_id=b.association_id)
+    assert table.install_keys(b2.media_keys, 0.1) == []
+    out = table.handle_datagram(a.address, a.send(0.1), 0.1)
+    dispatch([a, b2], out, 0.1)  # verified under b's new keys
+    assert len(b2.got) == 1 and len(b.got) == 1
+    # Old-key packets from b are now refused; new-key ones go through.
+    assert table.handle_datagram(b.address, b.send(0.2), 0.2) == []
+    assert len(table.handle_datagram(b.address, b2.send(0.2), 0.2)) == 1

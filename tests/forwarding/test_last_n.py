@@ -8,6 +8,7 @@ import random
 import pytest
 
 from perc.forwarding import ForwardingConfig, ForwardingTable
+from perc.srtp.double import MediaPacket
 
 from .helpers import Address, Endpoint, conference, dispatch
 
@@ -50,7 +51,7 @@ def _check_receiver(v: Video, ep: Endpoint) -> dict[int, int]:
     """Contiguous outer SEQ per stream, whole frames around every pause; returns renumbered
     packet counts per SSRC (packets whose OHB carries the original SEQ)."""
     renumbered: dict[int, int] = {}
-    by_ssrc: dict[int, list] = {}  # type: ignore[type-arg]
+    by_ssrc: dict[int, list[MediaPacket]] = {}
     for p in ep.got:
         by_ssrc.setdefault(p.ssrc, []).append(p)
     for ssrc, packets in by_ssrc.items():
