@@ -14,7 +14,8 @@ as :class:`OutgoingPacket` (plain RTP bytes plus what the sender needs to know a
 packets of at most ``max_payload`` bytes as needed, all with the frame's 90 kHz timestamp and
 the marker bit on the frame's last packet (RFC 3551 §4.1 / the usual video convention). A key
 frame is sent every ``keyframe_interval`` seconds and whenever :meth:`VideoSource.request_keyframe`
-was called (a PLI or FIR arrived, RFC 4585 §6.3.1, RFC 5104 §4.3.1). The first packet of a key
+was called (a PLI or FIR arrived, RFC 4585 §6.3.1, RFC 5104 §4.3.1), but requested ones at
+most every ``min_keyframe_gap`` seconds. The first packet of a key
 frame has ``ekt_full_hint`` set: RFC 8870 §4.6 sends a Full EKT tag with each key frame.
 
 Both: a random SSRC (RFC 3550 §8.1), random initial SEQ and timestamp (RFC 3550 §5.1), and a
@@ -251,6 +252,8 @@ class VideoSettings:
     #: seconds between periodic key frames
     keyframe_interval: float = 2.0
     keyframe_factor: float = 3.0
+    #: requested key frames (PLI/FIR) come at most this often; later requests wait for it
+    min_keyframe_gap: float = 0.25
 
     def __attrs_post_init__(self) -> None:
         if not 0 < self.fps <= 240:
@@ -261,6 +264,8 @@ class VideoSettings:
             raise SourceUsageError(f"video packet size {self.max_payload} out of range")
         if self.keyframe_interval <= 0 or self.keyframe_factor < 1:
             raise SourceUsageError("key-frame interval must be > 0 and factor >= 1")
+        if self.min_keyframe_gap < 0:
+            raise SourceUsageError("min_keyframe_gap must be >= 0")
 
 
 class VideoSource:
@@ -296,9 +301,10 @@ class VideoSource:
         self._min = minimum_payload_size(name)
         self._interval = 1.0 / self.settings.fps
         self._frame = 0  # index of the next frame slot since start
-        self._frames_since_key = 0
         self._frames_per_key = max(1, round(self.settings.keyframe_interval * self.settings.fps))
-        self._key_requested = True  # the first frame is a key frame
+        self._min_gap_frames = math.ceil(self.settings.min_keyframe_gap * self.settings.fps)
+        self._frames_since_key = self._frames_per_key  # the first frame is a key frame
+        self._key_requested = False
         self.keyframes = 0
         self.keyframe_requests = 0
 
@@ -341,7 +347,11 @@ class VideoSource:
             s.skipped += behind
             due = s.start + self._frame * self._interval
         while due <= now:
-            key = self._key_requested or self._frames_since_key >= self._frames_per_key
+            # A key frame is periodic, or requested (PLI/FIR) and not too soon after the last
+            # one: many receivers asking at once must not turn every frame into a key frame.
+            key = self._frames_since_key >= self._frames_per_key or (
+                self._key_requested and self._frames_since_key >= self._min_gap_frames
+            )
             if key:
                 self._key_requested = False
                 self._frames_since_key = 0

@@ -298,8 +298,10 @@ class Unattributed(_Failures):
 
 
 def _peer_entry(streams: list[RemoteStream]) -> dict[str, Any]:
-    # The peer's "ssrc" is its audio SSRC if it sends audio, else its first stream's.
-    first = next((s for s in streams if s.kind is StreamKind.AUDIO), streams[0])
+    # The peer's "ssrc" is its audio SSRC if it sends audio, else its first stream's; after a
+    # rejoin (new SSRCs under the same name) the most recently heard one.
+    latest = sorted(streams, key=lambda s: s.last_at, reverse=True)
+    first = next((s for s in latest if s.kind is StreamKind.AUDIO), latest[0])
     spis: list[int] = []
     reasons: dict[str, int] = {}
     lost = expected = reordered = 0

@@ -18,7 +18,7 @@ import attrs
 from perc.media.endpoint import EndpointMedia, is_rtcp
 from perc.srtp.context import SrtpSession
 from perc.srtp.ekt import EktCipher, EktParameterSet
-from perc.srtp.hop import MediaDistributorHop
+from perc.srtp.hop import HeaderChanges, Inbound, MediaDistributorHop
 from perc.srtp.keys import KeyingMaterial, SrtpProfile, exporter_length, split_exporter
 
 
@@ -48,6 +48,9 @@ class FakeMdd:
         self.dropped = 0
         #: optional hook: (sender, inbound plain packet bytes) -> replacement plain packet
         self.tamper_inner: Callable[[str, bytes], bytes] | None = None
+        #: optional hook per (sender, receiver, packet): False = do not forward, None = as
+        #: is, HeaderChanges = rewrite PT/SEQ/M (RFC 8723 §5.2, the OHB records originals)
+        self.select: Callable[[str, str, Inbound], HeaderChanges | bool | None] | None = None
 
     def attach(self, name: str, keying: KeyingMaterial) -> None:
         outer = keying.outer()
@@ -75,8 +78,14 @@ class FakeMdd:
             if self.tamper_inner is not None:
                 inbound.packet = self.tamper_inner(sender, inbound.packet)
             for name, other in self.ports.items():
-                if name != sender:
-                    out.append((name, port.hop.encrypt_for(other.out, inbound)))
+                if name == sender:
+                    continue
+                changes = None if self.select is None else self.select(sender, name, inbound)
+                if changes is False:
+                    continue
+                if changes is True:
+                    changes = None
+                out.append((name, port.hop.encrypt_for(other.out, inbound, changes)))
         self.forwarded += len(out)
         return out
 

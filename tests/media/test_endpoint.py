@@ -18,6 +18,7 @@ from perc.media.endpoint import EndpointMedia, MediaChoice, MediaUsageError, is_
 from perc.media.sources import VideoSettings
 from perc.srtp.context import SrtpSession
 from perc.srtp.ekt import EktCipher, EktParameterSet
+from perc.srtp.hop import HeaderChanges, Inbound
 from perc.srtp.keys import SrtpProfile, exporter_length, split_exporter
 from perc.wire.rtcp import Fir, Pli, serialize_rtcp
 from tests.media.conference import Conference, Link, new_ekt, new_keying, seeded_link
@@ -528,3 +529,38 @@ def test_a_late_ekt_key_is_key_wait_not_an_e2e_failure() -> None:
         assert peer["spis"] == [1, 2]
     for receiver in (alice, carol):
         assert_clean(receiver, bob)
+
+
+def test_last_n_renumbering_keeps_seq_contiguous_and_verifies_via_the_ohb() -> None:
+    """The MDD forwards video from one of two cameras at a time (last_n = 1), renumbers each
+    stream per receiver so it stays contiguous and changes the PT; the original SEQ and PT
+    travel in the OHB (RFC 8723 §5.2) and the receiver still verifies every packet."""
+    conf = Conference()
+    ekt = new_ekt()
+    cams = [conf.add(n, "video", ekt, video=VideoSettings(keyframe_interval=0.5)) for n in "AB"]
+    viewer = conf.add("viewer", "none", ekt)
+    next_seq: dict[tuple[str, int], int] = {}
+    forwarded = {"A": 0, "B": 0}
+
+    def select(sender: str, receiver: str, inbound: Inbound) -> HeaderChanges | bool | None:
+        if receiver != "viewer":
+            return False
+        active = "A" if int(conf.now / 0.5) % 2 == 0 else "B"
+        if sender != active:
+            return False
+        key = (sender, inbound.ssrc)
+        seq = next_seq.get(key, inbound.sequence_number)
+        next_seq[key] = (seq + 1) & 0xFFFF
+        forwarded[sender] += 1
+        return HeaderChanges(payload_type=100, sequence_number=seq)
+
+    conf.mdd.select = select
+    conf.run(3.0)
+    report = viewer.report()
+    for cam in cams:
+        peer = report["peers"][cam.name]
+        assert 0 < forwarded[cam.name] < cam.sent  # paused half of the time
+        assert peer["verified"] == peer["received"] == forwarded[cam.name]
+        assert peer["e2e_failures"] == peer["hbh_failures"] == peer["payload_failures"] == 0
+        assert peer["lost"] == 0 and peer["reordered"] == 0  # contiguous for this receiver
+    assert report["unattributed"]["received"] == 0

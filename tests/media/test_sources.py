@@ -112,14 +112,27 @@ def test_video_keyframe_on_request() -> None:
     src = VideoSource("bob", 0.0, VideoSettings(keyframe_interval=10.0))
     first = src.packets_due(0.0)
     assert first[0].keyframe and first[0].ekt_full_hint
-    assert not any(p.keyframe for p in src.packets_due(0.1))
+    assert not any(p.keyframe for p in src.packets_due(1.0))
     src.request_keyframe()
     src.request_keyframe()  # requests before the next frame coalesce
-    nxt = src.packets_due(0.14)
+    nxt = src.packets_due(1.04)
     assert len({p.timestamp for p in nxt}) == 1
     assert all(p.keyframe for p in nxt) and nxt[0].ekt_full_hint
-    assert not any(p.keyframe for p in src.packets_due(0.2))
+    assert not any(p.keyframe for p in src.packets_due(1.2))
     assert src.keyframes == 2 and src.keyframe_requests == 2
+
+
+def test_requested_keyframes_are_spaced() -> None:
+    """A storm of PLIs gives at most one key frame per min_keyframe_gap (0.25 s)."""
+    src = VideoSource("bob", 0.0, VideoSettings(fps=30, keyframe_interval=10.0))
+    key_times = []
+    for i in range(61):  # two seconds, a PLI before every frame
+        now = i / 30
+        src.request_keyframe()
+        if any(p.keyframe for p in src.packets_due(now)):
+            key_times.append(now)
+    gaps = [b - a for a, b in itertools.pairwise(key_times)]
+    assert len(key_times) == 8 and all(g >= 0.25 for g in gaps)
 
 
 def test_video_small_frames_still_carry_the_payload() -> None:
@@ -132,7 +145,13 @@ def test_video_small_frames_still_carry_the_payload() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"fps": 0}, {"bitrate": 10}, {"max_payload": 50}, {"keyframe_interval": 0}],
+    [
+        {"fps": 0},
+        {"bitrate": 10},
+        {"max_payload": 50},
+        {"keyframe_interval": 0},
+        {"min_keyframe_gap": -1},
+    ],
 )
 def test_video_settings_are_checked(kwargs: dict[str, float]) -> None:
     with pytest.raises(SourceUsageError):
