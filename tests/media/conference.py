@@ -151,6 +151,8 @@ class Conference:
         self.keying: dict[str, KeyingMaterial] = {}
         #: impaired links from the MDD to a receiver (name -> Link)
         self.links: dict[str, Link] = {}
+        #: impaired links from a sender to the MDD (name -> Link)
+        self.uplinks: dict[str, Link] = {}
         #: called for every datagram delivered: (receiver, datagram, now)
         self.on_deliver: Callable[[str, bytes, float], None] | None = None
         #: send time of every datagram an endpoint emitted, by (sender, datagram)
@@ -203,8 +205,13 @@ class Conference:
             for name, ep in list(self.endpoints.items()):
                 for d in ep.datagrams_to_send():
                     moved = True
-                    for to, out in self.mdd.forward(name, d):
-                        self.deliver(to, out, now)
+                    self._upstream(name, d, now)
+
+    def _upstream(self, name: str, datagram: bytes, now: float) -> None:
+        uplink = self.uplinks.get(name)
+        for d in [datagram] if uplink is None else uplink.push(datagram):
+            for to, out in self.mdd.forward(name, d):
+                self.deliver(to, out, now)
 
     def run(self, until: float) -> None:
         """Advance the fake clock to ``until``, firing every endpoint's timers on the way."""
@@ -220,6 +227,10 @@ class Conference:
                     ep.handle_timer(now)
             self.pump(now)
         self.now = until
+        for name, uplink in self.uplinks.items():
+            for d in uplink.flush():
+                for to, out in self.mdd.forward(name, d):
+                    self.deliver(to, out, until)
         for name, link in self.links.items():
             ep = self.endpoints.get(name)
             for d in link.flush():

@@ -564,3 +564,46 @@ def test_last_n_renumbering_keeps_seq_contiguous_and_verifies_via_the_ohb() -> N
         assert peer["e2e_failures"] == peer["hbh_failures"] == peer["payload_failures"] == 0
         assert peer["lost"] == 0 and peer["reordered"] == 0  # contiguous for this receiver
     assert report["unattributed"]["received"] == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_lossy_conference_with_a_rekey_has_no_false_failures(seed: int) -> None:
+    """10% loss and 10% reordering on every link in both directions (RTP and RTCP), a rekey
+    halfway whose EKTKey reaches one endpoint 0.7 s late: losses are counted, nothing is
+    reported as a hop-by-hop, end-to-end or payload failure."""
+    conf = Conference()
+    ekt = new_ekt(1)
+    names = ("alice", "bob", "carol")
+    eps = [conf.add(n, "both", ekt, rtcp_interval=0.5) for n in names]
+    for i, n in enumerate(names):
+        conf.uplinks[n] = seeded_link(seed * 100 + i, loss=0.10, reorder=0.10)
+        conf.links[n] = seeded_link(seed * 100 + 50 + i, loss=0.10, reorder=0.10)
+    conf.run(1.5)
+    new = new_ekt(2)
+    late = eps[seed % 3]
+    for ep in eps:
+        if ep is not late:
+            ep.rekey(new, conf.now)
+    conf.run(2.2)
+    late.rekey(new, conf.now)
+    conf.run(4.0)
+    for r in eps:
+        report = r.report()
+        assert r.spis == [1, 2]
+        for s in eps:
+            if s is r:
+                continue
+            peer = report["peers"][s.name]
+            assert peer["hbh_failures"] == peer["e2e_failures"] == peer["payload_failures"] == 0
+            assert peer["hbh_replays"] == 0
+            assert peer["verified"] + peer["key_wait"] == peer["received"]
+            # about 19% of packets are lost on the two links (a late key costs more)
+            assert 0.08 * s.sent < peer["lost"] < 0.35 * s.sent
+            assert peer["verified"] > 0.5 * s.sent
+            assert 2 in peer["spis"]
+        # failures without a name can only be packets before the first Full tag of a stream
+        unattributed = report["unattributed"]
+        assert unattributed["hbh_failures"] == unattributed["payload_failures"] == 0
+        assert set(unattributed["e2e_reasons"]) <= {"no_key"}
+        assert r.stats.rtcp_auth_failures == r.stats.rtcp_decode_errors == 0
+    assert sum(p["key_wait"] for p in late.report()["peers"].values()) > 0
