@@ -78,7 +78,13 @@ from typing import Any
 
 import attrs
 
-from perc.media.payload import PayloadDecodeError, StreamKind, parse_payload
+from perc.media.payload import (
+    PayloadDecodeError,
+    PayloadUsageError,
+    StreamKind,
+    minimum_payload_size,
+    parse_payload,
+)
 from perc.media.sources import (
     AUDIO_CLOCK_RATE,
     VIDEO_CLOCK_RATE,
@@ -228,6 +234,10 @@ class EndpointMedia:
             choice = MediaChoice(media)
         except ValueError:
             raise MediaUsageError(f"unknown media choice {media!r}") from None
+        try:
+            minimum_payload_size(name)
+        except PayloadUsageError as exc:
+            raise MediaUsageError(str(exc)) from None
         if not keying.profile.is_double:
             raise MediaUsageError(f"{keying.profile.name} is not a DOUBLE profile")
         if rtcp_interval <= 0 or max_streams < 1 or max_queue < 1:
@@ -252,7 +262,14 @@ class EndpointMedia:
             if choice.audio
             else None
         )
-        self.video = VideoSource(name, now, video) if choice.video else None
+        self.video = None
+        if choice.video:
+            # RFC 3550 §8.1: each stream its own SSRC; the two must not collide.
+            taken = self.audio.ssrc if self.audio is not None else None
+            vssrc = random_ssrc()
+            while vssrc == taken:
+                vssrc = random_ssrc()
+            self.video = VideoSource(name, now, video, ssrc=vssrc)
         self._sources: list[AudioSource | VideoSource] = [
             s for s in (self.audio, self.video) if s is not None
         ]

@@ -447,6 +447,9 @@ def test_from_exporter_and_usage_errors() -> None:
     assert ep.receiver.outer_session.profile is SrtpProfile.AEAD_AES_256_GCM
     with pytest.raises(MediaUsageError):
         EndpointMedia("alice", "radio", new_keying(), new_ekt(), 0.0)
+    for bad_name in ("", "x" * 65):
+        with pytest.raises(MediaUsageError):
+            EndpointMedia(bad_name, "none", new_keying(), new_ekt(), 0.0)
     single = split_exporter(SrtpProfile.AEAD_AES_128_GCM, os.urandom(56))
     with pytest.raises(MediaUsageError):
         EndpointMedia("alice", "audio", single, new_ekt(), 0.0)
