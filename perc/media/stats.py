@@ -9,7 +9,8 @@ layers and the payload check. It runs on the **outer** SEQ: RFC 8723 §5.3 says 
 application orders by the outer SEQ, and reception reports describe the hop the packets
 arrived on (RTCP is hop-by-hop, D19). The first verified packet starts the stream (no
 probation: the packet is authenticated). Cumulative loss is clamped to the signed 24-bit
-field of the report block.
+field of the report block. "Lost" therefore means not delivered to the application: lost on
+the network, or dropped by a check (failures, key wait) after arriving.
 
 :class:`RemoteStream` is everything known about one received SSRC: the sender name and
 stream kind from its first verified payload, counters of what arrived and why it failed, the
