@@ -163,7 +163,6 @@ from perc.wire.rtcp import (
     PayloadFeedback,
     Pli,
     ReceiverReport,
-    ReportBlock,
     RtcpDecodeError,
     RtpFeedback,
     SenderReport,
@@ -964,16 +963,24 @@ class ForwardingTable(Generic[AddrT]):
     def _split_rr(
         self, sender: Association[AddrT], rr: ReceiverReport, raw: bytes
     ) -> dict[uuid.UUID, bytes]:
-        """An RR for each owner of its report blocks, holding only that owner's blocks."""
-        blocks: dict[uuid.UUID, list[ReportBlock]] = {}
-        for block in rr.reports:
+        """An RR for each owner of its report blocks, holding only that owner's blocks.
+
+        Built from the raw 24-byte blocks (not re-serialized: a padded RR may carry an
+        extension that is not a whole number of words). A profile-specific extension is kept
+        only when it is word aligned."""
+        blocks: dict[uuid.UUID, list[bytes]] = {}
+        for i, block in enumerate(rr.reports):
             owner = self._owner(sender, block.ssrc)
             if owner is not None:
-                blocks.setdefault(owner.association_id, []).append(block)
+                blocks.setdefault(owner.association_id, []).append(raw[8 + 24 * i : 32 + 24 * i])
         if len(blocks) == 1 and len(next(iter(blocks.values()))) == len(rr.reports):
             return dict.fromkeys(blocks, raw)  # all about one sender: forward as received
+        ext = rr.extension if len(rr.extension) % 4 == 0 else b""
         return {
-            aid: ReceiverReport(rr.ssrc, tuple(mine), rr.extension).serialize()
+            aid: _RTCP_HEADER.pack(0x80 | len(mine), RR, 1 + 6 * len(mine) + len(ext) // 4)
+            + raw[4:8]
+            + b"".join(mine)
+            + ext
             for aid, mine in blocks.items()
         }
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from perc.forwarding import ForwardingConfig, ForwardingTable
 
-from .helpers import Address, conference
+from .helpers import Address, Endpoint, conference
 
 
 def test_forwarding_core_never_loads_e2e_key_code() -> None:
@@ -88,3 +88,79 @@ def test_truncations_and_bit_flips_of_valid_packets_never_raise_and_are_counted(
     drops = sum(v for k, v in c.as_dict().items() if k.startswith("drop_"))
     assert drops == dropped
     assert c.received == drops + c.packets_in
+
+
+def _rtcp_packet(ptype: int, count: int, body: bytes, pad: int) -> bytes:
+    if pad:
+        body = body + bytes(pad - 1) + bytes((pad,))
+    body += bytes(-len(body) % 4)
+    b0 = 0x80 | (0x20 if pad else 0) | count
+    return struct.pack("!BBH", b0, ptype, len(body) // 4) + body
+
+
+def _rr_table() -> tuple[ForwardingTable[Address], list[Endpoint]]:
+    table: ForwardingTable[Address] = ForwardingTable()
+    eps = conference(table, 3, first_port=7000)
+    for ep in eps:
+        table.handle_datagram(ep.address, ep.send(0.0), 0.0)
+    return table, eps
+
+
+def test_padded_rr_about_two_senders_is_split_or_forwarded_never_raises() -> None:
+    table, (a, b, c) = _rr_table()
+    blocks = struct.pack("!I", b.ssrc) + b"".join(
+        struct.pack("!IB3sIIII", s, 0, b"\x00\x00\x00", 0, 0, 0, 0) for s in (a.ssrc, c.ssrc)
+    )
+    # P set with 2 bytes of padding: the parsed RR's extension is not a multiple of 4 bytes.
+    rr = _rtcp_packet(201, 2, blocks + b"\xaa\xbb", 2)
+    out = table.handle_datagram(b.address, b.send_rtcp(rr), 0.0)
+    assert sorted(addr for addr, _ in out) == sorted([a.address, c.address])
+    for ep, (_, data) in zip([a, c], sorted(out), strict=True):
+        ep.deliver(data, 0.0)  # still valid SRTCP under the receiver's key
+
+
+_ssrc_words = st.sampled_from([0x1000, 0x1001, 0x1002, 0xDEAD]).map(lambda s: struct.pack("!I", s))
+
+
+_word = st.binary(min_size=4, max_size=4)
+
+
+@st.composite
+def _compounds(draw: st.DrawFn) -> bytes:
+    """Mostly well-formed compounds about known and unknown SSRCs, with padding, extensions
+    and now and then a wrong count or a cut."""
+    out = b""
+    for _ in range(draw(st.integers(1, 4))):
+        ptype = draw(st.sampled_from([200, 201, 202, 203, 204, 205, 206, 207, 192, 223]))
+        ssrc = draw(_ssrc_words)
+        blocks = draw(st.lists(_ssrc_words.map(lambda w: w + bytes(20)), max_size=3))
+        extra = b"".join(draw(st.lists(_word, max_size=2)))
+        if ptype == 200:
+            count, body = len(blocks), ssrc + bytes(20) + b"".join(blocks) + extra
+        elif ptype == 201:
+            count, body = len(blocks), ssrc + b"".join(blocks) + extra
+        elif ptype in (205, 206):
+            count, body = draw(st.integers(0, 31)), ssrc + draw(_ssrc_words) + extra
+        else:
+            count, body = draw(st.integers(0, 31)), ssrc + extra
+        if draw(st.integers(0, 9)) == 0:
+            count = draw(st.integers(0, 31))
+        out += _rtcp_packet(ptype, count, body, draw(st.sampled_from([0, 0, 0, 1, 2, 3, 4])))
+    if len(out) > 8 and draw(st.integers(0, 9)) == 0:  # now and then a broken length
+        out = out[: draw(st.integers(8, len(out)))]
+    return out.ljust(8, b"\x00")  # SRTCP needs the first 8 bytes (the test encrypts it)
+
+
+_RR_TABLE, _RR_EPS = _rr_table()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(range(3)), _compounds())
+def test_authenticated_garbage_rtcp_never_raises(which: int, compound: bytes) -> None:
+    """RTCP inside valid SRTCP from a keyed endpoint is still untrusted."""
+    ep = _RR_EPS[which]
+    out = _RR_TABLE.handle_datagram(ep.address, ep.send_rtcp(compound), 0.0)
+    for address, data in out:
+        assert address != ep.address
+        receiver = next(r for r in _RR_EPS if r.address == address)
+        receiver.rtcp_rx.unprotect_rtcp(data)  # what we send is always valid SRTCP
