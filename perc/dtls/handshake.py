@@ -240,6 +240,12 @@ class Handshake:
         self.suite: keys.CipherSuite | None = None
         self._group = 0
         self._server_public = b""
+        # supported_groups also names the curves we accept in the server's ECDSA certificate
+        # (RFC 8422 §5.1): secp256r1 is always listed, after the configured ECDHE preference
+        # (SPEC-DTLS 5.2; OpenSSL refuses a P-256 certificate to an x25519-only client).
+        self._offered_groups = config.groups + (
+            (SECP256R1,) if SECP256R1 not in config.groups else ()
+        )
         self._ephemeral: EphemeralKey | None = None
         self.master_secret = b""
         self.srtp_profile: int | None = None
@@ -334,7 +340,7 @@ class Handshake:
         c = self.config
         self.client_random = os.urandom(32)
         exts = [
-            Extension(ExtensionType.SUPPORTED_GROUPS, encode_uint16_list(c.groups)),
+            Extension(ExtensionType.SUPPORTED_GROUPS, encode_uint16_list(self._offered_groups)),
             Extension(ExtensionType.EC_POINT_FORMATS, encode_uint8_list((0,))),
             Extension(ExtensionType.SIGNATURE_ALGORITHMS, encode_uint16_list(SIGNATURE_SCHEMES)),
             Extension(ExtensionType.EXTENDED_MASTER_SECRET, b""),
@@ -492,7 +498,7 @@ class Handshake:
 
     def _client_server_key_exchange(self, seq: int, body: bytes, record_seq: int) -> None:
         ske = _decode(ServerKeyExchange, body)
-        if ske.named_curve not in self.config.groups:
+        if ske.named_curve not in self._offered_groups:
             raise AlertError(AD.illegal_parameter, f"unoffered group {ske.named_curve}")
         _check_point(ske.named_curve, ske.public)
         if ske.signature_scheme not in SIGNATURE_SCHEMES:

@@ -661,3 +661,18 @@ def test_event_queue_bounded_against_data_flood() -> None:
         p.client.receive_datagram(dg, 1.0)
     assert len(p.client._events) == 1024
     assert p.client.stats.events_dropped + p.server.stats.outgoing_discarded == 1100 - 1024
+
+
+def test_x25519_only_client_still_lists_p256() -> None:
+    p = make_pair(client_kw={"groups": (29,)})
+    p.client.connect(0.0)
+    (dg,) = p.client.datagrams_to_send()
+    (rec,), _ = w.parse_datagram_untrusted(dg)
+    (frag,) = w.parse_handshake_fragments_untrusted(rec.fragment)
+    ch = w.ClientHello.decode(frag.body)
+    assert w.decode_uint16_list(w.find_extension(ch.extensions, 10) or b"") == (29, 23)
+    p.c2s.append(dg)
+    p.pump()
+    c, s = _completed(p.client_events), _completed(p.server_events)
+    assert c.srtp_keying_material == s.srtp_keying_material
+    assert p.server is not None and p.server._hs._group == 29
