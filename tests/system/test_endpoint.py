@@ -1,0 +1,351 @@
+"""The endpoint role in one process against a stand-in KMF (tests/system/fakekmf.py).
+
+Real loopback UDP and perc's DTLS engine on both sides; waits that would take seconds (join
+timeouts, retransmissions) run under a MockClock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+
+import attrs
+import pytest
+import trio
+from trio.testing import MockClock
+
+from perc import identity
+from perc.dtls.events import AlertReceived
+from perc.keylog import KeyLog
+from perc.roles import endpoint
+from perc.roles.endpoint import (
+    AssociationEnded,
+    ExitCode,
+    JoinFailed,
+    JoinRefused,
+    JoinSettings,
+    JoinTimeout,
+    WrongKmf,
+    hbh_digest,
+    key_digest,
+)
+from perc.srtp.ekt import EktParameterSet
+from perc.srtp.keys import SrtpProfile, split_exporter
+from tests.system.fakekmf import FakeKmf
+
+IDS = {n: identity.generate(n) for n in ("kmf", "alice", "mallory", "other-kmf")}
+
+
+def settings(kmf_address: tuple[str, int], **kw: object) -> JoinSettings:
+    base: dict[str, object] = {
+        "mdd": kmf_address,
+        "identity": IDS["alice"],
+        "kmf_fingerprint": IDS["kmf"].fingerprint,
+        "name": "alice",
+        "join_timeout": 5.0,
+    }
+    base.update(kw)
+    return JoinSettings(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def mock_clock() -> MockClock:
+    return MockClock(autojump_threshold=0.02)
+
+
+async def test_join_holds_outer_halves_and_the_ektkey(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "perc.roles.endpoint")
+    kmf = FakeKmf(IDS["kmf"], {IDS["alice"].fingerprint})
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        result = await endpoint.join(settings(address))
+        # The KMF's own view of the association: same exporter output, our tls-id.
+        (peer,) = kmf.peers.values()
+        assert peer.completed is not None and peer.completed.srtp_keying_material is not None
+        server_km = split_exporter(
+            peer.completed.srtp_profile or 0, peer.completed.srtp_keying_material
+        )
+        assert result.profile is SrtpProfile.DOUBLE_AEAD_AES_128_GCM
+        assert result.keying == server_km
+        assert result.hbh == server_km.outer()
+        assert len(result.hbh.client_key) == 16 and len(result.hbh.client_salt) == 12
+        assert peer.completed.peer_tls_id == result.tls_id.encode()
+        endpoint.check_tls_id(result.tls_id)
+        assert (result.ekt.key, result.ekt.salt, result.ekt.spi) == (
+            kmf.ekt.key,
+            kmf.ekt.salt,
+            kmf.ekt.spi,
+        )
+        assert result.ekt_cipher == 1
+        assert result.kmf_tls_id == "KMF-tls-id-0123456789"
+        assert result.kmf_fingerprint == IDS["kmf"].fingerprint
+        params = result.ekt_parameters()
+        assert isinstance(params, EktParameterSet) and params.spi == kmf.ekt.spi
+        assert "key" not in repr(result).lower().replace("keys", "")
+        # The EKTKey is acknowledged (D9) while the endpoint stays.
+        await endpoint.stay(result, duration=0.3)
+        assert [a.spi for a in kmf.acked()] == [kmf.ekt.spi]
+        await wait_until(lambda: bool(kmf.closed()))
+        closed = kmf.closed()
+        assert closed and closed[0].sent_by_peer and closed[0].reason == "close_notify"
+        assert result.socket.fileno() == -1
+        nursery.cancel_scope.cancel()
+    joined = [r.getMessage() for r in caplog.records if r.getMessage().startswith("joined ")]
+    assert len(joined) == 1
+    line = joined[0]
+    assert f"spi={kmf.ekt.spi}" in line
+    assert f"ekt_key={key_digest(kmf.ekt.key, kmf.ekt.salt)}" in line
+    assert f"hbh_keys={hbh_digest(server_km.outer())}" in line
+    assert "profile=DOUBLE_AEAD_AES_128_GCM(0x0009)" in line
+    assert f"local=127.0.0.1:{result.local_address[1]}" in line
+    assert any("left name=alice" in r.getMessage() for r in caplog.records)
+
+
+async def test_given_tls_ids_are_sent_and_checked() -> None:
+    kmf = FakeKmf(IDS["kmf"])
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        mine = "alice_tls-id+/0123456789"
+        result = await endpoint.join(
+            settings(address, tls_id=mine, kmf_tls_id="KMF-tls-id-0123456789")
+        )
+        assert result.tls_id == mine
+        (peer,) = kmf.peers.values()
+        assert peer.completed is not None and peer.completed.peer_tls_id == mine.encode()
+        result.socket.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_not_on_the_roster_is_refused_with_access_denied() -> None:
+    kmf = FakeKmf(IDS["kmf"], {IDS["mallory"].fingerprint})
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        with pytest.raises(JoinRefused) as info:
+            await endpoint.join(settings(address))
+        nursery.cancel_scope.cancel()
+    assert info.value.exit_code == ExitCode.REFUSED == 3
+    assert info.value.alert == 49
+    text = str(info.value)
+    assert "access_denied" in text and "roster" in text
+    assert IDS["alice"].fingerprint in text
+    assert "\n" not in text
+
+
+async def test_wrong_kmf_fingerprint_aborts_with_bad_certificate() -> None:
+    kmf = FakeKmf(IDS["other-kmf"])
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        with pytest.raises(WrongKmf) as info:
+            await endpoint.join(settings(address))
+        # Our fatal alert reached the server.
+        await wait_until(lambda: bool(kmf.events(AlertReceived)))
+        nursery.cancel_scope.cancel()
+    assert info.value.exit_code == ExitCode.WRONG_KMF == 4
+    text = str(info.value)
+    assert IDS["other-kmf"].fingerprint in text and IDS["kmf"].fingerprint in text
+    assert "bad_certificate" in text
+    assert [a.description for a in kmf.events(AlertReceived)] == [42]
+    assert not kmf.acked()
+
+
+async def test_wrong_kmf_tls_id_aborts_with_illegal_parameter() -> None:
+    kmf = FakeKmf(IDS["kmf"], tls_id=b"some-other-KMF-tls-id")
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        with pytest.raises(WrongKmf) as info:
+            await endpoint.join(settings(address, kmf_tls_id="KMF-tls-id-0123456789"))
+        await wait_until(lambda: bool(kmf.events(AlertReceived)))
+        nursery.cancel_scope.cancel()
+    assert "some-other-KMF-tls-id" in str(info.value)
+    assert "illegal_parameter" in str(info.value)
+    assert [a.description for a in kmf.events(AlertReceived)] == [47]
+
+
+async def test_no_ekt_negotiated_is_a_protocol_failure() -> None:
+    kmf = FakeKmf(IDS["kmf"], ekt_ciphers=())
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        with pytest.raises(JoinFailed) as info:
+            await endpoint.join(settings(address))
+        await wait_until(lambda: bool(kmf.closed()))
+        nursery.cancel_scope.cancel()
+    assert info.value.exit_code == ExitCode.PROTOCOL
+    assert "EKT" in str(info.value)
+
+
+async def test_silent_mdd_times_out_with_a_clear_message(mock_clock: MockClock) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        start = trio.current_time()
+        with pytest.raises(JoinTimeout) as info:
+            await endpoint.join(settings(silent.getsockname(), join_timeout=10.0))
+        assert trio.current_time() - start == pytest.approx(10.0, abs=0.1)
+        # The ClientHello was retransmitted on the RFC 6347 timer (1, 2, 4 s...).
+        sent = 0
+        silent.setblocking(False)
+        while True:
+            try:
+                silent.recv(65535)
+            except BlockingIOError:
+                break
+            sent += 1
+    assert sent >= 4
+    assert info.value.exit_code == ExitCode.TIMEOUT == 5
+    text = str(info.value)
+    assert "timed out after 10 s" in text and "no answer at all" in text and "tunnel" in text
+
+
+async def test_closed_port_timeout_names_icmp(mock_clock: MockClock) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        closed_address = s.getsockname()
+    with pytest.raises(JoinTimeout) as info:
+        await endpoint.join(settings(closed_address, join_timeout=3.0))
+    assert "ICMP port unreachable" in str(info.value)
+
+
+async def test_missing_ektkey_times_out(mock_clock: MockClock) -> None:
+    kmf = FakeKmf(IDS["kmf"], send_ekt=False)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        with pytest.raises(JoinTimeout) as info:
+            await endpoint.join(settings(address, join_timeout=3.0))
+        nursery.cancel_scope.cancel()
+    assert "no EKTKey arrived" in str(info.value)
+
+
+@attrs.define
+class FakeMedia:
+    """Records what stay() hands the media seam; sends one datagram per timer."""
+
+    received: list[bytes] = attrs.Factory(list)
+    rekeys: list[int] = attrs.Factory(list)
+    byes: int = 0
+    next_at: float = 0.0
+    out: list[bytes] = attrs.Factory(list)
+    ticks: int = 0
+
+    def timer(self) -> float | None:
+        return self.next_at
+
+    def handle_timer(self, now: float) -> None:
+        self.ticks += 1
+        self.next_at = now + 0.05
+        self.out.append(b"\x80\x60" + self.ticks.to_bytes(2, "big") + bytes(8))
+
+    def receive(self, datagram: bytes, now: float) -> None:
+        self.received.append(datagram)
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out, self.out = self.out, []
+        return out
+
+    def rekey(self, params: EktParameterSet, now: float) -> None:
+        self.rekeys.append(params.spi)
+
+    def bye(self, now: float) -> None:
+        self.byes += 1
+        self.out.append(b"\x81\xcb\x00\x01" + bytes(4))
+
+
+async def test_media_seam_rekey_and_held_packets(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, "perc.roles.endpoint")
+    srtp_early = b"\x80\x6f" + bytes(20)
+
+    def before_ekt(kmf: FakeKmf, addr: tuple[str, int], peer: object) -> None:
+        kmf.send(addr, srtp_early)  # SRTP racing the EKTKey: held for the media engine
+        kmf.send(addr, b"\x05junk")  # neither DTLS nor SRTP: dropped (RFC 7983)
+
+    kmf = FakeKmf(IDS["kmf"], on_complete=before_ekt)
+    media = FakeMedia()
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        result = await endpoint.join(settings(address))
+
+        async def rekey_later() -> None:
+            await wait_until(lambda: bool(kmf.acked()))
+            (addr,) = kmf.peers
+            peer = kmf.peers[addr]
+            peer.conn.send_ekt_key(os.urandom(16), os.urandom(12), 0x99, 60, trio.current_time())
+            kmf.flush(addr)
+            kmf.send(addr, b"\x80\x6f" + bytes(30))
+
+        nursery.start_soon(rekey_later)
+        await endpoint.stay(result, duration=0.5, media=media)
+        nursery.cancel_scope.cancel()
+    assert media.received[0] == srtp_early
+    assert len(media.received) == 2
+    assert media.rekeys == [0x99]
+    assert result.ekt.spi == 0x99
+    assert media.byes == 1 and media.ticks >= 3
+    assert result.stats.dropped_other == 1
+    assert result.stats.ekt_keys == 2
+    assert sorted(a.spi for a in kmf.acked()) == [0x99, kmf.ekt.spi]
+    assert any(
+        re.match(r"ektkey name=alice spi=153 .*\(rekey\)", r.getMessage()) for r in caplog.records
+    )
+
+
+async def test_kmf_ending_the_association_after_the_join() -> None:
+    kmf = FakeKmf(IDS["kmf"])
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        result = await endpoint.join(settings(address))
+
+        async def close_later() -> None:
+            await wait_until(lambda: bool(kmf.acked()))
+            (addr,) = kmf.peers
+            kmf.peers[addr].conn.close(trio.current_time())
+            kmf.flush(addr)
+
+        nursery.start_soon(close_later)
+        with pytest.raises(AssociationEnded) as info:
+            await endpoint.stay(result)
+        nursery.cancel_scope.cancel()
+    assert info.value.exit_code == ExitCode.ENDED == 6
+    assert "close_notify" in str(info.value) and "the KMF ended it" in str(info.value)
+
+
+async def test_cancelled_stay_sends_close_notify() -> None:
+    kmf = FakeKmf(IDS["kmf"])
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        result = await endpoint.join(settings(address))
+        with trio.move_on_after(0.2):
+            await endpoint.stay(result)
+        await wait_until(lambda: bool(kmf.closed()))
+        nursery.cancel_scope.cancel()
+    assert kmf.closed()[0].reason == "close_notify"
+
+
+async def test_keylog_line_written(tmp_path: Path) -> None:
+    kmf = FakeKmf(IDS["kmf"])
+    path = tmp_path / "keys.log"
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        with KeyLog(path) as keylog:
+            result = await endpoint.join(settings(address), keylog=keylog)
+        result.socket.close()
+        nursery.cancel_scope.cancel()
+    (line,) = path.read_text().splitlines()
+    assert re.fullmatch(r"CLIENT_RANDOM [0-9a-f]{64} [0-9a-f]{96}", line)
+
+
+def test_tls_ids() -> None:
+    ids = {endpoint.new_tls_id() for _ in range(50)}
+    assert len(ids) == 50
+    for t in ids:
+        assert endpoint.check_tls_id(t) == t
+    for bad in ("short", "x" * 256, "has space in it......", "é" * 20):
+        with pytest.raises(ValueError, match="tls-id"):
+            endpoint.check_tls_id(bad)
+
+
+async def wait_until(predicate: object, timeout: float = 5.0) -> None:
+    assert callable(predicate)
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
