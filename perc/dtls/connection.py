@@ -38,9 +38,15 @@ Rules implemented here (SPEC-DTLS references):
   message_seq and retransmits it on its own 1 s/x2/60 s timer until an ACK record covers every
   record of one transmission; the client ACKs every record that carried an EKTKey fragment,
   retransmissions included (RFC 9147 §7);
+* plaintext (epoch-0) handshake fragments are accepted only for the message types the peer's
+  role may send unprotected; reassembly slots remember their epoch, so forged plaintext can
+  neither join nor block a protected message, and leftovers are discarded at completion;
 * peer misbehaviour raises :class:`AlertError` inside, which becomes one fatal alert and
-  ``ConnectionClosed``; after epoch 1 is in use, unauthenticated epoch-0 alerts are ignored
-  (4.10); an overall deadline ends a stuck handshake with reason ``"timeout"``.
+  ``ConnectionClosed``; the alert is regenerated if the peer keeps sending (RFC 6347 §4.2.7);
+  after epoch 1 is in use, unauthenticated epoch-0 alerts are ignored (4.10); an overall
+  deadline ends a stuck handshake with reason ``"timeout"``;
+* every queue is bounded (outgoing datagrams, peer-driven events, early records, pending
+  ACKs) and every drop is counted in :class:`DtlsStats`.
 """
 
 from __future__ import annotations
