@@ -8,14 +8,18 @@
     perc [--log-level LEVEL] mdd --config mdd.toml
     perc [--log-level LEVEL] mdd --kmf HOST:PORT --kmf-fingerprint FP --listen HOST:PORT
                                  --cert F --key F [--conference ID] [--idle-timeout S]
+    perc [--log-level LEVEL] endpoint --mdd HOST:PORT --cert F --key F --kmf-fingerprint FP
+                                 [--tls-id ID] [--kmf-tls-id ID] [--name NAME]
+                                 [--join-timeout S] [--duration S]
     perc [--log-level LEVEL] demo
 
 ``--log-level`` is also accepted after the subcommand. A bad configuration or argument prints
 one line ``perc: error: <message>`` on stderr and exits 2 before anything starts; a runtime
 failure (e.g. a port in use) prints one such line and exits 1; SIGINT/SIGTERM stop a role
-cleanly with exit 0. The roles (and trio) are imported only inside the commands that run
-them, so ``perc identity`` stays light. Option defaults and help come from
-:mod:`perc.config`, the one place defaults live.
+cleanly with exit 0. ``perc endpoint`` has more exit statuses, one per way a join can fail
+(:class:`perc.roles.endpoint.ExitCode`, listed in its ``--help``). The roles (and trio) are
+imported only inside the commands that run them, so ``perc identity`` stays light. Option
+defaults and help come from :mod:`perc.config`, the one place defaults live.
 """
 
 from __future__ import annotations
@@ -120,11 +124,12 @@ def _run_role(serve: Callable[..., Awaitable[object]], cfg: object, what: str = 
 @click.version_option(__version__, prog_name="perc")
 @_log_level_option
 def main() -> None:
-    """Privacy Enhanced RTP Conferencing (RFC 8871): kmf | mdd | demo | identity.
+    """Privacy Enhanced RTP Conferencing (RFC 8871): kmf | mdd | endpoint | demo | identity.
 
     The KMF (Key Distributor) authenticates endpoints and hands out keys; the MDD (Media
     Distributor) relays endpoint DTLS to the KMF through an RFC 9185 tunnel and forwards
-    media it cannot decrypt. `perc demo` runs a whole conference on loopback.
+    media it cannot decrypt; an endpoint joins a conference through an MDD. `perc demo` runs
+    a whole conference on loopback.
     """
 
 
@@ -306,6 +311,147 @@ def mdd_command(
 
     listens = ", ".join(str(c.listen) for c in cfg.conferences)
     _run_role(mdd.serve, cfg, f"MDD on {listens}")
+
+
+# Kept in step with perc.roles.endpoint.ExitCode (a test checks); here so that --help does not
+# import the role (and trio).
+_ENDPOINT_EXIT_CODES = (
+    (0, "joined, then left on SIGINT/SIGTERM or after --duration"),
+    (1, "local runtime failure (e.g. the MDD host name does not resolve)"),
+    (2, "bad arguments or files"),
+    (3, "refused by the KMF (fatal alert, e.g. access_denied: not on the roster)"),
+    (4, "wrong KMF (certificate fingerprint or tls-id not the expected one)"),
+    (5, "timeout: no join within --join-timeout"),
+    (6, "joined, then the association was ended by the other side"),
+    (7, "protocol failure (e.g. the KMF negotiated no EKT)"),
+)
+
+
+def _positive_seconds(
+    _: click.Context, param: click.Parameter, value: float | None
+) -> float | None:
+    if value is not None and not 0 < value < 1e9:
+        raise click.BadParameter("must be a positive number of seconds", param=param)
+    return value
+
+
+@main.command(
+    "endpoint",
+    epilog="\b\nExit status:\n"
+    + "\n".join(f"  {code}  {text}" for code, text in _ENDPOINT_EXIT_CODES),
+)
+@click.option(
+    "--mdd", metavar="HOST:PORT", required=True, help="The MDD's UDP address for the conference."
+)
+@click.option("--cert", metavar="FILE", required=True, help="This endpoint's certificate (PEM).")
+@click.option("--key", metavar="FILE", required=True, help="Private key of --cert (PEM).")
+@click.option(
+    "--kmf-fingerprint",
+    metavar="FP",
+    required=True,
+    help="The KMF's certificate fingerprint ('sha-256 AB:...'); any other server is refused.",
+)
+@click.option(
+    "--tls-id",
+    metavar="ID",
+    default=None,
+    help="Our tls-id (external_session_id, 20-255 of A-Z a-z 0-9 + / - _); random if unset.",
+)
+@click.option(
+    "--kmf-tls-id",
+    metavar="ID",
+    default=None,
+    help="Require the KMF to present this tls-id (RFC 9185 §5.1); unchecked if unset.",
+)
+@click.option("--name", default=None, help="Name in logs (default: the certificate's file stem).")
+@click.option(
+    "--join-timeout",
+    type=float,
+    default=10.0,
+    show_default=True,
+    callback=_positive_seconds,
+    help="Seconds allowed for the whole join (DTLS handshake and first EKTKey).",
+)
+@click.option(
+    "--duration",
+    type=float,
+    default=None,
+    callback=_positive_seconds,
+    help="Leave (close_notify, exit 0) this many seconds after joining; default: stay until "
+    "SIGINT/SIGTERM.",
+)
+@_log_level_option
+def endpoint_command(
+    *,
+    mdd: str,
+    cert: str,
+    key: str,
+    kmf_fingerprint: str,
+    tls_id: str | None,
+    kmf_tls_id: str | None,
+    name: str | None,
+    join_timeout: float,
+    duration: float | None,
+) -> None:
+    """Join a conference through an MDD: DTLS-SRTP with the KMF, then hold its keys.
+
+    The endpoint is the DTLS client of the KMF (its DTLS is relayed by the MDD). It offers
+    both DOUBLE profiles and both EKT ciphers, accepts the server only if its certificate
+    has --kmf-fingerprint, and has joined once the handshake completed and the conference's
+    EKTKey arrived (logged as "joined ... profile=... spi=..."). It then stays joined until
+    SIGINT/SIGTERM or --duration. SSLKEYLOGFILE, when set, receives the DTLS secrets.
+    """
+    from perc import keylog as keylog_module
+    from perc.roles import endpoint
+
+    try:
+        address = config.parse_host_port(mdd)
+    except ValueError as e:
+        raise CliError(f"--mdd: {e}") from None
+    if address.port == 0:
+        raise CliError(f"--mdd: port 0 in {mdd!r} is not an address to send to")
+    try:
+        kmf_fp = identity.parse_fingerprint(kmf_fingerprint)
+    except identity.IdentityError as e:
+        raise CliError(f"--kmf-fingerprint: {e}") from None
+    for option, value in (("--tls-id", tls_id), ("--kmf-tls-id", kmf_tls_id)):
+        if value is not None:
+            try:
+                endpoint.check_tls_id(value)
+            except ValueError as e:
+                raise CliError(f"{option}: {e}") from None
+    if name is not None and not name.isprintable():
+        raise CliError("--name: must be printable")
+    try:
+        ident = identity.load(Path(cert), Path(key))
+    except identity.IdentityError as e:
+        raise CliError(str(e)) from None
+    _setup_logging()
+    try:
+        keylog = keylog_module.keylog_from_env()
+    except keylog_module.KeyLogError as e:
+        raise CliError(str(e)) from None
+
+    settings = endpoint.JoinSettings(
+        mdd=(address.host, address.port),
+        identity=ident,
+        kmf_fingerprint=kmf_fp,
+        tls_id=tls_id,
+        kmf_tls_id=kmf_tls_id,
+        name=name if name is not None else Path(cert).stem,
+        join_timeout=join_timeout,
+    )
+    try:
+        _run_role(_endpoint_main, (endpoint, settings, duration, keylog), f"endpoint to {address}")
+    except endpoint.JoinError as e:
+        # One line, like CliError, but with the join's own exit status.
+        click.echo(f"perc: error: {config.one_line(str(e))}", err=True)
+        click.get_current_context().exit(int(e.exit_code))
+
+
+async def _endpoint_main(args: tuple[Any, Any, float | None, Any]) -> None:
+    endpoint, settings, duration, keylog = args
+    await endpoint.run(settings, duration=duration, keylog=keylog)
 
 
 @main.command("demo")

@@ -31,6 +31,7 @@ FP_RE = re.compile(r"^sha-256 ([0-9A-F]{2}:){31}[0-9A-F]{2}$")
         ["identity", "show"],
         ["kmf"],
         ["mdd"],
+        ["endpoint"],
         ["demo"],
     ],
     ids=lambda a: " ".join(a) or "perc",
@@ -39,13 +40,13 @@ def test_help_for_every_command(args: list[str]) -> None:
     result = CliRunner().invoke(main, [*args, "--help"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("Usage: ")
-    if args in (["kmf"], ["mdd"], ["demo"], ["identity", "new"]):
+    if args in (["kmf"], ["mdd"], ["endpoint"], ["demo"], ["identity", "new"]):
         assert "--log-level" in result.stdout
 
 
 def test_group_help_lists_the_commands() -> None:
     text = CliRunner().invoke(main, ["--help"]).stdout
-    for name in ("identity", "kmf", "mdd", "demo"):
+    for name in ("identity", "kmf", "mdd", "endpoint", "demo"):
         assert re.search(rf"^\s+{name}\s", text, re.MULTILINE), name
 
 
@@ -318,3 +319,147 @@ def test_log_lines_are_single_lines() -> None:
     with pytest.raises(ValueError, match="log level"):
         logsetup.setup("loud")
     assert os.environ is not None
+
+
+# --- perc endpoint ------------------------------------------------------------------------------
+
+
+def test_endpoint_help_lists_every_exit_code() -> None:
+    from perc.roles.endpoint import ExitCode
+
+    text = CliRunner().invoke(main, ["endpoint", "--help"]).stdout
+    listed = dict(re.findall(r"^\s+(\d)\s+(\S.*)$", text.split("Exit status:")[1], re.MULTILINE))
+    assert sorted(int(c) for c in listed) == sorted(int(c) for c in ExitCode)
+    assert "access_denied" in listed[str(int(ExitCode.REFUSED))]
+    assert "--join-timeout" in listed[str(int(ExitCode.TIMEOUT))]
+    assert "[default: 10.0]" in " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def endpoint_files(idents: dict[str, Any]) -> dict[str, Any]:
+    d = idents["dir"]
+    alice = identity.generate("alice")
+    identity.write(alice, d, "alice")
+    return {"dir": d, "alice": alice.fingerprint, "kmf": idents["kmf"]}
+
+
+def _endpoint_args(kmf_fp: str, *extra: str) -> list[str]:
+    return [
+        "endpoint", "--mdd", "127.0.0.1:5004", "--cert", "alice.crt", "--key", "alice.key",
+        "--kmf-fingerprint", kmf_fp, *extra,
+    ]  # fmt: skip
+
+
+def test_endpoint_arguments_reach_the_role(
+    endpoint_files: dict[str, Any], started: list[tuple[Any, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(endpoint_files["dir"])
+    args = _endpoint_args(
+        endpoint_files["kmf"].lower(),
+        "--tls-id", "A" * 20, "--kmf-tls-id", "b/+-_" * 4, "--join-timeout", "2.5",
+        "--duration", "7",
+    )  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    ((_, (module, settings, duration, keylog)),) = started
+    from perc.roles import endpoint
+
+    assert module is endpoint
+    assert settings.mdd == ("127.0.0.1", 5004)
+    assert settings.kmf_fingerprint == endpoint_files["kmf"]  # canonical (upper case)
+    assert settings.identity.fingerprint == endpoint_files["alice"]
+    assert (settings.tls_id, settings.kmf_tls_id) == ("A" * 20, "b/+-_" * 4)
+    assert settings.name == "alice"
+    assert settings.join_timeout == 2.5
+    assert duration == 7.0
+    assert keylog is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--mdd", "nowhere"], "--mdd: bad host:port 'nowhere'" + HOST_PORT_HINT),
+        (["--mdd", "127.0.0.1:0"], "--mdd: port 0 in '127.0.0.1:0' is not an address to send to"),
+        (
+            ["--kmf-fingerprint", "sha-256 AB"],
+            "--kmf-fingerprint: malformed fingerprint 'sha-256 AB'" + FP_HINT,
+        ),
+        (
+            ["--tls-id", "short"],
+            "--tls-id: bad tls-id 'short': 20 to 255 characters of A-Z a-z 0-9 + / - _ "
+            "(RFC 8842 §4)",
+        ),
+        (
+            ["--kmf-tls-id", "x" * 19],
+            f"--kmf-tls-id: bad tls-id '{'x' * 19}': 20 to 255 characters of A-Z a-z 0-9 + / - _ "
+            "(RFC 8842 §4)",
+        ),
+        (
+            ["--cert", "missing.crt"],
+            "cannot read certificate missing.crt: No such file or directory",
+        ),
+    ],
+)
+def test_endpoint_argument_errors_exit_2(
+    endpoint_files: dict[str, Any],
+    started: list[tuple[Any, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    extra: list[str],
+    message: str,
+) -> None:
+    monkeypatch.chdir(endpoint_files["dir"])
+    result = CliRunner().invoke(main, _endpoint_args(endpoint_files["kmf"], *extra))
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"perc: error: {message}\n"
+    assert started == []
+
+
+@pytest.mark.parametrize("option", ["--join-timeout", "--duration"])
+def test_endpoint_times_must_be_positive(
+    endpoint_files: dict[str, Any], started: list[tuple[Any, Any]], option: str
+) -> None:
+    result = CliRunner().invoke(main, [*_endpoint_args(endpoint_files["kmf"]), option, "0"])
+    assert result.exit_code == 2
+    assert "positive number of seconds" in result.stderr
+    assert started == []
+
+
+def test_endpoint_join_errors_keep_their_exit_status(
+    endpoint_files: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from perc.roles.endpoint import ExitCode, JoinRefused
+
+    def refuse(serve: Any, cfg: Any, what: str = "") -> None:
+        raise JoinRefused("join refused by the KMF: fatal alert access_denied", 49)
+
+    monkeypatch.setattr(perc.cli, "_run_role", refuse)
+    monkeypatch.chdir(endpoint_files["dir"])
+    result = CliRunner().invoke(main, _endpoint_args(endpoint_files["kmf"]))
+    assert result.exit_code == ExitCode.REFUSED == 3
+    assert result.stderr.endswith(
+        "perc: error: join refused by the KMF: fatal alert access_denied\n"
+    )
+
+
+def test_endpoint_timeout_in_a_real_process(endpoint_files: dict[str, Any]) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        port = silent.getsockname()[1]
+        args = _endpoint_args(endpoint_files["kmf"], "--join-timeout", "0.3")
+        args[2] = f"127.0.0.1:{port}"
+        done = subprocess.run(
+            [sys.executable, "-m", "perc", *args],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=endpoint_files["dir"],
+            timeout=60,
+        )
+    assert done.returncode == 5, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith(
+        f"perc: error: join timed out after 0.3 s through the MDD at 127.0.0.1:{port}"
+    )
+    assert "Traceback" not in done.stderr

@@ -20,6 +20,7 @@ from trio.testing import MockClock
 from perc import identity
 from perc.dtls.events import AlertReceived
 from perc.keylog import KeyLog
+from perc.media.endpoint import EndpointMedia
 from perc.roles import endpoint
 from perc.roles.endpoint import (
     AssociationEnded,
@@ -287,6 +288,29 @@ async def test_media_seam_rekey_and_held_packets(caplog: pytest.LogCaptureFixtur
     assert any(
         re.match(r"ektkey name=alice spi=153 .*\(rekey\)", r.getMessage()) for r in caplog.records
     )
+
+
+async def test_endpoint_media_plugs_into_the_seam() -> None:
+    """perc.media's EndpointMedia is a MediaEngine: run() builds it from the JoinResult."""
+    kmf = FakeKmf(IDS["kmf"])
+    made: list[EndpointMedia] = []
+
+    def factory(result: endpoint.JoinResult, now: float) -> EndpointMedia:
+        media = EndpointMedia(result.name, "audio", result.keying, result.ekt_parameters(now), now)
+        made.append(media)
+        return media
+
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        await endpoint.run(settings(address), duration=0.3, media=factory)
+        await wait_until(lambda: bool(kmf.closed()))
+        nursery.cancel_scope.cancel()
+    (media,) = made
+    assert media.stats.sent_rtp >= 5
+    # The stand-in KMF got the SRTP too (its DTLS engine drops it as not-DTLS, counted).
+    (peer,) = kmf.peers.values()
+    assert peer.conn.stats.dropped_malformed + peer.conn.stats.dropped_epoch >= 5
+    assert kmf.closed()[0].reason == "close_notify"
 
 
 async def test_kmf_ending_the_association_after_the_join() -> None:
