@@ -693,12 +693,13 @@ class ForwardingTable(Generic[AddrT]):
             c.video_in += 1
             if self._last_n is not None:
                 return self._video_rtp(assoc, inbound, ssrc, now)
-        elif pt in self._audio_pts:
-            c.audio_in += 1
-        elif ssrc in self._video:
-            # A last_n video SSRC with another PT (a codec switch) stays on its feeds: their
-            # SEQ offsets must apply to every packet of the SSRC (RFC 7714 §8.4).
-            return self._video_rtp(assoc, inbound, ssrc, now)
+        else:
+            if pt in self._audio_pts:
+                c.audio_in += 1
+            if ssrc in self._video:
+                # A last_n video SSRC with any other PT stays on its feeds: their SEQ offsets
+                # must apply to every packet of the SSRC (RFC 7714 §8.4).
+                return self._video_rtp(assoc, inbound, ssrc, now)
         # The hot path: one prebound protect per receiver, EKT field re-appended (D11);
         # receivers' packets_out/bytes_out are credited in bulk (see flush).
         ekt = inbound.ekt_field
@@ -854,6 +855,9 @@ class ForwardingTable(Generic[AddrT]):
                     if changes is None or changes.sequence_number != out_seq:
                         changes = HeaderChanges(sequence_number=out_seq)
                     data = encrypt_for(feed.session, inbound, changes)
+            except SrtpDecodeError:  # the OHB does not parse (HopDecodeError)
+                c.drop_malformed += 1
+                continue
             except SrtpError:
                 c.drop_limit += 1
                 continue

@@ -164,3 +164,54 @@ def test_authenticated_garbage_rtcp_never_raises(which: int, compound: bytes) ->
         assert address != ep.address
         receiver = next(r for r in _RR_EPS if r.address == address)
         receiver.rtcp_rx.unprotect_rtcp(data)  # what we send is always valid SRTCP
+
+
+def _renumbering_table() -> tuple[ForwardingTable[Address], list[Endpoint]]:
+    """A last_n conference where c's feed of a's video is renumbered (offset != 0)."""
+    from .test_last_n import Video
+
+    table: ForwardingTable[Address] = ForwardingTable(ForwardingConfig(last_n=1))
+    eps = conference(table, 3, first_port=8000)
+    a, b, c = eps
+    v = Video(table, eps)
+    v.run(0.3, [a])
+    v.run(0.3, [a, b])
+    v.run(2.5, [a])
+    assert c.got[-1].sequence_number != c.got[-1].original_sequence_number
+    return table, eps
+
+
+_RN_TABLE, _RN_EPS = _renumbering_table()
+_RN_SEQ = [_RN_EPS[0].seq]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from([96, 111, 100, 0]),
+    st.booleans(),
+    st.integers(0, 3),
+    st.sampled_from([None, 0, 1, 3]),
+    st.binary(max_size=40),
+    st.sampled_from([0, 0, 1, 5]),
+)
+def test_authenticated_garbage_rtp_never_raises(
+    pt: int, marker: bool, cc: int, ext_words: int | None, body: bytes, pad: int
+) -> None:
+    """Outer-authenticated RTP with any header shape and any inner part (no inner tag, bad
+    OHB) from a sender whose video is being renumbered: counted drops, never an exception."""
+    a = _RN_EPS[0]
+    _RN_SEQ[0] = (_RN_SEQ[0] + 1) & 0xFFFF
+    b0 = 0x80 | cc | (0x10 if ext_words is not None else 0) | (0x20 if pad else 0)
+    header = struct.pack("!BBHII", b0, (0x80 if marker else 0) | pt, _RN_SEQ[0], 0, a.ssrc)
+    header += bytes(4 * cc)
+    if ext_words is not None:
+        header += struct.pack("!HH", 0xBEDE, ext_words) + bytes(4 * ext_words)
+    payload = body + (bytes(pad - 1) + bytes((pad,)) if pad else b"")
+    wire = a.rtcp_tx.protect_rtp(header + payload) + b"\x00"  # a's outer key, Short EKT field
+    counters = _RN_TABLE.associations[a.association_id].counters
+    before = counters.received
+    _RN_TABLE.handle_datagram(a.address, wire, 3.2)
+    assert counters.received == before + 1
+    # Nothing a sender does can make the table offer a receiver's session an index twice
+    # (SrtpSession would refuse it: counted as drop_limit).
+    assert counters.drop_limit == 0

@@ -196,13 +196,14 @@ def test_a_video_ssrc_changing_payload_type_keeps_its_feed() -> None:
     assert (
         _pauses(c, a.ssrc) == 1 and c.got[-1].sequence_number != c.got[-1].original_sequence_number
     )
-    # a switches codec (PT 100, not in the video set): still renumbered on c's feed.
-    for _ in range(3):
+    # a switches PT (100: no class; 111: the audio PT): still renumbered on c's feed.
+    for pt in (100, 100, 111, 111):
         v.now += STEP
-        data = a.send(v.now, pt=100)
+        data = a.send(v.now, pt=pt)
         v.marker[(a.ssrc, a.seq)] = False
         v.feed(a, data)
-    assert c.got[-1].payload_type == 100
+        assert c.got[-1].payload_type == pt
+        assert c.got[-1].sequence_number != c.got[-1].original_sequence_number
     _check_receiver(v, c)
 
 
