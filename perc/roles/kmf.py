@@ -29,7 +29,8 @@ Send ``EndpointDisconnect`` (``send_disconnect``) when an association ends on th
 (D3), ``MediaKeys`` right after its handshake (RFC 9185 §5.4), choosing the profile among
 ``tunnel.protection_profiles`` (D18).
 
-Until the DTLS engine lands, :class:`LoggingHandler` only logs and counts.
+:func:`serve` uses :class:`perc.roles.keying.KeyingHandler` (the DTLS engine, roster and
+keys) unless given another handler; :class:`LoggingHandler` only logs and counts.
 
 API::
 
@@ -404,6 +405,16 @@ async def serve(
     handler: AssociationHandler | None = None,
     task_status: trio.TaskStatus[KmfServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the KMF until cancelled; ``task_status.started(KmfServer)`` once listening."""
-    server = KmfServer(config, handler if handler is not None else LoggingHandler())
+    """Run the KMF until cancelled; ``task_status.started(KmfServer)`` once listening.
+
+    Without ``handler`` the KMF keys endpoints: :class:`perc.roles.keying.KeyingHandler`,
+    with ``SSLKEYLOGFILE`` honoured (D21; :class:`perc.keylog.KeyLogError` if it cannot be
+    opened).
+    """
+    if handler is None:
+        from perc.keylog import keylog_from_env
+        from perc.roles.keying import KeyingHandler
+
+        handler = KeyingHandler(config, keylog=keylog_from_env())
+    server = KmfServer(config, handler)
     await server.serve(task_status=task_status)

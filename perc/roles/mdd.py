@@ -22,9 +22,14 @@ Per configured conference (D1) a :class:`ConferenceRelay` runs three tasks:
   default 10 s) is dropped and ``EndpointDisconnect`` sent to the KMF.
 
 From the KMF: ``TunneledDtls`` becomes one UDP datagram to the association's endpoint;
-``EndpointDisconnect`` drops the association; ``MediaKeys`` is stored on it (the media issue
-turns it into SRTP contexts). A message naming an unknown association id is counted and
-ignored (D2). The association table is bounded (``max_associations`` per conference).
+``EndpointDisconnect`` drops the association and its keys (D3); ``MediaKeys`` is checked and
+stored on it as :class:`HopKeys` (the profile and the four outer values, D4; the media issue
+turns them into SRTP contexts). ``MediaKeys`` is the MDD's only source of keys: it never sees
+an EKTKey or an end-to-end key (RFC 8871 §3.1). SRTP that arrives before its association's
+keys is dropped and counted (``dropped_srtp_no_keys``) until the forwarding core, which holds
+up to 64 such packets per association (D5), is wired in by the media issue. A message naming
+an unknown association id is counted and ignored (D2). The association table is bounded
+(``max_associations`` per conference).
 
 API::
 
@@ -32,7 +37,9 @@ API::
     MddServer.conferences: dict[str, ConferenceRelay]
     ConferenceRelay: .address (UDP), .stats: RelayStats, .associations: dict[UUID, Association],
                      .tunnel_is_up, .tunnel_stats, .kmf_highest_version, wait_changed()
-    Association: association_id, conference, address, created, last_seen, media_keys, counters
+    Association: association_id, conference, address, created, last_seen, keys: HopKeys | None,
+                 media_keys, counters
+    HopKeys: profile, client_key, server_key, client_salt, server_salt (repr hides them)
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ __all__ = [
     "MDD_PROFILES",
     "Association",
     "ConferenceRelay",
+    "HopKeys",
     "MddServer",
     "RelayStats",
     "serve",
@@ -87,6 +95,51 @@ _UDP_MAX = 65535
 _CONNECT_TIMEOUT = 10.0
 
 
+#: Outer (HBH) key length per DOUBLE profile (D4: half of the profile's key); salts are 12.
+_HALF_KEY_LENGTH = {0x0009: 16, 0x000A: 32}
+_HALF_SALT_LENGTH = 12
+
+
+@attrs.frozen(repr=False)
+class HopKeys:
+    """The hop-by-hop keys of one association, from ``MediaKeys`` (RFC 9185 §6.4, D4).
+
+    ``client_*`` decrypt what the endpoint sends; ``server_*`` encrypt what the MDD sends to
+    it. For a DOUBLE profile these are the outer halves, run with the single AES-GCM transform
+    of the same key size (D18).
+    """
+
+    profile: int
+    client_key: bytes
+    server_key: bytes
+    client_salt: bytes
+    server_salt: bytes
+
+    def __repr__(self) -> str:  # never print key material
+        return f"HopKeys(profile=0x{self.profile:04X})"
+
+    @classmethod
+    def from_media_keys(cls, msg: MediaKeys) -> HopKeys | None:
+        """The keys if ``msg`` fits perc's profiles (D4, D18), else None."""
+        key_length = _HALF_KEY_LENGTH.get(msg.protection_profile)
+        if (
+            key_length is None
+            or msg.mki
+            or len(msg.client_write_master_key) != key_length
+            or len(msg.server_write_master_key) != key_length
+            or len(msg.client_write_master_salt) != _HALF_SALT_LENGTH
+            or len(msg.server_write_master_salt) != _HALF_SALT_LENGTH
+        ):
+            return None
+        return cls(
+            profile=msg.protection_profile,
+            client_key=msg.client_write_master_key,
+            server_key=msg.server_write_master_key,
+            client_salt=msg.client_write_master_salt,
+            server_salt=msg.server_write_master_salt,
+        )
+
+
 @attrs.define(eq=False)
 class Association:
     """One endpoint DTLS association as the MDD sees it. Later issues add keys and SRTP state."""
@@ -98,14 +151,18 @@ class Association:
     IPv6); with the conference's socket, the 5-tuple."""
     created: float
     last_seen: float
+    keys: HopKeys | None = None
+    """The hop-by-hop keys (outer halves, D4) from the KMF's MediaKeys, once received."""
     media_keys: MediaKeys | None = None
-    """The KMF's MediaKeys for this association (outer halves, D4), once received."""
+    """The MediaKeys message ``keys`` came from."""
     dtls_in: int = 0
     """DTLS datagrams from the endpoint."""
     dtls_out: int = 0
     """DTLS datagrams sent to the endpoint."""
     srtp_in: int = 0
     """SRTP/SRTCP packets from the endpoint (dropped until the media issue)."""
+    srtp_no_keys: int = 0
+    """Of those, packets that arrived before the association's MediaKeys."""
 
 
 @attrs.define
@@ -120,6 +177,9 @@ class RelayStats:
     """Associations dropped after idle_timeout (EndpointDisconnect sent when the tunnel was up)."""
     associations_ended_by_kmf: int = 0
     media_keys: int = 0
+    """MediaKeys installed on an association."""
+    media_keys_rejected: int = 0
+    """MediaKeys whose profile, MKI or lengths do not fit D4/D18 (logged, ignored)."""
     tunnels_up: int = 0
     connect_failures: int = 0
     unsupported_version: int = 0
@@ -131,7 +191,10 @@ class RelayStats:
     dropped_table_full: int = 0
     """DTLS from a new 5-tuple while max_associations were in use."""
     dropped_srtp: int = 0
-    """SRTP/SRTCP (first byte 128-191): dropped until the media issue."""
+    """SRTP/SRTCP (first byte 128-191): dropped until the media issue (all of them)."""
+    dropped_srtp_no_keys: int = 0
+    """Of those, packets whose association had no keys yet (or no association); D5 will hold
+    up to 64 of these per association once the forwarding core is wired in."""
     dropped_other: int = 0
     """Datagrams that are neither DTLS nor SRTP (RFC 7983 §7: drop), including empty ones."""
     dropped_unknown_association: int = 0
@@ -323,14 +386,28 @@ class ConferenceRelay:
             if assoc is None:
                 self.stats.dropped_unknown_association += 1
                 return True
+            keys = HopKeys.from_media_keys(msg)
+            if keys is None:
+                self.stats.media_keys_rejected += 1
+                log.warning(
+                    "media keys rejected conference=%s association=%s profile=0x%04X: "
+                    "profile, MKI or key/salt lengths do not fit D4/D18",
+                    self.id,
+                    assoc.association_id,
+                    msg.protection_profile,
+                )
+                return True
             self.stats.media_keys += 1
+            replaced = assoc.keys is not None
+            assoc.keys = keys
             assoc.media_keys = msg
             log.info(
-                "media keys conference=%s association=%s peer=%s profile=0x%04X",
+                "keys installed conference=%s association=%s peer=%s profile=0x%04X%s",
                 self.id,
                 assoc.association_id,
                 format_address(assoc.address),
-                msg.protection_profile,
+                keys.profile,
+                " (replaced)" if replaced else "",
             )
             self._notify()
             return True
@@ -433,6 +510,11 @@ class ConferenceRelay:
             if assoc is not None:
                 assoc.last_seen = now
                 assoc.srtp_in += 1
+                if assoc.keys is None:
+                    assoc.srtp_no_keys += 1
+                    self.stats.dropped_srtp_no_keys += 1
+            else:
+                self.stats.dropped_srtp_no_keys += 1
             self.stats.dropped_srtp += 1
         else:
             self.stats.dropped_other += 1
@@ -459,6 +541,9 @@ class ConferenceRelay:
         return assoc
 
     def _drop(self, assoc: Association) -> None:
+        # D3: the association's keys go with it.
+        assoc.keys = None
+        assoc.media_keys = None
         self.associations.pop(assoc.association_id, None)
         if self._by_address.get(assoc.address) is assoc:
             del self._by_address[assoc.address]

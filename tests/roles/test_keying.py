@@ -1,0 +1,457 @@
+"""KMF keying over real loopback TLS and UDP: endpoint -> MDD -> tunnel -> KMF and back.
+
+The endpoints are perc's own sans-IO DTLS clients (tests/roles/join_helpers.py); the KMF runs
+:class:`perc.roles.keying.KeyingHandler`; everything is in one trio process under MockClock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from types import SimpleNamespace
+
+import pytest
+import trio
+from trio.testing import MockClock
+
+from perc import identity
+from perc.config import KmfConfig
+from perc.dtls.errors import AlertDescription
+from perc.roles import kmf, mdd
+from perc.roles.keying import KeyingHandler
+from perc.srtp.keys import outer_media_keys
+
+from .helpers import mdd_config, until
+from .join_helpers import JoinResult, join_once, keying_kmf_config
+
+
+@pytest.fixture(scope="module")
+def people() -> SimpleNamespace:
+    return SimpleNamespace(
+        members=[identity.generate(f"ep{i}") for i in range(20)],
+        outsider=identity.generate("outsider"),
+    )
+
+
+class Setup:
+    def __init__(self, ids: SimpleNamespace, config: KmfConfig, **handler_args: object) -> None:
+        self.ids = ids
+        self.config = config
+        self.kmf_lines: list[str] = []
+        self.handler = KeyingHandler(config, keylog=self.kmf_lines.append, **handler_args)  # type: ignore[arg-type]
+        self.server: kmf.KmfServer | None = None
+        self.results: list[JoinResult] = []
+
+    @property
+    def kmf(self) -> kmf.KmfServer:
+        assert self.server is not None
+        return self.server
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[trio.Nursery]:
+        """A nursery with the KMF started; closes the endpoints' sockets and cancels at the end."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self.server = await nursery.start(
+                    partial(kmf.serve, self.config, handler=self.handler)
+                )
+                try:
+                    yield nursery
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            for result in self.results:
+                result.socket.close()
+
+    async def start_mdd(
+        self, nursery: trio.Nursery, ident: identity.Identity | None = None, **kw: object
+    ) -> mdd.ConferenceRelay:
+        assert self.server is not None
+        config = mdd_config(
+            ident or self.ids.mdd,
+            self.server.address,
+            self.ids.kmf.fingerprint,
+            **kw,  # type: ignore[arg-type]
+        )
+        server: mdd.MddServer = await nursery.start(partial(mdd.serve, config))
+        relay = next(iter(server.conferences.values()))
+        await until(lambda: relay.tunnel_is_up)
+        return relay
+
+    async def join(
+        self, relay: mdd.ConferenceRelay, ident: identity.Identity, **kw: object
+    ) -> JoinResult:
+        result = await join_once(relay.address, ident, self.ids.kmf.fingerprint, **kw)  # type: ignore[arg-type]
+        self.results.append(result)
+        return result
+
+
+def mdd_association(relay: mdd.ConferenceRelay, result: JoinResult) -> mdd.Association:
+    return next(a for a in relay.associations.values() if a.address == result.local_address)
+
+
+def assert_conference_key(handler: KeyingHandler, result: JoinResult, conference: str) -> None:
+    key = handler.state.conferences[conference].current
+    assert key is not None and result.ekt_key is not None
+    assert key.same_key(result.ekt_key.key, result.ekt_key.salt, result.ekt_key.spi)
+    assert result.ekt_key.ttl == key.ttl
+    assert len(result.ekt_key.salt) == 12
+
+
+async def test_one_endpoint_joins(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    alice = people.members[0]
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}))
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        result = await setup.join(relay, alice, kmf_tls_id=setup.handler.tls_id)
+        assert result.joined, result.closed
+        done = result.completed
+        assert done is not None and done.srtp_keying_material is not None
+        assert done.srtp_profile == 0x0009  # kmf.profiles order, both offered and listed (D18)
+        assert done.ekt_cipher == 2  # AESKW256 preferred (RFC 8870 §6)
+        assert done.peer_tls_id == setup.handler.tls_id
+        assert len(result.ekt_key.key) == 32  # type: ignore[union-attr]
+        assert_conference_key(setup.handler, result, "demo")
+        # The MDD holds exactly the outer halves of the endpoint's exporter output (D4).
+        await until(lambda: mdd_association(relay, result).keys is not None)
+        keys = mdd_association(relay, result).keys
+        assert keys is not None
+        assert keys.profile == 0x0009
+        assert (keys.client_key, keys.server_key, keys.client_salt, keys.server_salt) == (
+            outer_media_keys(done.srtp_profile, done.srtp_keying_material)
+        )
+        assert mdd_association(relay, result).media_keys.mki == b""  # type: ignore[union-attr]
+        assert "key" not in repr(keys).lower().replace("hopkeys", "")
+        # The EKTKey is acknowledged (D9) and the endpoint is a member.
+        await until(lambda: setup.handler.stats.ekt_keys_acknowledged == 1)
+        conf = setup.handler.state.conferences["demo"]
+        assert [m.fingerprint for m in conf.members.values()] == [alice.fingerprint]
+        member = next(iter(conf.members.values()))
+        assert member.association_id == mdd_association(relay, result).association_id
+        # D21: both sides logged the same NSS line.
+        assert len(result.keylog_lines) == 1
+        assert setup.kmf_lines == result.keylog_lines
+        assert result.keylog_lines[0].startswith("CLIENT_RANDOM ")
+        stats = setup.handler.stats
+        assert (stats.joined, stats.cookies_sent, stats.media_keys_sent, stats.refused) == (
+            1,
+            1,
+            1,
+            0,
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def test_kmf_profile_preference(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    alice = people.members[0]
+    config = keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}, profiles=(0x000A, 0x0009))
+    setup = Setup(ids, config)
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        result = await setup.join(relay, alice)
+        assert result.joined
+        assert result.completed.srtp_profile == 0x000A  # type: ignore[union-attr]
+        await until(lambda: mdd_association(relay, result).keys is not None)
+        keys = mdd_association(relay, result).keys
+        assert keys is not None and len(keys.client_key) == 32 and len(keys.client_salt) == 12
+        nursery.cancel_scope.cancel()
+
+
+async def test_outsider_gets_access_denied_and_mdd_is_told(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": people.members[:2]}))
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        result = await setup.join(relay, people.outsider)
+        assert not result.joined
+        assert result.ekt_key is None
+        assert result.alert_received == AlertDescription.access_denied
+        await until(lambda: relay.stats.associations_ended_by_kmf == 1)
+        assert relay.associations == {}
+        assert relay.stats.media_keys == 0
+        assert setup.handler.stats.refused == 1
+        assert setup.handler.stats.disconnects_sent == 1
+        assert setup.handler.associations == {}
+        assert setup.handler.state.conferences["demo"].current is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_tls_id_on_the_roster_is_checked(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    alice = people.members[0]
+    expected = "alice-tls-id-0123456789"
+    config = keying_kmf_config(
+        ids.kmf, [ids.mdd], {"demo": [alice]}, tls_ids={"demo": {alice: expected}}
+    )
+    setup = Setup(ids, config)
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        wrong = await setup.join(relay, alice, tls_id=b"someone-else-0123456789")
+        assert wrong.alert_received == AlertDescription.access_denied
+        missing = await setup.join(relay, alice, send_tls_id=False)
+        assert missing.alert_received == AlertDescription.access_denied
+        right = await setup.join(relay, alice, tls_id=expected.encode())
+        assert right.joined
+        assert setup.handler.stats.refused == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_mdd_without_a_common_profile_gets_handshake_failure(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = people.members[0]
+    monkeypatch.setattr(mdd, "MDD_PROFILES", (0x000A,))
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}))
+    async with setup.running() as nursery:
+        server = setup.kmf
+        relay = await setup.start_mdd(nursery)
+        tunnel = next(iter(server.tunnels.values()))
+        assert tunnel.protection_profiles == (0x000A,)
+        result = await setup.join(relay, alice, profiles=(0x0009,))
+        assert result.alert_received == AlertDescription.handshake_failure
+        await until(lambda: relay.stats.associations_ended_by_kmf == 1)
+        assert setup.handler.stats.refused == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_twenty_concurrent_joins_share_one_ekt_key(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": people.members}))
+    results: list[JoinResult] = []
+
+    async def one(ident: identity.Identity) -> None:
+        results.append(await setup.join(relay, ident))
+
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        async with trio.open_nursery() as joins:
+            for ident in people.members:
+                joins.start_soon(one, ident)
+        assert len(results) == 20
+        assert all(r.joined for r in results), [r.closed for r in results if not r.joined]
+        assert len({(r.ekt_key.spi, r.ekt_key.key, r.ekt_key.salt) for r in results}) == 1  # type: ignore[union-attr]
+        assert_conference_key(setup.handler, results[0], "demo")
+        assert len(setup.handler.state.conferences["demo"].members) == 20
+        await until(lambda: relay.stats.media_keys == 20)
+        await until(lambda: setup.handler.stats.ekt_keys_acknowledged == 20)
+        nursery.cancel_scope.cancel()
+
+
+async def test_two_mdds_serve_one_conference_with_one_key(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    a, b = people.members[:2]
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd, ids.mdd2], {"demo": [a, b]}))
+    async with setup.running() as nursery:
+        relay1 = await setup.start_mdd(nursery, ids.mdd)
+        relay2 = await setup.start_mdd(nursery, ids.mdd2)
+        ra = await setup.join(relay1, a)
+        rb = await setup.join(relay2, b)
+        assert ra.joined and rb.joined
+        assert ra.ekt_key == rb.ekt_key
+        assert_conference_key(setup.handler, ra, "demo")
+        # Each MDD got the MediaKeys of its own endpoint only.
+        await until(lambda: relay1.stats.media_keys == 1 and relay2.stats.media_keys == 1)
+        assert mdd_association(relay1, ra).keys is not None
+        assert mdd_association(relay2, rb).keys is not None
+        members = setup.handler.state.conferences["demo"].members.values()
+        assert {m.tunnel.mdd_fingerprint for m in members} == {  # type: ignore[attr-defined]
+            ids.mdd.fingerprint,
+            ids.mdd2.fingerprint,
+        }
+        nursery.cancel_scope.cancel()
+
+
+async def test_idle_endpoint_disconnect_from_mdd_tears_down(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    a, b = people.members[:2]
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [a, b]}))
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery, idle_timeout=3.0)
+        ra = await setup.join(relay, a)
+        assert ra.joined
+        joined_at = trio.current_time()
+        conf = setup.handler.state.conferences["demo"]
+        assert len(conf.members) == 1
+        # The endpoint goes silent: the MDD's idle timeout (D3) ends it at the KMF.
+        await until(lambda: setup.handler.stats.ended_by_mdd == 1)
+        assert trio.current_time() - joined_at >= 3.0
+        assert setup.handler.associations == {}
+        assert conf.members == {}
+        assert conf.current is None  # the last member took the key with it
+        assert setup.handler.stats.left == 1
+        assert setup.handler.stats.disconnects_sent == 0  # the MDD ended it, not us
+        nursery.cancel_scope.cancel()
+
+
+async def test_endpoint_close_notify_ends_membership_and_tells_mdd(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    a, b = people.members[:2]
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [a, b]}))
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        ra = await setup.join(relay, a)
+        rb = await setup.join(relay, b)
+        assert ra.joined and rb.joined
+        await ra.leave()
+        await until(lambda: relay.stats.associations_ended_by_kmf == 1)
+        conf = setup.handler.state.conferences["demo"]
+        assert [m.fingerprint for m in conf.members.values()] == [b.fingerprint]
+        assert conf.current is not None and conf.current.spi == rb.ekt_key.spi  # type: ignore[union-attr]
+        assert setup.handler.stats.left == 1
+        assert setup.handler.stats.disconnects_sent == 1
+        assert len(relay.associations) == 1
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("cookies", [True, False])
+async def test_cookies_on_and_off(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock, cookies: bool
+) -> None:
+    alice = people.members[0]
+    config = keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}, dtls_cookies=cookies)
+    setup = Setup(ids, config)
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        result = await setup.join(relay, alice)
+        assert result.joined
+        assert setup.handler.stats.cookies_sent == (1 if cookies else 0)
+        assert setup.handler.stats.associations_created == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_state_before_a_valid_cookie(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    """ClientHellos without a cookie and junk datagrams leave no association behind (D14)."""
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": people.members[:1]}))
+    async with setup.running() as nursery:
+        server = setup.kmf
+        await setup.start_mdd(nursery)
+        tunnel = next(iter(server.tunnels.values()))
+        handler = setup.handler
+        from perc.dtls import DtlsConfiguration, DtlsConnection
+
+        client = DtlsConnection(
+            DtlsConfiguration(
+                is_client=True,
+                certificate=people.members[0].certificate,
+                private_key=people.members[0].private_key,
+            )
+        )
+        client.connect(0.0)
+        (hello,) = client.datagrams_to_send()
+        for _ in range(50):
+            handler.on_datagram(uuid.uuid4(), hello, tunnel)
+        handler.on_datagram(uuid.uuid4(), b"\x17\xfe\xfd" + bytes(20), tunnel)
+        assert handler.associations == {}
+        assert handler.stats.cookies_sent == 50
+        assert handler.stats.dropped_no_association == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_association_bound_is_counted(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    alice, bob = people.members[:2]
+    config = keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice, bob]}, dtls_cookies=False)
+    setup = Setup(ids, config, max_associations=1)
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        ra = await setup.join(relay, alice)
+        assert ra.joined
+        rb = await setup.join(relay, bob, timeout=3.0)
+        assert not rb.joined
+        assert setup.handler.stats.dropped_capacity >= 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_handshake_timeout_ends_association_and_tells_mdd(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    """An endpoint that stops mid-handshake: the KMF's timer task ends it (heap timers)."""
+    alice = people.members[0]
+    config = keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}, dtls_cookies=False)
+    setup = Setup(ids, config, dtls_handshake_timeout=4.0)
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery, idle_timeout=60.0)
+        from perc.dtls import DtlsConfiguration, DtlsConnection
+
+        client = DtlsConnection(
+            DtlsConfiguration(
+                is_client=True, certificate=alice.certificate, private_key=alice.private_key
+            )
+        )
+        client.connect(trio.current_time())
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        await sock.bind(("127.0.0.1", 0))
+        for datagram in client.datagrams_to_send():
+            await sock.sendto(datagram, relay.address)
+        await until(lambda: len(setup.handler.associations) == 1)
+        started = trio.current_time()
+        # The KMF retransmits its flight on its timers, then gives up at the deadline.
+        await until(lambda: setup.handler.stats.failed == 1)
+        assert 3.5 <= trio.current_time() - started <= 6.0
+        await until(lambda: relay.stats.associations_ended_by_kmf == 1)
+        assert setup.handler.associations == {}
+        assert setup.handler.stats.timer_wakeups >= 2
+        sock.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_restarted_endpoint_on_the_same_address_rejoins(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    alice = people.members[0]
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}))
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        first = await setup.join(relay, alice)
+        assert first.joined
+        second = await setup.join(relay, alice, sock=first.socket)
+        assert second.joined
+        assert setup.handler.stats.restarts == 1
+        assert len(setup.handler.associations) == 1
+        assert len(setup.handler.state.conferences["demo"].members) == 1
+        await until(lambda: relay.stats.media_keys == 2)
+        assert len(relay.associations) == 1
+        keys = mdd_association(relay, second).keys
+        done = second.completed
+        assert keys is not None and done is not None and done.srtp_keying_material is not None
+        assert keys.client_key == outer_media_keys(done.srtp_profile, done.srtp_keying_material)[0]  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+
+
+async def test_rekey_hook_sends_a_new_key_to_every_member(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    a, b = people.members[:2]
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [a, b]}))
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        ra = await setup.join(relay, a)
+        rb = await setup.join(relay, b)
+        assert ra.ekt_key == rb.ekt_key
+        nursery.start_soon(ra.serve)
+        nursery.start_soon(rb.serve)
+        # (a rekey before the first ACK arrived would supersede the first key, D22)
+        await until(lambda: setup.handler.stats.ekt_keys_acknowledged == 2)
+        old = setup.handler.state.conferences["demo"].current
+        new = setup.handler.rekey("demo")
+        assert new is not None and old is not None and new.spi != old.spi and new.key != old.key
+        await until(lambda: setup.handler.stats.ekt_keys_acknowledged == 4)
+        for r in (ra, rb):
+            assert [k.spi for k in r.ekt_keys] == [old.spi, new.spi]
+            assert new.same_key(r.ekt_keys[-1].key, r.ekt_keys[-1].salt, r.ekt_keys[-1].spi)
+        nursery.cancel_scope.cancel()
