@@ -607,6 +607,14 @@ async def join(
     ``result.socket`` (close it, e.g. through :func:`stay`).
     """
     sock = await _open_socket(settings.mdd)
+    log.info(
+        "joining name=%s mdd=%s local=%s fingerprint=%s kmf=%s",
+        settings.name,
+        _format_address(settings.mdd),
+        _format_address(sock.getsockname()),
+        settings.identity.fingerprint,
+        settings.kmf_fingerprint,
+    )
     try:
         return await _join_on(settings, sock, keylog)
     except BaseException:
@@ -838,13 +846,6 @@ async def run(
     media: MediaFactory | None = None,
 ) -> None:
     """Join, then stay joined (what ``perc endpoint`` runs under ``run_until_signal``)."""
-    log.info(
-        "joining name=%s mdd=%s fingerprint=%s kmf=%s",
-        settings.name,
-        _format_address(settings.mdd),
-        settings.identity.fingerprint,
-        settings.kmf_fingerprint,
-    )
     result = await join(settings, keylog=keylog)
     engine = media(result, trio.current_time()) if media is not None else None
     await stay(result, duration=duration, media=engine)
