@@ -29,11 +29,18 @@ from perc.dtls import CookieGate
 from perc.identity import Identity
 from perc.wire.dtls import (
     ClientHello,
+    EktKey,
     encode_handshake,
     parse_datagram_untrusted,
     parse_handshake_fragments_untrusted,
 )
-from tests.dtls_interop.engine import GatedServer, client_peer, ekt_server_peer, server_peer
+from tests.dtls_interop.engine import (
+    EKT_KEY,
+    GatedServer,
+    client_peer,
+    ekt_server_peer,
+    server_peer,
+)
 from tests.dtls_interop.harness import assert_no_internal_errors, describe, pump
 from tests.dtls_interop.netsim import Network
 from tests.dtls_interop.openssl_peer import OpensslPeer, split_records
@@ -633,4 +640,94 @@ def test_client_hello_near_the_last_record_sequence_number(
         tap=tap,
         until=lambda: client.has("EktKeyReceived") and server.has("EktKeyAcknowledged"),
     )
+    assert_no_internal_errors(client, server)
+
+
+# --- forged plaintext post-handshake messages --------------------------------------------------
+
+FORGED_KEY = b"\xee" * 16
+
+
+def forged_plaintext_ekt_keys(record_seq: int, message_seqs: range) -> bytes:
+    """Plaintext (epoch 0) EKTKey records, one per message_seq."""
+    body = EktKey(FORGED_KEY, b"\xee" * 14, 0xBEEF, 1).encode()
+    return b"".join(
+        record(22, 0xFEFD, 0, record_seq + i, encode_handshake(26, seq, body))
+        for i, seq in enumerate(message_seqs)
+    )
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_plaintext_ekt_key_is_never_accepted(
+    client_identity: Identity, server_identity: Identity, gated: bool
+) -> None:
+    """EKTKey carries the end-to-end group key: only an epoch-1 (authenticated) EKTKey may
+    become EktKeyReceived (D9). Forged epoch-0 EKTKeys numbered after the server's Finished (so
+    they wait in the reassembler as future messages, where the real EKTKey will go) are fed to
+    the client before every delivery; after completion, forged EKTKeys with every message_seq
+    follow. (An in-sequence forged plaintext message during the handshake is a plain protocol
+    error, unexpected_message, and not what this test is about.)"""
+    client = client_peer(client_identity)
+    server: Any = (
+        GatedServer(server_identity, send_ekt=True) if gated else ekt_server_peer(server_identity)
+    )
+    finished_seq = 6 if gated else 5  # server messages: [HVR] SH Cert SKE CR SHD Finished
+    future = range(finished_seq + 1, finished_seq + 7)
+    forged = 0
+
+    def tap(direction: str, datagram: bytes, now: float) -> None:
+        nonlocal forged
+        if direction == "s2c":
+            forged += 1
+            client.receive_datagram(forged_plaintext_ekt_keys(1000 + 20 * forged, future), now)
+
+    client.connect(0.0)
+    result = Network(4).run(
+        client,
+        server,
+        until=lambda: client.has("EktKeyReceived") and server.has("EktKeyAcknowledged"),
+        max_time=60.0,
+        tap=tap,
+    )
+    assert result.done, f"{describe(client)} / {describe(server)}"
+    for i in range(3):
+        client.receive_datagram(forged_plaintext_ekt_keys(5000 + 20 * i, range(13)), result.now)
+    keys = [e.key for e in client.events if type(e).__name__ == "EktKeyReceived"]
+    assert keys == [EKT_KEY]
+    assert forged >= 3
+    assert_no_internal_errors(client, server)
+    assert not client.has("ConnectionClosed")
+
+
+# --- a forged partial fragment must not hold a reassembly slot (findings F5) ---------------
+
+
+@pytest.mark.parametrize(
+    "msg_type, message_seq, length",
+    [(2, 0, 100), (11, 1, 100), (11, 1, 5000), (12, 2, 60), (14, 4, 20)],
+)
+def test_forged_partial_fragment_does_not_stall_the_client(
+    client_identity: Identity,
+    server_identity: Identity,
+    msg_type: int,
+    message_seq: int,
+    length: int,
+) -> None:
+    """A plaintext fragment of a flight-4 message with a wrong total length, sent to the client
+    before the real flight 4, must not hold the reassembly slot against the real message: the
+    handshake (with EKTKey) completes through the first real flight or its retransmission."""
+    client = client_peer(client_identity)
+    server = ekt_server_peer(server_identity)
+    client.connect(0.0)
+    client.receive_datagram(
+        record(22, 0xFEFD, 0, 1000, fragment(msg_type, length, message_seq, 0, b"\x00" * 10)),
+        0.0,
+    )
+    result = Network(1).run(
+        client,
+        server,
+        until=lambda: client.has("EktKeyReceived") and server.has("EktKeyAcknowledged"),
+        max_time=60.0,
+    )
+    assert result.done and result.now < 10.0, f"{describe(client)} / {describe(server)}"
     assert_no_internal_errors(client, server)
