@@ -2,16 +2,273 @@
 
 Each test builds its own identities and configs (tests/system/conftest.py) and reads what
 happened from the processes' logs and exit statuses. Keys are compared through the one-way
-digests the roles log (``perc.roles.endpoint.key_digest``), never printed.
+digests the roles log (``perc.roles.endpoint.key_digest``), never printed; the first test
+also derives the keys independently from the SSLKEYLOGFILE secrets and the ServerHello seen
+on the wire.
 """
 
 from __future__ import annotations
 
-import pytest
+import re
+import signal
 
-from tests.system.conftest import System
+import pytest
+import trio
+
+from perc.dtls.keys import CIPHER_SUITES, export_keying_material
+from perc.roles import endpoint
+from perc.roles.endpoint import JoinSettings, hbh_digest
+from perc.srtp.keys import split_exporter
+from perc.wire.dtls import (
+    ContentType,
+    HandshakeType,
+    ServerHello,
+    parse_datagram_untrusted,
+    parse_handshake_fragments_untrusted,
+)
+from tests.netutil.impair import ImpairmentProxy
+from tests.system.conftest import LOCAL, System
 
 pytestmark = pytest.mark.slow
+
+FP = r"sha-256 [0-9A-F:]{95}"
+NO_REKEY = "rekey_on_join = false\nrekey_on_leave = false\n"
+
+
+def joined_fields(line: str) -> dict[str, str]:
+    """``key=value`` fields of a log line (fingerprints have a space: rejoin them)."""
+    return dict(re.findall(r"(\w+)=(sha-256 \S+|\S+)", line))
+
+
+class TapProxy(ImpairmentProxy):
+    """A loss-free pass-through that records what the KMF (via the MDD) sends the endpoint."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        super().__init__(upstream, drop=0.0, reorder=0.0)
+        self.to_endpoint: list[bytes] = []
+
+    def _impair(self, nursery, stats, sock, data, dest):  # type: ignore[no-untyped-def]
+        if stats is self.to_client:
+            self.to_endpoint.append(data)
+        super()._impair(nursery, stats, sock, data, dest)
+
+
+def server_hello(datagrams: list[bytes]) -> ServerHello:
+    for dg in datagrams:
+        records, _ = parse_datagram_untrusted(dg)
+        for rec in records:
+            if rec.content_type != ContentType.HANDSHAKE or rec.epoch != 0:
+                continue
+            for frag in parse_handshake_fragments_untrusted(rec.fragment):
+                if frag.msg_type == HandshakeType.SERVER_HELLO and frag.is_whole:
+                    return ServerHello.decode(frag.body)
+    raise AssertionError("no ServerHello seen")
+
+
+async def test_one_endpoint_joins_and_every_side_holds_the_same_keys(system: System) -> None:
+    keylog = {"SSLKEYLOGFILE": str(system.keylog)}
+    kmf, kmf_port = await system.start_kmf(system.kmf_config(), env=keylog)
+    mdd, mdd_port = await system.start_mdd(system.mdd_config("mdd", kmf_port))
+    tap = TapProxy((LOCAL, mdd_port))
+    system.nursery.start_soon(tap.serve)
+    while tap.address is None:
+        await trio.sleep(0)
+    alice = await system.start_endpoint("alice", tap.address[1], env=keylog)
+    line = (await alice.wait_for(r"joined name=alice ")).string
+    ep = joined_fields(line)
+    assert ep["profile"] == "DOUBLE_AEAD_AES_128_GCM(0x0009)"
+    assert ep["kmf"] == system.fingerprint("kmf")
+    endpoint.check_tls_id(ep["tls_id"])
+
+    # The KMF admitted alice into "demo" with the SPI she holds.
+    kmf_line = (await kmf.wait_for(r"joined conference=demo ")).string
+    kf = joined_fields(kmf_line)
+    assert kf["fingerprint"] == system.fingerprint("alice")
+    assert kf["spi"] == ep["spi"]
+    assert kf["profile"] == "0x0009"
+    # The MDD installed MediaKeys for that association (the only one: through the tap).
+    mdd_line = (
+        await mdd.wait_for(rf"keys installed conference=demo association={kf['association']}")
+    ).string
+    md = joined_fields(mdd_line)
+    assert md["profile"] == "0x0009"
+
+    # Independent derivation (D21): both DTLS ends logged the same secret; with the
+    # ServerHello's random the exporter gives the keys; its outer halves are what the
+    # endpoint and the MDD hold.
+    await kmf.wait_for(r"EKTKey acknowledged")
+    lines = system.keylog.read_text().splitlines()
+    assert len(lines) == 2 and lines[0] == lines[1], lines
+    _, client_random, master = lines[0].split()
+    hello = server_hello(tap.to_endpoint)
+    material = export_keying_material(
+        CIPHER_SUITES[hello.cipher_suite],
+        master_secret=bytes.fromhex(master),
+        client_random=bytes.fromhex(client_random),
+        server_random=hello.random,
+        label=b"EXTRACTOR-dtls_srtp",
+        length=2 * (32 + 24),
+    )
+    outer = split_exporter(0x0009, material).outer()
+    assert ep["hbh_keys"] == hbh_digest(outer)
+    if "keys" in md:  # the MDD's digest of its MediaKeys (perc.roles.mdd, debug line)
+        assert md["keys"] == hbh_digest(outer)
+    if ekt := kmf.find(rf"ektkey conference=demo spi={ep['spi']} key=(\w+)"):
+        assert ekt[-1].group(1) == ep["ekt_key"]
+
+    # Leaving: close_notify -> the KMF ends the association -> EndpointDisconnect to the MDD.
+    assert await system.stop(alice) == 0
+    await mdd.wait_for(rf"association ended by KMF conference=demo association={kf['association']}")
+    assert alice.find(r"left name=alice .*close_notify sent")
+    for proc in (kmf, mdd, alice):
+        assert "Traceback" not in proc.text, proc.text
+
+
+async def test_endpoint_not_on_the_roster_gets_access_denied(system: System) -> None:
+    kmf, kmf_port = await system.start_kmf(system.kmf_config())
+    mdd, mdd_port = await system.start_mdd(system.mdd_config("mdd", kmf_port))
+    mallory = await system.start_endpoint("mallory", mdd_port)
+    assert await mallory.wait_exit() == 3
+    assert "access_denied" in mallory.error_line
+    assert "roster" in mallory.error_line
+    assert system.fingerprint("mallory") in mallory.error_line
+    local = mallory.find(r"joining name=mallory .* local=(\S+)")[0].group(1)
+    # The MDD's association for mallory's 5-tuple was ended by the KMF (EndpointDisconnect).
+    aid = (
+        await mdd.wait_for(rf"association new conference=demo association=(\S+) peer={local}")
+    ).group(1)
+    await mdd.wait_for(rf"association ended by KMF conference=demo association={aid}")
+    await kmf.wait_for(rf"refused association={aid} fingerprint={system.fingerprint('mallory')}")
+    assert "Traceback" not in kmf.text + mdd.text + mallory.text
+
+
+async def test_wrong_kmf_fingerprint_aborts_and_says_why(system: System) -> None:
+    kmf, kmf_port = await system.start_kmf(system.kmf_config())
+    mdd, mdd_port = await system.start_mdd(system.mdd_config("mdd", kmf_port))
+    impostor_fp = system.fingerprint("expected-kmf")
+    alice = await system.start_endpoint("alice", mdd_port, kmf_fingerprint=impostor_fp)
+    assert await alice.wait_exit() == 4
+    line = alice.error_line
+    assert line.startswith("perc: error: wrong KMF: the server's certificate fingerprint ")
+    assert system.fingerprint("kmf") in line and impostor_fp in line
+    assert "bad_certificate" in line
+    # Our fatal alert went back to the KMF, which ended its side and told the MDD.
+    local = alice.find(r"joining name=alice .* local=(\S+)")[0].group(1)
+    aid = (
+        await mdd.wait_for(rf"association new conference=demo association=(\S+) peer={local}")
+    ).group(1)
+    await mdd.wait_for(rf"association ended by KMF conference=demo association={aid}")
+    assert not kmf.find(r"joined conference=")
+
+
+async def test_twenty_endpoint_processes_on_two_mdds_share_the_ektkey(system: System) -> None:
+    names = [f"ep{i:02d}" for i in range(20)]
+    kmf, kmf_port = await system.start_kmf(
+        system.kmf_config(
+            trusted_mdds=["mdd1", "mdd2"],
+            conferences={"demo": names},
+            conference_extra=NO_REKEY,
+        )
+    )
+    mdd1, port1 = await system.start_mdd(system.mdd_config("mdd1", kmf_port))
+    mdd2, port2 = await system.start_mdd(system.mdd_config("mdd2", kmf_port))
+    for name in names:  # identities first, so that the processes start back to back
+        system.identity(name)
+    procs = [
+        await system.start_endpoint(name, port1 if i % 2 else port2, "--join-timeout", "15")
+        for i, name in enumerate(names)
+    ]
+    lines = [(await p.wait_for(r"joined name=", timeout=30)).string for p in procs]
+    fields = [joined_fields(line) for line in lines]
+    assert {(f["spi"], f["ekt_key"]) for f in fields} == {(fields[0]["spi"], fields[0]["ekt_key"])}
+    assert len({f["hbh_keys"] for f in fields}) == 20  # every association its own HBH keys
+    assert len(kmf.find(rf"joined conference=demo .* spi={fields[0]['spi']} ")) == 20
+    for mdd in (mdd1, mdd2):
+        assert len(mdd.find(r"keys installed conference=demo")) == 10
+    codes = []
+    for p in procs:
+        p.signal(signal.SIGTERM)
+    for p in procs:
+        codes.append(await p.wait_exit())
+    assert codes == [0] * 20, [p.text for p in procs if p.process.returncode]
+
+
+async def test_twenty_simultaneous_joins(system: System) -> None:
+    """20 endpoints (perc.roles.endpoint.join, in this process) released by one event."""
+    names = [f"sim{i:02d}" for i in range(20)]
+    kmf, kmf_port = await system.start_kmf(
+        system.kmf_config(conferences={"demo": names}, conference_extra=NO_REKEY)
+    )
+    mdd, mdd_port = await system.start_mdd(system.mdd_config("mdd", kmf_port))
+    go = trio.Event()
+    results: list[endpoint.JoinResult] = []
+
+    async def one(name: str) -> None:
+        settings = JoinSettings(
+            mdd=(LOCAL, mdd_port),
+            identity=system.identity(name),
+            kmf_fingerprint=system.fingerprint("kmf"),
+            name=name,
+            join_timeout=15.0,
+        )
+        await go.wait()
+        results.append(await endpoint.join(settings))
+
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            nursery.start_soon(one, name)
+        await trio.sleep(0)
+        go.set()
+    try:
+        assert len(results) == 20
+        assert len({(r.ekt.spi, r.ekt.key) for r in results}) == 1
+        assert len({r.hbh.client_key for r in results}) == 20
+        await kmf.wait_for(r"joined conference=demo", count=20)
+        await mdd.wait_for(r"keys installed conference=demo", count=20)
+    finally:
+        for r in results:
+            r.socket.close()
+
+
+async def test_joins_through_a_lossy_reordering_path(system: System) -> None:
+    names = [f"lossy{i}" for i in range(6)]
+    kmf, kmf_port = await system.start_kmf(
+        system.kmf_config(conferences={"demo": names}, conference_extra=NO_REKEY)
+    )
+    _, mdd_port = await system.start_mdd(system.mdd_config("mdd", kmf_port))
+    proxy = ImpairmentProxy((LOCAL, mdd_port), drop=0.1, reorder=0.1, seed=4)
+    system.nursery.start_soon(proxy.serve)
+    while proxy.address is None:
+        await trio.sleep(0)
+    procs = [
+        await system.start_endpoint(n, proxy.address[1], "--join-timeout", "30") for n in names
+    ]
+    fields = [joined_fields((await p.wait_for(r"joined name=", timeout=40)).string) for p in procs]
+    assert len({f["spi"] for f in fields}) == 1
+    # Loss and reordering did happen (10% each way of ~100 datagrams: never none at all).
+    assert proxy.to_server.dropped + proxy.to_client.dropped > 0
+    assert proxy.to_server.reordered + proxy.to_client.reordered > 0
+    await kmf.wait_for(r"joined conference=demo", count=len(names))
+
+
+async def test_killed_endpoint_is_disconnected_after_the_idle_timeout(system: System) -> None:
+    kmf, kmf_port = await system.start_kmf(system.kmf_config())
+    mdd, mdd_port = await system.start_mdd(system.mdd_config("mdd", kmf_port, idle_timeout=1.0))
+    alice = await system.start_endpoint("alice", mdd_port)
+    await alice.wait_for(r"joined name=alice")
+    aid = joined_fields((await kmf.wait_for(r"joined conference=demo ")).string)["association"]
+    await kmf.wait_for(rf"EKTKey acknowledged association={aid}")
+    killed_at = trio.current_time()
+    alice.process.kill()  # SIGKILL: no close_notify, the MDD only sees silence (D3)
+    assert await alice.wait_exit() == -signal.SIGKILL
+    await mdd.wait_for(
+        rf"association idle conference=demo association={aid} .*EndpointDisconnect sent"
+    )
+    await kmf.wait_for(rf"endpoint disconnect from MDD association={aid}")
+    # Not before the idle timeout (1 s since alice's last datagram, the ACK just before the
+    # kill), and not much after (the MDD sweeps every timeout/8).
+    assert 0.8 < trio.current_time() - killed_at < 5.0
+    assert not alice.find("left name=")
 
 
 async def test_mdd_not_trusted_endpoints_fail_with_a_clear_message(system: System) -> None:
