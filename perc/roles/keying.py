@@ -254,6 +254,8 @@ class KeyingHandler:
             handshake_timeout=dtls_handshake_timeout,
             keylog=keylog,
         )
+        # Open tunnels per MDD certificate fingerprint (a re-connected MDD, _route).
+        self._open_tunnels: dict[str, list[KmfTunnel]] = {}
         # Timer heap: (deadline, tie-breaker, association id); lazy deletion.
         self._heap: list[tuple[float, int, uuid.UUID]] = []
         self._seq = itertools.count()
@@ -281,11 +283,16 @@ class KeyingHandler:
             self.stats.timer_wakeups += 1
 
     def on_tunnel_up(self, tunnel: KmfTunnel) -> None:
-        pass
+        self._open_tunnels.setdefault(tunnel.mdd_fingerprint, []).append(tunnel)
 
     def on_tunnel_down(self, tunnel: KmfTunnel) -> None:
         # Associations survive: the MDD reconnects and their datagrams come back (kmf.py).
-        pass
+        # Until one does, what we send them goes to that MDD's other tunnels (_route).
+        same_mdd = self._open_tunnels.get(tunnel.mdd_fingerprint, [])
+        if tunnel in same_mdd:
+            same_mdd.remove(tunnel)
+        if not same_mdd:
+            self._open_tunnels.pop(tunnel.mdd_fingerprint, None)
 
     def on_datagram(self, association_id: uuid.UUID, data: bytes, tunnel: KmfTunnel) -> None:
         now = trio.current_time()
@@ -447,9 +454,30 @@ class KeyingHandler:
                 return
         self._schedule(assoc)
 
+    def _route(self, assoc: KmfAssociation) -> list[KmfTunnel]:
+        """Where to send for ``assoc``: its latest tunnel, or if that closed, the open tunnels
+        of the same MDD (it reconnected; a joined endpoint sends no DTLS that would tell us
+        which one, and an MDD runs one tunnel per conference, D1). A tunnel that does not
+        know the association id counts and ignores what we send (D2)."""
+        tunnel = assoc.tunnel
+        if tunnel.is_open:
+            return [tunnel]
+        others = [t for t in self._open_tunnels.get(tunnel.mdd_fingerprint, ()) if t.is_open]
+        if len(others) == 1:
+            assoc.tunnel = others[0]
+        return others
+
     def _flush(self, assoc: KmfAssociation) -> None:
-        for datagram in assoc.connection.datagrams_to_send():
-            if not assoc.tunnel.send_dtls(assoc.association_id, datagram):
+        datagrams = assoc.connection.datagrams_to_send()
+        if not datagrams:
+            return
+        tunnels = self._route(assoc)
+        aid = assoc.association_id
+        for datagram in datagrams:
+            sent = False
+            for tunnel in tunnels:
+                sent = tunnel.send_dtls(aid, datagram) or sent
+            if not sent:
                 self.stats.dropped_tunnel_send += 1
 
     def _completed(
@@ -578,8 +606,10 @@ class KeyingHandler:
                 reason,
             )
         # RFC 9185 §5.4 / D3: the association ended on the DTLS side; tell the MDD.
-        if closed is not None and assoc.tunnel.send_disconnect(aid):
-            self.stats.disconnects_sent += 1
+        if closed is not None:
+            for tunnel in self._route(assoc):
+                if tunnel.send_disconnect(aid):
+                    self.stats.disconnects_sent += 1
 
     # --- timers ------------------------------------------------------------------------------
 

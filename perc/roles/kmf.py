@@ -411,10 +411,16 @@ async def serve(
     with ``SSLKEYLOGFILE`` honoured (D21; :class:`perc.keylog.KeyLogError` if it cannot be
     opened).
     """
+    keylog = None
     if handler is None:
         from perc.keylog import keylog_from_env
         from perc.roles.keying import KeyingHandler
 
-        handler = KeyingHandler(config, keylog=keylog_from_env())
+        keylog = keylog_from_env()
+        handler = KeyingHandler(config, keylog=keylog)
     server = KmfServer(config, handler)
-    await server.serve(task_status=task_status)
+    try:
+        await server.serve(task_status=task_status)
+    finally:
+        if keylog is not None:
+            keylog.close()

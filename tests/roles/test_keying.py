@@ -6,10 +6,12 @@ The endpoints are perc's own sans-IO DTLS clients (tests/roles/join_helpers.py);
 
 from __future__ import annotations
 
+import stat
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -18,10 +20,12 @@ from trio.testing import MockClock
 
 from perc import identity
 from perc.config import KmfConfig
+from perc.dtls import DtlsConfiguration, DtlsConnection, events
 from perc.dtls.errors import AlertDescription
 from perc.roles import kmf, mdd
 from perc.roles.keying import KeyingHandler
 from perc.srtp.keys import outer_media_keys
+from perc.wire.tunnel import MediaKeys
 
 from .helpers import mdd_config, until
 from .join_helpers import JoinResult, join_once, keying_kmf_config
@@ -341,8 +345,6 @@ async def test_no_state_before_a_valid_cookie(
         await setup.start_mdd(nursery)
         tunnel = next(iter(server.tunnels.values()))
         handler = setup.handler
-        from perc.dtls import DtlsConfiguration, DtlsConnection
-
         client = DtlsConnection(
             DtlsConfiguration(
                 is_client=True,
@@ -386,8 +388,6 @@ async def test_handshake_timeout_ends_association_and_tells_mdd(
     setup = Setup(ids, config, dtls_handshake_timeout=4.0)
     async with setup.running() as nursery:
         relay = await setup.start_mdd(nursery, idle_timeout=60.0)
-        from perc.dtls import DtlsConfiguration, DtlsConnection
-
         client = DtlsConnection(
             DtlsConfiguration(
                 is_client=True, certificate=alice.certificate, private_key=alice.private_key
@@ -455,3 +455,217 @@ async def test_rekey_hook_sends_a_new_key_to_every_member(
             assert [k.spi for k in r.ekt_keys] == [old.spi, new.spi]
             assert new.same_key(r.ekt_keys[-1].key, r.ekt_keys[-1].salt, r.ekt_keys[-1].spi)
         nursery.cancel_scope.cancel()
+
+
+async def test_kmf_serve_honours_sslkeylogfile(
+    ids: SimpleNamespace,
+    people: SimpleNamespace,
+    clock: MockClock,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """D21: ``kmf.serve`` without a handler appends the NSS line the client also computes."""
+    alice = people.members[0]
+    path = tmp_path / "keys.log"
+    monkeypatch.setenv("SSLKEYLOGFILE", str(path))
+    config = keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]})
+    sockets = []
+    async with trio.open_nursery() as nursery:
+        server: kmf.KmfServer = await nursery.start(partial(kmf.serve, config))
+        assert isinstance(server.handler, KeyingHandler)
+        relay_server: mdd.MddServer = await nursery.start(
+            partial(mdd.serve, mdd_config(ids.mdd, server.address, ids.kmf.fingerprint))
+        )
+        relay = relay_server.conferences["demo"]
+        await until(lambda: relay.tunnel_is_up)
+        result = await join_once(relay.address, alice, ids.kmf.fingerprint)
+        sockets.append(result.socket)
+        assert result.joined
+        nursery.cancel_scope.cancel()
+    for sock in sockets:
+        sock.close()
+    assert path.read_text().splitlines() == result.keylog_lines
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+async def test_srtp_before_keys_is_dropped_and_counted(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    alice = people.members[0]
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}))
+    rtp = bytes([0x80, 111]) + bytes(10) + bytes(40)
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+        await sock.bind(("127.0.0.1", 0))
+        # From an address with no association at all.
+        await sock.sendto(rtp, relay.address)
+        await until(lambda: relay.stats.dropped_srtp_no_keys == 1)
+        # A ClientHello creates the MDD association; SRTP before its MediaKeys is dropped.
+        client = DtlsConnection(
+            DtlsConfiguration(
+                is_client=True, certificate=alice.certificate, private_key=alice.private_key
+            )
+        )
+        client.connect(trio.current_time())
+        for datagram in client.datagrams_to_send():
+            await sock.sendto(datagram, relay.address)
+        await until(lambda: len(relay.associations) == 1)
+        await sock.sendto(rtp, relay.address)
+        await until(lambda: relay.stats.dropped_srtp_no_keys == 2)
+        assoc = next(iter(relay.associations.values()))
+        assert assoc.srtp_no_keys == 1 and assoc.keys is None
+        # Join from the same socket (a fresh ClientHello: the KMF restarts the association).
+        result = await setup.join(relay, alice, sock=sock)
+        assert result.joined
+        await until(lambda: assoc.keys is not None)
+        await sock.sendto(rtp, relay.address)
+        await until(lambda: relay.stats.dropped_srtp == 3)
+        assert relay.stats.dropped_srtp_no_keys == 2
+        assert assoc.srtp_in == 2
+
+
+async def test_one_ekt_cipher_per_conference(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    a, b, c = people.members[:3]
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [a, b, c]}))
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        # The first member offers only AESKW128: the conference's key is a 16-byte one.
+        ra = await setup.join(relay, a, ekt_ciphers=(1,))
+        assert ra.joined and len(ra.ekt_key.key) == 16  # type: ignore[union-attr]
+        # The KMF selects AESKW256 for an endpoint offering both: not the conference's cipher.
+        rb = await setup.join(relay, b)
+        assert rb.alert_received == AlertDescription.handshake_failure
+        # No EKT at all: PERC needs it.
+        rc = await setup.join(relay, c, ekt_ciphers=())
+        assert rc.alert_received == AlertDescription.handshake_failure
+        assert setup.handler.stats.refused == 2
+        await until(lambda: relay.stats.associations_ended_by_kmf == 2)
+
+
+async def test_endpoint_refusing_the_kmf_ends_the_association(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    alice = people.members[0]
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}))
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery)
+        result = await join_once(relay.address, alice, ids.stranger.fingerprint)
+        setup.results.append(result)
+        assert result.closed is not None and not result.closed.sent_by_peer
+        assert result.closed.alert == AlertDescription.bad_certificate
+        await until(lambda: setup.handler.stats.failed == 1)
+        await until(lambda: relay.stats.associations_ended_by_kmf == 1)
+        assert setup.handler.state.conferences["demo"].members == {}
+        assert relay.stats.media_keys == 0
+
+
+def test_hop_keys_accept_only_perc_media_keys() -> None:
+    aid = uuid.uuid4()
+
+    def media_keys(profile: int, k: int, s: int, mki: bytes = b"") -> MediaKeys:
+        return MediaKeys(aid, profile, mki, b"\x01" * k, b"\x02" * k, b"\x03" * s, b"\x04" * s)
+
+    keys = mdd.HopKeys.from_media_keys(media_keys(0x0009, 16, 12))
+    assert keys is not None
+    assert (keys.client_key, keys.server_key) == (b"\x01" * 16, b"\x02" * 16)
+    assert (keys.client_salt, keys.server_salt) == (b"\x03" * 12, b"\x04" * 12)
+    assert repr(keys) == "HopKeys(profile=0x0009)"
+    assert mdd.HopKeys.from_media_keys(media_keys(0x000A, 32, 12)) is not None
+    for bad in (
+        media_keys(0x0009, 32, 12),  # the whole double key, not the outer half (D4)
+        media_keys(0x000A, 16, 12),
+        media_keys(0x0009, 16, 24),
+        media_keys(0x0007, 16, 12),  # single-layer profile: not an MDD-endpoint hop (D18)
+        media_keys(0x0009, 16, 12, mki=b"\x01"),  # EKT forbids MKI (D4)
+    ):
+        assert mdd.HopKeys.from_media_keys(bad) is None
+
+
+class FakeTunnel:
+    """Duck-typed KmfTunnel that records what the handler sends."""
+
+    def __init__(self, fingerprint: str, profiles: tuple[int, ...] = (9, 10)) -> None:
+        self.mdd_fingerprint = fingerprint
+        self.protection_profiles = profiles
+        self.peer = f"fake-{id(self)}"
+        self.is_open = True
+        self.dtls: list[tuple[uuid.UUID, bytes]] = []
+        self.media_keys: list[MediaKeys] = []
+        self.disconnects: list[uuid.UUID] = []
+
+    def send_dtls(self, aid: uuid.UUID, data: bytes) -> bool:
+        if self.is_open:
+            self.dtls.append((aid, data))
+        return self.is_open
+
+    def send_media_keys(self, keys: MediaKeys) -> bool:
+        if self.is_open:
+            self.media_keys.append(keys)
+        return self.is_open
+
+    def send_disconnect(self, aid: uuid.UUID) -> bool:
+        if self.is_open:
+            self.disconnects.append(aid)
+        return self.is_open
+
+
+def pump_in_memory(
+    handler: KeyingHandler, client: DtlsConnection, aid: uuid.UUID, tunnel: FakeTunnel
+) -> None:
+    """Carry datagrams both ways until nothing moves (no loss, no timers)."""
+    while True:
+        moved = False
+        for datagram in client.datagrams_to_send():
+            handler.on_datagram(aid, datagram, tunnel)  # type: ignore[arg-type]
+            moved = True
+        replies, tunnel.dtls = tunnel.dtls, []
+        for _, datagram in replies:
+            client.receive_datagram(datagram, trio.current_time())
+            moved = True
+        if not moved:
+            return
+
+
+async def test_answers_follow_a_reconnected_mdd(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    """After the tunnel that carried a joined endpoint closes, a rekey reaches it through the
+    same MDD's new tunnel (in memory: fake tunnels, the real handler and engine)."""
+    alice = people.members[0]
+    handler = KeyingHandler(keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}))
+    old, other_mdd = FakeTunnel(ids.mdd.fingerprint), FakeTunnel(ids.mdd2.fingerprint)
+    handler.on_tunnel_up(old)  # type: ignore[arg-type]
+    handler.on_tunnel_up(other_mdd)  # type: ignore[arg-type]
+    client = DtlsConnection(
+        DtlsConfiguration(
+            is_client=True,
+            certificate=alice.certificate,
+            private_key=alice.private_key,
+            tls_id=b"alice-session-0123456789",
+        )
+    )
+    aid = uuid.uuid4()
+    client.connect(trio.current_time())
+    pump_in_memory(handler, client, aid, old)
+    assert handler.stats.joined == 1
+    assert [k.association_id for k in old.media_keys] == [aid]
+    first_key = handler.state.conferences["demo"].current
+    # The tunnel drops; the MDD reconnects with a new one.
+    old.is_open = False
+    handler.on_tunnel_down(old)  # type: ignore[arg-type]
+    new = FakeTunnel(ids.mdd.fingerprint)
+    handler.on_tunnel_up(new)  # type: ignore[arg-type]
+    key = handler.rekey("demo")
+    assert key is not None and first_key is not None and key.spi != first_key.spi
+    assert [a for a, _ in new.dtls] == [aid]
+    assert other_mdd.dtls == []  # another MDD never gets this endpoint's DTLS
+    pump_in_memory(handler, client, aid, new)
+    received = []
+    while (event := client.next_event()) is not None:
+        if isinstance(event, events.EktKeyReceived):
+            received.append(event.spi)
+    assert received == [first_key.spi, key.spi]
+    assert handler.stats.ekt_keys_acknowledged == 2
