@@ -2,14 +2,19 @@
 
 Temporary form until the conference issue lands the whole system. It makes throwaway
 identities and config files in a temporary folder, starts ``perc kmf`` and ``perc mdd`` as
-subprocesses through the CLI (the same commands a user runs), waits until the MDD logs that
-its tunnel to the KMF is up, sends one DTLS-looking datagram from a stand-in endpoint to the
-MDD and waits until the KMF logs that it arrived through the tunnel, then stops both with
-SIGTERM. Exit status 0 only if every step worked and both processes exited 0.
+subprocesses through the CLI (the same commands a user runs) and waits until the MDD logs that
+its tunnel to the KMF is up. Then two ``perc endpoint`` processes (alice and bob) join the
+conference through the MDD: each runs DTLS-SRTP with the KMF through the tunnel and gets the
+conference's EKTKey, while the MDD gets their hop-by-hop keys (MediaKeys). The demo checks in
+the logs that both joined with the same EKTKey (SPI and key digest) and that the MDD installed
+keys for both, stops the endpoints with SIGTERM (close_notify: the KMF ends the associations
+and tells the MDD, EndpointDisconnect), then stops the MDD and the KMF. Exit status 0 only if
+every step worked and every process exited 0.
 """
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import subprocess
@@ -28,14 +33,18 @@ _STEP_TIMEOUT = 20.0
 
 _EXISTS = """\
 What runs now:
-  - KMF: TLS 1.3 tunnel server; requires the MDD's certificate and pins it by fingerprint.
+  - KMF: TLS 1.3 tunnel server; requires the MDD's certificate and pins it by fingerprint;
+    one DTLS-SRTP server per endpoint association (cookies, roster, DOUBLE profiles, EKT):
+    MediaKeys (hop-by-hop halves only) to the MDD, the conference's EKTKey to the endpoint.
   - MDD: one tunnel per conference to the KMF (pinned by fingerprint), RFC 9185 messages,
     reconnects with backoff; UDP port per conference; DTLS from endpoints relayed to the
-    KMF as TunneledDtls and back; idle endpoints reported with EndpointDisconnect.
+    KMF as TunneledDtls and back; MediaKeys stored; idle endpoints reported with
+    EndpointDisconnect.
+  - endpoint: joins through the MDD (KMF pinned by fingerprint), holds its hop-by-hop keys
+    and the EKTKey, leaves with close_notify.
 Not yet (later issues):
-  - the KMF's DTLS-SRTP engine (it only logs and counts tunneled DTLS today),
-  - endpoints, MediaKeys delivery, SRTP forwarding at the MDD, double encryption and EKT,
-  - a whole conference on loopback (this command will grow into that)."""
+  - media: SRTP forwarding at the MDD, double encryption and EKT tags at the endpoints,
+  - rekeying on join/leave, a whole conference with media on loopback."""
 
 
 @attrs.frozen
@@ -45,6 +54,7 @@ class DemoFiles:
     mdd_config: Path
     kmf_port: int
     mdd_port: int
+    kmf_fingerprint: str = ""
 
 
 def _free_port(kind: socket.SocketKind) -> int:
@@ -55,11 +65,12 @@ def _free_port(kind: socket.SocketKind) -> int:
 
 
 def make_demo_files(folder: Path) -> DemoFiles:
-    """Identities (kmf, mdd, alice) and kmf.toml / mdd.toml for one loopback conference."""
+    """Identities (kmf, mdd, alice, bob) and kmf.toml / mdd.toml for one loopback conference."""
     kmf_id = identity.generate("kmf")
     mdd_id = identity.generate("mdd")
     alice = identity.generate("alice")
-    for name, ident in (("kmf", kmf_id), ("mdd", mdd_id), ("alice", alice)):
+    bob = identity.generate("bob")
+    for name, ident in (("kmf", kmf_id), ("mdd", mdd_id), ("alice", alice), ("bob", bob)):
         identity.write(ident, folder, name)
     kmf_port = _free_port(socket.SOCK_STREAM)
     mdd_port = _free_port(socket.SOCK_DGRAM)
@@ -73,7 +84,7 @@ trusted_mdds = ["{mdd_id.fingerprint}"]
 
 [[conference]]
 id = "demo"
-participants = ["{alice.fingerprint}"]
+participants = ["{alice.fingerprint}", "{bob.fingerprint}"]
 """
     )
     mdd_toml = folder / "mdd.toml"
@@ -89,7 +100,7 @@ kmf = "127.0.0.1:{kmf_port}"
 kmf_fingerprint = "{kmf_id.fingerprint}"
 """
     )
-    return DemoFiles(folder, kmf_toml, mdd_toml, kmf_port, mdd_port)
+    return DemoFiles(folder, kmf_toml, mdd_toml, kmf_port, mdd_port, kmf_id.fingerprint)
 
 
 class _Child:
@@ -117,21 +128,32 @@ class _Child:
             self._changed = trio.Event()
 
     async def wait_for(self, text: str) -> bool:
+        return await self.line_with(text) is not None
+
+    async def line_with(self, text: str) -> str | None:
+        """The first log line containing ``text``; None if the process ended or time ran out."""
         with trio.move_on_after(_STEP_TIMEOUT):
-            while not any(text in line for line in self.lines):
+            while True:
+                for line in self.lines:
+                    if text in line:
+                        return line
                 if self.process.returncode is not None:
-                    return False
+                    return None
                 await self._changed.wait()
-            return True
-        return False
+        return None
 
 
-async def _start(nursery: trio.Nursery, name: str, config: Path) -> _Child:
-    cmd = [sys.executable, "-m", "perc", "--log-level", "info", name, "--config", str(config)]
+async def _start(nursery: trio.Nursery, name: str, args: list[str]) -> _Child:
+    cmd = [sys.executable, "-m", "perc", "--log-level", "info", *args]
     process = await trio.lowlevel.open_process(cmd, stderr=subprocess.PIPE)
     child = _Child(name, process)
     nursery.start_soon(child.pump)
     return child
+
+
+def _fields(line: str) -> dict[str, str]:
+    """The ``key=value`` fields of a log line."""
+    return dict(re.findall(r"(\w+)=(\S+)", line))
 
 
 async def _stop(child: _Child) -> int:
@@ -151,29 +173,35 @@ def _say(text: str) -> None:
 async def _run(files: DemoFiles) -> bool:
     ok = True
     async with trio.open_nursery() as nursery:
-        kmf = await _start(nursery, "kmf", files.kmf_config)
+        kmf = await _start(nursery, "kmf", ["kmf", "--config", str(files.kmf_config)])
         children = [kmf]
         try:
             if not await kmf.wait_for("KMF listening"):
                 _say("FAILED: the KMF did not start")
                 return False
-            mdd = await _start(nursery, "mdd", files.mdd_config)
+            mdd = await _start(nursery, "mdd", ["mdd", "--config", str(files.mdd_config)])
             children.append(mdd)
             if not await mdd.wait_for("tunnel up"):
                 _say("FAILED: the MDD's tunnel to the KMF did not come up")
                 return False
             _say(f"OK: tunnel up between MDD and KMF (127.0.0.1:{files.kmf_port}, TLS 1.3, pinned)")
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as endpoint:
-                # First byte 22: a DTLS handshake record, which the MDD relays to the KMF.
-                endpoint.sendto(
-                    bytes.fromhex("16fefd0000000000000000000100"), ("127.0.0.1", files.mdd_port)
-                )
-            if not await kmf.wait_for("association seen"):
-                _say("FAILED: a DTLS datagram sent to the MDD did not reach the KMF")
+            endpoints = [await _start_endpoint(nursery, files, name) for name in ("alice", "bob")]
+            children += endpoints
+            if not await _joins(files, mdd, endpoints):
                 return False
+            for child in endpoints:
+                children.remove(child)
+                code = await _stop(child)
+                if code != 0:
+                    _say(f"FAILED: perc endpoint {child.name} exited with status {code}")
+                    return False
+            for child in endpoints:
+                if not await _left(mdd, child):
+                    _say(f"FAILED: the MDD was not told that {child.name} left")
+                    return False
             _say(
-                f"OK: a DTLS datagram sent to the MDD (udp 127.0.0.1:{files.mdd_port}) "
-                "reached the KMF through the tunnel"
+                "OK: alice and bob left with close_notify (SIGTERM, exit 0); the KMF ended "
+                "their associations and told the MDD (EndpointDisconnect)"
             )
         finally:
             for child in reversed(children):
@@ -186,12 +214,69 @@ async def _run(files: DemoFiles) -> bool:
     return ok
 
 
+async def _start_endpoint(nursery: trio.Nursery, files: DemoFiles, name: str) -> _Child:
+    args = [
+        "endpoint",
+        "--mdd", f"127.0.0.1:{files.mdd_port}",
+        "--cert", str(files.folder / f"{name}.crt"),
+        "--key", str(files.folder / f"{name}.key"),
+        "--kmf-fingerprint", files.kmf_fingerprint,
+    ]  # fmt: skip
+    return await _start(nursery, name, args)
+
+
+async def _joins(files: DemoFiles, mdd: _Child, endpoints: list[_Child]) -> bool:
+    """Both endpoints joined, with one EKTKey, and the MDD has both their MediaKeys."""
+    joined: dict[str, dict[str, str]] = {}
+    for child in endpoints:
+        line = await child.line_with(f"joined name={child.name} ")
+        if line is None:
+            _say(f"FAILED: {child.name} did not join")
+            return False
+        f = joined[child.name] = _fields(line)
+        _say(
+            f"OK: {child.name}'s DTLS reached the KMF through the tunnel (udp "
+            f"127.0.0.1:{files.mdd_port}) and {child.name} joined in {f.get('join_ms')} ms: "
+            f"{f.get('profile')}, EKTKey SPI {f.get('spi')} ({f.get('ekt_cipher')}, "
+            f"digest {f.get('ekt_key')}), hop-by-hop keys digest {f.get('hbh_keys')}"
+        )
+    if len({(f.get("spi"), f.get("ekt_key")) for f in joined.values()}) != 1:
+        _say("FAILED: alice and bob hold different EKTKeys")
+        return False
+    for name, f in joined.items():
+        if not await mdd.wait_for(f"peer={f.get('local')} profile="):
+            _say(f"FAILED: the MDD did not install {name}'s MediaKeys")
+            return False
+    _say(
+        "OK: alice and bob hold the same EKTKey (end-to-end); the MDD installed their "
+        "hop-by-hop keys (MediaKeys; the EKTKey never reaches it)"
+    )
+    return True
+
+
+async def _left(mdd: _Child, child: _Child) -> bool:
+    """The MDD heard from the KMF that ``child``'s association ended."""
+    joining = next((x for x in child.lines if "joining name=" in x), "")
+    peer = f"peer={_fields(joining).get('local')}"
+    aid = next(
+        (
+            _fields(x).get("association")
+            for x in mdd.lines
+            if "association new" in x and f"{peer} " in f"{x} "
+        ),
+        None,
+    )
+    if aid is None:
+        return False
+    return await mdd.wait_for(f"association ended by KMF conference=demo association={aid}")
+
+
 def main() -> int:
     """Run the demo; 0 if everything worked."""
-    _say("perc demo: starting a KMF and an MDD on loopback (throwaway identities)")
+    _say("perc demo: starting a KMF, an MDD and two endpoints on loopback (throwaway identities)")
     with tempfile.TemporaryDirectory(prefix="perc-demo-") as tmp:
         files = make_demo_files(Path(tmp))
-        _say(f"files in {tmp}: kmf.toml mdd.toml kmf/mdd/alice .crt/.key")
+        _say(f"files in {tmp}: kmf.toml mdd.toml kmf/mdd/alice/bob .crt/.key")
         try:
             ok = trio.run(_run, files)
         except KeyboardInterrupt:
