@@ -50,12 +50,16 @@ class FakeKmf:
         ekt_ciphers: tuple[int, ...] = (1, 2),
         cookies: bool = True,
         on_complete: Callable[[FakeKmf, Address, Peer], None] | None = None,
+        drop_in: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.ident = ident
         self.roster = roster
         self.ekt = ekt if ekt is not None else EktKey()
         self.send_ekt = send_ekt
         self.on_complete = on_complete
+        #: incoming datagrams for which this returns True are dropped (simulated loss)
+        self.drop_in = drop_in
+        self.dropped_in = 0
         self.gate = CookieGate() if cookies else None
         self.peers: dict[Address, Peer] = {}
         self.address: Address = ("127.0.0.1", 0)
@@ -111,6 +115,9 @@ class FakeKmf:
 
     def _datagram(self, data: bytes, addr: Address) -> None:
         now = trio.current_time()
+        if self.drop_in is not None and self.drop_in(data):
+            self.dropped_in += 1
+            return
         peer = self.peers.get(addr)
         if peer is None:
             if self.gate is not None:

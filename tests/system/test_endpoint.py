@@ -313,6 +313,30 @@ async def test_endpoint_media_plugs_into_the_seam() -> None:
     assert kmf.closed()[0].reason == "close_notify"
 
 
+async def test_lost_ack_the_ektkey_is_retransmitted_and_acked_again(mock_clock: MockClock) -> None:
+    """D9: the endpoint keeps running DTLS after the join; a retransmitted EKTKey is ACKed."""
+    acks_seen = 0
+
+    def drop_first_ack(data: bytes) -> bool:
+        nonlocal acks_seen
+        if data[:1] == b"\x1a":  # an ACK record (content type 26) leads the datagram
+            acks_seen += 1
+            return acks_seen == 1
+        return False
+
+    kmf = FakeKmf(IDS["kmf"], drop_in=drop_first_ack)
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        result = await endpoint.join(settings(address))
+        await endpoint.stay(result, duration=5.0)
+        nursery.cancel_scope.cancel()
+    assert kmf.dropped_in == 1
+    (peer,) = kmf.peers.values()
+    assert peer.conn.stats.retransmissions >= 1
+    assert [a.spi for a in kmf.acked()] == [kmf.ekt.spi]
+    assert result.stats.ekt_keys == 1  # the retransmission is the same key, not a rekey
+
+
 async def test_kmf_ending_the_association_after_the_join() -> None:
     kmf = FakeKmf(IDS["kmf"])
     async with trio.open_nursery() as nursery:
