@@ -561,3 +561,67 @@ def test_extra_chain_certificates_are_tolerated_leaf_is_reported(
     pump(client, server)
     assert client.completed.peer_certificate_der == server_identity.certificate_der
     assert client.completed.srtp_keying_material == server.srtp_keying_material
+
+
+# --- OpenSSL's signatures are really verified --------------------------------------------------
+
+
+class Tampering:
+    """Wraps an OpenSSL peer and flips the last byte of the first plaintext handshake record
+    carrying ``msg_type`` it sends (the last byte of the ECDSA signature's ``s``: the DER stays
+    valid, the signature does not)."""
+
+    def __init__(self, inner: OpensslPeer, msg_type: int) -> None:
+        self.inner = inner
+        self.msg_type = msg_type
+        self.tampered = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def receive_datagram(self, data: bytes, now: float) -> None:
+        self.inner.receive_datagram(data, now)
+
+    def datagrams_to_send(self) -> list[bytes]:
+        out = []
+        for datagram in self.inner.datagrams_to_send():
+            records = split_records(datagram)
+            for i, rec in enumerate(records):
+                if (
+                    not self.tampered
+                    and rec[0] == 22
+                    and rec[3:5] == b"\x00\x00"
+                    and rec[13] == self.msg_type
+                ):
+                    records[i] = rec[:-1] + bytes([rec[-1] ^ 0x01])
+                    self.tampered = True
+            out.append(b"".join(records))
+        return out
+
+
+def test_our_client_rejects_a_bad_server_key_exchange_signature(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    client = client_peer(client_identity)
+    server = Tampering(OpensslPeer(is_client=False, identity=server_identity), 12)
+    client.connect(0.0)
+    pump_to_end(client, server)
+    assert server.tampered
+    assert not client.handshake_complete
+    closed = client.first("ConnectionClosed")
+    assert closed is not None and closed.alert == 51  # decrypt_error
+    assert_no_internal_errors(client)
+
+
+def test_our_server_rejects_a_bad_certificate_verify_signature(
+    client_identity: Identity, server_identity: Identity
+) -> None:
+    server = server_peer(server_identity)
+    client = Tampering(OpensslPeer(is_client=True, identity=client_identity), 15)
+    client.connect(0.0)
+    pump_to_end(client, server)
+    assert client.tampered
+    assert not server.handshake_complete
+    closed = server.first("ConnectionClosed")
+    assert closed is not None and closed.alert == 51  # decrypt_error
+    assert_no_internal_errors(server)
