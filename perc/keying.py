@@ -27,7 +27,10 @@ and nothing else: no DTLS, no trio, no clock (every method takes ``now``).
   an endpoint that negotiated another cipher is refused (``handshake_failure``). When the last
   member leaves, the key is retired: the next member starts a new key (and may set the cipher).
 * **SPI**: per conference, counting up from a random start (mod 2^16), so a new key never
-  reuses the SPI of the key it replaces nor of the recent ones receivers may still hold.
+  reuses the SPI of the key it replaces nor of the recent ones receivers may still hold, and a
+  restarted KMF is unlikely to start where its predecessor was; the 65537th key of one
+  conference in one process is refused rather than reuse an SPI (D8 would make receivers
+  ignore it).
 * **Rekeying** (D22, issue 5): :meth:`Conference.rekey` makes and installs a new key for the
   conference's current cipher; :attr:`Conference.members` lists whom to send it to. The
   policy (rekey on join/leave, the coalescing window from ``rekey_window``) is the caller's;
@@ -52,6 +55,7 @@ Errors: :class:`KeyingError` for local misuse (an unknown EKT cipher, a full con
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import uuid
@@ -73,6 +77,7 @@ __all__ = [
     "KeyingState",
     "Member",
     "choose_profile",
+    "key_digest",
 ]
 
 #: EKT cipher code points on the wire (D6) and their key lengths (RFC 8870 §4.4).
@@ -85,6 +90,16 @@ SALT_LENGTH = 12
 
 class KeyingError(Exception):
     """Local misuse of the keying state (an unknown cipher, a conference at its bound)."""
+
+
+def key_digest(*parts: bytes) -> str:
+    """A short one-way digest of key material for logs: tests and operators can check that
+    two processes hold the same keys without the keys being printed.
+
+    ``sha256(b"".join(parts)).hexdigest()[:16]``; the MDD logs it for its MediaKeys (client
+    key, server key, client salt, server salt), the KMF for each EKTKey (key, salt).
+    """
+    return hashlib.sha256(b"".join(parts)).hexdigest()[:16]
 
 
 def choose_profile(
@@ -176,6 +191,10 @@ class Conference:
         length = EKT_KEY_LENGTHS.get(cipher)
         if length is None:
             raise KeyingError(f"unknown EKT cipher {cipher}")
+        if self.keys_issued >= 1 << 16:
+            # Never reuse an SPI with another key in one process (receivers would ignore the
+            # new tags, D8); 65536 keys for one conference means a runaway rekey loop.
+            raise KeyingError(f"conference {self.id}: SPI space exhausted")
         spi = self._next_spi
         self._next_spi = (spi + 1) & 0xFFFF
         self.keys_issued += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 import pytest
@@ -17,6 +18,7 @@ from perc.keying import (
     KeyingState,
     Member,
     choose_profile,
+    key_digest,
 )
 
 FP_A = Fingerprint("sha-256 " + ":".join(["AA"] * 32))
@@ -212,3 +214,18 @@ def test_state_finds_members() -> None:
     found = state.find_member(m.association_id)
     assert found is not None and found[0] is state.conferences["b"] and found[1] is m
     assert state.find_member(uuid.uuid4()) is None
+
+
+def test_key_digest_is_short_and_one_way() -> None:
+    digest = key_digest(b"\x01" * 16, b"\x02" * 12)
+    assert digest == hashlib.sha256(b"\x01" * 16 + b"\x02" * 12).hexdigest()[:16]
+    assert len(digest) == 16
+    assert key_digest(b"\x01" * 16, b"\x02" * 12) != key_digest(b"\x01" * 16, b"\x03" * 12)
+
+
+def test_spi_is_never_reused_in_one_process() -> None:
+    conf = Conference(conference())
+    conf.key_for(AESKW128, now=0.0)
+    conf.keys_issued = 1 << 16  # as if 65536 keys had been made
+    with pytest.raises(KeyingError, match="SPI space exhausted"):
+        conf.rekey(now=1.0)

@@ -81,6 +81,7 @@ from perc.keying import (
     KeyingState,
     Member,
     choose_profile,
+    key_digest,
 )
 from perc.roles.kmf import KmfTunnel
 from perc.srtp.errors import SrtpError
@@ -343,6 +344,7 @@ class KeyingHandler:
             return None
         now = trio.current_time()
         key = conf.rekey(now)
+        self._log_new_key(conf, key)
         for aid in list(conf.members):
             assoc = self.associations.get(aid)
             if assoc is not None and assoc.connection.is_established:
@@ -522,7 +524,10 @@ class KeyingHandler:
             return
         self.stats.media_keys_sent += 1
         try:
+            issued = conf.keys_issued
             key = conf.key_for(event.ekt_cipher, now)
+            if conf.keys_issued != issued:
+                self._log_new_key(conf, key)
             conf.join(
                 Member(
                     association_id=aid,
@@ -554,6 +559,17 @@ class KeyingHandler:
             key.cipher,
             assoc.tunnel.peer,
             len(conf.members),
+        )
+
+    @staticmethod
+    def _log_new_key(conf: Conference, key: EktKeyMaterial) -> None:
+        log.info(
+            "ektkey conference=%s spi=%d cipher=%d ttl=%d key=%s",
+            conf.id,
+            key.spi,
+            key.cipher,
+            key.ttl,
+            key_digest(key.key, key.salt),
         )
 
     def _send_ekt_key(self, assoc: KmfAssociation, key: EktKeyMaterial, now: float) -> None:

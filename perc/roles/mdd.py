@@ -54,6 +54,7 @@ import trio
 
 from perc.config import MddConference, MddConfig
 from perc.identity import fingerprint_matches
+from perc.keying import key_digest
 from perc.roles.tunnel import (
     TunnelConnection,
     TunnelError,
@@ -402,11 +403,12 @@ class ConferenceRelay:
             assoc.keys = keys
             assoc.media_keys = msg
             log.info(
-                "keys installed conference=%s association=%s peer=%s profile=0x%04X%s",
+                "keys installed conference=%s association=%s peer=%s profile=0x%04X keys=%s%s",
                 self.id,
                 assoc.association_id,
                 format_address(assoc.address),
                 keys.profile,
+                key_digest(keys.client_key, keys.server_key, keys.client_salt, keys.server_salt),
                 " (replaced)" if replaced else "",
             )
             self._notify()

@@ -6,6 +6,7 @@ The endpoints are perc's own sans-IO DTLS clients (tests/roles/join_helpers.py);
 
 from __future__ import annotations
 
+import logging
 import stat
 import uuid
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from perc import identity
 from perc.config import KmfConfig
 from perc.dtls import DtlsConfiguration, DtlsConnection, events
 from perc.dtls.errors import AlertDescription
+from perc.keying import key_digest
 from perc.roles import kmf, mdd
 from perc.roles.keying import KeyingHandler
 from perc.srtp.keys import outer_media_keys
@@ -105,8 +107,12 @@ def assert_conference_key(handler: KeyingHandler, result: JoinResult, conference
 
 
 async def test_one_endpoint_joins(
-    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+    ids: SimpleNamespace,
+    people: SimpleNamespace,
+    clock: MockClock,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="perc.roles")
     alice = people.members[0]
     setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}))
     async with setup.running() as nursery:
@@ -130,6 +136,21 @@ async def test_one_endpoint_joins(
         )
         assert mdd_association(relay, result).media_keys.mki == b""  # type: ignore[union-attr]
         assert "key" not in repr(keys).lower().replace("hopkeys", "")
+        # The logs carry digests only: the MDD's of its keys, the KMF's of the EKTKey.
+        digest = key_digest(keys.client_key, keys.server_key, keys.client_salt, keys.server_salt)
+        key = result.ekt_key
+        assert key is not None
+        text = caplog.text
+        aid = mdd_association(relay, result).association_id
+        assert f"keys installed conference=demo association={aid}" in text
+        assert f"keys={digest}" in text
+        ekt_digest = key_digest(key.key, key.salt)
+        assert f"ektkey conference=demo spi={key.spi} cipher=2 ttl=86400 key={ekt_digest}" in text
+        assert (
+            f"joined conference=demo association={mdd_association(relay, result).association_id}"
+            in text
+        )
+        assert key.key.hex() not in text and keys.client_key.hex() not in text
         # The EKTKey is acknowledged (D9) and the endpoint is a member.
         await until(lambda: setup.handler.stats.ekt_keys_acknowledged == 1)
         conf = setup.handler.state.conferences["demo"]
