@@ -60,6 +60,8 @@ class FakeKmf:
         #: incoming datagrams for which this returns True are dropped (simulated loss)
         self.drop_in = drop_in
         self.dropped_in = 0
+        #: every datagram received, in order
+        self.received: list[bytes] = []
         self.gate = CookieGate() if cookies else None
         self.peers: dict[Address, Peer] = {}
         self.address: Address = ("127.0.0.1", 0)
@@ -115,6 +117,7 @@ class FakeKmf:
 
     def _datagram(self, data: bytes, addr: Address) -> None:
         now = trio.current_time()
+        self.received.append(data)
         if self.drop_in is not None and self.drop_in(data):
             self.dropped_in += 1
             return

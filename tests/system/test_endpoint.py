@@ -35,6 +35,14 @@ from perc.roles.endpoint import (
 )
 from perc.srtp.ekt import EktParameterSet
 from perc.srtp.keys import SrtpProfile, split_exporter
+from perc.wire.dtls import (
+    ClientHello,
+    ExtensionType,
+    UseSrtp,
+    find_extension,
+    parse_datagram_untrusted,
+    parse_handshake_fragments_untrusted,
+)
 from tests.system.fakekmf import FakeKmf
 
 IDS = {n: identity.generate(n) for n in ("kmf", "alice", "mallory", "other-kmf")}
@@ -114,6 +122,17 @@ async def test_given_tls_ids_are_sent_and_checked() -> None:
             settings(address, tls_id=mine, kmf_tls_id="KMF-tls-id-0123456789")
         )
         assert result.tls_id == mine
+        # The ClientHello offers both DOUBLE profiles and both EKT ciphers (D18, D6, D24).
+        records, _ = parse_datagram_untrusted(kmf.received[0])
+        (frag,) = parse_handshake_fragments_untrusted(records[0].fragment)
+        hello = ClientHello.decode(frag.body)
+        use_srtp = find_extension(hello.extensions, ExtensionType.USE_SRTP)
+        ekt = find_extension(hello.extensions, ExtensionType.SUPPORTED_EKT_CIPHERS)
+        assert use_srtp is not None and UseSrtp.decode(use_srtp).profiles == (0x0009, 0x000A)
+        assert ekt == bytes([2, 1, 2])
+        assert find_extension(hello.extensions, ExtensionType.EXTERNAL_SESSION_ID) == (
+            bytes([len(mine)]) + mine.encode()
+        )
         (peer,) = kmf.peers.values()
         assert peer.completed is not None and peer.completed.peer_tls_id == mine.encode()
         result.socket.close()
