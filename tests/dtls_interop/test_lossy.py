@@ -64,7 +64,17 @@ def run_seed(
         server = ekt_server_peer(server_identity, **options)
     client.connect(0.0)
     network = Network.symmetric(seed, link)
-    result = network.run(client, server, until=lambda: ekt_done(client, server), max_time=MAX_TIME)
+    largest = 0
+
+    def tap(direction: str, datagram: bytes, now: float) -> None:
+        nonlocal largest
+        largest = max(largest, len(datagram))
+
+    result = network.run(
+        client, server, until=lambda: ekt_done(client, server), max_time=MAX_TIME, tap=tap
+    )
+    # retransmissions too stay within the MTU (RFC 6347 §4.1.1: records never span datagrams)
+    assert largest <= mtu, f"seed {seed}: a {largest}-byte datagram with MTU {mtu}"
     return result, client, server
 
 
