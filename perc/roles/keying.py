@@ -309,22 +309,23 @@ class KeyingHandler:
             assoc.connection.receive_datagram(data, now)
             self._service(assoc, now)
             return
-        hello = _client_hello_untrusted(data) if _maybe_client_hello(data) else None
-        if hello is None:
-            self.stats.dropped_no_association += 1
-            # A few at INFO (an operator checking the relay sees them), the rest only counted.
-            log.log(
-                logging.INFO
-                if self.stats.dropped_no_association <= LOGGED_DROPS
-                else logging.DEBUG,
-                "association seen association=%s peer=%s: not a ClientHello, dropped "
-                "(no state before a ClientHello; the first %d are logged, all counted)",
-                association_id,
-                tunnel.peer,
-                LOGGED_DROPS,
-            )
+        if not _maybe_client_hello(data):
+            self._drop_unknown(association_id, tunnel)
             return
-        self._new_association(association_id, data, hello, tunnel, now, old=None)
+        # The gate parses the ClientHello first; we parse it only once it passed.
+        self._new_association(association_id, data, None, tunnel, now, old=None)
+
+    def _drop_unknown(self, association_id: uuid.UUID, tunnel: KmfTunnel) -> None:
+        self.stats.dropped_no_association += 1
+        # A few at INFO (an operator checking the relay sees them), the rest only counted.
+        log.log(
+            logging.INFO if self.stats.dropped_no_association <= LOGGED_DROPS else logging.DEBUG,
+            "association seen association=%s peer=%s: not a ClientHello, dropped "
+            "(no state before a ClientHello; the first %d are logged, all counted)",
+            association_id,
+            tunnel.peer,
+            LOGGED_DROPS,
+        )
 
     def on_disconnect(self, association_id: uuid.UUID, tunnel: KmfTunnel) -> None:
         assoc = self.associations.pop(association_id, None)
@@ -359,7 +360,7 @@ class KeyingHandler:
         self,
         association_id: uuid.UUID,
         data: bytes,
-        hello: ClientHello,
+        hello: ClientHello | None,
         tunnel: KmfTunnel,
         now: float,
         *,
@@ -373,7 +374,12 @@ class KeyingHandler:
                     self.stats.dropped_tunnel_send += 1
                 return
             if not verdict.accepted:
-                self.stats.dropped_no_association += 1
+                self._drop_unknown(association_id, tunnel)
+                return
+        if hello is None:
+            hello = _client_hello_untrusted(data)
+            if hello is None:
+                self._drop_unknown(association_id, tunnel)
                 return
         if old is not None:
             self.stats.restarts += 1
