@@ -7,6 +7,7 @@ The endpoints are perc's own sans-IO DTLS clients (tests/roles/join_helpers.py);
 from __future__ import annotations
 
 import logging
+import random
 import stat
 import uuid
 from collections.abc import AsyncIterator
@@ -39,6 +40,12 @@ def people() -> SimpleNamespace:
         members=[identity.generate(f"ep{i}") for i in range(20)],
         outsider=identity.generate("outsider"),
     )
+
+
+@pytest.fixture
+def memory_clock() -> MockClock:
+    """For in-memory tests (no sockets): virtual time jumps as soon as every task waits."""
+    return MockClock(autojump_threshold=0)
 
 
 class Setup:
@@ -651,7 +658,7 @@ def pump_in_memory(
 
 
 async def test_answers_follow_a_reconnected_mdd(
-    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+    ids: SimpleNamespace, people: SimpleNamespace, memory_clock: MockClock
 ) -> None:
     """After the tunnel that carried a joined endpoint closes, a rekey reaches it through the
     same MDD's new tunnel (in memory: fake tunnels, the real handler and engine)."""
@@ -690,3 +697,50 @@ async def test_answers_follow_a_reconnected_mdd(
             received.append(event.spi)
     assert received == [first_key.spi, key.spi]
     assert handler.stats.ekt_keys_acknowledged == 2
+
+
+@pytest.mark.parametrize("seed", range(4))
+async def test_join_under_loss_with_heap_timers(
+    ids: SimpleNamespace, people: SimpleNamespace, memory_clock: MockClock, seed: int
+) -> None:
+    """30% loss each way between an in-memory client and the handler: the KMF's flights and
+    its EKTKey are retransmitted by the handler's single timer task until the client ACKs."""
+    rng = random.Random(seed)
+    alice = people.members[0]
+    handler = KeyingHandler(keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}))
+    tunnel = FakeTunnel(ids.mdd.fingerprint)
+    handler.on_tunnel_up(tunnel)  # type: ignore[arg-type]
+    client = DtlsConnection(
+        DtlsConfiguration(
+            is_client=True,
+            certificate=alice.certificate,
+            private_key=alice.private_key,
+            tls_id=b"alice-session-0123456789",
+        )
+    )
+    aid = uuid.uuid4()
+    got_key = False
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handler.run)
+        client.connect(trio.current_time())
+        with trio.fail_after(120):
+            while not (got_key and handler.stats.ekt_keys_acknowledged == 1):
+                for datagram in client.datagrams_to_send():
+                    if rng.random() >= 0.3:
+                        handler.on_datagram(aid, datagram, tunnel)  # type: ignore[arg-type]
+                replies, tunnel.dtls = tunnel.dtls, []
+                now = trio.current_time()
+                for _, datagram in replies:
+                    if rng.random() >= 0.3:
+                        client.receive_datagram(datagram, now)
+                while (event := client.next_event()) is not None:
+                    assert not isinstance(event, events.ConnectionClosed), event
+                    got_key = got_key or isinstance(event, events.EktKeyReceived)
+                timer = client.get_timer()
+                if timer is not None and timer <= now:
+                    client.handle_timer(now)
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert handler.stats.joined == 1
+    assert len(tunnel.media_keys) == 1
+    assert handler.stats.timer_wakeups >= 1
