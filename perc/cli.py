@@ -10,7 +10,7 @@
                                  --cert F --key F [--conference ID] [--idle-timeout S]
     perc [--log-level LEVEL] endpoint --mdd HOST:PORT --cert F --key F --kmf-fingerprint FP
                                  [--tls-id ID] [--kmf-tls-id ID] [--name NAME]
-                                 [--join-timeout S] [--duration S]
+                                 [--join-timeout S] [--duration S] [--keepalive S]
     perc [--log-level LEVEL] demo
 
 ``--log-level`` is also accepted after the subcommand. A bad configuration or argument prints
@@ -380,6 +380,14 @@ def _positive_seconds(
     help="Leave (close_notify, exit 0) this many seconds after joining; default: stay until "
     "SIGINT/SIGTERM.",
 )
+@click.option(
+    "--keepalive",
+    type=float,
+    default=3.0,
+    show_default=True,
+    help="After this many seconds without sending, send an empty DTLS record so that the "
+    "MDD does not drop us as idle (its idle_timeout); 0 disables.",
+)
 @_log_level_option
 def endpoint_command(
     *,
@@ -392,6 +400,7 @@ def endpoint_command(
     name: str | None,
     join_timeout: float,
     duration: float | None,
+    keepalive: float,
 ) -> None:
     """Join a conference through an MDD: DTLS-SRTP with the KMF, then hold its keys.
 
@@ -420,6 +429,8 @@ def endpoint_command(
                 endpoint.check_tls_id(value)
             except ValueError as e:
                 raise CliError(f"{option}: {e}") from None
+    if not 0 <= keepalive < 1e9:
+        raise CliError("--keepalive: must be 0 (off) or a positive number of seconds")
     if name is not None and not name.isprintable():
         raise CliError("--name: must be printable")
     try:
@@ -442,16 +453,20 @@ def endpoint_command(
         join_timeout=join_timeout,
     )
     try:
-        _run_role(_endpoint_main, (endpoint, settings, duration, keylog), f"endpoint to {address}")
+        _run_role(
+            _endpoint_main,
+            (endpoint, settings, duration, keylog, keepalive or None),
+            f"endpoint to {address}",
+        )
     except endpoint.JoinError as e:
         # One line, like CliError, but with the join's own exit status.
         click.echo(f"perc: error: {config.one_line(str(e))}", err=True)
         click.get_current_context().exit(int(e.exit_code))
 
 
-async def _endpoint_main(args: tuple[Any, Any, float | None, Any]) -> None:
-    endpoint, settings, duration, keylog = args
-    await endpoint.run(settings, duration=duration, keylog=keylog)
+async def _endpoint_main(args: tuple[Any, Any, float | None, Any, float | None]) -> None:
+    endpoint, settings, duration, keylog, keepalive = args
+    await endpoint.run(settings, duration=duration, keylog=keylog, keepalive=keepalive)
 
 
 @main.command("demo")

@@ -357,11 +357,11 @@ def test_endpoint_arguments_reach_the_role(
     args = _endpoint_args(
         endpoint_files["kmf"].lower(),
         "--tls-id", "A" * 20, "--kmf-tls-id", "b/+-_" * 4, "--join-timeout", "2.5",
-        "--duration", "7",
+        "--duration", "7", "--keepalive", "0",
     )  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    ((_, (module, settings, duration, keylog)),) = started
+    ((_, (module, settings, duration, keylog, keepalive)),) = started
     from perc.roles import endpoint
 
     assert module is endpoint
@@ -373,6 +373,7 @@ def test_endpoint_arguments_reach_the_role(
     assert settings.join_timeout == 2.5
     assert duration == 7.0
     assert keylog is None
+    assert keepalive is None  # 0 turns it off
 
 
 @pytest.mark.parametrize(
@@ -398,6 +399,7 @@ def test_endpoint_arguments_reach_the_role(
             ["--cert", "missing.crt"],
             "cannot read certificate missing.crt: No such file or directory",
         ),
+        (["--keepalive", "-1"], "--keepalive: must be 0 (off) or a positive number of seconds"),
     ],
 )
 def test_endpoint_argument_errors_exit_2(

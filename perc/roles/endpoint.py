@@ -29,9 +29,10 @@ one association at the MDD) and gets the KMF's answers back on the same socket.
   and named in a timeout message.
 
 :func:`stay` keeps the association after the join: the DTLS timers keep running, later
-EKTKeys (rekeys, D22) are ACKed by the engine and logged, and on the way out (cancellation by
-SIGINT/SIGTERM, or ``duration`` elapsed) the endpoint sends close_notify, so the KMF ends the
-association at once instead of waiting for the MDD's idle timeout (D3).
+EKTKeys (rekeys, D22) are ACKed by the engine and logged, an empty application-data record
+after a few seconds of silence keeps the MDD from declaring us idle (D3), and on the way out
+(cancellation by SIGINT/SIGTERM, or ``duration`` elapsed) the endpoint sends close_notify, so
+the KMF ends the association at once instead of waiting for the MDD's idle timeout.
 
 **Media seam.** :class:`MediaEngine` is the sans-IO interface of the media issue's
 ``perc.media.endpoint.EndpointMedia`` (same method names): :func:`stay` feeds it every
@@ -56,8 +57,8 @@ API::
     JoinSettings(mdd, identity, kmf_fingerprint, tls_id=None, kmf_tls_id=None, name=...,
                  join_timeout=10.0, mtu=1200)
     await join(settings, *, keylog=None) -> JoinResult
-    await stay(result, *, duration=None, media=None) -> None   # raises AssociationEnded
-    await run(settings, *, duration=None, keylog=None, media=None)  # join + stay (the CLI)
+    await stay(result, *, duration=None, media=None, keepalive=3.0)  # raises AssociationEnded
+    await run(settings, *, duration=None, keylog=None, media=None, keepalive=3.0)  # the CLI
     JoinResult: socket, connection, profile, keying (DOUBLE KeyingMaterial), hbh (outer
                 halves), ekt (EktKeyReceived, latest), ekt_cipher, ekt_parameters(now),
                 tls_id, kmf_tls_id, kmf_fingerprint, local_address, mdd_address, join_time,
@@ -133,6 +134,9 @@ TLS_ID_LENGTH = 32
 #: SRTP/SRTCP that arrives before the join completes is held for the media engine, up to this
 #: many datagrams (the same bound as the MDD's D5 hold); later ones are dropped and counted.
 MAX_HELD_MEDIA = 64
+#: Seconds of silence after which a joined endpoint sends a keepalive (well under the MDD's
+#: default 10 s idle timeout, D3, so two may be lost).
+KEEPALIVE = 3.0
 #: Datagrams read per wake-up before yielding to other tasks (STYLE practice 11).
 RECV_BATCH = 64
 _UDP_MAX = 65535
@@ -273,6 +277,8 @@ class EndpointStats:
     """ICMP port-unreachable reported on the connected socket (nobody at the MDD's port)."""
     receive_errors: int = 0
     ekt_keys: int = 0
+    keepalives: int = 0
+    """Empty DTLS application-data records sent to keep the MDD's association (D3) alive."""
 
 
 class MediaEngine(Protocol):
@@ -349,8 +355,12 @@ class _Link:
     def __init__(self, sock: socket.socket, stats: EndpointStats) -> None:
         self.sock = sock
         self.stats = stats
+        #: trio time of the last send attempt (the keepalive measures silence from it)
+        self.last_send = trio.current_time()
 
     def send(self, datagrams: list[bytes]) -> None:
+        if datagrams:
+            self.last_send = trio.current_time()
         for dg in datagrams:
             try:
                 self.sock.send(dg)
@@ -719,8 +729,15 @@ async def stay(
     *,
     duration: float | None = None,
     media: MediaEngine | None = None,
+    keepalive: float | None = KEEPALIVE,
 ) -> None:
     """Keep the association until cancelled or ``duration`` passes, then leave cleanly.
+
+    ``keepalive``: after this many seconds without sending anything, send an empty DTLS
+    application-data record (None: never). The MDD ends an association whose endpoint has
+    been silent for its idle timeout (D3, default 10 s) and cannot see DTLS contents; an
+    endpoint without media would otherwise be dropped while still joined. The KMF ignores
+    application data; with media flowing the keepalive never fires.
 
     Raises :class:`AssociationEnded` when the association ends from the other side. Always
     closes ``result.socket``; on the way out (cancellation included) it sends the media
@@ -751,12 +768,16 @@ async def stay(
                 if mt is not None and now >= mt:
                     media.handle_timer(now)
                 link.send(media.datagrams_to_send())
+            if keepalive is not None and now - link.last_send >= keepalive:
+                conn.send_application_data(b"", now)
+                result.stats.keepalives += 1
             link.send(conn.datagrams_to_send())
             while (event := conn.next_event()) is not None:
                 _joined_event(result, event, now, media)
             if end is not None and now >= end:
                 break
-            deadlines = [t for t in (conn.get_timer(), end) if t is not None]
+            ping = None if keepalive is None else link.last_send + keepalive
+            deadlines = [t for t in (conn.get_timer(), end, ping) if t is not None]
             if media is not None and (mt := media.timer()) is not None:
                 deadlines.append(mt)
             await link.wait(min(deadlines) if deadlines else None)
@@ -844,8 +865,9 @@ async def run(
     duration: float | None = None,
     keylog: Callable[[str], None] | None = None,
     media: MediaFactory | None = None,
+    keepalive: float | None = KEEPALIVE,
 ) -> None:
     """Join, then stay joined (what ``perc endpoint`` runs under ``run_until_signal``)."""
     result = await join(settings, keylog=keylog)
     engine = media(result, trio.current_time()) if media is not None else None
-    await stay(result, duration=duration, media=engine)
+    await stay(result, duration=duration, media=engine, keepalive=keepalive)

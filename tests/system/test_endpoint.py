@@ -18,7 +18,7 @@ import trio
 from trio.testing import MockClock
 
 from perc import identity
-from perc.dtls.events import AlertReceived
+from perc.dtls.events import AlertReceived, ApplicationDataReceived
 from perc.keylog import KeyLog
 from perc.media.endpoint import EndpointMedia
 from perc.roles import endpoint
@@ -247,13 +247,14 @@ class FakeMedia:
     next_at: float = 0.0
     out: list[bytes] = attrs.Factory(list)
     ticks: int = 0
+    period: float = 0.05
 
     def timer(self) -> float | None:
         return self.next_at
 
     def handle_timer(self, now: float) -> None:
         self.ticks += 1
-        self.next_at = now + 0.05
+        self.next_at = now + self.period
         self.out.append(b"\x80\x60" + self.ticks.to_bytes(2, "big") + bytes(8))
 
     def receive(self, datagram: bytes, now: float) -> None:
@@ -354,6 +355,21 @@ async def test_lost_ack_the_ektkey_is_retransmitted_and_acked_again(mock_clock: 
     assert peer.conn.stats.retransmissions >= 1
     assert [a.spi for a in kmf.acked()] == [kmf.ekt.spi]
     assert result.stats.ekt_keys == 1  # the retransmission is the same key, not a rekey
+
+
+async def test_keepalive_only_when_silent(mock_clock: MockClock) -> None:
+    kmf = FakeKmf(IDS["kmf"])
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        quiet = await endpoint.join(settings(address, name="quiet"))
+        await endpoint.stay(quiet, duration=10.0, keepalive=3.0)
+        busy = await endpoint.join(settings(address, name="busy"))
+        await endpoint.stay(busy, duration=10.0, keepalive=3.0, media=FakeMedia(period=1.0))
+        nursery.cancel_scope.cancel()
+    assert quiet.stats.keepalives == 3  # at 3, 6 and 9 s of silence
+    assert busy.stats.keepalives == 0  # media every second
+    empty = [e for e in kmf.events(ApplicationDataReceived) if e.data == b""]
+    assert len(empty) == 3
 
 
 async def test_kmf_ending_the_association_after_the_join() -> None:

@@ -271,6 +271,17 @@ async def test_killed_endpoint_is_disconnected_after_the_idle_timeout(system: Sy
     assert not alice.find("left name=")
 
 
+async def test_keepalive_holds_the_association_past_the_idle_timeout(system: System) -> None:
+    kmf, kmf_port = await system.start_kmf(system.kmf_config())
+    mdd, mdd_port = await system.start_mdd(system.mdd_config("mdd", kmf_port, idle_timeout=0.6))
+    alice = await system.start_endpoint("alice", mdd_port, "--keepalive", "0.15", "--duration", "2")
+    await alice.wait_for(r"joined name=alice")
+    assert await alice.wait_exit() == 0
+    assert alice.find(r"left name=alice .*reason=duration elapsed \(close_notify sent\)")
+    await kmf.wait_for(r"left conference=demo .*close_notify")
+    assert not mdd.find(r"association idle")  # 2 s joined with a 0.6 s idle timeout
+
+
 async def test_mdd_not_trusted_endpoints_fail_with_a_clear_message(system: System) -> None:
     kmf, kmf_port = await system.start_kmf(system.kmf_config(trusted_mdds=["other-mdd"]))
     mdd, mdd_port = await system.start_mdd(system.mdd_config("mdd", kmf_port), wait_tunnel=False)
