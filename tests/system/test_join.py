@@ -116,8 +116,9 @@ async def test_one_endpoint_joins_and_every_side_holds_the_same_keys(system: Sys
     if ekt := kmf.find(rf"ektkey conference=demo spi={ep['spi']} key=(\w+)"):
         assert ekt[-1].group(1) == ep["ekt_key"]
 
-    # Leaving: close_notify -> the KMF ends the association -> EndpointDisconnect to the MDD.
-    assert await system.stop(alice) == 0
+    # Leaving on SIGINT: close_notify -> the KMF ends the association -> EndpointDisconnect
+    # to the MDD.
+    assert await system.stop(alice, signal.SIGINT) == 0
     await mdd.wait_for(rf"association ended by KMF conference=demo association={kf['association']}")
     assert alice.find(r"left name=alice .*close_notify sent")
     for proc in (kmf, mdd, alice):
