@@ -28,7 +28,8 @@ default policy on): with it, every join and leave costs one EKTKey per member, w
 the rekey fan-out rather than joins.
 
 Targets (issue 4, this 2-core machine, load generator included): >= 200 joins/s through one
-KMF; p50 <= 50 ms with 10 concurrent joiners. ``--profile`` runs the KMF under cProfile and
+KMF; p50 <= 50 ms with 10 concurrent joiners. The CPU seconds each process used during the
+saturation run show which one limits the rate; ``--profile`` runs the KMF under cProfile and
 prints where its time went.
 """
 
@@ -123,6 +124,15 @@ def start_system(
     mdd_port = int(line.split("listening on udp ")[1].split()[0].rsplit(":", 1)[1])
     mdd.wait_for("tunnel up conference=storm")
     return kmf, mdd, mdd_port, kmf_id.fingerprint
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User+system CPU seconds of a process (Linux /proc) or, without ``pid``, of this one."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the load generator ------------------------------------------------------------------------
@@ -337,7 +347,10 @@ def main() -> int:
             gen = LoadGenerator((LOCAL, mdd_port), endpoints, kmf_fp)
             gen.run(4, joins=20)  # warm-up: imports, first tunnel writes, caches
             latency = gen.run(10, joins=args.joins)
+            pids = {"kmf": kmf.process.pid, "mdd": mdd.process.pid, "load generator": None}
+            before = {n: cpu_seconds(p) for n, p in pids.items()}
             saturation = gen.run(args.concurrency, seconds=args.seconds)
+            cpu = {n: cpu_seconds(p) - before[n] for n, p in pids.items()}
         finally:
             codes = (kmf.stop(), mdd.stop())
         base = baseline(endpoints, identity.generate("kmf-baseline"), 200)
@@ -368,6 +381,14 @@ def main() -> int:
             failed10,
             elapsed10,
             f"p50 <= {TARGET_P50_MS:.0f} ms: {'met' if p50 <= TARGET_P50_MS else 'MISSED'}",
+        )
+        per_join = {n: 1e3 * c / max(1, len(times)) for n, c in cpu.items()}
+        print(
+            f"CPU during the saturation run ({elapsed:.2f} s wall): "
+            + ", ".join(
+                f"{n} {c:.2f} s ({100 * c / elapsed:.0f}%, {per_join[n]:.2f} ms/join)"
+                for n, c in cpu.items()
+            )
         )
         if any(codes):
             print(f"warning: exit statuses kmf={codes[0]} mdd={codes[1]}")
