@@ -744,3 +744,38 @@ async def test_join_under_loss_with_heap_timers(
     assert handler.stats.joined == 1
     assert len(tunnel.media_keys) == 1
     assert handler.stats.timer_wakeups >= 1
+
+
+async def test_many_stalled_handshakes_share_one_timer_task(
+    ids: SimpleNamespace, people: SimpleNamespace, memory_clock: MockClock
+) -> None:
+    """300 endpoints stop after their ClientHello: one task retransmits every server flight and
+    ends every association at its deadline, waking once per distinct deadline, not per
+    association; each end is reported to the MDD."""
+    alice = people.members[0]
+    config = keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}, dtls_cookies=False)
+    handler = KeyingHandler(config, dtls_handshake_timeout=5.0)
+    tunnel = FakeTunnel(ids.mdd.fingerprint)
+    handler.on_tunnel_up(tunnel)  # type: ignore[arg-type]
+    client_config = DtlsConfiguration(
+        is_client=True, certificate=alice.certificate, private_key=alice.private_key
+    )
+    aids = [uuid.uuid4() for _ in range(300)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handler.run)
+        start = trio.current_time()
+        for aid in aids:
+            client = DtlsConnection(client_config)
+            client.connect(start)
+            for datagram in client.datagrams_to_send():
+                handler.on_datagram(aid, datagram, tunnel)  # type: ignore[arg-type]
+        assert len(handler.associations) == 300
+        first_flights = len(tunnel.dtls)
+        await until(lambda: handler.stats.failed == 300, timeout=30)
+        assert 5.0 <= trio.current_time() - start <= 6.0
+        nursery.cancel_scope.cancel()
+    assert handler.associations == {}
+    assert sorted(tunnel.disconnects) == sorted(aids)
+    assert len(tunnel.dtls) > first_flights  # flights were retransmitted on the timers
+    # deadlines 1 s, 3 s (backed off) and 5 s, shared by all: a handful of wake-ups
+    assert handler.stats.timer_wakeups < 20
