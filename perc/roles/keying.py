@@ -6,7 +6,10 @@ Theory of operation
 sans-IO DTLS engine. Every ``TunneledDtls`` names an association id (the MDD's UUID for one
 endpoint 5-tuple, RFC 9185 §5.3); the handler keeps one ``DtlsConnection`` (server) per id and
 answers through the tunnel that carried the latest datagram of that id (§5.3/§5.4 let an
-association move to another tunnel, e.g. after the MDD reconnected).
+association move to another tunnel, e.g. after the MDD reconnected). A joined endpoint sends
+no DTLS after its EKTKey ACK, so when its tunnel has closed, what the KMF sends it (EKTKey
+retransmissions, rekeys, EndpointDisconnect) goes to the open tunnels of the same MDD
+certificate; the MDD that does not know the id counts and ignores it (D2).
 
 Admission, in the order the handshake reaches each step:
 
