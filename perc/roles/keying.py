@@ -276,15 +276,23 @@ class KeyingHandler:
     # --- AssociationHandler ------------------------------------------------------------------
 
     async def run(self) -> None:
-        while True:
-            now = trio.current_time()
-            self._fire_due(now)
-            deadline = self._heap[0][0] if self._heap else math.inf
-            self._sleep_until = deadline
-            self._wake = trio.Event()
-            with trio.move_on_at(deadline):
-                await self._wake.wait()
-            self.stats.timer_wakeups += 1
+        try:
+            while True:
+                now = trio.current_time()
+                self._fire_due(now)
+                deadline = self._heap[0][0] if self._heap else math.inf
+                self._sleep_until = deadline
+                self._wake = trio.Event()
+                with trio.move_on_at(deadline):
+                    await self._wake.wait()
+                self.stats.timer_wakeups += 1
+        finally:
+            # One line of counters on shutdown (every drop has its counter).
+            log.info(
+                "keying stats %s associations=%d",
+                " ".join(f"{k}={v}" for k, v in attrs.asdict(self.stats).items()),
+                len(self.associations),
+            )
 
     def on_tunnel_up(self, tunnel: KmfTunnel) -> None:
         self._open_tunnels.setdefault(tunnel.mdd_fingerprint, []).append(tunnel)

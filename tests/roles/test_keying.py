@@ -779,3 +779,51 @@ async def test_many_stalled_handshakes_share_one_timer_task(
     assert len(tunnel.dtls) > first_flights  # flights were retransmitted on the timers
     # deadlines 1 s, 3 s (backed off) and 5 s, shared by all: a handful of wake-ups
     assert handler.stats.timer_wakeups < 20
+
+
+async def test_answers_go_through_the_latest_tunnel_and_disconnects_end_handshakes(
+    ids: SimpleNamespace, people: SimpleNamespace, memory_clock: MockClock
+) -> None:
+    alice = people.members[0]
+    handler = KeyingHandler(
+        keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}, dtls_cookies=False)
+    )
+    t1, t2 = FakeTunnel(ids.mdd.fingerprint), FakeTunnel(ids.mdd.fingerprint)
+    for t in (t1, t2):
+        handler.on_tunnel_up(t)  # type: ignore[arg-type]
+    client_config = DtlsConfiguration(
+        is_client=True,
+        certificate=alice.certificate,
+        private_key=alice.private_key,
+        tls_id=b"alice-session-0123456789",
+    )
+    client = DtlsConnection(client_config)
+    aid = uuid.uuid4()
+    client.connect(trio.current_time())
+    for datagram in client.datagrams_to_send():
+        handler.on_datagram(aid, datagram, t1)  # type: ignore[arg-type]
+    assert t1.dtls and not t2.dtls  # flight 2 answers the carrying tunnel
+    for _, datagram in t1.dtls:
+        client.receive_datagram(datagram, trio.current_time())
+    t1.dtls.clear()
+    # The client's flight 5 arrives over the other tunnel: flight 6, MediaKeys, EKTKey go there.
+    pump_in_memory(handler, client, aid, t2)
+    assert handler.stats.joined == 1
+    assert [k.association_id for k in t2.media_keys] == [aid] and t1.media_keys == []
+    # EndpointDisconnect for an unknown id is counted; for ours it ends the membership.
+    handler.on_disconnect(uuid.uuid4(), t2)  # type: ignore[arg-type]
+    assert handler.stats.unknown_disconnects == 1
+    handler.on_disconnect(aid, t1)  # type: ignore[arg-type]
+    assert handler.stats.ended_by_mdd == 1 and handler.stats.left == 1
+    assert handler.associations == {} and handler.state.conferences["demo"].members == {}
+    assert t1.disconnects == t2.disconnects == []  # the MDD ended it: nothing to tell it
+    # A second endpoint disconnected mid-handshake leaves no state either.
+    other = uuid.uuid4()
+    client2 = DtlsConnection(client_config)
+    client2.connect(trio.current_time())
+    for datagram in client2.datagrams_to_send():
+        handler.on_datagram(other, datagram, t1)  # type: ignore[arg-type]
+    assert other in handler.associations
+    handler.on_disconnect(other, t1)  # type: ignore[arg-type]
+    assert handler.associations == {}
+    assert handler.stats.failed == 1
