@@ -142,7 +142,8 @@ class DtlsStats:
     dropped_decrypt: int = 0
     dropped_unexpected: int = 0  # valid record of a type or in a state we do not accept
     dropped_after_close: int = 0
-    fragments_dropped: int = 0  # reassembly bounds or inconsistent fragments
+    fragments_dropped: int = 0  # reassembly bounds, wrong epoch for the type, stray HVR
+    dropped_old: int = 0  # fragments of messages already processed (peer retransmissions)
     future_records_buffered: int = 0
     retransmissions: int = 0
     internal_errors: int = 0  # unexpected exceptions turned into internal_error alerts
@@ -632,6 +633,7 @@ class DtlsConnection:
         if self._established and record.epoch == 0:
             # Only a retransmitted final flight of the peer can still come in epoch 0.
             if frag.message_seq < self._reasm.next_seq:
+                self.stats.dropped_old += 1
                 self._peer_retransmitted = True
             else:
                 self.stats.fragments_dropped += 1
@@ -660,6 +662,7 @@ class DtlsConnection:
         messages: list[ReceivedMessage] = []
         status = self._reasm.add(frag, messages, record.epoch)
         if status == OLD:
+            self.stats.dropped_old += 1
             self._peer_retransmitted = True
             return
         if status == DROPPED:
