@@ -31,6 +31,8 @@ and nothing else: no DTLS, no trio, no clock (every method takes ``now``).
   restarted KMF is unlikely to start where its predecessor was; the 65537th key of one
   conference in one process is refused rather than reuse an SPI (D8 would make receivers
   ignore it).
+* **TTL**: a key that reached its ``ekt_ttl`` is replaced on the next join (``key_for``);
+  refreshing it before the TTL in a conference nobody joins is a timer of the rekey policy.
 * **Rekeying** (D22, issue 5): :meth:`Conference.rekey` makes and installs a new key for the
   conference's current cipher; :attr:`Conference.members` lists whom to send it to. The
   policy (rekey on join/leave, the coalescing window from ``rekey_window``) is the caller's;
@@ -216,14 +218,26 @@ class Conference:
         return self.current is None or self.current.cipher == cipher
 
     def key_for(self, cipher: int, now: float) -> EktKeyMaterial:
-        """The current key, made on first use with ``cipher``; KeyingError on a mismatch."""
+        """The current key, made on first use with ``cipher``; KeyingError on a mismatch.
+
+        A key past its ``ekt_ttl`` must not be used any more (RFC 8870 §5.2.2), so an expired
+        one is replaced here (the caller sends the new one to the other members too; compare
+        :attr:`keys_issued` before and after).
+        """
         if self.current is None:
             return self._new_key(cipher, now)
         if self.current.cipher != cipher:
             raise KeyingError(
                 f"conference {self.id} uses EKT cipher {self.current.cipher}, not {cipher}"
             )
+        if self.expired(now):
+            return self._new_key(cipher, now)
         return self.current
+
+    def expired(self, now: float) -> bool:
+        """True when the current key has reached its TTL (a refresh is due, D10)."""
+        key = self.current
+        return key is not None and now >= key.created + key.ttl
 
     def rekey(self, now: float) -> EktKeyMaterial:
         """A new EKTKey (fresh key and salt, new SPI) for the conference's cipher (D22).

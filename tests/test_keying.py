@@ -229,3 +229,14 @@ def test_spi_is_never_reused_in_one_process() -> None:
     conf.keys_issued = 1 << 16  # as if 65536 keys had been made
     with pytest.raises(KeyingError, match="SPI space exhausted"):
         conf.rekey(now=1.0)
+
+
+def test_expired_key_is_replaced_on_next_use() -> None:
+    conf = Conference(conference(ekt_ttl=100))
+    first = conf.key_for(AESKW128, now=0.0)
+    assert conf.key_for(AESKW128, now=99.9) is first
+    assert not conf.expired(99.9)
+    assert conf.expired(100.0)
+    second = conf.key_for(AESKW128, now=100.0)
+    assert second is not first and second.spi == (first.spi + 1) & 0xFFFF
+    assert second.created == 100.0 and not conf.expired(150.0)

@@ -357,13 +357,19 @@ class KeyingHandler:
         now = trio.current_time()
         key = conf.rekey(now)
         self._log_new_key(conf, key)
-        for aid in list(conf.members):
-            assoc = self.associations.get(aid)
-            if assoc is not None and assoc.connection.is_established:
-                self._send_ekt_key(assoc, key, now)
-                self._service(assoc, now)
+        self._distribute(conf, key, now)
         log.info("rekey conference=%s spi=%d members=%d", conf.id, key.spi, len(conf.members))
         return key
+
+    def _distribute(
+        self, conf: Conference, key: EktKeyMaterial, now: float, skip: uuid.UUID | None = None
+    ) -> None:
+        """Send ``key`` to every member (but ``skip``); the engine retransmits until ACK."""
+        for aid in list(conf.members):
+            assoc = self.associations.get(aid)
+            if aid != skip and assoc is not None and assoc.connection.is_established:
+                self._send_ekt_key(assoc, key, now)
+                self._service(assoc, now)
 
     # --- associations ------------------------------------------------------------------------
 
@@ -543,8 +549,7 @@ class KeyingHandler:
         try:
             issued = conf.keys_issued
             key = conf.key_for(event.ekt_cipher, now)
-            if conf.keys_issued != issued:
-                self._log_new_key(conf, key)
+            new_key = conf.keys_issued != issued
             conf.join(
                 Member(
                     association_id=aid,
@@ -565,6 +570,10 @@ class KeyingHandler:
         assoc.joined = now
         self._send_ekt_key(assoc, key, now)
         self.stats.joined += 1
+        if new_key:
+            self._log_new_key(conf, key)
+            # The old key expired (TTL): the other members need the new one too.
+            self._distribute(conf, key, now, skip=aid)
         log.info(
             "joined conference=%s association=%s fingerprint=%s profile=0x%04X spi=%d "
             "ekt_cipher=%d mdd=%s members=%d",

@@ -827,3 +827,22 @@ async def test_answers_go_through_the_latest_tunnel_and_disconnects_end_handshak
     handler.on_disconnect(other, t1)  # type: ignore[arg-type]
     assert handler.associations == {}
     assert handler.stats.failed == 1
+
+
+async def test_expired_key_is_replaced_for_everyone_at_the_next_join(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    a, b = people.members[:2]
+    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [a, b]}, ekt_ttl=10))
+    async with setup.running() as nursery:
+        relay = await setup.start_mdd(nursery, idle_timeout=60.0)
+        ra = await setup.join(relay, a)
+        assert ra.joined and ra.ekt_key is not None and ra.ekt_key.ttl == 10
+        nursery.start_soon(ra.serve)
+        await trio.sleep(11)  # past the TTL (RFC 8870 §5.2.2: the key must not be used)
+        rb = await setup.join(relay, b)
+        assert rb.joined and rb.ekt_key is not None
+        await until(lambda: len(ra.ekt_keys) == 2)
+        assert rb.ekt_key.spi != ra.ekt_keys[0].spi
+        assert ra.ekt_keys[-1] == rb.ekt_key
+        assert_conference_key(setup.handler, rb, "demo")
