@@ -143,7 +143,7 @@ class Member:
     association_id: uuid.UUID
     fingerprint: str
     tls_id: bytes | None
-    #: the tunnel (MDD connection) that carried its latest datagram; opaque here
+    #: the tunnel (MDD connection) that carried its Finished (MediaKeys went there); opaque here
     tunnel: object
     profile: int
     ekt_cipher: int

@@ -226,6 +226,9 @@ class KeyingStats:
     disconnects_sent: int = 0
     unknown_disconnects: int = 0
     """EndpointDisconnect for an id we do not have (D2: counted and ignored)."""
+    dropped_wrong_mdd: int = 0
+    """TunneledDtls or EndpointDisconnect naming an association that another MDD (another
+    certificate) carries: ignored, so one MDD cannot divert or end another's endpoints."""
     timer_wakeups: int = 0
 
 
@@ -310,6 +313,11 @@ class KeyingHandler:
         now = trio.current_time()
         assoc = self.associations.get(association_id)
         if assoc is not None:
+            if tunnel.mdd_fingerprint != assoc.tunnel.mdd_fingerprint:
+                # Association ids are the MDD's (RFC 9185 §5.3): another MDD naming one is
+                # confused or hostile; it must not divert this endpoint's DTLS (or its keys).
+                self.stats.dropped_wrong_mdd += 1
+                return
             if _maybe_client_hello(data):
                 hello = _client_hello_untrusted(data)
                 if hello is not None and hello.random != assoc.client_random:
@@ -339,10 +347,14 @@ class KeyingHandler:
         )
 
     def on_disconnect(self, association_id: uuid.UUID, tunnel: KmfTunnel) -> None:
-        assoc = self.associations.pop(association_id, None)
+        assoc = self.associations.get(association_id)
         if assoc is None:
             self.stats.unknown_disconnects += 1
             return
+        if tunnel.mdd_fingerprint != assoc.tunnel.mdd_fingerprint:
+            self.stats.dropped_wrong_mdd += 1
+            return
+        del self.associations[association_id]
         self.stats.ended_by_mdd += 1
         # The endpoint is gone (D3): no close_notify to send, nothing to tell the MDD.
         self._end(assoc, "EndpointDisconnect from the MDD", trio.current_time())

@@ -846,3 +846,35 @@ async def test_expired_key_is_replaced_for_everyone_at_the_next_join(
         assert rb.ekt_key.spi != ra.ekt_keys[0].spi
         assert ra.ekt_keys[-1] == rb.ekt_key
         assert_conference_key(setup.handler, rb, "demo")
+
+
+async def test_another_mdd_cannot_divert_or_end_an_association(
+    ids: SimpleNamespace, people: SimpleNamespace, memory_clock: MockClock
+) -> None:
+    alice = people.members[0]
+    handler = KeyingHandler(
+        keying_kmf_config(ids.kmf, [ids.mdd, ids.mdd2], {"demo": [alice]}, dtls_cookies=False)
+    )
+    mine, theirs = FakeTunnel(ids.mdd.fingerprint), FakeTunnel(ids.mdd2.fingerprint)
+    client = DtlsConnection(
+        DtlsConfiguration(
+            is_client=True,
+            certificate=alice.certificate,
+            private_key=alice.private_key,
+            tls_id=b"alice-session-0123456789",
+        )
+    )
+    aid = uuid.uuid4()
+    client.connect(trio.current_time())
+    for datagram in client.datagrams_to_send():
+        handler.on_datagram(aid, datagram, mine)  # type: ignore[arg-type]
+    for _, datagram in mine.dtls:
+        client.receive_datagram(datagram, trio.current_time())
+    mine.dtls.clear()
+    # The client's flight 5 arrives through the other MDD: ignored, counted.
+    for datagram in client.datagrams_to_send():
+        handler.on_datagram(aid, datagram, theirs)  # type: ignore[arg-type]
+    handler.on_disconnect(aid, theirs)  # type: ignore[arg-type]
+    assert handler.stats.dropped_wrong_mdd >= 2
+    assert theirs.dtls == [] and theirs.media_keys == []
+    assert aid in handler.associations and handler.stats.joined == 0
