@@ -143,7 +143,8 @@ class HopKeys:
 
 @attrs.define(eq=False)
 class Association:
-    """One endpoint DTLS association as the MDD sees it. Later issues add keys and SRTP state."""
+    """One endpoint DTLS association as the MDD sees it: address, keys (from MediaKeys only),
+    counters. The media issue adds the SRTP state (perc.forwarding)."""
 
     association_id: uuid.UUID
     conference: str
