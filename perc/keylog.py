@@ -45,8 +45,12 @@ ENV_VAR = "SSLKEYLOGFILE"
 _MAX_LINE = 1024
 
 
-class KeyLogError(Exception):
-    """The key log file could not be opened (a local configuration problem)."""
+class KeyLogError(OSError):
+    """The key log file could not be opened (a local configuration problem).
+
+    An OSError, so a role's CLI reports it like any other file or socket failure (one
+    ``perc: error:`` line, exit status 1) instead of a traceback.
+    """
 
 
 class KeyLog:

@@ -83,3 +83,8 @@ def test_bad_lines_and_closed_log_are_counted_not_raised(tmp_path: Path) -> None
     assert keylog.dropped == 3
     assert keylog.lines == 0
     assert path.read_text() == ""
+
+
+def test_open_error_is_an_os_error_for_the_cli(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="cannot open key log"):
+        keylog_from_env({ENV_VAR: str(tmp_path / "missing" / "keys.log")})
