@@ -63,8 +63,10 @@ API::
                 halves), ekt (EktKeyReceived, latest), ekt_cipher, ekt_parameters(now),
                 tls_id, kmf_tls_id, kmf_fingerprint, local_address, mdd_address, join_time,
                 held_media, stats
+    MediaEngine (Protocol: timer, handle_timer, receive, datagrams_to_send, rekey, bye)
     ExitCode, JoinError (JoinRefused, WrongKmf, JoinTimeout, JoinFailed, AssociationEnded)
-    new_tls_id(), check_tls_id(text), key_digest(*parts)
+    new_tls_id(), check_tls_id(text), key_digest(*parts), hbh_digest(material),
+    dtls_configuration(settings, tls_id, verify_peer, keylog)   # also bench/join_storm.py
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ __all__ = [
     "MediaEngine",
     "WrongKmf",
     "check_tls_id",
+    "dtls_configuration",
+    "hbh_digest",
     "join",
     "key_digest",
     "new_tls_id",
