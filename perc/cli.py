@@ -317,7 +317,7 @@ def mdd_command(
 # import the role (and trio).
 _ENDPOINT_EXIT_CODES = (
     (0, "joined, then left on SIGINT/SIGTERM or after --duration"),
-    (1, "local runtime failure (e.g. the MDD host name does not resolve)"),
+    (1, "local runtime failure (the MDD host does not resolve, SSLKEYLOGFILE unopenable)"),
     (2, "bad arguments or files"),
     (3, "refused by the KMF (fatal alert, e.g. access_denied: not on the roster)"),
     (4, "wrong KMF (certificate fingerprint or tls-id not the expected one)"),
@@ -441,7 +441,8 @@ def endpoint_command(
     try:
         keylog = keylog_module.keylog_from_env()
     except keylog_module.KeyLogError as e:
-        raise CliError(str(e)) from None
+        # The environment, not the arguments: exit 1, as perc kmf does.
+        raise RuntimeFailure(str(e)) from None
 
     settings = endpoint.JoinSettings(
         mdd=(address.host, address.port),

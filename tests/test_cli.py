@@ -465,3 +465,14 @@ def test_endpoint_timeout_in_a_real_process(endpoint_files: dict[str, Any]) -> N
         f"perc: error: join timed out after 0.3 s through the MDD at 127.0.0.1:{port}"
     )
     assert "Traceback" not in done.stderr
+
+
+def test_endpoint_unopenable_keylog_is_one_line_exit_1(
+    endpoint_files: dict[str, Any], started: list[tuple[Any, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(endpoint_files["dir"])
+    monkeypatch.setenv("SSLKEYLOGFILE", str(endpoint_files["dir"] / "no-such-dir" / "keys.log"))
+    result = CliRunner().invoke(main, _endpoint_args(endpoint_files["kmf"]))
+    assert result.exit_code == 1
+    assert result.stderr.startswith("perc: error: cannot open key log file ")
+    assert started == []

@@ -152,7 +152,8 @@ class ExitCode(enum.IntEnum):
     OK = 0
     """Joined, then left on SIGINT/SIGTERM or after ``--duration``."""
     FAILURE = 1
-    """A local runtime failure (e.g. the MDD's host name does not resolve)."""
+    """A local runtime failure (the MDD's host name does not resolve, SSLKEYLOGFILE cannot be
+    opened)."""
     USAGE = 2
     """Bad arguments or files (nothing was sent)."""
     REFUSED = 3
