@@ -111,10 +111,11 @@ async def test_one_endpoint_joins_and_every_side_holds_the_same_keys(system: Sys
     )
     outer = split_exporter(0x0009, material).outer()
     assert ep["hbh_keys"] == hbh_digest(outer)
-    if "keys" in md:  # the MDD's digest of its MediaKeys (perc.roles.mdd, debug line)
-        assert md["keys"] == hbh_digest(outer)
-    if ekt := kmf.find(rf"ektkey conference=demo spi={ep['spi']} key=(\w+)"):
-        assert ekt[-1].group(1) == ep["ekt_key"]
+    assert md["keys"] == hbh_digest(outer)  # the MDD's MediaKeys: the same outer halves
+    # The endpoint's EKTKey is the conference key the KMF made.
+    (ekt,) = kmf.find(r"ektkey conference=demo ")
+    assert joined_fields(ekt.string)["spi"] == ep["spi"]
+    assert joined_fields(ekt.string)["key"] == ep["ekt_key"]
 
     # Leaving on SIGINT: close_notify -> the KMF ends the association -> EndpointDisconnect
     # to the MDD.
@@ -181,11 +182,19 @@ async def test_twenty_endpoint_processes_on_two_mdds_share_the_ektkey(system: Sy
     ]
     lines = [(await p.wait_for(r"joined name=", timeout=30)).string for p in procs]
     fields = [joined_fields(line) for line in lines]
-    assert {(f["spi"], f["ekt_key"]) for f in fields} == {(fields[0]["spi"], fields[0]["ekt_key"])}
+    # One conference key, the one the KMF made, held by all 20 on both MDDs.
+    (ekt,) = kmf.find(r"ektkey conference=demo ")
+    conference_key = (joined_fields(ekt.string)["spi"], joined_fields(ekt.string)["key"])
+    assert {(f["spi"], f["ekt_key"]) for f in fields} == {conference_key}
     assert len({f["hbh_keys"] for f in fields}) == 20  # every association its own HBH keys
-    assert len(kmf.find(rf"joined conference=demo .* spi={fields[0]['spi']} ")) == 20
-    for mdd in (mdd1, mdd2):
-        assert len(mdd.find(r"keys installed conference=demo")) == 10
+    assert len(kmf.find(rf"joined conference=demo .* spi={conference_key[0]} ")) == 20
+    # Each MDD holds exactly the hop-by-hop keys of the endpoints it serves.
+    for mdd, port in ((mdd1, port1), (mdd2, port2)):
+        served = {f["hbh_keys"] for f in fields if f["mdd"] == f"{LOCAL}:{port}"}
+        assert len(served) == 10
+        await mdd.wait_for(r"keys installed conference=demo", count=10)
+        installed = {joined_fields(m.string)["keys"] for m in mdd.find(r"keys installed ")}
+        assert installed == served
     codes = []
     for p in procs:
         p.signal(signal.SIGTERM)
@@ -226,6 +235,8 @@ async def test_twenty_simultaneous_joins(system: System) -> None:
         assert len({r.hbh.client_key for r in results}) == 20
         await kmf.wait_for(r"joined conference=demo", count=20)
         await mdd.wait_for(r"keys installed conference=demo", count=20)
+        installed = {joined_fields(m.string)["keys"] for m in mdd.find(r"keys installed ")}
+        assert installed == {hbh_digest(r.hbh) for r in results}
     finally:
         for r in results:
             r.socket.close()
