@@ -47,10 +47,11 @@ received, e.g. ``access_denied``), wrong KMF (we refused its certificate or tls-
 (no join within ``join_timeout``, with what was seen), a protocol failure (e.g. no EKT
 negotiated), or an association that ended after the join.
 
-**Key digests in logs.** The ``joined`` and ``ektkey`` lines carry :func:`key_digest` values
-(first 16 hex digits of a SHA-256 over the concatenated key material): one-way, so safe to
-log, yet enough for a test or an operator to check that the MDD's ``MediaKeys`` and the KMF's
-EKTKey are the ones this endpoint holds.
+**Key digests in logs.** The ``joined`` and ``ektkey`` lines carry
+:func:`perc.keying.key_digest` values (first 16 hex digits of a SHA-256 over the concatenated
+key material), the same digests the MDD logs for its ``MediaKeys`` and the KMF for each
+conference EKTKey: one-way, so safe to log, yet enough for a test or an operator to check
+that all three hold the same keys.
 
 API::
 
@@ -72,7 +73,6 @@ API::
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 import re
 import secrets
@@ -94,6 +94,7 @@ from perc.dtls.events import (
     HandshakeCompleted,
 )
 from perc.identity import Identity, fingerprint_matches
+from perc.keying import key_digest
 from perc.srtp.ekt import EktParameterSet
 from perc.srtp.keys import KeyingMaterial, SrtpProfile, split_exporter
 
@@ -216,11 +217,6 @@ def check_tls_id(text: str) -> str:
             f"bad tls-id {text!r}: 20 to 255 characters of A-Z a-z 0-9 + / - _ (RFC 8842 §4)"
         )
     return text
-
-
-def key_digest(*parts: bytes) -> str:
-    """First 16 hex digits of SHA-256 over the concatenated ``parts``: a loggable key check."""
-    return hashlib.sha256(b"".join(parts)).hexdigest()[:16]
 
 
 def hbh_digest(material: KeyingMaterial) -> str:
