@@ -41,7 +41,7 @@ from tests.dtls_interop.engine import (
     ekt_server_peer,
     server_peer,
 )
-from tests.dtls_interop.harness import assert_no_internal_errors, describe, pump
+from tests.dtls_interop.harness import EnginePeer, assert_no_internal_errors, describe, pump
 from tests.dtls_interop.netsim import Network
 from tests.dtls_interop.openssl_peer import OpensslPeer, split_records
 
@@ -731,3 +731,40 @@ def test_forged_partial_fragment_does_not_stall_the_client(
     )
     assert result.done and result.now < 10.0, f"{describe(client)} / {describe(server)}"
     assert_no_internal_errors(client, server)
+
+
+# --- every drop is counted (HELPERS: "every buffer bounded, every drop counted") ---------------
+
+
+def drop_counters(peer: EnginePeer) -> int:
+    stats = attrs.asdict(peer.connection.stats)
+    return sum(v for k, v in stats.items() if k.startswith("dropped") or k == "fragments_dropped")
+
+
+@pytest.mark.parametrize("kind", JUNK_KINDS)
+def test_every_junk_datagram_is_counted_after_the_handshake(
+    client_identity: Identity, server_identity: Identity, kind: str
+) -> None:
+    client = client_peer(client_identity)
+    server = ekt_server_peer(server_identity)
+    history: list[tuple[str, bytes]] = []
+    client.connect(0.0)
+    pump(
+        client,
+        server,
+        until=lambda: client.has("EktKeyReceived") and server.has("EktKeyAcknowledged"),
+        tap=lambda direction, datagram: history.append((direction, datagram)),
+    )
+    junk = RecordJunk(random.Random(kind))
+    junk.mutator.history = [h for h in history if h[0] == "b->a"]  # server -> client
+    before = drop_counters(client)
+    injected = 0
+    for _ in range(20):
+        data = junk.make(kind)
+        if data:  # an empty datagram holds nothing to drop
+            injected += 1
+            client.receive_datagram(data, 1.0)
+    assert injected >= 10
+    assert drop_counters(client) - before >= injected
+    assert not client.has("ConnectionClosed")
+    assert_no_internal_errors(client)
