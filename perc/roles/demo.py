@@ -187,7 +187,7 @@ async def _run(files: DemoFiles) -> bool:
             _say(f"OK: tunnel up between MDD and KMF (127.0.0.1:{files.kmf_port}, TLS 1.3, pinned)")
             endpoints = [await _start_endpoint(nursery, files, name) for name in ("alice", "bob")]
             children += endpoints
-            if not await _joins(files, mdd, endpoints):
+            if not await _joins(files, kmf, mdd, endpoints):
                 return False
             for child in endpoints:
                 children.remove(child)
@@ -225,8 +225,8 @@ async def _start_endpoint(nursery: trio.Nursery, files: DemoFiles, name: str) ->
     return await _start(nursery, name, args)
 
 
-async def _joins(files: DemoFiles, mdd: _Child, endpoints: list[_Child]) -> bool:
-    """Both endpoints joined, with one EKTKey, and the MDD has both their MediaKeys."""
+async def _joins(files: DemoFiles, kmf: _Child, mdd: _Child, endpoints: list[_Child]) -> bool:
+    """Both endpoints joined, hold the KMF's EKTKey, and the MDD has both their MediaKeys."""
     joined: dict[str, dict[str, str]] = {}
     for child in endpoints:
         line = await child.line_with(f"joined name={child.name} ")
@@ -240,18 +240,41 @@ async def _joins(files: DemoFiles, mdd: _Child, endpoints: list[_Child]) -> bool
             f"{f.get('profile')}, EKTKey SPI {f.get('spi')} ({f.get('ekt_cipher')}, "
             f"digest {f.get('ekt_key')}), hop-by-hop keys digest {f.get('hbh_keys')}"
         )
-    if len({(f.get("spi"), f.get("ekt_key")) for f in joined.values()}) != 1:
-        _say("FAILED: alice and bob hold different EKTKeys")
+    key = await _same_ektkey(kmf, endpoints)
+    if key is None:
+        _say("FAILED: alice and bob do not hold the KMF's current conference EKTKey")
         return False
     for name, f in joined.items():
-        if not await mdd.wait_for(f"peer={f.get('local')} profile="):
-            _say(f"FAILED: the MDD did not install {name}'s MediaKeys")
+        line = await mdd.line_with(f"keys={f.get('hbh_keys')}")
+        if line is None or f"peer={f.get('local')} " not in line:
+            _say(f"FAILED: the MDD did not install {name}'s hop-by-hop keys")
             return False
     _say(
-        "OK: alice and bob hold the same EKTKey (end-to-end); the MDD installed their "
-        "hop-by-hop keys (MediaKeys; the EKTKey never reaches it)"
+        f"OK: alice and bob hold the conference's EKTKey (SPI {key[0]}, digest {key[1]}, as the "
+        "KMF logged it); the MDD installed exactly their hop-by-hop keys (same digests; the "
+        "EKTKey never reaches it)"
     )
     return True
+
+
+def _latest_key(child: _Child) -> tuple[str | None, str | None]:
+    """(SPI, key digest) of the last EKTKey an endpoint logged (joined, or a later rekey)."""
+    lines = [x for x in child.lines if "joined name=" in x or "ektkey name=" in x]
+    f = _fields(lines[-1]) if lines else {}
+    return f.get("spi"), f.get("ekt_key")
+
+
+async def _same_ektkey(kmf: _Child, endpoints: list[_Child]) -> tuple[str, str] | None:
+    """The KMF's latest conference key once every endpoint holds it (a rekey may be running)."""
+    with trio.move_on_after(_STEP_TIMEOUT):
+        while True:
+            made = [_fields(x) for x in kmf.lines if "ektkey conference=demo " in x]
+            if made:
+                want = (made[-1].get("spi", ""), made[-1].get("key", ""))
+                if {_latest_key(c) for c in endpoints} == {want}:
+                    return want
+            await trio.sleep(0.05)
+    return None
 
 
 async def _left(mdd: _Child, child: _Child) -> bool:

@@ -18,6 +18,7 @@ async def test_demo_shows_two_endpoints_joining() -> None:
     assert result.returncode == 0, out + result.stderr.decode()
     for name in ("alice", "bob"):
         assert f"OK: {name}'s DTLS reached the KMF through the tunnel" in out
-    assert "alice and bob hold the same EKTKey" in out
+    assert "alice and bob hold the conference's EKTKey" in out
+    assert "the MDD installed exactly their hop-by-hop keys" in out
     assert "alice and bob left with close_notify" in out
     assert "FAILED" not in out
