@@ -747,10 +747,11 @@ def drop_counters(peer: EnginePeer) -> int:
     )
 
 
+@pytest.mark.parametrize("side", ["client", "server"])
 @pytest.mark.parametrize("stage", ["mid-handshake", "after-handshake"])
 @pytest.mark.parametrize("kind", JUNK_KINDS)
 def test_every_junk_datagram_is_counted(
-    client_identity: Identity, server_identity: Identity, kind: str, stage: str
+    client_identity: Identity, server_identity: Identity, kind: str, stage: str, side: str
 ) -> None:
     client = client_peer(client_identity)
     server = ekt_server_peer(server_identity)
@@ -763,23 +764,30 @@ def test_every_junk_datagram_is_counted(
             until=lambda: client.has("EktKeyReceived") and server.has("EktKeyAcknowledged"),
             tap=lambda direction, datagram: history.append((direction, datagram)),
         )
-    else:  # the client has flight 4 and sent flight 5, the server's answer is not in yet
+    elif side == "client":  # the client has flight 4 and sent flight 5; no answer yet
         for datagram in client.datagrams_to_send():
             server.receive_datagram(datagram, 0.0)
         for datagram in server.datagrams_to_send():
             history.append(("b->a", datagram))
             client.receive_datagram(datagram, 0.0)
         client.datagrams_to_send()
+    else:  # the server has the ClientHello and sent flight 4; no answer yet
+        for datagram in client.datagrams_to_send():
+            history.append(("a->b", datagram))
+            server.receive_datagram(datagram, 0.0)
+        server.datagrams_to_send()
+    target = client if side == "client" else server
+    towards = "b->a" if side == "client" else "a->b"
     junk = RecordJunk(random.Random(kind))
-    junk.mutator.history = [h for h in history if h[0] == "b->a"]  # server -> client
-    before = drop_counters(client)
+    junk.mutator.history = [h for h in history if h[0] == towards]
+    before = drop_counters(target)
     injected = 0
     for _ in range(20):
         data = junk.make(kind)
         if data:  # an empty datagram holds nothing to drop
             injected += 1
-            client.receive_datagram(data, 0.5)
+            target.receive_datagram(data, 0.5)
     assert injected >= 10
-    assert drop_counters(client) - before >= injected
-    assert not client.has("ConnectionClosed")
-    assert_no_internal_errors(client)
+    assert drop_counters(target) - before >= injected
+    assert not target.has("ConnectionClosed")
+    assert_no_internal_errors(target)
