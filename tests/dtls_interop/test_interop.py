@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
+from perc.dtls import LocalProtocolError
 from perc.identity import Identity, fingerprint_of
 from tests.dtls_interop.engine import GatedServer, client_peer, server_peer
 from tests.dtls_interop.harness import EnginePeer, assert_no_internal_errors, pump
@@ -625,3 +626,22 @@ def test_our_server_rejects_a_bad_certificate_verify_signature(
     closed = server.first("ConnectionClosed")
     assert closed is not None and closed.alert == 51  # decrypt_error
     assert_no_internal_errors(server)
+
+
+@pytest.mark.parametrize("suite, overhead", [(0xC02B, 24), (0xC02C, 24), (0xCCA9, 16)])
+def test_largest_application_data_fits_the_mtu_and_reaches_openssl(
+    client_identity: Identity, server_identity: Identity, suite: int, overhead: int
+) -> None:
+    # record header 13 + AEAD expansion (GCM: 8-byte explicit nonce + 16-byte tag; ChaCha20:
+    # tag only, RFC 7905) must fit the 300-byte MTU with the data
+    client, server, _, _ = ours_client(
+        client_identity, server_identity, mtu=300, openssl={"cipher_suites": (suite,)}
+    )
+    largest = 300 - 13 - overhead
+    client.connection.send_application_data(b"x" * largest, 1.0)
+    [datagram] = client.datagrams_to_send()
+    assert len(datagram) == 300
+    server.receive_datagram(datagram, 1.0)
+    assert server.application_data == [b"x" * largest]
+    with pytest.raises(LocalProtocolError):
+        client.connection.send_application_data(b"x" * (largest + 1), 1.0)
