@@ -244,6 +244,21 @@ class RecordJunk:
             return self.mutator.replayed()
         if kind == "moved_epoch":
             return self.mutator.wrong_epoch((2, 0xFFFF))
+        if kind == "flipped_protected":  # a real epoch-1 record with one bit flipped
+            protected = [
+                rec
+                for _, datagram in self.mutator.history
+                for rec in split_records(datagram)
+                if epoch_of(rec) == 1
+            ]
+            if not protected:
+                return None
+            data = bytearray(rng.choice(protected))
+            # anywhere but the epoch field (moving epochs is "moved_epoch") and the length
+            # (which would only make the record run past the datagram: "overlong")
+            position = rng.choice([0, 1, 2, *range(5, 11), *range(13, len(data))])
+            data[position] ^= 1 << rng.randrange(8)
+            return bytes(data)
         raise AssertionError(kind)
 
 
@@ -257,6 +272,7 @@ JUNK_KINDS = (
     "truncated",
     "replayed",
     "moved_epoch",
+    "flipped_protected",
 )
 
 
@@ -601,7 +617,7 @@ def test_record_layer_junk_against_openssl(
                     ours.receive_datagram(data, 0.0)
 
     pump(theirs, ours, tap=tap)
-    assert injected >= 4
+    assert injected >= 2  # flipped_protected: only flight 6 (or 5) has an epoch-1 record
     assert_no_internal_errors(ours)
     assert ours.completed.srtp_keying_material == theirs.srtp_keying_material
 
@@ -748,8 +764,16 @@ def drop_counters(peer: EnginePeer) -> int:
 
 
 @pytest.mark.parametrize("side", ["client", "server"])
-@pytest.mark.parametrize("stage", ["mid-handshake", "after-handshake"])
-@pytest.mark.parametrize("kind", JUNK_KINDS)
+@pytest.mark.parametrize(
+    "kind, stage",
+    [
+        (kind, stage)
+        for kind in JUNK_KINDS
+        for stage in ("mid-handshake", "after-handshake")
+        # before flight 6 the client has seen no protected record to flip
+        if not (kind == "flipped_protected" and stage == "mid-handshake")
+    ],
+)
 def test_every_junk_datagram_is_counted(
     client_identity: Identity, server_identity: Identity, kind: str, stage: str, side: str
 ) -> None:
