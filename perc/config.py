@@ -33,12 +33,14 @@ Files (binding schemas of issue 2; the optional keys have the defaults shown)::
     reconnect_min = 0.5                # first tunnel reconnect delay, doubling ... (D1)
     reconnect_max = 30.0               # ... up to this cap
     handshake_timeout = 10.0           # seconds for a tunnel's TLS handshake
+    stats_interval = 10.0              # seconds between forwarding counter logs (when changed)
     [[conference]]
     id = "demo"
     listen = "127.0.0.1:5004"          # UDP port where endpoints of this conference send
     kmf = "127.0.0.1:4444"
     kmf_fingerprint = "sha-256 ..."
     # last_n = 4                       # forward only the last N active speakers (unset: all)
+    video_payload_types = [96]         # RTP payload types that are video (subject to last_n)
     max_associations = 10000           # endpoints at once; new ones beyond are dropped
 
 Relative ``cert``/``key`` paths are relative to the folder of the config file. Loading also
@@ -223,6 +225,13 @@ class MddSettings:
     handshake_timeout: float = attrs.field(
         default=10.0, metadata=_doc("seconds allowed for a tunnel's TLS handshake")
     )
+    stats_interval: float = attrs.field(
+        default=10.0,
+        metadata=_doc(
+            "seconds between logs of the per-association forwarding counters (only those "
+            "that changed; all of them again at exit)"
+        ),
+    )
 
 
 @attrs.frozen
@@ -239,6 +248,10 @@ class MddConference:
     )
     last_n: int | None = attrs.field(
         default=None, metadata=_doc("forward only the last N active speakers; unset: all")
+    )
+    video_payload_types: tuple[int, ...] = attrs.field(
+        default=(96,),
+        metadata=_doc("RTP payload types that are video (last_n applies to them only)"),
     )
     max_associations: int = attrs.field(
         default=10000,
@@ -662,6 +675,7 @@ def build_mdd_config(
         _check_positive(mdd.reconnect_min, "mdd.reconnect_min")
         _check_positive(mdd.reconnect_max, "mdd.reconnect_max")
         _check_positive(mdd.handshake_timeout, "mdd.handshake_timeout")
+        _check_positive(mdd.stats_interval, "mdd.stats_interval")
         _check(
             mdd.reconnect_max >= mdd.reconnect_min,
             "mdd.reconnect_max",
@@ -678,6 +692,12 @@ def build_mdd_config(
             )
             if c.last_n is not None:
                 _check(c.last_n > 0, f"{key}.last_n", f"must be >= 1, got {c.last_n}")
+            for pt in c.video_payload_types:
+                _check(
+                    0 <= pt <= 127,
+                    f"{key}.video_payload_types",
+                    f"payload type {pt} outside 0..127",
+                )
             addr = (c.listen.host, c.listen.port)
             if c.listen.port != 0:  # port 0: each conference gets its own ephemeral port
                 _check(

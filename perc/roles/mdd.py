@@ -15,30 +15,59 @@ Per configured conference (D1) a :class:`ConferenceRelay` runs three tasks:
   socket until it would block, then waits for readability (STYLE practice 11), and
   demultiplexes on the first byte (RFC 7983 §7, SPEC 2.8): 20-63 is DTLS and goes to the KMF
   as ``TunneledDtls`` with the association id of the sender's 5-tuple (a new 5-tuple gets a
-  fresh version 4 UUID, RFC 9185 §5.3); 128-191 is SRTP/SRTCP, dropped and counted until the
-  media issue; anything else is dropped and counted (RFC 7983: MUST drop). DTLS arriving while
-  the tunnel is down is dropped and counted, not buffered (the endpoint retransmits).
-* **Idle sweep**: an association whose endpoint has sent nothing for ``idle_timeout`` (D3,
-  default 10 s) is dropped and ``EndpointDisconnect`` sent to the KMF.
+  fresh version 4 UUID, RFC 9185 §5.3); 128-191 is SRTP/SRTCP and goes to the conference's
+  :class:`perc.forwarding.ForwardingTable` (below); anything else is dropped and counted
+  (RFC 7983: MUST drop). DTLS arriving while the tunnel is down is dropped and counted, not
+  buffered (the endpoint retransmits, and a joining endpoint times out with its own message).
+* **Idle sweep and counters**: an association whose endpoint has sent nothing for
+  ``idle_timeout`` (D3, default 10 s) is dropped and ``EndpointDisconnect`` sent to the KMF.
+  Every ~250 ms the table's ``tick`` keeps the last_n ranking fresh; every ``stats_interval``
+  (default 10 s) the per-association forwarding counters that changed are logged (INFO,
+  ``counters conference=<id> association=<uuid> in=... out=... drops: ...``), and all of them
+  when an association ends and at exit.
+
+**Forwarding** (RFC 8723 §5.2, SPEC 4.5, 4.7). One :class:`~perc.forwarding.ForwardingTable`
+per conference (``last_n``, ``video_payload_types``, ``max_associations`` from the config)
+holds one forwarding association per MDD association, under the same association id: added
+with the association, given its hop-by-hop keys on ``MediaKeys`` (``install_keys``; what it
+returns is the D5 hold of up to 64 datagrams that arrived before the keys, sent at once) and
+removed with it (``EndpointDisconnect`` either way, idle timeout). Every SRTP/SRTCP datagram
+goes through ``handle_datagram`` and every ``(address, datagram)`` it returns is sent with the
+non-blocking ``sendto``; only on EAGAIN does the loop wait for writability, then retries
+(a bounded wait: a receiver whose socket stays full loses that datagram, counted in
+``dropped_udp_send``). Each receive batch shares one ``now``; a full batch checkpoints so
+the tunnel tasks run (STYLE practice 11). The per-delivery work is the table's (one AES-GCM
+seal) plus one ``sendto`` system call.
+
+**The tunnel going down changes nothing for media.** The keys live in the table, not in the
+tunnel: while the tunnel is down and reconnecting, joined endpoints keep talking; only DTLS
+(new joins, rekeys) is dropped. A KMF that comes back knows none of the old associations (it
+ignores their DTLS, and never sends them ``EndpointDisconnect``), so they keep their keys until
+they leave or go idle.
+
+**Key isolation** (RFC 8871 §3.1, §4.1). ``MediaKeys`` is the MDD's only source of keys and
+carries only the outer halves (D4); the process never imports the code that unwraps EKT tags
+or removes the inner layer. At exit the MDD logs which of :data:`E2E_MODULES` are loaded in
+the process (``key isolation: end-to-end modules loaded: none``; ERROR naming them otherwise)
+so a system test can check it on a real ``perc mdd`` process.
 
 From the KMF: ``TunneledDtls`` becomes one UDP datagram to the association's endpoint;
 ``EndpointDisconnect`` drops the association and its keys (D3); ``MediaKeys`` is checked and
-stored on it as :class:`HopKeys` (the profile and the four outer values, D4; the media issue
-turns them into SRTP contexts). ``MediaKeys`` is the MDD's only source of keys: it never sees
-an EKTKey or an end-to-end key (RFC 8871 §3.1). SRTP that arrives before its association's
-keys is dropped and counted (``dropped_srtp_no_keys``) until the forwarding core, which holds
-up to 64 such packets per association (D5), is wired in by the media issue. A message naming
-an unknown association id is counted and ignored (D2). The association table is bounded
-(``max_associations`` per conference).
+stored on it as :class:`HopKeys` (the profile and the four outer values, D4) and installed in
+the forwarding table. A message naming an unknown association id is counted and ignored (D2).
+The association table is bounded (``max_associations`` per conference).
 
 API::
 
     serve(config: MddConfig, *, task_status=trio.TASK_STATUS_IGNORED)   # started(MddServer)
     MddServer.conferences: dict[str, ConferenceRelay]
     ConferenceRelay: .address (UDP), .stats: RelayStats, .associations: dict[UUID, Association],
-                     .tunnel_is_up, .tunnel_stats, .kmf_highest_version, wait_changed()
+                     .table: ForwardingTable, .tunnel_is_up, .tunnel_stats,
+                     .kmf_highest_version, wait_changed(), log_counters(changed_only)
     Association: association_id, conference, address, created, last_seen, keys: HopKeys | None,
-                 media_keys, counters
+                 media_keys, media (the forwarding core's association; .counters), dtls_in,
+                 dtls_out, srtp_in, srtp_no_keys
+    loaded_e2e_modules() -> list[str]   # which of E2E_MODULES this process has imported
     HopKeys: profile, client_key, server_key, client_salt, server_salt (repr hides them)
 """
 
@@ -46,12 +75,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import uuid
 from typing import Any
 
 import attrs
 import trio
 
+from perc import forwarding
 from perc.config import MddConference, MddConfig
 from perc.identity import fingerprint_matches
 from perc.keying import key_digest
@@ -75,12 +106,14 @@ from perc.wire.tunnel import (
 )
 
 __all__ = [
+    "E2E_MODULES",
     "MDD_PROFILES",
     "Association",
     "ConferenceRelay",
     "HopKeys",
     "MddServer",
     "RelayStats",
+    "loaded_e2e_modules",
     "serve",
 ]
 
@@ -90,10 +123,28 @@ log = logging.getLogger(__name__)
 MDD_PROFILES = (0x0009, 0x000A)
 #: A tunnel that stayed up this long (seconds) resets the reconnect backoff.
 STABLE_AFTER = 5.0
-#: Datagrams handled per receive batch before yielding to other tasks.
+#: Datagrams handled per receive batch before yielding to other tasks (STYLE practice 11).
 UDP_BATCH = 256
+#: Seconds between the forwarding table's ``tick`` (last_n ranking upkeep).
+TICK_INTERVAL = 0.25
+#: Longest wait for a full socket send buffer before the datagram is dropped (seconds).
+SEND_WAIT = 0.05
 _UDP_MAX = 65535
 _CONNECT_TIMEOUT = 10.0
+#: Code that only an endpoint may run: EKT tag unwrapping and the inner (end-to-end) layer.
+#: The MDD never imports them (RFC 8871 §4.1); checked at exit (loaded_e2e_modules).
+E2E_MODULES = (
+    "perc.srtp.ekt",
+    "perc.srtp.double",
+    "cryptography.hazmat.primitives.keywrap",
+)
+
+Address = tuple[Any, ...]
+
+
+def loaded_e2e_modules() -> list[str]:
+    """Which of :data:`E2E_MODULES` this process has imported (an MDD: none)."""
+    return [name for name in E2E_MODULES if name in sys.modules]
 
 
 #: Outer (HBH) key length per DOUBLE profile (D4: half of the profile's key); salts are 12.
@@ -144,15 +195,16 @@ class HopKeys:
 @attrs.define(eq=False)
 class Association:
     """One endpoint DTLS association as the MDD sees it: address, keys (from MediaKeys only),
-    counters. The media issue adds the SRTP state (perc.forwarding)."""
+    DTLS counters, and its forwarding-core twin (``media``: SRTP state and counters)."""
 
     association_id: uuid.UUID
     conference: str
-    address: tuple[Any, ...]
+    address: Address
     """The endpoint's socket address as recvfrom gave it ((host, port), or the 4-tuple of
     IPv6); with the conference's socket, the 5-tuple."""
     created: float
-    last_seen: float
+    media: forwarding.Association[Address]
+    """The forwarding table's association (same id): SRTP sessions, routes, counters."""
     keys: HopKeys | None = None
     """The hop-by-hop keys (outer halves, D4) from the KMF's MediaKeys, once received."""
     media_keys: MediaKeys | None = None
@@ -161,15 +213,38 @@ class Association:
     """DTLS datagrams from the endpoint."""
     dtls_out: int = 0
     """DTLS datagrams sent to the endpoint."""
-    srtp_in: int = 0
-    """SRTP/SRTCP packets from the endpoint (dropped until the media issue)."""
-    srtp_no_keys: int = 0
-    """Of those, packets that arrived before the association's MediaKeys."""
+
+    @property
+    def last_seen(self) -> float:
+        """When the endpoint last sent anything (DTLS or SRTP; D3 idle timeout)."""
+        return self.media.last_seen
+
+    @last_seen.setter
+    def last_seen(self, now: float) -> None:
+        self.media.last_seen = now
+
+    @property
+    def srtp_in(self) -> int:
+        """SRTP/SRTCP datagrams from the endpoint (held ones counted once)."""
+        c = self.media.counters
+        return c.received - c.held  # a held datagram is counted again when released
+
+    @property
+    def srtp_no_keys(self) -> int:
+        """Of those, datagrams that arrived before the association's MediaKeys: held (D5) or,
+        beyond 64, dropped (``media.counters.drop_queue_full``)."""
+        c = self.media.counters
+        return c.held + c.drop_queue_full
 
 
 @attrs.define
 class RelayStats:
-    """Counters of one conference relay; every drop has its counter."""
+    """Counters of one conference relay; every drop has its counter.
+
+    The SRTP fields (``datagrams_in`` includes SRTP) are computed from the forwarding table
+    when :attr:`ConferenceRelay.stats` is read; the per-association detail is in
+    ``Association.media.counters`` and in the ``counters`` log lines.
+    """
 
     datagrams_in: int = 0
     dtls_to_kmf: int = 0
@@ -192,18 +267,42 @@ class RelayStats:
     """DTLS for the KMF dropped because the tunnel's send queue was full."""
     dropped_table_full: int = 0
     """DTLS from a new 5-tuple while max_associations were in use."""
+    srtp_in: int = 0
+    """SRTP/SRTCP datagrams received (first byte 128-191)."""
+    srtp_out: int = 0
+    """SRTP/SRTCP datagrams the forwarding table produced for receivers (sent or dropped)."""
     dropped_srtp: int = 0
-    """SRTP/SRTCP (first byte 128-191): dropped until the media issue (all of them)."""
+    """SRTP/SRTCP datagrams not forwarded: from an address with no association, or dropped
+    by the forwarding table for any reason (authentication, replay, malformed, D5 hold full or
+    discarded with its association, SSRC conflict, limits). last_n withholding is not a drop
+    of the datagram (it is counted per receiver in ``drop_last_n``)."""
     dropped_srtp_no_keys: int = 0
-    """Of those, packets whose association had no keys yet (or no association); D5 will hold
-    up to 64 of these per association once the forwarding core is wired in."""
+    """SRTP/SRTCP that arrived with no keys to process it: from an address with no association
+    (dropped), or before its association's MediaKeys (held up to 64 per association, D5, and
+    forwarded when the keys arrive; beyond that dropped)."""
+    srtp_held: int = 0
+    """Of ``dropped_srtp_no_keys``: datagrams held for their association's keys (D5)."""
     dropped_other: int = 0
     """Datagrams that are neither DTLS nor SRTP (RFC 7983 §7: drop), including empty ones."""
     dropped_unknown_association: int = 0
     """Messages from the KMF naming an association we do not have (D2: count and ignore)."""
     dropped_udp_send: int = 0
-    """DTLS for an endpoint that the socket refused."""
+    """Datagrams (DTLS or SRTP) for an endpoint that the socket refused."""
+    send_waits: int = 0
+    """Times a send found the socket buffer full (EAGAIN) and waited for it to drain."""
     udp_receive_errors: int = 0
+
+
+#: Forwarding counters summed into RelayStats.dropped_srtp (drop_last_n is per receiver).
+_PACKET_DROPS = (
+    "drop_auth",
+    "drop_replay",
+    "drop_malformed",
+    "drop_queue_full",
+    "drop_no_keys",
+    "drop_ssrc_conflict",
+    "drop_limit",
+)
 
 
 class ConferenceRelay:
@@ -213,9 +312,20 @@ class ConferenceRelay:
         self.conference = conference
         self.id = conference.id
         self.settings = config.mdd
-        self.stats = RelayStats()
+        self._stats = RelayStats()
         self.associations: dict[uuid.UUID, Association] = {}
-        self._by_address: dict[tuple[Any, ...], Association] = {}
+        self._by_address: dict[Address, Association] = {}
+        self.table: forwarding.ForwardingTable[Address] = forwarding.ForwardingTable(
+            forwarding.ForwardingConfig(
+                last_n=conference.last_n,
+                video_payload_types=frozenset(conference.video_payload_types),
+                max_associations=conference.max_associations,
+            )
+        )
+        #: Forwarding counters of associations that ended, summed (for the conference totals).
+        self._retired: dict[str, int] = {}
+        #: The counters last logged per association (periodic logs show only what changed).
+        self._logged: dict[uuid.UUID, dict[str, int]] = {}
         self.address: tuple[str, int] = ("", 0)
         #: Highest tunnel version the KMF said it supports (RFC 9185 §5.5), if it ever did.
         self.kmf_highest_version: int | None = None
@@ -223,6 +333,8 @@ class ConferenceRelay:
         self._sock: socket.socket | None = None
         self._changed = trio.Event()
         self._version_refused = False
+        #: Datagrams received that were not SRTP/SRTCP (those are counted by the table).
+        self._other_in = 0
         expected = conference.kmf_fingerprint
         self._context = make_tls_context(
             config.identity,
@@ -231,6 +343,24 @@ class ConferenceRelay:
         )
 
     # --- observation -------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> RelayStats:
+        """The relay's counters, SRTP fields brought up to date from the forwarding table."""
+        st = self._stats
+        totals = dict(self._retired)
+        for name, value in self.table.snapshot(trio.current_time()).totals().items():
+            totals[name] = totals.get(name, 0) + value
+        unknown = self.table.stats.unknown_source
+        held = totals.get("held", 0)
+        received = totals.get("received", 0) - held  # released datagrams are counted again
+        st.srtp_in = unknown + received
+        st.datagrams_in = self._other_in + st.srtp_in
+        st.srtp_out = totals.get("packets_out", 0)
+        st.dropped_srtp = unknown + sum(totals.get(k, 0) for k in _PACKET_DROPS)
+        st.srtp_held = held
+        st.dropped_srtp_no_keys = unknown + held + totals.get("drop_queue_full", 0)
+        return st
 
     @property
     def tunnel_is_up(self) -> bool:
@@ -281,10 +411,12 @@ class ConferenceRelay:
                 nursery.start_soon(self._tunnel_loop)
                 nursery.start_soon(self._udp_loop, sock)
                 nursery.start_soon(self._idle_loop)
+                nursery.start_soon(self._housekeeping_loop)
                 task_status.started(self)
         finally:
             trio.lowlevel.notify_closing(sock)
             sock.close()
+            self._log_exit()
 
     # --- tunnel ------------------------------------------------------------------------------
 
@@ -306,7 +438,7 @@ class ConferenceRelay:
                     await conn.aclose()
                 if not isinstance(e, (OSError, trio.TooSlowError, TunnelError)):
                     raise
-                self.stats.connect_failures += 1
+                self._stats.connect_failures += 1
                 log.warning(
                     "tunnel connect failed conference=%s peer=%s: %s; retry in %.3g s",
                     self.id,
@@ -323,7 +455,7 @@ class ConferenceRelay:
                 await conn.run(self._session)
                 reason = "closed"
             except TunnelProtocolError as e:
-                self.stats.protocol_errors += 1
+                self._stats.protocol_errors += 1
                 reason = f"protocol error (D2): {e}"
             except TunnelError as e:
                 reason = str(e)
@@ -350,7 +482,7 @@ class ConferenceRelay:
         # RFC 9185 §5.3: SupportedProfiles first on every connection.
         conn.send(SupportedProfiles(version=self.version, protection_profiles=MDD_PROFILES))
         self._tunnel = conn
-        self.stats.tunnels_up += 1
+        self._stats.tunnels_up += 1
         self._notify()
         log.info(
             "tunnel up conference=%s peer=%s kmf=%s version=%d tls=%s",
@@ -364,6 +496,8 @@ class ConferenceRelay:
             for msg in await conn.receive_messages():
                 if isinstance(msg, TunneledDtls):
                     await self._to_endpoint(msg)
+                elif isinstance(msg, MediaKeys):
+                    await self._send_media(self._install(msg))
                 elif not self._control(msg, conn):
                     return
 
@@ -372,9 +506,9 @@ class ConferenceRelay:
         if isinstance(msg, EndpointDisconnect):
             assoc = self.associations.get(msg.association_id)
             if assoc is None:
-                self.stats.dropped_unknown_association += 1
+                self._stats.dropped_unknown_association += 1
                 return True
-            self.stats.associations_ended_by_kmf += 1
+            self._stats.associations_ended_by_kmf += 1
             self._drop(assoc)
             log.info(
                 "association ended by KMF conference=%s association=%s peer=%s",
@@ -383,40 +517,9 @@ class ConferenceRelay:
                 format_address(assoc.address),
             )
             return True
-        if isinstance(msg, MediaKeys):
-            assoc = self.associations.get(msg.association_id)
-            if assoc is None:
-                self.stats.dropped_unknown_association += 1
-                return True
-            keys = HopKeys.from_media_keys(msg)
-            if keys is None:
-                self.stats.media_keys_rejected += 1
-                log.warning(
-                    "media keys rejected conference=%s association=%s profile=0x%04X: "
-                    "profile, MKI or key/salt lengths do not fit D4/D18",
-                    self.id,
-                    assoc.association_id,
-                    msg.protection_profile,
-                )
-                return True
-            self.stats.media_keys += 1
-            replaced = assoc.keys is not None
-            assoc.keys = keys
-            assoc.media_keys = msg
-            log.info(
-                "keys installed conference=%s association=%s peer=%s profile=0x%04X keys=%s%s",
-                self.id,
-                assoc.association_id,
-                format_address(assoc.address),
-                keys.profile,
-                key_digest(keys.client_key, keys.server_key, keys.client_salt, keys.server_salt),
-                " (replaced)" if replaced else "",
-            )
-            self._notify()
-            return True
         if isinstance(msg, UnsupportedVersion):
             # RFC 9185 §5.5: remember it, discard the rest, close.
-            self.stats.unsupported_version += 1
+            self._stats.unsupported_version += 1
             self._version_refused = True
             self.kmf_highest_version = msg.highest_version
             log.error(
@@ -431,11 +534,58 @@ class ConferenceRelay:
             return False
         raise TunnelProtocolError(f"{type(msg).__name__} is not sent by a KMF")
 
+    def _install(self, msg: MediaKeys) -> list[tuple[Address, bytes]]:
+        """MediaKeys: check, store, install in the forwarding table; returns the D5 release."""
+        assoc = self.associations.get(msg.association_id)
+        if assoc is None:
+            self._stats.dropped_unknown_association += 1
+            return []
+        keys = HopKeys.from_media_keys(msg)
+        released: list[tuple[Address, bytes]] = []
+        if keys is not None:
+            try:
+                released = self.table.install_keys(msg, trio.current_time())
+            except forwarding.MediaKeysError as e:  # e.g. equal client/server keys (§5.2)
+                log.warning("media keys unusable: %s", e)
+                keys = None
+        if keys is None:
+            self._stats.media_keys_rejected += 1
+            log.warning(
+                "media keys rejected conference=%s association=%s profile=0x%04X: "
+                "profile, MKI or key/salt lengths do not fit D4/D18",
+                self.id,
+                assoc.association_id,
+                msg.protection_profile,
+            )
+            return []
+        self._stats.media_keys += 1
+        replaced = assoc.keys is not None
+        assoc.keys = keys
+        assoc.media_keys = msg
+        log.info(
+            "keys installed conference=%s association=%s peer=%s profile=0x%04X keys=%s%s",
+            self.id,
+            assoc.association_id,
+            format_address(assoc.address),
+            keys.profile,
+            key_digest(keys.client_key, keys.server_key, keys.client_salt, keys.server_salt),
+            " (replaced)" if replaced else "",
+        )
+        if released:
+            log.debug(
+                "keys released held media conference=%s association=%s datagrams_out=%d",
+                self.id,
+                assoc.association_id,
+                len(released),
+            )
+        self._notify()
+        return released
+
     async def _to_endpoint(self, msg: TunneledDtls) -> None:
         assoc = self.associations.get(msg.association_id)
         sock = self._sock
         if assoc is None or sock is None:
-            self.stats.dropped_unknown_association += 1
+            self._stats.dropped_unknown_association += 1
             return
         try:
             sock.sendto(msg.dtls_message, assoc.address)
@@ -445,10 +595,10 @@ class ConferenceRelay:
             try:
                 sock.sendto(msg.dtls_message, assoc.address)
             except OSError:
-                self.stats.dropped_udp_send += 1
+                self._stats.dropped_udp_send += 1
                 return
         except OSError as e:
-            self.stats.dropped_udp_send += 1
+            self._stats.dropped_udp_send += 1
             log.debug(
                 "udp send failed conference=%s association=%s peer=%s: %s",
                 self.id,
@@ -458,101 +608,172 @@ class ConferenceRelay:
             )
             return
         assoc.dtls_out += 1
-        self.stats.dtls_to_endpoint += 1
+        self._stats.dtls_to_endpoint += 1
 
     # --- UDP ---------------------------------------------------------------------------------
 
     async def _udp_loop(self, sock: socket.socket) -> None:
-        buf = bytearray(_UDP_MAX)
-        view = memoryview(buf)
-        recv = sock.recvfrom_into
+        # The hot path (STYLE practice 11): drain until EAGAIN, then one wait_readable; each
+        # SRTP/SRTCP datagram goes through the table and out with non-blocking sendto calls.
+        recv = sock.recvfrom
+        sendto = sock.sendto
+        handle = self.table.handle_datagram
+        other = self._from_endpoint
+        current_time = trio.current_time
         while True:
             await trio.lowlevel.wait_readable(sock)
-            now = trio.current_time()
+            now = current_time()
             for _ in range(UDP_BATCH):
                 try:
-                    n, addr = recv(buf)
+                    data, addr = recv(_UDP_MAX)
                 except BlockingIOError:
                     break
                 except OSError as e:
-                    self.stats.udp_receive_errors += 1
+                    self._stats.udp_receive_errors += 1
                     log.debug("udp receive error conference=%s: %s", self.id, e)
                     continue
-                self._from_endpoint(bytes(view[:n]), addr, now)
+                if data and 128 <= data[0] <= 191:  # SRTP/SRTCP (RFC 7983 §7)
+                    out = handle(addr, data, now)
+                    if out:
+                        item = out[0]
+                        try:
+                            for item in out:
+                                sendto(item[1], item[0])
+                        except OSError as e:
+                            await self._send_failed(out, out.index(item), e)
+                else:
+                    other(data, addr, now)
             else:
                 # A full batch: let other tasks (the tunnel writer) run before draining more.
                 await trio.lowlevel.checkpoint()
 
-    def _from_endpoint(self, data: bytes, addr: tuple[Any, ...], now: float) -> None:
-        self.stats.datagrams_in += 1
-        first = data[0] if data else -1
-        assoc = self._by_address.get(addr)
-        if 20 <= first <= 63:  # DTLS (RFC 7983 §7)
-            tunnel = self._tunnel
-            if assoc is None:
-                if tunnel is None or not tunnel.is_open:
-                    self.stats.dropped_no_tunnel += 1
-                    return
-                if len(self.associations) >= self.conference.max_associations:
-                    self.stats.dropped_table_full += 1
-                    return
-                assoc = self._create(addr, now)
-            assoc.last_seen = now
-            assoc.dtls_in += 1
-            if tunnel is None:
-                self.stats.dropped_no_tunnel += 1
-            elif tunnel.send_encoded(
-                encode_message(TunneledDtls(assoc.association_id, data)), droppable=True
-            ):
-                self.stats.dtls_to_kmf += 1
-            elif tunnel.is_open:
-                self.stats.dropped_backpressure += 1
-            else:
-                self.stats.dropped_no_tunnel += 1
-        elif 128 <= first <= 191:  # SRTP/SRTCP: the media issue forwards these
-            if assoc is not None:
-                assoc.last_seen = now
-                assoc.srtp_in += 1
-                if assoc.keys is None:
-                    assoc.srtp_no_keys += 1
-                    self.stats.dropped_srtp_no_keys += 1
-            else:
-                self.stats.dropped_srtp_no_keys += 1
-            self.stats.dropped_srtp += 1
-        else:
-            self.stats.dropped_other += 1
+    async def _send_media(self, out: list[tuple[Address, bytes]]) -> None:
+        """Send forwarding output outside the receive loop (D5 datagrams released by keys)."""
+        sock = self._sock
+        if sock is None:
+            self._stats.dropped_udp_send += len(out)
+            return
+        for index, (addr, data) in enumerate(out):
+            try:
+                sock.sendto(data, addr)
+            except OSError as e:
+                await self._send_failed(out, index, e)
+                return
 
-    def _create(self, addr: tuple[Any, ...], now: float) -> Association:
-        # RFC 9185 §5.3: a version 4 (random) UUID per association.
+    async def _send_failed(
+        self, out: list[tuple[Address, bytes]], index: int, error: OSError
+    ) -> None:
+        """``out[index]`` raised ``error``: on EAGAIN wait (at most ``SEND_WAIT``) for room and
+        retry once; any other error (or a second failure) drops that datagram, counted. Then
+        go on with the rest of ``out``."""
+        sock = self._sock
+        if sock is None:
+            self._stats.dropped_udp_send += len(out) - index
+            return
+        while True:
+            addr, data = out[index]
+            if isinstance(error, BlockingIOError):
+                self._stats.send_waits += 1
+                with trio.move_on_after(SEND_WAIT):
+                    await trio.lowlevel.wait_writable(sock)
+                try:
+                    sock.sendto(data, addr)
+                except OSError:
+                    self._stats.dropped_udp_send += 1
+            else:
+                self._stats.dropped_udp_send += 1
+                log.debug(
+                    "udp send failed conference=%s peer=%s: %s",
+                    self.id,
+                    format_address(addr),
+                    error,
+                )
+            index += 1
+            while index < len(out):
+                addr, data = out[index]
+                try:
+                    sock.sendto(data, addr)
+                except OSError as e:
+                    error = e
+                    break
+                index += 1
+            else:
+                return
+
+    def _from_endpoint(self, data: bytes, addr: Address, now: float) -> None:
+        """Everything that is not SRTP/SRTCP: DTLS to the KMF, the rest dropped."""
+        self._other_in += 1
+        first = data[0] if data else -1
+        if not 20 <= first <= 63:  # not DTLS (RFC 7983 §7: MUST drop)
+            self._stats.dropped_other += 1
+            return
+        assoc = self._by_address.get(addr)
+        tunnel = self._tunnel
+        if assoc is None:
+            if tunnel is None or not tunnel.is_open:
+                self._stats.dropped_no_tunnel += 1
+                return
+            if len(self.associations) >= self.conference.max_associations:
+                self._stats.dropped_table_full += 1
+                return
+            assoc = self._create(addr, now)
+        assoc.last_seen = now
+        assoc.dtls_in += 1
+        if tunnel is None:
+            self._stats.dropped_no_tunnel += 1
+        elif tunnel.send_encoded(
+            encode_message(TunneledDtls(assoc.association_id, data)), droppable=True
+        ):
+            self._stats.dtls_to_kmf += 1
+        elif tunnel.is_open:
+            self._stats.dropped_backpressure += 1
+        else:
+            self._stats.dropped_no_tunnel += 1
+
+    def _create(self, addr: Address, now: float) -> Association:
+        # RFC 9185 §5.3: a version 4 (random) UUID per association; the forwarding table's
+        # association has the same id.
+        aid = uuid.uuid4()
         assoc = Association(
-            association_id=uuid.uuid4(),
+            association_id=aid,
             conference=self.id,
             address=addr,
             created=now,
-            last_seen=now,
+            media=self.table.add(aid, addr, now),
         )
-        self.associations[assoc.association_id] = assoc
+        self.associations[aid] = assoc
         self._by_address[addr] = assoc
-        self.stats.associations_created += 1
+        self._stats.associations_created += 1
         log.info(
             "association new conference=%s association=%s peer=%s",
             self.id,
-            assoc.association_id,
+            aid,
             format_address(addr),
         )
         self._notify()
         return assoc
 
     def _drop(self, assoc: Association) -> None:
-        # D3: the association's keys go with it.
+        # D3: the association's keys go with it, in the table too (no forwarding to or from
+        # it from now on); its final counters are logged and kept in the conference totals.
         assoc.keys = None
         assoc.media_keys = None
         self.associations.pop(assoc.association_id, None)
         if self._by_address.get(assoc.address) is assoc:
             del self._by_address[assoc.address]
+        if self.table.remove(assoc.association_id):
+            counters = assoc.media.counters.as_dict()
+            for name, value in counters.items():
+                self._retired[name] = self._retired.get(name, 0) + value
+            self._logged.pop(assoc.association_id, None)
+            log.info(
+                "counters conference=%s %s (final)",
+                self.id,
+                _counter_line(assoc.association_id, counters),
+            )
         self._notify()
 
-    # --- idle timeout (D3) -------------------------------------------------------------------
+    # --- idle timeout (D3), table upkeep and counter logs ------------------------------------
 
     async def _idle_loop(self) -> None:
         timeout = self.settings.idle_timeout
@@ -569,7 +790,7 @@ class ConferenceRelay:
             await trio.sleep_until(max(next_check, now + timeout / 8))
 
     def _expire(self, assoc: Association) -> None:
-        self.stats.associations_idle += 1
+        self._stats.associations_idle += 1
         self._drop(assoc)
         tunnel = self._tunnel
         sent = tunnel is not None and tunnel.send(
@@ -581,6 +802,71 @@ class ConferenceRelay:
             assoc.association_id,
             format_address(assoc.address),
             "sent" if sent else "not sent (tunnel down)",
+        )
+
+    async def _housekeeping_loop(self) -> None:
+        interval = self.settings.stats_interval
+        next_log = trio.current_time() + interval
+        while True:
+            await trio.sleep(TICK_INTERVAL)
+            now = trio.current_time()
+            self.table.tick(now)
+            if now >= next_log:
+                next_log = now + interval
+                self.log_counters(changed_only=True)
+
+    def log_counters(self, *, changed_only: bool) -> int:
+        """Log one ``counters`` line per association (only those whose counters changed since
+        they were last logged, if ``changed_only``); returns how many lines were logged."""
+        snapshot = self.table.snapshot(trio.current_time())
+        logged = 0
+        for aid, counters in snapshot.associations.items():
+            if changed_only and self._logged.get(aid) == counters:
+                continue
+            self._logged[aid] = counters
+            log.info("counters conference=%s %s", self.id, _counter_line(aid, counters))
+            logged += 1
+        return logged
+
+    def _log_exit(self) -> None:
+        self.log_counters(changed_only=False)
+        st = self.stats
+        log.info(
+            "totals conference=%s associations=%d created=%d srtp_in=%d srtp_out=%d "
+            "dropped_srtp=%d held=%d unknown_source=%d send_waits=%d dropped_udp_send=%d "
+            "dtls_to_kmf=%d dtls_to_endpoint=%d dropped_no_tunnel=%d",
+            self.id,
+            len(self.associations),
+            st.associations_created,
+            st.srtp_in,
+            st.srtp_out,
+            st.dropped_srtp,
+            st.srtp_held,
+            self.table.stats.unknown_source,
+            st.send_waits,
+            st.dropped_udp_send,
+            st.dtls_to_kmf,
+            st.dtls_to_endpoint,
+            st.dropped_no_tunnel,
+        )
+
+
+def _counter_line(aid: uuid.UUID, c: dict[str, int]) -> str:
+    drops = " ".join(f"{k[5:]}={v}" for k, v in c.items() if k.startswith("drop_") and v)
+    return (
+        f"association={aid} in={c['packets_in']}/{c['bytes_in']}B "
+        f"out={c['packets_out']}/{c['bytes_out']}B rtcp={c['rtcp_in']}/{c['rtcp_out']} "
+        f"held={c['held']} drops: {drops or 'none'}"
+    )
+
+
+def _log_key_isolation() -> None:
+    loaded = loaded_e2e_modules()
+    if loaded:
+        log.error("key isolation: end-to-end modules loaded: %s", ",".join(loaded))
+    else:
+        log.info(
+            "key isolation: end-to-end modules loaded: none (checked %s)", ",".join(E2E_MODULES)
         )
 
 
@@ -597,10 +883,13 @@ class MddServer:
             self.config.identity.fingerprint,
             ",".join(self.conferences),
         )
-        async with trio.open_nursery() as nursery:
-            for relay in self.conferences.values():
-                await nursery.start(relay.run)
-            task_status.started(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                for relay in self.conferences.values():
+                    await nursery.start(relay.run)
+                task_status.started(self)
+        finally:
+            _log_key_isolation()
 
 
 async def serve(
