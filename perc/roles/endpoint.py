@@ -353,15 +353,21 @@ class JoinResult:
 class _Link:
     """One connected non-blocking UDP socket to the MDD, with the demultiplexer (RFC 7983)."""
 
-    def __init__(self, sock: socket.socket, stats: EndpointStats) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        stats: EndpointStats,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
         self.sock = sock
         self.stats = stats
-        #: trio time of the last send attempt (the keepalive measures silence from it)
-        self.last_send = trio.current_time()
+        self.clock = clock
+        #: time of the last send attempt (the keepalive measures silence from it)
+        self.last_send = clock()
 
     def send(self, datagrams: list[bytes]) -> None:
         if datagrams:
-            self.last_send = trio.current_time()
+            self.last_send = self.clock()
         for dg in datagrams:
             try:
                 self.sock.send(dg)
@@ -493,13 +499,15 @@ class _Joiner:
         settings: JoinSettings,
         sock: socket.socket,
         keylog: Callable[[str], None] | None,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.settings = settings
+        self.clock = clock
         self.tls_id = settings.tls_id if settings.tls_id is not None else new_tls_id()
         self.check = _KmfCheck(settings.kmf_fingerprint, settings.kmf_tls_id)
         self.conn = DtlsConnection(dtls_configuration(settings, self.tls_id, self.check, keylog))
         self.stats = EndpointStats()
-        self.link = _Link(sock, self.stats)
+        self.link = _Link(sock, self.stats, clock)
         self.held: list[bytes] = []
         self.completed: HandshakeCompleted | None = None
         self.ekt: EktKeyReceived | None = None
@@ -559,7 +567,7 @@ class _Joiner:
             self._closed(event)
 
     def _abort(self, why: str) -> None:
-        self.conn.close(trio.current_time())
+        self.conn.close(self.clock())
         self.link.send(self.conn.datagrams_to_send())
         raise JoinFailed(f"join failed: {why}")
 

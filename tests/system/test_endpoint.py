@@ -15,6 +15,9 @@ from pathlib import Path
 import attrs
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import settings as settings_
+from hypothesis import strategies as st
 from trio.testing import MockClock
 
 from perc import identity
@@ -25,11 +28,13 @@ from perc.roles import endpoint
 from perc.roles.endpoint import (
     AssociationEnded,
     ExitCode,
+    JoinError,
     JoinFailed,
     JoinRefused,
     JoinSettings,
     JoinTimeout,
     WrongKmf,
+    _Joiner,
     hbh_digest,
     key_digest,
 )
@@ -432,3 +437,38 @@ async def wait_until(predicate: object, timeout: float = 5.0) -> None:
     with trio.fail_after(timeout):
         while not predicate():
             await trio.sleep(0.005)
+
+
+def _plaintext_alert(level: int, description: int) -> bytes:
+    # An unauthenticated epoch-0 alert record, as an off-path attacker could send one.
+    return bytes.fromhex("15fefd0000000000000000000002") + bytes([level, description])
+
+
+DATAGRAM = st.one_of(
+    st.binary(max_size=300),
+    st.builds(_plaintext_alert, st.sampled_from([1, 2]), st.integers(0, 255)),
+    st.binary(min_size=1, max_size=40).map(lambda b: bytes([0x80]) + b),  # "SRTP"
+)
+
+
+@settings_(max_examples=150, deadline=None)
+@given(st.lists(DATAGRAM, max_size=8))
+def test_garbage_during_a_join_is_dropped_or_a_typed_join_error(datagrams: list[bytes]) -> None:
+    """Whatever arrives on the socket: counted drops, or one JoinError (e.g. a forged alert)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.connect(sock.getsockname())
+        sock.setblocking(False)
+        j = _Joiner(settings(sock.getsockname()), sock, None, clock=lambda: 0.0)
+        j.conn.connect(0.0)
+        try:
+            for i, dg in enumerate(datagrams):
+                j.feed(dg, float(i))
+                j.events(float(i))
+        except JoinError as e:
+            assert isinstance(e, (JoinRefused, JoinFailed, WrongKmf, JoinTimeout))
+            assert "\n" not in str(e)
+        stats = j.stats
+        assert stats.dtls_in + stats.media_held + stats.dropped_media + stats.dropped_other <= len(
+            datagrams
+        )
