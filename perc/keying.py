@@ -31,28 +31,79 @@ and nothing else: no DTLS, no trio, no clock (every method takes ``now``).
   restarted KMF is unlikely to start where its predecessor was; the 65537th key of one
   conference in one process is refused rather than reuse an SPI (D8 would make receivers
   ignore it).
-* **TTL**: a key that reached its ``ekt_ttl`` is replaced on the next join (``key_for``);
-  refreshing it before the TTL in a conference nobody joins is a timer of the rekey policy.
-* **Rekeying** (D22, issue 5): :meth:`Conference.rekey` makes and installs a new key for the
-  conference's current cipher; :attr:`Conference.members` lists whom to send it to. The
-  policy (rekey on join/leave, the coalescing window from ``rekey_window``) is the caller's;
-  :attr:`Conference.rekey_pending_since` and :meth:`Conference.needs_rekey` are the hooks it
-  can use without reshaping this state.
+* **TTL** (D10, RFC 8870 §5.2.2): a live conference's key is replaced
+  :func:`refresh_lead` (a tenth of ``ekt_ttl``, at most 300 s) before it expires (reason
+  ``ttl``, :meth:`Conference.poll`); a joiner that finds an expired key anyway waits for an
+  immediate ``ttl`` rekey.
+
+Rekey policy (D22, RFC 8871 §4.5.2, RFC 8870 §4.5)
+--------------------------------------------------
+Goal: a member that left cannot read media sent after it left, and a joiner cannot read media
+sent before it joined. An endpoint's E2E master key is announced only in Full EKT tags under
+the EKTKey it holds, and every endpoint makes a new E2E key on every new EKTKey; so the rule
+is about EKTKeys: *a joiner never receives a key that anyone used before it joined, and after
+a leave nobody keeps using a key the leaver holds.*
+
+* **Leave** (``rekey_on_leave``, default on): an endpoint's DTLS close_notify or fatal alert,
+  a handshake or EKTKey-retransmission timeout, the MDD's ``EndpointDisconnect`` (D3), or a
+  restart on the same association (a new ClientHello) all end the membership
+  (:meth:`Conference.leave`). If the leaver held a key and members remain, a rekey is
+  requested. The leaver is no longer a member, so it never gets the new key. A member that
+  leaves while still waiting for its first key held nothing: no rekey on its account. The last
+  member to leave retires the key (and any pending rekey); the next joiner starts afresh.
+* **Join** (``rekey_on_join``, default on): the first member of an empty conference gets a
+  fresh key at once (there is no earlier media). A joiner of a conference whose members hold
+  a key requests a rekey and **waits for it**: its first EKTKey is the new key, sent to it
+  and to every existing member in the same moment when the rekey fires. It is never sent the
+  current key (with it, it could unwrap the Full tags of the current E2E keys and read what
+  was sent before it joined). The other ordering, the current key at once and the new one
+  later, would give exactly that window, so it is not used. Cost: a join into a live
+  conference completes up to ``rekey_window`` later (the MDD already has its hop-by-hop keys).
+  With ``rekey_on_join`` off the joiner gets the current key at once, unless a rekey (from a
+  leave) is pending: then it also waits for that one, so it never holds the leaver's key.
+* **Coalescing** (``rekey_window``, default 0.5 s): the first request reserves the next key
+  (fresh random key and salt, the next SPI) and fixes the deadline ``first request +
+  rekey_window`` (not sliding: a stream of joins cannot postpone a leave's rekey). Joins and
+  leaves until then share that one key; the reasons are collected for the log line (e.g.
+  ``join+leave``). When it fires (:meth:`Conference.poll`) the key is installed as
+  :attr:`Conference.current` (its TTL counts from then) and goes to every member then
+  present (:attr:`Rekey.members`, waiting joiners included): everyone ends on the same,
+  newest SPI and nobody is left on a stale key. The engine retransmits it until ACK, and a
+  newer EKTKey supersedes an unacknowledged older one (D9, :mod:`perc.dtls`).
+* **Ordering at the endpoints** (RFC 8870 §4.3.1, §4.6): an existing member switches to a new
+  E2E key announced under the new SPI and keeps encrypting with its old E2E key for 250 ms; a
+  member that got the new EKTKey reads both. A joiner cannot read those last 250 ms of
+  old-key packets (nor anything it got before its first key): that is the pre-join media it
+  must not read, not an E2E failure of the conference.
+* **SPIs** are never reused (above), so an endpoint can tell an older key from a newer one.
+
+The sans-IO conference is driven by its timer: :meth:`Conference.next_deadline` (the pending
+rekey's deadline, else the TTL refresh) and :meth:`Conference.poll` (returns a
+:class:`Rekey` to distribute, or None). The KMF's handler keeps these deadlines in its one
+timer heap (:mod:`perc.roles.keying`).
 
 API::
 
     KeyingState(conferences: Sequence[KmfConference], *, max_members=65536)
     state.admit(fingerprint, tls_id: bytes | None) -> Admission   # .conference or .reason
     state.conferences: dict[str, Conference]
-    Conference: .id, .config, .members: dict[UUID, Member], .current: EktKeyMaterial | None,
-        .cipher, key_for(cipher, now) -> EktKeyMaterial, rekey(now) -> EktKeyMaterial,
-        join(Member, now) -> None, leave(association_id, now) -> Member | None
-    Member(association_id, fingerprint, tls_id, tunnel, profile, ekt_cipher, joined)
+    Conference: .id, .config, .members: dict[UUID, Member], .current, .pending
+        (EktKeyMaterial | None), .cipher, .keys_issued, .rekey_pending_since
+        join(Member, now) -> EktKeyMaterial | None     # None: first key comes with the rekey
+        leave(association_id, now) -> Member | None    # may request a rekey
+        next_deadline() -> float | None; poll(now) -> Rekey | None
+        request_rekey(now, reason="manual", *, immediate=False); needs_rekey(now) -> bool
+        rekey(now) -> EktKeyMaterial                   # at once (manual hook)
+        key_for(cipher, now) -> EktKeyMaterial          # low level, no policy
+        refresh_at() -> float | None; rekey_due() -> float | None; waiting() -> [Member]
+    Rekey(key, previous, reasons, joins, leaves, members); .reason ("join+leave")
+    Member(association_id, fingerprint, tls_id, tunnel, profile, ekt_cipher, joined, spi=None)
     EktKeyMaterial(key, salt, spi, ttl, cipher, created)      # repr hides key and salt
     choose_profile(preference, offered, mdd_profiles) -> int | None
-    EKT_KEY_LENGTHS = {1: 16, 2: 32}
+    EKT_KEY_LENGTHS = {1: 16, 2: 32}; JOIN, LEAVE, TTL, MANUAL; refresh_lead(ttl)
 
-Errors: :class:`KeyingError` for local misuse (an unknown EKT cipher, a full conference).
+Errors: :class:`KeyingError` for local misuse (an unknown EKT cipher, a full conference, a
+cipher that is not the conference's, SPI space exhausted).
 """
 
 from __future__ import annotations
@@ -71,15 +122,22 @@ __all__ = [
     "AESKW128",
     "AESKW256",
     "EKT_KEY_LENGTHS",
+    "JOIN",
+    "LEAVE",
+    "MANUAL",
+    "REFRESH_LEAD_MAX",
     "SALT_LENGTH",
+    "TTL",
     "Admission",
     "Conference",
     "EktKeyMaterial",
     "KeyingError",
     "KeyingState",
     "Member",
+    "Rekey",
     "choose_profile",
     "key_digest",
+    "refresh_lead",
 ]
 
 #: EKT cipher code points on the wire (D6) and their key lengths (RFC 8870 §4.4).
@@ -92,6 +150,22 @@ SALT_LENGTH = 12
 
 class KeyingError(Exception):
     """Local misuse of the keying state (an unknown cipher, a conference at its bound)."""
+
+
+#: Rekey reasons (D22 and the TTL refresh); the log line names them.
+JOIN = "join"
+LEAVE = "leave"
+TTL = "ttl"
+MANUAL = "manual"
+#: A live conference's key is replaced this long before its ekt_ttl ends, at most (seconds).
+REFRESH_LEAD_MAX = 300.0
+
+
+def refresh_lead(ttl: int) -> float:
+    """How long before its TTL a key is refreshed: a tenth of the TTL, at most 300 s, so the
+    new key reaches every member (retransmitted on the 1 s doubling timer, D9) while the old
+    one is still valid; every endpoint counts the TTL from when it received the key."""
+    return min(0.1 * ttl, REFRESH_LEAD_MAX)
 
 
 def key_digest(*parts: bytes) -> str:
@@ -148,6 +222,27 @@ class Member:
     profile: int
     ekt_cipher: int
     joined: float
+    #: SPI of the last EKTKey handed to it; None while it waits for its first (a pending rekey)
+    spi: int | None = None
+
+
+@attrs.frozen
+class Rekey:
+    """A rekey that fired: the new key, whom to send it to, and why (for the log line)."""
+
+    key: EktKeyMaterial
+    #: the key it replaces (None only if the conference had none, which cannot happen here)
+    previous: EktKeyMaterial | None
+    #: what asked for it, in order of first request: "join", "leave", "ttl", "manual"
+    reasons: tuple[str, ...]
+    joins: int
+    leaves: int
+    #: every member at the time it fired (joiners waiting for their first key included)
+    members: tuple[Member, ...]
+
+    @property
+    def reason(self) -> str:
+        return "+".join(self.reasons)
 
 
 @attrs.frozen
@@ -159,7 +254,7 @@ class Admission:
 
 
 class Conference:
-    """One conference: its configuration, members and current EKTKey."""
+    """One conference: its configuration, members, current EKTKey and rekey policy (D22)."""
 
     def __init__(self, config: KmfConference, *, max_members: int = 65536) -> None:
         self.id = config.id
@@ -168,10 +263,16 @@ class Conference:
         self.members: dict[uuid.UUID, Member] = {}
         #: the EKTKey members hold now (None before the first join and after the last leave)
         self.current: EktKeyMaterial | None = None
-        #: keys issued so far (each new key has a new SPI)
+        #: the next key while a rekey is pending (its SPI is reserved; nobody holds it yet)
+        self.pending: EktKeyMaterial | None = None
+        #: keys issued so far, pending ones included (each new key has a new SPI)
         self.keys_issued = 0
-        #: when a join/leave asked for a rekey that has not happened yet (D22 coalescing hook)
+        #: when the first join/leave of the pending rekey asked for it (D22 coalescing)
         self.rekey_pending_since: float | None = None
+        self._rekey_due: float | None = None
+        self._joins = 0
+        self._leaves = 0
+        self._reasons: list[str] = []
         self._next_spi = int.from_bytes(os.urandom(2), "big")
         self._participants = frozenset(config.participants)
 
@@ -189,7 +290,10 @@ class Conference:
     def expected_tls_id(self, fingerprint: str) -> str | None:
         return self.config.tls_ids.get(Fingerprint(fingerprint))
 
-    def _new_key(self, cipher: int, now: float) -> EktKeyMaterial:
+    # --- keys ----------------------------------------------------------------------------------
+
+    def _make_key(self, cipher: int, now: float) -> EktKeyMaterial:
+        """Fresh key and salt under the next SPI (reserved now, never reused)."""
         length = EKT_KEY_LENGTHS.get(cipher)
         if length is None:
             raise KeyingError(f"unknown EKT cipher {cipher}")
@@ -200,8 +304,7 @@ class Conference:
         spi = self._next_spi
         self._next_spi = (spi + 1) & 0xFFFF
         self.keys_issued += 1
-        self.rekey_pending_since = None
-        self.current = EktKeyMaterial(
+        return EktKeyMaterial(
             key=os.urandom(length),
             salt=os.urandom(SALT_LENGTH),
             spi=spi,
@@ -209,7 +312,20 @@ class Conference:
             cipher=cipher,
             created=now,
         )
-        return self.current
+
+    def _clear_pending(self) -> None:
+        self.pending = None
+        self.rekey_pending_since = None
+        self._rekey_due = None
+        self._joins = self._leaves = 0
+        self._reasons = []
+
+    def _new_key(self, cipher: int, now: float) -> EktKeyMaterial:
+        """Install a new key at once (a pending rekey is dropped: its SPI stays unused)."""
+        key = self._make_key(cipher, now)
+        self._clear_pending()
+        self.current = key
+        return key
 
     def accepts_cipher(self, cipher: int | None) -> bool:
         """Can an endpoint that negotiated ``cipher`` join now (one cipher per conference)?"""
@@ -221,8 +337,7 @@ class Conference:
         """The current key, made on first use with ``cipher``; KeyingError on a mismatch.
 
         A key past its ``ekt_ttl`` must not be used any more (RFC 8870 §5.2.2), so an expired
-        one is replaced here (the caller sends the new one to the other members too; compare
-        :attr:`keys_issued` before and after).
+        one is replaced here. (Low-level: :meth:`join` applies the rekey policy instead.)
         """
         if self.current is None:
             return self._new_key(cipher, now)
@@ -239,38 +354,147 @@ class Conference:
         key = self.current
         return key is not None and now >= key.created + key.ttl
 
-    def rekey(self, now: float) -> EktKeyMaterial:
-        """A new EKTKey (fresh key and salt, new SPI) for the conference's cipher (D22).
+    def refresh_at(self) -> float | None:
+        """When the current key is replaced for a live conference (TTL refresh), or None."""
+        key = self.current
+        if key is None or not self.members:
+            return None
+        return key.created + key.ttl - refresh_lead(key.ttl)
 
-        The caller sends it to every member. Without a current key there is nobody to rekey:
-        KeyingError.
-        """
+    # --- rekey policy (D22) ---------------------------------------------------------------------
+
+    def request_rekey(self, now: float, reason: str = MANUAL, *, immediate: bool = False) -> None:
+        """Ask for a rekey: the first request of a window reserves the next key and starts the
+        window (``rekey_window`` from it, not sliding: a stream of joins cannot postpone it);
+        later requests join it. ``immediate`` makes it due now (TTL, manual)."""
         if self.current is None:
             raise KeyingError(f"conference {self.id} has no key to replace")
-        return self._new_key(self.current.cipher, now)
-
-    def request_rekey(self, now: float) -> None:
-        """Note that a join or leave asks for a rekey (the first request of a window counts)."""
-        if self.rekey_pending_since is None:
+        if self.pending is None:
+            self.pending = self._make_key(self.current.cipher, now)
             self.rekey_pending_since = now
+            self._rekey_due = now + self.config.rekey_window
+        if immediate:
+            self._rekey_due = now
+        if reason not in self._reasons:
+            self._reasons.append(reason)
+        if reason == JOIN:
+            self._joins += 1
+        elif reason == LEAVE:
+            self._leaves += 1
+
+    def rekey_due(self) -> float | None:
+        """When the pending rekey fires (None: none pending)."""
+        return self._rekey_due
 
     def needs_rekey(self, now: float) -> bool:
-        """True once a requested rekey has waited ``rekey_window`` (D22 coalescing)."""
-        since = self.rekey_pending_since
-        return since is not None and now - since >= self.config.rekey_window
+        """True once a requested rekey has waited its window (D22 coalescing)."""
+        return self._rekey_due is not None and now >= self._rekey_due
 
-    def join(self, member: Member, now: float) -> None:
-        if member.association_id not in self.members and len(self.members) >= self.max_members:
+    def next_deadline(self) -> float | None:
+        """The conference's next timer: the pending rekey, else the TTL refresh."""
+        if self._rekey_due is not None:
+            return self._rekey_due
+        return self.refresh_at()
+
+    def poll(self, now: float) -> Rekey | None:
+        """Run the conference's timer: the pending rekey if due, else a due TTL refresh.
+
+        Returns the rekey to distribute (to every member in :attr:`Rekey.members`), or None.
+        """
+        if self.pending is None:
+            refresh = self.refresh_at()
+            if refresh is None or now < refresh:
+                return None
+            self.request_rekey(now, TTL, immediate=True)
+        if not self.needs_rekey(now):
+            return None
+        return self._fire(now)
+
+    def _fire(self, now: float) -> Rekey:
+        pending = self.pending
+        if pending is None:  # pragma: no cover - callers check needs_rekey first
+            raise KeyingError(f"conference {self.id}: no rekey pending")
+        # The key's lifetime starts when it is handed out, not when its SPI was reserved.
+        key = attrs.evolve(pending, created=now)
+        rekey = Rekey(
+            key=key,
+            previous=self.current,
+            reasons=tuple(self._reasons) or (MANUAL,),
+            joins=self._joins,
+            leaves=self._leaves,
+            members=tuple(self.members.values()),
+        )
+        self._clear_pending()
+        self.current = key
+        for member in rekey.members:
+            member.spi = key.spi
+        return rekey
+
+    def rekey(self, now: float) -> EktKeyMaterial:
+        """A new EKTKey at once (fresh key and salt, new SPI) for the conference's cipher.
+
+        A pending rekey is fired now (same key). The caller sends the key to every member.
+        Without a current key there is nobody to rekey: KeyingError.
+        """
+        self.request_rekey(now, MANUAL, immediate=True)
+        return self._fire(now).key
+
+    # --- membership -----------------------------------------------------------------------------
+
+    def join(self, member: Member, now: float) -> EktKeyMaterial | None:
+        """Add a member; returns the key to send it now, or None when its first key is the
+        pending rekey's (it gets it with everyone when the rekey fires, see the module
+        docstring). KeyingError for a full conference or a cipher that is not the
+        conference's."""
+        aid = member.association_id
+        if aid not in self.members and len(self.members) >= self.max_members:
             raise KeyingError(f"conference {self.id} is full ({self.max_members} members)")
-        self.members[member.association_id] = member
+        if self.current is None:
+            # The first member (of an empty conference) starts it with a fresh key: there is no
+            # earlier media to protect, so no rekey.
+            key = self._new_key(member.ekt_cipher, now)
+            member.spi = key.spi
+            self.members[aid] = member
+            return key
+        if self.current.cipher != member.ekt_cipher:
+            raise KeyingError(
+                f"conference {self.id} uses EKT cipher {self.current.cipher}, "
+                f"not {member.ekt_cipher}"
+            )
+        keyed = any(m.spi is not None for m in self.members.values() if m is not member)
+        member.spi = None
+        self.members[aid] = member
+        if self.pending is not None:
+            # A rekey is coming within the window anyway: wait for it (the joiner never holds
+            # the key that the others, or a leaver, used before).
+            if self.config.rekey_on_join and keyed:
+                self.request_rekey(now, JOIN)
+            return None
+        if self.expired(now):
+            self.request_rekey(now, TTL, immediate=True)
+            return None
+        if self.config.rekey_on_join and keyed:
+            self.request_rekey(now, JOIN)
+            return None
+        member.spi = self.current.spi
+        return self.current
 
     def leave(self, association_id: uuid.UUID, now: float) -> Member | None:
-        """Remove a member; the last one to leave retires the key. Returns the member."""
+        """Remove a member; returns it. The last one to leave retires the key (and any pending
+        rekey); otherwise a member that held a key asks for a rekey (``rekey_on_leave``)."""
         member = self.members.pop(association_id, None)
-        if member is not None and not self.members:
+        if member is None:
+            return None
+        if not self.members:
             self.current = None
-            self.rekey_pending_since = None
+            self._clear_pending()
+        elif member.spi is not None and self.config.rekey_on_leave and self.current is not None:
+            self.request_rekey(now, LEAVE)
         return member
+
+    def waiting(self) -> list[Member]:
+        """Members that joined but hold no key yet (their first key is the pending rekey's)."""
+        return [m for m in self.members.values() if m.spi is None]
 
 
 class KeyingState:

@@ -28,9 +28,19 @@ Admission, in the order the handshake reaches each step:
    ClientHello, as the engine does: our preference AESKW256, AESKW128) must be the
    conference's (one cipher per conference, see :mod:`perc.keying`), else ``handshake_failure``.
 4. **Keys**, on ``HandshakeCompleted``: ``MediaKeys`` with the outer halves of the exporter
-   output (D4) go at once to the MDD that carried the Finished; then the conference's current
-   EKTKey goes to the endpoint with ``send_ekt_key`` (the engine retransmits it until the
-   endpoint's ACK, D9). The endpoint is then a member of the conference.
+   output (D4) go at once to the MDD that carried the Finished; the endpoint is then a member
+   of the conference, and its first EKTKey goes out with ``send_ekt_key`` (the engine
+   retransmits it until the endpoint's ACK, D9): at once if it is the conference's first
+   member (or ``rekey_on_join`` is off and no rekey is pending), else when the conference's
+   pending rekey fires, together with every other member (the policy and why:
+   :mod:`perc.keying`, "Rekey policy").
+
+Rekeys (D22): a join or a leave asks the conference for a rekey; the conference's deadline
+(the coalescing window's end, else its TTL refresh) lives in the same timer heap as the
+associations' DTLS timers (no task per conference). When it fires the new key goes to every
+member with ``send_ekt_key``; a newer EKTKey supersedes an unacknowledged older one in the
+engine, so a slow member ends on the newest key too. A rekey that falls due while a datagram
+is being handled runs from the timer task right after, never inside that handling.
 
 Endings: when the engine reports ``ConnectionClosed`` (our fatal alert, the endpoint's alert or
 close_notify, handshake or EKTKey timeout) the association is removed, its membership ends and
@@ -45,8 +55,11 @@ associations, kept in a heap with lazy deletion (an entry is live only if it equ
 association's recorded deadline), so thousands of associations cost one task and one wake-up
 per due timer. Handling a datagram that moves a deadline earlier wakes the task.
 
-Logs (INFO, one line each): ``joined``, ``refused``, ``left`` with conference, association id,
-fingerprint, profile, SPI and the reason. Key bytes are never logged. SSLKEYLOGFILE lines are
+Logs (INFO, one line each): ``joined`` (``spi=`` is the first key's, ``first_key=now`` or
+``at-rekey``), ``refused``, ``left`` with conference, association id, fingerprint, profile,
+SPI and the reason; ``ektkey conference=<c> spi=<n> cipher=<1|2> ttl=<s> key=<digest>
+reason=<first|join|leave|ttl|manual|join+leave...> members=<n>`` once per new key (so one
+line per rekey). Key bytes are never logged. SSLKEYLOGFILE lines are
 written through the ``keylog`` callback (D21, :mod:`perc.keylog`).
 
 API::
@@ -55,7 +68,8 @@ API::
                   dtls_handshake_timeout=30.0)
     .state: perc.keying.KeyingState       .associations: dict[UUID, KmfAssociation]
     .stats: KeyingStats                   .tls_id: bytes (sent in every ServerHello)
-    .rekey(conference_id) -> EktKeyMaterial | None   # new EKTKey to every member (D22 hook)
+    .rekey(conference_id) -> EktKeyMaterial | None   # new EKTKey to every member at once
+    (join/leave/TTL rekeys are automatic, see perc.keying; stats.rekeys counts them)
 """
 
 from __future__ import annotations
@@ -78,11 +92,13 @@ from perc.dtls.errors import AlertDescription
 from perc.keying import (
     AESKW128,
     AESKW256,
+    MANUAL,
     Conference,
     EktKeyMaterial,
     KeyingError,
     KeyingState,
     Member,
+    Rekey,
     choose_profile,
     key_digest,
 )
@@ -230,6 +246,12 @@ class KeyingStats:
     """TunneledDtls or EndpointDisconnect naming an association that another MDD (another
     certificate) carries: ignored, so one MDD cannot divert or end another's endpoints."""
     timer_wakeups: int = 0
+    rekeys: int = 0
+    """Rekeys that fired (join, leave, TTL refresh or manual; each one new EKTKey, D22)."""
+    joins_waited_for_rekey: int = 0
+    """Joiners whose first EKTKey was a pending rekey's (never the key used before them)."""
+    rekey_errors: int = 0
+    """Rekeys that could not be made (SPI space exhausted: KeyingError, logged)."""
 
 
 class KeyingHandler:
@@ -263,8 +285,10 @@ class KeyingHandler:
         )
         # Open tunnels per MDD certificate fingerprint (a re-connected MDD, _route).
         self._open_tunnels: dict[str, list[KmfTunnel]] = {}
-        # Timer heap: (deadline, tie-breaker, association id); lazy deletion.
-        self._heap: list[tuple[float, int, uuid.UUID]] = []
+        # Timer heap: (deadline, tie-breaker, association id or conference id); lazy deletion:
+        # an entry is live only if it equals the deadline recorded for its owner.
+        self._heap: list[tuple[float, int, uuid.UUID | str]] = []
+        self._conference_timers: dict[str, float] = {}
         self._seq = itertools.count()
         self._sleep_until = math.inf
         self._wake = trio.Event()
@@ -359,19 +383,45 @@ class KeyingHandler:
         # The endpoint is gone (D3): no close_notify to send, nothing to tell the MDD.
         self._end(assoc, "EndpointDisconnect from the MDD", trio.current_time())
 
-    # --- rekey hook (D22; the policy is issue 5's) -------------------------------------------
+    # --- rekeying (D22; the policy is perc.keying's) --------------------------------------------
 
     def rekey(self, conference_id: str) -> EktKeyMaterial | None:
-        """Make a new EKTKey for the conference and send it to every member; None if empty."""
+        """A new EKTKey for the conference at once, sent to every member (a pending rekey
+        fires now with it); None if the conference has no members."""
         conf = self.state.conferences[conference_id]
         if conf.current is None:
             return None
         now = trio.current_time()
-        key = conf.rekey(now)
-        self._log_new_key(conf, key)
+        conf.request_rekey(now, MANUAL, immediate=True)
+        return self._poll_conference(conf, now)
+
+    def _poll_conference(self, conf: Conference, now: float) -> EktKeyMaterial | None:
+        """Run the conference's timer if due (rekey or TTL refresh), then re-arm it."""
+        try:
+            rekey = conf.poll(now)
+        except KeyingError as e:
+            self.stats.rekey_errors += 1
+            log.warning("rekey failed conference=%s: %s", conf.id, e)
+            rekey = None
+        if rekey is not None:
+            self._apply_rekey(conf, rekey, now)
+        self._schedule_conference(conf)
+        return rekey.key if rekey is not None else None
+
+    def _apply_rekey(self, conf: Conference, rekey: Rekey, now: float) -> None:
+        key = rekey.key
+        self.stats.rekeys += 1
+        # One line per new key (shape kept from the first-key line; reason says why).
+        self._log_new_key(conf, key, rekey.reason, len(rekey.members))
+        log.debug(
+            "rekey detail conference=%s spi=%d previous_spi=%s joins=%d leaves=%d",
+            conf.id,
+            key.spi,
+            rekey.previous.spi if rekey.previous is not None else "-",
+            rekey.joins,
+            rekey.leaves,
+        )
         self._distribute(conf, key, now)
-        log.info("rekey conference=%s spi=%d members=%d", conf.id, key.spi, len(conf.members))
-        return key
 
     def _distribute(
         self, conf: Conference, key: EktKeyMaterial, now: float, skip: uuid.UUID | None = None
@@ -558,11 +608,9 @@ class KeyingHandler:
             conn.close(now)
             return
         self.stats.media_keys_sent += 1
+        first = conf.current is None
         try:
-            issued = conf.keys_issued
-            key = conf.key_for(event.ekt_cipher, now)
-            new_key = conf.keys_issued != issued
-            conf.join(
+            key = conf.join(
                 Member(
                     association_id=aid,
                     fingerprint=event.peer_fingerprint,
@@ -580,34 +628,44 @@ class KeyingHandler:
             return
         assoc.profile = event.srtp_profile
         assoc.joined = now
-        self._send_ekt_key(assoc, key, now)
         self.stats.joined += 1
-        if new_key:
-            self._log_new_key(conf, key)
-            # The old key expired (TTL): the other members need the new one too.
-            self._distribute(conf, key, now, skip=aid)
+        if key is not None:
+            if first:
+                self._log_new_key(conf, key, "first", len(conf.members))
+            self._send_ekt_key(assoc, key, now)
+        first_key = key
+        if key is None:
+            # Its first EKTKey is the pending rekey's (perc.keying: the joiner never holds a
+            # key used before it joined); the conference timer sends it to everyone.
+            self.stats.joins_waited_for_rekey += 1
+            first_key = conf.pending
         log.info(
             "joined conference=%s association=%s fingerprint=%s profile=0x%04X spi=%d "
-            "ekt_cipher=%d mdd=%s members=%d",
+            "ekt_cipher=%d mdd=%s members=%d first_key=%s",
             conf.id,
             aid,
             event.peer_fingerprint,
             event.srtp_profile,
-            key.spi,
-            key.cipher,
+            first_key.spi if first_key is not None else -1,
+            event.ekt_cipher,
             assoc.tunnel.peer,
             len(conf.members),
+            "now" if key is not None else "at-rekey",
         )
+        # The pending rekey's deadline, or (first member) the TTL refresh.
+        self._schedule_conference(conf)
 
     @staticmethod
-    def _log_new_key(conf: Conference, key: EktKeyMaterial) -> None:
+    def _log_new_key(conf: Conference, key: EktKeyMaterial, reason: str, members: int) -> None:
         log.info(
-            "ektkey conference=%s spi=%d cipher=%d ttl=%d key=%s",
+            "ektkey conference=%s spi=%d cipher=%d ttl=%d key=%s reason=%s members=%d",
             conf.id,
             key.spi,
             key.cipher,
             key.ttl,
             key_digest(key.key, key.salt),
+            reason,
+            members,
         )
 
     def _send_ekt_key(self, assoc: KmfAssociation, key: EktKeyMaterial, now: float) -> None:
@@ -627,7 +685,12 @@ class KeyingHandler:
         conf = assoc.conference
         aid = assoc.association_id
         if assoc.joined is not None and conf is not None:
-            conf.leave(aid, now)
+            try:
+                conf.leave(aid, now)  # may request a rekey (D22: rekey_on_leave)
+            except KeyingError as e:
+                self.stats.rekey_errors += 1
+                log.warning("rekey failed conference=%s: %s", conf.id, e)
+            self._schedule_conference(conf)
             self.stats.left += 1
             log.info(
                 "left conference=%s association=%s fingerprint=%s profile=0x%04X spi=%s "
@@ -667,33 +730,57 @@ class KeyingHandler:
 
     # --- timers ------------------------------------------------------------------------------
 
+    def _push(self, deadline: float, owner: uuid.UUID | str) -> None:
+        heap = self._heap
+        heapq.heappush(heap, (deadline, next(self._seq), owner))
+        if len(heap) > 2 * (len(self.associations) + len(self._conference_timers)) + 1024:
+            # Too many stale entries: rebuild from the live deadlines.
+            live: list[tuple[float, int, uuid.UUID | str]] = [
+                (a.timer_at, next(self._seq), a.association_id)
+                for a in self.associations.values()
+                if a.timer_at is not None
+            ]
+            live.extend((t, next(self._seq), cid) for cid, t in self._conference_timers.items())
+            heapq.heapify(live)
+            self._heap = live
+        if deadline < self._sleep_until:
+            self._sleep_until = deadline
+            self._wake.set()
+
     def _schedule(self, assoc: KmfAssociation) -> None:
         deadline = assoc.connection.get_timer()
         if deadline == assoc.timer_at:
             return
         assoc.timer_at = deadline
-        if deadline is None:
+        if deadline is not None:
+            self._push(deadline, assoc.association_id)
+
+    def _schedule_conference(self, conf: Conference) -> None:
+        """Arm the conference's timer (pending rekey or TTL refresh) in the shared heap.
+
+        A rekey due now is not run here but by the timer task right away, so that it never
+        runs inside the handling of one association's events."""
+        deadline = conf.next_deadline()
+        if deadline == self._conference_timers.get(conf.id):
             return
-        heap = self._heap
-        heapq.heappush(heap, (deadline, next(self._seq), assoc.association_id))
-        if len(heap) > 2 * len(self.associations) + 1024:
-            # Too many stale entries: rebuild from the live deadlines.
-            self._heap = [
-                (a.timer_at, next(self._seq), a.association_id)
-                for a in self.associations.values()
-                if a.timer_at is not None
-            ]
-            heapq.heapify(self._heap)
-        if deadline < self._sleep_until:
-            self._sleep_until = deadline
-            self._wake.set()
+        if deadline is None:
+            self._conference_timers.pop(conf.id, None)
+            return
+        self._conference_timers[conf.id] = deadline
+        self._push(deadline, conf.id)
 
     def _fire_due(self, now: float) -> None:
         heap = self._heap
         due: list[KmfAssociation] = []
+        due_conferences: list[Conference] = []
         while heap and heap[0][0] <= now:
-            deadline, _, aid = heapq.heappop(heap)
-            assoc = self.associations.get(aid)
+            deadline, _, owner = heapq.heappop(heap)
+            if isinstance(owner, str):
+                if self._conference_timers.get(owner) == deadline:
+                    del self._conference_timers[owner]
+                    due_conferences.append(self.state.conferences[owner])
+                continue
+            assoc = self.associations.get(owner)
             if assoc is not None and assoc.timer_at == deadline:
                 assoc.timer_at = None
                 due.append(assoc)
@@ -702,3 +789,5 @@ class KeyingHandler:
                 continue
             assoc.connection.handle_timer(now)
             self._service(assoc, now)
+        for conf in due_conferences:
+            self._poll_conference(conf, now)

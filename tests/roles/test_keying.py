@@ -16,6 +16,7 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
+import attrs
 import pytest
 import trio
 from trio.testing import MockClock
@@ -32,6 +33,16 @@ from perc.wire.tunnel import MediaKeys
 
 from .helpers import mdd_config, until
 from .join_helpers import JoinResult, join_once, keying_kmf_config
+
+
+def with_policy(config: KmfConfig, **policy: object) -> KmfConfig:
+    """The config with every conference's rekey settings changed (D22), e.g. no rekeys."""
+    return attrs.evolve(
+        config, conferences=tuple(attrs.evolve(c, **policy) for c in config.conferences)
+    )
+
+
+NO_REKEY = {"rekey_on_join": False, "rekey_on_leave": False}
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +268,8 @@ async def test_mdd_without_a_common_profile_gets_handshake_failure(
 async def test_twenty_concurrent_joins_share_one_ekt_key(
     ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
 ) -> None:
-    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": people.members}))
+    config = keying_kmf_config(ids.kmf, [ids.mdd], {"demo": people.members})
+    setup = Setup(ids, with_policy(config, **NO_REKEY))
     results: list[JoinResult] = []
 
     async def one(ident: identity.Identity) -> None:
@@ -282,7 +294,8 @@ async def test_two_mdds_serve_one_conference_with_one_key(
     ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
 ) -> None:
     a, b = people.members[:2]
-    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd, ids.mdd2], {"demo": [a, b]}))
+    config = keying_kmf_config(ids.kmf, [ids.mdd, ids.mdd2], {"demo": [a, b]})
+    setup = Setup(ids, with_policy(config, **NO_REKEY))
     async with setup.running() as nursery:
         relay1 = await setup.start_mdd(nursery, ids.mdd)
         relay2 = await setup.start_mdd(nursery, ids.mdd2)
@@ -330,7 +343,8 @@ async def test_endpoint_close_notify_ends_membership_and_tells_mdd(
     ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
 ) -> None:
     a, b = people.members[:2]
-    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [a, b]}))
+    config = keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [a, b]})
+    setup = Setup(ids, with_policy(config, **NO_REKEY))  # (tests/roles/test_rekey.py: rekeys)
     async with setup.running() as nursery:
         relay = await setup.start_mdd(nursery)
         ra = await setup.join(relay, a)
@@ -465,7 +479,8 @@ async def test_rekey_hook_sends_a_new_key_to_every_member(
     ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
 ) -> None:
     a, b = people.members[:2]
-    setup = Setup(ids, keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [a, b]}))
+    config = keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [a, b]})
+    setup = Setup(ids, with_policy(config, **NO_REKEY))  # the hook alone
     async with setup.running() as nursery:
         relay = await setup.start_mdd(nursery)
         ra = await setup.join(relay, a)
@@ -829,7 +844,7 @@ async def test_answers_go_through_the_latest_tunnel_and_disconnects_end_handshak
     assert handler.stats.failed == 1
 
 
-async def test_expired_key_is_replaced_for_everyone_at_the_next_join(
+async def test_key_is_refreshed_before_its_ttl_then_a_join_rekeys(
     ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
 ) -> None:
     a, b = people.members[:2]
@@ -838,14 +853,20 @@ async def test_expired_key_is_replaced_for_everyone_at_the_next_join(
         relay = await setup.start_mdd(nursery, idle_timeout=60.0)
         ra = await setup.join(relay, a)
         assert ra.joined and ra.ekt_key is not None and ra.ekt_key.ttl == 10
+        joined_at = trio.current_time()
         nursery.start_soon(ra.serve)
-        await trio.sleep(11)  # past the TTL (RFC 8870 §5.2.2: the key must not be used)
-        rb = await setup.join(relay, b)
-        assert rb.joined and rb.ekt_key is not None
+        # RFC 8870 §5.2.2: the key must not be used past its TTL; a live conference gets a new
+        # one a tenth of the TTL before (perc.keying.refresh_lead), without any join.
         await until(lambda: len(ra.ekt_keys) == 2)
-        assert rb.ekt_key.spi != ra.ekt_keys[0].spi
+        assert 9.0 <= trio.current_time() - joined_at < 10.0
+        assert ra.ekt_keys[1].spi == (ra.ekt_keys[0].spi + 1) & 0xFFFF
+        assert setup.handler.stats.rekeys == 1
+        rb = await setup.join(relay, b)  # a join: one more rekey, both on it
+        assert rb.joined and rb.ekt_key is not None
+        await until(lambda: len(ra.ekt_keys) == 3)
         assert ra.ekt_keys[-1] == rb.ekt_key
         assert_conference_key(setup.handler, rb, "demo")
+        nursery.cancel_scope.cancel()
 
 
 async def test_another_mdd_cannot_divert_or_end_an_association(
