@@ -124,6 +124,10 @@ class EnginePeer:
         material: bytes = self.connection.export_keying_material(label, length)
         return material
 
+    def close(self, now: float) -> None:
+        self.connection.close(now)
+        self._drain(now)
+
     def _drain(self, now: float) -> None:
         while (event := self.connection.next_event()) is not None:
             self.events.append(event)

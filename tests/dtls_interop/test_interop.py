@@ -324,8 +324,7 @@ def test_application_data_and_close_our_client(
     )
     assert server.application_data == [b"hello openssl"]
     assert client.first("ApplicationDataReceived").data == b"hello perc"
-    client.connection.close(2.0)
-    client._drain(2.0)
+    client.close(2.0)
     pump(client, server, until=lambda: server.peer_closed)
     closed = client.first("ConnectionClosed")
     assert closed is not None and closed.sent_by_peer is False

@@ -277,3 +277,42 @@ def test_early_and_repeated_timer_calls_change_nothing(
     assert (poked.c2s.sent, poked.s2c.sent) == (plain.c2s.sent, plain.s2c.sent)
     assert client.connection.stats.retransmissions == 0
     assert server.connection.stats.retransmissions == 0
+
+
+def run_and_close(
+    client_identity: Identity, server_identity: Identity, seed: int, closer: str
+) -> None:
+    client = client_peer(client_identity)
+    server = ekt_server_peer(server_identity)
+    target = client if closer == "client" else server
+    close_at = 0.05 + (seed % 20) * 0.1
+    closed = False
+
+    def tap(direction: str, datagram: bytes, now: float) -> None:
+        nonlocal closed
+        if not closed and now >= close_at:
+            closed = True
+            target.close(now)
+
+    client.connect(0.0)
+    result = Network.symmetric(seed, MODERATE).run(
+        client, server, until=lambda: False, max_time=3000.0, tap=tap
+    )
+    context = (
+        f"seed {seed}: {result.outcome} at {result.now}: {describe(client)} / {describe(server)}"
+    )
+    assert result.outcome == "stalled", context
+    assert client.get_timer() is None and server.get_timer() is None, context
+    assert_no_internal_errors(client, server)
+    if closed:
+        assert target.has("ConnectionClosed"), context
+
+
+@pytest.mark.parametrize("closer", ["client", "server"])
+def test_close_at_any_moment_leaves_no_timer(
+    client_identity: Identity, server_identity: Identity, closer: str
+) -> None:
+    """close() during or after the handshake (EKTKey in flight, retransmissions pending),
+    under loss: nothing raises, and both peers eventually go quiet with no timer armed."""
+    for seed in range(50):
+        run_and_close(client_identity, server_identity, seed, closer)
