@@ -1,0 +1,504 @@
+"""The MDD forwarding double-encrypted media, in one trio process over real loopback UDP/TLS.
+
+A real KMF (:class:`perc.roles.keying.KeyingHandler`) and a real MDD (``perc.roles.mdd.serve``);
+endpoints join with perc's sans-IO DTLS client (tests/roles/join_helpers.py) and then talk
+with :class:`~perc.srtp.double.DoubleSender` / :class:`~perc.srtp.double.DoubleReceiver` built
+from the keys their join gave them. Time is a ``MockClock`` (see conftest.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import struct
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from functools import partial
+from types import SimpleNamespace
+
+import attrs
+import pytest
+import trio
+from trio.testing import MockClock
+
+from perc import identity
+from perc.config import KmfConfig, MddConfig
+from perc.roles import kmf, mdd
+from perc.roles.endpoint import JoinSettings, JoinTimeout, join
+from perc.roles.keying import KeyingHandler
+from perc.roles.tunnel import TunnelConnection
+from perc.srtp.context import SrtpSession
+from perc.srtp.double import DoubleReceiver, DoubleSender
+from perc.srtp.ekt import EktCipher, EktParameterSet
+from perc.srtp.errors import SrtpError
+from perc.srtp.keys import KeyingMaterial, exporter_length, split_exporter
+from perc.wire.tunnel import MediaKeys, TunnelMessage, encode_message
+
+from .helpers import RecordingHandler, mdd_config, until
+from .join_helpers import JoinResult, join_once, keying_kmf_config
+
+LOCAL = "127.0.0.1"
+AUDIO = 111
+
+
+@pytest.fixture(scope="module")
+def people() -> list[identity.Identity]:
+    return [identity.generate(f"member{i}") for i in range(5)]
+
+
+def no_rekeys(config: KmfConfig) -> KmfConfig:
+    """Keep one EKTKey for the whole test: the rekey policy is not what these tests are about."""
+    return attrs.evolve(
+        config,
+        conferences=tuple(
+            attrs.evolve(c, rekey_on_join=False, rekey_on_leave=False) for c in config.conferences
+        ),
+    )
+
+
+def with_stats_interval(config: MddConfig, seconds: float) -> MddConfig:
+    return attrs.evolve(config, mdd=attrs.evolve(config.mdd, stats_interval=seconds))
+
+
+def rtp(seq: int, ssrc: int, payload: bytes, pt: int = AUDIO, marker: bool = False) -> bytes:
+    return struct.pack("!BBHII", 0x80, (0x80 if marker else 0) | pt, seq, seq * 160, ssrc) + payload
+
+
+class Peer:
+    """A joined endpoint's media side: double encryption with the keys of its join."""
+
+    def __init__(self, name: str, result: JoinResult) -> None:
+        done = result.completed
+        assert done is not None and done.srtp_keying_material is not None
+        assert done.srtp_profile is not None and result.ekt_keys
+        self.name = name
+        self.result = result
+        self.sock = result.socket
+        self.mdd_addr = result.mdd_addr
+        self.material = split_exporter(done.srtp_profile, done.srtp_keying_material)
+        self.cipher = done.ekt_cipher
+        self.params = [self.ekt(k.key, k.salt, k.spi, k.ttl) for k in result.ekt_keys]
+        self.sender = DoubleSender.for_endpoint(self.material, self.params[-1])
+        self.receiver = DoubleReceiver.for_endpoint(self.material)
+        for p in self.params:
+            self.receiver.add_parameter_set(p)
+        self.ssrc = random.getrandbits(32)
+        self.seq = random.getrandbits(15)
+        self.sent = 0
+        self.verified: dict[int, list[bytes]] = {}
+        self.failures = 0
+
+    def ekt(self, key: bytes, salt: bytes, spi: int, ttl: int) -> EktParameterSet:
+        return EktParameterSet.from_ekt_key(
+            key, salt, spi, ttl, trio.current_time(), cipher=self.cipher
+        )
+
+    def learn(self, others: Sequence[Peer]) -> None:
+        """Give the receiver every conference key the others were given (normally the KMF's
+        rekeys do that; here the test plays that part when keys differ)."""
+        for other in others:
+            for p in other.params:
+                try:
+                    self.receiver.add_parameter_set(p)
+                except SrtpError:
+                    pass  # already known
+
+    def payload(self, i: int) -> bytes:
+        return f"{self.name}:{i}:".encode() + bytes(150)
+
+    async def send(self, count: int) -> None:
+        for _ in range(count):
+            packet = rtp(self.seq & 0xFFFF, self.ssrc, self.payload(self.sent))
+            await self.sock.sendto(self.sender.protect(packet, trio.current_time()), self.mdd_addr)
+            self.seq += 1
+            self.sent += 1
+
+    async def receive(self, count: int, timeout: float = 10.0) -> None:
+        """Receive until ``count`` packets verified end to end (DTLS is ignored here)."""
+        with trio.fail_after(timeout):
+            while sum(len(v) for v in self.verified.values()) < count:
+                data, _ = await self.sock.recvfrom(65535)
+                if not 128 <= data[0] <= 191:
+                    continue
+                try:
+                    media = self.receiver.unprotect(data, trio.current_time())
+                except SrtpError:
+                    self.failures += 1
+                    continue
+                self.verified.setdefault(media.ssrc, []).append(media.payload)
+
+
+class Conference:
+    """A KMF (restartable) and an MDD in one nursery, plus the peers that joined."""
+
+    def __init__(self, ids: SimpleNamespace, members: Sequence[identity.Identity]) -> None:
+        self.ids = ids
+        self.config = no_rekeys(keying_kmf_config(ids.kmf, [ids.mdd], {"demo": list(members)}))
+        self.kmf_scope: trio.CancelScope | None = None
+        self.kmf_server: kmf.KmfServer | None = None
+        self.handler: KeyingHandler | None = None
+        self.relay: mdd.ConferenceRelay | None = None
+        self.results: list[JoinResult] = []
+
+    async def start_kmf(self, nursery: trio.Nursery, port: int = 0) -> None:
+        config = self.config
+        if port:
+            config = attrs.evolve(
+                config,
+                kmf=attrs.evolve(config.kmf, listen=attrs.evolve(config.kmf.listen, port=port)),
+            )
+        self.handler = KeyingHandler(config, keylog=None)
+        handler = self.handler
+        scope = self.kmf_scope = trio.CancelScope()
+
+        async def owner(task_status: trio.TaskStatus[kmf.KmfServer]) -> None:
+            with scope:  # kill_kmf() cancels only the KMF
+                await kmf.serve(config, handler=handler, task_status=task_status)
+
+        self.kmf_server = await nursery.start(owner)
+
+    def kill_kmf(self) -> None:
+        assert self.kmf_scope is not None
+        self.kmf_scope.cancel()
+
+    async def start_mdd(self, nursery: trio.Nursery, **kw: object) -> mdd.ConferenceRelay:
+        assert self.kmf_server is not None
+        config = mdd_config(self.ids.mdd, self.kmf_server.address, self.ids.kmf.fingerprint, **kw)  # type: ignore[arg-type]
+        config = with_stats_interval(config, 1.0)
+        server: mdd.MddServer = await nursery.start(partial(mdd.serve, config))
+        self.relay = next(iter(server.conferences.values()))
+        await until(lambda: self.relay is not None and self.relay.tunnel_is_up)
+        return self.relay
+
+    async def join(self, member: identity.Identity, **kw: object) -> JoinResult:
+        assert self.relay is not None
+        result = await join_once(self.relay.address, member, self.ids.kmf.fingerprint, **kw)  # type: ignore[arg-type]
+        self.results.append(result)
+        return result
+
+    async def join_peer(self, name: str, member: identity.Identity) -> Peer:
+        result = await self.join(member)
+        assert result.joined, result.closed
+        peer = Peer(name, result)
+        # The MDD has the keys once MediaKeys arrived (sent before the EKTKey, RFC 9185 §5.4).
+        relay = self.relay
+        assert relay is not None
+        await until(
+            lambda: any(
+                a.address == result.local_address and a.keys for a in relay.associations.values()
+            )
+        )
+        return peer
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[trio.Nursery]:
+        try:
+            async with trio.open_nursery() as nursery:
+                await self.start_kmf(nursery)
+                try:
+                    yield nursery
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            for r in self.results:
+                r.socket.close()
+
+
+def association_of(relay: mdd.ConferenceRelay, peer: Peer) -> mdd.Association:
+    return next(a for a in relay.associations.values() if a.address == peer.result.local_address)
+
+
+async def exchange(peers: Sequence[Peer], count: int) -> None:
+    """Every peer sends ``count`` packets; every peer verifies everyone else's."""
+    before = {p.name: sum(len(v) for v in p.verified.values()) for p in peers}
+    for p in peers:
+        await p.send(count)
+    for p in peers:
+        await p.receive(before[p.name] + count * (len(peers) - 1))
+
+
+def check_payloads(peers: Sequence[Peer]) -> None:
+    """What each receiver decrypted is exactly what each sender sent, in order, no gaps."""
+    for p in peers:
+        for q in peers:
+            if q is p:
+                continue
+            got = p.verified[q.ssrc]
+            sent = [q.payload(i) for i in range(q.sent)]
+            # Everything since the receiver joined (a later joiner gets a suffix), in order.
+            assert got and got == sent[len(sent) - len(got) :], (p.name, q.name)
+        assert p.failures == 0
+
+
+# --- forwarding ------------------------------------------------------------------------------
+
+
+async def test_three_endpoints_talk_through_the_mdd(
+    ids: SimpleNamespace,
+    people: list[identity.Identity],
+    clock: MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="perc.roles.mdd")
+    conf = Conference(ids, people[:3])
+    async with conf.running() as nursery:
+        relay = await conf.start_mdd(nursery)
+        peers = [await conf.join_peer(n, m) for n, m in zip("abc", people, strict=False)]
+        for p in peers:
+            p.learn(peers)
+        await exchange(peers, 20)
+        check_payloads(peers)
+        # The MDD's counters match: 20 in from each, 40 out to each, nothing dropped.
+        for p in peers:
+            c = association_of(relay, p).media.counters
+            assert (c.packets_in, c.packets_out, c.drop_auth, c.drop_replay) == (20, 40, 0, 0)
+            assert association_of(relay, p).srtp_in == 20
+        stats = relay.stats
+        assert (stats.srtp_in, stats.srtp_out, stats.dropped_srtp) == (60, 120, 0)
+        # SRTCP (D19): a sender report from a goes hop-by-hop to b and c.
+        a, b, c_ = peers
+        outer = a.material.outer()
+        sr = struct.pack("!BBHI", 0x80, 200, 6, a.ssrc) + bytes(20)
+        await a.sock.sendto(
+            SrtpSession(outer.client_key, outer.client_salt).protect_rtcp(sr), a.mdd_addr
+        )
+        for p in (b, c_):
+            with trio.fail_after(5):
+                data, _ = await p.sock.recvfrom(65535)
+            o = p.material.outer()
+            assert SrtpSession(o.server_key, o.server_salt).unprotect_rtcp(data) == sr
+        # Counters are logged every stats_interval (1 s here), only when they changed.
+        await trio.sleep(2.5)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("counters ")]
+        for p in peers:
+            aid = association_of(relay, p).association_id
+            mine = [line for line in lines if f"association={aid}" in line]
+            assert mine and "drops: none" in mine[-1]
+        logged = len(lines)
+        await trio.sleep(3.0)  # nothing changed: nothing logged
+        assert len([r for r in caplog.records if r.getMessage().startswith("counters ")]) == logged
+        nursery.cancel_scope.cancel()
+    # At exit: every association's counters, the totals and the key-isolation line.
+    text = caplog.text
+    assert "totals conference=demo associations=3" in text
+    assert "srtp_in=61 srtp_out=122 dropped_srtp=0" in text
+    assert "key isolation: end-to-end modules loaded:" in text
+
+
+async def test_srtp_before_media_keys_is_held_then_forwarded(
+    ids: SimpleNamespace, clock: MockClock
+) -> None:
+    """D5 with a scripted KMF: up to 64 datagrams per association wait for MediaKeys."""
+    handler = RecordingHandler()
+    profile = 0x0009
+    params = EktParameterSet(7, EktCipher.AESKW_128, os.urandom(16), os.urandom(12))
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(kmf.serve, _plain_kmf_config(ids), handler=handler))
+        config = mdd_config(ids.mdd, server.address, ids.kmf.fingerprint)
+        srv: mdd.MddServer = await nursery.start(partial(mdd.serve, config))
+        relay = next(iter(srv.conferences.values()))
+        await until(lambda: relay.tunnel_is_up)
+        socks = []
+        materials: list[KeyingMaterial] = []
+        for _ in range(2):
+            sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+            await sock.bind((LOCAL, 0))
+            socks.append(sock)
+            materials.append(split_exporter(profile, os.urandom(exporter_length(profile))))
+            await sock.sendto(bytes([22, 254, 253]), relay.address)  # DTLS-looking: association
+        await until(lambda: len(handler.seen) == 2)
+        by_addr = {
+            s.getsockname(): seen.association_id
+            for s, seen in zip(socks, handler.seen, strict=True)
+        }
+        aids = [by_addr[s.getsockname()] for s in socks]
+        tunnel = handler.seen[0].tunnel
+
+        def media_keys(i: int) -> MediaKeys:
+            o = materials[i].outer()
+            return MediaKeys(
+                aids[i], profile, b"", o.client_key, o.server_key, o.client_salt, o.server_salt
+            )
+
+        # The receiver (1) is keyed; the sender (0) sends 70 packets before its keys.
+        assert tunnel.send_media_keys(media_keys(1))
+        await until(lambda: relay.stats.media_keys == 1)
+        sender = DoubleSender.for_endpoint(materials[0], params)
+        for i in range(70):
+            await socks[0].sendto(sender.protect(rtp(i, 0x1234, b"p%d" % i), 0.0), relay.address)
+        await until(lambda: relay.stats.dropped_srtp_no_keys == 70)
+        assoc = relay.associations[aids[0]]
+        c = assoc.media.counters
+        assert (c.held, c.drop_queue_full, relay.stats.srtp_held) == (64, 6, 64)
+        assert relay.stats.dropped_srtp == 6
+        # Keys arrive: the 64 held packets go out to the receiver, in order.
+        assert tunnel.send_media_keys(media_keys(0))
+        receiver = DoubleReceiver.for_endpoint(materials[1])
+        receiver.add_parameter_set(params)
+        got = []
+        with trio.fail_after(5):
+            while len(got) < 64:
+                data, _ = await socks[1].recvfrom(65535)
+                got.append(receiver.unprotect(data, 0.0).payload)
+        assert got == [b"p%d" % i for i in range(64)]
+        # EndpointDisconnect from the KMF: the association leaves the table too (both ways).
+        assert tunnel.send_disconnect(aids[1])
+        await until(lambda: aids[1] not in relay.associations)
+        assert aids[1] not in relay.table.associations
+        unknown = relay.table.stats.unknown_source
+        await socks[1].sendto(b"\x80" + bytes(40), relay.address)
+        await until(lambda: relay.table.stats.unknown_source == unknown + 1)
+        await socks[0].sendto(sender.protect(rtp(70, 0x1234, b"late"), 0.0), relay.address)
+        await until(lambda: relay.associations[aids[0]].media.counters.packets_in == 65)
+        assert relay.associations[aids[0]].media.counters.packets_out == 0
+        for s in socks:
+            s.close()
+        nursery.cancel_scope.cancel()
+
+
+def _plain_kmf_config(ids: SimpleNamespace) -> KmfConfig:
+    from .helpers import kmf_config
+
+    return kmf_config(ids.kmf, [ids.mdd])
+
+
+async def test_idle_timeout_removes_the_association_from_forwarding(
+    ids: SimpleNamespace, people: list[identity.Identity], clock: MockClock
+) -> None:
+    conf = Conference(ids, people[:2])
+    async with conf.running() as nursery:
+        relay = await conf.start_mdd(nursery, idle_timeout=3.0)
+        a = await conf.join_peer("a", people[0])
+        b = await conf.join_peer("b", people[1])
+        a.learn([b])
+        b.learn([a])
+        # a keeps talking, b goes silent: b is dropped after 3 s (D3), media to it stops.
+        aid_b = association_of(relay, b).association_id
+        for _ in range(20):
+            await a.send(1)
+            await trio.sleep(0.25)
+        assert aid_b not in relay.table.associations and aid_b not in relay.associations
+        assert association_of(relay, a).media.counters.packets_in == 20
+        assert relay.stats.associations_idle == 1
+        nursery.cancel_scope.cancel()
+
+
+# --- the KMF killed mid-conference ----------------------------------------------------------
+
+
+async def test_kmf_killed_media_goes_on_new_join_fails_then_works_after_restart(
+    ids: SimpleNamespace,
+    people: list[identity.Identity],
+    clock: MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="perc.roles")
+    conf = Conference(ids, people[:4])
+    async with conf.running() as nursery:
+        relay = await conf.start_mdd(nursery)
+        assert conf.kmf_server is not None
+        port = conf.kmf_server.address[1]
+        a = await conf.join_peer("a", people[0])
+        b = await conf.join_peer("b", people[1])
+        a.learn([b])
+        b.learn([a])
+        await exchange([a, b], 10)
+        keys_before = {aid: x.keys for aid, x in relay.associations.items()}
+
+        conf.kill_kmf()
+        await until(lambda: not relay.tunnel_is_up)
+        # The MDD keeps every association and its hop-by-hop keys while the tunnel is down...
+        await trio.sleep(3.0)  # reconnect attempts fail meanwhile
+        assert relay.stats.connect_failures >= 1
+        assert {aid: x.keys for aid, x in relay.associations.items()} == keys_before
+        assert all(x.media.has_keys for x in relay.associations.values())
+        # ... so the joined endpoints keep talking.
+        await exchange([a, b], 10)
+        check_payloads([a, b])
+
+        # A new join fails: its DTLS is dropped while the tunnel is down, and the endpoint
+        # role ends with its clear message.
+        dropped = relay.stats.dropped_no_tunnel
+        settings = JoinSettings(
+            mdd=relay.address,
+            identity=people[2],
+            kmf_fingerprint=ids.kmf.fingerprint,
+            name="carol",
+            join_timeout=3.0,
+        )
+        with pytest.raises(JoinTimeout) as failure:
+            await join(settings)
+        assert "tunnel to the KMF up" in str(failure.value)
+        assert relay.stats.dropped_no_tunnel > dropped
+        assert len(relay.associations) == 2
+
+        # The KMF comes back on the same port: the MDD reconnects and new joins work.
+        await conf.start_kmf(nursery, port=port)
+        await until(lambda: relay.tunnel_is_up)
+        d = await conf.join_peer("d", people[3])
+        for p in (a, b, d):
+            p.learn([a, b, d])  # the restarted KMF made a new conference key
+        await exchange([a, b, d], 5)
+        check_payloads([a, b, d])
+        assert relay.stats.tunnels_up == 2
+        nursery.cancel_scope.cancel()
+    assert "tunnel down conference=demo" in caplog.text
+
+
+# --- key isolation ---------------------------------------------------------------------------
+
+
+async def test_the_mdd_never_receives_an_ekt_key_or_an_e2e_key(
+    ids: SimpleNamespace,
+    people: list[identity.Identity],
+    clock: MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every tunnel message the MDD receives during joins: MediaKeys carry exactly the outer
+    halves of each endpoint's exporter output, and no message contains the EKTKey, an inner
+    (end-to-end) half, or an endpoint's own E2E key."""
+    received: list[TunnelMessage] = []
+    original = TunnelConnection.receive_messages
+
+    async def recording(self: TunnelConnection) -> list[TunnelMessage]:
+        msgs = await original(self)
+        if self.peer_fingerprint == ids.kmf.fingerprint:  # the MDD's end of the tunnel
+            received.extend(msgs)
+        return msgs
+
+    monkeypatch.setattr(TunnelConnection, "receive_messages", recording)
+    conf = Conference(ids, people[:3])
+    async with conf.running() as nursery:
+        relay = await conf.start_mdd(nursery)
+        peers = [await conf.join_peer(n, m) for n, m in zip("abc", people, strict=False)]
+        for p in peers:
+            p.learn(peers)
+        await exchange(peers, 3)  # the E2E keys go out (wrapped) in the EKT tags
+        nursery.cancel_scope.cancel()
+    assert relay is not None
+    media_keys = [m for m in received if isinstance(m, MediaKeys)]
+    assert len(media_keys) == 3
+    by_aid = {m.association_id: m for m in media_keys}
+    secrets: list[bytes] = []
+    for p in peers:
+        aid = next(
+            aid for aid, a in relay.associations.items() if a.address == p.result.local_address
+        )
+        m = by_aid[aid]
+        outer, inner = p.material.outer(), p.material.inner()
+        assert (
+            m.client_write_master_key,
+            m.server_write_master_key,
+            m.client_write_master_salt,
+            m.server_write_master_salt,
+        ) == (outer.client_key, outer.server_key, outer.client_salt, outer.server_salt)
+        assert m.mki == b""
+        secrets += [inner.client_key, inner.server_key, inner.client_salt, inner.server_salt]
+        secrets.append(p.sender.inner_key)
+        for k in p.result.ekt_keys:
+            secrets += [k.key, k.salt]
+    wire = b"".join(encode_message(m) for m in received)
+    assert len(received) > len(media_keys)  # the DTLS flights were recorded too
+    for secret in secrets:
+        assert len(secret) >= 12 and secret not in wire
