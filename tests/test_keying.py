@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import uuid
+from collections.abc import Sequence
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from perc.config import Fingerprint, KmfConference
@@ -14,11 +15,13 @@ from perc.keying import (
     AESKW128,
     AESKW256,
     Conference,
+    EktKeyMaterial,
     KeyingError,
     KeyingState,
     Member,
     choose_profile,
     key_digest,
+    refresh_lead,
 )
 
 FP_A = Fingerprint("sha-256 " + ":".join(["AA"] * 32))
@@ -240,3 +243,230 @@ def test_expired_key_is_replaced_on_next_use() -> None:
     second = conf.key_for(AESKW128, now=100.0)
     assert second is not first and second.spi == (first.spi + 1) & 0xFFFF
     assert second.created == 100.0 and not conf.expired(150.0)
+
+
+# --- rekey policy (D22) --------------------------------------------------------------------
+
+
+def joined(conf: Conference, now: float, fp: str = FP_A) -> tuple[Member, EktKeyMaterial | None]:
+    m = member(fp=fp)
+    return m, conf.join(m, now)
+
+
+def test_first_member_gets_a_fresh_key_at_once() -> None:
+    conf = Conference(conference())
+    m, key = joined(conf, 0.0)
+    assert key is not None and key is conf.current and m.spi == key.spi
+    assert conf.pending is None and conf.rekey_due() is None
+    assert conf.next_deadline() == key.created + key.ttl - refresh_lead(key.ttl)
+
+
+def test_join_rekey_joiner_waits_and_everyone_ends_on_the_new_key() -> None:
+    conf = Conference(conference(rekey_window=0.5))
+    a, first = joined(conf, 0.0)
+    assert first is not None
+    b, key_b = joined(conf, 10.0, FP_B)
+    # The joiner is never sent the key the others used before it joined.
+    assert key_b is None and b.spi is None and conf.waiting() == [b]
+    pending = conf.pending
+    assert pending is not None and pending.spi == (first.spi + 1) & 0xFFFF
+    assert conf.current is first  # the others keep it until the rekey fires
+    assert conf.rekey_due() == 10.5 and conf.next_deadline() == 10.5
+    assert conf.poll(10.49) is None
+    rekey = conf.poll(10.5)
+    assert rekey is not None
+    assert rekey.key.spi == pending.spi and rekey.key.key == pending.key
+    assert rekey.key.created == 10.5  # its TTL runs from when it is handed out
+    assert rekey.previous is first and rekey.reason == "join" and rekey.joins == 1
+    assert set(rekey.members) == {a, b}
+    assert a.spi == b.spi == rekey.key.spi and conf.current is rekey.key
+    assert conf.pending is None and conf.waiting() == []
+    assert conf.poll(11.0) is None
+
+
+def test_joins_and_leaves_in_one_window_make_one_rekey() -> None:
+    conf = Conference(conference(rekey_window=0.5))
+    a, _ = joined(conf, 0.0)
+    b, _ = joined(conf, 0.1)
+    c, _ = joined(conf, 0.2)
+    conf.poll(0.6)  # everyone on key 2
+    assert conf.keys_issued == 2
+    d, _ = joined(conf, 5.0)
+    e, _ = joined(conf, 5.2)
+    conf.leave(b.association_id, 5.3)
+    conf.leave(d.association_id, 5.45)  # was waiting: held no key, asks for nothing
+    # Not sliding: the window runs from the first request (a stream of joins cannot
+    # postpone a leave's rekey).
+    assert conf.rekey_due() == 5.5
+    assert conf.keys_issued == 3  # one key reserved for the whole window
+    rekey = conf.poll(5.5)
+    assert rekey is not None
+    assert rekey.reason == "join+leave" and (rekey.joins, rekey.leaves) == (2, 1)
+    assert set(rekey.members) == {a, c, e}
+    assert conf.keys_issued == 3
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_rekey_on_join_switch(on: bool) -> None:
+    conf = Conference(conference(rekey_on_join=on))
+    _, first = joined(conf, 0.0)
+    b, key = joined(conf, 1.0, FP_B)
+    if on:
+        assert key is None and conf.pending is not None
+    else:
+        assert key is first and b.spi == first.spi  # type: ignore[union-attr]
+        assert conf.pending is None and conf.next_deadline() != 1.5
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_rekey_on_leave_switch(on: bool) -> None:
+    conf = Conference(conference(rekey_on_join=False, rekey_on_leave=on))
+    a, first = joined(conf, 0.0)
+    b, _ = joined(conf, 0.0, FP_B)
+    assert conf.leave(a.association_id, 2.0) is a
+    if on:
+        rekey = conf.poll(2.5)
+        assert rekey is not None and rekey.reason == "leave" and rekey.leaves == 1
+        assert rekey.members == (b,)  # the leaver is not sent the new key
+        assert rekey.key.spi != first.spi  # type: ignore[union-attr]
+    else:
+        assert conf.pending is None and conf.poll(2.5) is None
+        assert conf.current is first
+
+
+def test_joiner_waits_for_a_pending_leave_rekey_even_without_join_rekeys() -> None:
+    """It must never hold the key the leaver holds."""
+    conf = Conference(conference(rekey_on_join=False))
+    a, first = joined(conf, 0.0)
+    b, _ = joined(conf, 0.0, FP_B)
+    conf.leave(a.association_id, 1.0)
+    c, key = joined(conf, 1.2)
+    assert key is None and c.spi is None
+    rekey = conf.poll(1.5)
+    assert rekey is not None and rekey.reason == "leave" and set(rekey.members) == {b, c}
+    assert c.spi == rekey.key.spi != first.spi  # type: ignore[union-attr]
+
+
+def test_last_leave_cancels_the_pending_rekey() -> None:
+    conf = Conference(conference())
+    a, _ = joined(conf, 0.0)
+    b, _ = joined(conf, 0.1)
+    conf.leave(a.association_id, 0.2)
+    conf.leave(b.association_id, 0.3)
+    assert conf.current is None and conf.pending is None
+    assert conf.next_deadline() is None and conf.poll(5.0) is None
+    # the next member starts afresh, with a never-used SPI
+    _, key = joined(conf, 6.0)
+    assert key is not None and conf.keys_issued == 3
+
+
+def test_zero_window_rekeys_at_once() -> None:
+    conf = Conference(conference(rekey_window=0.0))
+    joined(conf, 0.0)
+    _, key = joined(conf, 3.0)
+    assert key is None and conf.needs_rekey(3.0)
+    assert conf.poll(3.0) is not None
+
+
+def test_ttl_refresh_for_a_live_conference() -> None:
+    conf = Conference(conference(ekt_ttl=100))
+    a, first = joined(conf, 0.0)
+    assert first is not None and conf.refresh_at() == 90.0
+    assert conf.poll(89.9) is None
+    rekey = conf.poll(90.0)
+    assert rekey is not None and rekey.reason == "ttl" and rekey.members == (a,)
+    assert rekey.key.created == 90.0 and conf.refresh_at() == 180.0
+    assert not conf.expired(150.0)
+    # long TTLs: refreshed at most 300 s early
+    assert refresh_lead(86400) == 300.0 and refresh_lead(100) == 10.0
+
+
+def test_joiner_finding_an_expired_key_waits_for_an_immediate_rekey() -> None:
+    conf = Conference(conference(ekt_ttl=100, rekey_on_join=False))
+    a, _ = joined(conf, 0.0)
+    b, key = joined(conf, 100.0, FP_B)  # the refresh timer did not run (e.g. a stalled loop)
+    assert key is None and conf.rekey_due() == 100.0
+    rekey = conf.poll(100.0)
+    assert rekey is not None and rekey.reason == "ttl" and set(rekey.members) == {a, b}
+
+
+def test_manual_rekey_fires_a_pending_one_with_its_key() -> None:
+    conf = Conference(conference())
+    joined(conf, 0.0)
+    joined(conf, 1.0)
+    pending = conf.pending
+    key = conf.rekey(1.2)
+    assert pending is not None and key.spi == pending.spi and conf.pending is None
+    assert conf.keys_issued == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["join", "leave", "wait"]), st.integers(0, 7)),
+        max_size=40,
+    ),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([0.0, 0.5, 2.0]),
+)
+def test_policy_properties(
+    ops: list[tuple[str, int]], on_join: bool, on_leave: bool, window: float
+) -> None:
+    """Whatever the sequence: SPIs are never reused; after a rekey fires every member is on
+    the newest key; with both switches on, a joiner never gets a key anyone held before it
+    joined and a leaver never gets a key made after it left; a rekey fires within the window."""
+    conf = Conference(
+        conference(rekey_on_join=on_join, rekey_on_leave=on_leave, rekey_window=window)
+    )
+    now = 0.0
+    held: dict[int, set[uuid.UUID]] = {}  # spi -> members that were handed it
+    spis: list[int] = []
+    left_at: dict[uuid.UUID, float] = {}
+    slots: dict[int, Member] = {}
+
+    def hand(key: EktKeyMaterial, to: Sequence[Member]) -> None:
+        if key.spi not in held:
+            assert key.spi not in spis
+            spis.append(key.spi)
+            held[key.spi] = set()
+        for m in to:
+            assert m.association_id not in left_at
+            held[key.spi].add(m.association_id)
+
+    def run_timer(until: float) -> None:
+        while (deadline := conf.next_deadline()) is not None and deadline <= until:
+            rekey = conf.poll(deadline)
+            if rekey is not None:
+                assert rekey.key.created == deadline
+                hand(rekey.key, rekey.members)
+                assert all(m.spi == rekey.key.spi for m in conf.members.values())
+
+    for op, slot in ops:
+        if op == "wait":
+            now += 0.3
+            run_timer(now)
+            continue
+        if op == "join" and slot not in slots:
+            m = member(fp=FP_A)
+            keyed_before = {aid for s in held.values() for aid in s} & set(conf.members)
+            key = conf.join(m, now)
+            slots[slot] = m
+            if key is not None:
+                if on_join and keyed_before:
+                    raise AssertionError("joiner got the key of earlier members")
+                if on_leave:  # never the key a leaver holds
+                    assert not held.get(key.spi, set()) & set(left_at)
+                hand(key, [m])
+        elif op == "leave" and slot in slots:
+            m = slots.pop(slot)
+            conf.leave(m.association_id, now)
+            left_at[m.association_id] = now
+        due = conf.rekey_due()
+        if due is not None:
+            assert due <= now + window
+    run_timer(now + 10 * window + 1.0)
+    # (hand() checked that no key reached anyone after they left)
+    if conf.members:
+        assert conf.current is not None
+        assert all(m.spi == conf.current.spi for m in conf.members.values())
