@@ -127,6 +127,8 @@ STABLE_AFTER = 5.0
 UDP_BATCH = 256
 #: Seconds between the forwarding table's ``tick`` (last_n ranking upkeep).
 TICK_INTERVAL = 0.25
+#: SO_RCVBUF of the endpoint-facing socket (bytes; capped by the kernel at net.core.rmem_max).
+RECEIVE_BUFFER = 4 << 20
 #: Longest wait for a full socket send buffer before the datagram is dropped (seconds).
 SEND_WAIT = 0.05
 _UDP_MAX = 65535
@@ -396,8 +398,9 @@ class ConferenceRelay:
         try:
             sock.setblocking(False)
             sock.bind(sockaddr)
-            # Room for bursts between two drains (the kernel caps this at rmem_max).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            # Room for bursts between two drains, and for the times this process is not
+            # scheduled (the kernel caps this at net.core.rmem_max).
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             name = sock.getsockname()
             self.address = (str(name[0]), int(name[1]))
             self._sock = sock
@@ -635,12 +638,14 @@ class ConferenceRelay:
                 if data and 128 <= data[0] <= 191:  # SRTP/SRTCP (RFC 7983 §7)
                     out = handle(addr, data, now)
                     if out:
-                        item = out[0]
+                        datagram = b""
                         try:
-                            for item in out:
-                                sendto(item[1], item[0])
+                            for addr, datagram in out:
+                                sendto(datagram, addr)
                         except OSError as e:
-                            await self._send_failed(out, out.index(item), e)
+                            # Rare (EAGAIN or an ICMP error): find where we stopped, by identity.
+                            index = next(i for i, o in enumerate(out) if o[1] is datagram)
+                            await self._send_failed(out, index, e)
                 else:
                     other(data, addr, now)
             else:

@@ -1,0 +1,630 @@
+"""MDD forwarding speed: a real ``perc mdd`` process against a plain Python UDP relay, same run.
+
+Run: ``.venv/bin/python bench/forwarding.py`` (or ``bash dev.sh bench forwarding``).
+Options: ``--seconds S`` per step (default 2), ``--senders K`` (default 4), ``--receivers R``
+(deliveries per packet, default 10: a conference of R + 1 endpoints), ``--size B`` (RTP
+payload bytes, default 160), ``--rates 5000,10000,...`` (offered packets/s per step),
+``--size-search`` / ``--no-size-search`` (default on), ``--size-step N``, ``--size-max N``,
+``--size-seconds S``, ``--video-pps P``, ``--video-size B``, ``--keep DIR``.
+
+What happens:
+
+1. **Set-up, the honest way.** Throwaway identities and TOML configs; a real ``perc kmf`` and a
+   real ``perc mdd`` process (``python -m perc``, log level INFO; rekey on join/leave off, as
+   keying is not what is measured). The endpoints join through the MDD with perc's endpoint
+   DTLS client (:func:`perc.roles.endpoint.join`): so the MDD got its keys in ``MediaKeys``
+   from the KMF, exactly as in a conference, and runs its normal code path.
+2. **Pre-encrypted media.** Each sending endpoint's packets are made once with a
+   :class:`~perc.srtp.double.DoubleSender` from the keys its join gave it (inner E2E layer,
+   OHB, outer HBH layer, EKT tags on the RFC 8870 §4.6 schedule) before a step starts. One
+   receiver decrypts a warm-up burst end to end to prove the path is real.
+3. **Load.** A forked *load* process sends the packets from the senders' own sockets, paced to
+   the offered rate (K senders round-robin). The bench process is the *sink*: it drains every
+   endpoint socket (epoll, non-blocking ``recv_into`` until EAGAIN) and counts SRTP datagrams.
+   Every packet is forwarded to every other endpoint, so offered deliveries/s = packets/s x R.
+4. **Baseline, same harness.** A plain Python UDP relay in its own process (blocking
+   ``recvfrom``, then ``sendto`` of the same bytes to the R other members; no crypto, no
+   parsing), the same sockets' shape, the same packets, the same pacing and the same sink.
+5. **Largest conference** one MDD process carries without loss: N endpoints all sending audio
+   (50 packets/s, ``--size`` bytes) and 5 of them video (``--video-pps``, ``--video-size``),
+   each endpoint at a random phase; N grows by ``--size-step`` (more endpoints join) until a
+   step loses a packet. Lossless means: every endpoint received every other's every packet.
+
+Rows: offered and delivered deliveries/s, loss, and the relay process's CPU use (from
+/proc/<pid>/stat) per step; then each relay's best delivered rate and the ratio MDD/baseline.
+Targets (issue 5): >= 150,000 deliveries/s by one MDD process, >= 0.6 of the baseline. On a
+2-core machine the relay, the load process and the sink share the cores (the sink alone costs
+about as much CPU per datagram as the plain relay), so both relays are measured under the same
+handicap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import trio
+
+from perc import identity
+from perc.roles.endpoint import JoinResult, JoinSettings, join
+from perc.srtp.double import DoubleReceiver, DoubleSender
+
+LOCAL = "127.0.0.1"
+AUDIO_PT = 111
+VIDEO_PT = 96
+TARGET = 150_000
+TARGET_RATIO = 0.6
+#: Receive buffer of every endpoint socket (the kernel caps it at net.core.rmem_max).
+RCVBUF = 4 << 20
+#: After the last packet is sent, how long the sink keeps counting (seconds).
+GRACE = 0.4
+TICKS = os.sysconf("SC_CLK_TCK")
+
+# --- processes -------------------------------------------------------------------------------
+
+
+class Child:
+    """A ``python -m perc`` subprocess with its log in a file."""
+
+    def __init__(
+        self, name: str, args: Sequence[str], folder: Path, *, profile: bool = False
+    ) -> None:
+        self.log = folder / f"{name}.log"
+        self.profile = folder / f"{name}.prof" if profile else None
+        prefix = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
+        self.process = subprocess.Popen(
+            [sys.executable, *prefix, "-m", "perc", "--log-level", "info", *args],
+            cwd=folder,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("w"),
+            env={k: v for k, v in os.environ.items() if k != "SSLKEYLOGFILE"},
+        )
+
+    def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = rx.search(self.log.read_text())
+            if m is not None:
+                return m
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.log.name}: no {pattern!r}:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
+
+
+@dataclass
+class Setup:
+    folder: Path
+    kmf: Child
+    mdd: Child
+    mdd_addr: tuple[str, int]
+    kmf_fingerprint: str
+    identities: list[identity.Identity]
+
+
+def start_perc(folder: Path, n_identities: int, *, profile: bool = False) -> Setup:
+    def ident(name: str) -> identity.Identity:
+        i = identity.generate(name)
+        identity.write(i, folder, name)
+        return i
+
+    kmf_id, mdd_id = ident("kmf"), ident("mdd")
+    people = [ident(f"ep{i}") for i in range(n_identities)]
+    fps = ", ".join(f'"{p.fingerprint}"' for p in people)
+    (folder / "kmf.toml").write_text(
+        f'[kmf]\nlisten = "{LOCAL}:0"\ncert = "kmf.crt"\nkey = "kmf.key"\n'
+        f'trusted_mdds = ["{mdd_id.fingerprint}"]\n\n'
+        f'[[conference]]\nid = "bench"\nparticipants = [{fps}]\n'
+        "rekey_on_join = false\nrekey_on_leave = false\n"
+    )
+    kmf = Child("kmf", ["kmf", "--config", "kmf.toml"], folder)
+    port = int(kmf.wait_for(r"KMF listening on [\d.]+:(\d+)").group(1))
+    (folder / "mdd.toml").write_text(
+        '[mdd]\ncert = "mdd.crt"\nkey = "mdd.key"\nidle_timeout = 3600.0\n\n'
+        f'[[conference]]\nid = "bench"\nlisten = "{LOCAL}:0"\nkmf = "{LOCAL}:{port}"\n'
+        f'kmf_fingerprint = "{kmf_id.fingerprint}"\n'
+    )
+    mdd = Child("mdd", ["mdd", "--config", "mdd.toml"], folder, profile=profile)
+    udp = int(mdd.wait_for(r"listening on udp [\d.]+:(\d+)").group(1))
+    mdd.wait_for(r"tunnel up conference=bench")
+    return Setup(folder, kmf, mdd, (LOCAL, udp), kmf_id.fingerprint, people)
+
+
+# --- endpoints -------------------------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    sock: socket.socket
+    sender: DoubleSender | None = None
+    result: JoinResult | None = None
+    ssrc: int = field(default_factory=lambda: random.getrandbits(32))
+    seq: int = field(default_factory=lambda: random.getrandbits(15))
+    t: float = 0.0  # media clock of the pre-encryption (EKT Full tag schedule)
+
+    def packet(self, pt: int, size: int, *, marker: bool = False, keyframe: bool = False) -> bytes:
+        header = struct.pack(
+            "!BBHII",
+            0x80,
+            (0x80 if marker else 0) | pt,
+            self.seq & 0xFFFF,
+            self.seq * 160,
+            self.ssrc,
+        )
+        self.seq += 1
+        self.t += 0.02
+        payload = bytes(size)
+        if self.sender is None:  # baseline: no crypto, same size as the MDD's input
+            return header + payload + bytes(16 + 1 + 16 + 1)
+        return self.sender.protect(header + payload, self.t, keyframe=keyframe)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, RCVBUF)
+    sock.setblocking(False)
+
+
+def join_endpoints(setup: Setup, first: int, count: int) -> list[Endpoint]:
+    """Join ``count`` endpoints through the MDD (10 at a time), perc's endpoint DTLS client."""
+
+    async def run() -> list[JoinResult]:
+        results: list[JoinResult] = []
+
+        async def one(i: int) -> None:
+            ident = setup.identities[i % len(setup.identities)]
+            settings = JoinSettings(
+                mdd=setup.mdd_addr,
+                identity=ident,
+                kmf_fingerprint=setup.kmf_fingerprint,
+                name=f"ep{i}",
+                join_timeout=20.0,
+            )
+            results.append(await join(settings))
+
+        for start in range(first, first + count, 10):
+            async with trio.open_nursery() as nursery:
+                for i in range(start, min(start + 10, first + count)):
+                    nursery.start_soon(one, i)
+        return results
+
+    endpoints = []
+    for r in trio.run(run):
+        _tune(r.socket)
+        ep = Endpoint(r.socket, DoubleSender.for_endpoint(r.keying, r.ekt_parameters()), r)
+        endpoints.append(ep)
+    return endpoints
+
+
+def plain_endpoints(relay: tuple[str, int], count: int) -> list[Endpoint]:
+    out = []
+    for _ in range(count):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((LOCAL, 0))
+        sock.connect(relay)
+        _tune(sock)
+        out.append(Endpoint(sock))
+    return out
+
+
+# --- the plain relay (baseline) --------------------------------------------------------------
+
+
+def plain_relay(sock: socket.socket) -> None:
+    """Blocking recvfrom, then sendto of the same bytes to every other member (no crypto)."""
+    sock.setblocking(True)
+    recvfrom, sendto = sock.recvfrom, sock.sendto
+    members: list[tuple[str, int]] = []
+    routes: dict[tuple[str, int], list[tuple[str, int]]] = {}
+    while True:
+        data, addr = recvfrom(65535)
+        dests = routes.get(addr)
+        if dests is None:  # a new member: every route list gets it
+            members.append(addr)
+            routes = {m: [o for o in members if o != m] for m in members}
+            dests = routes[addr]
+        for d in dests:
+            sendto(data, d)
+
+
+# --- load and sink ---------------------------------------------------------------------------
+
+Schedule = list[tuple[float, int, bytes]]  # (send time from start, endpoint index, datagram)
+
+
+def blast(socks: list[socket.socket], schedule: Schedule, start: float) -> None:
+    """The load process: send each datagram at its time (a late sender catches up at once)."""
+    sends = [s.send for s in socks]
+    i, n = 0, len(schedule)
+    while i < n:
+        now = time.monotonic() - start
+        while i < n and schedule[i][0] <= now:
+            _, k, data = schedule[i]
+            try:
+                sends[k](data)
+            except BlockingIOError:
+                pass  # our own socket buffer: counted as loss by the sink
+            i += 1
+        if i < n:
+            # Sleep at least 1 ms (bursts of what fell due meanwhile): spinning would take CPU
+            # from the relay on a small machine.
+            ahead = schedule[i][0] - (time.monotonic() - start)
+            time.sleep(min(max(ahead, 0.001), 0.01))
+
+
+def sink(socks: list[socket.socket], until: float) -> list[int]:
+    """Count SRTP datagrams (first byte 128-191) per socket until ``until`` (monotonic)."""
+    ep = select.epoll()
+    index = {s.fileno(): i for i, s in enumerate(socks)}
+    for s in socks:
+        ep.register(s.fileno(), select.EPOLLIN)
+    counts = [0] * len(socks)
+    buf = bytearray(65535)
+    recvs = {s.fileno(): s.recv_into for s in socks}
+    try:
+        while (left := until - time.monotonic()) > 0:
+            for fd, _ in ep.poll(min(left, 0.05)):
+                recv = recvs[fd]
+                got = 0
+                while True:
+                    try:
+                        n = recv(buf)
+                    except BlockingIOError:
+                        break
+                    if n and 128 <= buf[0] <= 191:
+                        got += 1
+                counts[index[fd]] += got
+    finally:
+        ep.close()
+    return counts
+
+
+def drain(socks: list[socket.socket]) -> None:
+    sink(socks, time.monotonic() + 0.2)
+
+
+def rcvbuf_errors() -> int:
+    """UDP datagrams the kernel dropped for a full receive buffer (whole host)."""
+    lines = [
+        ln.split()
+        for ln in Path("/proc/net/snmp").read_text().splitlines()
+        if ln.startswith("Udp:")
+    ]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
+@dataclass
+class Step:
+    offered: float  # deliveries/s
+    delivered: float
+    expected: int
+    received: int
+    cpu: float  # relay CPU share (1.0 = one core) during the step
+    seconds: float
+    kernel_drops: int = 0  # receive-buffer overflows (relay input or sink sockets)
+    sink_cpu: float = 0.0
+    load_cpu: float = 0.0
+
+    @property
+    def us_per_delivery(self) -> float:
+        """Relay CPU time per delivery (independent of how much CPU it was given)."""
+        wall = self.seconds + GRACE + 0.2
+        return 1e6 * self.cpu * wall / self.received if self.received else 0.0
+
+    @property
+    def loss(self) -> float:
+        return 1 - self.received / self.expected if self.expected else 0.0
+
+
+def run_step(endpoints: list[Endpoint], schedule: Schedule, seconds: float, relay_pid: int) -> Step:
+    socks = [e.sock for e in endpoints]
+    drain(socks)
+    start = time.monotonic() + 0.2
+    ctx = multiprocessing.get_context("fork")
+    load = ctx.Process(target=blast, args=(socks, schedule, start), daemon=True)
+    cpu0 = cpu_seconds(relay_pid)
+    drops0 = rcvbuf_errors()
+    self0 = resource.getrusage(resource.RUSAGE_SELF)
+    child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load.start()
+    counts = sink(socks, start + seconds + GRACE)
+    load.join(10)
+    wall = seconds + GRACE + 0.2
+    cpu = (cpu_seconds(relay_pid) - cpu0) / wall
+    self1 = resource.getrusage(resource.RUSAGE_SELF)
+    child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def used(a: resource.struct_rusage, b: resource.struct_rusage) -> float:
+        return (b.ru_utime + b.ru_stime - a.ru_utime - a.ru_stime) / wall
+
+    expected = len(schedule) * (len(endpoints) - 1)
+    received = sum(counts)
+    return Step(
+        expected / seconds,
+        received / seconds,
+        expected,
+        received,
+        cpu,
+        seconds,
+        rcvbuf_errors() - drops0,
+        used(self0, self1),
+        used(child0, child1),
+    )
+
+
+def flat_schedule(
+    endpoints: list[Endpoint], senders: int, rate: float, seconds: float, size: int
+) -> Schedule:
+    """``rate`` packets/s in total, round-robin over the first ``senders`` endpoints."""
+    n = int(rate * seconds)
+    return [
+        (i / rate, i % senders, endpoints[i % senders].packet(AUDIO_PT, size)) for i in range(n)
+    ]
+
+
+def conference_schedule(
+    endpoints: list[Endpoint], seconds: float, size: int, video_pps: float, video_size: int
+) -> Schedule:
+    """Audio from everyone (50/s), video from the first 5 (``video_pps``), random phases."""
+    events: list[tuple[float, int, int]] = []  # time, endpoint, kind (0 audio, 1 video)
+    rng = random.Random(1)
+    for k in range(len(endpoints)):
+        phase = rng.random() * 0.02
+        events += [(phase + j * 0.02, k, 0) for j in range(int(seconds * 50))]
+        if k < 5:
+            vphase = rng.random() / video_pps
+            events += [(vphase + j / video_pps, k, 1) for j in range(int(seconds * video_pps))]
+    events.sort()
+    out: Schedule = []
+    frame = [0] * len(endpoints)
+    for t, k, kind in events:
+        ep = endpoints[k]
+        if kind == 0:
+            out.append((t, k, ep.packet(AUDIO_PT, size)))
+        else:
+            frame[k] += 1  # ~5 packets per frame, a keyframe every 150 packets
+            out.append(
+                (
+                    t,
+                    k,
+                    ep.packet(
+                        VIDEO_PT,
+                        video_size,
+                        marker=frame[k] % 5 == 0,
+                        keyframe=frame[k] % 150 == 1,
+                    ),
+                )
+            )
+    return out
+
+
+def verify_path(endpoints: list[Endpoint], size: int) -> int:
+    """Warm-up: endpoint 0 sends 20 packets; endpoint 1 decrypts them end to end."""
+    rx = endpoints[1].result
+    assert rx is not None
+    receiver = DoubleReceiver.for_endpoint(rx.keying)
+    receiver.add_parameter_set(rx.ekt_parameters())
+    drain([e.sock for e in endpoints])
+    for _ in range(20):
+        endpoints[0].sock.send(endpoints[0].packet(AUDIO_PT, size))
+    verified = 0
+    deadline = time.monotonic() + 2.0
+    while verified < 20 and time.monotonic() < deadline:
+        try:
+            data = endpoints[1].sock.recv(65535)
+        except BlockingIOError:
+            time.sleep(0.001)
+            continue
+        if 128 <= data[0] <= 191 and receiver.unprotect(data, 0.0).payload == bytes(size):
+            verified += 1
+    drain([e.sock for e in endpoints])
+    return verified
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def ladder(
+    label: str,
+    endpoints: list[Endpoint],
+    args: argparse.Namespace,
+    relay_pid: int,
+    report: Callable[[str], None],
+) -> list[Step]:
+    steps = []
+    receivers = len(endpoints) - 1
+    for rate in args.rates:
+        schedule = flat_schedule(endpoints, args.senders, rate, args.seconds, args.size)
+        step = run_step(endpoints, schedule, args.seconds, relay_pid)
+        steps.append(step)
+        report(
+            f"{label:<14} {rate:>8,.0f} pkt/s x{receivers:<3} {step.offered:>12,.0f} "
+            f"{step.delivered:>12,.0f} {100 * step.loss:>7.2f}% {100 * step.cpu:>6.0f}% "
+            f"{100 * step.sink_cpu:>5.0f}% {100 * step.load_cpu:>5.0f}% {step.kernel_drops:>9,} "
+            f"{step.us_per_delivery:>8.2f}"
+        )
+    return steps
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--senders", type=int, default=4)
+    ap.add_argument("--receivers", type=int, default=10)
+    ap.add_argument("--size", type=int, default=160)
+    ap.add_argument(
+        "--rates",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=[5000.0, 10000.0, 15000.0, 20000.0, 25000.0, 30000.0],
+    )
+    ap.add_argument("--size-search", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--size-step", type=int, default=5)
+    ap.add_argument("--size-start", type=int, default=20)
+    ap.add_argument("--size-max", type=int, default=150)
+    ap.add_argument("--size-seconds", type=float, default=3.0)
+    ap.add_argument("--video-pps", type=float, default=100.0)
+    ap.add_argument("--video-size", type=int, default=1100)
+    ap.add_argument("--keep", type=Path, default=None, help="keep configs and logs here")
+    ap.add_argument(
+        "--profile", action="store_true", help="run the MDD under cProfile; print its top 25"
+    )
+    args = ap.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="perc-bench-fwd-"))
+    members = args.receivers + 1
+    print(
+        f"# forwarding: {members} endpoints, {args.senders} senders, {args.size} B payload, "
+        f"{args.seconds:g} s per step, {os.cpu_count()} CPUs"
+    )
+    header = (
+        f"{'relay':<14} {'offered':>19} {'offered dlv/s':>12} {'delivered/s':>12} "
+        f"{'loss':>8} {'cpu':>7} {'sink':>6} {'load':>6} {'rcvbuf-drops':>9} {'cpu us/dlv':>8}"
+    )
+    setup = start_perc(folder, n_identities=8, profile=args.profile)
+    baseline_proc = None
+    try:
+        endpoints = join_endpoints(setup, 0, members)
+        verified = verify_path(endpoints, args.size)
+        print(
+            f"# {len(endpoints)} endpoints joined through perc mdd; end-to-end check: "
+            f"{verified}/20 warm-up packets verified by a receiver"
+        )
+        print(header)
+        mdd_steps = ladder("perc mdd", endpoints, args, setup.mdd.process.pid, print)
+
+        relay_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        relay_sock.bind((LOCAL, 0))
+        relay_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        ctx = multiprocessing.get_context("fork")
+        baseline_proc = ctx.Process(target=plain_relay, args=(relay_sock,), daemon=True)
+        baseline_proc.start()
+        relay_addr = relay_sock.getsockname()
+        relay_sock.close()
+        plain = plain_endpoints(relay_addr, members)
+        for e in plain:  # membership: each endpoint says hello once (not counted)
+            e.sock.send(b"\x00hello")
+            time.sleep(0.01)
+        drain([e.sock for e in plain])
+        assert baseline_proc.pid is not None
+        base_steps = ladder("python relay", plain, args, baseline_proc.pid, print)
+        for e in plain:
+            e.sock.close()
+
+        best_mdd = max(s.delivered for s in mdd_steps)
+        best_base = max(s.delivered for s in base_steps)
+        ratio = best_mdd / best_base if best_base else 0.0
+        lossless = [s.delivered for s in mdd_steps if s.received == s.expected]
+        print()
+        print(f"{'result':<38} {'value':>12}  target")
+        print(f"{'perc mdd best delivered/s':<38} {best_mdd:>12,.0f}  >= {TARGET:,}")
+        print(
+            f"{'perc mdd best lossless delivered/s':<38} "
+            f"{(max(lossless) if lossless else 0):>12,.0f}"
+        )
+        print(f"{'python relay best delivered/s':<38} {best_base:>12,.0f}")
+        print(f"{'ratio mdd / python relay':<38} {ratio:>12.2f}  >= {TARGET_RATIO}")
+        # CPU per delivery does not depend on how much CPU the shared machine gave each relay.
+        us_mdd = min(s.us_per_delivery for s in mdd_steps if s.received)
+        us_base = min(s.us_per_delivery for s in base_steps if s.received)
+        print(
+            f"{'perc mdd CPU us per delivery':<38} {us_mdd:>12.2f}  "
+            f"(one full core: {1e6 / us_mdd:,.0f} deliveries/s)"
+        )
+        print(
+            f"{'python relay CPU us per delivery':<38} {us_base:>12.2f}  "
+            f"(one full core: {1e6 / us_base:,.0f} deliveries/s)"
+        )
+        print(f"{'CPU cost ratio relay / mdd':<38} {us_base / us_mdd:>12.2f}")
+
+        if args.size_search:
+            print()
+            print(
+                f"# largest conference without loss: audio 50 pkt/s x {args.size} B from all, "
+                f"video {args.video_pps:g} pkt/s x {args.video_size} B from 5, "
+                f"{args.size_seconds:g} s per step"
+            )
+            print(
+                f"{'endpoints':>9} {'pkt/s in':>9} {'deliveries/s':>13} {'received':>10} "
+                f"{'lost':>7} {'cpu':>6}"
+            )
+            n = len(endpoints)
+            best = 0
+            target_n = max(args.size_start, n)
+            while target_n <= args.size_max:
+                if target_n > n:
+                    endpoints += join_endpoints(setup, n, target_n - n)
+                    n = len(endpoints)
+                schedule = conference_schedule(
+                    endpoints, args.size_seconds, args.size, args.video_pps, args.video_size
+                )
+                step = run_step(endpoints, schedule, args.size_seconds, setup.mdd.process.pid)
+                lost = step.expected - step.received
+                print(
+                    f"{n:>9} {len(schedule) / args.size_seconds:>9,.0f} "
+                    f"{step.offered:>13,.0f} {step.received:>10,} {lost:>7,} "
+                    f"{100 * step.cpu:>5.0f}%"
+                )
+                if lost:
+                    break
+                best = n
+                target_n += args.size_step
+            print(
+                f"largest lossless conference: {best} endpoints "
+                f"(step {args.size_step}; first loss at {n if best != n else '-'})"
+            )
+    finally:
+        if baseline_proc is not None and baseline_proc.pid is not None:
+            baseline_proc.kill()
+            baseline_proc.join(5)
+        setup.mdd.stop()
+        setup.kmf.stop()
+        print()
+        for line in setup.mdd.log.read_text().splitlines():
+            if "totals conference=" in line or "key isolation" in line:
+                print("# mdd: " + line.split(": ", 1)[-1])
+        if setup.mdd.profile is not None and setup.mdd.profile.exists():
+            import pstats
+
+            print("# MDD profile (cProfile, by own time):")
+            pstats.Stats(str(setup.mdd.profile)).sort_stats("tottime").print_stats(25)
+        if args.keep is not None:
+            shutil.copytree(folder, args.keep, dirs_exist_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
