@@ -193,16 +193,33 @@ class KmfConference:
         metadata=_doc("expected tls-id per participant fingerprint (D15); unset: any"),
     )
     rekey_on_join: bool = attrs.field(
-        default=True, metadata=_doc("new EKTKey when an endpoint joins (D22)")
+        default=True,
+        metadata=_doc(
+            "new EKTKey when an endpoint joins a live conference (D22); the joiner's first "
+            "EKTKey is then the new key, sent when the rekey fires (never the key used before "
+            "it joined)"
+        ),
     )
     rekey_on_leave: bool = attrs.field(
-        default=True, metadata=_doc("new EKTKey when an endpoint leaves (D22)")
+        default=True,
+        metadata=_doc(
+            "new EKTKey for the others when an endpoint leaves: DTLS close or alert, timeout, "
+            "or the MDD's EndpointDisconnect (D3, D22)"
+        ),
     )
     rekey_window: float = attrs.field(
-        default=0.5, metadata=_doc("seconds within which joins/leaves share one rekey (D22)")
+        default=0.5,
+        metadata=_doc(
+            "seconds from the first join/leave to its rekey; joins/leaves within it share "
+            "that one new EKTKey (D22)"
+        ),
     )
     ekt_ttl: int = attrs.field(
-        default=86400, metadata=_doc("ekt_ttl of each EKTKey, seconds (D10)")
+        default=86400,
+        metadata=_doc(
+            "ekt_ttl of each EKTKey, seconds (D10); a live conference gets a new key "
+            "min(ttl/10, 300 s) before it expires"
+        ),
     )
 
 
