@@ -171,6 +171,33 @@ async def test_wrong_kmf_fingerprint_aborts_and_says_why(system: System) -> None
     assert not kmf.find(r"joined conference=")
 
 
+async def test_tls_ids_both_ways(system: System) -> None:
+    """D15 / RFC 9185 §5.1, §5.4: the roster's tls-id for alice, the KMF's own tls-id."""
+    alice_id, kmf_id = "alice-tls-id_0123456789", "kmf-tls-id_0123456789/+"
+    kmf, kmf_port = await system.start_kmf(
+        system.kmf_config(
+            kmf_extra=f'tls_id = "{kmf_id}"\n',
+            conference_extra=f'tls_ids = {{ "{system.fingerprint("alice")}" = "{alice_id}" }}\n',
+        )
+    )
+    _, mdd_port = await system.start_mdd(system.mdd_config("mdd", kmf_port))
+    good = await system.start_endpoint(
+        "alice", mdd_port, "--tls-id", alice_id, "--kmf-tls-id", kmf_id, "--duration", "0.2"
+    )
+    wrong_own = await system.start_endpoint("alice", mdd_port, "--tls-id", "x" * 20)
+    wrong_kmf = await system.start_endpoint(
+        "alice", mdd_port, "--tls-id", alice_id, "--kmf-tls-id", "y" * 20
+    )
+    assert await good.wait_exit() == 0, good.text
+    ep = joined_fields(good.find(r"joined name=alice ")[0].string)
+    assert (ep["tls_id"], ep["kmf_tls_id"]) == (alice_id, kmf_id)
+    assert await wrong_own.wait_exit() == 3
+    assert "access_denied" in wrong_own.error_line
+    assert await wrong_kmf.wait_exit() == 4
+    assert f"the KMF's tls-id '{kmf_id}' is not '{'y' * 20}'" in wrong_kmf.error_line
+    await kmf.wait_for(r"refused association=\S+ fingerprint=.*tls-id does not match")
+
+
 async def test_twenty_endpoint_processes_on_two_mdds_share_the_ektkey(system: System) -> None:
     names = [f"ep{i:02d}" for i in range(20)]
     kmf, kmf_port = await system.start_kmf(
