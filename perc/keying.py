@@ -452,32 +452,32 @@ class Conference:
         if self.current is None:
             # The first member (of an empty conference) starts it with a fresh key: there is no
             # earlier media to protect, so no rekey.
-            key = self._new_key(member.ekt_cipher, now)
-            member.spi = key.spi
+            first = self._new_key(member.ekt_cipher, now)
+            member.spi = first.spi
             self.members[aid] = member
-            return key
+            return first
         if self.current.cipher != member.ekt_cipher:
             raise KeyingError(
                 f"conference {self.id} uses EKT cipher {self.current.cipher}, "
                 f"not {member.ekt_cipher}"
             )
         keyed = any(m.spi is not None for m in self.members.values() if m is not member)
-        member.spi = None
-        self.members[aid] = member
+        # Decide (and reserve a key, which may raise) before the member is added.
+        key: EktKeyMaterial | None = None
         if self.pending is not None:
             # A rekey is coming within the window anyway: wait for it (the joiner never holds
             # the key that the others, or a leaver, used before).
             if self.config.rekey_on_join and keyed:
                 self.request_rekey(now, JOIN)
-            return None
-        if self.expired(now):
+        elif self.expired(now):
             self.request_rekey(now, TTL, immediate=True)
-            return None
-        if self.config.rekey_on_join and keyed:
+        elif self.config.rekey_on_join and keyed:
             self.request_rekey(now, JOIN)
-            return None
-        member.spi = self.current.spi
-        return self.current
+        else:
+            key = self.current
+        member.spi = key.spi if key is not None else None
+        self.members[aid] = member
+        return key
 
     def leave(self, association_id: uuid.UUID, now: float) -> Member | None:
         """Remove a member; returns it. The last one to leave retires the key (and any pending

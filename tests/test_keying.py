@@ -470,3 +470,13 @@ def test_policy_properties(
     if conf.members:
         assert conf.current is not None
         assert all(m.spi == conf.current.spi for m in conf.members.values())
+
+
+def test_spi_exhaustion_refuses_the_joiner_without_a_trace() -> None:
+    conf = Conference(conference())
+    joined(conf, 0.0)
+    conf.keys_issued = 1 << 16
+    m = member(fp=FP_B)
+    with pytest.raises(KeyingError, match="SPI space exhausted"):
+        conf.join(m, 1.0)
+    assert m.association_id not in conf.members and conf.pending is None

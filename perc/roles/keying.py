@@ -392,17 +392,27 @@ class KeyingHandler:
         if conf.current is None:
             return None
         now = trio.current_time()
-        conf.request_rekey(now, MANUAL, immediate=True)
+        try:
+            conf.request_rekey(now, MANUAL, immediate=True)
+        except KeyingError as e:
+            self._rekey_failed(conf, e)
+            return None
         return self._poll_conference(conf, now)
+
+    def _rekey_failed(self, conf: Conference, error: KeyingError) -> None:
+        # Only a runaway (65536 keys in one process for one conference, SPI space exhausted):
+        # log it and stop this conference's timer rather than spin on a due deadline.
+        self.stats.rekey_errors += 1
+        log.warning("rekey failed conference=%s: %s (no more rekeys for it)", conf.id, error)
+        self._conference_timers.pop(conf.id, None)
 
     def _poll_conference(self, conf: Conference, now: float) -> EktKeyMaterial | None:
         """Run the conference's timer if due (rekey or TTL refresh), then re-arm it."""
         try:
             rekey = conf.poll(now)
         except KeyingError as e:
-            self.stats.rekey_errors += 1
-            log.warning("rekey failed conference=%s: %s", conf.id, e)
-            rekey = None
+            self._rekey_failed(conf, e)
+            return None
         if rekey is not None:
             self._apply_rekey(conf, rekey, now)
         self._schedule_conference(conf)
@@ -688,9 +698,9 @@ class KeyingHandler:
             try:
                 conf.leave(aid, now)  # may request a rekey (D22: rekey_on_leave)
             except KeyingError as e:
-                self.stats.rekey_errors += 1
-                log.warning("rekey failed conference=%s: %s", conf.id, e)
-            self._schedule_conference(conf)
+                self._rekey_failed(conf, e)
+            else:
+                self._schedule_conference(conf)
             self.stats.left += 1
             log.info(
                 "left conference=%s association=%s fingerprint=%s profile=0x%04X spi=%s "

@@ -899,3 +899,28 @@ async def test_another_mdd_cannot_divert_or_end_an_association(
     assert handler.stats.dropped_wrong_mdd >= 2
     assert theirs.dtls == [] and theirs.media_keys == []
     assert aid in handler.associations and handler.stats.joined == 0
+
+
+async def test_rekey_failure_is_counted_and_stops_that_conference_timer(
+    ids: SimpleNamespace, people: SimpleNamespace, memory_clock: MockClock
+) -> None:
+    alice = people.members[0]
+    handler = KeyingHandler(keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}))
+    tunnel = FakeTunnel(ids.mdd.fingerprint)
+    handler.on_tunnel_up(tunnel)  # type: ignore[arg-type]
+    client = DtlsConnection(
+        DtlsConfiguration(
+            is_client=True,
+            certificate=alice.certificate,
+            private_key=alice.private_key,
+            tls_id=b"alice-session-0123456789",
+        )
+    )
+    client.connect(trio.current_time())
+    pump_in_memory(handler, client, uuid.uuid4(), tunnel)
+    assert handler.stats.joined == 1
+    assert "demo" in handler._conference_timers  # the TTL refresh is armed
+    handler.state.conferences["demo"].keys_issued = 1 << 16  # as if 65536 keys were made
+    assert handler.rekey("demo") is None
+    assert handler.stats.rekey_errors == 1 and handler.stats.rekeys == 0
+    assert "demo" not in handler._conference_timers  # no spinning on a due timer
