@@ -578,7 +578,7 @@ def main() -> int:
             )
             print(
                 f"{'endpoints':>9} {'pkt/s in':>9} {'deliveries/s':>13} {'received':>10} "
-                f"{'lost':>7} {'cpu':>6}"
+                f"{'lost':>7} {'cpu':>6} {'sink':>6} {'rcvbuf-drops':>12}"
             )
             n = len(endpoints)
             best = 0
@@ -595,7 +595,7 @@ def main() -> int:
                 print(
                     f"{n:>9} {len(schedule) / args.size_seconds:>9,.0f} "
                     f"{step.offered:>13,.0f} {step.received:>10,} {lost:>7,} "
-                    f"{100 * step.cpu:>5.0f}%"
+                    f"{100 * step.cpu:>5.0f}% {100 * step.sink_cpu:>5.0f}% {step.kernel_drops:>12,}"
                 )
                 if lost:
                     break

@@ -79,7 +79,9 @@ class Peer:
         self.material = split_exporter(done.srtp_profile, done.srtp_keying_material)
         self.cipher = done.ekt_cipher
         self.params = [self.ekt(k.key, k.salt, k.spi, k.ttl) for k in result.ekt_keys]
-        self.sender = DoubleSender.for_endpoint(self.material, self.params[-1])
+        # A Full EKT tag on every packet (period 0, RFC 8870 §4.6 allows it): a later joiner
+        # learns each sender's E2E key from its first packet, whatever the timing.
+        self.sender = DoubleSender.for_endpoint(self.material, self.params[-1], period=0.0)
         self.receiver = DoubleReceiver.for_endpoint(self.material)
         for p in self.params:
             self.receiver.add_parameter_set(p)
