@@ -461,9 +461,12 @@ class MediaSim:
         return entry
 
 
-async def test_leavers_keys_cannot_read_media_after_the_rekey(
+async def test_leave_and_rejoin_end_to_end(
     ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
 ) -> None:
+    """a leaves: b and c get a new SPI within 1 s, a's keys read nothing they send 1 s after
+    the rekey, and they lose nothing; a rejoins: everyone on the newest SPI, a verifies both
+    again, b and c still without an E2E failure."""
     a, b, c = people.members[:3]
     async with conference_with(ids, policy_config(ids, [a, b, c])) as (setup, nursery, relay):
         ra, rb, rc = [await join_and_serve(setup, nursery, relay, x) for x in (a, b, c)]
@@ -507,6 +510,30 @@ async def test_leavers_keys_cannot_read_media_after_the_rekey(
         for at in ("b", "c"):
             assert sim.peer(at, "a")["e2e_failures"] == 0
             assert sim.endpoints[at].media.report()["spis"][-1] == spi_of(rb)
+
+        # a comes back (new socket, new association): its first key is the rekey's.
+        rejoined: list[JoinResult] = []
+
+        async def rejoin() -> None:
+            rejoined.append(await join_and_serve(setup, nursery, relay, a))
+
+        nursery.start_soon(rejoin)
+        while not rejoined:
+            await trio.sleep(STEP)
+            sim.step(trio.current_time())
+        ra2 = rejoined[0]
+        newest = await converged(setup, [rb, rc, ra2])
+        assert [k.spi for k in ra2.ekt_keys] == [newest]
+        rejoin_rekey = conference(setup).current.created  # type: ignore[union-attr]
+        sim.add("a", ra2)
+        a_back = trio.current_time()
+        await sim.run(1.5)
+        since = max(rejoin_rekey + STEP + 0.3, a_back + 0.15)
+        for peer in ("b", "c"):
+            assert sim.peer("a", peer)["verified"] >= sim.count(peer, "a", since) > 40
+        for at, peer in (("b", "c"), ("c", "b"), ("b", "a"), ("c", "a")):
+            entry = sim.peer(at, peer)
+            assert entry["e2e_failures"] == 0 and entry["hbh_failures"] == 0, entry
         nursery.cancel_scope.cancel()
 
 
