@@ -29,8 +29,10 @@ Send ``EndpointDisconnect`` (``send_disconnect``) when an association ends on th
 (D3), ``MediaKeys`` right after its handshake (RFC 9185 §5.4), choosing the profile among
 ``tunnel.protection_profiles`` (D18).
 
-:func:`serve` uses :class:`perc.roles.keying.KeyingHandler` (the DTLS engine, roster and
-keys) unless given another handler; :class:`LoggingHandler` only logs and counts.
+:func:`serve` uses :class:`perc.roles.keying.KeyingHandler` (the DTLS engine, roster,
+keys and the D22 rekey policy of :mod:`perc.keying`, whose timers share the handler's
+:meth:`AssociationHandler.run` task) unless given another handler; :class:`LoggingHandler`
+only logs and counts.
 
 API::
 
