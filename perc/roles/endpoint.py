@@ -667,7 +667,14 @@ async def _join_on(
             j.link.send(conn.datagrams_to_send())
             raise j.timeout()
         timer = conn.get_timer()
-        await j.link.wait(deadline if timer is None else min(timer, deadline))
+        try:
+            await j.link.wait(deadline if timer is None else min(timer, deadline))
+        except trio.Cancelled:
+            # Stopped mid-join (SIGINT/SIGTERM): tell the KMF, as a joined endpoint would.
+            if not conn.is_closed:
+                conn.close(trio.current_time())
+                j.link.send(conn.datagrams_to_send())
+            raise
 
 
 def _joined(

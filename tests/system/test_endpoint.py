@@ -232,6 +232,18 @@ async def test_closed_port_timeout_names_icmp(mock_clock: MockClock) -> None:
     assert "ICMP port unreachable" in str(info.value)
 
 
+async def test_cancelled_join_sends_close_notify() -> None:
+    kmf = FakeKmf(IDS["kmf"], send_ekt=False)  # the join can never complete
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        with trio.move_on_after(0.3):
+            await endpoint.join(settings(address))
+        await wait_until(lambda: bool(kmf.closed()))
+        nursery.cancel_scope.cancel()
+    (closed,) = kmf.closed()
+    assert closed.sent_by_peer and closed.reason == "close_notify"
+
+
 async def test_missing_ektkey_times_out(mock_clock: MockClock) -> None:
     kmf = FakeKmf(IDS["kmf"], send_ekt=False)
     async with trio.open_nursery() as nursery:
