@@ -23,6 +23,7 @@ Public API (the API.md contract, as built)::
     conn.send_ekt_key(key, salt, spi, ttl, now)  # server, after HandshakeCompleted with EKT
     conn.send_application_data(data, now)
     conn.close(now)                         # close_notify; idempotent
+    conn.abort(description, now)            # fatal alert of the caller's choosing; idempotent
     conn.export_keying_material(label, length)   # RFC 5705 without context
     conn.stats                              # DtlsStats counters (drops, retransmissions, ...)
     conn.is_established, conn.is_closed, conn.state, conn.cookie_identity

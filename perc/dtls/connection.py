@@ -12,6 +12,7 @@ Public API (API.md, the contract)::
     conn.send_ekt_key(key, salt, spi, ttl, now)   # server, after HandshakeCompleted with EKT
     conn.send_application_data(data, now)
     conn.close(now)                         # close_notify
+    conn.abort(description, now)            # fatal alert of the caller's choosing
     conn.export_keying_material(label, length)    # RFC 5705, no context
     conn.stats                              # DtlsStats: drop and retransmission counters
 
@@ -350,6 +351,18 @@ class DtlsConnection:
             return
         self._send_alert(AlertLevel.warning, AD.close_notify)
         self._end(ConnectionClosed(AD.close_notify, False, "close_notify"))
+
+    def abort(self, description: int, now: float) -> None:
+        """End the association with a fatal alert of the caller's choosing (a policy refusal
+        decided outside the handshake, e.g. handshake_failure); idempotent once closed.
+        ConnectionClosed(description, False, "alert sent: <name>: aborted by the application")
+        follows, and the keys are wiped as for any fatal alert (RFC 5246 §7.2.2)."""
+        self._now = now
+        if not 0 < description < 256:
+            raise LocalProtocolError("abort() needs a fatal alert description 1..255")
+        if self._closed:
+            return
+        self._fatal(AlertError(description, "aborted by the application"))
 
     def export_keying_material(self, label: bytes, length: int) -> bytes:
         if not self._established or self._hs.suite is None:

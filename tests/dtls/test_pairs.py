@@ -676,3 +676,19 @@ def test_x25519_only_client_still_lists_p256() -> None:
     c, s = _completed(p.client_events), _completed(p.server_events)
     assert c.srtp_keying_material == s.srtp_keying_material
     assert p.server is not None and p.server._hs._group == 29
+
+
+def test_abort_sends_fatal_alert_after_handshake() -> None:
+    p = make_pair()
+    _handshake(p)
+    assert p.server is not None
+    with pytest.raises(LocalProtocolError):
+        p.server.abort(0, 1.0)
+    p.server.abort(40, 1.0)
+    p.server.abort(40, 1.0)  # idempotent
+    p.pump()
+    s, c = _closed(p.server_events), _closed(p.client_events)
+    assert (s.alert, s.sent_by_peer) == (40, False) and "aborted" in s.reason
+    assert (c.alert, c.sent_by_peer) == (40, True)
+    with pytest.raises(LocalProtocolError):
+        p.server.export_keying_material(b"x", 8)  # keys wiped
