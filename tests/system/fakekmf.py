@@ -51,6 +51,7 @@ class FakeKmf:
         cookies: bool = True,
         on_complete: Callable[[FakeKmf, Address, Peer], None] | None = None,
         drop_in: Callable[[bytes], bool] | None = None,
+        drop_out: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.ident = ident
         self.roster = roster
@@ -60,6 +61,9 @@ class FakeKmf:
         #: incoming datagrams for which this returns True are dropped (simulated loss)
         self.drop_in = drop_in
         self.dropped_in = 0
+        #: outgoing datagrams for which this returns True are not sent (simulated loss)
+        self.drop_out = drop_out
+        self.dropped_out = 0
         #: every datagram received, in order
         self.received: list[bytes] = []
         self.gate = CookieGate() if cookies else None
@@ -86,6 +90,9 @@ class FakeKmf:
 
     def send(self, addr: Address, data: bytes) -> None:
         assert self.sock is not None
+        if self.drop_out is not None and self.drop_out(data):
+            self.dropped_out += 1
+            return
         self.sock.sendto(data, addr)
 
     def flush(self, addr: Address) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import socket
 from pathlib import Path
@@ -230,6 +231,34 @@ async def test_closed_port_timeout_names_icmp(mock_clock: MockClock) -> None:
     with pytest.raises(JoinTimeout) as info:
         await endpoint.join(settings(closed_address, join_timeout=3.0))
     assert "ICMP port unreachable" in str(info.value)
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_join_under_heavy_loss(mock_clock: MockClock, seed: int) -> None:
+    """30% loss each way (retransmissions in virtual time): the join completes, the EKTKey
+    is ACKed."""
+    rng = random.Random(seed)
+    kmf = FakeKmf(
+        IDS["kmf"],
+        {IDS["alice"].fingerprint},
+        drop_in=lambda _: rng.random() < 0.3,
+        drop_out=lambda _: rng.random() < 0.3,
+    )
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        result = await endpoint.join(settings(address, join_timeout=60.0))
+        await endpoint.stay(result, duration=30.0, keepalive=None)
+        nursery.cancel_scope.cancel()
+    assert kmf.dropped_in + kmf.dropped_out > 0
+    assert result.ekt.spi == kmf.ekt.spi
+    assert (
+        result.hbh
+        == split_exporter(
+            0x0009,
+            next(iter(kmf.peers.values())).completed.srtp_keying_material,  # type: ignore[union-attr]
+        ).outer()
+    )
+    assert [a.spi for a in kmf.acked()] == [kmf.ekt.spi]
 
 
 async def test_cancelled_join_sends_close_notify() -> None:
