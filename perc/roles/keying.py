@@ -586,7 +586,7 @@ class KeyingHandler:
         if conf is None or event.ekt_cipher is None or event.srtp_profile is None:
             # verify_peer always runs before Finished; this is a safety net.
             assoc.refusal = assoc.refusal or "handshake completed without admission"
-            conn.close(now)
+            conn.abort(int(AlertDescription.internal_error), now)
             return
         if not conf.accepts_cipher(event.ekt_cipher):
             # Another member fixed the conference's cipher while this handshake ran.
@@ -594,13 +594,14 @@ class KeyingHandler:
                 f"conference={conf.id}: EKT cipher {event.ekt_cipher} differs from the "
                 f"conference's {conf.cipher} (one cipher per conference)"
             )
-            conn.close(now)
+            # The same alert verify_peer would have sent had the cipher been fixed earlier.
+            conn.abort(int(AlertDescription.handshake_failure), now)
             return
         try:
             ck, sk, cs, ss = outer_media_keys(event.srtp_profile, event.srtp_keying_material or b"")
         except SrtpError as e:
             assoc.refusal = f"cannot split the exporter output: {e}"
-            conn.close(now)
+            conn.abort(int(AlertDescription.internal_error), now)
             return
         keys = MediaKeys(
             association_id=aid,
@@ -615,7 +616,7 @@ class KeyingHandler:
         if not assoc.tunnel.send_media_keys(keys):
             self.stats.media_keys_failed += 1
             assoc.refusal = f"MediaKeys not delivered: tunnel {assoc.tunnel.peer} closed"
-            conn.close(now)
+            conn.abort(int(AlertDescription.internal_error), now)
             return
         self.stats.media_keys_sent += 1
         first = conf.current is None
@@ -634,7 +635,7 @@ class KeyingHandler:
             )
         except KeyingError as e:
             assoc.refusal = str(e)
-            conn.close(now)
+            conn.abort(int(AlertDescription.internal_error), now)
             return
         assoc.profile = event.srtp_profile
         assoc.joined = now

@@ -924,3 +924,77 @@ async def test_rekey_failure_is_counted_and_stops_that_conference_timer(
     assert handler.rekey("demo") is None
     assert handler.stats.rekey_errors == 1 and handler.stats.rekeys == 0
     assert "demo" not in handler._conference_timers  # no spinning on a due timer
+
+
+def _client(ident: identity.Identity, ekt_ciphers: tuple[int, ...] = (1, 2)) -> DtlsConnection:
+    return DtlsConnection(
+        DtlsConfiguration(
+            is_client=True,
+            certificate=ident.certificate,
+            private_key=ident.private_key,
+            tls_id=b"a-session-id-0123456789",
+            ekt_ciphers=ekt_ciphers,
+        )
+    )
+
+
+def _closed(client: DtlsConnection) -> events.ConnectionClosed | None:
+    while (event := client.next_event()) is not None:
+        if isinstance(event, events.ConnectionClosed):
+            return event
+    return None
+
+
+class NoKeysTunnel(FakeTunnel):
+    """A tunnel that carries DTLS but refuses MediaKeys (as if it closed at that moment)."""
+
+    def send_media_keys(self, keys: MediaKeys) -> bool:
+        return False
+
+
+async def test_media_keys_not_delivered_ends_the_join_with_internal_error(
+    ids: SimpleNamespace, people: SimpleNamespace, memory_clock: MockClock
+) -> None:
+    alice = people.members[0]
+    handler = KeyingHandler(
+        keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}, dtls_cookies=False)
+    )
+    tunnel = NoKeysTunnel(ids.mdd.fingerprint)
+    client, aid = _client(alice), uuid.uuid4()
+    client.connect(trio.current_time())
+    pump_in_memory(handler, client, aid, tunnel)
+    closed = _closed(client)
+    assert closed is not None and closed.sent_by_peer
+    assert closed.alert == AlertDescription.internal_error  # a fatal alert, not close_notify
+    assert handler.stats.media_keys_failed == 1 and handler.stats.refused == 1
+    assert handler.stats.joined == 0 and handler.associations == {}
+    assert handler.state.conferences["demo"].members == {}
+
+
+async def test_cipher_fixed_by_another_member_mid_handshake_gets_handshake_failure(
+    ids: SimpleNamespace, people: SimpleNamespace, memory_clock: MockClock
+) -> None:
+    """The race the roster check cannot see: between this endpoint's admission and its
+    Finished, another member fixes the conference's EKT cipher (one cipher per conference)."""
+    alice = people.members[0]
+    handler = KeyingHandler(
+        keying_kmf_config(ids.kmf, [ids.mdd], {"demo": [alice]}, dtls_cookies=False)
+    )
+    tunnel = FakeTunnel(ids.mdd.fingerprint)
+    admit = handler._verify_peer
+
+    def admit_then_race(assoc: object, peer: object) -> int | None:
+        verdict = admit(assoc, peer)  # type: ignore[arg-type]
+        # meanwhile another member started the conference with AESKW128
+        handler.state.conferences["demo"].key_for(1, trio.current_time())
+        return verdict
+
+    handler._verify_peer = admit_then_race  # type: ignore[method-assign]
+    client, aid = _client(alice), uuid.uuid4()  # negotiates AESKW256 (our preference)
+    client.connect(trio.current_time())
+    pump_in_memory(handler, client, aid, tunnel)
+    closed = _closed(client)
+    assert closed is not None and closed.sent_by_peer
+    assert closed.alert == AlertDescription.handshake_failure
+    assert handler.stats.refused == 1 and handler.stats.joined == 0
+    assert tunnel.media_keys == [] and tunnel.disconnects == [aid]

@@ -306,6 +306,27 @@ async def test_after_joins_everyone_is_on_the_same_newest_spi(
         nursery.cancel_scope.cancel()
 
 
+async def test_zero_window_rekeys_each_join_and_leave_at_once(
+    ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock
+) -> None:
+    """rekey_window = 0: no coalescing, no wait (the timer task runs the rekey right away)."""
+    a, b, c = people.members[:3]
+    config = policy_config(ids, [a, b, c], rekey_window=0.0)
+    async with conference_with(ids, config) as (setup, nursery, relay):
+        ra = await join_and_serve(setup, nursery, relay, a)
+        rb = await join_and_serve(setup, nursery, relay, b)
+        assert rb.elapsed < 0.1  # no window to wait for (virtual time)
+        rc = await join_and_serve(setup, nursery, relay, c)
+        assert await converged(setup, [ra, rb, rc]) == spi_of(rc)
+        assert setup.handler.stats.rekeys == 2
+        left_at = trio.current_time()
+        await leave(ra)
+        await wait_time(lambda: setup.handler.stats.rekeys == 3, step=0.005)
+        assert trio.current_time() - left_at < 0.1
+        await converged(setup, [rb, rc])
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("switch", ["rekey_on_join", "rekey_on_leave"])
 async def test_switches_off_mean_no_rekey(
     ids: SimpleNamespace, people: SimpleNamespace, clock: MockClock, switch: str
