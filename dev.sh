@@ -9,6 +9,10 @@ VENV=${PERC_VENV:-.venv}
 PY=${PYTHON:-python3}
 
 setup() {
+    # groff renders man/perc.1 in the tests; Debian-based machines may lack it.
+    if ! command -v groff >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        (apt-get update -qq && apt-get install -y -qq groff-base) >/dev/null 2>&1 || true
+    fi
     if [ ! -x "$VENV/bin/python" ]; then
         "$PY" -m venv "$VENV"
     fi
