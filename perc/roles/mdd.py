@@ -337,6 +337,8 @@ class ConferenceRelay:
         self._version_refused = False
         #: Datagrams received that were not SRTP/SRTCP (those are counted by the table).
         self._other_in = 0
+        #: One task at a time waits for the socket to become writable (see _wait_writable).
+        self._write_lock = trio.Lock()
         expected = conference.kmf_fingerprint
         self._context = make_tls_context(
             config.identity,
@@ -594,7 +596,7 @@ class ConferenceRelay:
             sock.sendto(msg.dtls_message, assoc.address)
         except BlockingIOError:
             # Wait only on EAGAIN (STYLE practice 11), then try once more.
-            await trio.lowlevel.wait_writable(sock)
+            await self._wait_writable(sock)
             try:
                 sock.sendto(msg.dtls_message, assoc.address)
             except OSError:
@@ -612,6 +614,15 @@ class ConferenceRelay:
             return
         assoc.dtls_out += 1
         self._stats.dtls_to_endpoint += 1
+
+    async def _wait_writable(self, sock: socket.socket) -> None:
+        """Wait (at most ``SEND_WAIT``) for room in the socket's send buffer. The UDP task and
+        the tunnel task (DTLS to endpoints, D5 releases) both send: trio allows one waiter per
+        socket, so they take turns."""
+        self._stats.send_waits += 1
+        async with self._write_lock:
+            with trio.move_on_after(SEND_WAIT):
+                await trio.lowlevel.wait_writable(sock)
 
     # --- UDP ---------------------------------------------------------------------------------
 
@@ -678,9 +689,7 @@ class ConferenceRelay:
         while True:
             addr, data = out[index]
             if isinstance(error, BlockingIOError):
-                self._stats.send_waits += 1
-                with trio.move_on_after(SEND_WAIT):
-                    await trio.lowlevel.wait_writable(sock)
+                await self._wait_writable(sock)
                 try:
                     sock.sendto(data, addr)
                 except OSError:

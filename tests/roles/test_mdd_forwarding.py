@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -504,3 +505,40 @@ async def test_the_mdd_never_receives_an_ekt_key_or_an_e2e_key(
     assert len(received) > len(media_keys)  # the DTLS flights were recorded too
     for secret in secrets:
         assert len(secret) >= 12 and secret not in wire
+
+
+# --- sending -----------------------------------------------------------------------------------
+
+
+class ScriptedSocket:
+    """A real UDP socket's fileno (wait_writable works) with a scripted ``sendto``."""
+
+    def __init__(self, failures: dict[int, OSError]) -> None:
+        self.real = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.failures = failures
+        self.calls = 0
+        self.sent: list[bytes] = []
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def sendto(self, data: bytes, addr: object) -> int:
+        self.calls += 1
+        error = self.failures.pop(self.calls, None)
+        if error is not None:
+            raise error
+        self.sent.append(data)
+        return len(data)
+
+
+async def test_send_failures_wait_on_eagain_and_drop_the_rest_counted(ids: SimpleNamespace) -> None:
+    config = mdd_config(ids.mdd, (LOCAL, 9), ids.kmf.fingerprint)
+    relay = mdd.ConferenceRelay(config.conferences[0], config)
+    # Call 1 (datagram 0) would block, its retry succeeds; call 4 (datagram 2) is refused.
+    fake = ScriptedSocket({1: BlockingIOError(), 4: ConnectionRefusedError()})
+    relay._sock = fake  # type: ignore[assignment]
+    out = [((LOCAL, 5000 + i), b"d%d" % i) for i in range(5)]
+    with fake.real:
+        await relay._send_media(out)
+    assert fake.sent == [b"d0", b"d1", b"d3", b"d4"]
+    assert (relay.stats.send_waits, relay.stats.dropped_udp_send) == (1, 1)
