@@ -11,12 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import socket
 import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import attrs
 import pytest
@@ -24,7 +27,7 @@ import trio
 from trio.testing import MockClock
 
 from perc import identity
-from perc.config import KmfConfig, MddConfig
+from perc.config import ConfigError, KmfConfig, MddConfig, build_mdd_config
 from perc.roles import kmf, mdd
 from perc.roles.endpoint import JoinSettings, JoinTimeout, join
 from perc.roles.keying import KeyingHandler
@@ -542,3 +545,47 @@ async def test_send_failures_wait_on_eagain_and_drop_the_rest_counted(ids: Simpl
         await relay._send_media(out)
     assert fake.sent == [b"d0", b"d1", b"d3", b"d4"]
     assert (relay.stats.send_waits, relay.stats.dropped_udp_send) == (1, 1)
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def _mdd_data(folder: Path, ids: SimpleNamespace, **extra: object) -> dict[str, Any]:
+    identity.write(ids.mdd, folder, "mdd")
+    conference: dict[str, Any] = {
+        "id": "demo",
+        "listen": f"{LOCAL}:0",
+        "kmf": f"{LOCAL}:4444",
+        "kmf_fingerprint": ids.kmf.fingerprint,
+    }
+    mdd_table: dict[str, Any] = {"cert": "mdd.crt", "key": "mdd.key"}
+    for key, value in extra.items():
+        (mdd_table if key == "stats_interval" else conference)[key] = value
+    return {"mdd": mdd_table, "conference": [conference]}
+
+
+def test_forwarding_options_reach_the_table(ids: SimpleNamespace, tmp_path: Path) -> None:
+    data = _mdd_data(tmp_path, ids, last_n=2, video_payload_types=[96, 98], stats_interval=2.5)
+    config = build_mdd_config(data, base=tmp_path)
+    assert config.mdd.stats_interval == 2.5
+    relay = mdd.ConferenceRelay(config.conferences[0], config)
+    assert relay.table.config.last_n == 2
+    assert relay.table.config.video_payload_types == frozenset({96, 98})
+    assert relay.table.config.max_associations == config.conferences[0].max_associations
+    defaults = build_mdd_config(_mdd_data(tmp_path, ids), base=tmp_path)
+    assert defaults.mdd.stats_interval == 10.0
+    assert defaults.conferences[0].video_payload_types == (96,)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"video_payload_types": [128]}, "conference[0].video_payload_types: payload type 128"),
+        ({"stats_interval": 0}, "mdd.stats_interval: must be a positive number"),
+    ],
+)
+def test_bad_forwarding_options_are_refused(
+    ids: SimpleNamespace, tmp_path: Path, extra: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_mdd_config(_mdd_data(tmp_path, ids, **extra), base=tmp_path)
