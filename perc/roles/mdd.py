@@ -730,7 +730,13 @@ class ConferenceRelay:
             if len(self.associations) >= self.conference.max_associations:
                 self._stats.dropped_table_full += 1
                 return
-            assoc = self._create(addr, now)
+            try:
+                assoc = self._create(addr, now)
+            except forwarding.ForwardingUsageError:
+                # Not expected: both tables have the same members and bound. Counted, not
+                # raised: one datagram must never end the receive loop.
+                self._stats.dropped_table_full += 1
+                return
         assoc.last_seen = now
         assoc.dtls_in += 1
         if tunnel is None:
