@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Per configured conference (D1) a :class:`ConferenceRelay` runs three tasks:
+Per configured conference (D1) a :class:`ConferenceRelay` runs four tasks:
 
 * **Tunnel** (TLS client): connects to the conference's KMF, pins its certificate
   fingerprint (a different KMF fails the handshake), sends ``SupportedProfiles(0, [0x0009,
@@ -19,7 +19,7 @@ Per configured conference (D1) a :class:`ConferenceRelay` runs three tasks:
   :class:`perc.forwarding.ForwardingTable` (below); anything else is dropped and counted
   (RFC 7983: MUST drop). DTLS arriving while the tunnel is down is dropped and counted, not
   buffered (the endpoint retransmits, and a joining endpoint times out with its own message).
-* **Idle sweep and counters**: an association whose endpoint has sent nothing for
+* **Idle sweep**, and **upkeep and counters**: an association whose endpoint has sent nothing for
   ``idle_timeout`` (D3, default 10 s) is dropped and ``EndpointDisconnect`` sent to the KMF.
   Every ~250 ms the table's ``tick`` keeps the last_n ranking fresh; every ``stats_interval``
   (default 10 s) the per-association forwarding counters that changed are logged (INFO,
@@ -37,7 +37,10 @@ non-blocking ``sendto``; only on EAGAIN does the loop wait for writability, then
 (a bounded wait: a receiver whose socket stays full loses that datagram, counted in
 ``dropped_udp_send``). Each receive batch shares one ``now``; a full batch checkpoints so
 the tunnel tasks run (STYLE practice 11). The per-delivery work is the table's (one AES-GCM
-seal) plus one ``sendto`` system call.
+seal) plus one ``sendto`` system call. Measured (bench/forwarding.py, 2-core machine, 160-byte
+audio to 10 receivers): about 5.8 us of CPU per delivery, of which ``sendto`` (the kernel's
+loopback path) is about 3.7 us, the forwarding core about 1.5 us and this loop well under
+0.2 us; a plain Python relay without crypto spends about 3.7 us.
 
 **The tunnel going down changes nothing for media.** The keys live in the table, not in the
 tunnel: while the tunnel is down and reconnecting, joined endpoints keep talking; only DTLS
