@@ -431,8 +431,9 @@ def endpoint_command(
                 raise CliError(f"{option}: {e}") from None
     if not 0 <= keepalive < 1e9:
         raise CliError("--keepalive: must be 0 (off) or a positive number of seconds")
-    if name is not None and not name.isprintable():
-        raise CliError("--name: must be printable")
+    if name is not None and (not name or not name.isprintable() or any(c.isspace() for c in name)):
+        # It goes into key=value log lines: one printable word.
+        raise CliError(f"--name: {name!r} must be one printable word (no spaces)")
     try:
         ident = identity.load(Path(cert), Path(key))
     except identity.IdentityError as e:

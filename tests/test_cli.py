@@ -400,6 +400,7 @@ def test_endpoint_arguments_reach_the_role(
             "cannot read certificate missing.crt: No such file or directory",
         ),
         (["--keepalive", "-1"], "--keepalive: must be 0 (off) or a positive number of seconds"),
+        (["--name", "a b"], "--name: 'a b' must be one printable word (no spaces)"),
     ],
 )
 def test_endpoint_argument_errors_exit_2(
