@@ -844,8 +844,9 @@ class ConferenceRelay:
         snapshot = self.table.snapshot(trio.current_time())
         logged = 0
         for aid, counters in snapshot.associations.items():
-            if changed_only and self._logged.get(aid) == counters:
-                continue
+            last = self._logged.get(aid)
+            if changed_only and (counters == last or (last is None and not any(counters.values()))):
+                continue  # unchanged (a new association with nothing counted yet included)
             self._logged[aid] = counters
             log.info("counters conference=%s %s", self.id, _counter_line(aid, counters))
             logged += 1
