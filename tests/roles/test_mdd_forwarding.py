@@ -589,3 +589,69 @@ def test_bad_forwarding_options_are_refused(
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_mdd_config(_mdd_data(tmp_path, ids, **extra), base=tmp_path)
+
+
+async def test_rekeys_on_join_and_leave_pass_the_mdd_as_ciphertext_only(
+    ids: SimpleNamespace,
+    people: list[identity.Identity],
+    clock: MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With the KMF's default rekey policy (D22: a new EKTKey on every join and leave), every
+    EKTKey the endpoints get crosses the MDD inside DTLS: none of them, and no inner half of
+    any exporter output, is ever in a tunnel message the MDD receives."""
+    received: list[TunnelMessage] = []
+    original = TunnelConnection.receive_messages
+
+    async def recording(self: TunnelConnection) -> list[TunnelMessage]:
+        msgs = await original(self)
+        if self.peer_fingerprint == ids.kmf.fingerprint:
+            received.extend(msgs)
+        return msgs
+
+    monkeypatch.setattr(TunnelConnection, "receive_messages", recording)
+    conf = Conference(ids, people[:3])
+    conf.config = keying_kmf_config(ids.kmf, [ids.mdd], {"demo": people[:3]})  # rekeys on
+    results: list[JoinResult] = []
+    serving: list[tuple[trio.CancelScope, trio.Event]] = []
+
+    async def serve(result: JoinResult, scope: trio.CancelScope, done: trio.Event) -> None:
+        """Answer rekeys (EKTKey, ACK) until cancelled."""
+        with scope:
+            await result.serve()
+        done.set()
+
+    async with conf.running() as nursery:
+        await conf.start_mdd(nursery)
+        for member in people[:3]:
+            result = await conf.join(member)
+            assert result.joined
+            results.append(result)
+            serving.append((trio.CancelScope(), trio.Event()))
+            nursery.start_soon(serve, result, *serving[-1])
+
+        def latest_spis() -> set[int]:
+            return {r.ekt_keys[-1].spi for r in results}
+
+        await until(lambda: len(latest_spis()) == 1 and len(results[0].ekt_keys) >= 3)
+        spi = latest_spis().pop()
+        scope, done = serving[2]
+        scope.cancel()
+        await done.wait()
+        await results[2].leave()  # close_notify: the others get a new key (rekey on leave)
+        await until(lambda: all(r.ekt_keys[-1].spi != spi for r in results[:2]))
+        nursery.cancel_scope.cancel()
+    keys = {(k.key, k.salt) for r in results for k in r.ekt_keys}
+    # The first key, a rekey for each later join (sequential here: each joiner waits for its
+    # key, so none coalesce), the leave's rekey.
+    assert len(keys) == 4, len(keys)
+    secrets = [part for pair in keys for part in pair]
+    for r in results:
+        done = r.completed
+        assert done is not None and done.srtp_keying_material is not None
+        inner = split_exporter(done.srtp_profile or 0, done.srtp_keying_material).inner()
+        secrets += [inner.client_key, inner.server_key, inner.client_salt, inner.server_salt]
+    wire = b"".join(encode_message(m) for m in received)
+    assert sum(isinstance(m, MediaKeys) for m in received) == 3
+    for secret in secrets:
+        assert secret not in wire
