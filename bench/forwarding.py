@@ -4,8 +4,10 @@ Run: ``.venv/bin/python bench/forwarding.py`` (or ``bash dev.sh bench forwarding
 Options: ``--seconds S`` per step (default 2), ``--senders K`` (default 4), ``--receivers R``
 (deliveries per packet, default 10: a conference of R + 1 endpoints), ``--size B`` (RTP
 payload bytes, default 160), ``--rates 5000,10000,...`` (offered packets/s per step),
-``--size-search`` / ``--no-size-search`` (default on), ``--size-step N``, ``--size-max N``,
-``--size-seconds S``, ``--video-pps P``, ``--video-size B``, ``--keep DIR``.
+``--size-search`` / ``--no-size-search`` (default on), ``--size-start N`` (20),
+``--size-step N`` (5), ``--size-max N`` (150), ``--size-seconds S`` (3), ``--video-pps P``
+(100), ``--video-size B`` (1100), ``--keep DIR`` (keep configs and logs), ``--profile`` (run
+the MDD under cProfile and print its top functions: where the time goes).
 
 What happens:
 
