@@ -11,6 +11,8 @@
     perc [--log-level LEVEL] endpoint --mdd HOST:PORT --cert F --key F --kmf-fingerprint FP
                                  [--tls-id ID] [--kmf-tls-id ID] [--name NAME]
                                  [--join-timeout S] [--duration S] [--keepalive S]
+                                 [--media audio|video|both|none] [--expect-peers N]
+                                 [--report FILE] [--video-fps F] [--video-bitrate B]
     perc [--log-level LEVEL] demo
 
 ``--log-level`` is also accepted after the subcommand. A bad configuration or argument prints
@@ -316,7 +318,7 @@ def mdd_command(
 # Kept in step with perc.roles.endpoint.ExitCode (a test checks); here so that --help does not
 # import the role (and trio).
 _ENDPOINT_EXIT_CODES = (
-    (0, "joined, then left on SIGINT/SIGTERM or after --duration"),
+    (0, "joined, then left on SIGINT/SIGTERM or after --duration (and --expect-peers met)"),
     (1, "local runtime failure (the MDD host does not resolve, SSLKEYLOGFILE unopenable)"),
     (2, "bad arguments or files"),
     (3, "refused by the KMF (fatal alert, e.g. access_denied: not on the roster)"),
@@ -324,6 +326,7 @@ _ENDPOINT_EXIT_CODES = (
     (5, "timeout: no join within --join-timeout"),
     (6, "joined, then the association was ended by the other side"),
     (7, "protocol failure (e.g. the KMF negotiated no EKT)"),
+    (8, "fewer peers' media received and verified end to end than --expect-peers"),
 )
 
 
@@ -388,6 +391,44 @@ def _positive_seconds(
     help="After this many seconds without sending, send an empty DTLS record so that the "
     "MDD does not drop us as idle (its idle_timeout); 0 disables.",
 )
+@click.option(
+    "--media",
+    type=click.Choice(["audio", "video", "both", "none"]),
+    default="audio",
+    show_default=True,
+    help="What to send: synthetic audio (50 packets/s, 160 B, PT 111), video (PT 96), both, "
+    "or none (receive only). Everything received is verified end to end.",
+)
+@click.option(
+    "--expect-peers",
+    type=click.IntRange(0, 100_000),
+    default=0,
+    show_default=True,
+    help="Exit 0 only if media from at least N peers was received and verified end to end.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    metavar="FILE",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a JSON report (sent, SPIs, per peer received/verified/failures) to FILE, "
+    "replaced atomically every second and once more at exit.",
+)
+@click.option(
+    "--video-fps",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Synthetic video frame rate (with --media video or both).",
+)
+@click.option(
+    "--video-bitrate",
+    type=int,
+    default=500_000,
+    show_default=True,
+    help="Synthetic video bit rate in bit/s (key frames are larger; with --media video or both).",
+)
 @_log_level_option
 def endpoint_command(
     *,
@@ -401,14 +442,22 @@ def endpoint_command(
     join_timeout: float,
     duration: float | None,
     keepalive: float,
+    media: str,
+    expect_peers: int,
+    report_path: Path | None,
+    video_fps: float,
+    video_bitrate: int,
 ) -> None:
-    """Join a conference through an MDD: DTLS-SRTP with the KMF, then hold its keys.
+    """Join a conference through an MDD, then send and verify double-encrypted media.
 
     The endpoint is the DTLS client of the KMF (its DTLS is relayed by the MDD). It offers
     both DOUBLE profiles and both EKT ciphers, accepts the server only if its certificate
     has --kmf-fingerprint, and has joined once the handshake completed and the conference's
-    EKTKey arrived (logged as "joined ... profile=... spi=..."). It then stays joined until
-    SIGINT/SIGTERM or --duration. SSLKEYLOGFILE, when set, receives the DTLS secrets.
+    EKTKey arrived (logged as "joined ... profile=... spi=..."). It then sends --media,
+    encrypted end to end with its own key (announced in EKT tags) and hop by hop for the
+    MDD, verifies what the others send, switches keys on every new EKTKey, and stays until
+    SIGINT/SIGTERM or --duration; then RTCP BYE, close_notify, and a "media summary" log
+    line. SSLKEYLOGFILE, when set, receives the DTLS secrets.
     """
     from perc import keylog as keylog_module
     from perc.roles import endpoint
@@ -438,6 +487,21 @@ def endpoint_command(
         ident = identity.load(Path(cert), Path(key))
     except identity.IdentityError as e:
         raise CliError(str(e)) from None
+    from perc.media.payload import PayloadUsageError, minimum_payload_size
+    from perc.media.sources import SourceUsageError, VideoSettings
+
+    endpoint_name = name if name is not None else Path(cert).stem
+    try:
+        minimum_payload_size(endpoint_name)  # every media payload carries the name
+    except PayloadUsageError as e:
+        raise CliError(f"--name: {endpoint_name!r}: {e}") from None
+
+    try:
+        video = VideoSettings(fps=video_fps, bitrate=video_bitrate)
+    except SourceUsageError as e:
+        raise CliError(f"--video-fps/--video-bitrate: {e}") from None
+    if report_path is not None and not report_path.parent.is_dir():
+        raise CliError(f"--report: folder {str(report_path.parent)!r} does not exist")
     _setup_logging()
     try:
         keylog = keylog_module.keylog_from_env()
@@ -451,24 +515,34 @@ def endpoint_command(
         kmf_fingerprint=kmf_fp,
         tls_id=tls_id,
         kmf_tls_id=kmf_tls_id,
-        name=name if name is not None else Path(cert).stem,
+        name=endpoint_name,
         join_timeout=join_timeout,
     )
+    options = endpoint.MediaOptions(
+        media=media, expect_peers=expect_peers, report=report_path, video=video
+    )
+    run = endpoint.MediaRun(settings, options)
     try:
-        _run_role(
-            _endpoint_main,
-            (endpoint, settings, duration, keylog, keepalive or None),
-            f"endpoint to {address}",
-        )
-    except endpoint.JoinError as e:
-        # One line, like CliError, but with the join's own exit status.
-        click.echo(f"perc: error: {config.one_line(str(e))}", err=True)
-        click.get_current_context().exit(int(e.exit_code))
+        try:
+            _run_role(
+                _endpoint_main, (run, duration, keylog, keepalive or None), f"endpoint to {address}"
+            )
+        except endpoint.JoinError as e:
+            code, message = run.finish(e)
+        else:
+            code, message = run.finish()
+    except RuntimeFailure:
+        run.abandon(endpoint.ExitCode.FAILURE)
+        raise
+    if message is not None:
+        # One line, like CliError, but with the endpoint's own exit status.
+        click.echo(f"perc: error: {config.one_line(message)}", err=True)
+    click.get_current_context().exit(int(code))
 
 
-async def _endpoint_main(args: tuple[Any, Any, float | None, Any, float | None]) -> None:
-    endpoint, settings, duration, keylog, keepalive = args
-    await endpoint.run(settings, duration=duration, keylog=keylog, keepalive=keepalive)
+async def _endpoint_main(args: tuple[Any, float | None, Any, float | None]) -> None:
+    run, duration, keylog, keepalive = args
+    await run.run(duration=duration, keylog=keylog, keepalive=keepalive)
 
 
 @main.command("demo")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
@@ -361,10 +362,13 @@ def test_endpoint_arguments_reach_the_role(
     )  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    ((_, (module, settings, duration, keylog, keepalive)),) = started
+    ((_, (run, duration, keylog, keepalive)),) = started
+    from perc.media.sources import VideoSettings
     from perc.roles import endpoint
 
-    assert module is endpoint
+    assert isinstance(run, endpoint.MediaRun)
+    settings = run.settings
+    assert run.options == endpoint.MediaOptions(video=VideoSettings())  # audio, expect 0
     assert settings.mdd == ("127.0.0.1", 5004)
     assert settings.kmf_fingerprint == endpoint_files["kmf"]  # canonical (upper case)
     assert settings.identity.fingerprint == endpoint_files["alice"]
@@ -376,9 +380,50 @@ def test_endpoint_arguments_reach_the_role(
     assert keepalive is None  # 0 turns it off
 
 
+def test_endpoint_media_options_reach_the_role(
+    endpoint_files: dict[str, Any],
+    started: list[tuple[Any, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    from perc.media.sources import VideoSettings
+    from perc.roles import endpoint
+
+    monkeypatch.chdir(endpoint_files["dir"])
+    report = tmp_path / "alice.json"
+    args = _endpoint_args(
+        endpoint_files["kmf"], "--media", "both", "--expect-peers", "2", "--report",
+        str(report), "--video-fps", "15", "--video-bitrate", "200000",
+    )  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    # The stand-in role ran nothing, so no peer was verified: exit 8, one line, final report.
+    assert result.exit_code == endpoint.ExitCode.PEERS == 8, result.output
+    assert result.stderr == (
+        "perc: error: media verified end to end from 0 peer(s) (none), fewer than "
+        "--expect-peers 2\n"
+    )
+    ((_, (run, *_)),) = started
+    assert run.options == endpoint.MediaOptions(
+        media="both",
+        expect_peers=2,
+        report=report,
+        video=VideoSettings(fps=15.0, bitrate=200_000),
+    )
+    data = json.loads(report.read_text())
+    assert data["name"] == "alice" and data["state"] == "failed" and data["exit_status"] == 8
+    assert data["peers"] == {} and data["sent"] == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["alice.json"]  # no temporary file left
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["--video-fps", "0"], "--video-fps/--video-bitrate: video frame rate 0.0 out of range"),
+        (
+            ["--report", "no-such-dir/r.json"],
+            "--report: folder 'no-such-dir' does not exist",
+        ),
+        (["--name", "x" * 65], f"--name: '{'x' * 65}': sender name must be 1..64 bytes of UTF-8"),
         (["--mdd", "nowhere"], "--mdd: bad host:port 'nowhere'" + HOST_PORT_HINT),
         (["--mdd", "127.0.0.1:0"], "--mdd: port 0 in '127.0.0.1:0' is not an address to send to"),
         (

@@ -73,12 +73,16 @@ API::
 from __future__ import annotations
 
 import enum
+import json
 import logging
+import os
 import re
 import secrets
 import socket
 import string
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import attrs
@@ -95,6 +99,8 @@ from perc.dtls.events import (
 )
 from perc.identity import Identity, fingerprint_matches
 from perc.keying import key_digest
+from perc.media.endpoint import EndpointMedia
+from perc.media.sources import VideoSettings
 from perc.srtp.ekt import EktParameterSet
 from perc.srtp.keys import KeyingMaterial, SrtpProfile, split_exporter
 
@@ -111,6 +117,9 @@ __all__ = [
     "JoinSettings",
     "JoinTimeout",
     "MediaEngine",
+    "MediaOptions",
+    "MediaRun",
+    "PeersMissing",
     "WrongKmf",
     "check_tls_id",
     "dtls_configuration",
@@ -145,6 +154,8 @@ KEEPALIVE = 3.0
 #: Datagrams read per wake-up before yielding to other tasks (STYLE practice 11).
 RECV_BATCH = 64
 _UDP_MAX = 65535
+#: On leaving, read at most this many RECV_BATCH batches of what already arrived.
+_DRAIN_BATCHES = 16
 
 
 class ExitCode(enum.IntEnum):
@@ -167,6 +178,8 @@ class ExitCode(enum.IntEnum):
     """Joined, but the association ended from the other side (alert, close_notify)."""
     PROTOCOL = 7
     """The handshake failed for a protocol reason on our side (e.g. no EKT negotiated)."""
+    PEERS = 8
+    """Fewer peers' media received and verified end to end than ``--expect-peers``."""
 
 
 class JoinError(Exception):
@@ -203,6 +216,12 @@ class AssociationEnded(JoinError):
     """After the join: the KMF ended the association (or it died)."""
 
     exit_code = ExitCode.ENDED
+
+
+class PeersMissing(JoinError):
+    """The run ended with fewer peers verified end to end than expected."""
+
+    exit_code = ExitCode.PEERS
 
 
 def new_tls_id() -> str:
@@ -859,6 +878,17 @@ def _leave(result: JoinResult, link: _Link, media: MediaEngine | None, reason: s
     now = trio.current_time()
     conn = result.connection
     try:
+        if media is not None:
+            # What already arrived is counted before the report is final (bounded: the socket
+            # buffer, read in RECV_BATCH steps); DTLS in it no longer matters.
+            for _ in range(_DRAIN_BATCHES):
+                batch = link.receive()
+                for data in batch:
+                    if _is_media(data):
+                        result.stats.media_in += 1
+                        media.receive(data, now)
+                if len(batch) < RECV_BATCH:
+                    break
         if media is not None and not conn.is_closed:
             media.bye(now)
             link.send(media.datagrams_to_send())
@@ -887,3 +917,169 @@ async def run(
     result = await join(settings, keylog=keylog)
     engine = media(result, trio.current_time()) if media is not None else None
     await stay(result, duration=duration, media=engine, keepalive=keepalive)
+
+
+# --- media: what `perc endpoint` runs ----------------------------------------------------------
+
+#: NTP time (RFC 3550 §4: seconds since 1900) minus Unix time.
+NTP_UNIX_OFFSET = 2208988800
+#: Seconds between two report writes while running.
+REPORT_INTERVAL = 1.0
+
+
+@attrs.frozen
+class MediaOptions:
+    """The media side of ``perc endpoint`` (``--media``, ``--expect-peers``, ``--report``...)."""
+
+    media: str = "audio"
+    """``audio``, ``video``, ``both`` or ``none`` (receive only): a ``MediaChoice`` value."""
+    expect_peers: int = 0
+    """Exit 0 only if at least this many peers' media was received and verified end to end."""
+    report: Path | None = None
+    """JSON report file, rewritten atomically every ``report_interval`` and at exit."""
+    report_interval: float = REPORT_INTERVAL
+    video: VideoSettings | None = None
+    """Synthetic video parameters (None: perc.media's defaults)."""
+
+
+class MediaRun:
+    """One ``perc endpoint`` run with media: join, send and verify, report, exit status.
+
+    :meth:`run` is the async part (under ``run_until_signal``); :meth:`finish` is called
+    after it, however it ended (returned, cancelled by a signal, or a :class:`JoinError`),
+    and writes the last report, logs the summary line and gives the exit status. The report
+    file carries :meth:`EndpointMedia.report` plus ``state`` (``joining``, ``joined``,
+    ``left``, ``failed``), ``local`` (our address, what the MDD logs as ``peer=``) and, in the
+    last write, ``exit_status``. It is written to a temporary file and renamed over
+    ``report``, so a reader never sees half a file.
+    """
+
+    def __init__(self, settings: JoinSettings, options: MediaOptions) -> None:
+        self.settings = settings
+        self.options = options
+        self.engine: EndpointMedia | None = None
+        self.result: JoinResult | None = None
+        self.state = "joining"
+        self.report_errors = 0
+
+    def make_engine(self, result: JoinResult, now: float) -> EndpointMedia:
+        """The media engine for a fresh join (a :data:`MediaFactory`)."""
+        engine = EndpointMedia(
+            result.name,
+            self.options.media,
+            result.keying,
+            result.ekt_parameters(now),
+            now,
+            video=self.options.video,
+            # RFC 3550 §6.4.1: SR NTP timestamps are wall-clock time; `now` is trio's clock.
+            ntp_offset=time.time() - now + NTP_UNIX_OFFSET,
+        )
+        self.result = result
+        self.engine = engine
+        self.state = "joined"
+        log.info(
+            "media name=%s media=%s ssrcs=%s spi=%d",
+            result.name,
+            engine.media.value,
+            ",".join(str(s) for s in engine.our_ssrcs()),
+            result.ekt.spi,
+        )
+        return engine
+
+    async def run(
+        self,
+        *,
+        duration: float | None = None,
+        keylog: Callable[[str], None] | None = None,
+        keepalive: float | None = KEEPALIVE,
+    ) -> None:
+        self.write_report()
+        result = await join(self.settings, keylog=keylog)
+        engine = self.make_engine(result, trio.current_time())
+        self.write_report()
+        async with trio.open_nursery() as nursery:
+            if self.options.report is not None:
+                nursery.start_soon(self._report_loop)
+            await stay(result, duration=duration, media=engine, keepalive=keepalive)
+            nursery.cancel_scope.cancel()
+
+    async def _report_loop(self) -> None:
+        while True:
+            await trio.sleep(self.options.report_interval)
+            self.write_report()
+
+    def report(self, exit_status: int | None = None) -> dict[str, Any]:
+        if self.engine is not None:
+            data = self.engine.report()
+        else:
+            data = {"name": self.settings.name, "ssrc": None, "sent": 0, "spis": [], "peers": {}}
+        data["state"] = self.state
+        if self.result is not None:
+            data["local"] = _format_address(self.result.local_address)
+        if exit_status is not None:
+            data["exit_status"] = exit_status
+        return data
+
+    def write_report(self, exit_status: int | None = None) -> None:
+        """Write the report file atomically (if ``--report`` was given); never raises."""
+        path = self.options.report
+        if path is None:
+            return
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(json.dumps(self.report(exit_status), indent=1) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            self.report_errors += 1
+            if self.report_errors == 1:  # once: a full disk must not flood the log
+                log.warning("cannot write the report %s: %s", path, e.strerror or e)
+
+    def finish(self, error: JoinError | None = None) -> tuple[ExitCode, str | None]:
+        """After :meth:`run`: the exit status and, for a failure, its one-line message."""
+        engine = self.engine
+        if error is not None:
+            code, message = error.exit_code, str(error)
+        else:
+            code, message = ExitCode.OK, None
+            verified = engine.peers_verified() if engine is not None else set()
+            if len(verified) < self.options.expect_peers:
+                code = ExitCode.PEERS
+                message = str(
+                    PeersMissing(
+                        f"media verified end to end from {len(verified)} peer(s) "
+                        f"({', '.join(sorted(verified)) or 'none'}), fewer than "
+                        f"--expect-peers {self.options.expect_peers}"
+                    )
+                )
+        if self.state == "joined":
+            self.state = "left"
+        elif self.state == "joining":
+            self.state = "failed"
+        if engine is not None:
+            log.info("%s", self.summary())
+        self.write_report(int(code))
+        return code, message
+
+    def abandon(self, code: ExitCode) -> None:
+        """The run failed outside the join (e.g. a local error): last report, no summary."""
+        self.state = "failed" if self.engine is None else "left"
+        self.write_report(int(code))
+
+    def summary(self) -> str:
+        """One line: what we sent, and per peer what arrived and verified."""
+        r = self.report()
+        peers = " ".join(
+            f"{name}(received={p['received']} verified={p['verified']} "
+            f"e2e_failures={p['e2e_failures']} hbh_failures={p['hbh_failures']} "
+            f"payload_failures={p['payload_failures']} key_wait={p['key_wait']} "
+            f"lost={p['lost']})"
+            for name, p in r["peers"].items()
+        )
+        un = r.get("unattributed", {})
+        verified = sum(1 for p in r["peers"].values() if p["verified"])
+        return (
+            f"media summary name={r['name']} sent={r['sent']} spis={','.join(map(str, r['spis']))} "
+            f"peers_verified={verified} expect_peers={self.options.expect_peers} "
+            f"unattributed_e2e_failures={un.get('e2e_failures', 0)} "
+            f"unattributed_received={un.get('received', 0)} peers: {peers or 'none'}"
+        )
