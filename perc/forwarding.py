@@ -20,8 +20,9 @@ RFC 7714 sessions: *inbound* from ``client_write`` (decrypts what the endpoint s
 **D5 hold.** SRTP/SRTCP from a known address before its keys is held, at most
 ``hold_limit`` (64) datagrams per association, and processed in arrival order when the keys
 arrive (their output is returned by ``install_keys``). Beyond that: dropped, counted
-(``drop_queue_full``). An association removed with datagrams still held counts them as
-``drop_no_keys``.
+(``drop_queue_full``). A held datagram counts once in ``received`` (on arrival) and once in
+``held``; its release is not a second arrival. An association removed with datagrams still
+held counts them as ``drop_no_keys``.
 
 **RTP vs RTCP** by the second byte (RFC 5761 §4, SPEC 2.8): 192-223 is RTCP (its packet
 type sits where RTP has M+PT), anything else RTP.
@@ -30,10 +31,10 @@ type sits where RTP has M+PT), anything else RTP.
 sender's inbound session (EKT field cut off as opaque bytes, D11; outer authentication and
 replay check, RFC 8871 §4.4), then for every receiver one outer encryption with that
 receiver's outbound session and the EKT field re-appended unchanged. Each sender keeps a
-precomputed route list ``[(address, protect)]`` of every other keyed association, rebuilt
-only when the membership changes, so the per-delivery path is one prebound
-``SrtpSession.protect_rtp`` call, one concatenation (the EKT field) and one tuple in a list
-comprehension; the receivers' ``packets_out``/``bytes_out`` are credited in bulk from one
+precomputed route list ``[(address, protect)]`` of every other keyed association, updated
+in place when the membership changes (see *Route upkeep*), so the per-delivery path is one
+prebound ``SrtpSession.protect_rtp`` call, one concatenation (the EKT field) and one tuple in
+a list comprehension; the receivers' ``packets_out``/``bytes_out`` are credited in bulk from one
 counter per sender (see :meth:`ForwardingTable.flush`).
 This is exactly ``MediaDistributorHop.encrypt_for(session, inbound)`` without header changes,
 inlined: the hop's guard against re-encrypting with the sender's key is upheld structurally
@@ -105,8 +106,22 @@ streams other than its own; audio and every other PT are always forwarded. The r
 - Every (receiver, packet) pair not forwarded because of ``last_n`` counts as
   ``drop_last_n`` on the sender.
 
+**Route upkeep.** The keyed associations are kept in one list in ``add`` order; every
+sender's route lists (``_routes``, ``_route_counters``, ``_rtcp_routes``, index-aligned) are
+that list without the sender, so a member's position in them follows from its position in
+the table list. A first ``install_keys`` inserts the newcomer into each member's lists and
+builds its own; ``remove`` deletes it from each; replacement keys swap its ``protect`` in
+place: O(k) Python steps per join or leave for k keyed associations (plus C-level list
+inserts/deletes), where a full rebuild was O(k^2) and dominated the MDD's CPU in a join storm.
+Pending bulk credits (see :meth:`ForwardingTable.flush`) are settled per route change in O(1):
+a receiver inserted into a sender's routes is pre-debited that sender's pending credit, a
+receiver deleted from them is credited it directly. Under ``last_n`` only the feeds of the
+joining receiver are made; a leave reranks only when the leaver had a ranked stream (the
+wanted set depends only on the ranking). The result is identical to a from-scratch rebuild
+(tested against one on random interleavings).
+
 **Removal.** :meth:`ForwardingTable.remove` (EndpointDisconnect, D3) drops the association,
-its keys and SSRCs, and rebuilds routes; :meth:`ForwardingTable.expire_idle` removes those
+its keys and SSRCs, and its routes; :meth:`ForwardingTable.expire_idle` removes those
 silent for longer than a timeout and returns their ids (the shell sends EndpointDisconnect).
 
 **Errors.** :meth:`ForwardingTable.handle_datagram` never raises on network input: every
@@ -140,6 +155,7 @@ delivery); ``snapshot`` and ``Association.counters`` flush them, so readers see 
 
 from __future__ import annotations
 
+import bisect
 import struct
 import uuid
 from collections.abc import Callable, Hashable
@@ -360,6 +376,7 @@ class Association(Generic[AddrT]):
         "_route_counters",
         "_routes",
         "_rtcp_routes",
+        "_seq",
         "address",
         "association_id",
         "created",
@@ -374,8 +391,11 @@ class Association(Generic[AddrT]):
         address: AddrT,
         now: float,
         flush: Callable[[], None] = lambda: None,
+        seq: int = 0,
     ) -> None:
         self.association_id = association_id
+        #: ``add`` order: the order of every route list
+        self._seq = seq
         self.address = address
         self.created = now
         self.last_seen = now
@@ -472,6 +492,10 @@ class _VideoStream(Generic[AddrT]):
 Output = list[tuple[AddrT, bytes]]
 
 
+def _seq_of(a: Association[AddrT]) -> int:
+    return a._seq
+
+
 class ForwardingTable(Generic[AddrT]):
     """One conference: associations, keys, routes, last_n state and counters."""
 
@@ -480,6 +504,9 @@ class ForwardingTable(Generic[AddrT]):
         self.stats = TableStats()
         self._by_id: dict[uuid.UUID, Association[AddrT]] = {}
         self._by_address: dict[AddrT, Association[AddrT]] = {}
+        #: keyed associations in ``add`` order (every route list is this minus its sender)
+        self._keyed: list[Association[AddrT]] = []
+        self._next_seq = 0
         self._ssrc_owner: dict[int, Association[AddrT]] = {}
         self._video_pts = frozenset(self.config.video_payload_types)
         self._audio_pts = frozenset(self.config.audio_payload_types)
@@ -510,7 +537,10 @@ class ForwardingTable(Generic[AddrT]):
             raise ForwardingUsageError(
                 f"conference full ({self.config.max_associations} associations)"
             )
-        assoc: Association[AddrT] = Association(association_id, address, now, self.flush)
+        assoc: Association[AddrT] = Association(
+            association_id, address, now, self.flush, self._next_seq
+        )
+        self._next_seq += 1
         self._by_id[association_id] = assoc
         self._by_address[address] = assoc
         return assoc
@@ -521,16 +551,20 @@ class ForwardingTable(Generic[AddrT]):
         if assoc is None:
             raise ForwardingUsageError(f"no association {keys.association_id}")
         inbound, outbound = self._sessions(keys)
+        replacing = assoc._protect_rtp is not None
         assoc._in_session = inbound
         assoc._out_session = outbound
         assoc._hop = MediaDistributorHop(inbound, expect_ekt=True)
         assoc._protect_rtp = outbound.protect_rtp
         assoc._protect_rtcp = outbound.protect_rtcp
         self.stats.keys_installed += 1
-        # New keys: the receiver's outbound session is fresh, so its last_n feeds restart.
-        for vs in self._video.values():
-            vs.feeds.pop(assoc.association_id, None)
-        self._rebuild()
+        if replacing:
+            self._replace_routes(assoc)
+        else:
+            self._join_routes(assoc)
+        if self._last_n is not None:
+            self._join_feeds(assoc)
+        # D5 release: processed in arrival order, not counted again in ``received``.
         held, assoc.held = assoc.held, []
         out: Output[AddrT] = []
         for data in held:
@@ -578,23 +612,30 @@ class ForwardingTable(Generic[AddrT]):
         """Drop an association, its keys, SSRCs and feeds (EndpointDisconnect, D3)."""
         if association_id not in self._by_id:
             return False
-        self.flush()  # credit this sender's pending fan-out while its routes still exist
         assoc = self._by_id.pop(association_id)
         del self._by_address[assoc.address]
         assoc._counters.drop_no_keys += len(assoc.held)
         assoc.held = []
+        if assoc._protect_rtp is not None:
+            self._leave_routes(assoc)
+        reranked = False
         for ssrc in assoc.ssrcs:
             if self._ssrc_owner.get(ssrc) is assoc:
                 del self._ssrc_owner[ssrc]
             vs = self._video.pop(ssrc, None)
             if vs is not None and vs.ranked:
                 self._rank.remove(vs)
+                reranked = True
         for vs in self._video.values():
             vs.feeds.pop(association_id, None)
+        if reranked:
+            # The streams behind the leaver's move up; with an unchanged ranking every other
+            # feed's ``want`` is unchanged (it depends on the ranking only).
+            self._rerank(-1.0)
         assoc._hop = None
         assoc._in_session = assoc._out_session = None
+        assoc._protect_rtp = assoc._protect_rtcp = None
         self.stats.removed += 1
-        self._rebuild()
         return True
 
     def expire_idle(self, now: float, timeout: float) -> list[uuid.UUID]:
@@ -615,21 +656,77 @@ class ForwardingTable(Generic[AddrT]):
         if self._last_n is not None:
             self._prune(now)
 
-    def _rebuild(self) -> None:
-        """Recompute every route list (membership or keys changed; never per packet)."""
-        self.flush()
-        # O(k^2) for k keyed associations, once per join or leave. Associations without keys
-        # (possibly many: every new 5-tuple that sends DTLS) have no routes and cost nothing.
-        keyed = [a for a in self._by_id.values() if a._protect_rtp is not None]
-        for a in keyed:
-            others = [b for b in keyed if b is not a]
-            a._routes = [(b.address, b._protect_rtp) for b in others if b._protect_rtp is not None]
-            a._route_counters = [b._counters for b in others]
-            a._rtcp_routes = others
-        if self._last_n is not None:
-            for vs in self._video.values():
-                self._sync_feeds(vs)
-            self._rerank(-1.0)
+    def _join_routes(self, r: Association[AddrT]) -> None:
+        """First keys of ``r``: insert it into every keyed member's routes, build its own. O(k)."""
+        keyed = self._keyed
+        p = bisect.bisect_left(keyed, r._seq, key=_seq_of)
+        entry = (r.address, r._protect_rtp)
+        rc = r._counters
+        for i, s in enumerate(keyed):
+            j = p - 1 if i < p else p  # r's index in s's list (s is not in its own list)
+            s._routes.insert(j, entry)  # type: ignore[arg-type]  # keyed: protect is set
+            s._route_counters.insert(j, rc)
+            s._rtcp_routes.insert(j, r)
+            if s._fan_packets:
+                # s's pending credit (see flush) predates r's arrival: debit it in advance.
+                rc.packets_out -= s._fan_packets
+                rc.bytes_out -= s._fan_bytes
+        keyed.insert(p, r)
+        others = keyed[:p] + keyed[p + 1 :]
+        r._rtcp_routes = others
+        r._routes = [(b.address, b._protect_rtp) for b in others]  # type: ignore[misc]
+        r._route_counters = [b._counters for b in others]
+
+    def _replace_routes(self, r: Association[AddrT]) -> None:
+        """New keys for keyed ``r``: swap its protect in every member's routes. O(k)."""
+        keyed = self._keyed
+        p = self._keyed_index(r)
+        entry = (r.address, r._protect_rtp)
+        for i, s in enumerate(keyed):
+            if i != p:
+                s._routes[p - 1 if i < p else p] = entry  # type: ignore[assignment]
+
+    def _leave_routes(self, r: Association[AddrT]) -> None:
+        """Keyed ``r`` leaves: delete it from every member's routes. O(k)."""
+        self._flush_one(r)  # credit r's pending fan-out while its routes still exist
+        keyed = self._keyed
+        p = self._keyed_index(r)
+        del keyed[p]
+        rc = r._counters
+        for i, s in enumerate(keyed):
+            j = p - 1 if i < p else p
+            del s._routes[j]
+            del s._route_counters[j]
+            del s._rtcp_routes[j]
+            if s._fan_packets:
+                # s's pending credit includes r: credit r now, flush will not reach it.
+                rc.packets_out += s._fan_packets
+                rc.bytes_out += s._fan_bytes
+        r._routes = []
+        r._route_counters = []
+        r._rtcp_routes = []
+
+    def _keyed_index(self, r: Association[AddrT]) -> int:
+        keyed = self._keyed
+        p = bisect.bisect_left(keyed, r._seq, key=_seq_of)
+        if p == len(keyed) or keyed[p] is not r:  # pragma: no cover - table invariant
+            raise ForwardingError(f"association {r.association_id} missing from the routes")
+        return p
+
+    def _join_feeds(self, r: Association[AddrT]) -> None:
+        """last_n: (re)make the feeds of receiver ``r`` (fresh outbound session) in every
+        video stream it does not send; the others' feeds are unchanged."""
+        session = r._out_session
+        if session is None:  # pragma: no cover - called after keys are set
+            return
+        aid = r.association_id
+        for vs in self._video.values():
+            vs.feeds.pop(aid, None)
+            if vs.owner is not r:
+                feed = vs.feeds[aid] = _Feed(r, session)
+                # A new feed starts unwanted; ``since`` stays -1, so the switch timeout
+                # starts at the stream's next packet (as after a membership rerank).
+                feed.want = self._wants(vs, aid)
 
     # --- datagrams ------------------------------------------------------------------------------
 
@@ -639,6 +736,8 @@ class ForwardingTable(Generic[AddrT]):
         if assoc is None:
             self.stats.unknown_source += 1
             return []
+        assoc._counters.received += 1
+        assoc.last_seen = now
         return self._process(assoc, data, now)
 
     def handle_from(self, association_id: uuid.UUID, data: bytes, now: float) -> Output[AddrT]:
@@ -647,12 +746,13 @@ class ForwardingTable(Generic[AddrT]):
         if assoc is None:
             self.stats.unknown_source += 1
             return []
+        assoc._counters.received += 1
+        assoc.last_seen = now
         return self._process(assoc, data, now)
 
     def _process(self, assoc: Association[AddrT], data: bytes, now: float) -> Output[AddrT]:
+        """One datagram already counted in ``received`` (arrival) or released from the hold."""
         c = assoc._counters
-        c.received += 1
-        assoc.last_seen = now
         hop = assoc._hop
         n = len(data)
         if n < 12 or data[0] & 0xC0 != 0x80:
@@ -768,26 +868,30 @@ class ForwardingTable(Generic[AddrT]):
 
         ``now < 0``: the time is not known here (membership change); the switch timeout
         then starts at the stream's next packet."""
-        limit = self._last_n
-        if limit is None:
+        if self._last_n is None:
             return
         for vs in self._video.values():
             for aid, feed in vs.feeds.items():
-                want = False
-                if vs.ranked:
-                    taken = 0
-                    for other in self._rank:
-                        if other.owner.association_id == aid:
-                            continue  # a receiver never gets its own video
-                        if taken >= limit:
-                            break
-                        if other is vs:
-                            want = True
-                            break
-                        taken += 1
+                want = self._wants(vs, aid)
                 if want != feed.want:
                     feed.want = want
                     feed.since = now
+
+    def _wants(self, vs: _VideoStream[AddrT], aid: uuid.UUID) -> bool:
+        """Is ``vs`` among the first last_n ranked streams not sent by receiver ``aid``?"""
+        limit = self._last_n
+        if limit is None or not vs.ranked:
+            return False
+        taken = 0
+        for other in self._rank:
+            if other.owner.association_id == aid:
+                continue  # a receiver never gets its own video
+            if taken >= limit:
+                return False
+            if other is vs:
+                return True
+            taken += 1
+        return False  # pragma: no cover - a ranked stream is in the ranking
 
     def _video_rtp(
         self, assoc: Association[AddrT], inbound: Inbound, ssrc: int, now: float
@@ -1024,10 +1128,15 @@ class ForwardingTable(Generic[AddrT]):
         one per delivery on each receiver; reading ``Association.counters`` or taking a
         snapshot flushes, so readers always see exact numbers."""
         for a in self._by_id.values():
-            packets = a._fan_packets
-            if packets:
-                size = a._fan_bytes
-                for rc in a._route_counters:
-                    rc.packets_out += packets
-                    rc.bytes_out += size
-                a._fan_packets = a._fan_bytes = 0
+            if a._fan_packets:
+                self._flush_one(a)
+
+    @staticmethod
+    def _flush_one(a: Association[AddrT]) -> None:
+        packets = a._fan_packets
+        if packets:
+            size = a._fan_bytes
+            for rc in a._route_counters:
+                rc.packets_out += packets
+                rc.bytes_out += size
+            a._fan_packets = a._fan_bytes = 0

@@ -232,7 +232,7 @@ class Association:
     def srtp_in(self) -> int:
         """SRTP/SRTCP datagrams from the endpoint (held ones counted once)."""
         c = self.media.counters
-        return c.received - c.held  # a held datagram is counted again when released
+        return c.received  # the table counts a held datagram once (on arrival)
 
     @property
     def srtp_no_keys(self) -> int:
@@ -360,7 +360,7 @@ class ConferenceRelay:
             totals[name] = totals.get(name, 0) + value
         unknown = self.table.stats.unknown_source
         held = totals.get("held", 0)
-        received = totals.get("received", 0) - held  # released datagrams are counted again
+        received = totals.get("received", 0)  # held datagrams counted once (on arrival)
         st.srtp_in = unknown + received
         st.datagrams_in = self._other_in + st.srtp_in
         st.srtp_out = totals.get("packets_out", 0)

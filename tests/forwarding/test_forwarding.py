@@ -98,7 +98,7 @@ def test_d5_hold_then_release_in_order_and_overflow_counted() -> None:
     for i, w in enumerate(wires):
         assert table.handle_datagram(a.address, w, i * 0.02) == []
     ca = table.associations[a.association_id].counters
-    assert (ca.held, ca.drop_queue_full, ca.packets_in) == (64, 6, 0)
+    assert (ca.held, ca.drop_queue_full, ca.packets_in, ca.received) == (64, 6, 0, 70)
     out = table.install_keys(a.media_keys, 2.0)
     assert len(out) == 128  # 64 held, each to b and c
     dispatch([a, b, c], out, 2.0)
@@ -106,6 +106,7 @@ def test_d5_hold_then_release_in_order_and_overflow_counted() -> None:
     assert [p.sequence_number for p in b.got] == list(range(1001, 1065))
     assert len(c.got) == 64
     assert ca.packets_in == 64
+    assert ca.received == 70  # released datagrams are not counted again (one arrival each)
     # Later packets flow normally.
     dispatch([a, b, c], table.handle_datagram(a.address, a.send(3.0), 3.0), 3.0)
     assert len(b.got) == 65
