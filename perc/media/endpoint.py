@@ -47,6 +47,17 @@ are classified:
   inner layer failed: no key for the SSRC, inner tag mismatch, inner replay, bad OHB. The
   reason is counted too.
 * **Payload failure**: both layers verified but the payload did not.
+* **Pre-join**: a joiner cannot decrypt what was sent under keys from before its first EKTKey,
+  by design (D22: a joiner cannot read the past): the packets held during the join and the
+  members' last ~250 ms under their previous E2E keys. They are counted as
+  ``unattributed.pre_join``, not as ``e2e_failures``, when there is evidence of a key older
+  than ours: a Full tag under an SPI before our first (SPIs count up), or, within
+  ``PRE_JOIN_GRACE`` of our first EKTKey, an inner tag that fails on a never-verified SSRC
+  (the sender announced its new key but still encrypts with the old one, RFC 8870 §4.3.1).
+  Other E2E failures of never-verified SSRCs in that window (no key yet) wait until the
+  window ends: with such evidence they are pre-join, without it (a joiner that simply waits
+  for a sender's next Full tag) they are ``e2e_failures`` as before. Once an SSRC verified,
+  its failures are never pre-join.
 * **Key wait**: E2E failures that turn out to have waited for an EKTKey that arrived late
   (the failing Full tags named its SPI, and :meth:`EndpointMedia.rekey` then delivered it) are
   moved out of ``e2e_failures`` into ``key_wait`` (see :class:`perc.media.stats._Failures`). A
@@ -149,6 +160,11 @@ _MAX_BLOCKS = 31  # RFC 3550 §6.4.1: the 5-bit report count
 _REPORT_WINDOW = 5.0
 _PLI_MIN_INTERVAL = 0.5
 _HOUSEKEEPING = 1.0
+#: Seconds after our first EKTKey during which end-to-end failures of a never-verified SSRC
+#: count as ``pre_join`` (see the module docstring): the held packets of the join, and the
+#: members' last 250 ms under their previous E2E keys (RFC 8870 §4.3.1), plus delivery.
+PRE_JOIN_GRACE = 1.0
+_PRE_JOIN_REASONS = frozenset(("unknown_spi", "no_key", "inner_auth"))
 
 
 class MediaUsageError(ValueError):
@@ -282,6 +298,11 @@ class EndpointMedia:
         self.rtcp_ssrc = self._sources[0].ssrc if self._sources else random_ssrc()
         self._cname = self._rng.getrandbits(96).to_bytes(12, "big").hex().encode()
         self.spis: list[int] = [ekt.spi]
+        self._first_spi = ekt.spi
+        self._joined_at = now
+        self._pre_join_seen = False
+        #: never-verified SSRCs' failures in the pre-join window, waiting for evidence
+        self._pre_join_pending: dict[str, int] = {}
         self._ekt_params = ekt
         self.stats = EndpointMediaStats()
         self.streams: dict[int, RemoteStream] = {}
@@ -350,6 +371,8 @@ class EndpointMedia:
 
     def handle_timer(self, now: float) -> None:
         """Make the media packets and reports due at ``now``."""
+        if self._pre_join_pending and now - self._joined_at > PRE_JOIN_GRACE:
+            self._settle_pre_join(now)
         if self._closed:
             return
         tx = self._tx
@@ -530,7 +553,10 @@ class EndpointMedia:
                 field = None
             if isinstance(field, FullEktField):
                 spi = field.spi
-        target.count_e2e(reason, now, spi)
+        if st is None and reason in _PRE_JOIN_REASONS and self._pre_join(reason, now, spi):
+            pass  # counted as pre_join (now or when the window ends)
+        else:
+            target.count_e2e(reason, now, spi)
         # A video receiver without the sender's current key waits for the next Full tag,
         # which comes with a key frame (RFC 8870 §4.6): ask for one.
         if (
@@ -539,6 +565,32 @@ class EndpointMedia:
             and data[1] & 0x7F == VIDEO_PT
         ):
             self._maybe_pli(_unpack_ssrc(data, 8)[0], now)
+
+    def _pre_join(self, reason: str, now: float, spi: int | None) -> bool:
+        """Count a never-verified SSRC's failure as pre-join (True) or let the caller count
+        it as an E2E failure (False); see "Pre-join" in the module docstring."""
+        # An SPI before our first one (mod 2^16, half the space back): a key we never had.
+        older = spi is not None and 1 <= (self._first_spi - spi) & 0xFFFF <= 0x7FFF
+        in_window = now - self._joined_at <= PRE_JOIN_GRACE
+        if older or (in_window and reason == "inner_auth"):
+            self._pre_join_seen = True
+            self.unattributed.pre_join += 1 + sum(self._pre_join_pending.values())
+            self._pre_join_pending.clear()
+            return True
+        if not in_window:
+            return False
+        if self._pre_join_seen:
+            self.unattributed.pre_join += 1
+        else:
+            self._pre_join_pending[reason] = self._pre_join_pending.get(reason, 0) + 1
+        return True
+
+    def _settle_pre_join(self, now: float) -> None:
+        """The window is over without evidence of older keys: pending ones were failures."""
+        pending, self._pre_join_pending = self._pre_join_pending, {}
+        for reason, count in pending.items():
+            for _ in range(count):
+                self.unattributed.count_e2e(reason, now)
 
     def _maybe_pli(self, media_ssrc: int, now: float) -> None:
         last = self._pli_at.get(media_ssrc)
@@ -697,7 +749,7 @@ class EndpointMedia:
             for s in self._sources
         }
         rtcp = attrs.asdict(self.stats)
-        return build_report(
+        report = build_report(
             self.name,
             ssrc=self.ssrc,
             sent=self.stats.sent_rtp,
@@ -706,6 +758,12 @@ class EndpointMedia:
             unattributed=self.unattributed,
             extra={"media": self.media.value, "streams": sent_by_stream, "stats": rtcp},
         )
+        # Failures still waiting for pre-join evidence are reported as failures until then.
+        un = report["unattributed"]
+        for reason, count in self._pre_join_pending.items():
+            un["e2e_failures"] += count
+            un["e2e_reasons"][reason] = un["e2e_reasons"].get(reason, 0) + count
+        return report
 
 
 def _e2e_reason(exc: SrtpError) -> str | None:

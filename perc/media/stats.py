@@ -284,6 +284,9 @@ class Unattributed(_Failures):
     payload_failures: int = 0
     #: packets dropped because the table of remote streams is full
     untracked: int = 0
+    #: E2E failures of packets sent under keys from before our first EKTKey (not in
+    #: e2e_failures; see perc.media.endpoint, "Pre-join")
+    pre_join: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -295,6 +298,7 @@ class Unattributed(_Failures):
             "e2e_reasons": dict(self.e2e_reasons),
             "key_wait": self.key_wait,
             "untracked": self.untracked,
+            "pre_join": self.pre_join,
         }
 
 

@@ -1081,5 +1081,6 @@ class MediaRun:
             f"media summary name={r['name']} sent={r['sent']} spis={','.join(map(str, r['spis']))} "
             f"peers_verified={verified} expect_peers={self.options.expect_peers} "
             f"unattributed_e2e_failures={un.get('e2e_failures', 0)} "
-            f"unattributed_received={un.get('received', 0)} peers: {peers or 'none'}"
+            f"unattributed_received={un.get('received', 0)} pre_join={un.get('pre_join', 0)} "
+            f"peers: {peers or 'none'}"
         )

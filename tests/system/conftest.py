@@ -163,13 +163,17 @@ class System:
         kmf: str = "kmf",
         conference: str = "demo",
         idle_timeout: float = 10.0,
+        mdd_extra: str = "",
+        conference_extra: str = "",
     ) -> Path:
+        """``mdd_extra``/``conference_extra``: more TOML lines for [mdd] / [[conference]]."""
         self.identity(name)
         text = (
             f'[mdd]\ncert = "{name}.crt"\nkey = "{name}.key"\nidle_timeout = {idle_timeout}\n'
-            "reconnect_min = 0.1\nreconnect_max = 1.0\n"
+            f"reconnect_min = 0.1\nreconnect_max = 1.0\n{mdd_extra}"
             f'\n[[conference]]\nid = "{conference}"\nlisten = "{LOCAL}:0"\n'
             f'kmf = "{LOCAL}:{kmf_port}"\nkmf_fingerprint = "{self.fingerprint(kmf)}"\n'
+            f"{conference_extra}"
         )
         path = self.folder / f"{name}.toml"
         path.write_text(text)
