@@ -25,6 +25,12 @@ Baselines per size, measured alternately with the core rows:
 - ``pylibsrtp 1 unprotect + R protect``: the crypto work a hop-by-hop relay must do (libsrtp,
   single-layer AES-GCM, no EKT, no OHB) with R outbound sessions.
 
+Membership table (``--members K,K``, default 16,64,256): microseconds of table work per
+join + leave of one endpoint (``add``, ``install_keys`` with its two SRTP sessions,
+``remove``) in a conference of K keyed associations; baseline: the same table class with the
+pre-incremental route upkeep (every route list rebuilt from scratch on each install_keys and
+remove, O(K^2)), measured alternately in the same run.
+
 Output: microseconds per delivery, deliveries/s, and the core's cost relative to each
 baseline. Target (issue 5's system goal of 150,000 deliveries/s for the whole MDD process,
 whose I/O shell costs at least as much again): the core alone at <= 3 us per delivery.
@@ -48,7 +54,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from pylibsrtp import Policy, Session
 
-from perc.forwarding import ForwardingConfig, ForwardingTable
+from perc.forwarding import Association, ForwardingConfig, ForwardingTable
 from perc.srtp.double import DoubleSender
 from perc.srtp.ekt import EktCipher, EktParameterSet
 from perc.srtp.keys import exporter_length, outer_media_keys, split_exporter
@@ -214,6 +220,61 @@ def libsrtp_factory(conf: Conference) -> Factory:
     return factory
 
 
+class RebuildingTable(ForwardingTable[Address]):
+    """Baseline: the pre-incremental route upkeep (a full O(K^2) rebuild per change)."""
+
+    def _rebuild(self) -> None:
+        self.flush()
+        keyed = [a for a in self._by_id.values() if a._protect_rtp is not None]
+        for a in keyed:
+            others = [b for b in keyed if b is not a]
+            a._routes = [(b.address, b._protect_rtp) for b in others if b._protect_rtp]
+            a._route_counters = [b._counters for b in others]
+            a._rtcp_routes = others
+        if self._last_n is not None:
+            for vs in self._video.values():
+                self._sync_feeds(vs)
+            self._rerank(-1.0)
+
+    def _join_routes(self, r: Association[Address]) -> None:
+        self._rebuild()
+
+    def _replace_routes(self, r: Association[Address]) -> None:
+        self._rebuild()
+
+    def _leave_routes(self, r: Association[Address]) -> None:
+        self._rebuild()
+
+
+def _media_keys(profile: int = 0x0009) -> MediaKeys:
+    material = os.urandom(exporter_length(profile))
+    ck, sk, cs, ss = outer_media_keys(profile, material)
+    return MediaKeys(uuid.uuid4(), profile, b"", ck, sk, cs, ss)
+
+
+def membership_factory(cls: type[ForwardingTable[Address]], members: int, joins: int) -> Factory:
+    """``joins`` endpoints each join (keys) and leave a conference of ``members`` keyed ones."""
+    base = [_media_keys() for _ in range(members)]
+    extra = [_media_keys() for _ in range(joins)]
+
+    def factory() -> Runner:
+        table = cls(ForwardingConfig(max_associations=members + 1))
+        for i, keys in enumerate(base):
+            table.add(keys.association_id, ("10.0.0.1", 5000 + i), 0.0)
+            table.install_keys(keys, 0.0)
+
+        def run() -> object:
+            for keys in extra:
+                table.add(keys.association_id, ("10.0.0.2", 5000), 0.0)
+                table.install_keys(keys, 0.0)
+                table.remove(keys.association_id)
+            return table
+
+        return run
+
+    return factory
+
+
 def _time(factory: Factory) -> float:
     runner = factory()
     gc.collect()
@@ -233,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--bits", type=int, choices=(128, 256), default=128)
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--members", default="16,64,256", help="conference sizes, join+leave")
     args = parser.parse_args(argv)
     n, r = args.packets, args.receivers
     audio = Conference(n, 160, 111, r, args.bits)
@@ -304,7 +366,29 @@ def main(argv: list[str] | None = None) -> int:
                 f"{us / copy_us:>7.1f}x {us / lib_us:>9.2f}x  {verdict}",
                 flush=True,
             )
+    membership(args)
     return 1 if (args.check and failed) else 0
+
+
+def membership(args: argparse.Namespace) -> None:
+    joins = 50
+    print()
+    print(
+        f"membership: {joins} endpoints join (install_keys) and leave (remove) a conference of "
+        f"K keyed associations, best of {args.repeats}; us per join+leave"
+    )
+    header = f"{'K':>5} {'incremental':>12} {'full rebuild':>13} {'speed-up':>9}"
+    print(header)
+    print("-" * len(header))
+    for k in (int(x) for x in args.members.split(",")):
+        ours = membership_factory(ForwardingTable, k, joins)
+        base = membership_factory(RebuildingTable, k, joins)
+        best_ours = best_base = float("inf")
+        for _ in range(args.repeats):
+            best_ours = min(best_ours, _time(ours))
+            best_base = min(best_base, _time(base))
+        us_ours, us_base = best_ours / joins * 1e6, best_base / joins * 1e6
+        print(f"{k:>5} {us_ours:>12.1f} {us_base:>13.1f} {us_base / us_ours:>8.1f}x", flush=True)
 
 
 if __name__ == "__main__":
