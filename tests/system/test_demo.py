@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import trio
 
+from perc import config, identity
 from perc.roles import demo
 
 pytestmark = pytest.mark.slow
@@ -120,3 +123,57 @@ def test_demo_refuses_bad_arguments(
     assert demo.main(**kwargs) == 2  # type: ignore[arg-type]
     err = capsys.readouterr().err
     assert err.startswith(f"perc: error: {message}"), err
+
+
+def test_demo_files_make_a_loadable_conference(tmp_path: Path) -> None:
+    files = demo.make_demo_files(tmp_path, NAMES, outsiders=("alice",))
+    kmf = config.load_kmf_config(files.kmf_config)
+    assert kmf.kmf.listen.port == 0  # the kernel picks; the demo reads it from the log
+    assert [str(fp) for fp in kmf.kmf.trusted_mdds] == [files.mdd_fingerprint]
+    (conf,) = kmf.conferences
+    roster = {
+        identity.load(tmp_path / f"{n}.crt", tmp_path / f"{n}.key").fingerprint
+        for n in ("bob", "carol")
+    }
+    assert {str(fp) for fp in conf.participants} == roster  # alice left off (the fault)
+    assert (conf.rekey_on_join, conf.rekey_on_leave) == (True, True)
+    assert conf.rekey_window == demo.REKEY_WINDOW
+    assert files.on_roster == ("bob", "carol")
+    mdd = config.load_mdd_config(demo.write_mdd_config(files, 4321))
+    (mconf,) = mdd.conferences
+    assert (mconf.kmf.port, str(mconf.kmf_fingerprint)) == (4321, files.kmf_fingerprint)
+    assert mconf.listen.port == 0
+
+
+async def test_a_child_that_ignores_sigterm_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(demo, "STOP_GRACE", 0.3)
+    script = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('ready', flush=True); time.sleep(60)"
+    )
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    child = demo._Child("stubborn", process, tmp_path / "stubborn.log", 0.0)
+    try:
+        async with trio.open_nursery() as nursery:
+            ready = trio.Event()
+
+            def changed() -> None:
+                if child.find("ready") is not None:
+                    ready.set()
+
+            nursery.start_soon(child.pump, changed)
+            with trio.fail_after(20):
+                await ready.wait()
+            assert await demo._stop(child) == -signal.SIGKILL
+            assert not child.running
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        if process.stdout is not None:
+            await process.stdout.aclose()
+    assert (tmp_path / "stubborn.log").read_text() == "ready\n"
