@@ -434,7 +434,6 @@ class _Demo:
         self.kmf: _Child | None = None
         self.mdd: _Child | None = None
         self.failures: list[str] = []
-        self.notes: list[str] = []
         self.step = "starting"
         self.interrupted = False
         self._changed = trio.Event()
@@ -796,6 +795,12 @@ class _Demo:
                     problems.append(f"exit {code}: {error or 'no error line'}")
             if problems:
                 self._fail(f"{ep.label}: " + "; ".join(problems))
+        first_life = next((ep for ep in self.endpoints if ep.name == self.leaver), None)
+        leave_spi = self.rekeys.get("leave")
+        if first_life is not None and first_life.report is not None and leave_spi is not None:
+            spis = first_life.report.get("spis")
+            if isinstance(spis, list) and leave_spi in spis:
+                self._fail(f"{self.leaver} left, yet holds the EKTKey made for its leave")
         if not self.interrupted:  # else the run stopped early: no news in these
             if rejoined is None:
                 self._fail(f"{self.leaver} never rejoined")
