@@ -54,10 +54,19 @@ are classified:
   than ours: a Full tag under an SPI before our first (SPIs count up), or, within
   ``PRE_JOIN_GRACE`` of our first EKTKey, an inner tag that fails on a never-verified SSRC
   (the sender announced its new key but still encrypts with the old one, RFC 8870 §4.3.1).
+  An SSRC with pre-join packets stays pre-join until it verifies, without a time limit (a
+  member whose copy of the rekey was late switches late); after that, its failures with a
+  SEQ before the first verified one are pre-join packets overtaken by it (reordering).
   Other E2E failures of never-verified SSRCs in that window (no key yet) wait until the
   window ends: with such evidence they are pre-join, without it (a joiner that simply waits
   for a sender's next Full tag) they are ``e2e_failures`` as before. Once an SSRC verified,
   its failures are never pre-join.
+* **Early**: a packet that overtook (reordering) or outlived (loss) the Full EKT tags that
+  announce its sender's key fails with "no key" although nothing is wrong with it. When a
+  never-verified SSRC's first packet verifies, its earlier no-key failures with a *later*
+  RTP SEQ (they used the key just learnt) are moved from ``e2e_failures`` to
+  ``unattributed.early``. No-key failures with earlier SEQs stay failures: nothing shows
+  they used a key we could ever have.
 * **Key wait**: E2E failures that turn out to have waited for an EKTKey that arrived late
   (the failing Full tags named its SPI, and :meth:`EndpointMedia.rekey` then delivered it) are
   moved out of ``e2e_failures`` into ``key_wait`` (see :class:`perc.media.stats._Failures`). A
@@ -165,6 +174,10 @@ _HOUSEKEEPING = 1.0
 #: members' last 250 ms under their previous E2E keys (RFC 8870 §4.3.1), plus delivery.
 PRE_JOIN_GRACE = 1.0
 _PRE_JOIN_REASONS = frozenset(("unknown_spi", "no_key", "inner_auth"))
+#: How far behind a stream's first verified SEQ a pre-join packet may arrive (reordering).
+_STRAGGLER_SEQS = 1024
+#: No-key failures remembered per never-verified SSRC (see "Early" in the module docstring).
+_EARLY_PER_SSRC = 64
 
 
 class MediaUsageError(ValueError):
@@ -303,6 +316,10 @@ class EndpointMedia:
         self._pre_join_seen = False
         #: never-verified SSRCs' failures in the pre-join window, waiting for evidence
         self._pre_join_pending: dict[str, int] = {}
+        #: RTP SEQs of no-key failures of never-verified SSRCs (see "Early"), bounded
+        self._early: dict[int, list[tuple[int, str]]] = {}
+        #: never-verified SSRCs seen sending under an SPI older than our first
+        self._pre_join_ssrcs: set[int] = set()
         self._ekt_params = ekt
         self.stats = EndpointMediaStats()
         self.streams: dict[int, RemoteStream] = {}
@@ -513,6 +530,8 @@ class EndpointMedia:
         if seq is None:
             rate = AUDIO_CLOCK_RATE if payload.kind is StreamKind.AUDIO else VIDEO_CLOCK_RATE
             seq = st.seq = SeqStats(pkt.sequence_number, rate)
+            if self._early:
+                self._settle_early(pkt.ssrc, pkt.sequence_number)
         seq.update(pkt.sequence_number, pkt.timestamp, now)
         st.last_at = now
 
@@ -553,9 +572,22 @@ class EndpointMedia:
                 field = None
             if isinstance(field, FullEktField):
                 spi = field.spi
-        if st is None and reason in _PRE_JOIN_REASONS and self._pre_join(reason, now, spi):
-            pass  # counted as pre_join (now or when the window ends)
+        ssrc = _unpack_ssrc(data, 8)[0] if len(data) >= 12 else None
+        bucket = None
+        if st is None and reason in _PRE_JOIN_REASONS:
+            bucket = self._pre_join(ssrc, reason, now, spi)
+        if bucket is not None:
+            if bucket == "pending" and reason == "no_key":
+                self._remember_early(ssrc, data, "pending")
+        elif st is not None and reason in _PRE_JOIN_REASONS and self._straggler(st, data):
+            # Sent before the first packet of this stream we could verify (overtaken by it):
+            # a pre-join packet, not a failure of the stream.
+            st.received -= 1
+            self.unattributed.received += 1
+            self.unattributed.pre_join += 1
         else:
+            if st is None and reason == "no_key" and self.unattributed.waiting_spi is None:
+                self._remember_early(ssrc, data, "e2e")
             target.count_e2e(reason, now, spi)
         # A video receiver without the sender's current key waits for the next Full tag,
         # which comes with a key frame (RFC 8870 §4.6): ask for one.
@@ -566,28 +598,77 @@ class EndpointMedia:
         ):
             self._maybe_pli(_unpack_ssrc(data, 8)[0], now)
 
-    def _pre_join(self, reason: str, now: float, spi: int | None) -> bool:
-        """Count a never-verified SSRC's failure as pre-join (True) or let the caller count
-        it as an E2E failure (False); see "Pre-join" in the module docstring."""
+    def _pre_join(self, ssrc: int | None, reason: str, now: float, spi: int | None) -> str | None:
+        """Count a never-verified SSRC's failure as pre-join ("pre_join"), keep it waiting for
+        evidence ("pending"), or let the caller count it as an E2E failure (None); see
+        "Pre-join" in the module docstring."""
         # An SPI before our first one (mod 2^16, half the space back): a key we never had.
         older = spi is not None and 1 <= (self._first_spi - spi) & 0xFFFF <= 0x7FFF
+        # An SSRC seen on a key we never had: until its stream verifies, its packets are
+        # pre-join (e.g. its own copy of the rekey came late, so its switch is late). The
+        # set is bounded; forgetting only makes us stricter.
         in_window = now - self._joined_at <= PRE_JOIN_GRACE
-        if older or (in_window and reason == "inner_auth"):
+        if older or (ssrc in self._pre_join_ssrcs) or (in_window and reason == "inner_auth"):
+            if ssrc is not None:
+                if len(self._pre_join_ssrcs) >= self._max_streams:
+                    self._pre_join_ssrcs.clear()
+                self._pre_join_ssrcs.add(ssrc)
             self._pre_join_seen = True
             self.unattributed.pre_join += 1 + sum(self._pre_join_pending.values())
             self._pre_join_pending.clear()
-            return True
+            return "pre_join"
         if not in_window:
-            return False
+            return None
         if self._pre_join_seen:
             self.unattributed.pre_join += 1
-        else:
-            self._pre_join_pending[reason] = self._pre_join_pending.get(reason, 0) + 1
-        return True
+            return "pre_join"
+        self._pre_join_pending[reason] = self._pre_join_pending.get(reason, 0) + 1
+        return "pending"
+
+    def _remember_early(self, ssrc: int | None, data: bytes, bucket: str) -> None:
+        if ssrc is None:
+            return
+        seqs = self._early.get(ssrc)
+        if seqs is None:
+            if len(self._early) >= self._max_streams:
+                return  # bounded: such a packet simply stays counted as a failure
+            seqs = self._early[ssrc] = []
+        if len(seqs) < _EARLY_PER_SSRC:
+            seqs.append((int.from_bytes(data[2:4], "big"), bucket))
+
+    def _settle_early(self, ssrc: int, first_seq: int) -> None:
+        """An SSRC's first packet verified: its no-key failures with a later SEQ were sent
+        under the key we now have and only overtook the Full EKT tag that announced it."""
+        un = self.unattributed
+        for seq, bucket in self._early.pop(ssrc, ()):
+            if not 1 <= (seq - first_seq) & 0xFFFF <= _STRAGGLER_SEQS:
+                continue
+            if bucket == "e2e" and un.e2e_reasons.get("no_key", 0) > 0:
+                un.e2e_failures -= 1
+                un.e2e_reasons["no_key"] -= 1
+                if not un.e2e_reasons["no_key"]:
+                    del un.e2e_reasons["no_key"]
+            elif bucket == "pending" and self._pre_join_pending.get("no_key", 0) > 0:
+                self._pre_join_pending["no_key"] -= 1
+                if not self._pre_join_pending["no_key"]:
+                    del self._pre_join_pending["no_key"]
+            else:
+                continue  # already moved to pre_join: leave it there
+            un.early += 1
+
+    def _straggler(self, st: RemoteStream, data: bytes) -> bool:
+        """A packet of a stream that had pre-join packets, from before its first verified
+        one (RTP SEQ up to _STRAGGLER_SEQS behind it, RFC 3550 A.1 style)."""
+        if st.ssrc not in self._pre_join_ssrcs or st.seq is None:
+            return False
+        seq = int.from_bytes(data[2:4], "big")
+        return 1 <= (st.seq.base_seq - seq) & 0xFFFF <= _STRAGGLER_SEQS
 
     def _settle_pre_join(self, now: float) -> None:
         """The window is over without evidence of older keys: pending ones were failures."""
         pending, self._pre_join_pending = self._pre_join_pending, {}
+        for seqs in self._early.values():
+            seqs[:] = [(seq, "e2e" if b == "pending" else b) for seq, b in seqs]
         for reason, count in pending.items():
             for _ in range(count):
                 self.unattributed.count_e2e(reason, now)

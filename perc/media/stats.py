@@ -287,6 +287,9 @@ class Unattributed(_Failures):
     #: E2E failures of packets sent under keys from before our first EKTKey (not in
     #: e2e_failures; see perc.media.endpoint, "Pre-join")
     pre_join: int = 0
+    #: no-key failures later shown to be early packets of a stream that verified (not in
+    #: e2e_failures; see perc.media.endpoint, "Early")
+    early: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -299,6 +302,7 @@ class Unattributed(_Failures):
             "key_wait": self.key_wait,
             "untracked": self.untracked,
             "pre_join": self.pre_join,
+            "early": self.early,
         }
 
 
