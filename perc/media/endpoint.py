@@ -607,6 +607,10 @@ class EndpointMedia:
         # An SSRC seen on a key we never had: until its stream verifies, its packets are
         # pre-join (e.g. its own copy of the rekey came late, so its switch is late). The
         # set is bounded; forgetting only makes us stricter.
+        if reason == "unknown_spi" and not older:
+            # A key newer than ours that we lack: late key delivery, which the key-wait rule
+            # handles (perc.media.stats._Failures), not a key from before our join.
+            return None
         in_window = now - self._joined_at <= PRE_JOIN_GRACE
         if older or (ssrc in self._pre_join_ssrcs) or (in_window and reason == "inner_auth"):
             if ssrc is not None:

@@ -6,6 +6,7 @@ timeouts, retransmissions) run under a MockClock.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -379,6 +380,60 @@ async def test_endpoint_media_plugs_into_the_seam() -> None:
     assert kmf.closed()[0].reason == "close_notify"
 
 
+async def test_media_run_writes_reports_and_judges_expect_peers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MediaRun (what `perc endpoint` runs): report before the join, while joined (every
+    report_interval, atomically) and at the end with the exit status; exit 8 when fewer peers
+    than --expect-peers verified (the stand-in KMF echoes nothing: no peer at all)."""
+    caplog.set_level(logging.INFO, "perc.roles.endpoint")
+    kmf = FakeKmf(IDS["kmf"])
+    path = tmp_path / "alice.json"
+    options = endpoint.MediaOptions(media="both", expect_peers=1, report=path, report_interval=0.1)
+    seen: list[dict[str, object]] = []
+    async with trio.open_nursery() as nursery:
+        address = await nursery.start(kmf.serve)
+        run = endpoint.MediaRun(settings(address), options)
+
+        async def watch() -> None:
+            while True:
+                if path.exists():
+                    seen.append(json.loads(path.read_text()))  # never half a file
+                await trio.sleep(0.05)
+
+        nursery.start_soon(watch)
+        await run.run(duration=0.5)
+        nursery.cancel_scope.cancel()
+    code, message = run.finish()
+    assert code == ExitCode.PEERS == 8
+    assert message == (
+        "media verified end to end from 0 peer(s) (none), fewer than --expect-peers 1"
+    )
+    states = [r["state"] for r in seen]
+    assert "joined" in states and "left" not in states
+    assert sum(1 for r in seen if r["state"] == "joined" and int(r["sent"]) > 0) >= 2  # type: ignore[call-overload]
+    final = json.loads(path.read_text())
+    assert final["state"] == "left" and final["exit_status"] == 8
+    assert final["sent"] == run.engine.sent > 20  # type: ignore[union-attr]
+    assert final["local"] == f"127.0.0.1:{run.result.local_address[1]}"  # type: ignore[union-attr]
+    assert set(final["streams"]) == {"audio", "video"}
+    assert not [p for p in tmp_path.iterdir() if p.name != "alice.json"]  # no temp file left
+    summary = [r.getMessage() for r in caplog.records if "media summary" in r.getMessage()]
+    assert len(summary) == 1
+    assert summary[0].startswith(f"media summary name=alice sent={final['sent']} ")
+    assert "peers_verified=0 expect_peers=1" in summary[0]
+
+
+def test_media_run_that_never_joined_reports_failed(tmp_path: Path) -> None:
+    path = tmp_path / "r.json"
+    run = endpoint.MediaRun(settings(("127.0.0.1", 9)), endpoint.MediaOptions(report=path))
+    code, message = run.finish(JoinTimeout("join timed out after 1 s"))
+    assert (code, message) == (ExitCode.TIMEOUT, "join timed out after 1 s")
+    data = json.loads(path.read_text())
+    assert data["state"] == "failed" and data["exit_status"] == 5
+    assert data["peers"] == {} and data["sent"] == 0 and data["name"] == "alice"
+
+
 async def test_lost_ack_the_ektkey_is_retransmitted_and_acked_again(mock_clock: MockClock) -> None:
     """D9: the endpoint keeps running DTLS after the join; a retransmitted EKTKey is ACKed."""
     acks_seen = 0
@@ -513,3 +568,86 @@ def test_garbage_during_a_join_is_dropped_or_a_typed_join_error(datagrams: list[
         assert stats.dtls_in + stats.media_held + stats.dropped_media + stats.dropped_other <= len(
             datagrams
         )
+
+
+# --- what the media engine counts around joins (perc.media "Pre-join", "Early", key wait) ----
+# In-process, on perc.media's fake MDD and clock (tests/media/conference.py), because a real
+# conference cannot place a late EKTKey or a reordered Full tag where a test wants it.
+
+
+@pytest.mark.parametrize("join_at", [1.0, 1.5])
+def test_late_ektkey_at_a_member_is_key_wait_and_the_joiner_counts_pre_join(
+    join_at: float,
+) -> None:
+    """carol joins with a new EKTKey (a join rekey); bob gets it at once, alice 40 ms late
+    (a lost DTLS record): alice's failures on carol's first packets are key wait, carol's on
+    packets under keys from before her join are pre-join; nobody counts an E2E failure."""
+    from tests.media.conference import Conference, new_ekt
+
+    conf = Conference()
+    k1 = new_ekt(1)
+    alice = conf.add("alice", "both", k1)
+    bob = conf.add("bob", "both", k1)
+    conf.run(join_at)
+    k2 = new_ekt(2)
+    carol = conf.add("carol", "both", k2)
+    bob.rekey(k2, join_at)
+    conf.run(join_at + 0.04)
+    alice.rekey(k2, join_at + 0.04)
+    conf.run(join_at + 1.5)
+    reports = {ep.name: ep.report() for ep in (alice, bob, carol)}
+    for name, rep in reports.items():
+        un = rep["unattributed"]
+        assert un["e2e_failures"] == 0, (name, un)
+        for peer, p in rep["peers"].items():
+            assert p["e2e_failures"] == p["hbh_failures"] == p["payload_failures"] == 0
+            assert p["verified"] > 0, (name, peer)
+    assert reports["alice"]["unattributed"]["key_wait"] > 0
+    assert reports["alice"]["unattributed"]["pre_join"] == 0
+    # carol never had k1: what the others sent under it, or under their k1-era E2E keys in
+    # the 250 ms after the rekey, is pre-join (D22: a joiner cannot read the past)
+    assert reports["carol"]["unattributed"]["pre_join"] > 0
+    assert reports["bob"]["unattributed"] == reports["bob"]["unattributed"] | {
+        "received": 0,
+        "key_wait": 0,
+        "pre_join": 0,
+    }
+
+
+def test_a_packet_that_overtakes_its_key_announcement_is_early_not_a_failure() -> None:
+    """The first three packets of a stream carry its key (Full EKT tags); if the fourth
+    arrives before them it has no key yet, but it verifies-in-kind: counted as early."""
+    from tests.media.conference import Conference, Link, new_ekt
+
+    conf = Conference()
+    ekt = new_ekt(1)
+    conf.add("alice", "audio", ekt)
+    bob = conf.add("bob", "none", ekt)
+    # To bob: hold alice's first three packets until the fourth has passed.
+    conf.links["bob"] = Link(lambda i, _d: "hold" if i < 3 else "pass")
+    conf.run(2.0)
+    un = bob.report()["unattributed"]
+    assert un["early"] == 1 and un["e2e_failures"] == 0, un
+    peer = bob.report()["peers"]["alice"]
+    assert peer["e2e_failures"] == 0 and peer["verified"] == conf.endpoints["alice"].sent - 1
+
+
+def test_a_straggler_from_before_a_joiner_s_first_key_is_pre_join() -> None:
+    """A packet under a key the joiner never had, arriving after the sender's stream already
+    verified for it (reordering), is pre-join, not a failure of that stream."""
+    from tests.media.conference import Conference, Link, new_ekt
+
+    conf = Conference()
+    k1, k2 = new_ekt(1), new_ekt(2)
+    alice = conf.add("alice", "audio", k1)
+    conf.run(1.0)
+    bob = conf.add("bob", "none", k2)
+    alice.rekey(k2, 1.0)
+    # alice keeps her old E2E key for 250 ms: hold one of those packets (the 10th to bob)
+    # behind later ones, past the first packet under her new key.
+    conf.links["bob"] = Link(lambda i, _d: "hold" if 9 <= i < 16 else "pass")
+    conf.run(3.0)
+    rep = bob.report()
+    assert rep["peers"]["alice"]["e2e_failures"] == 0, rep["peers"]["alice"]
+    assert rep["unattributed"]["e2e_failures"] == 0, rep["unattributed"]
+    assert rep["unattributed"]["pre_join"] > 0
