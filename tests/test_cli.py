@@ -522,3 +522,38 @@ def test_endpoint_unopenable_keylog_is_one_line_exit_1(
     assert result.exit_code == 1
     assert result.stderr.startswith("perc: error: cannot open key log file ")
     assert started == []
+
+
+# --- perc demo ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ([], {"keep": None}),
+        (
+            ["--participants", "4", "--duration", "6", "--media", "audio", "--keep"],
+            {"participants": 4, "duration": 6.0, "media": "audio", "keep": True},
+        ),
+    ],
+)
+def test_demo_options_reach_the_demo(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], expected: dict[str, Any]
+) -> None:
+    from perc.roles import demo
+
+    calls: list[dict[str, Any]] = []
+
+    def fake_main(**kwargs: Any) -> int:
+        calls.append(kwargs)
+        return 7
+
+    monkeypatch.setattr(demo, "main", fake_main)
+    result = CliRunner().invoke(main, ["demo", *args])
+    assert result.exit_code == 7  # demo.main's status is the process's
+    assert calls == [expected]  # only what was given: the demo owns its defaults
+
+
+def test_demo_bad_media_is_a_usage_error() -> None:
+    result = CliRunner().invoke(main, ["demo", "--media", "none"])
+    assert result.exit_code == 2
