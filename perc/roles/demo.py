@@ -30,11 +30,12 @@ process included) verified media from every other participant, the others verifi
 rejoined process's new streams, no endpoint counted an end-to-end or payload failure, the
 leave and the rejoin each produced a new EKTKey that every remaining endpoint switched to,
 every process exited 0, and the MDD reported that no end-to-end code was loaded in it.
-Otherwise exit 1 with every reason listed. Two kinds of unreadable packets on a stream that
-never verified are shown, not judged: ``pre_join`` (a (re)joiner by design cannot read media
-protected under keys from before it joined, RFC 8871 §4.5.2) and packets that arrived before
-the receiver's copy of a new EKTKey (unknown SPI / no key yet: dropped unchecked, RFC 8870
-§4.3.2; seen on a loaded machine). Any other end-to-end failure, anywhere, fails the demo.
+Otherwise exit 1 with every reason listed. Every end-to-end failure counts, on named streams
+and on streams that never verified ("unattributed") alike. What the endpoints' reports keep
+apart from failures is shown, not judged: ``pre_join`` (a (re)joiner by design cannot read
+media protected under keys from before it joined, RFC 8871 §4.5.2), ``early`` (packets that
+overtook the EKT tag announcing their key) and ``key_wait`` (packets that waited for an
+EKTKey that arrived late; RFC 8870 §4.3.2 drops them unchecked).
 
 **Robustness.** Every child is reaped on every path (``finally``, shielded from
 cancellation): SIGTERM, a grace period, then SIGKILL. Each step has a deadline and the whole
@@ -360,8 +361,8 @@ _HEADER = (
 
 
 def _sums(report: dict[str, Any] | None) -> dict[str, int]:
-    keys = ("received", "verified", "hbh_failures", "e2e_failures", "payload_failures")
-    out = dict.fromkeys((*keys, "unattributed_e2e", "unattributed_no_key", "pre_join"), 0)
+    keys = ("received", "verified", "hbh_failures", "e2e_failures", "payload_failures", "key_wait")
+    out = dict.fromkeys((*keys, "key_wait", "unattributed_e2e", "early", "pre_join"), 0)
     if report is None:
         return out
     for peer in _peers(report).values():
@@ -369,23 +370,11 @@ def _sums(report: dict[str, Any] | None) -> dict[str, int]:
             out[k] += _int(peer.get(k))
     un = report.get("unattributed")
     if isinstance(un, dict):
-        reasons = un.get("e2e_reasons")
-        no_key = 0
-        if isinstance(reasons, dict):
-            no_key = sum(_int(reasons.get(r)) for r in _NO_KEY_REASONS)
-        out["unattributed_no_key"] = no_key
-        out["unattributed_e2e"] = max(0, _int(un.get("e2e_failures")) - no_key)
+        out["unattributed_e2e"] = _int(un.get("e2e_failures"))
+        out["key_wait"] += _int(un.get("key_wait"))
+        out["early"] = _int(un.get("early"))
         out["pre_join"] = _int(un.get("pre_join"))
     return out
-
-
-#: End-to-end "failures" of a packet that could not be checked at all for want of a key: an
-#: EKT tag under an SPI the receiver does not know (yet), or no E2E key for the SSRC yet. On a
-#: stream that never verified (no sender name: "unattributed") they are what a receiver sees
-#: when a sender's first packets overtake the receiver's copy of a new EKTKey (RFC 8870
-#: §4.3.2 says to drop them); they are shown, not judged. Every other reason (inner tag
-#: mismatch, replay, EKT unwrap, OHB) fails the demo.
-_NO_KEY_REASONS = ("unknown_spi", "no_key")
 
 
 def _int(value: object) -> int:
@@ -835,10 +824,10 @@ class _Demo:
             spis = raw_spis if isinstance(raw_spis, list) else []
             extra = ""
             if s["unattributed_e2e"]:
-                extra += f"; {s['unattributed_e2e']} failures on streams that never verified"
-            if s["unattributed_no_key"]:
+                extra += f"; {s['unattributed_e2e']} e2e failures on streams that never verified"
+            if s["key_wait"] or s["early"]:
                 extra += (
-                    f"; {s['unattributed_no_key']} packets arrived before their EKTKey did "
+                    f"; {s['key_wait'] + s['early']} packets arrived before their key did "
                     "(dropped unchecked, RFC 8870 §4.3.2)"
                 )
             if s["pre_join"]:
@@ -1020,8 +1009,9 @@ def main(
             say(
                 f"PASS: every endpoint verified every other end to end (the rejoined "
                 f"{names[-1]} too), zero end-to-end failures; the leave and the rejoin each "
-                f"rekeyed (SPI {demo.rekeys['leave']}, then {demo.rekeys['rejoin']}) and every "
-                "remaining endpoint switched."
+                f"rekeyed (SPI {demo.rekeys['leave']}, then {demo.rekeys['rejoin']}), every "
+                f"remaining endpoint switched, and {names[-1]} never held the key made for its "
+                "leave."
             )
         if keep:
             say(f"kept {folder} (configs, identities, reports *.json, logs *.log)")

@@ -27,11 +27,8 @@ NAMES = ("alice", "bob", "carol")
 
 
 async def _run_demo(*options: str, env: dict[str, str] | None = None) -> tuple[int, str]:
-    # TEMPORARY until perc/cli.py's demo command has --duration: the same main() it calls.
-    duration = float(options[options.index("--duration") + 1])
-    code = f"import sys; from perc.roles import demo; sys.exit(demo.main(duration={duration}))"
     result = await trio.run_process(
-        [sys.executable, "-c", code],
+        [sys.executable, "-m", "perc", "demo", *options],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
