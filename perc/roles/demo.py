@@ -563,7 +563,11 @@ class _Demo:
         self.refresh()
         self.refresher.cancel()
         done = ", ".join(f"{ep.label} (exit {ep.child.returncode})" for ep in stayers)
-        say(f"endpoints left after their --duration (BYE, close_notify): {done}", stamp=True)
+        say(
+            f"endpoints left after their --duration (BYE, close_notify; each leave rekeyed "
+            f"those still there): {done}",
+            stamp=True,
+        )
 
     async def _wait_line(self, child: _Child, text: str, failure: str) -> str:
         await self.until(lambda: child.find(text) is not None or not child.running, START_TIMEOUT)
