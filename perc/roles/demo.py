@@ -1008,7 +1008,7 @@ def main(
                     for line in child.tail(3):
                         say(f"    {line}")
             if not keep:
-                say("(to keep the configs, reports and logs: PERC_DEMO_KEEP=1 perc demo ...)")
+                say("(to keep the configs, reports and logs, run it again with --keep)")
         else:
             say(
                 f"PASS: every endpoint verified every other end to end (the rejoined "
