@@ -40,7 +40,7 @@ EKTKey that arrived late; RFC 8870 §4.3.2 drops them unchecked).
 **Robustness.** Every child is reaped on every path (``finally``, shielded from
 cancellation): SIGTERM, a grace period, then SIGKILL. Each step has a deadline and the whole
 run has one, so the demo never hangs; SIGINT/SIGTERM to the demo stop it the same way
-(exit 130). ``PERC_DEMO_KEEP=1`` (or ``keep=True``) keeps the folder with the configs, the
+(exit 130). ``--keep`` (or ``PERC_DEMO_KEEP=1``) keeps the folder with the configs, the
 reports and each process's log. ``PERC_DEMO_FAULT=outsider`` leaves the first participant's
 certificate off the roster: the KMF refuses it (access_denied) and the demo must fail.
 """
