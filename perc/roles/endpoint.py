@@ -41,6 +41,15 @@ SRTP/SRTCP datagram, drives its timer, sends what it produces, hands it each new
 ``media(result, now) -> MediaEngine`` so the media issue plugs in without touching this
 module's join logic.
 
+**Media run** (``perc endpoint``). :class:`MediaRun` builds ``EndpointMedia`` from the join
+(``--media``; ``ntp_offset`` maps trio's clock to wall-clock NTP time for sender reports),
+runs :func:`stay` with it, rewrites the JSON report (``--report``: ``EndpointMedia.report()``
+plus ``state``, ``local`` and, at the end, ``exit_status``; temp file + rename) every second,
+and on the way out logs one ``media summary`` line and turns ``--expect-peers`` into the exit
+status (:attr:`ExitCode.PEERS` when fewer peers verified end to end). On leaving, what already
+sits in the socket is read and counted before the BYE, so the report's counts match what the
+MDD sent up to the moment the endpoint stopped reading.
+
 **Failures** end with one typed :class:`JoinError` whose text is one line and whose
 ``exit_code`` is the process exit status (:class:`ExitCode`): refused by the KMF (an alert
 received, e.g. ``access_denied``), wrong KMF (we refused its certificate or tls-id), timeout
@@ -65,7 +74,11 @@ API::
                 tls_id, kmf_tls_id, kmf_fingerprint, local_address, mdd_address, join_time,
                 held_media, stats
     MediaEngine (Protocol: timer, handle_timer, receive, datagrams_to_send, rekey, bye)
-    ExitCode, JoinError (JoinRefused, WrongKmf, JoinTimeout, JoinFailed, AssociationEnded)
+    MediaOptions(media, expect_peers, report, report_interval, video)
+    MediaRun(settings, options): await .run(duration=, keylog=, keepalive=);
+        .finish(error_or_None) -> (ExitCode, message | None); .abandon(code); .report()
+    ExitCode, JoinError (JoinRefused, WrongKmf, JoinTimeout, JoinFailed, AssociationEnded,
+                         PeersMissing)
     new_tls_id(), check_tls_id(text), key_digest(*parts), hbh_digest(material),
     dtls_configuration(settings, tls_id, verify_peer, keylog)   # also bench/join_storm.py
 """
