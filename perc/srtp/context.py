@@ -99,6 +99,7 @@ from perc.srtp.errors import (
     StreamLimitError,
 )
 from perc.srtp.keys import GCM_SALT_LENGTH, SessionKeys, SrtpProfile, derive_session_keys
+from perc.wire.rtp import rtp_header_length_or_negative as _rtp_header_length
 
 __all__ = [
     "MAX_RTCP_INDEX",
@@ -156,24 +157,6 @@ class _Stream:
         self.hi = hi  # highest index accepted (RTP: ROC << 16 | SEQ; RTCP: SRTCP index)
         self.mask = mask  # bit i set: index hi - i was accepted
         self.iv_base = iv_base  # session salt XOR SSRC << 48
-
-
-def _rtp_header_length(packet: bytes) -> int:
-    """Header length of an RTP packet, or -1 if it is not a well-formed RTP header."""
-    n = len(packet)
-    if n < 12:
-        return -1
-    b0 = packet[0]
-    if b0 & 0xC0 != 0x80:
-        return -1
-    hlen = 12 + ((b0 & 0x0F) << 2)
-    if b0 & 0x10:
-        if n < hlen + 4:
-            return -1
-        hlen += 4 + (((packet[hlen + 2] << 8) | packet[hlen + 3]) << 2)
-    if n < hlen:
-        return -1
-    return hlen
 
 
 class SrtpSession:

@@ -56,6 +56,7 @@ from perc.wire.ohb import (
     encode_ohb_fields,
     update_ohb_fields,
 )
+from perc.wire.rtp import rtp_header_length_or_negative as rtp_header_length
 
 __all__ = [
     "HeaderChanges",
@@ -92,22 +93,6 @@ class HopStats:
 
     ekt_framing_errors: int = 0
     ohb_errors: int = 0
-
-
-def rtp_header_length(packet: bytes | bytearray | memoryview) -> int:
-    """Length of the RTP header (fixed part, CSRCs, RFC 8285 extension), or -1 if malformed."""
-    n = len(packet)
-    if n < 12:
-        return -1
-    b0 = packet[0]
-    if b0 & 0xC0 != 0x80:
-        return -1
-    hlen = 12 + ((b0 & 0x0F) << 2)
-    if b0 & 0x10:
-        if n < hlen + 4:
-            return -1
-        hlen += 4 + (((packet[hlen + 2] << 8) | packet[hlen + 3]) << 2)
-    return hlen if n >= hlen else -1
 
 
 class Inbound:

@@ -51,6 +51,7 @@ __all__ = [
     "peek_rtp",
     "rewrite_rtp_header",
     "rtp_header_length",
+    "rtp_header_length_or_negative",
 ]
 
 ONE_BYTE_PROFILE = 0xBEDE  # RFC 8285 §4.2
@@ -69,21 +70,36 @@ def is_two_byte_profile(profile: int) -> bool:
     return profile & 0xFFF0 == TWO_BYTE_PROFILE
 
 
-def rtp_header_length(packet: bytes) -> int:
-    """Length of the RTP header (fixed part, CSRCs, header extension) of ``packet``."""
+def rtp_header_length_or_negative(packet: bytes | bytearray | memoryview) -> int:
+    """Length of the RTP header (fixed part, CSRCs, RFC 8285 extension), or -1 if malformed.
+
+    The per-packet SRTP paths use this form: a malformed packet is an ordinary outcome there,
+    reported by their own error types.
+    """
     n = len(packet)
     if n < 12:
-        raise RtpDecodeError(f"RTP packet of {n} bytes is shorter than the fixed header")
+        return -1
     b0 = packet[0]
     if b0 & 0xC0 != 0x80:
-        raise RtpDecodeError(f"RTP version {b0 >> 6}, expected 2")
+        return -1
     hlen = 12 + ((b0 & 0x0F) << 2)
     if b0 & 0x10:
         if n < hlen + 4:
-            raise RtpDecodeError("RTP header extension header runs past the packet")
+            return -1
         hlen += 4 + (((packet[hlen + 2] << 8) | packet[hlen + 3]) << 2)
-    if n < hlen:
-        raise RtpDecodeError(f"RTP header of {hlen} bytes runs past the {n}-byte packet")
+    return hlen if n >= hlen else -1
+
+
+def rtp_header_length(packet: bytes) -> int:
+    """Length of the RTP header (fixed part, CSRCs, header extension) of ``packet``."""
+    hlen = rtp_header_length_or_negative(packet)
+    if hlen < 0:
+        n = len(packet)
+        if n < 12:
+            raise RtpDecodeError(f"RTP packet of {n} bytes is shorter than the fixed header")
+        if packet[0] & 0xC0 != 0x80:
+            raise RtpDecodeError(f"RTP version {packet[0] >> 6}, expected 2")
+        raise RtpDecodeError(f"RTP header runs past the {n}-byte packet")
     return hlen
 
 
