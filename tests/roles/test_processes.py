@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from perc.roles.demo import make_demo_files, write_mdd_config
+from perc.roles.demo import DemoFiles, make_demo_files, write_mdd_config
 
 pytestmark = pytest.mark.slow
 
@@ -50,14 +50,28 @@ async def start(nursery: trio.Nursery, *args: str) -> Child:
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 async def test_kmf_and_mdd_processes(tmp_path: Path, signum: signal.Signals) -> None:
     files = make_demo_files(tmp_path)
+    children: list[Child] = []
+    try:
+        await _run_kmf_and_mdd(files, signum, children)
+    finally:
+        # A failing assertion must not leave a role running after the test.
+        for child in children:
+            if child.process.returncode is None:
+                child.process.kill()
+                await child.process.wait()
+
+
+async def _run_kmf_and_mdd(files: DemoFiles, signum: signal.Signals, children: list[Child]) -> None:
     async with trio.open_nursery() as nursery:
         kmf = await start(nursery, "kmf", "--config", str(files.kmf_config))
+        children.append(kmf)
         await kmf.wait_for("KMF listening on")
         # The KMF listens on a kernel-chosen port: read it from its log line.
         match = re.search(r"KMF listening on [^\s]*:(\d+)", kmf.text)
         assert match is not None, kmf.text
         mdd_config = write_mdd_config(files, int(match.group(1)))
         mdd = await start(nursery, "--log-level", "debug", "mdd", "--config", str(mdd_config))
+        children.append(mdd)
         await mdd.wait_for("tunnel up conference=demo")
         await kmf.wait_for("tunnel up peer=")
         mdd.process.send_signal(signum)
