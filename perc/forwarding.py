@@ -496,6 +496,18 @@ def _seq_of(a: Association[AddrT]) -> int:
     return a._seq
 
 
+
+def _count_srtp_drop(c: AssociationCounters, exc: SrtpError) -> None:
+    """Count an inbound SRTP/SRTCP packet the hop-by-hop layer refused, by reason."""
+    if isinstance(exc, AuthenticationError):
+        c.drop_auth += 1
+    elif isinstance(exc, ReplayError):
+        c.drop_replay += 1
+    elif isinstance(exc, SrtpDecodeError):
+        c.drop_malformed += 1
+    else:  # key lifetime, SSRC bound of the inbound session
+        c.drop_limit += 1
+
 class ForwardingTable(Generic[AddrT]):
     """One conference: associations, keys, routes, last_n state and counters."""
 
@@ -770,17 +782,8 @@ class ForwardingTable(Generic[AddrT]):
             return self._rtcp(assoc, data)
         try:
             inbound = hop.decrypt(data)
-        except AuthenticationError:
-            c.drop_auth += 1
-            return []
-        except ReplayError:
-            c.drop_replay += 1
-            return []
-        except SrtpDecodeError:
-            c.drop_malformed += 1
-            return []
-        except SrtpError:  # key lifetime, SSRC bound of the inbound session
-            c.drop_limit += 1
+        except SrtpError as exc:
+            _count_srtp_drop(c, exc)
             return []
         plain = inbound.packet
         ssrc = _unpack_u32(plain, 8)[0]
@@ -994,17 +997,8 @@ class ForwardingTable(Generic[AddrT]):
             return []
         try:
             compound = session.unprotect_rtcp(data)
-        except AuthenticationError:
-            c.drop_auth += 1
-            return []
-        except ReplayError:
-            c.drop_replay += 1
-            return []
-        except SrtpDecodeError:
-            c.drop_malformed += 1
-            return []
-        except SrtpError:
-            c.drop_limit += 1
+        except SrtpError as exc:
+            _count_srtp_drop(c, exc)
             return []
         try:
             packets = parse_rtcp(compound)

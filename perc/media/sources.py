@@ -165,7 +165,21 @@ class _Stream:
         return out
 
 
-class AudioSource:
+class _Source:
+    """What the audio and video sources share: one RTP stream."""
+
+    _s: _Stream
+
+    @property
+    def ssrc(self) -> int:
+        return self._s.ssrc
+
+    @property
+    def stream(self) -> _Stream:
+        return self._s
+
+
+class AudioSource(_Source):
     """Constant-rate synthetic audio: ``rate`` packets/s of ``payload_size`` bytes."""
 
     def __init__(
@@ -207,14 +221,6 @@ class AudioSource:
     @property
     def kind(self) -> StreamKind:
         return StreamKind.AUDIO
-
-    @property
-    def ssrc(self) -> int:
-        return self._s.ssrc
-
-    @property
-    def stream(self) -> _Stream:
-        return self._s
 
     def next_due(self) -> float:
         return self._s.start + self._slot * self._interval
@@ -268,7 +274,7 @@ class VideoSettings:
             raise SourceUsageError("min_keyframe_gap must be >= 0")
 
 
-class VideoSource:
+class VideoSource(_Source):
     """Synthetic video: frames of several packets, marker on the last, periodic key frames."""
 
     def __init__(
@@ -311,14 +317,6 @@ class VideoSource:
     @property
     def kind(self) -> StreamKind:
         return StreamKind.VIDEO
-
-    @property
-    def ssrc(self) -> int:
-        return self._s.ssrc
-
-    @property
-    def stream(self) -> _Stream:
-        return self._s
 
     def request_keyframe(self) -> None:
         """Make the next frame a key frame (PLI/FIR received); requests coalesce."""
