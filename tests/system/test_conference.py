@@ -179,7 +179,13 @@ async def test_three_endpoints_audio_and_video_verify_each_other(system: System)
         assert received == (
             sum(p["received"] for p in rep["peers"].values()) + rep["unattributed"]["received"]
         )
-        assert rep["unattributed"]["received"] == rep["unattributed"]["pre_join"]
+        # Every packet from a not-yet-verified SSRC is explained by a category that is not a
+        # failure (assert_clean checked the failure counters are 0): sealed before our first
+        # EKTKey (pre_join), overtook its own key announcement (early), or arrived before our
+        # copy of a newer EKTKey (key_wait). Which of these a run sees depends on scheduling.
+        un = rep["unattributed"]
+        assert un["untracked"] == 0, (name, un)
+        assert un["received"] == un["pre_join"] + un["early"] + un["key_wait"], (name, un)
         left_at = log_time(proc.find(r"left name=")[0].string)
         rate = sum(reports[o]["sent"] for o in others) / duration
         in_flight = math.ceil(rate * (max(0.0, mine["at"] - left_at) + 0.05))
