@@ -15,7 +15,9 @@
                                  [--report FILE] [--video-fps F] [--video-bitrate B]
     perc [--log-level LEVEL] demo [--participants N] [--duration S] [--media M] [--keep]
 
-``--log-level`` is also accepted after the subcommand. A bad configuration or argument prints
+``--log-level`` and ``--log-format human|json`` are also accepted after the subcommand; with
+``json`` every log record is one JSON object and typed events (:mod:`perc.events`) carry their
+fields, which is what programs such as ``perc demo`` read. A bad configuration or argument prints
 one line ``perc: error: <message>`` on stderr and exits 2 before anything starts; a runtime
 failure (e.g. a port in use) prints one such line and exits 1; SIGINT/SIGTERM stop a role
 cleanly with exit 0. ``perc endpoint`` has more exit statuses, one per way a join can fail
@@ -54,6 +56,7 @@ class RuntimeFailure(CliError):
 # --- --log-level, accepted before or after the subcommand -------------------------------------
 
 _LEVEL_KEY = "perc.log_level"
+_FORMAT_KEY = "perc.log_format"
 
 
 def _remember_level(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
@@ -61,7 +64,21 @@ def _remember_level(ctx: click.Context, _: click.Parameter, value: str | None) -
         ctx.find_root().meta[_LEVEL_KEY] = value.lower()
 
 
+def _remember_format(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.find_root().meta[_FORMAT_KEY] = value.lower()
+
+
 def _log_level_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--log-format",
+        type=click.Choice(logsetup.FORMATS, case_sensitive=False),
+        default=None,
+        expose_value=False,
+        callback=_remember_format,
+        help=f"Log format (default: {logsetup.DEFAULT_FORMAT}); json writes one object per "
+        "line with typed events for programs.",
+    )(f)
     return click.option(
         "--log-level",
         type=click.Choice(logsetup.LEVELS, case_sensitive=False),
@@ -73,8 +90,11 @@ def _log_level_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _setup_logging() -> None:
-    ctx = click.get_current_context()
-    logsetup.setup(ctx.find_root().meta.get(_LEVEL_KEY, logsetup.DEFAULT_LEVEL))
+    meta = click.get_current_context().find_root().meta
+    logsetup.setup(
+        meta.get(_LEVEL_KEY, logsetup.DEFAULT_LEVEL),
+        fmt=meta.get(_FORMAT_KEY, logsetup.DEFAULT_FORMAT),
+    )
 
 
 def _doc(cls: type[Any], key: str) -> str:

@@ -7,11 +7,17 @@ line: newlines inside a message and a traceback's lines are folded into it, so t
 can be read with ``grep`` and tests can wait for a line.
 
 Line format: ``2026-11-27T11:50:00.123Z INFO perc.roles.mdd: tunnel up conference=demo ...``
+
+``--log-format json`` (:class:`JsonFormatter`) writes one JSON object per record instead:
+``{"ts": ..., "level": ..., "logger": ..., "msg": ...}``, plus ``"event"`` and ``"data"`` for a
+record made by :func:`perc.events.emit`. Programs read those events with
+:func:`perc.events.parse_line`; the human text is not an interface.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import sys
 from typing import TextIO
@@ -20,17 +26,22 @@ from typing import TextIO
 LEVELS = ("debug", "info", "warning", "error")
 #: The level when ``--log-level`` is not given.
 DEFAULT_LEVEL = "info"
+#: The ``--log-format`` choices.
+FORMATS = ("human", "json")
+#: The format when ``--log-format`` is not given.
+DEFAULT_FORMAT = "human"
+
+
+def _stamp(record: logging.LogRecord) -> str:
+    stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
+    return f"{stamp:%Y-%m-%dT%H:%M:%S}.{int(record.msecs):03d}Z"
 
 
 class OneLineFormatter(logging.Formatter):
     """UTC timestamp, level, logger name, message; never more than one line per record."""
 
     def format(self, record: logging.LogRecord) -> str:
-        stamp = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-        text = (
-            f"{stamp:%Y-%m-%dT%H:%M:%S}.{int(record.msecs):03d}Z "
-            f"{record.levelname} {record.name}: {record.getMessage()}"
-        )
+        text = f"{_stamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -40,20 +51,48 @@ class OneLineFormatter(logging.Formatter):
         return text.replace("\r", "").replace("\n", " | ")
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record; an event's kind and fields when it carries one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        from perc import events
+
+        obj: dict[str, object] = {
+            "ts": _stamp(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        event = getattr(record, events.RECORD_KEY, None)
+        if isinstance(event, events.Event):
+            obj.update(events.to_json(event))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            obj["exc"] = record.exc_text
+        return json.dumps(obj, separators=(",", ":"))
+
+
 def kv(**fields: object) -> str:
     """``key=value`` pairs for a log message, in the order given; ``None`` values left out."""
     return " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
 
 
-def setup(level: str = DEFAULT_LEVEL, stream: TextIO | None = None) -> None:
+def setup(
+    level: str = DEFAULT_LEVEL, stream: TextIO | None = None, fmt: str = DEFAULT_FORMAT
+) -> None:
     """Send perc's log records of ``level`` and above to ``stream`` (default stderr).
+
+    ``fmt`` is ``human`` (one line per record) or ``json`` (one JSON object per record).
 
     Replaces handlers installed by an earlier call, so calling it twice is harmless.
     """
     if level.lower() not in LEVELS:
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}")
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(OneLineFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else OneLineFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_perc_handler", False):
