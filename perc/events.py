@@ -147,13 +147,226 @@ class Listening(Event):
 
 
 # --- MDD events ---------------------------------------------------------------------------------
-# (the MDD engine's events: association created / keyed / expired / dropped, tunnel up/down,
-# counters)
+# Emitted by the MDD (its engine decides, its shell logs). ``association`` is the RFC 9185
+# association id; ``peer`` an endpoint's ``host:port``.
+
+
+@register
+@attrs.frozen
+class MddTunnelUp(Event):
+    """The MDD's tunnel to the KMF for one conference is up (SupportedProfiles sent)."""
+
+    kind: ClassVar[str] = "mdd_tunnel_up"
+    conference: str
+    kmf: str
+
+
+@register
+@attrs.frozen
+class MddTunnelDown(Event):
+    """The tunnel went down (``connected`` False: a connection attempt failed)."""
+
+    kind: ClassVar[str] = "mdd_tunnel_down"
+    conference: str
+    reason: str
+    connected: bool = True
+
+
+@register
+@attrs.frozen
+class AssociationCreated(Event):
+    """A new endpoint address got an association id (its first DTLS record)."""
+
+    kind: ClassVar[str] = "mdd_association_created"
+    conference: str
+    association: uuid.UUID
+    peer: str
+
+
+@register
+@attrs.frozen
+class AssociationKeyed(Event):
+    """MediaKeys arrived for an association: the MDD forwards its media from now on."""
+
+    kind: ClassVar[str] = "mdd_association_keyed"
+    conference: str
+    association: uuid.UUID
+    profile: int
+
+
+@register
+@attrs.frozen
+class AssociationEnded(Event):
+    """An association is gone: ``reason`` is ``kmf`` (EndpointDisconnect), ``idle``,
+    ``tunnel_down``, ``dropped`` (a misbehaving peer) or ``shutdown``."""
+
+    kind: ClassVar[str] = "mdd_association_ended"
+    conference: str
+    association: uuid.UUID
+    reason: str
+
+
+@register
+@attrs.frozen
+class MddCounters(Event):
+    """Per-association forwarding counters (periodic, and ``final`` at exit)."""
+
+    kind: ClassVar[str] = "mdd_counters"
+    conference: str
+    association: uuid.UUID
+    counters: dict[str, int]
+    final: bool = False
+
+
+@register
+@attrs.frozen
+class MddTotals(Event):
+    """Forwarding totals of one conference (at exit)."""
+
+    kind: ClassVar[str] = "mdd_totals"
+    conference: str
+    totals: dict[str, int]
+
+
+@register
+@attrs.frozen
+class KeyIsolation(Event):
+    """Which end-to-end modules the MDD process has loaded (``loaded`` empty: none)."""
+
+    kind: ClassVar[str] = "mdd_key_isolation"
+    loaded: list[str]
 
 
 # --- KMF events ---------------------------------------------------------------------------------
-# (the KMF engine's events: joined, left, denied with reason, rekeyed, tunnel up/down)
+# Emitted by the KMF. ``fingerprint`` is an endpoint's certificate fingerprint (D20 text).
+
+
+@register
+@attrs.frozen
+class KmfTunnelUp(Event):
+    """An MDD's tunnel was accepted (pinned certificate, version agreed)."""
+
+    kind: ClassVar[str] = "kmf_tunnel_up"
+    peer: str
+    fingerprint: str
+
+
+@register
+@attrs.frozen
+class KmfTunnelDown(Event):
+    """An MDD's tunnel ended (``refused``: it never got past TLS or the version check)."""
+
+    kind: ClassVar[str] = "kmf_tunnel_down"
+    peer: str
+    reason: str
+    refused: bool = False
+
+
+@register
+@attrs.frozen
+class Joined(Event):
+    """An endpoint completed its DTLS handshake and was admitted to a conference."""
+
+    kind: ClassVar[str] = "kmf_joined"
+    conference: str
+    association: uuid.UUID
+    fingerprint: str
+    profile: int
+    ekt_cipher: int
+    tls_id: str | None = None
+
+
+@register
+@attrs.frozen
+class Denied(Event):
+    """A join was refused; ``alert`` is the DTLS alert sent (e.g. ``access_denied``)."""
+
+    kind: ClassVar[str] = "kmf_denied"
+    association: uuid.UUID
+    fingerprint: str | None
+    reason: str
+    alert: str
+    conference: str | None = None
+
+
+@register
+@attrs.frozen
+class Left(Event):
+    """A member's association ended (``reason``: close_notify, alert, timeout, disconnect, ...)."""
+
+    kind: ClassVar[str] = "kmf_left"
+    conference: str
+    association: uuid.UUID
+    fingerprint: str
+    reason: str
+
+
+@register
+@attrs.frozen
+class Rekeyed(Event):
+    """A conference has a new EKTKey (``reason``: first, join, leave, ttl, manual, kick)."""
+
+    kind: ClassVar[str] = "kmf_rekeyed"
+    conference: str
+    spi: int
+    reason: str
+    members: int
+
+
+@register
+@attrs.frozen
+class EktKeyAcked(Event):
+    """A member acknowledged the EKTKey with ``spi``."""
+
+    kind: ClassVar[str] = "kmf_ektkey_acked"
+    conference: str
+    association: uuid.UUID
+    spi: int
+
+
+@register
+@attrs.frozen
+class DisconnectFromMdd(Event):
+    """An MDD said an association is gone (EndpointDisconnect)."""
+
+    kind: ClassVar[str] = "kmf_disconnect_from_mdd"
+    association: uuid.UUID
 
 
 # --- endpoint events ----------------------------------------------------------------------------
-# (the endpoint's events: joined, ektkey, rekey, media summary, report written)
+# Emitted by ``perc endpoint``; ``name`` is its ``--name``.
+
+
+@register
+@attrs.frozen
+class EndpointJoined(Event):
+    """The join completed: DTLS done, first EKTKey received."""
+
+    kind: ClassVar[str] = "endpoint_joined"
+    name: str
+    profile: int
+    ekt_cipher: int
+    spi: int
+
+
+@register
+@attrs.frozen
+class EndpointEktKey(Event):
+    """A later EKTKey arrived (a rekey); the endpoint switches its E2E keys."""
+
+    kind: ClassVar[str] = "endpoint_ektkey"
+    name: str
+    spi: int
+    reason: str = "rekey"
+
+
+@register
+@attrs.frozen
+class EndpointMediaSummary(Event):
+    """What the endpoint sent, received and verified (periodic and ``final`` at exit)."""
+
+    kind: ClassVar[str] = "endpoint_media_summary"
+    name: str
+    counts: dict[str, int]
+    peers_verified: int
+    final: bool = False
