@@ -2,21 +2,18 @@
 
 :class:`System` (fixture ``system``) makes throwaway identities and TOML configs in
 ``tmp_path``, starts ``python -m perc ...`` subprocesses with their stderr (the log) captured
-line by line, waits for log lines (event-driven: each new chunk of output wakes the waiter; no
-polling, no sleeps), and at the end of the test kills whatever is still running and waits for
-it, so no process outlives its test. Every process runs with ``--log-level debug``.
+through the one process harness (:class:`tests.procs.Proc`: typed events and log lines,
+event-driven waits), and at the end of the test kills whatever is still running and waits for
+it, so no process outlives its test. Every process runs with ``--log-level debug`` and
+``--log-format json``.
 
 Ports: the KMF and MDD configs use port 0 and the tests read the bound ports from the
-processes' "listening" log lines, so parallel runs never collide.
+processes' ``listening`` events, so parallel runs never collide.
 """
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -25,86 +22,11 @@ import trio
 
 from perc import identity
 from perc.identity import Identity
+from tests.procs import WAIT, Proc
 
-#: Upper bound on any single wait for a log line (a hang fails the test instead of the suite).
-WAIT = 20.0
+__all__ = ["LOCAL", "WAIT", "Proc", "System"]
+
 LOCAL = "127.0.0.1"
-
-
-class Proc:
-    """One perc subprocess and its captured log (stderr) and stdout."""
-
-    def __init__(self, name: str, process: trio.Process) -> None:
-        self.name = name
-        self.process = process
-        self.lines: list[str] = []
-        self.stdout = ""
-        self._partial = b""
-        self._changed = trio.Event()
-        self._eof = False
-
-    async def pump_stderr(self) -> None:
-        stream = self.process.stderr
-        assert stream is not None
-        async for chunk in stream:
-            *complete, self._partial = (self._partial + chunk).split(b"\n")
-            self.lines += [raw.decode(errors="replace") for raw in complete]
-            self._wake()
-        if self._partial:
-            self.lines.append(self._partial.decode(errors="replace"))
-        self._eof = True
-        self._wake()
-
-    async def pump_stdout(self) -> None:
-        stream = self.process.stdout
-        if stream is None:
-            return
-        async for chunk in stream:
-            self.stdout += chunk.decode(errors="replace")
-
-    def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-    def find(self, pattern: str) -> list[re.Match[str]]:
-        """Every match of ``pattern`` (a regex) in the log, one per line, in order."""
-        rx = re.compile(pattern)
-        return [m for line in self.lines if (m := rx.search(line)) is not None]
-
-    async def wait_for(self, pattern: str, timeout: float = WAIT, count: int = 1) -> re.Match[str]:
-        """The ``count``-th line matching ``pattern``; fails if the process exits first."""
-        with trio.fail_after(timeout):
-            while True:
-                found = self.find(pattern)
-                if len(found) >= count:
-                    return found[count - 1]
-                if self._eof:
-                    raise AssertionError(
-                        f"perc {self.name} ended (status {self.process.returncode}) before "
-                        f"logging {pattern!r}:\n{self.text}"
-                    )
-                await self._changed.wait()
-
-    async def wait_exit(self, timeout: float = WAIT) -> int:
-        with trio.fail_after(timeout):
-            code = await self.process.wait()
-            while not self._eof:
-                await self._changed.wait()
-            return code
-
-    def signal(self, signum: int) -> None:
-        if self.process.returncode is None:
-            self.process.send_signal(signum)
-
-    @property
-    def error_line(self) -> str:
-        """The last ``perc: error:`` line (what a user sees when the process fails)."""
-        errors = [line for line in self.lines if line.startswith("perc: error: ")]
-        return errors[-1] if errors else ""
 
 
 class System:
@@ -184,23 +106,10 @@ class System:
     async def start(
         self, name: str, *args: str, env: Mapping[str, str] | None = None, debug: bool = True
     ) -> Proc:
-        cmd = [sys.executable, "-m", "perc"]
-        if debug:
-            cmd += ["--log-level", "debug"]
-        environ = dict(os.environ)
-        environ.pop("SSLKEYLOGFILE", None)
-        environ.update(env or {})
-        process = await trio.lowlevel.open_process(
-            [*cmd, *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=self.folder,
-            env=environ,
+        proc = await Proc.start(
+            self.nursery, name, *args, cwd=self.folder, env=env, debug=debug
         )
-        proc = Proc(name, process)
         self.procs.append(proc)
-        self.nursery.start_soon(proc.pump_stderr)
-        self.nursery.start_soon(proc.pump_stdout)
         return proc
 
     async def start_kmf(
@@ -248,11 +157,7 @@ class System:
     async def aclose(self) -> None:
         """Kill every process still running and reap them all (no process outlives a test)."""
         for proc in self.procs:
-            if proc.process.returncode is None:
-                proc.process.kill()
-        with trio.move_on_after(WAIT):
-            for proc in self.procs:
-                await proc.process.wait()
+            await proc.kill_and_reap()
 
 
 def _toml_list(items: Iterable[str]) -> str:
