@@ -3,6 +3,9 @@
 #   bash dev.sh demo [ARGS]   make the virtualenv if needed, then run a whole conference on loopback
 #   bash dev.sh test          make the virtualenv if needed, then ruff, mypy and the test suite
 #   bash dev.sh bench NAME    run a benchmark script from bench/
+#   bash dev.sh lock          re-pin constraints.txt (every dependency and tool, exact versions)
+# Everything is installed from constraints.txt, so every machine and every CI run uses the same
+# ruff, mypy, pytest and libraries; change a version there (or re-lock), never float it.
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${PERC_VENV:-.venv}
@@ -17,9 +20,9 @@ setup() {
         "$PY" -m venv "$VENV"
     fi
     local stamp="$VENV/.perc-installed"
-    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet -e '.[test]'
+        "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]'
         touch "$stamp"
     fi
 }
@@ -43,8 +46,14 @@ case "$cmd" in
         shift
         exec "$VENV/bin/python" "bench/$name.py" "$@"
         ;;
+    lock)
+        setup
+        "$VENV/bin/python" -m pip install --quiet uv
+        exec "$VENV/bin/uv" pip compile pyproject.toml --extra dev --python-version 3.11 \
+            --no-header --quiet -o constraints.txt
+        ;;
     *)
-        echo "usage: bash dev.sh demo|test|bench NAME" >&2
+        echo "usage: bash dev.sh demo|test|bench NAME|lock" >&2
         exit 2
         ;;
 esac
