@@ -206,7 +206,7 @@ class DtlsConnection:
     def connect(self, now: float) -> None:
         if not self._config.is_client:
             raise LocalProtocolError("connect() is for clients")
-        if self._hs.state is not State.CLIENT_START:
+        if not self._hs.can_start:
             raise LocalProtocolError("connect() called twice")
         self._now = now
         self._deadline = now + self._config.handshake_timeout

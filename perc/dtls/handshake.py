@@ -377,8 +377,7 @@ class Handshake:
             # Finished and EKTKey only exist under epoch-1 keys: a plaintext one is forged and
             # must not occupy a message_seq the real (protected) message will need.
             return Route.DROP
-        if self.state is State.ESTABLISHED and epoch == 0:
-            # Only a retransmitted final flight of the peer can still come in epoch 0.
+        if epoch == 0 and self.state in _PLAINTEXT_IS_LATE:
             return Route.LATE_PLAINTEXT
         if route is Route.HELLO_VERIFY:
             # SPEC-DTLS 3.2: an HVR must answer the ClientHello just sent, whole.
@@ -393,6 +392,10 @@ class Handshake:
                 )
             return Route.FIRST if epoch == 0 else Route.DROP
         return route
+
+    @property
+    def can_start(self) -> bool:
+        return (self.state, START) in _TABLE
 
     def ccs_route(self) -> CcsRoute:
         if (self.state, CCS) in _TABLE:
@@ -990,6 +993,8 @@ _FRAGMENT_DEFAULT: dict[State, Route] = {
     # Before the ClientHello a server keeps no state for anything else (D14).
     S.SERVER_EXPECT_CLIENT_HELLO: Route.DROP,
 }
+#: States in which a plaintext fragment can only be the peer's retransmitted final flight.
+_PLAINTEXT_IS_LATE = frozenset((S.ESTABLISHED,))
 #: States in which a ChangeCipherSpec not expected now is dropped rather than held for later.
 _NO_EARLY_CCS = frozenset((S.CLIENT_START, S.SERVER_EXPECT_CLIENT_HELLO, S.ESTABLISHED))
 #: States in which an epoch-1 record before the peer's CCS means the peer resent its flight.
