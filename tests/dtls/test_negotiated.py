@@ -11,8 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from perc.dtls import ClientOffer, DtlsConnection, PeerIdentity, client_offer_untrusted
+from perc.dtls import handshake as hs
 from perc.dtls.config import own_certificate_der
 from perc.dtls.errors import AlertDescription as AD
+from perc.dtls.errors import AlertError
 from perc.dtls.events import (
     ClientHelloReceived,
     ConnectionClosed,
@@ -260,3 +262,29 @@ def test_negotiated_is_none_before_completion_and_frozen() -> None:
     assert value is not None
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         value.srtp_profile = 1  # type: ignore[misc]
+
+
+# --- the state table ---------------------------------------------------------------------
+
+
+def test_state_table_shape() -> None:
+    targets = {next_state for _, next_state in hs._TABLE.values()}
+    sources = {state for state, _ in hs._TABLE}
+    # Every state but the two starting ones is entered by some row; every state has a way on.
+    assert set(hs.State) - targets == {
+        hs.State.CLIENT_START,
+        hs.State.SERVER_EXPECT_CLIENT_HELLO,
+    }
+    assert sources == set(hs.State)
+    # The handshake keeps no reference to the connection (it returns Output values).
+    shake = hs.Handshake(config(True))
+    assert not any(isinstance(v, DtlsConnection) for v in vars(shake).values())
+
+
+def test_input_outside_the_table_is_unexpected_message() -> None:
+    shake = hs.Handshake(config(False))
+    with pytest.raises(AlertError) as info:
+        shake.handle_message(w.HandshakeType.FINISHED, 0, b"", 1, 0, out=hs.Output())
+    assert info.value.description == AD.unexpected_message
+    assert shake.state is hs.State.SERVER_EXPECT_CLIENT_HELLO
+    assert shake.ccs_route() is hs.CcsRoute.DROP and not shake.can_start
