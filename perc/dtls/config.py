@@ -10,16 +10,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from perc.dtls.events import ClientOffer, Negotiated
 from perc.identity import fingerprint_of_der
 
 
 @attrs.frozen
 class PeerIdentity:
-    """What ``verify_peer`` sees: the peer's certificate, its D20 fingerprint, its tls-id."""
+    """What ``verify_peer`` sees: the peer's certificate, its D20 fingerprint, its tls-id.
+
+    ``negotiated``: everything the handshake has settled by then (it is called once the peer's
+    certificate is proven, after the hellos), e.g. the EKT cipher a server's policy may check.
+    """
 
     certificate_der: bytes
     fingerprint: str
     tls_id: bytes | None
+    negotiated: Negotiated | None = None
 
 
 @attrs.frozen
@@ -37,9 +43,16 @@ class DtlsConfiguration:
     srtp_profiles: tuple[int, ...] = (0x0009, 0x000A)
     #: server: given the client's offered list, the chosen profile or None
     #: (-> fatal handshake_failure). Default: first of ``srtp_profiles`` the client offered.
+    #: A server with profiles refuses a ClientHello without use_srtp (handshake_failure).
     select_srtp_profile: Callable[[Sequence[int]], int | None] | None = None
     #: client offers; server picks the first it supports; () = no EKT
     ekt_ciphers: tuple[int, ...] = (1, 2)
+    #: refuse (handshake_failure) a peer that does not negotiate one of ``ekt_ciphers``; the
+    #: server refuses at the ClientHello, before sending anything (a PERC KMF needs EKT)
+    require_ekt: bool = False
+    #: server: sees the ClientHello's offer before anything is chosen; None goes on, an alert
+    #: code refuses at once, before any server flight
+    inspect_client_offer: Callable[[ClientOffer], int | None] | None = None
     #: our tls-id, sent in external_session_id (ext 56, RFC 8844)
     tls_id: bytes | None = None
     #: client: require the server's ext 56 to equal this (RFC 8844; else illegal_parameter)

@@ -1,6 +1,6 @@
 """One DTLS 1.2 association, sans-IO: bytes and ``now`` in, datagrams, events and a timer out.
 
-Public API (API.md, the contract)::
+Public API (the contract)::
 
     conn = DtlsConnection(configuration, cookie_identity=b"")
     conn.connect(now)                       # client: queue the ClientHello
@@ -15,15 +15,18 @@ Public API (API.md, the contract)::
     conn.abort(description, now)            # fatal alert of the caller's choosing
     conn.export_keying_material(label, length)    # RFC 5705, no context
     conn.stats                              # DtlsStats: drop and retransmission counters
+    conn.negotiated                         # Negotiated, once the handshake completed
 
 Theory of operation
 -------------------
 Three layers meet here and nowhere else: the record layer (:mod:`perc.dtls.record`), the
 flight layer (:mod:`perc.dtls.flight`: fragmentation, reassembly, timers) and the handshake
 state machine (:mod:`perc.dtls.handshake`). A datagram is split into records; each record is
-opened (epoch 1) or taken as is (epoch 0), then routed by content type. Handshake fragments go
-through the reassembler; whole messages go to the handshake, which answers with flights the
-connection packetizes and retransmits.
+opened (epoch 1) or taken as is (epoch 0), then routed by content type. Handshake fragments are
+routed by the handshake's state table (``route_fragment``), go through the reassembler, and
+whole messages go to the handshake. The handshake holds no reference back: each step returns
+an ``Output`` (keys, a flight, a record number to echo, the offer, the negotiated values, an
+EKTKey) that ``_apply`` carries out; the connection never branches on a handshake state.
 
 Rules implemented here (SPEC-DTLS references):
 
@@ -63,11 +66,13 @@ from perc.dtls.errors import AlertError, AlertLevel, LocalProtocolError
 from perc.dtls.events import (
     AlertReceived,
     ApplicationDataReceived,
+    ClientHelloReceived,
     ConnectionClosed,
     EktKeyAcknowledged,
     EktKeyReceived,
     Event,
     HandshakeCompleted,
+    Negotiated,
 )
 from perc.dtls.flight import (
     DROPPED,
@@ -80,13 +85,12 @@ from perc.dtls.flight import (
     RetransmitTimer,
     packetize,
 )
-from perc.dtls.handshake import Handshake, State
+from perc.dtls.handshake import EKT_KEY_LENGTHS, CcsRoute, Handshake, Output, Route, State
 from perc.dtls.record import INTEGRITY_LIMIT, RecordLayer
 from perc.wire.dtls import (
     DTLS_1_2,
     Ack,
     Alert,
-    ClientHello,
     ContentType,
     DtlsDecodeError,
     DtlsRecord,
@@ -108,27 +112,6 @@ MAX_PENDING_EVENTS = 1024
 # An unacknowledged EKTKey is retransmitted (1 s doubling to 60 s, D9) for this many times the
 # handshake timeout before the association is declared dead (reason "timeout").
 EKT_GIVE_UP_FACTOR = 10
-
-
-_EPOCH0_FROM_SERVER = frozenset(
-    (
-        HandshakeType.HELLO_VERIFY_REQUEST,
-        HandshakeType.SERVER_HELLO,
-        HandshakeType.CERTIFICATE,
-        HandshakeType.SERVER_KEY_EXCHANGE,
-        HandshakeType.CERTIFICATE_REQUEST,
-        HandshakeType.SERVER_HELLO_DONE,
-        HandshakeType.HELLO_REQUEST,
-    )
-)
-_EPOCH0_FROM_CLIENT = frozenset(
-    (
-        HandshakeType.CLIENT_HELLO,
-        HandshakeType.CERTIFICATE,
-        HandshakeType.CLIENT_KEY_EXCHANGE,
-        HandshakeType.CERTIFICATE_VERIFY,
-    )
-)
 
 
 @attrs.define
@@ -184,7 +167,8 @@ class DtlsConnection:
         self.stats = DtlsStats()
         self._record = RecordLayer()
         self._reasm = Reassembler()
-        self._hs = Handshake(configuration, self)
+        self._hs = Handshake(configuration)
+        self._negotiated: Negotiated | None = None
         self._events: deque[Event] = deque()
         self._out: list[bytes] = []
         self._now = 0.0
@@ -201,8 +185,6 @@ class DtlsConnection:
         self._ekt: _PendingEkt | None = None
         self._ekt_acked: set[tuple[int, int]] = set()
         self._ack_pending: list[tuple[int, int]] = []  # client: EKTKey records to ACK
-        # Handshake messages the peer may send in plaintext (epoch 0), by role.
-        self._epoch0_types = _EPOCH0_FROM_SERVER if configuration.is_client else _EPOCH0_FROM_CLIENT
         self._fatal_record: bytes | None = None  # the fatal alert we sent, for repeats
         self._fatal_repeat_at = 0.0
         self._fatal_repeats = 0
@@ -224,11 +206,11 @@ class DtlsConnection:
     def connect(self, now: float) -> None:
         if not self._config.is_client:
             raise LocalProtocolError("connect() is for clients")
-        if self._hs.state is not State.CLIENT_START:
+        if not self._hs.can_start:
             raise LocalProtocolError("connect() called twice")
         self._now = now
         self._deadline = now + self._config.handshake_timeout
-        self._hs.start()
+        self._apply(self._hs.start())
 
     def receive_datagram(self, data: bytes, now: float) -> None:
         self._now = now
@@ -313,9 +295,10 @@ class DtlsConnection:
             raise LocalProtocolError("only the server sends EKTKey")
         if not self.is_established:
             raise LocalProtocolError("send_ekt_key() before HandshakeCompleted or after close")
-        if self._hs.ekt_cipher is None:
+        cipher = self._negotiated.ekt_cipher if self._negotiated is not None else None
+        if cipher is None:
             raise LocalProtocolError("no EKT cipher was negotiated")
-        if len(key) != {1: 16, 2: 32}.get(self._hs.ekt_cipher, -1):
+        if len(key) != EKT_KEY_LENGTHS.get(cipher, -1):
             raise LocalProtocolError("EKT key length does not fit the negotiated cipher")
         try:
             body = EktKey(key, salt, spi, ttl).encode()
@@ -365,24 +348,38 @@ class DtlsConnection:
         self._fatal(AlertError(description, "aborted by the application"))
 
     def export_keying_material(self, label: bytes, length: int) -> bytes:
-        if not self._established or self._hs.suite is None:
+        if not self._established:
             raise LocalProtocolError("exporter before the handshake completed")
-        if not self._hs.master_secret:
-            raise LocalProtocolError("keys were erased (connection closed by an alert)")
         if not 0 < length <= 0xFFFF:
             raise LocalProtocolError("exporter length must be 1..65535 bytes")
-        return keys.export_keying_material(
-            self._hs.suite,
-            master_secret=self._hs.master_secret,
-            client_random=self._hs.client_random,
-            server_random=self._hs.server_random,
-            label=label,
-            length=length,
-        )
+        return self._hs.export_keying_material(label, length)
 
-    # --- handshake host ------------------------------------------------------------------------
+    @property
+    def negotiated(self) -> Negotiated | None:
+        """What the handshake settled (as in HandshakeCompleted), None before completion."""
+        return self._negotiated
 
-    def send_flight(self, items: list[FlightItem], final: bool) -> None:
+    # --- applying what the handshake did ---------------------------------------------------
+
+    def _apply(self, out: Output) -> None:
+        """Carry out one handshake step, in the order its fields are listed."""
+        if out.offer is not None:
+            self._events.append(ClientHelloReceived(out.offer))
+        if out.echo_record_seq is not None:
+            self._record.set_next_sequence(0, out.echo_record_seq)
+        if out.keys is not None:
+            self._install_keys(*out.keys)
+        if out.flight is not None:
+            self._send_flight(out.flight, out.final)
+        if out.completed is not None:
+            self._completed(out.completed)
+        if out.ekt_key is not None:
+            m = out.ekt_key
+            self._events.append(
+                EktKeyReceived(m.ekt_key_value, m.srtp_master_salt, m.ekt_spi, m.ekt_ttl)
+            )
+
+    def _send_flight(self, items: list[FlightItem], final: bool) -> None:
         if final:
             self._flight = None
             self._final_flight = items
@@ -392,7 +389,7 @@ class DtlsConnection:
             self._timer.start(self._now)
         self._transmit(items)
 
-    def install_keys(self, suite: keys.CipherSuite, block: keys.KeyBlock) -> None:
+    def _install_keys(self, suite: keys.CipherSuite, block: keys.KeyBlock) -> None:
         if self._config.is_client:
             self._record.install_keys(
                 suite,
@@ -410,39 +407,28 @@ class DtlsConnection:
                 block.client_write_iv,
             )
 
-    def echo_record_sequence(self, seq: int) -> None:
-        self._record.set_next_sequence(0, seq)
-
-    def handshake_complete(self) -> None:
-        hs = self._hs
+    def _completed(self, negotiated: Negotiated) -> None:
         self._established = True  # the reassembler switches mode after this message
+        self._negotiated = negotiated
         if self._config.is_client:
             self._flight = None
             self._timer.stop()
         material = None
-        lengths = keys.SRTP_PROFILE_LENGTHS.get(hs.srtp_profile or -1)
+        lengths = keys.SRTP_PROFILE_LENGTHS.get(negotiated.srtp_profile or -1)
         if lengths is not None:
             material = self.export_keying_material(
                 b"EXTRACTOR-dtls_srtp", 2 * (lengths[0] + lengths[1])
             )
-        if hs.suite is None:  # pragma: no cover
-            raise AlertError(AD.internal_error, "no suite")
         self._events.append(
             HandshakeCompleted(
-                cipher_suite=hs.suite.code,
-                srtp_profile=hs.srtp_profile,
-                ekt_cipher=hs.ekt_cipher,
-                peer_certificate_der=hs.peer_certificate_der,
-                peer_fingerprint=hs.peer_fingerprint,
-                peer_tls_id=hs.peer_tls_id,
+                cipher_suite=negotiated.cipher_suite,
+                srtp_profile=negotiated.srtp_profile,
+                ekt_cipher=negotiated.ekt_cipher,
+                peer_certificate_der=negotiated.peer_certificate_der,
+                peer_fingerprint=negotiated.peer_fingerprint,
+                peer_tls_id=negotiated.peer_tls_id,
                 srtp_keying_material=material,
-            )
-        )
-
-    def ekt_key_received(self, message: EktKey) -> None:
-        self._events.append(
-            EktKeyReceived(
-                message.ekt_key_value, message.srtp_master_salt, message.ekt_spi, message.ekt_ttl
+                negotiated=negotiated,
             )
         )
 
@@ -531,7 +517,7 @@ class DtlsConnection:
         if event.alert not in (None, AD.close_notify):
             # A fatal alert ends the association and its secrets (RFC 5246 §7.2.2).
             self._record.forget_keys()
-            self._hs.master_secret = b""
+            self._hs.erase_secrets()
         self._events.append(event)
 
     # --- receiving -----------------------------------------------------------------------------
@@ -560,9 +546,9 @@ class DtlsConnection:
                     st.future_records_buffered += 1
                 else:
                     st.dropped_epoch += 1
-                if self._hs.state is State.CLIENT_EXPECT_CCS:
-                    # The server already uses epoch 1, so it has our flight 5 and its flight 6
-                    # was lost: resend flight 5 to get flight 6 again (SPEC-DTLS 3.7).
+                if self._hs.epoch1_means_peer_resent:
+                    # E.g. the server already uses epoch 1, so it has our flight 5 and its
+                    # flight 6 was lost: resend flight 5 to get flight 6 again (SPEC-DTLS 3.7).
                     self._peer_retransmitted = True
                 return
             opened, reason = rl.open(record)
@@ -620,58 +606,29 @@ class DtlsConnection:
             self._out.append(self._record.seal(ContentType.ACK, ack))
 
     def _handle_fragment(self, record: DtlsRecord, frag: HandshakeFragment) -> None:
-        hs = self._hs
-        state = hs.state
-        if (
-            frag.msg_type == HandshakeType.CLIENT_HELLO
-            and not self._config.is_client
-            and state is not State.SERVER_EXPECT_CLIENT_HELLO
-            and frag.is_whole
-        ):
-            try:
-                random = ClientHello.decode(frag.body).random
-            except DtlsDecodeError:
-                random = b""
-            if random != hs.client_random:
-                # A ClientHello with another random is a new handshake (a restarted client,
-                # RFC 6347 §4.2.8), not a retransmission: do not answer it with our flight.
-                # The caller starts a new DtlsConnection for it (through the CookieGate).
-                self.stats.dropped_unexpected += 1
-                return
-        if record.epoch == 0 and frag.msg_type not in self._epoch0_types:
-            # Finished and EKTKey only exist under epoch-1 keys: a plaintext one is forged and
-            # must not occupy a message_seq the real (protected) message will need.
+        route = self._hs.route_fragment(frag, record.epoch)  # the state table decides
+        if route is Route.DROP:
             self.stats.fragments_dropped += 1
             return
-        if self._established and record.epoch == 0:
-            # Only a retransmitted final flight of the peer can still come in epoch 0.
+        if route is Route.NEW_HELLO:
+            # Not answered here: the caller starts a new DtlsConnection for it (through the
+            # CookieGate), e.g. after client_offer_untrusted() saw a new client_random.
+            self.stats.dropped_unexpected += 1
+            return
+        if route is Route.LATE_PLAINTEXT:
             if frag.message_seq < self._reasm.next_seq:
                 self.stats.dropped_old += 1
                 self._peer_retransmitted = True
             else:
                 self.stats.fragments_dropped += 1
             return
-        if state is State.CLIENT_EXPECT_SERVER_HELLO:
-            if frag.msg_type == HandshakeType.HELLO_VERIFY_REQUEST:
-                # SPEC-DTLS 3.2: an HVR must answer the ClientHello just sent, whole.
-                if frag.is_whole and frag.message_seq == hs.client_hello_seq and record.epoch == 0:
-                    hs.handle_hello_verify_request(frag.body)
-                else:
-                    self.stats.fragments_dropped += 1
-                return
-            if (
-                frag.msg_type == HandshakeType.SERVER_HELLO
-                and frag.message_seq <= hs.client_hello_seq
-            ):
-                self._reasm.reset_to(frag.message_seq)
-        elif state is State.SERVER_EXPECT_CLIENT_HELLO:
-            if frag.msg_type != HandshakeType.CLIENT_HELLO or record.epoch != 0:
-                self.stats.fragments_dropped += 1
-                return
-            self._reasm.reset_to(frag.message_seq)
-        elif frag.msg_type == HandshakeType.HELLO_VERIFY_REQUEST:
-            self.stats.fragments_dropped += 1
+        if route is Route.HELLO_VERIFY:
+            self._handle_message(
+                record, ReceivedMessage(frag.msg_type, frag.message_seq, frag.body, record.epoch)
+            )
             return
+        if route is Route.FIRST:
+            self._reasm.reset_to(frag.message_seq)
         messages: list[ReceivedMessage] = []
         status = self._reasm.add(frag, messages, record.epoch)
         if status == OLD:
@@ -701,8 +658,16 @@ class DtlsConnection:
             # No renegotiation (D17): a HelloRequest or epoch-1 ClientHello is ignored.
             self.stats.dropped_unexpected += 1
             return
-        # The message's own epoch (all its fragments share it), not the completing record's.
-        hs.handle_message(m.msg_type, m.message_seq, m.body, m.epoch, record.sequence_number)
+        out = Output()
+        try:
+            # The message's own epoch (all its fragments share it), not the completing record's.
+            hs.handle_message(
+                m.msg_type, m.message_seq, m.body, m.epoch, record.sequence_number, out=out
+            )
+        finally:
+            # Also when the handshake refused the message: e.g. our alert to a refused
+            # ClientHello must carry the echoed record number (SPEC-DTLS 1.5).
+            self._apply(out)
         if self._early_ccs and hs.expects_ccs:
             self._early_ccs = False
             self._accept_ccs()
@@ -716,9 +681,10 @@ class DtlsConnection:
         if record.epoch != 0 or self._established or self._record.read_epoch != 0:
             self.stats.dropped_unexpected += 1  # repeats and late copies are ignored (3.8)
             return
-        if self._hs.expects_ccs:
+        route = self._hs.ccs_route()
+        if route is CcsRoute.ACCEPT:
             self._accept_ccs()
-        elif self._hs.state not in (State.CLIENT_START, State.SERVER_EXPECT_CLIENT_HELLO):
+        elif route is CcsRoute.EARLY:
             # Reordered ahead of the messages it follows: apply once they are in (3.8).
             self._early_ccs = True
         else:

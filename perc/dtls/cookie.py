@@ -28,17 +28,15 @@ import os
 import attrs
 from cryptography.hazmat.primitives import hashes, hmac
 
+from perc.dtls.offer import first_client_hello_untrusted
 from perc.wire.dtls import (
     DTLS_1_0,
     ClientHello,
     ContentType,
-    DtlsDecodeError,
     HandshakeType,
     HelloVerifyRequest,
     encode_handshake,
     encode_record_header,
-    parse_datagram_untrusted,
-    parse_handshake_fragments_untrusted,
 )
 
 COOKIE_LENGTH = 17
@@ -89,20 +87,10 @@ class CookieGate:
         return bytes((period & 0xFF,)) + h.finalize()[:16]
 
     def check(self, datagram: bytes, identity: bytes, now: float) -> CookieVerdict:
-        records, _ = parse_datagram_untrusted(datagram)
-        if not records:
+        first = first_client_hello_untrusted(datagram)
+        if first is None:
             return CookieVerdict()
-        rec = records[0]
-        if rec.content_type != ContentType.HANDSHAKE or rec.epoch != 0 or rec.version >> 8 != 0xFE:
-            return CookieVerdict()
-        try:
-            frags = parse_handshake_fragments_untrusted(rec.fragment)
-            frag = frags[0]
-            if frag.msg_type != HandshakeType.CLIENT_HELLO or not frag.is_whole:
-                return CookieVerdict()
-            ch = ClientHello.decode(frag.body)
-        except DtlsDecodeError:
-            return CookieVerdict()
+        rec, frag, ch = first.record, first.fragment, first.hello
         period = int(now // self._rotate_every)
         cookie = ch.cookie
         if len(cookie) == COOKIE_LENGTH:

@@ -24,9 +24,11 @@ Admission, in the order the handshake reaches each step:
    ``handshake_failure``.
 3. **Roster** (D15), when the client's certificate has been verified (``verify_peer``): the
    fingerprint and tls-id must map to a conference (:meth:`perc.keying.KeyingState.admit`),
-   else ``access_denied`` (49). The EKT cipher the ServerHello selected (computed from the
-   ClientHello, as the engine does: our preference AESKW256, AESKW128) must be the
+   else ``access_denied`` (49). The EKT cipher the ServerHello selected (our preference
+   AESKW256, AESKW128; the engine reports it in ``PeerIdentity.negotiated``) must be the
    conference's (one cipher per conference, see :mod:`perc.keying`), else ``handshake_failure``.
+   A ClientHello without use_srtp or without an EKT cipher of ours is refused by the engine at
+   once (``require_ekt``; ``handshake_failure`` before any server flight).
 4. **Keys**, on ``HandshakeCompleted``: ``MediaKeys`` with the outer halves of the exporter
    output (D4) go at once to the MDD that carried the Finished; the endpoint is then a member
    of the conference, and its first EKTKey goes out with ``send_ekt_key`` (the engine
@@ -87,7 +89,15 @@ import attrs
 import trio
 
 from perc.config import KmfConfig
-from perc.dtls import CookieGate, DtlsConfiguration, DtlsConnection, PeerIdentity, events
+from perc.dtls import (
+    ClientOffer,
+    CookieGate,
+    DtlsConfiguration,
+    DtlsConnection,
+    PeerIdentity,
+    client_offer_untrusted,
+    events,
+)
 from perc.dtls.errors import AlertDescription
 from perc.keying import (
     AESKW128,
@@ -105,17 +115,6 @@ from perc.keying import (
 from perc.roles.kmf import KmfTunnel
 from perc.srtp.errors import SrtpError
 from perc.srtp.keys import outer_media_keys
-from perc.wire.dtls import (
-    ClientHello,
-    ContentType,
-    DtlsDecodeError,
-    ExtensionType,
-    HandshakeType,
-    decode_uint8_list,
-    find_extension,
-    parse_datagram_untrusted,
-    parse_handshake_fragments_untrusted,
-)
 from perc.wire.tunnel import MediaKeys
 
 __all__ = [
@@ -146,40 +145,6 @@ def random_tls_id() -> str:
     return base64.urlsafe_b64encode(os.urandom(24)).decode("ascii")
 
 
-def _client_hello_untrusted(data: bytes) -> ClientHello | None:
-    """The ClientHello if ``data``'s first record is one whole, else None (never raises)."""
-    records, _ = parse_datagram_untrusted(data)
-    if not records:
-        return None
-    rec = records[0]
-    if rec.content_type != ContentType.HANDSHAKE or rec.epoch != 0:
-        return None
-    try:
-        frag = parse_handshake_fragments_untrusted(rec.fragment)[0]
-        if frag.msg_type != HandshakeType.CLIENT_HELLO or not frag.is_whole:
-            return None
-        return ClientHello.decode(frag.body)
-    except DtlsDecodeError:
-        return None
-
-
-def _maybe_client_hello(data: bytes) -> bool:
-    """Cheap pre-check: epoch-0 handshake record whose first message is a ClientHello."""
-    return len(data) > 25 and data[0] == 22 and data[3] == 0 and data[4] == 0 and data[13] == 1
-
-
-def _negotiated_ekt_cipher(hello: ClientHello) -> int | None:
-    """The EKT cipher our ServerHello selects for ``hello`` (the engine's rule: our order)."""
-    raw = find_extension(hello.extensions, ExtensionType.SUPPORTED_EKT_CIPHERS)
-    if raw is None:
-        return None
-    try:
-        offered = decode_uint8_list(raw)
-    except DtlsDecodeError:
-        return None
-    return next((c for c in EKT_CIPHER_PREFERENCE if c in offered), None)
-
-
 def _profile_text(profiles: Sequence[int]) -> str:
     return ",".join(f"0x{p:04X}" for p in profiles) or "none"
 
@@ -194,7 +159,7 @@ class KmfAssociation:
     client_random: bytes
     created: float
     ekt_cipher: int | None = None
-    """The EKT cipher our ServerHello selected (from the ClientHello), None if none."""
+    """The EKT cipher our ServerHello selected (the engine reports it to verify_peer)."""
     conference: Conference | None = None
     """Set when the roster admitted the endpoint (verify_peer)."""
     fingerprint: str = "?"
@@ -279,6 +244,7 @@ class KeyingHandler:
             private_key=config.identity.private_key,
             srtp_profiles=self.profiles,
             ekt_ciphers=EKT_CIPHER_PREFERENCE,
+            require_ekt=True,
             tls_id=self.tls_id,
             handshake_timeout=dtls_handshake_timeout,
             keylog=keylog,
@@ -342,21 +308,20 @@ class KeyingHandler:
                 # confused or hostile; it must not divert this endpoint's DTLS (or its keys).
                 self.stats.dropped_wrong_mdd += 1
                 return
-            if _maybe_client_hello(data):
-                hello = _client_hello_untrusted(data)
-                if hello is not None and hello.random != assoc.client_random:
-                    # A restarted endpoint on the same 5-tuple (RFC 6347 §4.2.8).
-                    self._new_association(association_id, data, hello, tunnel, now, old=assoc)
-                    return
+            hello = client_offer_untrusted(data)
+            if hello is not None and hello.client_random != assoc.client_random:
+                # A restarted endpoint on the same 5-tuple (RFC 6347 §4.2.8).
+                self._new_association(association_id, data, hello, tunnel, now, old=assoc)
+                return
             assoc.tunnel = tunnel
             assoc.connection.receive_datagram(data, now)
             self._service(assoc, now)
             return
-        if not _maybe_client_hello(data):
+        hello = client_offer_untrusted(data)
+        if hello is None:
             self._drop_unknown(association_id, tunnel)
             return
-        # The gate parses the ClientHello first; we parse it only once it passed.
-        self._new_association(association_id, data, None, tunnel, now, old=None)
+        self._new_association(association_id, data, hello, tunnel, now, old=None)
 
     def _drop_unknown(self, association_id: uuid.UUID, tunnel: KmfTunnel) -> None:
         self.stats.dropped_no_association += 1
@@ -449,7 +414,7 @@ class KeyingHandler:
         self,
         association_id: uuid.UUID,
         data: bytes,
-        hello: ClientHello | None,
+        hello: ClientOffer,
         tunnel: KmfTunnel,
         now: float,
         *,
@@ -465,11 +430,6 @@ class KeyingHandler:
             if not verdict.accepted:
                 self._drop_unknown(association_id, tunnel)
                 return
-        if hello is None:
-            hello = _client_hello_untrusted(data)
-            if hello is None:
-                self._drop_unknown(association_id, tunnel)
-                return
         if old is not None:
             self.stats.restarts += 1
             del self.associations[association_id]
@@ -480,12 +440,12 @@ class KeyingHandler:
         assoc = KmfAssociation(
             association_id=association_id,
             tunnel=tunnel,
-            client_random=hello.random,
+            client_random=hello.client_random,
             created=now,
-            ekt_cipher=_negotiated_ekt_cipher(hello),
         )
         config = attrs.evolve(
             self._base,
+            inspect_client_offer=lambda offer: self._inspect_offer(assoc, offer),
             select_srtp_profile=lambda offered: self._select_profile(assoc, offered),
             verify_peer=lambda peer: self._verify_peer(assoc, peer),
         )
@@ -494,6 +454,15 @@ class KeyingHandler:
         self.stats.associations_created += 1
         assoc.connection.receive_datagram(data, now)
         self._service(assoc, now)
+
+    @staticmethod
+    def _inspect_offer(assoc: KmfAssociation, offer: ClientOffer) -> int | None:
+        # The engine refuses these offers at once (require_ekt, use_srtp); say why in our log.
+        if not offer.use_srtp:
+            assoc.refusal = "the endpoint offered no use_srtp (D18)"
+        elif not set(offer.ekt_ciphers) & set(EKT_CIPHER_PREFERENCE):
+            assoc.refusal = "the endpoint offered no EKT cipher we support"
+        return None
 
     def _select_profile(self, assoc: KmfAssociation, offered: Sequence[int]) -> int | None:
         mdd_profiles = assoc.tunnel.protection_profiles
@@ -509,6 +478,8 @@ class KeyingHandler:
 
     def _verify_peer(self, assoc: KmfAssociation, peer: PeerIdentity) -> int | None:
         assoc.fingerprint = peer.fingerprint
+        if peer.negotiated is not None:
+            assoc.ekt_cipher = peer.negotiated.ekt_cipher
         admission = self.state.admit(peer.fingerprint, peer.tls_id)
         conf = admission.conference
         if conf is None:

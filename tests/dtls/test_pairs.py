@@ -52,7 +52,7 @@ def test_every_suite_and_group(suite: int, group: int, cookies: bool) -> None:
     c, s = _handshake(p)
     assert c.cipher_suite == s.cipher_suite == suite
     assert p.server is not None
-    assert p.server._hs._group == group
+    assert p.server.negotiated is not None and p.server.negotiated.named_group == group
     assert c.srtp_profile == s.srtp_profile == 0x0009
     assert c.ekt_cipher == s.ekt_cipher == 1
     assert c.srtp_keying_material == s.srtp_keying_material
@@ -675,7 +675,11 @@ def test_x25519_only_client_still_lists_p256() -> None:
     p.pump()
     c, s = _completed(p.client_events), _completed(p.server_events)
     assert c.srtp_keying_material == s.srtp_keying_material
-    assert p.server is not None and p.server._hs._group == 29
+    assert (
+        p.server is not None
+        and p.server.negotiated is not None
+        and p.server.negotiated.named_group == 29
+    )
 
 
 def test_abort_sends_fatal_alert_after_handshake() -> None:

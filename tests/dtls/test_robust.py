@@ -91,7 +91,8 @@ def test_mutated_traffic_never_crashes(seed: int, cookies: bool, mtu: int) -> No
             p.server is not None
             and p.server.is_established
             and step % 7 == 0
-            and p.server._hs.ekt_cipher is not None
+            and p.server.negotiated is not None
+            and p.server.negotiated.ekt_cipher is not None
         ):
             p.server.send_ekt_key(b"K" * 16, b"S" * 12, step, 60, p.now)
         p.now += 0.6

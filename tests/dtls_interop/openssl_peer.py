@@ -266,6 +266,14 @@ class OpensslPeer:
     def group_name(self) -> str | None:
         return self.connection.get_group_name()
 
+    @property
+    def client_random(self) -> bytes | None:
+        return self.connection.client_random()
+
+    @property
+    def server_random(self) -> bytes | None:
+        return self.connection.server_random()
+
     # -- internals ------------------------------------------------------------------------
     def _drive(self) -> None:
         if self.failed is not None:

@@ -89,6 +89,17 @@ def check_agreement(ours: Any, theirs: OpensslPeer, *, profile: int | None = Non
     # OpenSSL knows neither EKT nor external_session_id: nothing negotiated
     assert event.ekt_cipher is None
     assert event.peer_tls_id is None
+    # What our engine reports it negotiated is what OpenSSL says it negotiated.
+    n = event.negotiated
+    assert (n.client_random, n.server_random) == (theirs.client_random, theirs.server_random)
+    assert len(n.client_random) == len(n.server_random) == 32
+    assert n.srtp_profile == theirs.srtp_profile and n.cipher_suite == theirs.cipher_suite
+    assert GROUPS[n.named_group] == theirs.group_name
+    assert n.peer_certificate_der == theirs.identity.certificate_der
+    assert n.peer_fingerprint == fingerprint_of(theirs.identity.certificate)
+    assert n.ekt_cipher is None and n.peer_tls_id is None
+    engine = ours.peer if isinstance(ours, GatedServer) else ours
+    assert engine.connection.negotiated == n
 
 
 def ours_client(
@@ -382,6 +393,38 @@ def test_no_common_profile_handshake_failure(
     pump_to_end(client, server)
     closed = server.first("ConnectionClosed")
     assert closed is not None and closed.alert == 40
+    assert client.failed is not None and "handshake failure" in str(client.failed)
+
+
+@pytest.mark.parametrize("use_srtp", [False, True])
+def test_openssl_client_refused_at_its_client_hello(
+    client_identity: Identity, server_identity: Identity, use_srtp: bool
+) -> None:
+    # Without use_srtp, or (require_ekt) without supported_ekt_ciphers, which OpenSSL never
+    # sends: our server answers the ClientHello with one handshake_failure alert and no flight.
+    ctx = SSL.Context(SSL.DTLS_METHOD)
+    ctx.set_min_proto_version(DTLS1_2_VERSION)
+    ctx.set_max_proto_version(DTLS1_2_VERSION)
+    ctx.set_cipher_list(b"ECDHE-ECDSA-AES128-GCM-SHA256")
+    if use_srtp:
+        ctx.set_tlsext_use_srtp(b"SRTP_DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM")
+    ctx.use_certificate(client_identity.certificate)
+    ctx.use_privatekey(client_identity.private_key)
+    ctx.set_verify(SSL.VERIFY_PEER, lambda *args: True)
+    ctx.set_options(SSL.OP_NO_QUERY_MTU)
+    ctx.set_keylog_callback(lambda conn, line: None)
+    server = server_peer(server_identity, require_ekt=True)
+    client = OpensslPeer(is_client=True, identity=client_identity, context=ctx)
+    wire = Wire()
+    client.connect(0.0)
+    pump(client, server, tap=wire.tap, stop_when_quiet=True)
+    answers = wire.sent_by("b->a")
+    assert len(answers) == 1 and answers[0][0] == 21  # one alert record, no ServerHello
+    offer = server.first("ClientHelloReceived").offer
+    assert offer.use_srtp is use_srtp and not offer.supported_ekt_ciphers
+    assert len(offer.client_random) == 32
+    closed = server.first("ConnectionClosed")
+    assert closed is not None and closed.alert == 40 and not closed.sent_by_peer
     assert client.failed is not None and "handshake failure" in str(client.failed)
 
 
