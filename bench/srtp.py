@@ -2,8 +2,8 @@
 
 Run: ``.venv/bin/python bench/srtp.py`` (or ``bash dev.sh bench srtp``). Options:
 ``--packets N`` (per timed run, default 20000), ``--repeats R`` (best of R, default 7),
-``--only TEXT`` (rows whose name contains TEXT), ``--check`` (exit 1 if a row misses its target),
-``--quick`` (50 packets, 1 repeat: a smoke run).
+``--only TEXT[,TEXT]`` (rows whose name contains a TEXT), ``--check`` (exit 1 if a row misses
+its target), ``--quick`` (50 packets, 1 repeat: a smoke run).
 
 Method (bench/harness.py): every row has two factories, ``ours`` and ``baseline``. A factory
 builds fresh state (sessions, input packets) and returns a zero-argument runner that processes
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="")
     args = harness.parse(parser, argv, quick={"packets": 50})
     n = args.packets
-    rows = [r for r in single_layer_rows(n) + extra_rows(n) if args.only in r.name]
+    only = args.only.split(",")
+    rows = [r for r in single_layer_rows(n) + extra_rows(n) if any(o in r.name for o in only)]
     harness.print_machine()
     print(f"best of {args.repeats} runs of {n} packets each; times in microseconds per packet")
     table = harness.Table(
