@@ -231,7 +231,8 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 class RoleProcess:
     """A ``python -m perc ROLE ...`` subprocess in ``folder`` with its log in ``NAME.log``;
-    ``profile``: run it under cProfile, statistics to ``NAME.prof``."""
+    ``profile``: run it under cProfile, statistics to ``NAME.prof``; ``log_level``: perc's
+    ``--log-level`` (None: perc's default)."""
 
     def __init__(
         self,
@@ -240,15 +241,16 @@ class RoleProcess:
         folder: Path,
         *,
         profile: bool = False,
-        log_level: str = "info",
+        log_level: str | None = None,
     ) -> None:
         self.name = name
         self.log = folder / f"{name}.log"
         self.profile = folder / f"{name}.prof" if profile else None
         prefix = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
+        level = ["--log-level", log_level] if log_level else []
         self._log = self.log.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, *prefix, "-m", "perc", "--log-level", log_level, *args],
+            [sys.executable, *prefix, "-m", "perc", *level, *args],
             cwd=folder,
             stdout=subprocess.DEVNULL,
             stderr=self._log,
