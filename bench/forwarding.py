@@ -102,32 +102,16 @@ class Setup:
 
 
 def start_perc(folder: Path, n_identities: int, *, profile: bool = False) -> Setup:
-    def ident(name: str) -> identity.Identity:
-        i = identity.generate(name)
-        identity.write(i, folder, name)
-        return i
-
-    kmf_id, mdd_id = ident("kmf"), ident("mdd")
-    people = [ident(f"ep{i}") for i in range(n_identities)]
-    fps = ", ".join(f'"{p.fingerprint}"' for p in people)
-    (folder / "kmf.toml").write_text(
-        f'[kmf]\nlisten = "{LOCAL}:0"\ncert = "kmf.crt"\nkey = "kmf.key"\n'
-        f'trusted_mdds = ["{mdd_id.fingerprint}"]\n\n'
-        f'[[conference]]\nid = "bench"\nparticipants = [{fps}]\n'
-        "rekey_on_join = false\nrekey_on_leave = false\n"
+    people = [identity.generate(f"ep{i}") for i in range(n_identities)]
+    roles = harness.start_roles(
+        folder,
+        [p.fingerprint for p in people],
+        conference="bench",
+        idle_timeout=3600.0,
+        profile="mdd" if profile else None,
+        log_level="info",
     )
-    kmf = RoleProcess("kmf", ["kmf", "--config", "kmf.toml"], folder, log_level="info")
-    port = int(kmf.wait_for(r"KMF listening on [\d.]+:(\d+)").group(1))
-    (folder / "mdd.toml").write_text(
-        '[mdd]\ncert = "mdd.crt"\nkey = "mdd.key"\nidle_timeout = 3600.0\n\n'
-        f'[[conference]]\nid = "bench"\nlisten = "{LOCAL}:0"\nkmf = "{LOCAL}:{port}"\n'
-        f'kmf_fingerprint = "{kmf_id.fingerprint}"\n'
-    )
-    args = ["mdd", "--config", "mdd.toml"]
-    mdd = RoleProcess("mdd", args, folder, profile=profile, log_level="info")
-    udp = int(mdd.wait_for(r"listening on udp [\d.]+:(\d+)").group(1))
-    mdd.wait_for(r"tunnel up conference=bench")
-    return Setup(folder, kmf, mdd, (LOCAL, udp), kmf_id.fingerprint, people)
+    return Setup(folder, roles.kmf, roles.mdd, roles.mdd_address, roles.kmf_fingerprint, people)
 
 
 # --- endpoints -------------------------------------------------------------------------------

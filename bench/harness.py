@@ -27,8 +27,11 @@ machine then falls on every row alike, and the minimum is the run it disturbed l
 
 Output: :class:`Table` prints aligned columns from format specs; :func:`ratio` prints the line
 ``ratio X / Y  N.NN`` (optionally with the target and a verdict) that the smoke tests and
-readers look for. :class:`RoleProcess` and :func:`cpu_seconds` serve the benches that start
-real ``perc`` role processes.
+readers look for.
+
+Role processes: :func:`start_roles` writes throwaway identities and kmf.toml / mdd.toml for one
+conference and starts a real ``perc kmf`` and ``perc mdd`` (:class:`RoleProcess`, the commands
+a user runs) on loopback; :func:`cpu_seconds` reads a process's CPU time.
 """
 
 from __future__ import annotations
@@ -43,7 +46,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from perc import identity
 
 Runner = Callable[[], object]
 Factory = Callable[[], Runner]
@@ -287,3 +295,83 @@ class RoleProcess:
             code = self.process.wait()
         self._log.close()
         return code
+
+
+LOCAL = "127.0.0.1"
+
+
+@dataclass
+class PercRoles:
+    """A running ``perc kmf`` and ``perc mdd`` serving one conference (:func:`start_roles`)."""
+
+    kmf: RoleProcess
+    mdd: RoleProcess
+    #: The conference's UDP address at the MDD (where endpoints send).
+    mdd_address: tuple[str, int]
+    kmf_fingerprint: str
+
+    def stop(self) -> tuple[int, int]:
+        """Stop both (the MDD first); their exit statuses (kmf, mdd)."""
+        mdd = self.mdd.stop()
+        return self.kmf.stop(), mdd
+
+
+def start_roles(
+    folder: Path,
+    participants: Sequence[str],
+    *,
+    conference: str,
+    rekey: bool = False,
+    idle_timeout: float | None = None,
+    profile: str | None = None,
+    log_level: str | None = None,
+) -> PercRoles:
+    """New KMF and MDD identities, kmf.toml and mdd.toml in ``folder``; start ``perc kmf``, then
+    ``perc mdd`` once the KMF's port is known; return when the MDD's tunnel is up.
+
+    ``participants``: the roster's certificate fingerprints; ``rekey``: the conference rekeys on
+    join and leave; ``idle_timeout``: the MDD's (None: perc's default); ``profile``: "kmf" or
+    "mdd" runs that role under cProfile; ``log_level``: both roles' ``--log-level``.
+    """
+    kmf_id, mdd_id = identity.generate("kmf"), identity.generate("mdd")
+    identity.write(kmf_id, folder, "kmf")
+    identity.write(mdd_id, folder, "mdd")
+    roster = ", ".join(f'"{fp}"' for fp in participants)
+    policy = "" if rekey else "rekey_on_join = false\nrekey_on_leave = false\n"
+    (folder / "kmf.toml").write_text(
+        f'[kmf]\nlisten = "{LOCAL}:0"\ncert = "kmf.crt"\nkey = "kmf.key"\n'
+        f'trusted_mdds = ["{mdd_id.fingerprint}"]\n\n'
+        f'[[conference]]\nid = "{conference}"\nparticipants = [{roster}]\n{policy}'
+    )
+    kmf = RoleProcess(
+        "kmf",
+        ["kmf", "--config", "kmf.toml"],
+        folder,
+        profile=profile == "kmf",
+        log_level=log_level,
+    )
+    try:
+        kmf_port = int(kmf.wait_for(r"KMF listening on \S+:(\d+)").group(1))
+        idle = "" if idle_timeout is None else f"idle_timeout = {idle_timeout}\n"
+        (folder / "mdd.toml").write_text(
+            f'[mdd]\ncert = "mdd.crt"\nkey = "mdd.key"\n{idle}\n'
+            f'[[conference]]\nid = "{conference}"\nlisten = "{LOCAL}:0"\n'
+            f'kmf = "{LOCAL}:{kmf_port}"\nkmf_fingerprint = "{kmf_id.fingerprint}"\n'
+        )
+        mdd = RoleProcess(
+            "mdd",
+            ["mdd", "--config", "mdd.toml"],
+            folder,
+            profile=profile == "mdd",
+            log_level=log_level,
+        )
+        try:
+            udp_port = int(mdd.wait_for(r"listening on udp \S+:(\d+)").group(1))
+            mdd.wait_for(f"tunnel up conference={re.escape(conference)}")
+        except BaseException:
+            mdd.stop()
+            raise
+    except BaseException:
+        kmf.stop()
+        raise
+    return PercRoles(kmf, mdd, (LOCAL, udp_port), kmf_id.fingerprint)

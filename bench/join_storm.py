@@ -55,7 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import harness
-from harness import RoleProcess, cpu_seconds
+from harness import cpu_seconds
 
 from perc import identity
 from perc.dtls import DtlsConfiguration, DtlsConnection
@@ -69,33 +69,6 @@ LOCAL = "127.0.0.1"
 
 
 # --- processes ---------------------------------------------------------------------------------
-
-
-def start_system(
-    folder: Path, endpoints: list[Identity], *, rekey: bool, profile: str | None
-) -> tuple[RoleProcess, RoleProcess, int, str]:
-    kmf_id, mdd_id = identity.generate("kmf"), identity.generate("mdd")
-    identity.write(kmf_id, folder, "kmf")
-    identity.write(mdd_id, folder, "mdd")
-    roster = ", ".join(f'"{e.fingerprint}"' for e in endpoints)
-    policy = "" if rekey else "rekey_on_join = false\nrekey_on_leave = false\n"
-    (folder / "kmf.toml").write_text(
-        f'[kmf]\nlisten = "{LOCAL}:0"\ncert = "kmf.crt"\nkey = "kmf.key"\n'
-        f'trusted_mdds = ["{mdd_id.fingerprint}"]\n\n'
-        f'[[conference]]\nid = "storm"\nparticipants = [{roster}]\n{policy}'
-    )
-
-    kmf = RoleProcess("kmf", ["kmf", "--config", "kmf.toml"], folder, profile=profile == "kmf")
-    kmf_port = int(kmf.wait_for(r"KMF listening on \S+:(\d+)").group(1))
-    (folder / "mdd.toml").write_text(
-        f'[mdd]\ncert = "mdd.crt"\nkey = "mdd.key"\n\n'
-        f'[[conference]]\nid = "storm"\nlisten = "{LOCAL}:0"\nkmf = "{LOCAL}:{kmf_port}"\n'
-        f'kmf_fingerprint = "{kmf_id.fingerprint}"\n'
-    )
-    mdd = RoleProcess("mdd", ["mdd", "--config", "mdd.toml"], folder, profile=profile == "mdd")
-    mdd_port = int(mdd.wait_for(r"listening on udp \S+:(\d+)").group(1))
-    mdd.wait_for("tunnel up conference=storm")
-    return kmf, mdd, mdd_port, kmf_id.fingerprint
 
 
 #: (join times in seconds, failures, elapsed seconds)
@@ -335,24 +308,28 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="perc-join-storm-") as tmp:
         folder = Path(tmp) if args.keep is None else args.keep
         folder.mkdir(parents=True, exist_ok=True)
-        kmf, mdd, mdd_port, kmf_fp = start_system(
-            folder, endpoints, rekey=args.rekey, profile=args.profile
+        roles = harness.start_roles(
+            folder,
+            [e.fingerprint for e in endpoints],
+            conference="storm",
+            rekey=args.rekey,
+            profile=args.profile,
         )
         levels = [int(c) for c in args.concurrency.split(",")]
         saturation: list[tuple[int, Run, dict[str, float]]] = []
         try:
-            gen = LoadGenerator((LOCAL, mdd_port), endpoints, kmf_fp)
+            gen = LoadGenerator(roles.mdd_address, endpoints, roles.kmf_fingerprint)
             # warm-up: imports, first tunnel writes, caches
             gen.run(4, joins=min(20, args.joins))
             latency = gen.run(10, joins=args.joins)
-            pids = {"kmf": kmf.pid, "mdd": mdd.pid, "load generator": None}
+            pids = {"kmf": roles.kmf.pid, "mdd": roles.mdd.pid, "load generator": None}
             for level in levels:
                 before = {n: cpu_seconds(p) for n, p in pids.items()}
                 result = gen.run(level, seconds=args.seconds)
                 cpu = {n: cpu_seconds(p) - before[n] for n, p in pids.items()}
                 saturation.append((level, result, cpu))
         finally:
-            codes = (kmf.stop(), mdd.stop())
+            codes = roles.stop()
         base = baseline(endpoints, identity.generate("kmf-baseline"), args.baseline)
         harness.print_machine()
         print(
