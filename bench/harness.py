@@ -64,7 +64,7 @@ def parser(
 ) -> argparse.ArgumentParser:
     """An ArgumentParser described by the first line of ``doc`` with the common options:
     ``--quick`` always, ``--repeats R`` (default ``repeats``) if given, ``--check`` if asked."""
-    p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
+    p = argparse.ArgumentParser(description=next(iter((doc or "").strip().splitlines()), ""))
     p.add_argument(
         "--quick",
         action="store_true",
