@@ -1,6 +1,9 @@
 """DTLS 1.2 handshake speed: perc's own engine against pyOpenSSL, measured in one process.
 
-Usage: .venv/bin/python bench/dtls_handshake.py [--count N] [--warmup N]
+Run: ``.venv/bin/python bench/dtls_handshake.py`` (or ``bash dev.sh bench dtls_handshake``).
+Options: ``--count N`` (timed handshakes per row, default 300), ``--warmup N`` (untimed ones
+first, default 20), ``--check`` (exit 1 if a target is missed), ``--quick`` (3 handshakes after
+1 warm-up: a smoke run).
 
 Every handshake is a full mutually authenticated DTLS 1.2 handshake (ECDHE-ECDSA, P-256
 certificates, use_srtp, EMS) between a client and a server object joined in memory, without
@@ -22,13 +25,17 @@ cookies and without loss (tests/dtls_interop/harness.py ``pump``). Rows:
     server (the server's random and ECDHE share change the transcript the client signs), so
     the server is timed inside live pairs.
 
+Rows are measured round robin (one pair of each per round) so that load from other programs
+hits every row alike. After the table (bench/harness.py) the lines ``ratio perc / pyOpenSSL``,
+``ratio perc new cert / pyOpenSSL``, ``ratio perc / pyOpenSSL+ctx`` and ``ratio perc cookie /
+pyOpenSSL cookie`` (mean pair time; the median ratio in brackets) and the server rates.
+
 Targets (issue 6): perc pair <= 4x the pyOpenSSL pair (the shared-context row, the stricter
 baseline); perc server >= 300 handshakes/s.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -38,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import harness
 
 from perc import identity
 from perc.identity import Identity
@@ -166,11 +175,11 @@ def one_pair(
     return t3 - t0, server.elapsed + (t2 - t1)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, check=True)
     parser.add_argument("--count", type=int, default=300, help="handshakes per row")
-    parser.add_argument("--warmup", type=int, default=20)
-    args = parser.parse_args()
+    parser.add_argument("--warmup", type=int, default=20, help="untimed handshakes first")
+    args = harness.parse(parser, argv, quick={"count": 3, "warmup": 1})
 
     client_id = identity.generate("endpoint")
     server_id = identity.generate("kmf")
@@ -202,20 +211,27 @@ def main() -> int:
                 samples[name][0].append(pair)
                 samples[name][1].append(server)
 
+    harness.print_machine()
     print(f"DTLS 1.2 mutually authenticated handshake pairs in memory, count={args.count}")
-    print(
-        f"{'implementation':<17} {'mean ms/pair':>12} {'median ms':>10} {'pairs/s':>9} "
-        f"{'server ms/hs':>12} {'server hs/s':>11}"
+    table = harness.Table(
+        ("implementation", "<17"),
+        ("mean ms/pair", ">12.3f"),
+        ("median ms", ">10.3f"),
+        ("pairs/s", ">9.1f"),
+        ("server ms/hs", ">12.3f"),
+        ("server hs/s", ">11.1f"),
     )
+    table.header()
     for name, (pairs, servers) in samples.items():
         mean = statistics.fmean(pairs)
         smean = statistics.fmean(servers)
-        print(
-            f"{name:<17} {mean * 1e3:>12.3f} {statistics.median(pairs) * 1e3:>10.3f} "
-            f"{1 / mean:>9.1f} {smean * 1e3:>12.3f} {1 / smean:>11.1f}"
+        table.row(
+            name, mean * 1e3, statistics.median(pairs) * 1e3, 1 / mean, smean * 1e3, 1 / smean
         )
     if "perc" not in samples:
         return 1
+    print()
+    met = True
     for our_name, base_name in (
         ("perc", "pyOpenSSL"),
         ("perc new cert", "pyOpenSSL"),
@@ -225,19 +241,22 @@ def main() -> int:
         ours, base = samples[our_name], samples[base_name]
         ratio = statistics.fmean(ours[0]) / statistics.fmean(base[0])
         median_ratio = statistics.median(ours[0]) / statistics.median(base[0])
-        verdict = "met" if ratio <= TARGET_RATIO else "MISSED"
-        print(
-            f"ratio {our_name}/{base_name} pair time: mean {ratio:.2f}x, "
-            f"median {median_ratio:.2f}x (target <= {TARGET_RATIO:.0f}x: {verdict})"
+        met &= harness.ratio(
+            our_name,
+            base_name,
+            ratio,
+            at_most=TARGET_RATIO,
+            note=f"(mean pair time; median {median_ratio:.2f})",
         )
     for name in ("perc", "perc new cert"):
         rate = 1 / statistics.fmean(samples[name][1])
-        verdict = "met" if rate >= TARGET_SERVER_RATE else "MISSED"
+        ok = rate >= TARGET_SERVER_RATE
+        met &= ok
         print(
             f"{name} server handshakes/s: {rate:.0f} "
-            f"(target >= {TARGET_SERVER_RATE:.0f}: {verdict})"
+            f"(target >= {TARGET_SERVER_RATE:.0f}: {'met' if ok else 'MISSED'})"
         )
-    return 0
+    return 1 if (args.check and not met) else 0
 
 
 if __name__ == "__main__":

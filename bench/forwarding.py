@@ -7,7 +7,8 @@ payload bytes, default 160), ``--rates 5000,10000,...`` (offered packets/s per s
 ``--size-search`` / ``--no-size-search`` (default on), ``--size-start N`` (20),
 ``--size-step N`` (5), ``--size-max N`` (150), ``--size-seconds S`` (3), ``--video-pps P``
 (100), ``--video-size B`` (1100), ``--keep DIR`` (keep configs and logs), ``--profile`` (run
-the MDD under cProfile and print its top functions: where the time goes).
+the MDD under cProfile and print its top functions: where the time goes), ``--quick`` (3
+endpoints, 1 sender, one 0.3 s step at 1000 packets/s, a one-step size search: a smoke run).
 
 What happens:
 
@@ -50,27 +51,26 @@ handicap.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import random
-import re
 import resource
 import select
 import shutil
-import signal
 import socket
 import struct
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import harness
 import trio
+from harness import RoleProcess, cpu_seconds
 
 from perc import identity
 from perc.roles.endpoint import JoinResult, JoinSettings, join
@@ -85,93 +85,33 @@ TARGET_RATIO = 0.6
 RCVBUF = 4 << 20
 #: After the last packet is sent, how long the sink keeps counting (seconds).
 GRACE = 0.4
-TICKS = os.sysconf("SC_CLK_TCK")
 #: The baseline relay's SO_RCVBUF: the same as the MDD's (perc.roles.mdd.RECEIVE_BUFFER).
 MDD_RECEIVE_BUFFER = 4 << 20
 
 # --- processes -------------------------------------------------------------------------------
 
 
-class Child:
-    """A ``python -m perc`` subprocess with its log in a file."""
-
-    def __init__(
-        self, name: str, args: Sequence[str], folder: Path, *, profile: bool = False
-    ) -> None:
-        self.log = folder / f"{name}.log"
-        self.profile = folder / f"{name}.prof" if profile else None
-        prefix = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
-        self.process = subprocess.Popen(
-            [sys.executable, *prefix, "-m", "perc", "--log-level", "info", *args],
-            cwd=folder,
-            stdout=subprocess.DEVNULL,
-            stderr=self.log.open("w"),
-            env={k: v for k, v in os.environ.items() if k != "SSLKEYLOGFILE"},
-        )
-
-    def wait_for(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = rx.search(self.log.read_text())
-            if m is not None:
-                return m
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.log.name}: no {pattern!r}:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
-
-
 @dataclass
 class Setup:
     folder: Path
-    kmf: Child
-    mdd: Child
+    kmf: RoleProcess
+    mdd: RoleProcess
     mdd_addr: tuple[str, int]
     kmf_fingerprint: str
     identities: list[identity.Identity]
 
 
 def start_perc(folder: Path, n_identities: int, *, profile: bool = False) -> Setup:
-    def ident(name: str) -> identity.Identity:
-        i = identity.generate(name)
-        identity.write(i, folder, name)
-        return i
-
-    kmf_id, mdd_id = ident("kmf"), ident("mdd")
-    people = [ident(f"ep{i}") for i in range(n_identities)]
-    fps = ", ".join(f'"{p.fingerprint}"' for p in people)
-    (folder / "kmf.toml").write_text(
-        f'[kmf]\nlisten = "{LOCAL}:0"\ncert = "kmf.crt"\nkey = "kmf.key"\n'
-        f'trusted_mdds = ["{mdd_id.fingerprint}"]\n\n'
-        f'[[conference]]\nid = "bench"\nparticipants = [{fps}]\n'
-        "rekey_on_join = false\nrekey_on_leave = false\n"
+    people = [identity.generate(f"ep{i}") for i in range(n_identities)]
+    roles = harness.start_roles(
+        folder,
+        [p.fingerprint for p in people],
+        conference="bench",
+        idle_timeout=3600.0,
+        profile="mdd" if profile else None,
+        log_level="info",
     )
-    kmf = Child("kmf", ["kmf", "--config", "kmf.toml"], folder)
-    port = int(kmf.wait_for(r"KMF listening on [\d.]+:(\d+)").group(1))
-    (folder / "mdd.toml").write_text(
-        '[mdd]\ncert = "mdd.crt"\nkey = "mdd.key"\nidle_timeout = 3600.0\n\n'
-        f'[[conference]]\nid = "bench"\nlisten = "{LOCAL}:0"\nkmf = "{LOCAL}:{port}"\n'
-        f'kmf_fingerprint = "{kmf_id.fingerprint}"\n'
-    )
-    mdd = Child("mdd", ["mdd", "--config", "mdd.toml"], folder, profile=profile)
-    udp = int(mdd.wait_for(r"listening on udp [\d.]+:(\d+)").group(1))
-    mdd.wait_for(r"tunnel up conference=bench")
-    return Setup(folder, kmf, mdd, (LOCAL, udp), kmf_id.fingerprint, people)
+    return Setup(folder, roles.kmf, roles.mdd, roles.mdd_address, roles.kmf_fingerprint, people)
 
 
 # --- endpoints -------------------------------------------------------------------------------
@@ -351,9 +291,10 @@ class Step:
 
     @property
     def us_per_delivery(self) -> float:
-        """Relay CPU time per delivery (independent of how much CPU it was given)."""
+        """Relay CPU time per delivery (independent of how much CPU it was given); NaN if the
+        step received nothing or was too short for one tick of /proc's CPU clock."""
         wall = self.seconds + GRACE + 0.2
-        return 1e6 * self.cpu * wall / self.received if self.received else 0.0
+        return 1e6 * self.cpu * wall / self.received if self.received and self.cpu else math.nan
 
     @property
     def loss(self) -> float:
@@ -490,7 +431,7 @@ def ladder(
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = harness.parser(__doc__)
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--senders", type=int, default=4)
     ap.add_argument("--receivers", type=int, default=10)
@@ -511,10 +452,13 @@ def main() -> int:
     ap.add_argument(
         "--profile", action="store_true", help="run the MDD under cProfile; print its top 25"
     )
-    args = ap.parse_args()
+    quick = {"seconds": 0.3, "senders": 1, "receivers": 2, "rates": [1000.0]}
+    quick |= {"size_start": 3, "size_max": 3, "size_seconds": 0.3}
+    args = harness.parse(ap, quick=quick)
 
     folder = Path(tempfile.mkdtemp(prefix="perc-bench-fwd-"))
     members = args.receivers + 1
+    harness.print_machine()
     print(
         f"# forwarding: {members} endpoints, {args.senders} senders, {args.size} B payload, "
         f"{args.seconds:g} s per step, {os.cpu_count()} CPUs"
@@ -525,6 +469,7 @@ def main() -> int:
     )
     setup = start_perc(folder, n_identities=8, profile=args.profile)
     baseline_proc = None
+    endpoints: list[Endpoint] = []
     try:
         endpoints = join_endpoints(setup, 0, members)
         verified = verify_path(endpoints, args.size)
@@ -620,6 +565,8 @@ def main() -> int:
                 f"(step {args.size_step}; first loss at {n if best != n else '-'})"
             )
     finally:
+        for e in endpoints:
+            e.sock.close()
         if baseline_proc is not None and baseline_proc.pid is not None:
             baseline_proc.kill()
             baseline_proc.join(5)

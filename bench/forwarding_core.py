@@ -3,7 +3,8 @@
 Run: ``.venv/bin/python bench/forwarding_core.py`` (or ``bash dev.sh bench forwarding_core``).
 Options: ``--packets N`` (incoming packets per timed run, default 2000), ``--receivers R``
 (default 10), ``--repeats K`` (best of K, default 7), ``--bits 128|256`` (outer key size,
-default 128), ``--check`` (exit 1 if a core row misses the per-delivery target).
+default 128), ``--check`` (exit 1 if a core row misses the per-delivery target), ``--members
+K,K`` (see below), ``--quick`` (40 packets, 3 receivers, 1 repeat, members 4: a smoke run).
 
 What is timed: one sender's pre-encrypted double-encrypted SRTP (made by a real DoubleSender,
 EKT tags on the RFC 8870 §4.6 schedule: Full on the first three packets and every 100 ms for
@@ -31,27 +32,28 @@ join + leave of one endpoint (``add``, ``install_keys`` with its two SRTP sessio
 pre-incremental route upkeep (every route list rebuilt from scratch on each install_keys and
 remove, O(K^2)), measured alternately in the same run.
 
-Output: microseconds per delivery, deliveries/s, and the core's cost relative to each
-baseline. Target (issue 5's system goal of 150,000 deliveries/s for the whole MDD process,
-whose I/O shell costs at least as much again): the core alone at <= 3 us per delivery.
+Output (bench/harness.py): microseconds per delivery, deliveries/s, the core's cost relative
+to each baseline, and per size the lines ``ratio core audio|video / python copy relay`` and
+``ratio core audio|video / pylibsrtp`` (cost per delivery). Target (issue 5's system goal of
+150,000 deliveries/s for the whole MDD process, whose I/O shell costs at least as much again):
+the core alone at <= 3 us per delivery.
 Fresh state per timed run (a table refuses replays). The garbage collector is off while timing.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import pathlib
 import struct
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+import harness
+from harness import Factory, Runner
 from pylibsrtp import Policy, Session
 
 from perc.forwarding import Association, ForwardingConfig, ForwardingTable
@@ -60,8 +62,6 @@ from perc.srtp.ekt import EktCipher, EktParameterSet
 from perc.srtp.keys import exporter_length, outer_media_keys, split_exporter
 from perc.wire.tunnel import MediaKeys
 
-Runner = Callable[[], object]
-Factory = Callable[[], Runner]
 Address = tuple[str, int]
 TARGET_US = 3.0
 
@@ -275,27 +275,13 @@ def membership_factory(cls: type[ForwardingTable[Address]], members: int, joins:
     return factory
 
 
-def _time(factory: Factory) -> float:
-    runner = factory()
-    gc.collect()
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        runner()
-        return time.perf_counter() - t0
-    finally:
-        gc.enable()
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser = harness.parser(__doc__, repeats=7, check=True)
     parser.add_argument("--packets", type=int, default=2000)
     parser.add_argument("--receivers", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--bits", type=int, choices=(128, 256), default=128)
-    parser.add_argument("--check", action="store_true")
     parser.add_argument("--members", default="16,64,256", help="conference sizes, join+leave")
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv, quick={"packets": 40, "receivers": 3, "members": "4"})
     n, r = args.packets, args.receivers
     audio = Conference(n, 160, 111, r, args.bits)
     video = Conference(n, 1200, 96, r, args.bits)
@@ -331,27 +317,31 @@ def main(argv: list[str] | None = None) -> int:
             ],
         ),
     ]
+    harness.print_machine()
     print(
         f"AES-{args.bits}-GCM, 1 sender -> {r} receivers, {n} incoming packets per run, "
         f"best of {args.repeats}; us = microseconds per delivery (one outgoing datagram)"
     )
-    header = (
-        f"{'row':<36} {'bytes':>5} {'us':>7} {'deliveries/s':>13} {'vs copy':>8} "
-        f"{'vs libsrtp':>10}  target"
+    table = harness.Table(
+        ("row", "<36"),
+        ("bytes", ">5"),
+        ("us", ">7.3f"),
+        ("deliveries/s", ">13,.0f"),
+        ("vs copy", ">8"),
+        ("vs libsrtp", ">10"),
+        (" target", ""),
     )
-    print(header)
-    print("-" * len(header))
+    table.header()
     failed = 0
+    summary: list[tuple[str, float, float, float]] = []  # row, us, copy us, libsrtp us
     for _conf, rows in groups:
-        best = {row.name: float("inf") for row in rows}
-        for _ in range(args.repeats):  # rows alternate within each repeat
-            for row in rows:
-                best[row.name] = min(best[row.name], _time(row.factory))
+        # rows alternate within each repeat
+        best = harness.best_of({row.name: row.factory for row in rows}, args.repeats)
         deliveries = {}
         for row in rows:
             # The renumbered row runs 15 fewer input packets (its warm-up).
             count = (n - 15 if "renumbered" in row.name else n) * r
-            deliveries[row.name] = best[row.name] / count * 1e6
+            deliveries[row.name] = harness.us_per(best[row.name], count)
         copy_us = next(v for k, v in deliveries.items() if k.startswith("python copy"))
         lib_us = next(v for k, v in deliveries.items() if k.startswith("pylibsrtp"))
         for row in rows:
@@ -361,11 +351,21 @@ def main(argv: list[str] | None = None) -> int:
                 ok = us <= TARGET_US
                 failed += not ok
                 verdict = f"<= {TARGET_US:.1f} us {'yes' if ok else 'NO'}"
-            print(
-                f"{row.name:<36} {row.size:>5} {us:>7.3f} {1e6 / us:>13,.0f} "
-                f"{us / copy_us:>7.1f}x {us / lib_us:>9.2f}x  {verdict}",
-                flush=True,
+            table.row(
+                row.name,
+                row.size,
+                us,
+                1e6 / us,
+                f"{us / copy_us:.1f}x",
+                f"{us / lib_us:.2f}x",
+                f" {verdict}",
             )
+        core = rows[0]  # "core audio" / "core video": the plain forwarding row of the size
+        summary.append((core.name, deliveries[core.name], copy_us, lib_us))
+    print()
+    for name, us, copy_us, lib_us in summary:  # cost per delivery
+        harness.ratio(name, "python copy relay", us / copy_us)
+        harness.ratio(name, "pylibsrtp", us / lib_us)
     membership(args)
     return 1 if (args.check and failed) else 0
 
@@ -377,18 +377,16 @@ def membership(args: argparse.Namespace) -> None:
         f"membership: {joins} endpoints join (install_keys) and leave (remove) a conference of "
         f"K keyed associations, best of {args.repeats}; us per join+leave"
     )
-    header = f"{'K':>5} {'incremental':>12} {'full rebuild':>13} {'speed-up':>9}"
-    print(header)
-    print("-" * len(header))
+    table = harness.Table(
+        ("K", ">5"), ("incremental", ">12.1f"), ("full rebuild", ">13.1f"), ("speed-up", ">9")
+    )
+    table.header()
     for k in (int(x) for x in args.members.split(",")):
         ours = membership_factory(ForwardingTable, k, joins)
         base = membership_factory(RebuildingTable, k, joins)
-        best_ours = best_base = float("inf")
-        for _ in range(args.repeats):
-            best_ours = min(best_ours, _time(ours))
-            best_base = min(best_base, _time(base))
-        us_ours, us_base = best_ours / joins * 1e6, best_base / joins * 1e6
-        print(f"{k:>5} {us_ours:>12.1f} {us_base:>13.1f} {us_base / us_ours:>8.1f}x", flush=True)
+        best = harness.best_of({"ours": ours, "base": base}, args.repeats)
+        us_ours, us_base = harness.us_per(best["ours"], joins), harness.us_per(best["base"], joins)
+        table.row(k, us_ours, us_base, f"{us_base / us_ours:.1f}x")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Packets/s of perc's endpoint media engine (perc.media.endpoint.EndpointMedia).
 
-Run: ``.venv/bin/python bench/media.py [--count N] [--repeat R]`` (or ``bash dev.sh bench media``).
+Run: ``.venv/bin/python bench/media.py`` (or ``bash dev.sh bench media``). Options: ``--count N``
+(audio packets, and 3x the video frames, per run; default 6000), ``--repeats R`` (best of R,
+default 3), ``--quick`` (30 packets, 1 repeat: a smoke run).
 
-Rows (each the best of ``--repeat`` runs, packets per second of one core):
+Rows (each the best of ``--repeats`` runs, packets per second of one core; bench/harness.py
+times only the runs, garbage collector off, not the set-up of the objects):
 
 - *produce*: ``EndpointMedia.handle_timer`` + ``datagrams_to_send`` on the audio (160-byte) and
   video (about 700-byte packets, 500 kbit/s at 30 fps) timetables, the clock advanced one
@@ -13,19 +16,20 @@ Rows (each the best of ``--repeat`` runs, packets per second of one core):
 
 Baseline measured in the same run: the SRTP layer alone on the same packets
 (``DoubleSender.protect`` on pre-built RTP packets; ``DoubleReceiver.unprotect``), so the
-ratio shows what the media layer (payloads, verification, statistics) adds on top.
+ratio shows what the media layer (payloads, verification, statistics) adds on top; the lines
+``ratio produce|consume audio|video / SRTP layer`` give it again after the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import harness
+from harness import Runner
 
 from perc.media.endpoint import EndpointMedia, is_rtcp
 from perc.media.sources import VideoSettings
@@ -41,38 +45,32 @@ def keying() -> KeyingMaterial:
     return split_exporter(p, os.urandom(exporter_length(p)))
 
 
-def best(fn: Callable[[], int], repeat: int) -> float:
-    rates = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        n = fn()
-        rates.append(n / (time.perf_counter() - t))
-    return max(rates)
-
-
-def scenario(media: str, count: int, repeat: int) -> list[tuple[str, float, float]]:
+def scenario(media: str, count: int, repeats: int) -> list[tuple[str, float, float]]:
+    """(row, packets/s of EndpointMedia, packets/s of the SRTP layer alone) for produce and
+    consume of ``media``; the pairs are timed alternately (:func:`harness.best_of`)."""
     ekt = EktParameterSet(1, EktCipher.AESKW_128, os.urandom(16), os.urandom(12))
     step = 0.02 if media == "audio" else 1 / 30
     video = VideoSettings()
     frames = count if media == "audio" else max(1, count // 3)
 
     # produce --------------------------------------------------------------------------
-    made: list[bytes] = []
-    plain: list[bytes] = []
-
-    def produce() -> int:
+    def produce() -> Runner:
         sender = EndpointMedia("alice", media, keying(), ekt, 0.0, video=video)
-        out: list[bytes] = []
-        now = 0.0
-        for _ in range(frames):
-            sender.handle_timer(now)
-            out += sender.datagrams_to_send()
-            now += step
-        made[:] = [d for d in out if not is_rtcp(d)]
-        return len(made)
 
-    ours_tx = best(produce, repeat)
+        def run() -> list[bytes]:
+            out: list[bytes] = []
+            now = 0.0
+            for _ in range(frames):
+                sender.handle_timer(now)
+                out += sender.datagrams_to_send()
+                now += step
+            return out
+
+        return run
+
+    produced = sum(not is_rtcp(d) for d in produce()())
     # the same RTP packets, plain, for the baseline sender
+    plain: list[bytes] = []
     src = EndpointMedia("alice", media, keying(), ekt, 0.0, video=video)
     now = 0.0
     for _ in range(frames):
@@ -80,16 +78,17 @@ def scenario(media: str, count: int, repeat: int) -> list[tuple[str, float, floa
             plain.extend(p.rtp for p in s.packets_due(now))
         now += step
 
-    def base_produce() -> int:
+    def base_produce() -> Runner:
         k = keying().outer()
         tx = DoubleSender(k.client_key, k.client_salt, ekt)
-        t = 0.0
-        for p in plain:
-            tx.protect(p, t)
-            t += 0.001
-        return len(plain)
 
-    base_tx = best(base_produce, repeat)
+        def run() -> None:
+            t = 0.0
+            for p in plain:
+                tx.protect(p, t)
+                t += 0.001
+
+        return run
 
     # consume --------------------------------------------------------------------------
     k_a, k_b = keying(), keying()
@@ -106,46 +105,78 @@ def scenario(media: str, count: int, repeat: int) -> list[tuple[str, float, floa
                 delivered.append(hop.encrypt_for(to_b, hop.decrypt(d)))
         t += step
 
-    def consume() -> int:
+    def consume() -> Runner:
         rx = EndpointMedia("bob", "none", k_b, ekt, 0.0)
-        now = 0.0
-        for d in delivered:
-            rx.receive(d, now)
-            now += 0.001
-        assert rx.streams and all(s.verified for s in rx.streams.values())
-        assert sum(s.verified for s in rx.streams.values()) == len(delivered)
-        return len(delivered)
 
-    ours_rx = best(consume, repeat)
+        def run() -> EndpointMedia:
+            now = 0.0
+            for d in delivered:
+                rx.receive(d, now)
+                now += 0.001
+            return rx
 
-    def base_consume() -> int:
+        return run
+
+    rx = consume()()  # the receiver verifies every payload (untimed check)
+    verified = sum(s.verified for s in rx.streams.values())
+    if not rx.streams or verified != len(delivered):
+        raise SystemExit(f"consume {media}: {verified} of {len(delivered)} packets verified")
+
+    def base_consume() -> Runner:
         rx = DoubleReceiver(SrtpSession(b_out.server_key, b_out.server_salt))
         rx.add_parameter_set(ekt)
-        now = 0.0
-        for d in delivered:
-            rx.unprotect(d, now)
-            now += 0.001
-        return len(delivered)
 
-    base_rx = best(base_consume, repeat)
+        def run() -> None:
+            now = 0.0
+            for d in delivered:
+                rx.unprotect(d, now)
+                now += 0.001
+
+        return run
+
+    best = harness.best_of(
+        {"tx": produce, "base tx": base_produce, "rx": consume, "base rx": base_consume},
+        repeats,
+    )
     return [
-        (f"produce {media}", ours_tx, base_tx),
-        (f"consume {media}", ours_rx, base_rx),
+        (
+            f"produce {media}",
+            harness.per_second(best["tx"], produced),
+            harness.per_second(best["base tx"], len(plain)),
+        ),
+        (
+            f"consume {media}",
+            harness.per_second(best["rx"], len(delivered)),
+            harness.per_second(best["base rx"], len(delivered)),
+        ),
     ]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--count", type=int, default=6000, help="audio packets / 3x video frames")
-    ap.add_argument("--repeat", type=int, default=3)
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__, repeats=3)
+    parser.add_argument(
+        "--count", type=int, default=6000, help="audio packets / 3x video frames per run"
+    )
+    args = harness.parse(parser, argv, quick={"count": 30})
     rows = []
     for media in ("audio", "video"):
-        rows += scenario(media, args.count, args.repeat)
-    print(f"{'row':<16} {'EndpointMedia pkt/s':>20} {'SRTP layer only':>16} {'ratio':>6}")
+        rows += scenario(media, args.count, args.repeats)
+    harness.print_machine()
+    print(f"best of {args.repeats} runs; packets per second of one core")
+    table = harness.Table(
+        ("row", "<16"),
+        ("EndpointMedia pkt/s", ">20,.0f"),
+        ("SRTP layer only", ">16,.0f"),
+        ("ratio", ">6.2f"),
+    )
+    table.header()
     for name, ours, base in rows:
-        print(f"{name:<16} {ours:>20,.0f} {base:>16,.0f} {ours / base:>6.2f}")
+        table.row(name, ours, base, ours / base)
+    print()
+    for name, ours, base in rows:
+        harness.ratio(name, "SRTP layer only", ours / base, note="(packets/s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

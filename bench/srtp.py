@@ -2,14 +2,15 @@
 
 Run: ``.venv/bin/python bench/srtp.py`` (or ``bash dev.sh bench srtp``). Options:
 ``--packets N`` (per timed run, default 20000), ``--repeats R`` (best of R, default 7),
-``--only TEXT`` (rows whose name contains TEXT), ``--check`` (exit 1 if a row misses its target).
+``--only TEXT[,TEXT]`` (rows whose name contains a TEXT), ``--check`` (exit 1 if a row misses
+its target), ``--quick`` (50 packets, 1 repeat: a smoke run).
 
-Method: every row has two factories, ``ours`` and ``baseline``. A factory builds fresh state
-(sessions, input packets) and returns a zero-argument runner that processes ``N`` packets; only
-the runner is timed (``time.perf_counter``, garbage collector off). Ours and baseline runs
-alternate, R times each, and the best (minimum) time of each is reported per packet, with
-the ratio ours / baseline and the row's target. Fresh state per run is needed because both
-implementations refuse to protect the same index twice.
+Method (bench/harness.py): every row has two factories, ``ours`` and ``baseline``. A factory
+builds fresh state (sessions, input packets) and returns a zero-argument runner that processes
+``N`` packets; only the runner is timed. Baseline and ours alternate, R times each, and the
+best (minimum) time of each is reported per packet, with the ratio ours / baseline and the
+row's target. Fresh state per run is needed because both implementations refuse to protect
+the same index twice.
 
 Adding rows (e.g. the double transform and the Media Distributor hop): put a module
 ``bench/srtp_rows_<name>.py`` next to this script defining ``rows(n: int) -> list[Row]``; this
@@ -19,25 +20,20 @@ rtp_packets, libsrtp_session`` (bench/ is on sys.path when a script in it runs).
 
 from __future__ import annotations
 
-import argparse
-import gc
 import importlib
 import os
 import pathlib
 import struct
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+import harness
+from harness import Factory, Runner
 from pylibsrtp import Policy, Session
 
 from perc.srtp.context import SrtpSession
-
-Runner = Callable[[], object]
-Factory = Callable[[], Runner]
 
 PROFILES = {
     128: Policy.SRTP_PROFILE_AEAD_AES_128_GCM,
@@ -156,25 +152,10 @@ def single_layer_rows(n: int) -> list[Row]:
     return rows
 
 
-def _time(factory: Factory) -> float:
-    runner = factory()
-    gc.collect()
-    gc.disable()
-    try:
-        t0 = time.perf_counter()
-        runner()
-        return time.perf_counter() - t0
-    finally:
-        gc.enable()
-
-
 def measure(row: Row, n: int, repeats: int) -> tuple[float, float]:
     """Best-of-``repeats`` microseconds per packet for (ours, baseline), runs alternating."""
-    best_ours = best_base = float("inf")
-    for _ in range(repeats):
-        best_base = min(best_base, _time(row.baseline))
-        best_ours = min(best_ours, _time(row.ours))
-    return best_ours / n * 1e6, best_base / n * 1e6
+    best = harness.best_of({"baseline": row.baseline, "ours": row.ours}, repeats)
+    return harness.us_per(best["ours"], n), harness.us_per(best["baseline"], n)
 
 
 def extra_rows(n: int) -> list[Row]:
@@ -190,31 +171,41 @@ def extra_rows(n: int) -> list[Row]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = harness.parser(__doc__, repeats=7, check=True)
     parser.add_argument("--packets", type=int, default=20000)
-    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--only", default="")
-    parser.add_argument("--check", action="store_true")
-    args = parser.parse_args(argv)
+    args = harness.parse(parser, argv, quick={"packets": 50})
     n = args.packets
-    rows = [r for r in single_layer_rows(n) + extra_rows(n) if args.only in r.name]
+    only = args.only.split(",")
+    rows = [r for r in single_layer_rows(n) + extra_rows(n) if any(o in r.name for o in only)]
+    harness.print_machine()
     print(f"best of {args.repeats} runs of {n} packets each; times in microseconds per packet")
-    header = (
-        f"{'row':<34} {'bytes':>5} {'perc':>8} {'baseline':>9} {'ratio':>6} {'target':>6}  "
-        "ok  baseline is"
+    table = harness.Table(
+        ("row", "<34"),
+        ("bytes", ">5"),
+        ("perc", ">8.3f"),
+        ("baseline", ">9.3f"),
+        ("ratio", ">6.2f"),
+        ("target", ">6.2f"),
+        (" ok", "<4"),
+        ("baseline is", ""),
     )
-    print(header)
-    print("-" * len(header))
+    table.header()
     failed = 0
     for row in rows:
         ours, base = measure(row, n, args.repeats)
         ratio = ours / base
         ok = ratio <= row.target
         failed += not ok
-        print(
-            f"{row.name:<34} {row.size:>5} {ours:>8.3f} {base:>9.3f} {ratio:>6.2f} "
-            f"{row.target:>6.2f}  {'yes' if ok else 'NO ':<3} {row.baseline_name}",
-            flush=True,
+        table.row(
+            row.name,
+            row.size,
+            ours,
+            base,
+            ratio,
+            row.target,
+            " yes" if ok else " NO",
+            row.baseline_name,
         )
     return 1 if (args.check and failed) else 0
 

@@ -1,7 +1,9 @@
 """Rows for bench/srtp.py: the Media Distributor hop and the double sender (RFC 8723).
 
 Loaded by ``bench/srtp.py`` (run ``.venv/bin/python bench/srtp.py --only double`` or
-``--only hop``). Targets from issue 3: the MD hop (outer decrypt + outer encrypt for one
+``--only hop``); run on its own (``bash dev.sh bench srtp_rows_double``), it is bench/srtp.py
+with only these rows and takes srtp.py's options (``--packets N``, ``--repeats R``, ``--check``,
+``--quick``). Targets from issue 3: the MD hop (outer decrypt + outer encrypt for one
 receiver) within 1.5x of pylibsrtp unprotect + protect; the double sender (inner + outer
 encryption + EKT field) within 2.5x of one pylibsrtp protect. The "MD hop+SEQ rewrite" rows
 (every packet renumbered, OHB grows by two bytes) are for information, with a 2.5x target of
@@ -13,7 +15,9 @@ tag (first three packets, then every 100 ms, RFC 8870 §4.6) and the rest a Shor
 from __future__ import annotations
 
 import os
+import sys
 
+import srtp
 from srtp import Row, Runner, libsrtp_session, rtp_packets
 
 from perc.srtp.context import SrtpSession
@@ -117,3 +121,10 @@ def rows(n: int) -> list[Row]:
                 )
             )
     return out
+
+
+#: Row names that come from this module (srtp.py's ``--only`` takes a comma-separated list).
+ONLY = "MD hop,double sender"
+
+if __name__ == "__main__":
+    sys.exit(srtp.main(["--only", ONLY, *sys.argv[1:]]))

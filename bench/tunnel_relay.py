@@ -1,10 +1,13 @@
 """Tunnel relay rate: endpoint UDP -> MDD -> TLS tunnel -> KMF (echo) -> MDD -> endpoint UDP.
 
-Usage: .venv/bin/python bench/tunnel_relay.py [--seconds S] [--window W] [--endpoints E]
-                                              [--sizes 100,500,1200] [--mode both|split|inproc]
+Run: ``.venv/bin/python bench/tunnel_relay.py`` (or ``bash dev.sh bench tunnel_relay``).
+Options: ``--seconds S`` (per row, default 3), ``--warmup S`` (before each row, default 0.5),
+``--window W`` (datagrams in flight per endpoint, default 32), ``--endpoints E`` (default 4),
+``--sizes 100,500,1200`` (datagram bytes), ``--mode both|split|inproc`` (default both),
+``--quick`` (one 100-byte size, 1 endpoint x 4 in flight, 0.3 s rows: a smoke run).
 
 A stand-in endpoint keeps W DTLS-looking datagrams (first byte 22) in flight per endpoint
-socket and counts the echoes that come back in S seconds (after 0.5 s warm-up). Each
+socket and counts the echoes that come back in S seconds (after the warm-up). Each
 round trip is two TunneledDtls messages over real loopback TLS 1.3 (one each way) and two
 UDP datagrams; the KMF runs perc.roles.kmf.serve with EchoHandler (sends every datagram back
 through the tunnel it came on), the MDD runs perc.roles.mdd.serve unchanged.
@@ -19,14 +22,16 @@ The in-process row also shows how many tunnel messages the MDD's writer put into
 write on average ("N/write"): the batching of STYLE practice 11.
 
 Rows: round trips/s, and relayed datagrams/s = 2 x round trips (endpoint->KMF and back), and
-the relay's share of the baseline. Lost datagrams (a full queue or socket buffer) are refilled
-after 200 ms of silence and reported.
+the relay's share of the baseline, again after the table (bench/harness.py) as the lines
+``ratio relay split|inproc <size> B / UDP echo``. Lost datagrams (a full queue or socket
+buffer) are refilled after 200 ms of silence and reported.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import multiprocessing
 import socket
 import sys
@@ -36,25 +41,26 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import harness
 import trio
 
 from perc.config import load_kmf_config, load_mdd_config
 from perc.roles import kmf, mdd
-from perc.roles.demo import make_demo_files
+from perc.roles.demo import DemoFiles, make_demo_files, write_mdd_config
 
 LOCAL = "127.0.0.1"
-WARMUP = 0.5
 #: MDD->KMF tunnel messages per TLS write in the in-process rows (STYLE practice 11).
 BATCHING: list[float] = []
+#: (round trips completed while measuring, refills after losses)
+Result = tuple[int, int]
 
 
 # --- the load generator --------------------------------------------------------------------------
 
 
-async def _generator(
-    target: tuple[str, int], payload: bytes, seconds: float, window: int, endpoints: int
-) -> tuple[int, int]:
-    """Round trips completed in ``seconds`` (after warm-up) and refills after losses."""
+async def _generator(target: tuple[str, int], payload: bytes, args: argparse.Namespace) -> Result:
+    """Round trips completed in ``args.seconds`` (after ``args.warmup``), refills after losses."""
+    seconds, window, endpoints = args.seconds, args.window, args.endpoints
     counts = {"done": 0, "refills": 0}
     measuring = False
 
@@ -94,7 +100,7 @@ async def _generator(
         async with trio.open_nursery() as nursery:
             for s in socks:
                 nursery.start_soon(one, s)
-            await trio.sleep(WARMUP)
+            await trio.sleep(args.warmup)
             measuring = True
             counts["refills"] = 0
             await trio.sleep(seconds)
@@ -135,21 +141,26 @@ async def _udp_echo(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
 # --- configs and role processes -------------------------------------------------------------------
 
 
-def _configs(folder: Path) -> tuple[Path, Path]:
-    """Throwaway identities and kmf.toml / mdd.toml (the demo's files) in ``folder``."""
-    files = make_demo_files(folder)
-    return files.kmf_config, files.mdd_config
-
-
 def _quiet() -> None:
-    # The MDD may start before the KMF listens; its reconnect warnings are not results.
+    # Connection warnings while the roles start and stop are not results.
     logging.getLogger("perc").setLevel(logging.ERROR)
 
 
-def _run_kmf(path: Path) -> None:
+def _run_kmf(path: Path, conn: Any) -> None:
+    """The KMF process: serve with the echo handler; send its TCP port through ``conn``."""
     _quiet()
     config = load_kmf_config(path)
-    trio.run(lambda: kmf.serve(config, handler=kmf.EchoHandler()))
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            server: kmf.KmfServer = await nursery.start(
+                lambda task_status: kmf.serve(
+                    config, handler=kmf.EchoHandler(), task_status=task_status
+                )
+            )
+            conn.send(server.address[1])
+
+    trio.run(main)
 
 
 async def _wait_tunnel(relay: mdd.ConferenceRelay) -> None:
@@ -161,56 +172,62 @@ async def _wait_tunnel(relay: mdd.ConferenceRelay) -> None:
 # --- the rows -------------------------------------------------------------------------------------
 
 
-async def baseline(payload: bytes, args: argparse.Namespace) -> tuple[int, int]:
+async def baseline(payload: bytes, args: argparse.Namespace) -> Result:
     async with trio.open_nursery() as nursery:
         address = await nursery.start(_udp_echo)
-        result = await _generator(address, payload, args.seconds, args.window, args.endpoints)
+        result = await _generator(address, payload, args)
         nursery.cancel_scope.cancel()
     return result
 
 
-async def inproc(payload: bytes, args: argparse.Namespace) -> tuple[int, int]:
+async def inproc(payload: bytes, args: argparse.Namespace) -> Result:
     with tempfile.TemporaryDirectory() as tmp:
-        kmf_path, mdd_path = _configs(Path(tmp))
-        kmf_config, mdd_config = load_kmf_config(kmf_path), load_mdd_config(mdd_path)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(
-            lambda task_status: kmf.serve(
-                kmf_config, handler=kmf.EchoHandler(), task_status=task_status
+        files = make_demo_files(Path(tmp))
+        kmf_config = load_kmf_config(files.kmf_config)
+        async with trio.open_nursery() as nursery:
+            kmf_server: kmf.KmfServer = await nursery.start(
+                lambda task_status: kmf.serve(
+                    kmf_config, handler=kmf.EchoHandler(), task_status=task_status
+                )
             )
-        )
-        mdd_server: mdd.MddServer = await nursery.start(
-            lambda task_status: mdd.serve(mdd_config, task_status=task_status)
-        )
-        relay = mdd_server.conferences["demo"]
-        await _wait_tunnel(relay)
-        result = await _generator(relay.address, payload, args.seconds, args.window, args.endpoints)
-        stats = relay.tunnel_stats
-        if stats is not None and stats.batches_out:
-            BATCHING.append(stats.messages_out / stats.batches_out)
-        nursery.cancel_scope.cancel()
+            mdd_config = load_mdd_config(write_mdd_config(files, kmf_server.address[1]))
+            mdd_server: mdd.MddServer = await nursery.start(
+                lambda task_status: mdd.serve(mdd_config, task_status=task_status)
+            )
+            relay = mdd_server.conferences["demo"]
+            await _wait_tunnel(relay)
+            result = await _generator(relay.address, payload, args)
+            stats = relay.tunnel_stats
+            if stats is not None and stats.batches_out:
+                BATCHING.append(stats.messages_out / stats.batches_out)
+            nursery.cancel_scope.cancel()
     return result
 
 
-def split(payload: bytes, args: argparse.Namespace) -> tuple[int, int]:
+def split(payload: bytes, args: argparse.Namespace) -> Result:
     ctx = multiprocessing.get_context("spawn")
-    tmp = tempfile.TemporaryDirectory()
-    kmf_path, mdd_path = _configs(Path(tmp.name))
-    kmf_proc = ctx.Process(target=_run_kmf, args=(kmf_path,), daemon=True)
-    kmf_proc.start()
-    parent, child = ctx.Pipe()
-    mdd_proc = ctx.Process(target=_run_mdd_forever, args=(mdd_path, child), daemon=True)
-    mdd_proc.start()
-    try:
-        if not parent.poll(30):
-            raise RuntimeError("the MDD's tunnel did not come up")
-        address = parent.recv()
-        return trio.run(_generator, address, payload, args.seconds, args.window, args.endpoints)
-    finally:
-        for p in (mdd_proc, kmf_proc):
-            p.terminate()
-            p.join(5)
-        tmp.cleanup()
+    procs: list[Any] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        files: DemoFiles = make_demo_files(Path(tmp))
+        try:
+            kmf_parent, kmf_child = ctx.Pipe()
+            kmf_args = (files.kmf_config, kmf_child)
+            procs.append(ctx.Process(target=_run_kmf, args=kmf_args, daemon=True))
+            procs[-1].start()
+            if not kmf_parent.poll(30):
+                raise RuntimeError("the KMF did not start listening")
+            mdd_path = write_mdd_config(files, kmf_parent.recv())
+            parent, child = ctx.Pipe()
+            procs.append(ctx.Process(target=_run_mdd_forever, args=(mdd_path, child), daemon=True))
+            procs[-1].start()
+            if not parent.poll(30):
+                raise RuntimeError("the MDD's tunnel did not come up")
+            address = parent.recv()
+            return trio.run(_generator, address, payload, args)
+        finally:
+            for p in reversed(procs):
+                p.terminate()
+                p.join(5)
 
 
 def _run_mdd_forever(path: Path, conn: Any) -> None:
@@ -229,33 +246,42 @@ def _run_mdd_forever(path: Path, conn: Any) -> None:
     trio.run(main)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=3.0)
+def main(argv: list[str] | None = None) -> int:
+    parser = harness.parser(__doc__)
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured time per row")
+    parser.add_argument("--warmup", type=float, default=0.5, help="seconds before each row")
     parser.add_argument("--window", type=int, default=32, help="datagrams in flight per endpoint")
     parser.add_argument("--endpoints", type=int, default=4)
     parser.add_argument("--sizes", default="100,500,1200")
     parser.add_argument("--mode", choices=["both", "split", "inproc"], default="both")
-    args = parser.parse_args()
+    args = harness.parse(
+        parser,
+        argv,
+        quick={"seconds": 0.3, "warmup": 0.1, "window": 4, "endpoints": 1, "sizes": "100"},
+    )
     sizes = [int(s) for s in args.sizes.split(",")]
     modes = ["split", "inproc"] if args.mode == "both" else [args.mode]
 
+    harness.print_machine()
     print(
         f"tunnel relay: {args.endpoints} endpoints x {args.window} in flight, "
-        f"{args.seconds:g} s per row after {WARMUP} s warm-up; loopback TLS 1.3"
+        f"{args.seconds:g} s per row after {args.warmup:g} s warm-up; loopback TLS 1.3"
     )
-    print(
-        f"{'row':<34}{'bytes':>7}{'round trips/s':>15}{'datagrams/s':>13}"
-        f"{'vs baseline':>13}{'refills':>9}"
+    table = harness.Table(
+        ("row", "<34"),
+        ("bytes", ">6"),
+        ("round trips/s", ">14,.0f"),
+        ("datagrams/s", ">12,.0f"),
+        ("vs baseline", ">12"),
+        ("refills", ">8"),
     )
+    table.header()
+    ratios: list[tuple[str, float]] = []
     for size in sizes:
         payload = b"\x16" + bytes(size - 1)
         done, refills = trio.run(baseline, payload, args)
         base = done / args.seconds
-        print(
-            f"{'baseline: UDP echo':<34}{size:>7}{base:>15,.0f}{2 * base:>13,.0f}"
-            f"{'1.00x':>13}{refills:>9}"
-        )
+        table.row("baseline: UDP echo", size, base, 2 * base, "1.00x", refills)
         for mode in modes:
             if mode == "split":
                 done, refills = split(payload, args)
@@ -264,13 +290,16 @@ def main() -> None:
                 done, refills = trio.run(inproc, payload, args)
                 name = "relay, one process"
             rate = done / args.seconds
+            share = rate / base if base else math.nan
             if mode == "inproc" and BATCHING:
                 name += f" ({BATCHING[-1]:.0f}/write)"
-            print(
-                f"{name:<34}{size:>7}{rate:>15,.0f}{2 * rate:>13,.0f}"
-                f"{rate / base if base else 0:>12.2f}x{refills:>9}"
-            )
+            table.row(name, size, rate, 2 * rate, f"{share:.2f}x", refills)
+            ratios.append((f"relay {mode} {size} B", share))
+    print()
+    for name, share in ratios:
+        harness.ratio(name, "UDP echo", share, note="(round trips/s)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
