@@ -22,7 +22,7 @@ setup() {
     local stamp="$VENV/.perc-installed"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev]'
+        "$VENV/bin/python" -m pip install --quiet -c constraints.txt -e '.[dev,media]'
         touch "$stamp"
     fi
 }
@@ -49,7 +49,7 @@ case "$cmd" in
     lock)
         setup
         "$VENV/bin/python" -m pip install --quiet uv
-        exec "$VENV/bin/uv" pip compile pyproject.toml --extra dev --python-version 3.11 \
+        exec "$VENV/bin/uv" pip compile pyproject.toml --extra dev --extra media --python-version 3.11 \
             --no-header --quiet -o constraints.txt
         ;;
     *)
