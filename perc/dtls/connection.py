@@ -28,16 +28,17 @@ whole messages go to the handshake. The handshake holds no reference back: each 
 an ``Output`` (keys, a flight, a record number to echo, the offer, the negotiated values, an
 EKTKey) that ``_apply`` carries out; the connection never branches on a handshake state.
 
-Rules implemented here (SPEC-DTLS references):
+Rules implemented here:
 
-* invalid records are dropped silently and counted (1.7); epoch-1 records that arrive before
-  the peer's CCS are buffered (at most ``MAX_FUTURE_RECORDS``) and replayed after it (1.4, 3.8);
+* invalid records are dropped silently and counted (RFC 6347 §4.1.2.7); epoch-1 records that
+  arrive before the peer's CCS are buffered (at most ``MAX_FUTURE_RECORDS``) and replayed after
+  it (RFC 6347 §4.1; RFC 5246 §7.1);
 * a handshake message with an old message_seq is the peer retransmitting: we retransmit our
   current flight (or, server after completion, the final flight) at most once per half timer
-  interval (3.7); a client still waiting for flight 6 takes an epoch-1 record (the EKTKey)
-  as the same signal;
+  interval (RFC 6347 §4.2.4); a client still waiting for flight 6 takes an epoch-1 record (the
+  EKTKey) as the same signal;
 * the client keeps retransmitting flight 5 until the server's Finished verifies; the server's
-  flight 6 has no timer and is only resent on demand (3.7);
+  flight 6 has no timer and is only resent on demand (RFC 6347 §4.2.4);
 * EKTKey (D9, D23): the server sends it in an epoch-1 handshake record with its next
   message_seq and retransmits it on its own 1 s/x2/60 s timer until an ACK record covers every
   record of one transmission; the client ACKs every record that carried an EKTKey fragment,
@@ -47,7 +48,7 @@ Rules implemented here (SPEC-DTLS references):
   neither join nor block a protected message, and leftovers are discarded at completion;
 * peer misbehaviour raises :class:`AlertError` inside, which becomes one fatal alert and
   ``ConnectionClosed``; the alert is regenerated if the peer keeps sending (RFC 6347 §4.2.7);
-  after epoch 1 is in use, unauthenticated epoch-0 alerts are ignored (4.10); an overall
+  after epoch 1 is in use, unauthenticated epoch-0 alerts are ignored (RFC 5246 §7.2); an overall
   deadline ends a stuck handshake with reason ``"timeout"``;
 * every queue is bounded (outgoing datagrams, peer-driven events, early records, pending
   ACKs) and every drop is counted in :class:`DtlsStats`.
@@ -466,7 +467,7 @@ class DtlsConnection:
         flight = self._flight if self._flight is not None else self._final_flight
         # At most once per half timer interval, measured from the previous on-demand resend
         # only: the peers' timers run in lock-step, so comparing with our own timer-driven
-        # resend would suppress exactly the answers that matter (SPEC-DTLS 3.7).
+        # resend would suppress exactly the answers that matter (RFC 6347 §4.2.4).
         # The final flight has no timer of its own: do not inherit flight 4's backed-off one.
         interval = self._timer.interval if self._flight is not None else INITIAL_TIMEOUT
         gap = max(MIN_RETRANSMIT_GAP, interval / 2)
@@ -527,13 +528,13 @@ class DtlsConnection:
         rl = self._record
         epoch = record.epoch
         if epoch == 0:
-            # Accept {254, x} on epoch 0 (OpenSSL sends 0xFEFF on ClientHello, SPEC-DTLS 1.3).
+            # Accept {254, x} on epoch 0 (OpenSSL sends 0xFEFF on ClientHello; RFC 6347 §4.1).
             if record.version >> 8 != 0xFE:
                 st.dropped_epoch += 1
                 return
             plaintext = record.fragment
             if self._established and record.content_type != ContentType.HANDSHAKE:
-                # Unauthenticated alerts or CCS after epoch 1 is in use: ignore (4.10).
+                # Unauthenticated alerts or CCS after epoch 1 is in use: ignore (RFC 5246 §7.2).
                 st.dropped_unexpected += 1
                 return
         elif epoch == 1:
@@ -548,7 +549,7 @@ class DtlsConnection:
                     st.dropped_epoch += 1
                 if self._hs.epoch1_means_peer_resent:
                     # E.g. the server already uses epoch 1, so it has our flight 5 and its
-                    # flight 6 was lost: resend flight 5 to get flight 6 again (SPEC-DTLS 3.7).
+                    # flight 6 was lost: resend flight 5 to get flight 6 again (RFC 6347 §4.2.4).
                     self._peer_retransmitted = True
                 return
             opened, reason = rl.open(record)
@@ -666,7 +667,7 @@ class DtlsConnection:
             )
         finally:
             # Also when the handshake refused the message: e.g. our alert to a refused
-            # ClientHello must carry the echoed record number (SPEC-DTLS 1.5).
+            # ClientHello must carry the echoed record number (RFC 6347 §4.2.1).
             self._apply(out)
         if self._early_ccs and hs.expects_ccs:
             self._early_ccs = False
@@ -679,13 +680,14 @@ class DtlsConnection:
             self.stats.dropped_malformed += 1
             return
         if record.epoch != 0 or self._established or self._record.read_epoch != 0:
-            self.stats.dropped_unexpected += 1  # repeats and late copies are ignored (3.8)
+            # Repeats and late copies are ignored (RFC 5246 §7.1).
+            self.stats.dropped_unexpected += 1
             return
         route = self._hs.ccs_route()
         if route is CcsRoute.ACCEPT:
             self._accept_ccs()
         elif route is CcsRoute.EARLY:
-            # Reordered ahead of the messages it follows: apply once they are in (3.8).
+            # Reordered ahead of the messages it follows: apply once they are in (RFC 5246 §7.1).
             self._early_ccs = True
         else:
             self.stats.dropped_unexpected += 1
@@ -706,7 +708,8 @@ class DtlsConnection:
             self.stats.dropped_malformed += 1
             return
         if record.epoch == 0 and self._record.read_epoch == 1:
-            self.stats.dropped_unexpected += 1  # unauthenticated once epoch 1 is read (4.10)
+            # Unauthenticated once epoch 1 is read (RFC 5246 §7.2).
+            self.stats.dropped_unexpected += 1
             return
         self._peer_event(AlertReceived(alert.level, alert.description))
         if alert.description == AD.close_notify:

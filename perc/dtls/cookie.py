@@ -1,4 +1,4 @@
-"""Stateless HelloVerifyRequest cookies for the server (RFC 6347 §4.2.1, D14, SPEC-DTLS 3.5).
+"""Stateless HelloVerifyRequest cookies for the server (RFC 6347 §4.2.1, D14).
 
 The gate looks at a datagram *before* any per-client state exists. A ClientHello with a valid
 cookie is ``accepted`` (the caller then creates a ``DtlsConnection(server_config,
@@ -17,7 +17,7 @@ ClientHello fields are those the client must repeat (§4.2.1); extensions are le
 DTLS 1.3-capable clients may change them. ``period_key[p] = HMAC(secret, "perc cookie" || p)``
 with ``p = floor(now / rotate_every)``; the current and the previous period are accepted, so a
 cookie lives between one and two periods. The HVR echoes the ClientHello's record sequence
-number and message_seq (SPEC-DTLS 1.5) and uses version 0xFEFF as OpenSSL does (3.5).
+number and message_seq (RFC 6347 §4.2.1) and uses version 0xFEFF as OpenSSL does.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ class CookieGate:
                 ):
                     return CookieVerdict(accepted=True)
         # Missing or invalid cookie: a fresh HVR (RFC 6347 §4.2.1), echoing both sequence
-        # numbers of the ClientHello (SPEC-DTLS 1.5, 3.2).
+        # numbers of the ClientHello (RFC 6347 §4.2.1, §4.2.2).
         body = HelloVerifyRequest(DTLS_1_0, self._cookie(period, identity, ch)).encode()
         message = encode_handshake(HandshakeType.HELLO_VERIFY_REQUEST, frag.message_seq, body)
         header = encode_record_header(

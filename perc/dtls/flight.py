@@ -8,9 +8,9 @@ datagrams no larger than the MTU: records are packed back to back, a message tha
 the rest of a datagram is split into fragments (each in its own record) that fill it. A
 retransmission re-runs ``packetize`` on the same messages, so every record gets a fresh
 sequence number and GCM nonce (never resend cached ciphertext: the peer's replay window would
-drop it, SPEC-DTLS 3.7).
+drop it, RFC 6347 §4.2.4).
 
-Incoming (SPEC-DTLS 3.3): the ``Reassembler`` keeps one slot per message_seq, tolerates
+Incoming (RFC 6347 §4.2.3): the ``Reassembler`` keeps one slot per message_seq, tolerates
 duplicates, overlaps and any order, and hands out complete messages in message_seq order.
 Bounds: per-type maximum body, messages at most ``MAX_AHEAD`` ahead, an aggregate byte budget,
 a fragment-count cap per message. Lower message_seq values are reported as retransmissions.

@@ -12,7 +12,7 @@ the parameters settled, an EKTKey received) that the connection applies, in that
 One table (STYLE practice 3, h11's ``_state.py``): ``_TABLE[(state, input)]`` names the handler
 and the state it leads to; the input is a handshake type, ``CCS`` or ``START``. The handler
 checks and builds; the state changes only here, after the handler returned. Any pair not in the
-table is an ``unexpected_message`` alert. States and flights (SPEC-DTLS 3.6)::
+table is an ``unexpected_message`` alert. States and flights (RFC 6347 §4.2.4, Figure 1)::
 
   client: START -start-> EXPECT_SERVER_HELLO -(HVR: new CH)-> EXPECT_SERVER_HELLO
           -SH-> EXPECT_CERTIFICATE -Cert-> EXPECT_SERVER_KEY_EXCHANGE
@@ -30,14 +30,14 @@ Fragments are admitted by the same state (``_FRAGMENT_ROUTES``, :meth:`Handshake
 before reassembly: the message that opens the peer's flight restarts reassembly at its
 message_seq (stateless numbering), a HelloVerifyRequest is taken whole and outside the
 transcript, a ClientHello with another random on a live server is a new handshake (RFC 6347
-§4.2.8), and types the peer's role never sends in plaintext are dropped (SPEC-DTLS 1.4).
+§4.2.8), and types the peer's role never sends in plaintext are dropped (RFC 6347 §4.1).
 ChangeCipherSpec (``_ccs_route``) is accepted where the table has it, held when it overtook the
-messages it follows (SPEC-DTLS 3.8), else dropped.
+messages it follows (RFC 5246 §7.1), else dropped.
 
-Numbering (SPEC-DTLS 3.2): the server numbers its messages from the ClientHello's
+Numbering (RFC 6347 §4.2.2): the server numbers its messages from the ClientHello's
 message_seq (stateless cookie echo), so ServerHello.message_seq = ClientHello.message_seq.
 
-Transcript (SPEC-DTLS 3.4): a bytearray of whole messages in single-fragment form, from the
+Transcript (RFC 6347 §4.2.6): a bytearray of whole messages in single-fragment form, from the
 ClientHello the ServerHello answers; hashed on demand with the PRF hash (session hash,
 Finished) or the signature hash (CertificateVerify).
 """
@@ -108,7 +108,7 @@ _SIG_HASH: dict[int, hashes.HashAlgorithm] = {
     ECDSA_SHA384: hashes.SHA384(),
 }
 EKT_KEY_LENGTHS = {1: 16, 2: 32}  # aeskw_128, aeskw_256 (D6)
-MAX_HELLO_VERIFY_REQUESTS = 3  # bound HVR loops (SPEC-DTLS 3.5)
+MAX_HELLO_VERIFY_REQUESTS = 3  # bound HVR loops (RFC 6347 §4.2.1)
 CCS = -1  # pseudo input: the peer's ChangeCipherSpec
 START = -2  # pseudo input: the client's connect()
 
@@ -152,7 +152,7 @@ class Route(Enum):
 
 class CcsRoute(Enum):
     ACCEPT = auto()  # the table expects it now: switch the read epoch
-    EARLY = auto()  # overtook the messages it follows: apply once they are in (SPEC-DTLS 3.8)
+    EARLY = auto()  # overtook the messages it follows: apply once they are in (RFC 5246 §7.1)
     DROP = auto()
 
 
@@ -162,12 +162,12 @@ class Output:
 
     #: server: the offer of the ClientHello being answered (ClientHelloReceived)
     offer: ClientOffer | None = None
-    #: server: our first record echoes the ClientHello's record number (SPEC-DTLS 1.5, 3.2)
+    #: server: our first record echoes the ClientHello's record number (RFC 6347 §4.2.1, §4.2.2)
     echo_record_seq: int | None = None
     #: the epoch-1 keys, to install before the flight (it may carry Finished)
     keys: tuple[keys.CipherSuite, keys.KeyBlock] | None = None
     flight: list[FlightItem] | None = None
-    #: the server's flight 6: no timer, resent only on demand (SPEC-DTLS 3.7)
+    #: the server's flight 6: no timer, resent only on demand (RFC 6347 §4.2.4)
     final: bool = False
     #: the handshake completed with these parameters
     completed: Negotiated | None = None
@@ -226,7 +226,7 @@ def _check_point(group: int, point: bytes) -> None:
 def load_peer_certificate(
     certificates: tuple[bytes, ...],
 ) -> tuple[bytes, ec.EllipticCurvePublicKey]:
-    """The peer's end-entity certificate, checked against perc's profile (SPEC-DTLS 4.3)."""
+    """The peer's end-entity certificate, checked against perc's profile (D17; RFC 5246 §7.4.2)."""
     if not certificates:
         # D17: the client must authenticate; an empty server chain is no better.
         raise AlertError(AD.handshake_failure, "peer sent no certificate")
@@ -290,7 +290,7 @@ class Handshake:
         self._server_public = b""
         # supported_groups also names the curves we accept in the server's ECDSA certificate
         # (RFC 8422 §5.1): secp256r1 is always listed, after the configured ECDHE preference
-        # (SPEC-DTLS 5.2; OpenSSL refuses a P-256 certificate to an x25519-only client).
+        # (RFC 8422 §5.1.1; OpenSSL refuses a P-256 certificate to an x25519-only client).
         self._offered_groups = config.groups + (
             (SECP256R1,) if SECP256R1 not in config.groups else ()
         )
@@ -327,7 +327,7 @@ class Handshake:
         """One whole message that arrived in ``epoch``. ``out`` is filled even when this
         raises (a refused ClientHello: the alert must echo its record number)."""
         # Finished and EKTKey only under the new keys; everything else of the handshake in
-        # epoch 0 (SPEC-DTLS 1.4, 3.8).
+        # epoch 0 (RFC 6347 §4.1; RFC 5246 §7.1).
         want_epoch = 1 if msg_type in (HandshakeType.FINISHED, HandshakeType.EKT_KEY) else 0
         if (self.state, msg_type) in _TABLE and epoch != want_epoch:
             raise AlertError(AD.unexpected_message, f"{_type_name(msg_type)} in epoch {epoch}")
@@ -380,7 +380,7 @@ class Handshake:
         if epoch == 0 and self.state in _PLAINTEXT_IS_LATE:
             return Route.LATE_PLAINTEXT
         if route is Route.HELLO_VERIFY:
-            # SPEC-DTLS 3.2: an HVR must answer the ClientHello just sent, whole.
+            # RFC 6347 §4.2.1, §4.2.2: an HVR must answer the ClientHello just sent, whole.
             ok = frag.is_whole and frag.message_seq == self._client_hello_seq and epoch == 0
             return Route.HELLO_VERIFY if ok else Route.DROP
         if route is Route.FIRST:
@@ -409,7 +409,7 @@ class Handshake:
     @property
     def epoch1_means_peer_resent(self) -> bool:
         """A protected record before the peer's CCS: in this state the peer already uses
-        epoch 1, so it has our last flight and its own was lost (SPEC-DTLS 3.7)."""
+        epoch 1, so it has our last flight and its own was lost (RFC 6347 §4.2.4)."""
         return self.state in _EPOCH1_MEANS_RESENT
 
     def next_message_seq(self) -> int:
@@ -566,7 +566,7 @@ class Handshake:
         ClientHello just sent; the HVR is not part of the transcript.
         """
         hvr = _decode(HelloVerifyRequest, body)
-        # The HVR version only signals the packet format (SPEC-DTLS 3.5): accept {254, x}.
+        # The HVR version only signals the packet format (RFC 6347 §4.2.1): accept {254, x}.
         if hvr.server_version >> 8 != 0xFE:
             raise AlertError(AD.protocol_version, "HelloVerifyRequest is not DTLS")
         self._hvr_count += 1
@@ -727,7 +727,7 @@ class Handshake:
     def _server_client_hello(self, out: Output, seq: int, body: bytes, record_seq: int) -> None:
         ch = _decode(ClientHello, body)
         c = self.config
-        # Stateless numbering (SPEC-DTLS 1.5, 3.2): echo record and message sequence numbers.
+        # Stateless numbering (RFC 6347 §4.2.1, §4.2.2): echo record and message sequence numbers.
         out.echo_record_seq = record_seq
         self._send_seq = seq
         if ch.client_version > DTLS_1_2:  # DTLS numbers decrease: FEFF (1.0) > FEFD (1.2)
@@ -753,7 +753,7 @@ class Handshake:
             if group is None:
                 raise AlertError(AD.handshake_failure, "no common ECDHE group")
             if SECP256R1 not in client_groups:
-                # Our ECDSA certificate is P-256 (RFC 8422 §5.1, SPEC-DTLS 5.2).
+                # Our ECDSA certificate is P-256 (RFC 8422 §5.1).
                 raise AlertError(AD.handshake_failure, "client cannot accept a P-256 certificate")
             sig_raw = exts.get(ExtensionType.SIGNATURE_ALGORITHMS)
             client_sigs = decode_uint16_list(sig_raw) if sig_raw is not None else ()

@@ -5,7 +5,7 @@
 * ``key_block`` split into client/server write keys and IVs (no MAC keys with AEAD suites;
   note server_random comes first in the key-expansion seed).
 * ``finished_verify_data`` and the RFC 5705 exporter without context.
-* ``CipherSuite`` parameters (SPEC-DTLS 6.2) and SRTP profile key lengths (RFC 7714, RFC 8723).
+* ``CipherSuite`` parameters (RFC 5289, 7905) and SRTP profile key lengths (RFC 7714, RFC 8723).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ CIPHER_SUITES: dict[int, CipherSuite] = {
 }
 
 # SRTP protection profile -> (master key length, master salt length); DOUBLE profiles carry
-# inner||outer halves (RFC 8723 §10.1; API.md).
+# inner||outer halves (RFC 8723 §10.1).
 SRTP_PROFILE_LENGTHS: dict[int, tuple[int, int]] = {
     0x0001: (16, 14),
     0x0002: (16, 14),

@@ -2,9 +2,9 @@
 
 Theory of operation
 -------------------
-perc has two epochs (SPEC-DTLS 1.4): epoch 0 is plaintext, epoch 1 carries everything after
+perc has two epochs (RFC 6347 §4.1): epoch 0 is plaintext, epoch 1 carries everything after
 ChangeCipherSpec. Each epoch has its own 48-bit write counter, kept after the switch because a
-retransmitted final flight still contains epoch-0 records (SPEC-DTLS 1.5).
+retransmitted final flight still contains epoch-0 records (RFC 6347 §4.1).
 
 Protection (RFC 5246 §6.2.3.3):
 
@@ -16,7 +16,7 @@ Protection (RFC 5246 §6.2.3.3):
   fragment = ``ciphertext | tag``.
 * additional data = ``epoch || seq || type || wire version || plaintext length``.
 
-Anti-replay (RFC 6347 §4.1.2.6, SPEC-DTLS 1.6): a 64-record window per protected epoch, checked
+Anti-replay (RFC 6347 §4.1.2.6): a 64-record window per protected epoch, checked
 before and updated only after successful decryption; epoch 0 is unauthenticated and never
 touches a window (handshake duplicates are caught by message_seq instead).
 

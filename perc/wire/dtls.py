@@ -5,14 +5,14 @@ Pure functions and attrs classes, no state, no I/O. Everything here that reads n
 :class:`DtlsDecodeError` and nothing else (STYLE practice 6); encoders raise ``ValueError`` on
 local misuse (a field that does not fit its vector).
 
-Layouts (RFC 6347 §4.1, §4.2.2; RFC 5246 §7; SPEC-DTLS.md sections 1-5):
+Layouts (RFC 6347 §4.1, §4.2.2; RFC 5246 §7):
 
 * record header, 13 bytes: ``type(1) version(2) epoch(2) sequence_number(6) length(2)``
 * handshake header, 12 bytes: ``msg_type(1) length(3) message_seq(2) fragment_offset(3)
   fragment_length(3)``; a whole message is the fragment ``offset 0, length = length``, and that
   form (12 + length bytes) is what the transcript hashes (RFC 6347 §4.2.6)
 * message bodies: see each class; vectors ``<floor..ceiling>`` have 1-, 2- or 3-byte prefixes
-* ``EKTKey`` (RFC 8870 §5.2.2, SPEC.md §3.8): ``key<1..256> salt<1..256> spi(2) ttl(3)``, both
+* ``EKTKey`` (RFC 8870 §5.2.2; RFC 8446 §3.4): ``key<1..256> salt<1..256> spi(2) ttl(3)``, both
   vectors with 2-byte prefixes because the ceiling 256 needs them
 * ``ACK`` (RFC 9147 §7, D9): ``record_numbers<0..2^16-1>`` of ``uint64 epoch, uint64 seq``
 """
@@ -124,7 +124,7 @@ def parse_datagram_untrusted(data: bytes) -> tuple[list[DtlsRecord], int]:
     """Split a datagram into records (RFC 6347 §4.1.1).
 
     Returns the records and the number of trailing bytes dropped: a header whose length runs
-    past the end of the datagram, or an over-long fragment, ends parsing (SPEC-DTLS 1.8). Never
+    past the end of the datagram, or an over-long fragment, ends parsing (RFC 6347 §4.1.1). Never
     raises on input.
     """
     records: list[DtlsRecord] = []

@@ -1,4 +1,4 @@
-"""EKT field and EKTPlaintext codecs (RFC 8870 §4.1; SPEC.md 3.2). No cryptography here.
+"""EKT field and EKTPlaintext codecs (RFC 8870 §4.1). No cryptography here.
 
 An EKT field is appended after the whole SRTP packet (after the outer tag of a
 double-encrypted packet) and is parsed **backwards from the end of the packet**: the last byte

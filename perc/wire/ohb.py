@@ -1,4 +1,4 @@
-"""Original Header Block codec (RFC 8723 §4; SPEC.md 4.3, decision D12).
+"""Original Header Block codec (RFC 8723 §4; decision D12).
 
 The OHB is the last 1-4 bytes of the outer (hop-by-hop) plaintext of a double-encrypted SRTP
 packet. It records the original values of the only header fields a Media Distributor may
@@ -123,7 +123,7 @@ def decode_ohb_fields(
     if config & OHB_P:
         payload_type = data[pos]
         if payload_type & 0x80:
-            # The PT octet holds a 7-bit payload type (SPEC 4.3); a set high bit is garbage.
+            # The PT octet holds a 7-bit payload type (RFC 8723 §4); a set high bit is garbage.
             raise OhbDecodeError(f"OHB payload type byte {payload_type:#04x} has the high bit set")
         pos += 1
     if config & OHB_Q:
