@@ -6,7 +6,7 @@ Usage: .venv/bin/python bench/tunnel_relay.py [--seconds S] [--window W] [--endp
 A stand-in endpoint keeps W DTLS-looking datagrams (first byte 22) in flight per endpoint
 socket and counts the echoes that come back in S seconds (after 0.5 s warm-up). Each
 round trip is two TunneledDtls messages over real loopback TLS 1.3 (one each way) and two
-UDP datagrams; the KMF runs perc.roles.kmf.serve with EchoHandler (sends every datagram back
+UDP datagrams; the KMF runs perc.roles.kmf.serve with perc.kmf.EchoEngine (sends every datagram back
 through the tunnel it came on), the MDD runs perc.roles.mdd.serve unchanged.
 
 Modes: "split" runs the KMF and the MDD in their own processes (the deployment shape; with
@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import trio
 
 from perc.config import load_kmf_config, load_mdd_config
+from perc.kmf import EchoEngine
 from perc.roles import kmf, mdd
 from perc.roles.demo import make_demo_files
 
@@ -149,7 +150,7 @@ def _quiet() -> None:
 def _run_kmf(path: Path) -> None:
     _quiet()
     config = load_kmf_config(path)
-    trio.run(lambda: kmf.serve(config, handler=kmf.EchoHandler()))
+    trio.run(lambda: kmf.serve(config, engine=EchoEngine()))
 
 
 async def _wait_tunnel(relay: mdd.ConferenceRelay) -> None:
@@ -175,9 +176,7 @@ async def inproc(payload: bytes, args: argparse.Namespace) -> tuple[int, int]:
         kmf_config, mdd_config = load_kmf_config(kmf_path), load_mdd_config(mdd_path)
     async with trio.open_nursery() as nursery:
         await nursery.start(
-            lambda task_status: kmf.serve(
-                kmf_config, handler=kmf.EchoHandler(), task_status=task_status
-            )
+            lambda task_status: kmf.serve(kmf_config, engine=EchoEngine(), task_status=task_status)
         )
         mdd_server: mdd.MddServer = await nursery.start(
             lambda task_status: mdd.serve(mdd_config, task_status=task_status)
