@@ -54,9 +54,11 @@ class FakeTunnel:
         self.kmf.engine.tunnel_closed(self.tunnel_id, reason, self.kmf.now)
         self.kmf.route()
 
-    def take_dtls(self) -> list[bytes]:
-        out, self.dtls = self.dtls, []
-        return [d for _, d in out]
+    def take_dtls(self, aid: uuid.UUID | None = None) -> list[bytes]:
+        """The DTLS datagrams sent so far (for ``aid`` only, if given); the rest stay."""
+        taken = [d for a, d in self.dtls if aid is None or a == aid]
+        self.dtls = [(a, d) for a, d in self.dtls if aid is not None and a != aid]
+        return taken
 
 
 class MemoryKmf:
@@ -162,7 +164,7 @@ def pump(kmf: MemoryKmf, endpoint: DtlsConnection, aid: uuid.UUID, tunnel: FakeT
         for datagram in endpoint.datagrams_to_send():
             tunnel.deliver(aid, datagram)
             moved = True
-        for datagram in tunnel.take_dtls():
+        for datagram in tunnel.take_dtls(aid):
             endpoint.receive_datagram(datagram, kmf.now)
             moved = True
         if not moved:
