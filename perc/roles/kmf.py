@@ -87,12 +87,13 @@ class _EngineFailed(Exception):
     pass
 
 
-def _level(event: Event) -> int:
+def _report(event: Event) -> None:
+    level = logging.INFO
     if isinstance(event, EktKeyAcked):
-        return logging.DEBUG  # one per member per key: too many for INFO
-    if isinstance(event, RekeyFailed) or (isinstance(event, KmfTunnelDown) and event.refused):
-        return logging.WARNING
-    return logging.INFO
+        level = logging.DEBUG  # one per member per key: too many for INFO
+    elif isinstance(event, RekeyFailed) or (isinstance(event, KmfTunnelDown) and event.refused):
+        level = logging.WARNING
+    emit(log, event, level)
 
 
 class KmfServer:
@@ -146,7 +147,7 @@ class KmfServer:
                 elif conn is None or not conn.send(msg):
                     engine.message_not_sent(tunnel_id, msg, trio.current_time())
         while (event := engine.next_event()) is not None:
-            emit(log, event, _level(event))
+            _report(event)
         timer = engine.get_timer()
         self._deadline.value = math.inf if timer is None else timer
 
@@ -171,6 +172,8 @@ class KmfServer:
                 # Woken early when handling a message moved the deadline earlier.
                 await deadline.wait_value(partial(operator.gt, due))  # due > new value
                 continue
+            # Not guarded: an engine failure here is a bug in state shared by every tunnel, so
+            # it ends the KMF with its traceback rather than run on in an unknown state.
             self.engine.handle_timer(trio.current_time())
             self.service()
 
@@ -190,7 +193,7 @@ class KmfServer:
         self.stats.connections += 1
         if self._open >= MAX_TUNNELS:
             self.stats.refused_capacity += 1
-            emit(log, KmfTunnelDown(peer, f"{MAX_TUNNELS} tunnels already open", refused=True))
+            _report(KmfTunnelDown(peer, f"{MAX_TUNNELS} tunnels already open", refused=True))
             await trio.aclose_forcefully(stream)
             return
         self._open += 1
@@ -200,7 +203,7 @@ class KmfServer:
                 await conn.handshake(self.config.kmf.handshake_timeout)
             except TlsHandshakeError as e:
                 self.stats.refused += 1
-                emit(log, KmfTunnelDown(peer, str(e), refused=True), logging.WARNING)
+                _report(KmfTunnelDown(peer, str(e), refused=True))
                 return
             try:
                 await conn.run(self._session)
@@ -216,16 +219,16 @@ class KmfServer:
         tunnel_id = next(self._ids)
         engine = self.engine
         self.connections[tunnel_id] = conn
-        self._call(
-            engine.tunnel_opened,
-            tunnel_id,
-            peer=conn.peer,
-            mdd_fingerprint=conn.peer_fingerprint or "?",
-            tls=conn.tls_version,
-            now=trio.current_time(),
-        )
         reason = "closed by the KMF"
         try:
+            self._call(
+                engine.tunnel_opened,
+                tunnel_id,
+                peer=conn.peer,
+                mdd_fingerprint=conn.peer_fingerprint or "?",
+                tls=conn.tls_version,
+                now=trio.current_time(),
+            )
             while tunnel_id not in self._closing:
                 msgs = await conn.receive_messages()
                 self._call(engine.receive_messages, tunnel_id, msgs, trio.current_time())
