@@ -438,7 +438,7 @@ def _client_hello_offer(data: bytes) -> _Offer | None:
         hello = ClientHello.decode(frag.body)
         raw = find_extension(hello.extensions, ExtensionType.SUPPORTED_EKT_CIPHERS)
         offered = decode_uint8_list(raw) if raw is not None else []
-    except (DtlsDecodeError, IndexError):
+    except DtlsDecodeError:
         return None
     cipher = next((c for c in EKT_CIPHER_PREFERENCE if c in offered), None)
     return _Offer(hello.random, cipher)

@@ -8,6 +8,7 @@ typed events it reported.
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from types import SimpleNamespace
 
@@ -33,7 +34,7 @@ from perc.events import (
     parse_line,
     to_json,
 )
-from perc.kmf import CloseTunnel, EchoEngine
+from perc.kmf import CloseTunnel, EchoEngine, _client_hello_offer
 from perc.srtp.keys import outer_media_keys
 from perc.wire.tunnel import (
     EndpointDisconnect,
@@ -212,6 +213,23 @@ def test_tunnel_down_keeps_associations_and_rules_close_bad_tunnels(who: SimpleN
     up = mem.tunnel(who.mdd.fingerprint)
     mem.receive(up, [MediaKeys(aid, 9, b"", b"k" * 16, b"K" * 16, b"s" * 12, b"S" * 12)])
     assert up.other == [CloseTunnel()] and engine.tunnel_stats.protocol_errors == 2
+
+
+def test_client_hello_offer_never_raises_on_garbage(who: SimpleNamespace) -> None:
+    endpoint = client(who.members[0])
+    endpoint.connect(0.0)
+    (hello,) = endpoint.datagrams_to_send()
+    offer = _client_hello_offer(hello)
+    assert offer is not None and offer.ekt_cipher == 2 and len(offer.random) == 32
+    rng = random.Random(1)
+    for n in range(len(hello)):
+        assert _client_hello_offer(hello[:n]) is None  # every truncation
+        flipped = bytearray(hello)
+        flipped[n] ^= 1 << rng.randrange(8)
+        _client_hello_offer(bytes(flipped))  # any answer, never an exception
+    for _ in range(500):
+        junk = bytes(hello[:14]) + rng.randbytes(rng.randrange(200))
+        _client_hello_offer(junk)
 
 
 def test_echo_engine_answers_on_the_carrying_tunnel() -> None:
