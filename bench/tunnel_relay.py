@@ -6,8 +6,8 @@ Usage: .venv/bin/python bench/tunnel_relay.py [--seconds S] [--window W] [--endp
 A stand-in endpoint keeps W DTLS-looking datagrams (first byte 22) in flight per endpoint
 socket and counts the echoes that come back in S seconds (after 0.5 s warm-up). Each
 round trip is two TunneledDtls messages over real loopback TLS 1.3 (one each way) and two
-UDP datagrams; the KMF runs perc.roles.kmf.serve with perc.kmf.EchoEngine (sends every datagram back
-through the tunnel it came on), the MDD runs perc.roles.mdd.serve unchanged.
+UDP datagrams; the KMF runs perc.roles.kmf.serve with perc.kmf.EchoEngine (sends every
+datagram back through the tunnel it came on), the MDD runs perc.roles.mdd.serve unchanged.
 
 Modes: "split" runs the KMF and the MDD in their own processes (the deployment shape; with
 the load generator that is three processes on this machine's cores); "inproc" runs KMF, MDD
