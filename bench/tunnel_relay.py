@@ -9,8 +9,8 @@ Options: ``--seconds S`` (per row, default 3), ``--warmup S`` (before each row, 
 A stand-in endpoint keeps W DTLS-looking datagrams (first byte 22) in flight per endpoint
 socket and counts the echoes that come back in S seconds (after the warm-up). Each
 round trip is two TunneledDtls messages over real loopback TLS 1.3 (one each way) and two
-UDP datagrams; the KMF runs perc.roles.kmf.serve with EchoHandler (sends every datagram back
-through the tunnel it came on), the MDD runs perc.roles.mdd.serve unchanged.
+UDP datagrams; the KMF runs perc.roles.kmf.serve with perc.kmf.EchoEngine (sends every
+datagram back through the tunnel it came on), the MDD runs perc.roles.mdd.serve unchanged.
 
 Modes: "split" runs the KMF and the MDD in their own processes (the deployment shape; with
 the load generator that is three processes on this machine's cores); "inproc" runs KMF, MDD
@@ -45,6 +45,7 @@ import harness
 import trio
 
 from perc.config import load_kmf_config, load_mdd_config
+from perc.kmf import EchoEngine
 from perc.roles import kmf, mdd
 from perc.roles.demo import DemoFiles, make_demo_files, write_mdd_config
 
@@ -155,7 +156,7 @@ def _run_kmf(path: Path, conn: Any) -> None:
         async with trio.open_nursery() as nursery:
             server: kmf.KmfServer = await nursery.start(
                 lambda task_status: kmf.serve(
-                    config, handler=kmf.EchoHandler(), task_status=task_status
+                    config, engine=EchoEngine(), task_status=task_status
                 )
             )
             conn.send(server.address[1])
@@ -187,7 +188,7 @@ async def inproc(payload: bytes, args: argparse.Namespace) -> Result:
         async with trio.open_nursery() as nursery:
             kmf_server: kmf.KmfServer = await nursery.start(
                 lambda task_status: kmf.serve(
-                    kmf_config, handler=kmf.EchoHandler(), task_status=task_status
+                    kmf_config, engine=EchoEngine(), task_status=task_status
                 )
             )
             mdd_config = load_mdd_config(write_mdd_config(files, kmf_server.address[1]))

@@ -145,6 +145,13 @@ class Listening(Event):
     port: int
     conference: str | None = None
 
+    def describe(self) -> str:
+        if self.what == "tunnel":
+            # The KMF's line, as people and older tools know it.
+            host = f"[{self.host}]" if ":" in self.host else self.host
+            return f"KMF listening on {host}:{self.port}"
+        return super().describe()
+
 
 # --- MDD events ---------------------------------------------------------------------------------
 # Emitted by the MDD (its engine decides, its shell logs). ``association`` is the RFC 9185
@@ -238,7 +245,14 @@ class KeyIsolation(Event):
 
 
 # --- KMF events ---------------------------------------------------------------------------------
-# Emitted by the KMF. ``fingerprint`` is an endpoint's certificate fingerprint (D20 text).
+# Emitted by the KMF (its engine, perc.kmf, decides; its shell logs). ``fingerprint`` is an
+# endpoint's certificate fingerprint (D20 text); ``profile`` an SRTP protection profile number.
+# Each describe() is the KMF's human log line (key=value fields, read by people and by older
+# tests and tools; the JSON form is the API).
+
+
+def _hex_profile(profile: int | None) -> str:
+    return f"0x{profile:04X}" if profile is not None else "-"
 
 
 @register
@@ -249,6 +263,17 @@ class KmfTunnelUp(Event):
     kind: ClassVar[str] = "kmf_tunnel_up"
     peer: str
     fingerprint: str
+    tunnel: int = 0
+    version: int = 0
+    profiles: list[int] = attrs.field(factory=list)
+    tls: str = ""
+
+    def describe(self) -> str:
+        profiles = ",".join(_hex_profile(p) for p in self.profiles)
+        return (
+            f"tunnel up peer={self.peer} mdd={self.fingerprint} version={self.version} "
+            f"profiles={profiles} tls={self.tls}"
+        )
 
 
 @register
@@ -260,12 +285,19 @@ class KmfTunnelDown(Event):
     peer: str
     reason: str
     refused: bool = False
+    tunnel: int = 0
+
+    def describe(self) -> str:
+        return f"tunnel {'refused' if self.refused else 'closed'} peer={self.peer}: {self.reason}"
 
 
 @register
 @attrs.frozen
 class Joined(Event):
-    """An endpoint completed its DTLS handshake and was admitted to a conference."""
+    """An endpoint completed its DTLS handshake and was admitted to a conference.
+
+    ``spi`` is its first EKTKey's (``first_key``: ``now``, or ``at-rekey`` when that key is
+    the pending rekey's, -1 until then); ``mdd`` the carrying tunnel's peer."""
 
     kind: ClassVar[str] = "kmf_joined"
     conference: str
@@ -274,12 +306,26 @@ class Joined(Event):
     profile: int
     ekt_cipher: int
     tls_id: str | None = None
+    spi: int = -1
+    mdd: str = ""
+    members: int = 0
+    first_key: str = "now"
+
+    def describe(self) -> str:
+        return (
+            f"joined conference={self.conference} association={self.association} "
+            f"fingerprint={self.fingerprint} profile={_hex_profile(self.profile)} "
+            f"spi={self.spi} ekt_cipher={self.ekt_cipher} mdd={self.mdd} "
+            f"members={self.members} first_key={self.first_key}"
+        )
 
 
 @register
 @attrs.frozen
 class Denied(Event):
-    """A join was refused; ``alert`` is the DTLS alert sent (e.g. ``access_denied``)."""
+    """A join was refused; ``alert`` is the DTLS alert sent (e.g. ``access_denied``).
+
+    ``ended`` is how the association then ended (the DTLS engine's close reason)."""
 
     kind: ClassVar[str] = "kmf_denied"
     association: uuid.UUID
@@ -287,6 +333,33 @@ class Denied(Event):
     reason: str
     alert: str
     conference: str | None = None
+    profile: int | None = None
+    ended: str = ""
+
+    def describe(self) -> str:
+        return (
+            f"refused association={self.association} fingerprint={self.fingerprint or '?'} "
+            f"conference={self.conference or '-'} profile={_hex_profile(self.profile)}: "
+            f"{self.reason} ({self.ended or self.alert})"
+        )
+
+
+@register
+@attrs.frozen
+class HandshakeFailed(Event):
+    """An association ended before joining without a refusal (timeout, the endpoint's alert,
+    EndpointDisconnect from the MDD mid-handshake)."""
+
+    kind: ClassVar[str] = "kmf_handshake_failed"
+    association: uuid.UUID
+    fingerprint: str | None
+    reason: str
+
+    def describe(self) -> str:
+        return (
+            f"handshake ended association={self.association} "
+            f"fingerprint={self.fingerprint or '?'}: {self.reason}"
+        )
 
 
 @register
@@ -299,18 +372,51 @@ class Left(Event):
     association: uuid.UUID
     fingerprint: str
     reason: str
+    profile: int = 0
+    spi: int | None = None
+    members: int = 0
+
+    def describe(self) -> str:
+        return (
+            f"left conference={self.conference} association={self.association} "
+            f"fingerprint={self.fingerprint} profile={_hex_profile(self.profile)} "
+            f"spi={self.spi} members={self.members} reason={self.reason}"
+        )
 
 
 @register
 @attrs.frozen
 class Rekeyed(Event):
-    """A conference has a new EKTKey (``reason``: first, join, leave, ttl, manual, kick)."""
+    """A conference has a new EKTKey (``reason``: first, join, leave, ttl, manual, kick, or
+    coalesced ones such as ``join+leave``). ``key`` is a one-way digest, never the key."""
 
     kind: ClassVar[str] = "kmf_rekeyed"
     conference: str
     spi: int
     reason: str
     members: int
+    cipher: int = 0
+    ttl: int = 0
+    key: str = ""
+
+    def describe(self) -> str:
+        return (
+            f"ektkey conference={self.conference} spi={self.spi} cipher={self.cipher} "
+            f"ttl={self.ttl} key={self.key} reason={self.reason} members={self.members}"
+        )
+
+
+@register
+@attrs.frozen
+class RekeyFailed(Event):
+    """A conference's rekey could not be made (its SPI space is exhausted); no more rekeys."""
+
+    kind: ClassVar[str] = "kmf_rekey_failed"
+    conference: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"rekey failed conference={self.conference}: {self.reason} (no more rekeys for it)"
 
 
 @register
@@ -323,6 +429,9 @@ class EktKeyAcked(Event):
     association: uuid.UUID
     spi: int
 
+    def describe(self) -> str:
+        return f"EKTKey acknowledged association={self.association} spi={self.spi}"
+
 
 @register
 @attrs.frozen
@@ -331,6 +440,10 @@ class DisconnectFromMdd(Event):
 
     kind: ClassVar[str] = "kmf_disconnect_from_mdd"
     association: uuid.UUID
+    peer: str = ""
+
+    def describe(self) -> str:
+        return f"endpoint disconnect from MDD association={self.association} peer={self.peer}"
 
 
 # --- endpoint events ----------------------------------------------------------------------------

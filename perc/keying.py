@@ -79,8 +79,8 @@ a leave nobody keeps using a key the leaver holds.*
 
 The sans-IO conference is driven by its timer: :meth:`Conference.next_deadline` (the pending
 rekey's deadline, else the TTL refresh) and :meth:`Conference.poll` (returns a
-:class:`Rekey` to distribute, or None). The KMF's handler keeps these deadlines in its one
-timer heap (:mod:`perc.roles.keying`).
+:class:`Rekey` to distribute, or None). The KMF's engine keeps these deadlines in its one
+timer heap (:mod:`perc.kmf`).
 
 API::
 

@@ -20,8 +20,9 @@ from perc.config import (
     MddSettings,
 )
 from perc.identity import Identity
-from perc.roles.kmf import KmfTunnel, LoggingHandler
+from perc.kmf import Tunnel, TunnelServerEngine
 from perc.roles.tunnel import TunnelConnection, make_tls_context
+from perc.wire.tunnel import TunneledDtls
 
 LOCAL = "127.0.0.1"
 
@@ -103,11 +104,12 @@ async def open_raw_tunnel(
 class Seen:
     association_id: uuid.UUID
     data: bytes
-    tunnel: KmfTunnel
+    tunnel: Tunnel
 
 
-class RecordingHandler(LoggingHandler):
-    """Records everything; optionally answers each datagram with ``reply(data)``."""
+class RecordingEngine(TunnelServerEngine):
+    """A KMF engine that records what the tunnels carry; optionally answers each datagram
+    with ``reply(data)``. Its hooks get the shell's ``now`` (virtual time under MockClock)."""
 
     def __init__(self, reply: Callable[[bytes], bytes] | None = None) -> None:
         super().__init__()
@@ -115,22 +117,20 @@ class RecordingHandler(LoggingHandler):
         self.seen: list[Seen] = []
         self.disconnected: list[uuid.UUID] = []
         self.disconnected_at: list[float] = []
-        self.up: list[KmfTunnel] = []
-        self.down: list[KmfTunnel] = []
+        self.up: list[Tunnel] = []
+        self.down: list[Tunnel] = []
 
-    def on_tunnel_up(self, tunnel: KmfTunnel) -> None:
+    def on_tunnel_up(self, tunnel: Tunnel, now: float) -> None:
         self.up.append(tunnel)
 
-    def on_tunnel_down(self, tunnel: KmfTunnel) -> None:
+    def on_tunnel_down(self, tunnel: Tunnel, now: float) -> None:
         self.down.append(tunnel)
 
-    def on_datagram(self, association_id: uuid.UUID, data: bytes, tunnel: KmfTunnel) -> None:
-        super().on_datagram(association_id, data, tunnel)
+    def on_dtls(self, tunnel: Tunnel, association_id: uuid.UUID, data: bytes, now: float) -> None:
         self.seen.append(Seen(association_id, data, tunnel))
         if self.reply is not None:
-            tunnel.send_dtls(association_id, self.reply(data))
+            self.send(tunnel.tunnel_id, TunneledDtls(association_id, self.reply(data)))
 
-    def on_disconnect(self, association_id: uuid.UUID, tunnel: KmfTunnel) -> None:
-        super().on_disconnect(association_id, tunnel)
+    def on_disconnect(self, tunnel: Tunnel, association_id: uuid.UUID, now: float) -> None:
         self.disconnected.append(association_id)
-        self.disconnected_at.append(trio.current_time())
+        self.disconnected_at.append(now)

@@ -1,6 +1,6 @@
 """The MDD forwarding double-encrypted media, in one trio process over real loopback UDP/TLS.
 
-A real KMF (:class:`perc.roles.keying.KeyingHandler`) and a real MDD (``perc.roles.mdd.serve``);
+A real KMF (:class:`perc.kmf.KmfEngine`) and a real MDD (``perc.roles.mdd.serve``);
 endpoints join with perc's sans-IO DTLS client (tests/roles/join_helpers.py) and then talk
 with :class:`~perc.srtp.double.DoubleSender` / :class:`~perc.srtp.double.DoubleReceiver` built
 from the keys their join gave them. Time is a ``MockClock`` (see conftest.py).
@@ -28,18 +28,18 @@ from trio.testing import MockClock
 
 from perc import identity
 from perc.config import ConfigError, KmfConfig, MddConfig, build_mdd_config
+from perc.kmf import KmfEngine
 from perc.roles import kmf, mdd
 from perc.roles.endpoint import JoinSettings, JoinTimeout, join
-from perc.roles.keying import KeyingHandler
 from perc.roles.tunnel import TunnelConnection
 from perc.srtp.context import SrtpSession
 from perc.srtp.double import DoubleReceiver, DoubleSender
 from perc.srtp.ekt import EktCipher, EktParameterSet
 from perc.srtp.errors import SrtpError
 from perc.srtp.keys import KeyingMaterial, exporter_length, split_exporter
-from perc.wire.tunnel import MediaKeys, TunnelMessage, encode_message
+from perc.wire.tunnel import EndpointDisconnect, MediaKeys, TunnelMessage, encode_message
 
-from .helpers import RecordingHandler, mdd_config, until
+from .helpers import RecordingEngine, mdd_config, until
 from .join_helpers import JoinResult, join_once, keying_kmf_config
 
 LOCAL = "127.0.0.1"
@@ -143,7 +143,7 @@ class Conference:
         self.config = no_rekeys(keying_kmf_config(ids.kmf, [ids.mdd], {"demo": list(members)}))
         self.kmf_scope: trio.CancelScope | None = None
         self.kmf_server: kmf.KmfServer | None = None
-        self.handler: KeyingHandler | None = None
+        self.engine: KmfEngine | None = None
         self.relay: mdd.ConferenceRelay | None = None
         self.results: list[JoinResult] = []
 
@@ -154,13 +154,12 @@ class Conference:
                 config,
                 kmf=attrs.evolve(config.kmf, listen=attrs.evolve(config.kmf.listen, port=port)),
             )
-        self.handler = KeyingHandler(config, keylog=None)
-        handler = self.handler
+        self.engine = engine = KmfEngine(config, keylog=None)
         scope = self.kmf_scope = trio.CancelScope()
 
         async def owner(task_status: trio.TaskStatus[kmf.KmfServer]) -> None:
             with scope:  # kill_kmf() cancels only the KMF
-                await kmf.serve(config, handler=handler, task_status=task_status)
+                await kmf.serve(config, engine=engine, task_status=task_status)
 
         self.kmf_server = await nursery.start(owner)
 
@@ -296,11 +295,11 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
     """D5 with a scripted KMF: up to 64 datagrams per association wait for MediaKeys."""
-    handler = RecordingHandler()
+    handler = RecordingEngine()
     profile = 0x0009
     params = EktParameterSet(7, EktCipher.AESKW_128, os.urandom(16), os.urandom(12))
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(partial(kmf.serve, _plain_kmf_config(ids), handler=handler))
+        server = await nursery.start(partial(kmf.serve, _plain_kmf_config(ids), engine=handler))
         config = mdd_config(ids.mdd, server.address, ids.kmf.fingerprint)
         srv: mdd.MddServer = await nursery.start(partial(mdd.serve, config))
         relay = next(iter(srv.conferences.values()))
@@ -319,7 +318,7 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
             for s, seen in zip(socks, handler.seen, strict=True)
         }
         aids = [by_addr[s.getsockname()] for s in socks]
-        tunnel = handler.seen[0].tunnel
+        tunnel_id = handler.seen[0].tunnel.tunnel_id
 
         def media_keys(i: int) -> MediaKeys:
             o = materials[i].outer()
@@ -328,7 +327,7 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
             )
 
         # The receiver (1) is keyed; the sender (0) sends 70 packets before its keys.
-        assert tunnel.send_media_keys(media_keys(1))
+        assert server.send(tunnel_id, media_keys(1))
         await until(lambda: relay.stats.media_keys == 1)
         sender = DoubleSender.for_endpoint(materials[0], params)
         for i in range(70):
@@ -339,7 +338,7 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
         assert (c.held, c.drop_queue_full, relay.stats.srtp_held) == (64, 6, 64)
         assert relay.stats.dropped_srtp == 6
         # Keys arrive: the 64 held packets go out to the receiver, in order.
-        assert tunnel.send_media_keys(media_keys(0))
+        assert server.send(tunnel_id, media_keys(0))
         receiver = DoubleReceiver.for_endpoint(materials[1])
         receiver.add_parameter_set(params)
         got = []
@@ -349,7 +348,7 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
                 got.append(receiver.unprotect(data, 0.0).payload)
         assert got == [b"p%d" % i for i in range(64)]
         # EndpointDisconnect from the KMF: the association leaves the table too (both ways).
-        assert tunnel.send_disconnect(aids[1])
+        assert server.send(tunnel_id, EndpointDisconnect(aids[1]))
         await until(lambda: aids[1] not in relay.associations)
         assert aids[1] not in relay.table.associations
         unknown = relay.table.stats.unknown_source

@@ -1,6 +1,6 @@
 """KMF rekeying (D22, RFC 8871 §4.5.2) over real loopback TLS and UDP, under MockClock.
 
-The KMF runs :class:`perc.roles.keying.KeyingHandler` behind a real MDD; the endpoints are
+The KMF runs :class:`perc.kmf.KmfEngine` behind a real MDD; the endpoints are
 perc's DTLS clients (tests/roles/join_helpers.py). Virtual time: every delay below is
 measured with ``trio.current_time()``.
 
@@ -62,7 +62,7 @@ def policy_config(
 
 
 def conference(setup: Setup) -> Conference:
-    return setup.handler.state.conferences["demo"]
+    return setup.engine.state.conferences["demo"]
 
 
 def spi_of(result: JoinResult) -> int | None:
@@ -162,7 +162,7 @@ async def test_leave_by_close_notify_rekeys_the_others_within_a_second(
     async with conference_with(ids, policy_config(ids, [a, b, c])) as (setup, nursery, relay):
         ra, rb, rc = [await join_and_serve(setup, nursery, relay, x) for x in (a, b, c)]
         old = await converged(setup, [ra, rb, rc])
-        rekeys = setup.handler.stats.rekeys
+        rekeys = setup.engine.stats.rekeys
         a_keys = list(ra.ekt_keys)
         caplog.clear()
         left_at = trio.current_time()
@@ -172,7 +172,7 @@ async def test_leave_by_close_notify_rekeys_the_others_within_a_second(
         assert got - left_at < 1.0, got - left_at
         new = await converged(setup, [rb, rc])
         assert new == spi_of(rb) == spi_of(rc) != old
-        assert setup.handler.stats.rekeys == rekeys + 1
+        assert setup.engine.stats.rekeys == rekeys + 1
         assert ra.ekt_keys == a_keys  # the leaver is not sent the new key
         assert set(conference(setup).members) == {
             mdd_association(relay, r).association_id for r in (rb, rc)
@@ -208,7 +208,7 @@ async def test_endpoint_disconnect_from_the_mdd_is_a_leave(
         nursery.start_soon(keepalive, rb)
         nursery.start_soon(keepalive, rc)
         old = await converged(setup, [rb, rc])
-        await until(lambda: setup.handler.stats.ended_by_mdd == 1)
+        await until(lambda: setup.engine.stats.ended_by_mdd == 1)
         ended_at = trio.current_time()
         got = await wait_time(lambda: spi_of(rb) != old and spi_of(rc) != old)
         assert got - ended_at < 1.0
@@ -230,12 +230,12 @@ async def test_ektkey_timeout_is_a_leave(
         ra = await setup.join(relay, a)  # joins, then never answers again
         rb = await join_and_serve(setup, nursery, relay, b)  # b's join rekeys a too: unanswered
         joined_at = trio.current_time()
-        await until(lambda: setup.handler.stats.left == 1, timeout=30.0)
+        await until(lambda: setup.engine.stats.left == 1, timeout=30.0)
         assert 9.0 <= trio.current_time() - joined_at <= 12.0
         await until(lambda: relay.stats.associations_ended_by_kmf == 1)  # D3: MDD told
         new = await converged(setup, [rb])
         assert [k.spi for k in ra.ekt_keys] == [new - 2 & 0xFFFF]
-        assert setup.handler.stats.rekeys == 2  # b's join, then a's leave
+        assert setup.engine.stats.rekeys == 2  # b's join, then a's leave
         nursery.cancel_scope.cancel()
 
 
@@ -254,7 +254,7 @@ async def test_joins_and_a_leave_in_one_window_make_one_rekey(
     ):
         ra, rb = [await join_and_serve(setup, nursery, relay, x) for x in (a, b)]
         old = await converged(setup, [ra, rb])
-        rekeys = setup.handler.stats.rekeys
+        rekeys = setup.engine.stats.rekeys
         caplog.clear()
         joined: list[JoinResult] = []
 
@@ -268,7 +268,7 @@ async def test_joins_and_a_leave_in_one_window_make_one_rekey(
             inner.start_soon(leave, rb)
         new = await converged(setup, [ra, *joined])
         assert trio.current_time() - started < 1.0
-        assert setup.handler.stats.rekeys == rekeys + 1  # coalesced: one new EKTKey
+        assert setup.engine.stats.rekeys == rekeys + 1  # coalesced: one new EKTKey
         (line,) = rekey_lines(caplog)
         assert line["reason"] in {"join+leave", "leave+join"} and line["members"] == "3"
         # The joiners' first (and only) EKTKey is the new one: never the key used before.
@@ -276,7 +276,7 @@ async def test_joins_and_a_leave_in_one_window_make_one_rekey(
             assert [k.spi for k in r.ekt_keys] == [new]
         assert spi_of(ra) == new != old
         assert spi_of(rb) == old  # the leaver
-        assert setup.handler.stats.joins_waited_for_rekey >= 3  # b, c, d
+        assert setup.engine.stats.joins_waited_for_rekey >= 3  # b, c, d
         nursery.cancel_scope.cancel()
 
 
@@ -296,12 +296,12 @@ async def test_after_joins_everyone_is_on_the_same_newest_spi(
                 inner.start_soon(join, x)
         spi = await converged(setup, results)
         assert {spi_of(r) for r in results} == {spi}
-        assert 1 <= setup.handler.stats.rekeys <= 3, setup.handler.stats.rekeys
+        assert 1 <= setup.engine.stats.rekeys <= 3, setup.engine.stats.rekeys
         # every joiner but the first waited for a rekey: none holds a key from before it
-        assert setup.handler.stats.joins_waited_for_rekey == 7
+        assert setup.engine.stats.joins_waited_for_rekey == 7
         assert sum(len(r.ekt_keys) == 1 for r in results) >= 7
         await until(
-            lambda: setup.handler.stats.ekt_keys_acknowledged >= setup.handler.stats.ekt_keys_sent
+            lambda: setup.engine.stats.ekt_keys_acknowledged >= setup.engine.stats.ekt_keys_sent
         )
         nursery.cancel_scope.cancel()
 
@@ -318,10 +318,10 @@ async def test_zero_window_rekeys_each_join_and_leave_at_once(
         assert rb.elapsed < 0.1  # no window to wait for (virtual time)
         rc = await join_and_serve(setup, nursery, relay, c)
         assert await converged(setup, [ra, rb, rc]) == spi_of(rc)
-        assert setup.handler.stats.rekeys == 2
+        assert setup.engine.stats.rekeys == 2
         left_at = trio.current_time()
         await leave(ra)
-        await wait_time(lambda: setup.handler.stats.rekeys == 3, step=0.005)
+        await wait_time(lambda: setup.engine.stats.rekeys == 3, step=0.005)
         assert trio.current_time() - left_at < 0.1
         await converged(setup, [rb, rc])
         nursery.cancel_scope.cancel()
@@ -338,20 +338,20 @@ async def test_switches_off_mean_no_rekey(
         rb = await join_and_serve(setup, nursery, relay, b)
         if switch == "rekey_on_join":
             # b got the current key at once, nothing else happened
-            assert spi_of(ra) == spi_of(rb) and setup.handler.stats.rekeys == 0
+            assert spi_of(ra) == spi_of(rb) and setup.engine.stats.rekeys == 0
             rc = await join_and_serve(setup, nursery, relay, c)
             await trio.sleep(2.0)
-            assert setup.handler.stats.rekeys == 0 and spi_of(rc) == spi_of(ra)
+            assert setup.engine.stats.rekeys == 0 and spi_of(rc) == spi_of(ra)
             await leave(rc)  # leaves still rekey
-            await until(lambda: setup.handler.stats.rekeys == 1)
+            await until(lambda: setup.engine.stats.rekeys == 1)
         else:
             old = await converged(setup, [ra, rb])
-            rekeys = setup.handler.stats.rekeys
+            rekeys = setup.engine.stats.rekeys
             assert rekeys == 1  # b's join
             await leave(rb)
-            await until(lambda: setup.handler.stats.left == 1)
+            await until(lambda: setup.engine.stats.left == 1)
             await trio.sleep(2.0)
-            assert setup.handler.stats.rekeys == rekeys and spi_of(ra) == old
+            assert setup.engine.stats.rekeys == rekeys and spi_of(ra) == old
         nursery.cancel_scope.cancel()
 
 

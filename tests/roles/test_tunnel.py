@@ -10,6 +10,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
+from perc.kmf import Tunnel
 from perc.roles import kmf, mdd
 from perc.roles.tunnel import TunnelClosed, TunnelConnection
 from perc.wire.tunnel import (
@@ -21,16 +22,16 @@ from perc.wire.tunnel import (
     encode_message,
 )
 
-from .helpers import LOCAL, RecordingHandler, kmf_config, mdd_config, open_raw_tunnel, until
+from .helpers import LOCAL, RecordingEngine, kmf_config, mdd_config, open_raw_tunnel, until
 
 DTLS = bytes.fromhex("16fefd000000000000000000030102")  # first byte 22: DTLS handshake
 
 
 async def start_kmf(
-    nursery: trio.Nursery, ids: SimpleNamespace, handler: RecordingHandler, port: int = 0
+    nursery: trio.Nursery, ids: SimpleNamespace, handler: RecordingEngine, port: int = 0
 ) -> kmf.KmfServer:
     config = kmf_config(ids.kmf, [ids.mdd, ids.mdd2], port)
-    server: kmf.KmfServer = await nursery.start(partial(kmf.serve, config, handler=handler))
+    server: kmf.KmfServer = await nursery.start(partial(kmf.serve, config, engine=handler))
     return server
 
 
@@ -46,7 +47,7 @@ async def endpoint() -> trio.socket.SocketType:
 
 
 async def test_mutual_authentication(ids: SimpleNamespace, clock: MockClock) -> None:
-    handler = RecordingHandler()
+    handler = RecordingEngine()
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         relay = await start_mdd(nursery, mdd_config(ids.mdd, server.address, ids.kmf.fingerprint))
@@ -57,20 +58,20 @@ async def test_mutual_authentication(ids: SimpleNamespace, clock: MockClock) -> 
         assert tunnel.protection_profiles == (0x0009, 0x000A)
         assert relay.tunnel_is_up
         assert relay.stats.tunnels_up == 1
-        assert server.stats.tunnels_up == 1
+        assert server.engine.tunnel_stats.tunnels_up == 1
         assert server.stats.refused == 0
         nursery.cancel_scope.cancel()
 
 
 async def test_untrusted_mdd_is_refused(ids: SimpleNamespace, clock: MockClock) -> None:
-    handler = RecordingHandler()
+    handler = RecordingEngine()
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         config = mdd_config(ids.stranger, server.address, ids.kmf.fingerprint)
         relay = await start_mdd(nursery, config)
         await until(lambda: relay.stats.connect_failures >= 2)
         assert server.stats.refused >= 2
-        assert server.stats.tunnels_up == 0
+        assert server.engine.tunnel_stats.tunnels_up == 0
         assert relay.stats.tunnels_up == 0
         assert not handler.up
         nursery.cancel_scope.cancel()
@@ -79,7 +80,7 @@ async def test_untrusted_mdd_is_refused(ids: SimpleNamespace, clock: MockClock) 
 async def test_mdd_refuses_a_kmf_with_another_fingerprint(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
-    handler = RecordingHandler()
+    handler = RecordingEngine()
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         config = mdd_config(ids.mdd, server.address, ids.stranger.fingerprint)
@@ -88,7 +89,7 @@ async def test_mdd_refuses_a_kmf_with_another_fingerprint(
         assert relay.stats.tunnels_up == 0
         # The KMF sees the MDD's alert: its handshake fails, no tunnel is ever up.
         assert server.stats.refused >= 2
-        assert server.stats.tunnels_up == 0
+        assert server.engine.tunnel_stats.tunnels_up == 0
         assert not handler.up
         nursery.cancel_scope.cancel()
 
@@ -97,7 +98,7 @@ async def test_version_1_gets_unsupported_version_then_close(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
     async with trio.open_nursery() as nursery:
-        server = await start_kmf(nursery, ids, RecordingHandler())
+        server = await start_kmf(nursery, ids, RecordingEngine())
         conn = await open_raw_tunnel(server.address, ids.mdd, ids.kmf.fingerprint)
 
         async def session(conn: TunnelConnection) -> None:
@@ -110,8 +111,8 @@ async def test_version_1_gets_unsupported_version_then_close(
         # Exactly the 4 bytes 02 00 01 00 came through the tunnel (RFC 9185 §5.5).
         assert conn.stats.bytes_in == 4
         assert encode_message(UnsupportedVersion(highest_version=0)) == bytes.fromhex("02000100")
-        assert server.stats.unsupported_version == 1
-        assert server.stats.tunnels_up == 0
+        assert server.engine.tunnel_stats.unsupported_version == 1
+        assert server.engine.tunnel_stats.tunnels_up == 0
         nursery.cancel_scope.cancel()
 
 
@@ -133,7 +134,7 @@ BAD_STREAMS = {
 async def test_bad_tunnel_is_closed_others_keep_working(
     name: str, ids: SimpleNamespace, clock: MockClock
 ) -> None:
-    handler = RecordingHandler(reply=lambda data: b"\x17" + data)
+    handler = RecordingEngine(reply=lambda data: b"\x17" + data)
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         relay = await start_mdd(nursery, mdd_config(ids.mdd, server.address, ids.kmf.fingerprint))
@@ -147,7 +148,7 @@ async def test_bad_tunnel_is_closed_others_keep_working(
                 await conn.receive_messages()
 
         await bad.run(session)
-        assert server.stats.protocol_errors == 1
+        assert server.engine.tunnel_stats.protocol_errors == 1
         # The good tunnel still relays both ways.
         sock = await endpoint()
         with sock:
@@ -163,7 +164,7 @@ async def test_bad_tunnel_is_closed_others_keep_working(
 async def test_kmf_restart_mdd_reconnects_and_says_hello_again(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
-    first, second = RecordingHandler(), RecordingHandler()
+    first, second = RecordingEngine(), RecordingEngine()
     async with trio.open_nursery() as nursery:
         async with trio.open_nursery() as kmf_nursery:
             server = await start_kmf(kmf_nursery, ids, first)
@@ -191,7 +192,7 @@ async def test_kmf_restart_mdd_reconnects_and_says_hello_again(
 async def test_endpoints_get_distinct_ids_and_replies_reach_their_endpoint(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
-    handler = RecordingHandler(reply=lambda data: b"\x17reply-to-" + data)
+    handler = RecordingEngine(reply=lambda data: b"\x17reply-to-" + data)
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         relay = await start_mdd(nursery, mdd_config(ids.mdd, server.address, ids.kmf.fingerprint))
@@ -224,7 +225,7 @@ async def test_endpoints_get_distinct_ids_and_replies_reach_their_endpoint(
 async def test_idle_timeout_sends_endpoint_disconnect(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
-    handler = RecordingHandler()
+    handler = RecordingEngine()
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         relay = await start_mdd(nursery, mdd_config(ids.mdd, server.address, ids.kmf.fingerprint))
@@ -252,7 +253,7 @@ async def test_idle_timeout_sends_endpoint_disconnect(
 async def test_endpoint_disconnect_from_kmf_drops_the_association(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
-    handler = RecordingHandler()
+    handler = RecordingEngine()
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         relay = await start_mdd(nursery, mdd_config(ids.mdd, server.address, ids.kmf.fingerprint))
@@ -262,15 +263,15 @@ async def test_endpoint_disconnect_from_kmf_drops_the_association(
             await sock.sendto(DTLS, relay.address)
             await until(lambda: len(handler.seen) == 1)
             seen = handler.seen[0]
-            assert seen.tunnel.send_media_keys(attrs_evolve_keys(seen.association_id))
+            assert server.send(seen.tunnel.tunnel_id, attrs_evolve_keys(seen.association_id))
             await until(lambda: relay.stats.media_keys == 1)
             assert relay.associations[seen.association_id].media_keys is not None
-            assert seen.tunnel.send_disconnect(seen.association_id)
+            assert server.send(seen.tunnel.tunnel_id, EndpointDisconnect(seen.association_id))
             await until(lambda: not relay.associations)
             assert relay.stats.associations_ended_by_kmf == 1
             # Messages naming an unknown association are counted and ignored (D2).
-            seen.tunnel.send_dtls(seen.association_id, DTLS)
-            seen.tunnel.send_disconnect(seen.association_id)
+            server.send(seen.tunnel.tunnel_id, TunneledDtls(seen.association_id, DTLS))
+            server.send(seen.tunnel.tunnel_id, EndpointDisconnect(seen.association_id))
             await until(lambda: relay.stats.dropped_unknown_association == 2)
             # The same endpoint starting again is a new association.
             await sock.sendto(DTLS, relay.address)
@@ -285,7 +286,7 @@ def attrs_evolve_keys(aid: uuid.UUID) -> MediaKeys:
 
 
 async def test_demultiplexing_and_drops(ids: SimpleNamespace, clock: MockClock) -> None:
-    handler = RecordingHandler()
+    handler = RecordingEngine()
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         relay = await start_mdd(nursery, mdd_config(ids.mdd, server.address, ids.kmf.fingerprint))
@@ -359,7 +360,7 @@ async def test_mdd_remembers_unsupported_version(ids: SimpleNamespace, clock: Mo
 
 
 async def test_two_conferences_two_tunnels(ids: SimpleNamespace, clock: MockClock) -> None:
-    handler = RecordingHandler(reply=lambda data: data)
+    handler = RecordingEngine(reply=lambda data: data)
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         config = mdd_config(
@@ -380,7 +381,7 @@ async def test_two_conferences_two_tunnels(ids: SimpleNamespace, clock: MockCloc
 
 
 async def test_association_table_is_bounded(ids: SimpleNamespace, clock: MockClock) -> None:
-    handler = RecordingHandler()
+    handler = RecordingEngine()
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         config = mdd_config(ids.mdd, server.address, ids.kmf.fingerprint, max_associations=1)
@@ -404,11 +405,11 @@ def test_endpoint_disconnect_encoding_used_by_mdd() -> None:
 async def test_handler_failure_closes_only_that_tunnel(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
-    class Exploding(RecordingHandler):
-        def on_datagram(
-            self, association_id: uuid.UUID, data: bytes, tunnel: kmf.KmfTunnel
+    class Exploding(RecordingEngine):
+        def on_dtls(
+            self, tunnel: Tunnel, association_id: uuid.UUID, data: bytes, now: float
         ) -> None:
-            super().on_datagram(association_id, data, tunnel)
+            super().on_dtls(tunnel, association_id, data, now)
             if data == b"\x16boom":
                 raise RuntimeError("handler bug")
 
@@ -420,18 +421,20 @@ async def test_handler_failure_closes_only_that_tunnel(
         sock = await endpoint()
         with sock:
             await sock.sendto(b"\x16boom", relay.address)
-            await until(lambda: server.stats.handler_errors == 1)
+            await until(lambda: server.stats.engine_errors == 1)
             # The KMF keeps running; the MDD reconnects and the relay works again.
             await until(lambda: relay.stats.tunnels_up == 2 and relay.tunnel_is_up)
             await sock.sendto(b"\x16fine", relay.address)
             await until(lambda: handler.seen[-1].data == b"\x16fine")
         assert len(handler.down) == 1
-        assert not handler.down[0].send_dtls(uuid.uuid4(), b"\x16")  # closed tunnel refuses
+        closed = handler.down[0].tunnel_id  # a closed tunnel refuses messages
+        assert not handler.send(closed, TunneledDtls(uuid.uuid4(), b"\x16"))
+        assert not server.send(closed, TunneledDtls(uuid.uuid4(), b"\x16"))
         nursery.cancel_scope.cancel()
 
 
 async def test_ipv6_endpoints(ids: SimpleNamespace, clock: MockClock) -> None:
-    handler = RecordingHandler(reply=lambda data: b"\x17" + data)
+    handler = RecordingEngine(reply=lambda data: b"\x17" + data)
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         config = mdd_config(ids.mdd, server.address, ids.kmf.fingerprint, listen_host="::1")
@@ -445,7 +448,7 @@ async def test_ipv6_endpoints(ids: SimpleNamespace, clock: MockClock) -> None:
                 data, _ = await sock.recvfrom(2048)
             assert data == b"\x17" + DTLS
             first = handler.seen[0]
-            first.tunnel.send_disconnect(first.association_id)
+            server.send(first.tunnel.tunnel_id, EndpointDisconnect(first.association_id))
             await until(lambda: not relay.associations)
             await sock.sendto(DTLS, relay.address)
             await until(lambda: len(handler.seen) == 2)

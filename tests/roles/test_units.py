@@ -23,7 +23,7 @@ from perc.roles.tunnel import (
 )
 from perc.wire.tunnel import EndpointDisconnect, TunneledDtls
 
-from .helpers import RecordingHandler, kmf_config, until
+from .helpers import RecordingEngine, kmf_config, until
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -72,11 +72,11 @@ def test_send_queue_drops_relayed_dtls_beyond_its_bound(ids: SimpleNamespace) ->
 async def test_client_without_certificate_is_refused(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
-    handler = RecordingHandler()
+    handler = RecordingEngine()
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
             lambda task_status: kmf.serve(
-                kmf_config(ids.kmf, [ids.mdd]), handler=handler, task_status=task_status
+                kmf_config(ids.kmf, [ids.mdd]), engine=handler, task_status=task_status
             )
         )
         ctx = SSL.Context(SSL.TLS_METHOD)
@@ -89,7 +89,7 @@ async def test_client_without_certificate_is_refused(
             await conn.wait_accepted(5.0)
         await conn.aclose()
         await until(lambda: server.stats.refused == 1)
-        assert server.stats.tunnels_up == 0
+        assert server.engine.tunnel_stats.tunnels_up == 0
         nursery.cancel_scope.cancel()
 
 
