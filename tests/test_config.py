@@ -318,7 +318,7 @@ KMF_BAD = [
     (_set("kmf", "profiles", value=[9, 9]), "kmf.profiles: duplicate profile"),
     (
         _set("kmf", "tls_id", value="short"),
-        "kmf.tls_id: must be 20-255 characters of A-Z a-z 0-9 + / - _ (RFC 8842)",
+        "kmf.tls_id: must be 20 to 255 characters of A-Z a-z 0-9 + / - _ (RFC 8842 §4)",
     ),
     (
         _set("kmf", "listen", value="127.0.0.1"),
