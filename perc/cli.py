@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 import click
 
 from perc import __version__, config, identity, logsetup
+from perc import demo as demo_plan
 
 
 class CliError(click.ClickException):
@@ -466,20 +467,22 @@ async def _endpoint_main(args: tuple[Any, float | None, Any, float | None]) -> N
     metavar="N",
     type=int,
     default=None,
-    help="Endpoints in the conference, 2 to 26 [default: 3].",
+    help=f"Endpoints in the conference, 2 to {len(demo_plan.NAMES)} "
+    f"[default: {demo_plan.DEFAULT_PARTICIPANTS}].",
 )
 @click.option(
     "--duration",
     metavar="S",
     type=float,
     default=None,
-    help="Seconds of conference, at least 4 (the leave and rejoin happen halfway) [default: 12].",
+    help=f"Seconds of conference, at least {demo_plan.MIN_DURATION:g} (the leave and rejoin "
+    f"happen halfway) [default: {demo_plan.DEFAULT_DURATION:g}].",
 )
 @click.option(
     "--media",
-    type=click.Choice(["audio", "video", "both"]),
+    type=click.Choice(demo_plan.MEDIA_CHOICES),
     default=None,
-    help="What every endpoint sends [default: both].",
+    help=f"What every endpoint sends [default: {demo_plan.DEFAULT_MEDIA}].",
 )
 @click.option(
     "--keep",
