@@ -518,16 +518,6 @@ async def test_keylog_line_written(tmp_path: Path) -> None:
     assert re.fullmatch(r"CLIENT_RANDOM [0-9a-f]{64} [0-9a-f]{96}", line)
 
 
-def test_tls_ids() -> None:
-    ids = {endpoint.new_tls_id() for _ in range(50)}
-    assert len(ids) == 50
-    for t in ids:
-        assert endpoint.check_tls_id(t) == t
-    for bad in ("short", "x" * 256, "has space in it......", "é" * 20):
-        with pytest.raises(ValueError, match="tls-id"):
-            endpoint.check_tls_id(bad)
-
-
 async def wait_until(predicate: object, timeout: float = 5.0) -> None:
     assert callable(predicate)
     with trio.fail_after(timeout):
