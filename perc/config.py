@@ -1,4 +1,4 @@
-"""Configuration of the KMF and MDD roles: attrs classes loaded from TOML with cattrs.
+"""Configuration of the roles: attrs classes, loaded from TOML with cattrs for the KMF and MDD.
 
 This module is the one place defaults live. Every setting is an attrs field whose
 ``metadata["doc"]`` says what it is; the CLI and the man page read them from here
@@ -55,6 +55,10 @@ API::
     mdd_quick_config(kmf=, kmf_fingerprint=, listen=, cert=, key=, conference="demo")
     parse_host_port(text) -> HostPort         # HostPort(host, port); str() gives host:port
     describe(cls) -> list[Setting]            # key, type, default, doc for CLI/man page
+    default(cls, key)                         # one key's default
+    endpoint_config(mdd=, kmf_fingerprint=, cert=, key=, ...) -> EndpointConfig
+                                              # perc endpoint's options, checked
+    DOUBLE_PROFILES                           # the SrtpProfile members perc runs (D18)
     ConfigError
 """
 

@@ -67,7 +67,7 @@ from perc.identity import Identity, fingerprint_matches
 from perc.keying import key_digest
 from perc.media.endpoint import EndpointMedia
 from perc.media.sources import VideoSettings
-from perc.srtp.ekt import EktParameterSet
+from perc.srtp.ekt import EktCipher, EktParameterSet
 from perc.srtp.keys import KeyingMaterial, SrtpProfile, split_exporter
 from perc.tlsid import random_tls_id
 
@@ -99,8 +99,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: aeskw_128, aeskw_256 (the TLS enum of RFC 8870 §5.2.1, D6), offered in this order.
-EKT_CIPHERS = (1, 2)
-_EKT_CIPHER_NAMES = {1: "aeskw_128", 2: "aeskw_256"}
+EKT_CIPHERS = tuple(int(c) for c in EktCipher)
 #: SRTP/SRTCP that arrives before the join completes is held for the media engine, up to this
 #: many datagrams (the same bound as the MDD's D5 hold); later ones are dropped and counted.
 MAX_HELD_MEDIA = 64
@@ -190,6 +189,14 @@ def alert_name(code: int | None) -> str:
         return AlertDescription(code).name
     except ValueError:
         return f"alert {code}"
+
+
+def ekt_cipher_name(code: int | None) -> str:
+    """``aeskw_128``, ``aeskw_256``, or the number of a cipher perc does not know."""
+    try:
+        return EktCipher(code).name.lower()
+    except ValueError:
+        return str(code)
 
 
 def format_address(addr: Any) -> str:
@@ -435,7 +442,7 @@ class Joiner:
                 "handshake complete name=%s profile=0x%04X ekt_cipher=%s",
                 self.settings.name,
                 event.srtp_profile,
-                _EKT_CIPHER_NAMES.get(event.ekt_cipher or 0, event.ekt_cipher),
+                ekt_cipher_name(event.ekt_cipher),
             )
         elif isinstance(event, EktKeyReceived):
             if self.ekt is None or event.spi != self.ekt.spi:
@@ -724,7 +731,7 @@ def log_joined(r: Session) -> None:
         r.profile.name,
         r.profile.value,
         r.cipher_suite,
-        _EKT_CIPHER_NAMES.get(r.ekt_cipher, r.ekt_cipher),
+        ekt_cipher_name(r.ekt_cipher),
         r.ekt.spi,
         r.ekt.ttl,
         key_digest(r.ekt.key, r.ekt.salt),

@@ -496,6 +496,7 @@ def _seq_of(a: Association[AddrT]) -> int:
     return a._seq
 
 
+
 def _count_srtp_drop(c: AssociationCounters, exc: SrtpError) -> None:
     """Count an inbound SRTP/SRTCP packet the hop-by-hop layer refused, by reason."""
     if isinstance(exc, AuthenticationError):
@@ -506,7 +507,6 @@ def _count_srtp_drop(c: AssociationCounters, exc: SrtpError) -> None:
         c.drop_malformed += 1
     else:  # key lifetime, SSRC bound of the inbound session
         c.drop_limit += 1
-
 
 class ForwardingTable(Generic[AddrT]):
     """One conference: associations, keys, routes, last_n state and counters."""
