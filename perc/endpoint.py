@@ -194,7 +194,7 @@ def alert_name(code: int | None) -> str:
 def ekt_cipher_name(code: int | None) -> str:
     """``aeskw_128``, ``aeskw_256``, or the number of a cipher perc does not know."""
     try:
-        return EktCipher(code).name.lower()
+        return EktCipher(code).name.lower() if code is not None else "none"
     except ValueError:
         return str(code)
 
