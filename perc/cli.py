@@ -21,7 +21,7 @@ fields, which is what programs such as ``perc demo`` read. A bad configuration o
 one line ``perc: error: <message>`` on stderr and exits 2 before anything starts; a runtime
 failure (e.g. a port in use) prints one such line and exits 1; SIGINT/SIGTERM stop a role
 cleanly with exit 0. ``perc endpoint`` has more exit statuses, one per way a join can fail
-(:class:`perc.roles.endpoint.ExitCode`, listed in its ``--help``). The roles (and trio) are
+(:class:`perc.endpoint.ExitCode`, listed in its ``--help``). The roles (and trio) are
 imported only inside the commands that run them, so ``perc identity`` stays light. Option
 defaults and help come from :mod:`perc.config`, the one place defaults live.
 """
@@ -336,8 +336,8 @@ def mdd_command(
     _run_role(mdd.serve, cfg, f"MDD on {listens}")
 
 
-# Kept in step with perc.roles.endpoint.ExitCode (a test checks); here so that --help does not
-# import the role (and trio).
+# Kept in step with perc.endpoint.ExitCode (a test checks); here so that --help does not
+# import the endpoint's DTLS and media code.
 _ENDPOINT_EXIT_CODES = (
     (0, "joined, then left on SIGINT/SIGTERM or after --duration (and --expect-peers met)"),
     (1, "local runtime failure (the MDD host does not resolve, SSLKEYLOGFILE unopenable)"),

@@ -53,6 +53,8 @@ from perc.keying import key_digest
 from perc.tlsid import check_tls_id
 from perc.tlsid import random_tls_id as new_tls_id
 
+# Besides join/stay/run/MediaRun, this module still exports the names that moved to
+# perc.endpoint and perc.tlsid, because bench/ and older tests import them from here.
 __all__ = [
     "AssociationEnded",
     "ExitCode",
