@@ -328,3 +328,9 @@ def test_one_source_of_endpoint_defaults() -> None:
     assert (MediaOptions().media, MediaOptions().expect_peers) == (d["media"], d["expect_peers"])
     assert (VideoSettings().fps, VideoSettings().bitrate) == (d["video_fps"], d["video_bitrate"])
     assert SrtpProfile.DOUBLE_AEAD_AES_128_GCM in config.DOUBLE_PROFILES
+
+
+def test_the_media_choices_of_the_cli_are_the_media_engines() -> None:
+    from perc.media.endpoint import MediaChoice
+
+    assert tuple(m.value for m in MediaChoice) == config.ENDPOINT_MEDIA
