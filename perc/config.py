@@ -4,7 +4,7 @@ This module is the one place defaults live. Every setting is an attrs field whos
 ``metadata["doc"]`` says what it is; the CLI and the man page read them from here
 (:func:`describe`).
 
-Files (binding schemas of issue 2; the optional keys have the defaults shown)::
+Files (the optional keys have the defaults shown)::
 
     # kmf.toml
     [kmf]

@@ -16,8 +16,8 @@ import pytest
 import trio
 
 from perc.dtls.keys import CIPHER_SUITES, export_keying_material
+from perc.endpoint import JoinSettings, hbh_digest
 from perc.roles import endpoint
-from perc.roles.endpoint import JoinSettings, hbh_digest
 from perc.srtp.keys import split_exporter
 from perc.wire.dtls import (
     ContentType,
