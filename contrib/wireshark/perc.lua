@@ -295,7 +295,9 @@ local function dissect_tunnel(tvb, pinfo, tree)
         pinfo.cols.info = table.concat(names, ", ")
         pinfo.cols.info:fence()
     end
-    return offset
+    -- Everything is either dissected or waiting for more data; returning less (0 when the
+    -- first message is incomplete) would tell TCP the bytes are not ours.
+    return total
 end
 
 function tunnel.dissector(tvb, pinfo, tree)
@@ -475,9 +477,12 @@ ekt.prefs.heuristic = Pref.bool("Detect SRTP with EKT on UDP", true,
 local rtp_handle = Dissector.get("rtp")
 -- SSRCs seen with a Full tag: a Short tag is a single zero byte, far too weak to go on alone.
 local ekt_ssrcs = {}
+-- Frames whose EKT field the heuristic already showed (the postdissector skips them).
+local ekt_done = {}
 
 function ekt.init()
     ekt_ssrcs = {}
+    ekt_done = {}
 end
 
 -- The EKT field's length at the end of `tvb`, or nil when there is none.
@@ -530,8 +535,33 @@ local function ekt_heuristic(tvb, pinfo, tree)
     local n = tvb:len()
     rtp_handle:call(tvb(0, n - len):tvb(), pinfo, tree)
     dissect_ekt_field(tvb, len, tree)
+    ekt_done[pinfo.number] = true
     pinfo.cols.protocol = "SRTP+EKT"
     pinfo.cols.info:append(len == 1 and " EKT=Short" or " EKT=Full")
     return true
 end
 ekt:register_heuristic("udp", ekt_heuristic)
+
+-- Once Wireshark's DTLS dissector has seen a use_srtp handshake on a UDP 5-tuple it makes RTP
+-- (SRTP) that conversation's dissector, so heuristics never see those datagrams: find the EKT
+-- field of every datagram dissected as RTP here, from the UDP payload's end.
+local f_rtp_ssrc = Field.new("rtp.ssrc")
+local f_udp_srcport = Field.new("udp.srcport")
+local f_udp_length = Field.new("udp.length")
+
+local ekt_post = Proto("perc_ekt_rtp", "PERC EKT Field on RTP (postdissector)")
+
+function ekt_post.dissector(tvb, pinfo, tree)
+    if ekt_done[pinfo.number] or not f_rtp_ssrc() then return end
+    local port, ulen = f_udp_srcport(), f_udp_length()
+    if not port or not ulen then return end
+    local start = port.offset + 8
+    local n = ulen.value - 8
+    if n <= 0 or start + n > tvb:len() then return end
+    local payload = tvb(start, n):tvb()
+    local len = ekt_length(payload)
+    if len == nil then return end
+    dissect_ekt_field(payload, len, tree)
+    pinfo.cols.info:append(len == 1 and " EKT=Short" or " EKT=Full")
+end
+register_postdissector(ekt_post)
