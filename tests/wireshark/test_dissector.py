@@ -15,13 +15,12 @@ import subprocess
 import uuid
 from pathlib import Path
 
+import pytest
 import trio
 
 from tests.system.conftest import System, system  # noqa: F401  (the fixture)
 
 from .capture import capture_conference, require
-
-pytestmark = __import__("pytest").mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 LUA = ROOT / "contrib" / "wireshark" / "perc.lua"
@@ -50,6 +49,7 @@ def values(cells: str) -> list[str]:
     return [v for v in cells.split(",") if v]
 
 
+@pytest.mark.slow
 async def test_conference_capture(system: System) -> None:  # noqa: F811
     async with trio.open_nursery() as nursery:
         cap = await capture_conference(system, nursery)
