@@ -322,10 +322,20 @@ local function looks_like_tunnel(tvb)
     elseif t == 5 then
         return len == 16
     elseif t == 3 then
-        return len >= 16 + 2 + 1 + 4 * 2 and len <= 16 + 2 + 5 * 256
+        -- the five length-prefixed vectors must end exactly at the message's end
+        if len < 16 + 2 + 5 or tvb:len() < 3 + len then return false end
+        local off = 21
+        for i = 1, 5 do
+            local n = tvb(off, 1):uint()
+            if i > 1 and n == 0 then return false end
+            off = off + 1 + n
+            if off > 3 + len or (i < 5 and off >= 3 + len) then return false end
+        end
+        return off == 3 + len
     elseif t == 4 then
-        if len < 19 or tvb:len() < 21 then return false end
-        return tvb(19, 2):uint() + 18 == len
+        if len < 19 or tvb:len() < 22 then return false end
+        local first = tvb(21, 1):uint()  -- a DTLS record (RFC 7983: 20..63)
+        return tvb(19, 2):uint() + 18 == len and first >= 20 and first <= 63
     end
     return false
 end

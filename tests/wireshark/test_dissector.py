@@ -108,6 +108,14 @@ async def test_conference_capture(system: System) -> None:  # noqa: F811
     assert len(keyed) == 2
     assert keyed <= ids, (keyed, ids)
 
+    # --- without the port preference, the heuristic on TLS application data finds them -----
+    out = tshark(
+        cap.pcap, "-o", f"tls.keylog_file:{cap.keylog}", "-o", "perc_tunnel.port:0",
+        "-Y", f"tcp.port == {cap.kmf_port} && perc_tunnel",
+        "-T", "fields", "-E", "occurrence=a", "-e", "perc_tunnel.msg_type",
+    )  # fmt: skip
+    assert {int(t) for r in rows(out) for t in values(r[0])} == {1, 2, 3, 4, 5}, out
+
     # --- TunneledDtls reaches the DTLS dissector, one conversation per association ----------
     out = tshark(
         cap.pcap, *common,
