@@ -17,7 +17,7 @@ from perc.keylog import ENV_VAR
 from perc.roles import tunnel
 from perc.roles.tunnel import make_tls_context, tunnel_keylog
 
-from .helpers import RecordingHandler, mdd_config, until
+from .helpers import RecordingEngine, mdd_config, until
 from .test_tunnel import start_kmf, start_mdd
 
 #: The secrets OpenSSL reports for a TLS 1.3 handshake, one line each per side.
@@ -44,7 +44,7 @@ def keylog_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pat
 async def test_kmf_and_mdd_log_every_tls13_secret(
     ids: SimpleNamespace, clock: MockClock, keylog_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    handler = RecordingHandler()
+    handler = RecordingEngine()
     with caplog.at_level(logging.WARNING, logger="perc.roles.tunnel"):
         async with trio.open_nursery() as nursery:
             server = await start_kmf(nursery, ids, handler)
