@@ -532,7 +532,9 @@ async def test_kmf_serve_honours_sslkeylogfile(
         nursery.cancel_scope.cancel()
     for sock in sockets:
         sock.close()
-    assert path.read_text().splitlines() == result.keylog_lines
+    # the tunnel's TLS 1.3 lines share the file (tests/roles/test_tunnel_keylog.py)
+    lines = path.read_text().splitlines()
+    assert [x for x in lines if x.startswith("CLIENT_RANDOM ")] == result.keylog_lines
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
