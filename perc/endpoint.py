@@ -63,6 +63,14 @@ from perc.dtls.events import (
     Event,
     HandshakeCompleted,
 )
+from perc.events import (
+    EndpointEktKey,
+    EndpointJoined,
+    EndpointLeft,
+    EndpointMediaStarted,
+    EndpointMediaSummary,
+    emit,
+)
 from perc.identity import Identity, fingerprint_matches
 from perc.keying import key_digest
 from perc.media.endpoint import EndpointMedia
@@ -671,12 +679,14 @@ class Session:
             if not new:
                 return
             self.stats.ekt_keys += 1
-            log.info(
-                "ektkey name=%s spi=%d ekt_ttl=%d ekt_key=%s (rekey)",
-                self.name,
-                event.spi,
-                event.ttl,
-                key_digest(event.key, event.salt),
+            emit(
+                log,
+                EndpointEktKey(
+                    self.name,
+                    event.spi,
+                    ekt_ttl=event.ttl,
+                    ekt_key=key_digest(event.key, event.salt),
+                ),
             )
             if self.media is not None:
                 self.media.rekey(self.ekt_parameters(now), now)
@@ -709,34 +719,30 @@ class Session:
             self.media.bye(now)
             self.outbox += self.media.datagrams_to_send()
         conn.close(now)
-        log.info(
-            "left name=%s local=%s reason=%s (close_notify sent)",
-            self.name,
-            format_address(self.local_address),
-            reason,
-        )
+        emit(log, EndpointLeft(self.name, format_address(self.local_address), reason))
 
 
 def log_joined(r: Session) -> None:
-    log.info(
-        "joined name=%s mdd=%s local=%s kmf=%s kmf_tls_id=%s tls_id=%s profile=%s(0x%04X) "
-        "cipher_suite=0x%04X ekt_cipher=%s spi=%d ekt_ttl=%d ekt_key=%s hbh_keys=%s "
-        "join_ms=%.1f",
-        r.name,
-        format_address(r.mdd_address),
-        format_address(r.local_address),
-        r.kmf_fingerprint,
-        r.kmf_tls_id,
-        r.tls_id,
-        r.profile.name,
-        r.profile.value,
-        r.cipher_suite,
-        ekt_cipher_name(r.ekt_cipher),
-        r.ekt.spi,
-        r.ekt.ttl,
-        key_digest(r.ekt.key, r.ekt.salt),
-        hbh_digest(r.hbh),
-        r.join_time * 1000,
+    emit(
+        log,
+        EndpointJoined(
+            r.name,
+            int(r.profile.value),
+            int(r.ekt_cipher),
+            r.ekt.spi,
+            profile_name=r.profile.name,
+            ekt_cipher_name=ekt_cipher_name(r.ekt_cipher),
+            mdd=format_address(r.mdd_address),
+            local=format_address(r.local_address),
+            kmf=r.kmf_fingerprint,
+            kmf_tls_id=str(r.kmf_tls_id),
+            tls_id=str(r.tls_id),
+            cipher_suite=r.cipher_suite,
+            ekt_ttl=r.ekt.ttl,
+            ekt_key=key_digest(r.ekt.key, r.ekt.salt),
+            hbh_keys=hbh_digest(r.hbh),
+            join_ms=r.join_time * 1000,
+        ),
     )
 
 
@@ -798,12 +804,11 @@ class MediaStatus:
         self.result = result
         self.engine = engine
         self.state = "joined"
-        log.info(
-            "media name=%s media=%s ssrcs=%s spi=%d",
-            result.name,
-            engine.media.value,
-            ",".join(str(s) for s in engine.our_ssrcs()),
-            result.ekt.spi,
+        emit(
+            log,
+            EndpointMediaStarted(
+                result.name, str(engine.media.value), list(engine.our_ssrcs()), result.ekt.spi
+            ),
         )
         return engine
 
@@ -841,29 +846,29 @@ class MediaStatus:
         elif self.state == "joining":
             self.state = "failed"
         if engine is not None:
-            log.info("%s", self.summary())
+            emit(log, self.summary_event())
         return code, message
 
     def abandoned(self) -> None:
         """The run failed outside the join (e.g. a local error): no summary."""
         self.state = "failed" if self.engine is None else "left"
 
+    def summary_event(self) -> EndpointMediaSummary:
+        """What we sent, and per peer what arrived and verified."""
+        r = self.report()
+        peer_keys = ("received", "verified", "e2e_failures", "hbh_failures", "payload_failures",
+                     "key_wait", "lost")  # fmt: skip
+        un = r.get("unattributed", {})
+        return EndpointMediaSummary(
+            name=r["name"],
+            sent=r["sent"],
+            spis=list(r["spis"]),
+            peers_verified=sum(1 for p in r["peers"].values() if p["verified"]),
+            expect_peers=self.options.expect_peers,
+            peers={n: {k: int(p.get(k, 0)) for k in peer_keys} for n, p in r["peers"].items()},
+            unattributed={k: int(un.get(k, 0)) for k in ("e2e_failures", "received", "pre_join")},
+        )
+
     def summary(self) -> str:
         """One line: what we sent, and per peer what arrived and verified."""
-        r = self.report()
-        peers = " ".join(
-            f"{name}(received={p['received']} verified={p['verified']} "
-            f"e2e_failures={p['e2e_failures']} hbh_failures={p['hbh_failures']} "
-            f"payload_failures={p['payload_failures']} key_wait={p['key_wait']} "
-            f"lost={p['lost']})"
-            for name, p in r["peers"].items()
-        )
-        un = r.get("unattributed", {})
-        verified = sum(1 for p in r["peers"].values() if p["verified"])
-        return (
-            f"media summary name={r['name']} sent={r['sent']} spis={','.join(map(str, r['spis']))} "
-            f"peers_verified={verified} expect_peers={self.options.expect_peers} "
-            f"unattributed_e2e_failures={un.get('e2e_failures', 0)} "
-            f"unattributed_received={un.get('received', 0)} pre_join={un.get('pre_join', 0)} "
-            f"peers: {peers or 'none'}"
-        )
+        return self.summary_event().describe()

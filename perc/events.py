@@ -447,7 +447,8 @@ class DisconnectFromMdd(Event):
 
 
 # --- endpoint events ----------------------------------------------------------------------------
-# Emitted by ``perc endpoint``; ``name`` is its ``--name``.
+# Emitted by ``perc endpoint``; ``name`` is its ``--name``. Key material never appears: ``ekt_key``
+# and ``hbh_keys`` are one-way digests (for matching a KMF's line to an endpoint's, not secrets).
 
 
 @register
@@ -460,6 +461,28 @@ class EndpointJoined(Event):
     profile: int
     ekt_cipher: int
     spi: int
+    profile_name: str = ""
+    ekt_cipher_name: str = ""
+    mdd: str = ""
+    local: str = ""
+    kmf: str = ""
+    kmf_tls_id: str = ""
+    tls_id: str = ""
+    cipher_suite: int = 0
+    ekt_ttl: int = 0
+    ekt_key: str = ""
+    hbh_keys: str = ""
+    join_ms: float = 0.0
+
+    def describe(self) -> str:
+        return (
+            f"joined name={self.name} mdd={self.mdd} local={self.local} kmf={self.kmf} "
+            f"kmf_tls_id={self.kmf_tls_id} tls_id={self.tls_id} "
+            f"profile={self.profile_name}(0x{self.profile:04X}) "
+            f"cipher_suite=0x{self.cipher_suite:04X} ekt_cipher={self.ekt_cipher_name} "
+            f"spi={self.spi} ekt_ttl={self.ekt_ttl} ekt_key={self.ekt_key} "
+            f"hbh_keys={self.hbh_keys} join_ms={self.join_ms:.1f}"
+        )
 
 
 @register
@@ -471,15 +494,77 @@ class EndpointEktKey(Event):
     name: str
     spi: int
     reason: str = "rekey"
+    ekt_ttl: int = 0
+    ekt_key: str = ""
+
+    def describe(self) -> str:
+        return (
+            f"ektkey name={self.name} spi={self.spi} ekt_ttl={self.ekt_ttl} "
+            f"ekt_key={self.ekt_key} ({self.reason})"
+        )
+
+
+@register
+@attrs.frozen
+class EndpointMediaStarted(Event):
+    """Media started after the join: what the endpoint sends and under which SSRCs."""
+
+    kind: ClassVar[str] = "endpoint_media"
+    name: str
+    media: str
+    ssrcs: list[int]
+    spi: int
+
+    def describe(self) -> str:
+        ssrcs = ",".join(str(s) for s in self.ssrcs)
+        return f"media name={self.name} media={self.media} ssrcs={ssrcs} spi={self.spi}"
+
+
+@register
+@attrs.frozen
+class EndpointLeft(Event):
+    """The endpoint left: BYE and close_notify sent."""
+
+    kind: ClassVar[str] = "endpoint_left"
+    name: str
+    local: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"left name={self.name} local={self.local} reason={self.reason} (close_notify sent)"
 
 
 @register
 @attrs.frozen
 class EndpointMediaSummary(Event):
-    """What the endpoint sent, received and verified (periodic and ``final`` at exit)."""
+    """What the endpoint sent, received and verified, at exit. ``peers`` maps a peer's name to
+    its counters (received, verified, e2e_failures, hbh_failures, payload_failures, key_wait,
+    lost); ``unattributed`` counts packets from SSRCs no peer was verified on."""
 
     kind: ClassVar[str] = "endpoint_media_summary"
     name: str
-    counts: dict[str, int]
+    sent: int
+    spis: list[int]
     peers_verified: int
-    final: bool = False
+    expect_peers: int
+    peers: dict[str, dict[str, int]]
+    unattributed: dict[str, int] = attrs.field(factory=dict)
+    final: bool = True
+
+    def describe(self) -> str:
+        peers = " ".join(
+            f"{name}(received={p.get('received', 0)} verified={p.get('verified', 0)} "
+            f"e2e_failures={p.get('e2e_failures', 0)} hbh_failures={p.get('hbh_failures', 0)} "
+            f"payload_failures={p.get('payload_failures', 0)} key_wait={p.get('key_wait', 0)} "
+            f"lost={p.get('lost', 0)})"
+            for name, p in self.peers.items()
+        )
+        un = self.unattributed
+        return (
+            f"media summary name={self.name} sent={self.sent} "
+            f"spis={','.join(map(str, self.spis))} "
+            f"peers_verified={self.peers_verified} expect_peers={self.expect_peers} "
+            f"unattributed_e2e_failures={un.get('e2e_failures', 0)} "
+            f"unattributed_received={un.get('received', 0)} pre_join={un.get('pre_join', 0)} "
+            f"peers: {peers or 'none'}"
+        )
