@@ -57,8 +57,8 @@ def int_or_none(text: str | None) -> int | None:
     return int(text) if text is not None and text.isdigit() else None
 
 
-def plural(count: str | None, word: str) -> str:
-    return f"{count} {word}" + ("" if count == "1" else "s")
+def plural(count: int | str | None, word: str) -> str:
+    return f"{count} {word}" + ("" if str(count) == "1" else "s")
 
 
 def strip_error(line: str | None) -> str | None:

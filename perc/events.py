@@ -39,6 +39,7 @@ __all__ = [
     "from_json",
     "parse_line",
     "register",
+    "split_record",
     "to_json",
 ]
 
@@ -123,6 +124,29 @@ def parse_line(line: str) -> Event | None:
     if not isinstance(obj, dict) or "event" not in obj:
         return None
     return from_json(obj)
+
+
+def split_record(line: str) -> tuple[str, Event | None]:
+    """One line of a role's output as (human text, event or None).
+
+    A ``--log-format json`` record becomes ``<ts> <LEVEL> <logger>: <msg>`` (the human
+    format) and its event; any other line (``perc: error: ...``, a human-format record) is
+    returned as it is, with no event. A JSON record whose event does not parse raises
+    :class:`EventError`.
+    """
+    text = line.rstrip("\r\n")
+    if not text.startswith("{"):
+        return text, None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text, None
+    if not isinstance(obj, dict) or "msg" not in obj:
+        return text, None
+    human = f"{obj.get('ts', '')} {obj.get('level', '')} {obj.get('logger', '')}: {obj['msg']}"
+    if obj.get("exc"):
+        human += " | " + str(obj["exc"]).replace("\n", " | ")
+    return human, (from_json(obj) if "event" in obj else None)
 
 
 def emit(logger: logging.Logger, event: Event, level: int = logging.INFO) -> None:

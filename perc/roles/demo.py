@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import attrs
 import trio
 
+from perc import events
 from perc.demo import (
     DEFAULT_DURATION,
     DEFAULT_MEDIA,
@@ -51,7 +51,6 @@ from perc.demo_report import (
     Screen,
     endpoint_summary,
     fail_lines,
-    int_or_none,
     pass_line,
     plural,
     strip_error,
@@ -72,23 +71,7 @@ __all__ = [
 ]
 
 _MAX_LOG_LINES = 50_000
-
-
-def _port_after(line: str | None, text: str) -> int | None:
-    """The port of the ``host:port`` right after ``text`` in a log line."""
-    if line is None:
-        return None
-    m = re.search(re.escape(text) + r"\s*\S*:(\d+)", line)
-    return int(m.group(1)) if m else None
-
-
-def _fields(line: str) -> dict[str, str]:
-    """The ``key=value`` fields of a log line."""
-    return dict(re.findall(r"(\w+)=(\S+)", line))
-
-
-def _latest_spi_line(lines: Sequence[str]) -> str | None:
-    return next((x for x in reversed(lines) if "joined name=" in x or "ektkey name=" in x), None)
+E = TypeVar("E", bound=events.Event)
 
 
 # --- children ---------------------------------------------------------------------------------
@@ -103,6 +86,7 @@ class _Child:
         self.log_path = log_path
         self.started = started
         self.lines: list[str] = []
+        self.events: list[events.Event] = []
         self.dropped_lines = 0
         self.eof = trio.Event()
 
@@ -115,29 +99,50 @@ class _Child:
         return self.process.returncode
 
     async def pump(self, changed: Callable[[], None]) -> None:
+        """Read the child's JSON log: keep its events, write its human lines to the log file."""
         stream = self.process.stdout
         try:
             if stream is None:
                 return
             pending = b""
-            with self.log_path.open("ab") as log:
+            with self.log_path.open("a", encoding="utf-8") as log:
                 async for chunk in stream:
-                    log.write(chunk)
                     pending += chunk
                     *complete, pending = pending.split(b"\n")
                     for raw in complete:
-                        if len(self.lines) < _MAX_LOG_LINES:
-                            self.lines.append(raw.decode(errors="replace"))
-                        else:
-                            self.dropped_lines += 1
+                        self._add(raw, log)
                     changed()
                 if pending:
-                    self.lines.append(pending.decode(errors="replace"))
+                    self._add(pending, log)
         except (trio.ClosedResourceError, trio.BrokenResourceError, OSError):
             pass
         finally:
             self.eof.set()
             changed()
+
+    def _add(self, raw: bytes, log: TextIO) -> None:
+        try:
+            text, event = events.split_record(raw.decode(errors="replace"))
+        except events.EventError as e:
+            text, event = f"(unreadable event: {e}) {raw[:200]!r}", None
+        log.write(text + "\n")
+        if event is not None and len(self.events) < _MAX_LOG_LINES:
+            self.events.append(event)
+        if len(self.lines) < _MAX_LOG_LINES:
+            self.lines.append(text)
+        else:
+            self.dropped_lines += 1
+
+    def last_event(self, kind: type[E], **fields: object) -> E | None:
+        """The latest event of class ``kind`` whose attributes equal ``fields``."""
+        return next(
+            (
+                e
+                for e in reversed(self.events)
+                if isinstance(e, kind) and all(getattr(e, k) == v for k, v in fields.items())
+            ),
+            None,
+        )
 
     def find(self, text: str, start: int = 0) -> str | None:
         """The first log line from index ``start`` on that contains ``text``."""
@@ -169,13 +174,15 @@ class _Endpoint:
     def label(self) -> str:
         return self.name if self.life == 1 else f"{self.name}#{self.life}"
 
-    def joined_line(self) -> str | None:
-        return self.child.find(f"joined name={self.name} ")
+    def joined(self) -> events.EndpointJoined | None:
+        return self.child.last_event(events.EndpointJoined, name=self.name)
 
     def current_spi(self) -> int | None:
-        line = _latest_spi_line(self.child.lines)
-        spi = _fields(line).get("spi") if line else None
-        return int(spi) if spi is not None and spi.isdigit() else None
+        """The SPI of the EKTKey it uses now (its join's, or its latest rekey's)."""
+        for e in reversed(self.child.events):
+            if isinstance(e, events.EndpointJoined | events.EndpointEktKey):
+                return e.spi
+        return None
 
     def read_report(self) -> dict[str, Any] | None:
         try:
@@ -230,7 +237,7 @@ class _Demo:
         return ready()
 
     async def start(self, nursery: trio.Nursery, label: str, args: list[str]) -> _Child:
-        cmd = [sys.executable, "-m", "perc", "--log-level", "info", *args]
+        cmd = [sys.executable, "-m", "perc", "--log-level", "info", "--log-format", "json", *args]
         process = await trio.lowlevel.open_process(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -259,10 +266,10 @@ class _Demo:
     def _update_state(self, ep: _Endpoint) -> None:
         code = ep.child.returncode
         if code is None:
-            if ep.joined_line() is not None:
+            if ep.joined() is not None:
                 ep.state = "rejoined" if ep.life > 1 else "joined"
         elif ep.state not in ("left", "failed", "done"):
-            ep.state = "done" if code == 0 and ep.joined_line() is not None else "failed"
+            ep.state = "done" if code == 0 and ep.joined() is not None else "failed"
 
     async def _refresher(self, scope: trio.CancelScope) -> None:
         with scope:
@@ -277,10 +284,10 @@ class _Demo:
         say = self.screen.say
         self.step = "starting the KMF"
         self.kmf = await self.start(nursery, "kmf", ["kmf", "--config", str(f.kmf_config)])
-        line = await self._wait_line(self.kmf, "KMF listening on", "the KMF did not start")
-        kmf_port = _port_after(line, "KMF listening on")
-        if kmf_port is None:
-            raise _Failed(f"no port in the KMF's log line: {line}")
+        listening = await self._wait_event(
+            self.kmf, events.Listening, "the KMF did not start", what="tunnel"
+        )
+        kmf_port = listening.port
         roster = ", ".join(f.on_roster) or "nobody"
         say(
             f"KMF listening on 127.0.0.1:{kmf_port} (TLS 1.3 tunnel server; roster of "
@@ -290,10 +297,13 @@ class _Demo:
         self.step = "starting the MDD"
         mdd_config = write_mdd_config(f, kmf_port)
         self.mdd = await self.start(nursery, "mdd", ["mdd", "--config", str(mdd_config)])
-        await self._wait_line(self.mdd, "tunnel up", "the MDD's tunnel to the KMF did not come up")
-        self.mdd_port = _port_after(self.mdd.find("listening on udp"), "listening on udp")
-        if self.mdd_port is None:
-            raise _Failed("no UDP port in the MDD's log")
+        await self._wait_event(
+            self.mdd, events.MddTunnelUp, "the MDD's tunnel to the KMF did not come up"
+        )
+        udp = self.mdd.last_event(events.Listening, what="conference")
+        if udp is None:
+            raise _Failed("the MDD did not say which UDP port it listens on")
+        self.mdd_port = udp.port
         say(
             f"MDD up: endpoints send to udp 127.0.0.1:{self.mdd_port}; its TLS tunnel to the KMF "
             "is up (each side pinned the other's certificate fingerprint)",
@@ -301,7 +311,7 @@ class _Demo:
         )
 
         self.step = "joining"
-        mark = len(self.kmf.lines)
+        mark = len(self.kmf.events)
         for name in f.names:
             stays = name != self.leaver
             await self._start_endpoint(nursery, name, 1, self.duration if stays else None)
@@ -310,10 +320,9 @@ class _Demo:
         end_at = time.monotonic() + self.duration
         spi = await self._same_key("after the joins")
         keys = ", ".join(
-            f"SPI {k.get('spi')} ({k.get('reason')}, {plural(k.get('members'), 'member')})"
-            for k in self._kmf_keys(mark)
+            f"SPI {k.spi} ({k.reason}, {plural(k.members, 'member')})" for k in self._kmf_keys(mark)
         )
-        joined = [ep.name for ep in self.endpoints if ep.joined_line() is not None]
+        joined = [ep.name for ep in self.endpoints if ep.joined() is not None]
         if spi is not None:
             say(
                 f"KMF EKTKeys so far: {keys}; {join_names(joined)} hold SPI {spi}",
@@ -330,7 +339,7 @@ class _Demo:
         half = end_at - self.duration / 2
         await trio.sleep_until(_trio_time(half))
         leaver = next(ep for ep in self.endpoints if ep.name == self.leaver)
-        if leaver.child.running and leaver.joined_line() is not None:
+        if leaver.child.running and leaver.joined() is not None:
             await self._leave_and_rejoin(nursery, leaver, end_at)
         else:
             self._fail(f"{self.leaver} was not in the conference at half time: no leave/rejoin")
@@ -354,12 +363,17 @@ class _Demo:
             stamp=True,
         )
 
-    async def _wait_line(self, child: _Child, text: str, failure: str) -> str:
-        await self.until(lambda: child.find(text) is not None or not child.running, START_TIMEOUT)
-        line = child.find(text)
-        if line is None:
+    async def _wait_event(
+        self, child: _Child, kind: type[E], failure: str, **fields: object
+    ) -> E:
+        def seen() -> bool:
+            return child.last_event(kind, **fields) is not None or not child.running
+
+        await self.until(seen, START_TIMEOUT)
+        event = child.last_event(kind, **fields)
+        if event is None:
             raise _Failed(self._with_cause(failure, child))
-        return line
+        return event
 
     def _with_cause(self, text: str, child: _Child) -> str:
         if child.running:
@@ -388,14 +402,18 @@ class _Demo:
 
     async def _wait_joins(self, endpoints: list[_Endpoint]) -> None:
         def settled() -> bool:
-            return all(ep.joined_line() is not None or not ep.child.running for ep in endpoints)
+            return all(ep.joined() is not None or not ep.child.running for ep in endpoints)
 
         await self.until(settled, START_TIMEOUT)
-        # In the order they joined (log lines start with an ISO time stamp).
-        for ep in sorted(endpoints, key=lambda e: e.joined_line() or "~"):
-            line = ep.joined_line()
+        def joined_at(ep: _Endpoint) -> float:
+            j = ep.joined()
+            return ep.child.started + j.join_ms / 1000 if j is not None else float("inf")
+
+        # In the order they joined.
+        for ep in sorted(endpoints, key=joined_at):
+            joined = ep.joined()
             self._update_state(ep)
-            if line is None:
+            if joined is None:
                 why = (
                     f"no join within {START_TIMEOUT:g} s"
                     if ep.child.running
@@ -404,20 +422,21 @@ class _Demo:
                 ep.state = "failed"
                 self.screen.say(f"{ep.label} did not join: {why}", stamp=True)
                 continue
-            fl = _fields(line)
             again = " again (a new process, same identity)" if ep.life > 1 else ""
             self.screen.say(
-                f"{ep.name} joined{again} in {fl.get('join_ms', '?')} ms: DTLS-SRTP with the "
-                f"KMF through the MDD, {fl.get('profile', '?').split('(')[0]}, EKTKey SPI "
-                f"{fl.get('spi', '?')}; it sends {MEDIA_TEXT[self.media]}, double-encrypted",
+                f"{ep.name} joined{again} in {joined.join_ms:.1f} ms: DTLS-SRTP with the "
+                f"KMF through the MDD, {joined.profile_name}, EKTKey SPI "
+                f"{joined.spi}; it sends {MEDIA_TEXT[self.media]}, double-encrypted",
                 stamp=True,
             )
 
-    def _kmf_keys(self, start: int = 0) -> list[dict[str, str]]:
+    def _kmf_keys(self, start: int = 0) -> list[events.Rekeyed]:
+        """The KMF's new EKTKeys for the demo conference, from its event ``start`` on."""
         kmf = self.kmf
         if kmf is None:
             return []
-        return [_fields(x) for x in kmf.lines[start:] if "ektkey conference=demo " in x]
+        keys = kmf.events[start:]
+        return [e for e in keys if isinstance(e, events.Rekeyed) and e.conference == "demo"]
 
     async def _same_key(self, when: str) -> int | None:
         """Wait until every running, joined endpoint holds the KMF's latest EKTKey."""
@@ -426,15 +445,15 @@ class _Demo:
             keys = self._kmf_keys()
             if not keys:
                 return False
-            want = int_or_none(keys[-1].get("spi"))
-            live = [ep for ep in self.endpoints if ep.child.running and ep.joined_line()]
+            want = keys[-1].spi
+            live = [ep for ep in self.endpoints if ep.child.running and ep.joined()]
             return bool(live) and all(ep.current_spi() == want for ep in live)
 
         if not await self.until(same, REKEY_TIMEOUT):
             self._fail(f"the endpoints did not all hold the KMF's latest EKTKey {when}")
             return None
         keys = self._kmf_keys()
-        return int_or_none(keys[-1].get("spi")) if keys else None
+        return keys[-1].spi if keys else None
 
     async def _leave_and_rejoin(
         self, nursery: trio.Nursery, leaver: _Endpoint, end_at: float
@@ -448,7 +467,7 @@ class _Demo:
 
         # The leave: SIGTERM -> RTCP BYE + close_notify; the KMF rekeys for the others only.
         self.step = f"{leaver.name} leaving"
-        mark = len(kmf.lines)
+        mark = len(kmf.events)
         say(f"{leaver.name} leaves (SIGTERM: RTCP BYE, then DTLS close_notify)", stamp=True)
         left_at = time.monotonic()
         code = await _stop(leaver.child)
@@ -466,7 +485,7 @@ class _Demo:
 
         # The rejoin: a new process with the same identity.
         self.step = f"{leaver.name} rejoining"
-        mark = len(kmf.lines)
+        mark = len(kmf.events)
         stay = max(MIN_REJOIN_STAY, end_at - time.monotonic())
         say(f"{leaver.name} rejoins: a new process with the same identity", stamp=True)
         again = await self._start_endpoint(nursery, leaver.name, 2, stay)
@@ -485,19 +504,19 @@ class _Demo:
         (those still running) all hold it."""
 
         def done() -> bool:
-            keys = [k for k in self._kmf_keys(mark) if reason in k.get("reason", "")]
+            keys = [k for k in self._kmf_keys(mark) if reason in k.reason]
             if not keys:
                 return False
-            want = int_or_none(keys[-1].get("spi"))
+            want = keys[-1].spi
             live = [ep for ep in holders if ep.child.running]
             return all(ep.current_spi() == want for ep in live)
 
         ok = await self.until(done, REKEY_TIMEOUT)
-        keys = [k for k in self._kmf_keys(mark) if reason in k.get("reason", "")]
+        keys = [k for k in self._kmf_keys(mark) if reason in k.reason]
         if not keys:
             self._fail(f"the KMF made no new EKTKey for the {reason} within {REKEY_TIMEOUT:g} s")
             return None
-        spi = int_or_none(keys[-1].get("spi"))
+        spi = keys[-1].spi
         if not ok:
             late = [
                 f"{ep.label} (spi {ep.current_spi()})"
@@ -532,7 +551,7 @@ class _Demo:
                 name=ep.name,
                 life=ep.life,
                 stays=ep.stays,
-                joined=ep.joined_line() is not None,
+                joined=ep.joined() is not None,
                 exit_code=ep.child.returncode,
                 error=strip_error(ep.child.error_line()),
                 report=ep.read_report(),
@@ -547,7 +566,7 @@ class _Demo:
             for c in (self.kmf, self.mdd)
             if c is not None
         ]
-        isolation = self.mdd.find("key isolation:") if self.mdd is not None else None
+        isolation = self._isolation()
         for reason in verdict(
             self.files.names,
             self.outcomes(),
@@ -555,23 +574,30 @@ class _Demo:
             rekeys=self.rekeys,
             interrupted=self.interrupted,
             roles=roles,
-            isolation=isolation[isolation.index("key isolation:") :] if isolation else None,
+            isolation=isolation,
         ):
             self._fail(reason)
+
+    def _isolation(self) -> str | None:
+        """The MDD's key-isolation report as text (``... loaded: none``), None if not seen."""
+        seen = self.mdd.last_event(events.KeyIsolation) if self.mdd is not None else None
+        if seen is None:
+            return None
+        return f"key isolation: end-to-end modules loaded: {', '.join(seen.loaded) or 'none'}"
 
     def summary(self) -> list[str]:
         """What the reports and the MDD's exit log say, for the newcomer."""
         out = [endpoint_summary(ep) for ep in self.outcomes()]
         if self.mdd is not None:
-            totals = self.mdd.find("totals conference=demo")
+            totals = self.mdd.last_event(events.MddTotals, conference="demo")
             if totals is not None:
-                t = _fields(totals)
+                t = totals.totals
                 out.append(
                     f"  MDD       forwarded: in {t.get('srtp_in', '?')} SRTP packets, out "
                     f"{t.get('srtp_out', '?')} (one copy per receiver), dropped "
                     f"{t.get('dropped_srtp', '?')}; it held hop-by-hop keys only"
                 )
-            isolation = self.mdd.find("key isolation:")
+            isolation = self._isolation()
             if isolation is not None and "loaded: none" in isolation:
                 out.append(
                     "  MDD       no end-to-end code was ever loaded in the MDD process "
