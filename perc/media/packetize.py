@@ -276,12 +276,20 @@ class Vp8FrameAssembler:
             if self._blocked_at != self._next:
                 self._blocked_at = self._next
                 self._blocked_since = now
-            elif now - self._blocked_since >= self.max_wait:
+            elif now >= self._blocked_since + self.max_wait:  # the form timer() uses
                 self._give_up_head()
                 frames += self._release()
+                self._blocked_at = self._next if self._buf else None
+                self._blocked_since = now
         else:
             self._blocked_at = None
         return frames
+
+    def timer(self) -> float | None:
+        """When :meth:`poll` will give up the gap that blocks release (``None``: none)."""
+        if self._blocked_at is None:
+            return None
+        return self._blocked_since + self.max_wait
 
     # --- state -----------------------------------------------------------------------------
 
