@@ -317,3 +317,19 @@ def test_bad_input_files_name_the_file_and_the_reason(tmp_path: Path) -> None:
         assert "\n" not in str(info.value)
     with pytest.raises(MediaFileError, match="no video stream"):
         VideoFileSource(wav)
+
+
+def test_test_pattern_and_tone_are_what_they_say() -> None:
+    alice, bob = TestPattern("alice", 64, 48, fps=10), TestPattern("bob", 64, 48, fps=10)
+    a0, a1, b0 = (
+        yuv_of_frame(f) for f in (alice.next_frame(), alice.next_frame(), bob.next_frame())
+    )
+    assert a0 != a1  # the bar moves and the clock runs
+    assert a0[: 64 * 48] != b0[: 64 * 48]  # the names differ
+    assert a0[64 * 48 :] != b0[64 * 48 :]  # and so do the colours
+    with pytest.raises(ValueError):
+        TestPattern("x", 63, 48)
+    tone = ToneGenerator(1000.0)
+    pcm = tone.next_frame() + tone.next_frame()
+    assert abs(frequency(samples_of(pcm)) - 1000) < 1  # continuous across frames
+    assert max(samples_of(pcm)) == round(0.3 * 32767)

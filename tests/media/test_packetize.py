@@ -224,3 +224,29 @@ def test_any_loss_pattern_releases_exact_frames_in_order(
             assert cur % 4 == 0
     stats = assembler.stats
     assert stats.frames == len(got)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 0xFFFF),
+            st.integers(0, 0xFFFFFFFF),
+            st.booleans(),
+            st.binary(max_size=12),
+        ),
+        max_size=60,
+    )
+)
+def test_garbage_packets_never_raise_and_stay_bounded(
+    packets: list[tuple[int, int, bool, bytes]],
+) -> None:
+    assembler = Vp8FrameAssembler(max_packets=16, max_wait=0.01)
+    for n, (seq, ts, marker, payload) in enumerate(packets):
+        for frame in assembler.push(seq, ts, marker, payload, n * 0.004):
+            assert frame.data
+        assert len(assembler.missing()) <= 16
+        assembler.incomplete_frames()
+        assembler.give_up([seq ^ 1])
+    assembler.poll(100.0)
+    assert assembler.timer() is None or assembler.timer() >= 100.0
