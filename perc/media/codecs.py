@@ -617,7 +617,10 @@ class Recorder:
     """One peer's received media into ``NAME.audio.ogg`` and ``NAME.video.webm`` (module doc).
 
     Files are created when the first packet of their kind arrives; ``close()`` finishes them.
-    With ``validate`` (the default) each packet is decoded first and kept only if it decodes.
+    With ``validate`` (the default) each packet is decoded first and kept only if it decodes;
+    a caller that decodes anyway passes ``validate=False``, gives only what decoded, and calls
+    :meth:`skip_until_keyframe` when its decoder fails. The Ogg file's Opus header (OpusHead,
+    RFC 7845 §5.1) comes from the local libopus, so its pre-skip is libopus's (312 samples).
     """
 
     def __init__(
@@ -717,6 +720,11 @@ class Recorder:
         )
         self._video_last = pts
         self.stats.video_frames += 1
+
+    def skip_until_keyframe(self) -> None:
+        """The caller's own decoder failed on this peer's video (with ``validate=False``):
+        write nothing more until the next key frame."""
+        self._need_key = True
 
     def _open(self, path: Path, fmt: str) -> OutputContainer:
         try:

@@ -33,6 +33,8 @@ Every buffer is bounded (``max_packets``) and every drop is counted in
 
 from __future__ import annotations
 
+import os
+
 import attrs
 
 from perc.wire.framemarking import FrameMarking
@@ -130,7 +132,9 @@ class RtpSequencer:
     """RTP headers for one outgoing stream: SEQ + 1 per packet, timestamps from media time.
 
     ``timestamp`` arguments count clock ticks from the stream's start (e.g. an encoder's
-    ``pts`` in 1/clock_rate units); the random base of RFC 3550 §5.1 is added here.
+    ``pts`` in 1/clock_rate units); the base of RFC 3550 §5.1 is added here. The first SEQ and
+    the timestamp base are random unless given (RFC 3550 §5.1). ``frame_marking_id`` (video:
+    :data:`~perc.wire.framemarking.DEFAULT_FRAME_MARKING_ID`, D35) adds the RFC 9626 element.
     """
 
     def __init__(
@@ -138,10 +142,14 @@ class RtpSequencer:
         ssrc: int,
         payload_type: int,
         *,
-        sequence_number: int = 0,
-        timestamp_base: int = 0,
+        sequence_number: int | None = None,
+        timestamp_base: int | None = None,
         frame_marking_id: int | None = None,
     ) -> None:
+        if sequence_number is None:
+            sequence_number = int.from_bytes(os.urandom(2), "big")
+        if timestamp_base is None:
+            timestamp_base = int.from_bytes(os.urandom(4), "big")
         self.ssrc = ssrc
         self.payload_type = payload_type
         self.sequence_number = sequence_number & 0xFFFF
@@ -297,6 +305,11 @@ class Vp8FrameAssembler:
     def needs_keyframe(self) -> bool:
         """Nothing more can decode until a key frame arrives."""
         return self._need_key
+
+    @property
+    def can_decode(self) -> bool:
+        """The frames released so far form an unbroken chain from a key frame."""
+        return not self._need_key
 
     def take_keyframe_request(self) -> bool:
         """True once each time the assembler starts waiting for a key frame (send a PLI)."""

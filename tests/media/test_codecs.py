@@ -137,7 +137,7 @@ def test_vp8_frames_through_a_lossy_path_decode_exactly_when_whole() -> None:
     sources, frames, keys = encode_pattern()
     assert [i for i, k in enumerate(keys) if k] == [0, 15]
     packetizer = Vp8Packetizer(1200)
-    rtp = RtpSequencer(0x77, VP8_PT, sequence_number=0xFFFA, frame_marking_id=4)
+    rtp = RtpSequencer(0x77, VP8_PT, sequence_number=0xFFFA, timestamp_base=0, frame_marking_id=4)
     sent: list[tuple[int, list[bytes]]] = []
     for i, frame in enumerate(frames):
         sent.append((i, rtp.packets(packetizer.packetize(frame), i * 3000)))
@@ -333,3 +333,16 @@ def test_test_pattern_and_tone_are_what_they_say() -> None:
     pcm = tone.next_frame() + tone.next_frame()
     assert abs(frequency(samples_of(pcm)) - 1000) < 1  # continuous across frames
     assert max(samples_of(pcm)) == round(0.3 * 32767)
+
+
+def test_recorder_without_validation_follows_the_callers_decoder(tmp_path: Path) -> None:
+    _, frames, _ = encode_pattern()
+    with Recorder(tmp_path, "carol", validate=False) as recorder:
+        for i, frame in enumerate(frames):
+            if i == 5:
+                recorder.skip_until_keyframe()  # the caller's decoder failed here
+            recorder.add_video(3000 * i, frame)
+    assert (recorder.stats.video_frames, recorder.stats.video_skipped) == (20, 10)
+    with av.open(str(recorder.video_path)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 20
+    assert not recorder.audio_path.exists()  # no audio came: no file
