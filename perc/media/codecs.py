@@ -447,6 +447,7 @@ class AudioFileSource:
         self._convert = _ToS16()
         self._fifo = AudioFifo()
         self._ended = False
+        self._pass_samples = 0
         return container
 
     def read(self) -> bytes | None:
@@ -463,6 +464,8 @@ class AudioFileSource:
                     return data + bytes(FRAME_BYTES - len(data))
                 if not self.loop:
                     return None
+                if not self._pass_samples:
+                    raise MediaFileError(self.path, "audio stream has no samples")
                 self._container.close()
                 self._container = self._open()
                 self.loops += 1
@@ -478,6 +481,7 @@ class AudioFileSource:
         if frame is None:
             self._ended = True
         if pcm:
+            self._pass_samples += len(pcm) // 2
             self._fifo.write(_pcm_frame(pcm, None))
 
     def close(self) -> None:
@@ -523,14 +527,18 @@ class VideoFileSource:
         """The next output frame; ``None`` at the end (never, when looping).
 
         Output slot k (time k/fps) shows the latest source frame whose time is at or before
-        the slot; the last source frame is shown for one more slot."""
+        the slot; the last source frame lasts one source frame period."""
         slot = self._index / self.fps
         while True:
             if self._pending is None and not self._eof:
                 self._pull()
             pending = self._pending
             if pending is not None:
-                t = self._offset + (pending.time or 0.0)
+                # A frame without a time follows the previous one by one source frame.
+                if pending.pts is None:  # then it has no time either
+                    t = self._prev_time + self._step if self._prev is not None else self._offset
+                else:
+                    t = self._offset + pending.time
                 if self._prev is None or t <= slot:
                     self._prev, self._prev_time, self._pending = pending, t, None
                     continue

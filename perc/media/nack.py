@@ -56,6 +56,9 @@ class NackSettings:
     give_up_after: float = 1.0
     """A hole this old is lost for good (the Media Distributor caches 1 s, D36)."""
     max_tracked: int = 512
+    max_nack_seqs: int = 128
+    """At most this many SEQs in one NACK (its FCI stays well under an MTU); the rest follow
+    in the next poll."""
     pli_interval: float = 0.5
     """At most one PLI per this interval (the Media Distributor throttles the same way, D36)."""
     keyframe_retry: float = 1.0
@@ -140,7 +143,7 @@ class NackTracker:
             hole = self._holes[ext]
             if now >= hole.first_seen + s.give_up_after:  # the form timer() uses
                 given_up.append(ext)
-            elif not s.nack or now < hole.next_at:
+            elif not s.nack or now < hole.next_at or len(to_nack) >= s.max_nack_seqs:
                 continue
             elif hole.sends >= s.max_retries:
                 given_up.append(ext)

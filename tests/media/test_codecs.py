@@ -346,3 +346,11 @@ def test_recorder_without_validation_follows_the_callers_decoder(tmp_path: Path)
     with av.open(str(recorder.video_path)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 20
     assert not recorder.audio_path.exists()  # no audio came: no file
+
+
+def test_an_empty_audio_file_does_not_loop_forever(tmp_path: Path) -> None:
+    path = tmp_path / "empty.wav"
+    write_wav(path, 0.0)
+    assert AudioFileSource(path).read() is None
+    with pytest.raises(MediaFileError, match="no samples"):
+        AudioFileSource(path, loop=True).read()

@@ -153,3 +153,13 @@ def test_without_nack_loss_costs_frames_and_brings_plis() -> None:
     assert link.plis >= 3  # start-up, then re-requests while no key frame comes
     stats = link.receiver.stats
     assert stats.plis_sent == link.plis and stats.given_up > 0
+
+
+def test_one_nack_asks_for_at_most_max_nack_seqs() -> None:
+    t = NackTracker(NackSettings(max_nack_seqs=128, reorder_delay=0.0))
+    t.on_packet(0, 0.0)
+    t.on_packet(301, 0.0)
+    first, _ = t.poll(0.0)
+    second, _ = t.poll(0.0)
+    assert first == list(range(1, 129)) and second == list(range(129, 257))
+    assert len(Nack.from_lost(1, 2, first).items) == 8  # 128 consecutive SEQs: 8 PID + BLP
