@@ -187,18 +187,8 @@ def load_state_key(path: str | os.PathLike[str]) -> bytes:
     group or others (D28).
     """
     p = Path(path)
-    try:
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    except OSError as e:
-        raise StateError(f"state key {p}: cannot create: {e.strerror}") from None
-    else:
-        try:
-            os.write(fd, secrets.token_bytes(KEY_LENGTH))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    if not os.path.lexists(p):
+        _create_key_file(p)
     try:
         fd = os.open(p, os.O_RDONLY)
     except OSError as e:
@@ -220,6 +210,35 @@ def load_state_key(path: str | os.PathLike[str]) -> bytes:
         size = f"{len(data)} bytes" if len(data) <= KEY_LENGTH else "longer"
         raise StateError(f"state key {p}: {size}, expected {KEY_LENGTH} bytes")
     return data
+
+
+def _create_key_file(p: Path) -> None:
+    # Written whole under a temporary name, then linked into place: a kill or power cut never
+    # leaves a short key file behind, and a concurrent creator's key wins (link fails on an
+    # existing name). The directory is fsynced so the key outlives the state it seals.
+    tmp = p.with_name(f".{p.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        raise StateError(f"state key {p}: cannot create: {e.strerror}") from None
+    try:
+        try:
+            os.write(fd, secrets.token_bytes(KEY_LENGTH))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, p)
+        dir_fd = os.open(p.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise StateError(f"state key {p}: cannot create: {e.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _aad(*identity: str | int) -> bytes:
@@ -521,6 +540,12 @@ class KmfState:
             raise self._fail(f"cannot lock {lock_path}: {e.strerror}") from None
         self._lock_fd = fd
 
+    def _precheck(self, path: Path) -> str | None:
+        try:
+            return _precheck_file(path)
+        except OSError as e:
+            raise self._fail(f"cannot read: {e.strerror}") from None
+
     def _open(self, reset: bool, busy_timeout: float) -> sqlite3.Connection:
         path = self.path
         if path is None:
@@ -528,7 +553,7 @@ class KmfState:
         elif self.read_only:
             if not path.exists():
                 raise self._fail("no such file")
-            problem = _precheck_file(path)
+            problem = self._precheck(path)
             if problem:
                 raise self._fail(problem)
             target = f"file:{path}?mode=ro"
@@ -545,7 +570,7 @@ class KmfState:
                 pass
             except OSError as e:
                 raise self._fail(f"cannot create: {e.strerror}") from None
-            problem = _precheck_file(path)
+            problem = self._precheck(path)
             if problem:
                 raise self._fail(problem)
             target = str(path)
@@ -608,6 +633,8 @@ class KmfState:
             raise self._fail(f"corrupt: {str(quick).splitlines()[0]}")
         meta = dict(conn.execute("SELECT name, value FROM meta"))
         version = meta.get("schema")
+        if version is None:
+            raise self._fail("no schema version (not a perc KMF state database)")
         if version != SCHEMA_VERSION:
             raise self._fail(f"schema version {version}, this perc reads {SCHEMA_VERSION}")
         stored = meta.get("key_check")

@@ -666,3 +666,24 @@ def test_disk_full_then_the_next_write_catches_up(tmp_path: Path) -> None:
     with KmfState(db, KEY) as s:
         assert s.verify_audit().rows == 200
         assert s.verify_audit().ok
+
+
+def test_state_file_is_a_directory(tmp_path: Path) -> None:
+    db = tmp_path / "s.sqlite"
+    db.mkdir()
+    assert _open_error(db) == f"state file {db}: cannot read: Is a directory"
+
+
+def test_meta_without_schema_version(tmp_path: Path) -> None:
+    db = tmp_path / "s.sqlite"
+    _filled(db)
+    with _raw(db) as conn:
+        conn.execute("DELETE FROM meta WHERE name = 'schema'")
+    assert _open_error(db) == (
+        f"state file {db}: no schema version (not a perc KMF state database)"
+    )
+
+
+def test_state_key_creation_leaves_no_temporary_file(tmp_path: Path) -> None:
+    load_state_key(tmp_path / "k")
+    assert [p.name for p in tmp_path.iterdir()] == ["k"]
