@@ -774,6 +774,10 @@ class KmfState:
         """The issue counter of the last SPI handed out for ``conference``, if any."""
         return self._spi.get(conference)
 
+    def spi_counters(self) -> dict[str, int]:
+        """Every conference's last issue counter (a restarted KMF resumes after these)."""
+        return dict(self._spi)
+
     def last_spi(self, conference: str) -> int | None:
         counter = self._spi.get(conference)
         return None if counter is None else spi_of(counter)

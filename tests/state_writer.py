@@ -8,6 +8,7 @@ batches (SPI + EKTKey + audit row in one transaction). Each line goes to stdout 
 write it reports has committed, so every line the parent reads is a promise the state must
 keep after a SIGKILL:
 
+    opening                about to open (or create) the state
     open                   the state opened
     spi SPI COUNTER        an SPI was issued (its counter is durable)
     seq N                  record number N was used (its reservation is durable)
@@ -30,7 +31,10 @@ def main() -> None:
     rng = random.Random(int(seed))
     aid = uuid.UUID(aid_text)
     out = sys.stdout
-    state = KmfState(path, load_state_key(key_path))
+    key = load_state_key(key_path)
+    out.write("opening\n")
+    out.flush()
+    state = KmfState(path, key)
     out.write("open\n")
     out.flush()
     row = state.association(aid)
