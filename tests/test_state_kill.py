@@ -146,5 +146,6 @@ def test_sigkill_while_creating_the_state(tmp_path: Path) -> None:
             state.next_spi("c")
             state.append_audit("kmf_start")
         with KmfState(db, key) as state:
-            assert state.verify_audit().rows == 1 + sum(ln.startswith("audit") for ln in lines)
+            # Rows committed but not yet reported when the kill came are fine; fewer are not.
+            assert state.verify_audit().rows >= 1 + sum(ln.startswith("audit") for ln in lines)
     assert created < 12, "every life finished opening: the kills missed the creation"
