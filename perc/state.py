@@ -608,6 +608,9 @@ class KmfState:
                 raise self._fail(f"cannot switch to WAL mode (journal_mode is {mode})")
             # FULL: see the module docstring (power-cut safety of SPIs and ceilings).
             conn.execute("PRAGMA synchronous=FULL")
+            # Deleted rows (ended associations, replaced EKTKeys) are zeroed, not left sealed
+            # in free pages of the file.
+            conn.execute("PRAGMA secure_delete=ON")
         if not tables:
             if self.read_only:
                 raise self._fail("empty (not a perc KMF state database)")
@@ -673,9 +676,9 @@ class KmfState:
         expected: list[object] = [0, GENESIS_HASH]
         if head is not None:
             opened = self._sealer.open(head[0], "meta", "audit_head")
-            if opened is None:
+            if opened is None and not self.read_only:
                 raise self._fail("audit head does not authenticate")
-            expected = json.loads(opened)
+            expected = json.loads(opened) if opened is not None else [None, None]
         if row is not None:
             self._audit_seq = row[0]
             self._audit_head = audit_hash(AuditRow(*row))

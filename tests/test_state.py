@@ -687,3 +687,15 @@ def test_meta_without_schema_version(tmp_path: Path) -> None:
 def test_state_key_creation_leaves_no_temporary_file(tmp_path: Path) -> None:
     load_state_key(tmp_path / "k")
     assert [p.name for p in tmp_path.iterdir()] == ["k"]
+
+
+def test_audit_head_sealed_under_another_key_refuses_a_writer(tmp_path: Path) -> None:
+    db = tmp_path / "s.sqlite"
+    _filled(db)
+    with KmfState(None, OTHER_KEY) as other:
+        forged = other._sealer.seal(b'[3, "00"]', "meta", "audit_head")
+    with _raw(db) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE name = 'audit_head'", (forged,))
+    assert _open_error(db) == f"state file {db}: audit head does not authenticate"
+    verdict = audit_report(db, _key_file(tmp_path)).verdict
+    assert str(verdict) == "audit chain broken at row 3: sealed head does not authenticate"
