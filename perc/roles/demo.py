@@ -124,7 +124,7 @@ class _Child:
         try:
             text, event = events.split_record(raw.decode(errors="replace"))
         except events.EventError as e:
-            text, event = f"(unreadable event: {e}) {raw[:200]!r}", None
+            text, event = f"(unreadable event: {e})", None
         log.write(text + "\n")
         if event is not None and len(self.events) < _MAX_LOG_LINES:
             self.events.append(event)
