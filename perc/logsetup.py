@@ -20,7 +20,7 @@ import datetime
 import json
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 #: The ``--log-level`` choices, most verbose first.
 LEVELS = ("debug", "info", "warning", "error")
@@ -100,3 +100,11 @@ def setup(
     handler._perc_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def format_address(addr: Any) -> str:
+    """``host:port`` for a socket address tuple (``[v6]:port`` for IPv6)."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)
