@@ -122,7 +122,8 @@ wanted set depends only on the ranking). The result is identical to a from-scrat
 
 **Removal.** :meth:`ForwardingTable.remove` (EndpointDisconnect, D3) drops the association,
 its keys and SSRCs, and its routes; :meth:`ForwardingTable.expire_idle` removes those
-silent for longer than a timeout and returns their ids (the shell sends EndpointDisconnect).
+silent for longer than a timeout and returns their ids (the MDD engine, :mod:`perc.mdd`, then
+sends EndpointDisconnect).
 
 **Errors.** :meth:`ForwardingTable.handle_datagram` never raises on network input: every
 problem is a counted drop and an empty list. Local misuse (unknown association id, an

@@ -3,39 +3,33 @@
 Theory of operation
 -------------------
 Every decision about associations, keys, demultiplexing, idle expiry and counters is the
-engine's (:mod:`perc.mdd`, sans-IO). This module owns what the engine cannot: per configured
-conference (D1) a :class:`ConferenceRelay` with one UDP socket, one TLS tunnel connection to
-the KMF (:mod:`perc.roles.tunnel`), a clock and three tasks. After every input it hands the
-engine, the shell sends what the engine queued (datagrams, tunnel messages) and logs the
-engine's events with :func:`perc.events.emit`.
+engine's (:mod:`perc.mdd`, sans-IO). Per configured conference (D1) a :class:`ConferenceRelay`
+owns what the engine cannot: one UDP socket, the TLS tunnel to the KMF
+(:mod:`perc.roles.tunnel`), the clock and three tasks. After each input it gives the engine,
+it sends what the engine queued and logs the engine's events (:func:`perc.events.emit`).
 
-* **UDP** (the hot path, STYLE practice 11): drain the non-blocking socket until it would
-  block, then one ``wait_readable``; each datagram goes to ``engine.receive_datagram`` with the
-  batch's ``now`` and what it produced goes out at once with the non-blocking ``sendto``. Only
-  on EAGAIN does the loop wait for writability (at most ``SEND_WAIT``), then retries once; a
-  receiver whose socket stays full loses that datagram, counted. A full batch checkpoints so
-  the tunnel tasks run. Measured (bench/forwarding.py, 2 cores, 160-byte audio to 10
-  receivers): the per-delivery cost is the forwarding core's AES-GCM seal plus one ``sendto``
-  system call; this loop adds well under 0.2 us.
-* **Tunnel** (TLS client): connect, pin the KMF's certificate fingerprint (another KMF fails
-  the handshake), tell the engine (which queues ``SupportedProfiles`` first, RFC 9185 §5.3),
-  then feed it every message read. When the tunnel ends, or the engine asks it closed
-  (``UnsupportedVersion``, D2), reconnect after a capped exponential backoff
-  (``reconnect_min`` doubling to ``reconnect_max``; reset once a tunnel stayed up
-  ``STABLE_AFTER`` or carried a message; the longest after ``UnsupportedVersion``).
-* **Timer**: sleep until ``engine.get_timer()``, then ``engine.handle_timer(now)`` (idle
-  expiry with EndpointDisconnect, D3; last_n upkeep; periodic counters).
+* **UDP**, the hot path (STYLE practice 11): drain the non-blocking socket until it would
+  block, then one ``wait_readable``; every datagram goes to ``engine.receive_datagram`` with
+  the batch's ``now``, and what that produced goes out at once with non-blocking ``sendto``.
+  Only on EAGAIN does a send wait for writability (at most ``SEND_WAIT``) and retry once; a
+  receiver whose socket stays full loses that datagram, counted. A full batch checkpoints.
+* **Tunnel** (TLS client, the KMF pinned by fingerprint): on connect the engine queues
+  ``SupportedProfiles`` (RFC 9185 §5.3), then gets every message read. When the tunnel ends,
+  or the engine wants it closed (``UnsupportedVersion``, D2), reconnect after a capped
+  exponential backoff (``reconnect_min`` doubling to ``reconnect_max``; reset once a tunnel
+  stayed up ``STABLE_AFTER`` or carried a message; the longest after ``UnsupportedVersion``).
+* **Timer**: sleep until ``engine.get_timer()``, then ``engine.handle_timer(now)``.
 
-At exit each relay logs every association's counters and the conference totals, and the
-server logs which end-to-end modules the process loaded (key isolation, RFC 8871 §4.1).
+At exit each relay logs every association's counters and the totals, and the server which
+end-to-end modules the process loaded (key isolation, RFC 8871 §4.1).
 
 API::
 
     serve(config: MddConfig, *, task_status=trio.TASK_STATUS_IGNORED)   # started(MddServer)
     MddServer.conferences: dict[str, ConferenceRelay]
-    ConferenceRelay: .engine (MddEngine), .address (UDP), .stats (MddStats), .io (IoStats),
-                     .associations / .table / .kmf_highest_version / .tunnel_is_up (the
-                     engine's), .tunnel_stats, .changed (trio_util.AsyncValue), wait_changed()
+    ConferenceRelay: .engine, .address (UDP), .io (IoStats), .tunnel_stats, .changed
+                     (trio_util.AsyncValue), wait_changed(), and the engine's .stats,
+                     .associations, .kmf_highest_version, .tunnel_is_up
 """
 
 from __future__ import annotations
@@ -129,10 +123,6 @@ class ConferenceRelay:
         return self.engine.associations
 
     @property
-    def table(self) -> forwarding.ForwardingTable[Address]:
-        return self.engine.table
-
-    @property
     def kmf_highest_version(self) -> int | None:
         return self.engine.kmf_highest_version
 
@@ -184,15 +174,9 @@ class ConferenceRelay:
             name = sock.getsockname()
             self.address = (str(name[0]), int(name[1]))
             self._sock = sock
-            events.emit(
-                log,
-                events.ConferenceListening(
-                    what="conference",
-                    host=self.address[0],
-                    port=self.address[1],
-                    conference=self.id,
-                ),
-            )
+            host, port = self.address
+            listening = events.ConferenceListening("conference", host, port, self.id)
+            events.emit(log, listening)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._tunnel_loop)
                 nursery.start_soon(self._udp_loop, sock)
@@ -214,52 +198,52 @@ class ConferenceRelay:
     # --- tunnel --------------------------------------------------------------------------------
 
     async def _tunnel_loop(self) -> None:
-        engine = self.engine
-        settings = self.settings
+        engine, settings = self.engine, self.settings
         delay = settings.reconnect_min
-        kmf = self.conference.kmf
         while True:
-            conn: TunnelConnection | None = None
             try:
-                with trio.fail_after(_CONNECT_TIMEOUT):
-                    stream = await trio.open_tcp_stream(kmf.host, kmf.port)
-                conn = TunnelConnection(stream, self._context, server=False, peer=str(kmf))
-                await conn.handshake(settings.handshake_timeout)
-                # TLS 1.3: the KMF checks our certificate after our handshake has ended.
-                await conn.wait_accepted(settings.handshake_timeout)
-            except BaseException as e:
-                if conn is not None:
-                    await conn.aclose()
-                if not isinstance(e, (OSError, trio.TooSlowError, TunnelError)):
-                    raise
+                conn = await self._connect()
+            except (OSError, trio.TooSlowError, TunnelError) as e:
                 reason = str(e) or type(e).__name__
                 engine.tunnel_connect_failed(trio.current_time(), reason=reason, retry_in=delay)
-                self._pump()
-                await trio.sleep(delay)
-                delay = min(delay * 2, settings.reconnect_max)
-                continue
-            started = trio.current_time()
-            protocol_error = False
-            try:
-                await conn.run(self._session)
-                reason = "closed"
-            except TunnelProtocolError as e:
-                protocol_error = True
-                reason = f"protocol error (D2): {e}"
-            except TunnelError as e:
-                reason = str(e)
-            finally:
-                self._tunnel = None
-            if engine.version_refused:
-                delay = settings.reconnect_max
-            elif trio.current_time() - started >= STABLE_AFTER or conn.stats.messages_in:
-                delay = settings.reconnect_min
-            engine.tunnel_down(
-                trio.current_time(), reason=reason, retry_in=delay, protocol_error=protocol_error
-            )
+            else:
+                started = trio.current_time()
+                protocol_error = False
+                try:
+                    await conn.run(self._session)
+                    reason = "closed"
+                except TunnelProtocolError as e:
+                    protocol_error = True
+                    reason = f"protocol error (D2): {e}"
+                except TunnelError as e:
+                    reason = str(e)
+                finally:
+                    self._tunnel = None
+                now = trio.current_time()
+                if engine.version_refused:
+                    delay = settings.reconnect_max
+                elif now - started >= STABLE_AFTER or conn.stats.messages_in:
+                    delay = settings.reconnect_min
+                engine.tunnel_down(
+                    now, reason=reason, retry_in=delay, protocol_error=protocol_error
+                )
             self._pump()
             await trio.sleep(delay)
             delay = min(delay * 2, settings.reconnect_max)
+
+    async def _connect(self) -> TunnelConnection:
+        kmf, timeout = self.conference.kmf, self.settings.handshake_timeout
+        with trio.fail_after(_CONNECT_TIMEOUT):
+            stream = await trio.open_tcp_stream(kmf.host, kmf.port)
+        conn = TunnelConnection(stream, self._context, server=False, peer=str(kmf))
+        try:
+            await conn.handshake(timeout)
+            # TLS 1.3: the KMF checks our certificate after our handshake has ended.
+            await conn.wait_accepted(timeout)
+        except BaseException:
+            await conn.aclose()
+            raise
+        return conn
 
     async def _session(self, conn: TunnelConnection) -> None:
         engine = self.engine
@@ -308,7 +292,7 @@ class ConferenceRelay:
                     except OSError as e:
                         # Rare (EAGAIN or an ICMP error): find where we stopped, by identity.
                         index = next(i for i, o in enumerate(out) if o[1] is datagram)
-                        await self._send_failed(out, index, e)
+                        await self._send(out, index, e)
             else:
                 # A full batch: let other tasks (the tunnel writer) run before draining more.
                 self._pump()
@@ -316,31 +300,25 @@ class ConferenceRelay:
                 continue
             self._pump()
 
-    async def _send(self, out: list[tuple[Address, bytes]]) -> None:
-        """Send the engine's datagrams outside the receive loop (DTLS from the KMF, D5)."""
-        sock = self._sock
-        if sock is None:
-            self.io.dropped_udp_send += len(out)
-            return
-        for index, (addr, data) in enumerate(out):
-            try:
-                sock.sendto(data, addr)
-            except OSError as e:
-                await self._send_failed(out, index, e)
-                return
-
-    async def _send_failed(
-        self, out: list[tuple[Address, bytes]], index: int, error: OSError
+    async def _send(
+        self, out: list[tuple[Address, bytes]], index: int = 0, error: OSError | None = None
     ) -> None:
-        """``out[index]`` raised ``error``: on EAGAIN wait (at most ``SEND_WAIT``) for room and
-        retry once; any other error (or a second failure) drops that datagram, counted. Then
-        go on with the rest of ``out``."""
+        """Send ``out[index:]`` (``error``: what ``out[index]`` already raised). On EAGAIN wait
+        (at most ``SEND_WAIT``) for room and retry once; any other error, or a second failure,
+        drops that datagram, counted; then go on with the rest."""
         sock = self._sock
         if sock is None:
             self.io.dropped_udp_send += len(out) - index
             return
-        while True:
+        while index < len(out):
             addr, data = out[index]
+            index += 1
+            if error is None:
+                try:
+                    sock.sendto(data, addr)
+                    continue
+                except OSError as e:
+                    error = e
             if isinstance(error, BlockingIOError):
                 await self._wait_writable(sock)
                 try:
@@ -350,17 +328,7 @@ class ConferenceRelay:
             else:
                 self.io.dropped_udp_send += 1
                 log.debug("udp send failed conference=%s peer=%s: %s", self.id, addr, error)
-            index += 1
-            while index < len(out):
-                addr, data = out[index]
-                try:
-                    sock.sendto(data, addr)
-                except OSError as e:
-                    error = e
-                    break
-                index += 1
-            else:
-                return
+            error = None
 
     async def _wait_writable(self, sock: socket.socket) -> None:
         """Wait (at most ``SEND_WAIT``) for room in the socket's send buffer. The UDP task and

@@ -354,9 +354,9 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
         # EndpointDisconnect from the KMF: the association leaves the table too (both ways).
         assert tunnel.send_disconnect(aids[1])
         await until(lambda: aids[1] not in relay.associations)
-        unknown = relay.table.stats.unknown_source
+        unknown = relay.engine.table.stats.unknown_source
         await socks[1].sendto(b"\x80" + bytes(40), relay.address)
-        await until(lambda: relay.table.stats.unknown_source == unknown + 1)
+        await until(lambda: relay.engine.table.stats.unknown_source == unknown + 1)
         await socks[0].sendto(sender.protect(rtp(70, 0x1234, b"late"), 0.0), relay.address)
         await until(lambda: relay.associations[aids[0]].counters.packets_in == 65)
         assert relay.associations[aids[0]].counters.packets_out == 0
@@ -571,9 +571,10 @@ def test_forwarding_options_reach_the_table(ids: SimpleNamespace, tmp_path: Path
     config = build_mdd_config(data, base=tmp_path)
     assert config.mdd.stats_interval == 2.5
     relay = mdd.ConferenceRelay(config.conferences[0], config)
-    assert relay.table.config.last_n == 2
-    assert relay.table.config.video_payload_types == frozenset({96, 98})
-    assert relay.table.config.max_associations == config.conferences[0].max_associations
+    table = relay.engine.table
+    assert table.config.last_n == 2
+    assert table.config.video_payload_types == frozenset({96, 98})
+    assert table.config.max_associations == config.conferences[0].max_associations
     defaults = build_mdd_config(_mdd_data(tmp_path, ids), base=tmp_path)
     assert defaults.mdd.stats_interval == 10.0
     assert defaults.conferences[0].video_payload_types == (96,)
