@@ -32,13 +32,13 @@ and last heard from, its hop-by-hop keys (the ``MediaKeys`` they came from, the 
 made of them), the D5 hold, the DTLS counters and the forwarding counters. The engine adds no
 dict of its own beside it; lookups by address and by id are the table's.
 
-**Demultiplexing** on the first byte of each datagram (RFC 7983 §7, SPEC 2.8): 128-191 is
-SRTP/SRTCP and goes to :meth:`ForwardingTable.handle_datagram`, whose output (one datagram per
-receiver, RFC 8723 §5.2) is queued for sending; 20-63 is DTLS and goes to the KMF as
-``TunneledDtls`` with the association id of the sender's address, a new address getting a new
-association (bounded by ``max_associations``); anything else is dropped and counted (RFC 7983:
-MUST drop). DTLS arriving while the tunnel is down is dropped and counted, not buffered: the
-endpoint retransmits, and a joining endpoint times out with its own message.
+**Demultiplexing** on the first byte of each datagram (RFC 7983 §7, after RFC 5764 §5.1.2):
+128-191 is SRTP/SRTCP and goes to :meth:`ForwardingTable.handle_datagram`, whose output (one
+datagram per receiver, RFC 8723 §5.2) is queued for sending; 20-63 is DTLS and goes to the KMF
+as ``TunneledDtls`` with the association id of the sender's address, a new address getting a
+new association (bounded by ``max_associations``); anything else is dropped and counted
+(RFC 7983: MUST drop). DTLS arriving while the tunnel is down is dropped and counted, not
+buffered: the endpoint retransmits, and a joining endpoint times out with its own message.
 
 **From the KMF** (RFC 9185 §6): ``TunneledDtls`` becomes a datagram to the association's
 endpoint; ``MediaKeys`` is the MDD's only source of keys (RFC 8871 §4.1: outer halves only,
