@@ -99,7 +99,7 @@ class ConferenceRelay:
         self.engine = MddEngine.from_config(conference, config.mdd)
         self.io = IoStats()
         self.address: tuple[str, int] = ("", 0)
-        #: Counts the engine's events: programs in-process wait on it for any change.
+        #: Counts the engine's events: in-process programs wait on it for any change.
         self.changed = AsyncValue(0)
         self._tunnel: TunnelConnection | None = None
         self._sock: socket.socket | None = None
@@ -150,13 +150,12 @@ class ConferenceRelay:
             for msg in messages:
                 if tunnel is None or not tunnel.send(msg):
                     self.io.dropped_tunnel_send += 1
-        event = engine.next_event()
-        if event is None:
-            return
-        while event is not None:
+        logged = 0
+        while (event := engine.next_event()) is not None:
             events.emit(log, event, _LEVELS.get(type(event), logging.INFO))
-            event = engine.next_event()
-        self.changed.value += 1
+            logged += 1
+        if logged:
+            self.changed.value += logged
 
     # --- lifetime ------------------------------------------------------------------------------
 
@@ -172,11 +171,9 @@ class ConferenceRelay:
             # scheduled (the kernel caps this at net.core.rmem_max).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
             name = sock.getsockname()
-            self.address = (str(name[0]), int(name[1]))
+            host, port = self.address = (str(name[0]), int(name[1]))
             self._sock = sock
-            host, port = self.address
-            listening = events.ConferenceListening("conference", host, port, self.id)
-            events.emit(log, listening)
+            events.emit(log, events.ConferenceListening("conference", host, port, self.id))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._tunnel_loop)
                 nursery.start_soon(self._udp_loop, sock)

@@ -26,9 +26,10 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from perc import identity
+from perc import events, identity
 from perc.config import ConfigError, KmfConfig, MddConfig, build_mdd_config
 from perc.forwarding import Association
+from perc.logsetup import JsonFormatter
 from perc.mdd import Address
 from perc.roles import kmf, mdd
 from perc.roles.endpoint import JoinSettings, JoinTimeout, join
@@ -293,6 +294,24 @@ async def test_three_endpoints_talk_through_the_mdd(
     assert "totals conference=demo associations=3" in text
     assert "srtp_in=61 srtp_out=122 dropped_srtp=0" in text
     assert "key isolation: end-to-end modules loaded:" in text
+    # Every one of those lines is an event: with --log-format json a program reads it back.
+    formatter = JsonFormatter()
+    seen: dict[type[events.Event], list[events.Event]] = {}
+    for record in caplog.records:
+        event = getattr(record, events.RECORD_KEY, None)
+        if record.name == "perc.roles.mdd" and event is not None:
+            assert record.getMessage() == event.describe()
+            back = events.parse_line(formatter.format(record))
+            assert back is not None and events.to_json(back) == events.to_json(event)
+            seen.setdefault(type(event), []).append(event)
+    assert len(seen[events.AssociationCreated]) == len(seen[events.AssociationKeyed]) == 3
+    for kind in (events.ConferenceListening, events.MddTunnelUp, events.MddTotals):
+        assert [e.conference for e in seen[kind]] == ["demo"]  # type: ignore[attr-defined]
+    assert len(seen[events.KeyIsolation]) == 1
+    assert {e.association for e in seen[events.MddCounters]} == {  # type: ignore[attr-defined]
+        e.association
+        for e in seen[events.AssociationCreated]  # type: ignore[attr-defined]
+    }
 
 
 async def test_srtp_before_media_keys_is_held_then_forwarded(
