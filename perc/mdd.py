@@ -51,10 +51,12 @@ be closed; so is a tunnel on which the KMF sends what only an MDD sends (D2). "T
 is :attr:`MddEngine.tunnel_close_reason`: the engine takes no more messages from that tunnel,
 and the shell closes it.
 
-**The tunnel going down changes nothing for media.** The keys live in the table, not in the
-tunnel: while the tunnel is down and the shell reconnects, joined endpoints keep talking and
-keep their associations; only DTLS (new joins, rekeys) is dropped. A KMF that comes back knows
-none of the old associations (it ignores their DTLS and never sends them
+**The tunnel going down changes nothing for associations.** The keys live in the table, not in
+the tunnel: while the tunnel is down and the shell reconnects, joined endpoints keep talking
+and keep their associations; only DTLS (new joins, rekeys) is dropped. Associations still in
+their handshake stay too: the KMF keeps an association's DTLS state when a tunnel drops, and
+its datagrams may come back on the next tunnel (RFC 9185 §5.3, §5.4). A KMF that restarted
+knows none of the old associations (it ignores their DTLS and never sends them
 ``EndpointDisconnect``), so they keep their keys until they leave or go idle. On every new
 tunnel ``SupportedProfiles`` is the first message (RFC 9185 §5.3, D1).
 
