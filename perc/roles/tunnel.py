@@ -47,7 +47,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
 
 import attrs
 import trio
@@ -56,6 +55,7 @@ from OpenSSL import SSL, crypto
 
 from perc.identity import Identity, fingerprint_of_der
 from perc.keylog import ENV_VAR, KeyLog
+from perc.logsetup import format_address
 from perc.wire.tunnel import (
     TunnelDecodeError,
     TunneledDtls,
@@ -104,14 +104,6 @@ class TunnelClosed(TunnelError):
 
 class TunnelProtocolError(TunnelError):
     """The peer broke the tunnel's rules (decision D2): the tunnel must be closed."""
-
-
-def format_address(addr: Any) -> str:
-    """``host:port`` for a socket address tuple (``[v6]:port`` for IPv6)."""
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(addr)
 
 
 def make_tls_context(
