@@ -13,7 +13,7 @@ from perc.forwarding import (
     ForwardingUsageError,
     MediaKeysError,
 )
-from perc.srtp.errors import KeyLifetimeError
+from perc.srtp.index import MAX_RTP_INDEX
 from perc.wire.ekt import ekt_field_length_untrusted
 from perc.wire.rtcp import (
     Bye,
@@ -334,13 +334,11 @@ def test_a_receiver_session_refusing_is_counted_and_the_others_still_served() ->
     table: ForwardingTable[Address] = ForwardingTable()
     a, b, c = conference(table, 3)
     dispatch([a, b, c], table.handle_datagram(a.address, a.send(0.0), 0.0), 0.0)
-    sender = table.associations[a.association_id]
-
-    def refuse(packet: bytes) -> bytes:
-        raise KeyLifetimeError("index space exhausted")
-
-    # Inject a refusing outbound session for b (only reachable after 2^48 packets for real).
-    sender._routes[0] = (sender._routes[0][0], refuse)
+    # b's outbound stream of a's SSRC at the end of the index space (2^48 packets for real):
+    # the next packet would need index 2^48 (RFC 7714 §8.4), so b's session refuses it.
+    to_b = table.associations[b.association_id].outbound_session
+    assert to_b is not None
+    to_b.send_stream(a.ssrc, 0).hi = MAX_RTP_INDEX
     out = table.handle_datagram(a.address, a.send(0.1), 0.1)
     assert [addr for addr, _ in out] == [c.address]
     dispatch([a, b, c], out, 0.1)
