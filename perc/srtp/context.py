@@ -64,7 +64,6 @@ from __future__ import annotations
 import struct
 
 import attrs
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from perc.srtp.errors import (
@@ -95,7 +94,6 @@ _MIN_SRTCP = 8 + TAG_LENGTH + 4
 _unpack_seq_ssrc = struct.Struct("!H4xI").unpack_from
 _U32 = struct.Struct("!I")
 _unpack_u32 = _U32.unpack_from
-_pack_u32 = _U32.pack
 
 
 @attrs.define
@@ -131,8 +129,6 @@ class SrtpSession:
         "_pending_tx",
         "_profile",
         "_rtcp_aead",
-        "_rtcp_decrypt",
-        "_rtcp_encrypt",
         "_rtcp_salt",
         "_rtp_aead",
         "_rtp_salt",
@@ -185,9 +181,7 @@ class SrtpSession:
             else SrtpProfile.AEAD_AES_256_GCM
         )
         self._rtp_aead = AESGCM(keys.rtp_key)
-        self._rtcp_aead = rtcp = AESGCM(keys.rtcp_key)
-        self._rtcp_encrypt = rtcp.encrypt
-        self._rtcp_decrypt = rtcp.decrypt
+        self._rtcp_aead = AESGCM(keys.rtcp_key)
         self._rtp_salt = int.from_bytes(keys.rtp_salt, "big")
         self._rtcp_salt = int.from_bytes(keys.rtcp_salt, "big")
         self._window = replay_window
@@ -319,15 +313,11 @@ class SrtpSession:
         if st is None:
             if len(self._tx_rtcp) >= self._max_streams:
                 raise StreamLimitError(f"more than {self._max_streams} sending SSRCs")
-            # RFC 3711 §3.3.2: the SRTCP index starts at zero (next_index gives hi + 1).
+            # RFC 3711 §3.3.2: the SRTCP index starts at zero (seal_rtcp sends hi + 1).
             st = self._tx_rtcp[ssrc] = SrtpStream(
                 -1, iv_base(self._rtcp_salt, ssrc), self._rtcp_aead, self._window
             )
-            st.holes = 0
-        idx = st.next_index()
-        word = _pack_u32(0x80000000 | idx)
-        head = packet[:8]
-        return head + self._rtcp_encrypt(st.nonce(idx), packet[8:], head + word) + word
+        return st.seal_rtcp(packet[:8], packet[8:])
 
     def unprotect_rtcp(self, packet: bytes) -> bytes:
         """Verify (and decrypt if E=1) one SRTCP packet; returns the RTCP compound packet."""
@@ -338,31 +328,26 @@ class SrtpSession:
         ssrc = _unpack_u32(packet, 4)[0]
         word = _unpack_u32(packet, n - 4)[0]
         idx = word & MAX_RTCP_INDEX
-        st = self._rx_rtcp.get(ssrc)
-        known = st is not None
-        if st is None:
-            st = SrtpStream(idx, iv_base(self._rtcp_salt, ssrc), self._rtcp_aead, self._window)
-        elif not st.unused(idx):
-            self.stats.replays += 1
-            raise ReplayError(f"SRTCP replay or too old: index {idx} of SSRC {ssrc:#x}")
-        iv = st.nonce(idx)
         trailer = packet[n - 4 :]
+        st = self._rx_rtcp.get(ssrc)
+        new = st is None
+        if st is None:
+            # A new SSRC: the stream exists only once the tag verified.
+            st = SrtpStream(idx, iv_base(self._rtcp_salt, ssrc), self._rtcp_aead, self._window)
         try:
             if word & 0x80000000:
                 head = packet[:8]
-                out = head + self._rtcp_decrypt(iv, packet[8 : n - 4], head + trailer)
+                out = head + st.open_rtcp(idx, packet[8 : n - 4], head + trailer)
             else:
                 out = packet[: n - 4 - TAG_LENGTH]
-                self._rtcp_decrypt(iv, packet[n - 4 - TAG_LENGTH : n - 4], out + trailer)
-        except InvalidTag:
-            self.stats.auth_failures += 1
-            raise AuthenticationError("SRTCP authentication failed") from None
-        if not known:
-            if len(self._rx_rtcp) >= self._max_streams:
-                self.stats.stream_limit_drops += 1
-                raise StreamLimitError(f"more than {self._max_streams} receiving SSRCs")
-            self._rx_rtcp[ssrc] = st
-        st.accept(idx)
+                st.open_rtcp(idx, packet[n - 4 - TAG_LENGTH : n - 4], out + trailer)
+            if new:
+                if len(self._rx_rtcp) >= self._max_streams:
+                    raise StreamLimitError(f"more than {self._max_streams} receiving SSRCs")
+                self._rx_rtcp[ssrc] = st
+        except SrtpError as exc:
+            self.stats.count(exc)
+            raise
         return out
 
     # --- state access ---------------------------------------------------------------------------

@@ -49,16 +49,21 @@ API
 ``SrtpStream(first_index, iv_base, aead, window)``; attributes ``hi`` (highest index used) and
 ``holes``. RTP: ``seal(seq, payload, aad) -> ct||tag``, ``open(seq, body, aad) -> payload``
 (raises ``AuthenticationError``, ``ReplayError``, ``KeyLifetimeError``); ``send_index(seq)``;
-``receive_index(seq)``. SRTCP: ``next_index()``; ``unused(index)``. Both: ``accept(index)``,
+``receive_index(seq)``. SRTCP: ``seal_rtcp(head, payload) -> packet``,
+``open_rtcp(index, body, aad) -> payload``. Both: ``unused(index)``, ``accept(index)``,
 ``nonce(index)``, ``restart(index)``.
 """
 
 from __future__ import annotations
 
+import struct
+
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from perc.srtp.errors import AuthenticationError, KeyLifetimeError, ReplayError, SrtpUsageError
+
+_pack_u32 = struct.Struct("!I").pack
 
 __all__ = ["MAX_RTCP_INDEX", "MAX_RTP_INDEX", "SrtpStream", "guess_index", "iv_base"]
 
@@ -148,8 +153,6 @@ class SrtpStream:
         self.accept(idx)
         return plain
 
-    # --- the general rules --------------------------------------------------------------------
-
     def send_index(self, seq: int) -> int:
         """Index of an RTP packet we send with ``seq``, committed (RFC 7714 §8.4: never the
         same index twice under one key; ``SrtpUsageError`` if it was used)."""
@@ -170,13 +173,43 @@ class SrtpStream:
             raise ReplayError(f"SRTP replay or too old: index {idx}")
         return idx
 
-    def next_index(self) -> int:
-        """The next SRTCP index we send (a counter from 0, RFC 3711 §3.3.2), committed."""
+    # --- SRTCP: one call per packet -----------------------------------------------------------
+
+    def seal_rtcp(self, head: bytes, payload: bytes) -> bytes:
+        """The SRTCP packet (E=1, RFC 7714 §9.2) of an RTCP compound whose first 8 octets are
+        ``head``: ``head || ct || tag || E | SRTCP index``, with the next index we send (a
+        counter from 0, RFC 3711 §3.3.2; the send stream needs no window)."""
         idx = self.hi + 1
         if idx > MAX_RTCP_INDEX:
             raise KeyLifetimeError("SRTCP index space (2^31) exhausted: rekey")
-        self.accept(idx)
-        return idx
+        self.hi = idx
+        word = _pack_u32(0x80000000 | idx)
+        return (
+            head
+            + self._encrypt((self._iv_base ^ idx).to_bytes(12, "big"), payload, head + word)
+            + word
+        )
+
+    def open_rtcp(self, idx: int, body: bytes, aad: bytes) -> bytes:
+        """Verify and decrypt ``body`` of an SRTCP packet with the explicit index ``idx``
+        (E=1: ``ct || tag``; E=0: only the tag, the plaintext is then empty); replay checked
+        first, window moved after the tag verified."""
+        in_order = idx == self.hi + 1  # the usual packet: never a replay
+        if not in_order and not self.unused(idx):
+            raise ReplayError(f"SRTCP replay or too old: index {idx}")
+        try:
+            plain = self._decrypt((self._iv_base ^ idx).to_bytes(12, "big"), body, aad)
+        except InvalidTag:
+            raise AuthenticationError("SRTCP authentication failed") from None
+        if in_order:
+            self.hi = idx
+            if self.holes:
+                self.holes = (self.holes << 1) & self._wmask
+        else:
+            self.accept(idx)
+        return plain
+
+    # --- the general rules --------------------------------------------------------------------
 
     def unused(self, idx: int) -> bool:
         """Is ``idx`` above the highest index, or inside the window and not used yet?"""
