@@ -29,13 +29,18 @@ type sits where RTP has M+PT), anything else RTP.
 
 **RTP** (RFC 8723 §5.2). :meth:`~perc.srtp.hop.MediaDistributorHop.decrypt` once with the
 sender's inbound session (EKT field cut off as opaque bytes, D11; outer authentication and
-replay check, RFC 8871 §4.4), then for every receiver one outer encryption with that
-receiver's outbound session and the EKT field re-appended unchanged. Each sender keeps a
-precomputed route list ``[(address, protect)]`` of every other keyed association, updated
-in place when the membership changes (see *Route upkeep*), so the per-delivery path is one
-prebound ``SrtpSession.protect_rtp`` call, one concatenation (the EKT field) and one tuple in
-a list comprehension; the receivers' ``packets_out``/``bytes_out`` are credited in bulk from one
-counter per sender (see :meth:`ForwardingTable.flush`).
+replay check, RFC 8871 §4.4): the one parse of the packet's header, which leaves the header
+(the outer AAD), the outer plaintext, SEQ and SSRC apart. Then for every receiver one outer
+encryption with that receiver's outbound session and the EKT field re-appended unchanged.
+Each sender keeps a precomputed route list ``[(address, protect)]`` of every other keyed
+association, updated in place when the membership changes (see *Route upkeep*), and per SSRC
+it sends the *fan-out*: every receiver's send stream of that SSRC
+(:class:`~perc.srtp.index.SrtpStream`, from ``SrtpSession.send_stream``) in route order,
+remade when the route list differs from the one it was made for. So the per-delivery path is
+one ``seal`` of the parts decrypt found (no parse, no slicing, no re-gluing), two
+concatenations (header, EKT field) and one tuple in a list comprehension; the receivers'
+``packets_out``/``bytes_out`` are credited in bulk from one counter per sender (see
+:meth:`ForwardingTable.flush`).
 This is exactly ``MediaDistributorHop.encrypt_for(session, inbound)`` without header changes,
 inlined: the hop's guard against re-encrypting with the sender's key is upheld structurally
 (a route never points back at its sender, and ``install_keys`` refuses ``client_write ==
