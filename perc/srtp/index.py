@@ -63,12 +63,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from perc.srtp.errors import AuthenticationError, KeyLifetimeError, ReplayError, SrtpUsageError
 
-_pack_u32 = struct.Struct("!I").pack
-
 __all__ = ["MAX_RTCP_INDEX", "MAX_RTP_INDEX", "SrtpStream", "guess_index", "iv_base"]
 
 MAX_RTP_INDEX = (1 << 48) - 1  # RFC 7714 §8.4
 MAX_RTCP_INDEX = (1 << 31) - 1  # RFC 7714 §9.4
+
+_pack_u32 = struct.Struct("!I").pack
 
 
 def guess_index(hi: int, seq: int) -> int:
