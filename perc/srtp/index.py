@@ -32,7 +32,7 @@ or SRTCP under one session key: RFC 3711 §3.2.3 keeps a cryptographic context p
 - **Nonce** (RFC 7714 §8.1, §9.1). ``IV = (00 00 | SSRC | ROC | SEQ) XOR salt`` for SRTP and
   ``(00 00 | SSRC | 00 00 | 0 | SRTCP index) XOR salt`` for SRTCP: both are one integer XOR of
   the stream's ``iv_base`` (``salt ^ SSRC << 48``, :func:`iv_base`, computed once) with the
-  index.
+  index, as 12 big-endian bytes (``int.to_bytes``' default byte order since Python 3.11).
 
 Fast paths. :meth:`SrtpStream.seal` and :meth:`SrtpStream.open` handle the usual packet, the
 next SEQ in order, in their own body (for it Appendix A gives ``hi + 1``; a test checks this
@@ -129,7 +129,7 @@ class SrtpStream:
                 self.holes = (self.holes << 1) & self._wmask
         else:
             idx = self.send_index(seq)
-        return self._encrypt((self._iv_base ^ idx).to_bytes(12, "big"), payload, aad)
+        return self._encrypt((self._iv_base ^ idx).to_bytes(12), payload, aad)
 
     def open(self, seq: int, body: bytes, aad: bytes) -> bytes:
         """Verify and decrypt ``body`` (``ciphertext || tag``) of an RTP packet with ``seq``.
@@ -141,7 +141,7 @@ class SrtpStream:
         try:
             if idx & 0xFFFF == seq and idx <= MAX_RTP_INDEX:
                 # The next SEQ in order (see seal): never a replay.
-                plain = self._decrypt((self._iv_base ^ idx).to_bytes(12, "big"), body, aad)
+                plain = self._decrypt((self._iv_base ^ idx).to_bytes(12), body, aad)
                 self.hi = idx
                 if self.holes:
                     self.holes = (self.holes << 1) & self._wmask
@@ -186,7 +186,7 @@ class SrtpStream:
         word = _pack_u32(0x80000000 | idx)
         return (
             head
-            + self._encrypt((self._iv_base ^ idx).to_bytes(12, "big"), payload, head + word)
+            + self._encrypt((self._iv_base ^ idx).to_bytes(12), payload, head + word)
             + word
         )
 
@@ -198,7 +198,7 @@ class SrtpStream:
         if not in_order and not self.unused(idx):
             raise ReplayError(f"SRTCP replay or too old: index {idx}")
         try:
-            plain = self._decrypt((self._iv_base ^ idx).to_bytes(12, "big"), body, aad)
+            plain = self._decrypt((self._iv_base ^ idx).to_bytes(12), body, aad)
         except InvalidTag:
             raise AuthenticationError("SRTCP authentication failed") from None
         if in_order:
@@ -237,4 +237,4 @@ class SrtpStream:
 
     def nonce(self, idx: int) -> bytes:
         """The 12-byte AES-GCM nonce of ``idx`` (RFC 7714 §8.1 for SRTP, §9.1 for SRTCP)."""
-        return (self._iv_base ^ idx).to_bytes(12, "big")
+        return (self._iv_base ^ idx).to_bytes(12)
