@@ -32,7 +32,7 @@ pre-incremental route upkeep (every route list rebuilt from scratch on each inst
 remove, O(K^2)), measured alternately in the same run.
 
 Output: microseconds per delivery, deliveries/s, and the core's cost relative to each
-baseline. Target (issue 5's system goal of 150,000 deliveries/s for the whole MDD process,
+baseline. Target (from the system goal of 150,000 deliveries/s for the whole MDD process,
 whose I/O shell costs at least as much again): the core alone at <= 3 us per delivery.
 Fresh state per timed run (a table refuses replays). The garbage collector is off while timing.
 """
