@@ -34,7 +34,7 @@ remove, O(K^2)), measured alternately in the same run.
 
 Output (bench/harness.py): microseconds per delivery, deliveries/s, the core's cost relative
 to each baseline, and per size the lines ``ratio core audio|video / python copy relay`` and
-``ratio core audio|video / pylibsrtp`` (cost per delivery). Target (issue 5's system goal of
+``ratio core audio|video / pylibsrtp`` (cost per delivery). Target (from the system goal of
 150,000 deliveries/s for the whole MDD process, whose I/O shell costs at least as much again):
 the core alone at <= 3 us per delivery.
 Fresh state per timed run (a table refuses replays). The garbage collector is off while timing.

@@ -29,13 +29,18 @@ type sits where RTP has M+PT), anything else RTP.
 
 **RTP** (RFC 8723 §5.2). :meth:`~perc.srtp.hop.MediaDistributorHop.decrypt` once with the
 sender's inbound session (EKT field cut off as opaque bytes, D11; outer authentication and
-replay check, RFC 8871 §4.4), then for every receiver one outer encryption with that
-receiver's outbound session and the EKT field re-appended unchanged. Each sender keeps a
-precomputed route list ``[(address, protect)]`` of every other keyed association, updated
-in place when the membership changes (see *Route upkeep*), so the per-delivery path is one
-prebound ``SrtpSession.protect_rtp`` call, one concatenation (the EKT field) and one tuple in
-a list comprehension; the receivers' ``packets_out``/``bytes_out`` are credited in bulk from one
-counter per sender (see :meth:`ForwardingTable.flush`).
+replay check, RFC 8871 §4.4): the one parse of the packet's header, which leaves the header
+(the outer AAD), the outer plaintext, SEQ and SSRC apart. Then for every receiver one outer
+encryption with that receiver's outbound session and the EKT field re-appended unchanged.
+Each sender keeps a precomputed route list ``[(address, protect)]`` of every other keyed
+association, updated in place when the membership changes (see *Route upkeep*), and per SSRC
+it sends the *fan-out*: every receiver's send stream of that SSRC
+(:class:`~perc.srtp.index.SrtpStream`, from ``SrtpSession.send_stream``) in route order,
+remade when the route list differs from the one it was made for. So the per-delivery path is
+one ``seal`` of the parts decrypt found (no parse, no slicing, no re-gluing), two
+concatenations (header, EKT field) and one tuple in a list comprehension; the receivers'
+``packets_out``/``bytes_out`` are credited in bulk from one counter per sender (see
+:meth:`ForwardingTable.flush`).
 This is exactly ``MediaDistributorHop.encrypt_for(session, inbound)`` without header changes,
 inlined: the hop's guard against re-encrypting with the sender's key is upheld structurally
 (a route never points back at its sender, and ``install_keys`` refuses ``client_write ==
@@ -204,6 +209,8 @@ AddrT = TypeVar("AddrT", bound=Hashable)
 
 #: ``SrtpSession.protect_rtp`` / ``protect_rtcp`` of a receiver's outbound session, prebound.
 _Protect: TypeAlias = Callable[[bytes], bytes]
+#: ``SrtpStream.seal`` of one receiver's send stream of one SSRC: (seq, payload, header) -> ct.
+_Seal: TypeAlias = Callable[[int, bytes, bytes], bytes]
 
 _unpack_u32 = struct.Struct("!I").unpack_from
 _RTCP_HEADER = struct.Struct("!BBH")
@@ -368,6 +375,7 @@ class Association(Generic[AddrT]):
         "_counters",
         "_fan_bytes",
         "_fan_packets",
+        "_fanout",
         "_flush",
         "_hop",
         "_in_session",
@@ -410,6 +418,9 @@ class Association(Generic[AddrT]):
         #: flush: the receivers' packets_out/bytes_out are credited from these in bulk.
         self._fan_packets = 0
         self._fan_bytes = 0
+        #: per RTP SSRC it sends: the ``_routes`` it was made for, and (address, seal) of each
+        #: receiver's send stream of that SSRC (see ``ForwardingTable._process``)
+        self._fanout: dict[int, tuple[list[tuple[AddrT, _Protect]], list[tuple[AddrT, _Seal]]]] = {}
         #: D5: datagrams received before the keys, in order
         self.held: list[bytes] = []
         #: RTP SSRCs this association sends (it owns them in the table)
@@ -464,8 +475,8 @@ class _Feed(Generic[AddrT]):
         "last_out",
         "offset",
         "on",
-        "protect",
         "receiver",
+        "seal",
         "session",
         "since",
         "start_seq",
@@ -475,7 +486,8 @@ class _Feed(Generic[AddrT]):
     def __init__(self, receiver: Association[AddrT], session: SrtpSession) -> None:
         self.receiver = receiver
         self.session = session
-        self.protect = session.protect_rtp
+        #: the receiver's send stream of this SSRC (made at the first packet sent)
+        self.seal: _Seal | None = None
         self.address = receiver.address
         self.counters = receiver._counters
         self.on = False  # packets are being sent to the receiver
@@ -799,13 +811,13 @@ class ForwardingTable(Generic[AddrT]):
         except SrtpError as exc:
             _count_srtp_drop(c, exc)
             return []
-        plain = inbound.packet
-        ssrc = _unpack_u32(plain, 8)[0]
+        ssrc = inbound.ssrc
         if ssrc not in assoc.ssrcs and not self._claim(assoc, ssrc):
             return []
         c.packets_in += 1
         c.bytes_in += n
-        pt = plain[1] & 0x7F
+        header = inbound.header
+        pt = header[1] & 0x7F
         if pt in self._video_pts:
             c.video_in += 1
             if self._last_n is not None:
@@ -817,29 +829,67 @@ class ForwardingTable(Generic[AddrT]):
                 # A last_n video SSRC with any other PT stays on its feeds: their SEQ offsets
                 # must apply to every packet of the SSRC (RFC 7714 §8.4).
                 return self._video_rtp(assoc, inbound, ssrc, now)
-        # The hot path: one prebound protect per receiver, EKT field re-appended (D11);
-        # receivers' packets_out/bytes_out are credited in bulk (see flush).
+        # The hot path: the parts decrypt found (one header parse) go to every receiver's send
+        # stream of this SSRC, kept at hand per SSRC as long as the routes are unchanged; one
+        # seal per receiver, EKT field re-appended (D11); receivers' packets_out/bytes_out are
+        # credited in bulk (see flush).
+        fan = assoc._fanout.get(ssrc)
+        if fan is None or fan[0] != assoc._routes:
+            fan = self._make_fanout(assoc, ssrc, inbound.seq)
+            if fan is None:
+                return self._fan_out_slowly(assoc, inbound, n)
+        payload = inbound.payload
+        seq = inbound.seq
         ekt = inbound.ekt_field
         assoc._fan_packets += 1
         assoc._fan_bytes += n
         try:
-            return [(address, protect(plain) + ekt) for address, protect in assoc._routes]
+            return [
+                (address, header + seal(seq, payload, header) + ekt) for address, seal in fan[1]
+            ]
         except SrtpError:
-            # A receiver's session refused (index space or SSRC bound exhausted): redo one
-            # by one. Receivers already served refuse the index now and lose this packet.
-            return self._fan_out_slowly(assoc, plain, ekt, n)
+            # A receiver's stream refused (index space exhausted, or an index it was already
+            # sent): redo one by one. Receivers already served refuse the index now and lose
+            # this packet.
+            return self._fan_out_slowly(assoc, inbound, n, credited=True)
+
+    @staticmethod
+    def _make_fanout(
+        assoc: Association[AddrT], ssrc: int, seq: int
+    ) -> tuple[list[tuple[AddrT, _Protect]], list[tuple[AddrT, _Seal]]] | None:
+        """Every receiver's send stream of ``ssrc`` (made now if new, starting at ``seq``), in
+        route order, for the routes as they are; None if a receiver's session refuses one."""
+        try:
+            seals = [
+                (r.address, r._out_session.send_stream(ssrc, seq).seal)  # type: ignore[union-attr]
+                for r in assoc._rtcp_routes
+            ]
+        except SrtpError:
+            return None
+        fan = (list(assoc._routes), seals)
+        assoc._fanout[ssrc] = fan
+        return fan
 
     def _fan_out_slowly(
-        self, assoc: Association[AddrT], plain: bytes, ekt: bytes, n: int
+        self, assoc: Association[AddrT], inbound: Inbound, n: int, *, credited: bool = False
     ) -> Output[AddrT]:
+        """The fan-out one receiver at a time, counting each refusal (``drop_limit``)."""
         out: Output[AddrT] = []
-        for (address, protect), rc in zip(assoc._routes, assoc._route_counters, strict=True):
+        hop = assoc._hop
+        if hop is None:  # pragma: no cover - decrypt succeeded, so the keys are there
+            return out
+        for r, rc in zip(assoc._rtcp_routes, assoc._route_counters, strict=True):
             try:
-                out.append((address, protect(plain) + ekt))
+                out.append((r.address, hop.encrypt_for(r._out_session, inbound)))  # type: ignore[arg-type]
             except SrtpError:
                 assoc._counters.drop_limit += 1
-                rc.packets_out -= 1  # the bulk credit (see flush) counted it
-                rc.bytes_out -= n
+                if credited:
+                    rc.packets_out -= 1  # the bulk credit (see flush) counted it
+                    rc.bytes_out -= n
+                continue
+            if not credited:
+                rc.packets_out += 1
+                rc.bytes_out += n
         return out
 
     def _claim(self, assoc: Association[AddrT], ssrc: int) -> bool:
@@ -930,9 +980,10 @@ class ForwardingTable(Generic[AddrT]):
             self._rerank(now)
         elif now - self._pruned_at >= self._prune_every:
             self._prune(now)
-        plain = inbound.packet
-        seq = (plain[2] << 8) | plain[3]
-        marker = bool(plain[1] & 0x80)
+        header = inbound.header
+        payload = inbound.payload
+        seq = inbound.seq
+        marker = bool(header[1] & 0x80)
         frame_start = vs.prev_marker
         vs.prev_marker = marker
         timeout = self.config.last_n_switch_timeout
@@ -970,8 +1021,11 @@ class ForwardingTable(Generic[AddrT]):
             out_seq = (seq - feed.offset) & 0xFFFF
             try:
                 if out_seq == seq:
-                    # encrypt_for(session, inbound) without changes, inlined (see above).
-                    data = feed.protect(plain) + ekt
+                    # encrypt_for(session, inbound) without changes, on the feed's stream.
+                    seal = feed.seal
+                    if seal is None:
+                        seal = feed.seal = feed.session.send_stream(ssrc, seq).seal
+                    data = header + seal(seq, payload, header) + ekt
                 else:
                     if changes is None or changes.sequence_number != out_seq:
                         changes = HeaderChanges(sequence_number=out_seq)

@@ -43,9 +43,11 @@ API
 ``DoubleSender(outer_key, outer_salt, params, *, inner_key=None, period=0.1)``:
 ``protect(packet, now, *, keyframe=False) -> bytes``; ``rekey(params, now, *, inner_key=None)``;
 ``inner_key``, ``params``, ``ekt`` (the :class:`EktSender`), ``inner_roc(ssrc)``,
-``outer_roc(ssrc)``. The sender keeps its own send state for both layers (one header parse,
-one function body; see :class:`_TxLayer`): the only RTP sender of its outer key, as RFC 7714
-§8.4 requires. SRTCP under the same outer key goes through an ordinary SrtpSession.
+``outer_roc(ssrc)``. Each layer is an :class:`~perc.srtp.context.SrtpSession` (inner and
+outer track SEQ and ROC independently, RFC 8723 §3); per SSRC the sender keeps the two send
+streams (:class:`~perc.srtp.index.SrtpStream`) at hand, so a packet costs one header parse and
+one ``seal`` per layer. The sender is the only RTP sender of its outer key, as RFC 7714 §8.4
+requires. SRTCP under the same outer key goes through an ordinary SrtpSession.
 
 ``DoubleSender.for_endpoint(material, params)`` and ``DoubleReceiver.for_endpoint(material)``
 build both from a DOUBLE profile's :class:`~perc.srtp.keys.KeyingMaterial` (DTLS client side).
@@ -65,9 +67,8 @@ import os
 import struct
 
 import attrs
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from perc.srtp.context import MAX_RTP_INDEX, TAG_LENGTH, SrtpSession
+from perc.srtp.context import TAG_LENGTH, SrtpSession
 from perc.srtp.ekt import (
     OLD_KEY_SEND_TIME,
     EktFieldError,
@@ -80,17 +81,16 @@ from perc.srtp.ekt import (
 )
 from perc.srtp.errors import (
     AuthenticationError,
-    KeyLifetimeError,
     ReplayError,
     SrtpDecodeError,
     SrtpError,
     SrtpUsageError,
-    StreamLimitError,
 )
-from perc.srtp.hop import rtp_header_length
-from perc.srtp.keys import KeyingMaterial, derive_session_keys
+from perc.srtp.index import SrtpStream
+from perc.srtp.keys import KeyingMaterial
 from perc.wire.ekt import SHORT, EktDecodeError, split_ekt_field
 from perc.wire.ohb import OhbDecodeError, decode_ohb_fields
+from perc.wire.rtp import rtp_header_length_or_negative as rtp_header_length
 
 __all__ = [
     "DoubleDecodeError",
@@ -118,79 +118,8 @@ class NoInnerKeyError(AuthenticationError):
 
 # --- sender --------------------------------------------------------------------------------
 
-
-class _TxStream:
-    """Send-side index state of one SSRC in one layer (RFC 3711 §3.3.1, RFC 7714 §8.4)."""
-
-    __slots__ = ("hi", "iv_base", "mask")
-
-    def __init__(self, hi: int, iv_base: int) -> None:
-        self.hi = hi  # highest index sent: ROC << 16 | SEQ
-        self.mask = 0  # bit i set: index hi - i was sent (IV-reuse guard); none yet
-        self.iv_base = iv_base  # session salt XOR SSRC << 48
-
-
-class _TxLayer:
-    """One layer's SRTP send state: one cached AESGCM, the session salt, streams by SSRC.
-
-    The double sender keeps its own send state instead of calling two
-    :class:`~perc.srtp.context.SrtpSession` objects: one header parse and one function body
-    for both layers is what makes the 2.5x-of-libsrtp target reachable in Python. Session keys
-    come from the same KDF (:func:`perc.srtp.keys.derive_session_keys`), the index rule is the
-    one of RFC 3711 Appendix A that SrtpSession uses, and the result is byte-identical to
-    ``SrtpSession.protect_rtp`` (checked by the tests and against libsrtp).
-    """
-
-    __slots__ = ("encrypt", "pending", "salt", "streams")
-
-    def __init__(self, master_key: bytes, master_salt: bytes) -> None:
-        if len(master_salt) != _INNER_SALT_LENGTH:
-            raise SrtpUsageError(f"master salt must be 12 bytes, got {len(master_salt)}")
-        keys = derive_session_keys(master_key, master_salt)
-        self.encrypt = AESGCM(keys.rtp_key).encrypt
-        self.salt = int.from_bytes(keys.rtp_salt, "big")
-        self.streams: dict[int, _TxStream] = {}
-        self.pending: dict[int, int] = {}  # ROC to start a new SSRC with
-
-    def roc(self, ssrc: int) -> int | None:
-        st = self.streams.get(ssrc)
-        return self.pending.get(ssrc) if st is None else st.hi >> 16
-
-    def new_stream(self, ssrc: int, seq: int) -> _TxStream:
-        if len(self.streams) >= _MAX_SEND_STREAMS:
-            raise StreamLimitError(f"more than {_MAX_SEND_STREAMS} sending SSRCs")
-        st = _TxStream((self.pending.pop(ssrc, 0) << 16) | seq, self.salt ^ (ssrc << 48))
-        self.streams[ssrc] = st
-        return st
-
-
+#: SSRCs one endpoint sends (audio, video, and room for a few more).
 _MAX_SEND_STREAMS = 64
-_WINDOW = 128
-_WMASK = (1 << _WINDOW) - 1
-
-
-def _next_index(st: _TxStream, seq: int) -> int:
-    """Index of a packet sent with ``seq`` (RFC 3711 Appendix A guess), committed to ``st``."""
-    hi = st.hi
-    s_l = hi & 0xFFFF
-    idx = hi - s_l + seq
-    if s_l < 0x8000:
-        if seq - s_l > 0x8000 and idx >= 0x10000:
-            idx -= 0x10000
-    elif s_l - 0x8000 > seq:
-        idx += 0x10000
-    delta = idx - hi
-    if delta > 0:
-        if idx > MAX_RTP_INDEX:
-            raise KeyLifetimeError("SRTP index space (2^48) exhausted: rekey")
-        st.mask = ((st.mask << delta) | 1) & _WMASK
-        st.hi = idx
-    else:
-        # RFC 7714 §8.4: never the same (SSRC, ROC, SEQ) twice under one key.
-        if -delta >= _WINDOW or (st.mask >> -delta) & 1:
-            raise SrtpUsageError(f"SRTP index {idx} already used: IV reuse refused")
-        st.mask |= 1 << -delta
-    return idx
 
 
 class DoubleSender:
@@ -209,6 +138,7 @@ class DoubleSender:
         "_params",
         "_pending",
         "_rekey_ssrcs",
+        "_streams",
         "_switch_at",
     )
 
@@ -229,13 +159,15 @@ class DoubleSender:
             inner_key = os.urandom(key_length)
         if len(inner_key) != key_length:
             raise SrtpUsageError(f"inner key must be {key_length} bytes like the outer key")
-        self._outer = _TxLayer(outer_key, outer_salt)
+        self._outer = _layer(outer_key, outer_salt)
         self._params = params
         self._inner_key = inner_key
-        self._inner = _TxLayer(inner_key, _inner_salt(params))
+        self._inner = _layer(inner_key, _inner_salt(params))
+        #: per SSRC: (inner, outer) send streams of the current layers
+        self._streams: dict[int, tuple[SrtpStream, SrtpStream]] = {}
         self._ekt = EktSender(params, inner_key, period=period)
         # (layer, key, params) to switch to at _switch_at, while the old key is still used
-        self._pending: tuple[_TxLayer, bytes, EktParameterSet] | None = None
+        self._pending: tuple[SrtpSession, bytes, EktParameterSet] | None = None
         self._switch_at = 0.0
         self._rekey_ssrcs: list[int] = []
 
@@ -265,11 +197,11 @@ class DoubleSender:
 
     def inner_roc(self, ssrc: int) -> int | None:
         """ROC of the inner (E2E) layer for ``ssrc`` (what Full EKT tags carry, D10)."""
-        return self._inner.roc(ssrc)
+        return self._inner.send_roc(ssrc)
 
     def outer_roc(self, ssrc: int) -> int | None:
         """ROC of the outer (HBH) layer for ``ssrc``."""
-        return self._outer.roc(ssrc)
+        return self._outer.send_roc(ssrc)
 
     def rekey(
         self, params: EktParameterSet | None, now: float, *, inner_key: bytes | None = None
@@ -289,7 +221,7 @@ class DoubleSender:
         new_key = os.urandom(key_length) if inner_key is None else inner_key
         if len(new_key) != key_length:
             raise SrtpUsageError(f"inner key must be {key_length} bytes")
-        layer = _TxLayer(new_key, _inner_salt(new_params))
+        layer = _layer(new_key, _inner_salt(new_params))
         # SSRCs sent so far (the EKT sender forgets them when the parameter set changes).
         self._rekey_ssrcs = self._ekt.ssrcs()
         self._ekt.change_key(new_key, params)
@@ -303,10 +235,11 @@ class DoubleSender:
         layer, key, params = pending
         # The RTP stream goes on: the new inner context continues each SSRC's ROC.
         for ssrc in {*self._rekey_ssrcs, *self._ekt.ssrcs()}:
-            roc = self._inner.roc(ssrc)
+            roc = self._inner.send_roc(ssrc)
             if roc is not None:
-                layer.pending[ssrc] = roc
+                layer.set_send_roc(ssrc, roc)
         self._inner, self._inner_key, self._params = layer, key, params
+        self._streams.clear()  # their inner streams belong to the old key
         self._pending = None
 
     def protect(self, packet: bytes, now: float, *, keyframe: bool = False) -> bytes:
@@ -329,31 +262,25 @@ class DoubleSender:
         else:
             header = synth = packet[:hlen]  # no extension: synthetic header = header
         seq, ssrc = _unpack_seq_ssrc(packet, 2)
-        inner = self._inner
-        outer = self._outer
-        st_in = inner.streams.get(ssrc) or inner.new_stream(ssrc, seq)
-        st_out = outer.streams.get(ssrc) or outer.new_stream(ssrc, seq)
-        # Inner and outer track their indexes separately (RFC 8723 §3). Fast path for the
-        # usual case, the next SEQ in order; anything else takes the full Appendix A rule.
-        idx_in = st_in.hi + 1
-        if idx_in & 0xFFFF == seq and idx_in <= MAX_RTP_INDEX:
-            st_in.hi = idx_in
-            st_in.mask = ((st_in.mask << 1) | 1) & _WMASK
-        else:
-            idx_in = _next_index(st_in, seq)
-        idx_out = st_out.hi + 1
-        if idx_out & 0xFFFF == seq and idx_out <= MAX_RTP_INDEX:
-            st_out.hi = idx_out
-            st_out.mask = ((st_out.mask << 1) | 1) & _WMASK
-        else:
-            idx_out = _next_index(st_out, seq)
+        streams = self._streams.get(ssrc)
+        if streams is None:
+            streams = self._streams[ssrc] = (
+                self._inner.send_stream(ssrc, seq),
+                self._outer.send_stream(ssrc, seq),
+            )
+        st_in, st_out = streams
         # Inner layer over the synthetic packet, then the empty OHB 0x00 (§5.1 steps 4-5),
-        # then the outer layer with the full original header as AAD (step 6).
-        body = inner.encrypt((st_in.iv_base ^ idx_in).to_bytes(12, "big"), packet[hlen:], synth)
-        out = header + outer.encrypt(
-            (st_out.iv_base ^ idx_out).to_bytes(12, "big"), body + b"\x00", header
-        )
-        return out + self._ekt.field(ssrc, idx_in >> 16, now, keyframe)
+        # then the outer layer with the full original header as AAD (step 6). Inner and
+        # outer track their indexes separately (RFC 8723 §3).
+        body = st_in.seal(seq, packet[hlen:], synth)
+        out = header + st_out.seal(seq, body + b"\x00", header)
+        # The Full tag carries the inner stream's current ROC (RFC 8870 §4.3.1, D10).
+        return out + self._ekt.field(ssrc, st_in.hi >> 16, now, keyframe)
+
+
+def _layer(master_key: bytes, master_salt: bytes) -> SrtpSession:
+    """One layer's send session (only its RTP send side is used)."""
+    return SrtpSession(master_key, master_salt, max_streams=_MAX_SEND_STREAMS)
 
 
 def _inner_salt(params: EktParameterSet) -> bytes:
@@ -448,8 +375,7 @@ class DoubleReceiver:
         if n > 12 and packet[n - 1] == 0:
             # ShortEKTField (most packets, RFC 8870 §4.6): nothing for EKT to do.
             n -= 1
-            srtp = packet[:n]
-            ssrc = _unpack_ssrc(srtp, 8)[0]
+            ssrc = _unpack_ssrc(packet, 8)[0]
             outcome = self._ekt.process(SHORT, ssrc, now)
         else:
             try:
@@ -460,26 +386,31 @@ class DoubleReceiver:
             if n < 12:
                 self.stats.short_packets += 1
                 raise DoubleDecodeError("packet shorter than an RTP header")
-            srtp = packet[:n]
-            ssrc = _unpack_ssrc(srtp, 8)[0]
+            ssrc = _unpack_ssrc(packet, 8)[0]
             # RFC 8870 §4.3.2 order: the EKT tag first (it may drop the packet), then SRTP.
             # A packet dropped for its tag thus leaves the outer replay window untouched.
             outcome = self._ekt.process(field, ssrc, now)
-        plain = self._outer.unprotect_rtp(srtp)
-        hlen = rtp_header_length(plain)
+        # One header parse for both layers: the outer layer is opened in parts.
+        hlen = rtp_header_length(packet)
+        if hlen < 0 or hlen > n:
+            self.stats.short_packets += 1
+            raise DoubleDecodeError("not a well-formed RTP header")
+        header = packet[:hlen]
+        b0 = packet[0]
+        b1 = packet[1]
+        out_pt = b1 & 0x7F
+        out_seq = (packet[2] << 8) | packet[3]
+        # outer plaintext: inner ciphertext | inner tag | OHB
+        body = self._outer.open_rtp(ssrc, out_seq, header, packet[hlen:n])
         try:
-            ohb_pt, ohb_seq, ohb_m, olen = decode_ohb_fields(plain, hlen)
+            ohb_pt, ohb_seq, ohb_m, olen = decode_ohb_fields(body, 0)
         except OhbDecodeError as exc:
             self.stats.ohb_errors += 1
             raise DoubleDecodeError(f"OHB: {exc}") from None
-        inner_end = len(plain) - olen
-        if inner_end - hlen < TAG_LENGTH:
+        inner_end = len(body) - olen
+        if inner_end < TAG_LENGTH:
             self.stats.ohb_errors += 1
             raise DoubleDecodeError("outer plaintext too short for an inner tag")
-        b0 = plain[0]
-        b1 = plain[1]
-        out_pt = b1 & 0x7F
-        out_seq = (plain[2] << 8) | plain[3]
         pt = out_pt if ohb_pt is None else ohb_pt
         seq = out_seq if ohb_seq is None else ohb_seq
         marker = bool(b1 & 0x80) if ohb_m is None else ohb_m
@@ -487,8 +418,8 @@ class DoubleReceiver:
         # Synthetic packet (RFC 8723 §5.3 step 4): original PT/SEQ/M, X = 0, no extension.
         synth = (
             bytes((b0 & 0xEF, (0x80 if marker else 0) | pt, seq >> 8, seq & 0xFF))
-            + plain[4:slen]
-            + plain[hlen:inner_end]
+            + header[4:slen]
+            + body[:inner_end]
         )
         key, inner = self._decrypt_inner(synth, ssrc)
         payload = inner[slen:]
@@ -506,12 +437,12 @@ class DoubleReceiver:
             payload_type=out_pt,
             sequence_number=out_seq,
             marker=marker,
-            timestamp=_unpack_ssrc(plain, 4)[0],
-            csrcs=_CSRCS[cc](plain, 12),
+            timestamp=_unpack_ssrc(header, 4)[0],
+            csrcs=_CSRCS[cc](header, 12),
             payload=payload,
             original_payload_type=pt,
             original_sequence_number=seq,
-            header=plain[:hlen],
+            header=header,
             spi=key.spi,
             epoch=key.epoch,
             ekt_outcome=outcome,

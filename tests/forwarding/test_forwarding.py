@@ -13,7 +13,7 @@ from perc.forwarding import (
     ForwardingUsageError,
     MediaKeysError,
 )
-from perc.srtp.errors import KeyLifetimeError
+from perc.srtp.index import MAX_RTP_INDEX
 from perc.wire.ekt import ekt_field_length_untrusted
 from perc.wire.rtcp import (
     Bye,
@@ -334,13 +334,11 @@ def test_a_receiver_session_refusing_is_counted_and_the_others_still_served() ->
     table: ForwardingTable[Address] = ForwardingTable()
     a, b, c = conference(table, 3)
     dispatch([a, b, c], table.handle_datagram(a.address, a.send(0.0), 0.0), 0.0)
-    sender = table.associations[a.association_id]
-
-    def refuse(packet: bytes) -> bytes:
-        raise KeyLifetimeError("index space exhausted")
-
-    # Inject a refusing outbound session for b (only reachable after 2^48 packets for real).
-    sender._routes[0] = (sender._routes[0][0], refuse)
+    # b's outbound stream of a's SSRC at the end of the index space (2^48 packets for real):
+    # the next packet would need index 2^48 (RFC 7714 §8.4), so b's session refuses it.
+    to_b = table.associations[b.association_id].outbound_session
+    assert to_b is not None
+    to_b.send_stream(a.ssrc, 0).hi = MAX_RTP_INDEX
     out = table.handle_datagram(a.address, a.send(0.1), 0.1)
     assert [addr for addr, _ in out] == [c.address]
     dispatch([a, b, c], out, 0.1)
@@ -377,3 +375,23 @@ def test_new_media_keys_for_an_association_replace_the_old_ones() -> None:
     # Old-key packets from b are now refused; new-key ones go through.
     assert table.handle_datagram(b.address, b.send(0.2), 0.2) == []
     assert len(table.handle_datagram(b.address, b2.send(0.2), 0.2)) == 1
+
+
+def test_a_receiver_session_without_room_for_the_ssrc_is_counted_and_the_others_served() -> None:
+    table: ForwardingTable[Address] = ForwardingTable()
+    a, b, c = conference(table, 3)
+    # b's outbound session has no room for a new SSRC (the bound is 2^20 for real).
+    to_b = table.associations[b.association_id].outbound_session
+    assert to_b is not None
+    to_b._max_streams = 0
+    out = table.handle_datagram(a.address, a.send(0.0), 0.0)
+    assert [addr for addr, _ in out] == [c.address]
+    dispatch([a, b, c], out, 0.0)
+    assert (len(b.got), len(c.got)) == (0, 1)
+    counters = {ep.name: table.associations[ep.association_id].counters for ep in (a, b, c)}
+    assert counters["a"].drop_limit == 1
+    assert (counters["b"].packets_out, counters["c"].packets_out) == (0, 1)
+    # Once b has room, the fan-out is made again and b is served.
+    to_b._max_streams = 4
+    dispatch([a, b, c], table.handle_datagram(a.address, a.send(0.1), 0.1), 0.1)
+    assert (len(b.got), len(c.got)) == (1, 2)

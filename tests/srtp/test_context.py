@@ -7,13 +7,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from perc.srtp.context import (
-    MAX_RTCP_INDEX,
-    MAX_RTP_INDEX,
-    SrtpSession,
-    rtcp_iv,
-    rtp_iv,
-)
+from perc.srtp.context import MAX_RTCP_INDEX, MAX_RTP_INDEX, SrtpSession
 from perc.srtp.errors import (
     AuthenticationError,
     KeyLifetimeError,
@@ -23,7 +17,8 @@ from perc.srtp.errors import (
     SrtpUsageError,
     StreamLimitError,
 )
-from perc.srtp.keys import SessionKeys, SrtpProfile
+from perc.srtp.index import SrtpStream, iv_base
+from perc.srtp.keys import SessionKeys, SrtpProfile, derive_session_keys
 from tests.srtp.conftest import (
     RFC7714_KEY_128,
     RFC7714_KEY_256,
@@ -43,6 +38,12 @@ SALT = bytes(range(100, 112))
 def vector_session(key: bytes) -> SrtpSession:
     # RFC 7714 §16-17 give the session key and salt directly (no KDF).
     return SrtpSession.from_session_keys(SessionKeys(key, RFC7714_SALT, key, RFC7714_SALT))
+
+
+def rtp_iv(salt: bytes, ssrc: int, index: int) -> bytes:
+    """The nonce the index core makes (one stream of ``ssrc`` under ``salt``)."""
+    stream = SrtpStream(0, iv_base(int.from_bytes(salt, "big"), ssrc), AESGCM(bytes(16)), 128)
+    return stream.nonce(index)
 
 
 def pair(key: bytes = KEY, salt: bytes = SALT, **kw: int) -> tuple[SrtpSession, SrtpSession]:
@@ -85,7 +86,8 @@ def test_rfc7714_16_x_1_srtp_encrypt_and_16_x_2_decrypt(key: bytes, expected: by
 
 def test_rfc7714_iv_formation() -> None:
     assert rtp_iv(RFC7714_SALT, 0x5501A0B2, 0xF17B) == h("51753c6580c2726f20718414")
-    assert rtcp_iv(RFC7714_SALT, 0x4D617273, 0x5D4) == h("517524055203726f207170bb")
+    # SRTCP: the same rule with the 31-bit SRTCP index (RFC 7714 §9.1)
+    assert rtp_iv(RFC7714_SALT, 0x4D617273, 0x5D4) == h("517524055203726f207170bb")
 
 
 @pytest.mark.parametrize(
@@ -107,20 +109,20 @@ def test_rfc7714_16_x_3_gmac_tagging(key: bytes, tag: bytes) -> None:
     ("key", "expected"), [(RFC7714_KEY_128, SRTCP_128_E1), (RFC7714_KEY_256, SRTCP_256_E1)]
 )
 def test_rfc7714_17_srtcp_e1(key: bytes, expected: bytes) -> None:
+    # protect_rtcp numbers from 0: its packet number 0x5d4 is the vector.
     s = vector_session(key)
-    assert s.protect_rtcp_with_index(RFC7714_RTCP, RFC7714_RTCP_INDEX) == expected
-    out, index, encrypted = vector_session(key).unprotect_rtcp_index(expected)
-    assert (out, index, encrypted) == (RFC7714_RTCP, RFC7714_RTCP_INDEX, True)
+    for _ in range(RFC7714_RTCP_INDEX):
+        s.protect_rtcp(RFC7714_RTCP)
+    assert s.protect_rtcp(RFC7714_RTCP) == expected
+    assert vector_session(key).unprotect_rtcp(expected) == RFC7714_RTCP
 
 
 @pytest.mark.parametrize(
     ("key", "expected"), [(RFC7714_KEY_128, SRTCP_128_E0), (RFC7714_KEY_256, SRTCP_256_E0)]
 )
 def test_rfc7714_17_srtcp_e0(key: bytes, expected: bytes) -> None:
-    s = vector_session(key)
-    assert s.protect_rtcp_with_index(RFC7714_RTCP, RFC7714_RTCP_INDEX, encrypt=False) == expected
-    out, index, encrypted = vector_session(key).unprotect_rtcp_index(expected)
-    assert (out, index, encrypted) == (RFC7714_RTCP, RFC7714_RTCP_INDEX, False)
+    # perc never sends E=0 (D19), but accepts it.
+    assert vector_session(key).unprotect_rtcp(expected) == RFC7714_RTCP
     bad = bytearray(expected)
     bad[20] ^= 1  # the E=0 packet's body is authenticated
     with pytest.raises(AuthenticationError):
@@ -139,7 +141,6 @@ def test_spec_8_4_pion_libsrtp_cross_check() -> None:
     expected = h(
         "81c8000bcafebabec98b8b5df0392a55852b6c21ac8e7025c52c6fbea2b3b446ea31123ba88ce61e80000001"
     )
-    assert s.protect_rtcp_with_index(rtcp, 1) == expected
     assert SrtpSession(key, salt).unprotect_rtcp(expected) == rtcp
     # protect_rtcp numbers from 0 (RFC 3711 §3.3.2), so its second packet is this vector.
     s2 = SrtpSession(key, salt)
@@ -195,9 +196,8 @@ def test_seq_wrap_increments_roc() -> None:
     ssrc = 0xCAFE
     for seq in range(65530, 65536 + 10):
         p = rtp_packet(seq, ssrc)
-        out, index = tx.protect_rtp_index(p)
-        assert index == seq
-        assert rx.unprotect_rtp_index(out) == (p, seq)
+        assert rx.unprotect_rtp(tx.protect_rtp(p)) == p
+        assert rx.receive_index(ssrc) == seq
     assert tx.send_roc(ssrc) == 1
     assert rx.receive_roc(ssrc) == 1
     assert rx.receive_index(ssrc) == 65536 + 9
@@ -208,9 +208,12 @@ def test_reordering_across_wrap() -> None:
     sent = [(seq, tx.protect_rtp(rtp_packet(seq))) for seq in range(65500, 65600)]
     # Deliver in a shuffled order that crosses the wrap in both directions.
     order = list(range(0, 100, 2)) + list(range(99, 0, -2))
+    highest = -1
     for i in order:
         seq, srtp = sent[i]
-        assert rx.unprotect_rtp_index(srtp)[1] == seq
+        assert rx.unprotect_rtp(srtp) == rtp_packet(seq)
+        highest = max(highest, seq)
+        assert rx.receive_index(0x11223344) == highest
     assert rx.receive_roc(0x11223344) == 1
     # A late packet from ROC 0 (SEQ 65535) after ROC 1 packets uses ROC 0.
     for i in order:
@@ -236,7 +239,8 @@ def test_first_packet_low_then_high_seq_keeps_roc_zero() -> None:
         rx.unprotect_rtp(tx.protect_rtp(rtp_packet(seq)))
     assert rx.receive_index(0x11223344) == 60000
     # From SEQ 60000 (>= 2^15), SEQ 101 is read as after the wrap (Appendix A: ROC + 1).
-    assert rx.unprotect_rtp_index(tx.protect_rtp(rtp_packet(101)))[1] == 65536 + 101
+    rx.unprotect_rtp(tx.protect_rtp(rtp_packet(101)))
+    assert rx.receive_index(0x11223344) == 65536 + 101
 
 
 def test_replay_window_and_too_old() -> None:
@@ -277,13 +281,14 @@ def test_set_receive_roc_before_first_packet() -> None:
     tx, rx = pair()
     tx.set_send_roc(7, 5)
     assert tx.send_roc(7) == 5
-    out, index = tx.protect_rtp_index(rtp_packet(3, 7))
-    assert index == (5 << 16) | 3
+    out = tx.protect_rtp(rtp_packet(3, 7))
+    assert tx.send_stream(7, 3).hi == (5 << 16) | 3
     with pytest.raises(AuthenticationError):
         SrtpSession(KEY, SALT).unprotect_rtp(out)  # ROC 0 assumed: wrong IV
     rx.set_receive_roc(7, 5)
     assert rx.receive_roc(7) == 5
-    assert rx.unprotect_rtp_index(out) == (rtp_packet(3, 7), index)
+    assert rx.unprotect_rtp(out) == rtp_packet(3, 7)
+    assert rx.receive_index(7) == (5 << 16) | 3
 
 
 def test_set_receive_roc_on_known_stream() -> None:
@@ -291,7 +296,7 @@ def test_set_receive_roc_on_known_stream() -> None:
     rx.unprotect_rtp(tx.protect_rtp(rtp_packet(9, 7)))
     tx.set_send_roc(7, 3)
     p = tx.protect_rtp(rtp_packet(10, 7))
-    assert tx.send_index(7) == (3 << 16) | 10
+    assert tx.send_stream(7, 10).hi == (3 << 16) | 10
     with pytest.raises(AuthenticationError):
         rx.unprotect_rtp(p)
     rx.set_receive_roc(7, 3)
@@ -301,32 +306,24 @@ def test_set_receive_roc_on_known_stream() -> None:
         rx.set_receive_roc(7, 1 << 32)
 
 
-def test_explicit_index_calls() -> None:
+def test_index_and_nonce_with_a_set_roc() -> None:
+    """The packet index (ROC << 16 | SEQ) goes into the nonce as RFC 7714 §8.1 says."""
     tx, rx = pair()
     p = rtp_packet(0x1234, 0x99, extension=(0xBEDE, b"\x10\xaa\x00\x00"))
+    hlen = len(p) - 20
+    tx.set_send_roc(0x99, 77)
+    out = tx.protect_rtp(p)
+    keys = derive_session_keys(KEY, SALT)
     index = (77 << 16) | 0x1234
-    out = tx.protect_rtp_with_index(p, index)
-    assert out == tx.protect_rtp_with_index(p, index, header_length=len(p) - 20)
-    assert rx.unprotect_rtp_with_index(out, index) == p
+    iv = rtp_iv(keys.rtp_salt, 0x99, index)
+    assert out == p[:hlen] + AESGCM(keys.rtp_key).encrypt(iv, p[hlen:], p[:hlen])
     with pytest.raises(AuthenticationError):
-        rx.unprotect_rtp_with_index(out, index + 1)
-    # The stateful path with the right ROC agrees.
-    tx2 = SrtpSession(KEY, SALT)
-    tx2.set_send_roc(0x99, 77)
-    assert tx2.protect_rtp(p) == out
-    with pytest.raises(SrtpUsageError):
-        tx.protect_rtp_with_index(p, MAX_RTP_INDEX + 1)
+        rx.unprotect_rtp(out)  # ROC 0 assumed
+    rx2 = SrtpSession(KEY, SALT)
+    rx2.set_receive_roc(0x99, 77)
+    assert rx2.unprotect_rtp(out) == p
     with pytest.raises(SrtpDecodeError):
-        rx.unprotect_rtp_with_index(out[:20], index)
-
-
-def test_forget_ssrc() -> None:
-    tx, rx = pair()
-    p = tx.protect_rtp(rtp_packet(1, 5))
-    rx.unprotect_rtp(p)
-    rx.forget_ssrc(5)
-    assert rx.receive_index(5) is None
-    rx.unprotect_rtp(p)  # new stream: accepted again (the caller chose to forget)
+        rx2.open_rtp(0x99, 0x1235, p[:hlen], out[hlen : hlen + 15])
 
 
 # --- limits -----------------------------------------------------------------------------------
@@ -338,7 +335,7 @@ def test_rtp_index_limit() -> None:
     rx.set_receive_roc(1, 0xFFFFFFFF)
     rx.unprotect_rtp(tx.protect_rtp(rtp_packet(0xFFFE, 1)))
     last = tx.protect_rtp(rtp_packet(0xFFFF, 1))
-    assert tx.send_index(1) == MAX_RTP_INDEX
+    assert tx.send_stream(1, 0).hi == MAX_RTP_INDEX
     with pytest.raises(KeyLifetimeError):
         tx.protect_rtp(rtp_packet(0, 1))  # would need ROC 2^32
     rx.unprotect_rtp(last)
@@ -351,7 +348,9 @@ def test_rtp_index_limit() -> None:
 def test_rtcp_index_limit_and_numbering() -> None:
     tx, rx = pair()
     for expected in range(3):
-        assert rx.unprotect_rtcp_index(tx.protect_rtcp(rtcp_sr()))[1:] == (expected, True)
+        srtcp = tx.protect_rtcp(rtcp_sr())
+        assert int.from_bytes(srtcp[-4:], "big") == 0x80000000 | expected  # E=1, from 0
+        assert rx.unprotect_rtcp(srtcp) == rtcp_sr()
     st = tx._tx_rtcp[0x11223344]
     st.hi = MAX_RTCP_INDEX - 1
     rx.unprotect_rtcp(tx.protect_rtcp(rtcp_sr()))
@@ -446,7 +445,7 @@ def test_every_truncation_of_srtp_and_srtcp() -> None:
         with pytest.raises((SrtpDecodeError, AuthenticationError)):
             rx.unprotect_rtp(p[:n])
         with pytest.raises((SrtpDecodeError, AuthenticationError)):
-            rx.unprotect_rtp_index(p[:n])
+            rx.open_rtp(0x11223344, 5, p[:28], p[28:n])
     for n in range(len(c)):
         with pytest.raises((SrtpDecodeError, AuthenticationError)):
             rx.unprotect_rtcp(c[:n])
@@ -457,8 +456,6 @@ def test_protect_rejects_malformed() -> None:
     for bad in (b"", b"\x80" * 11, b"\x40" + bytes(20), rtp_packet(1, csrcs=(1, 2))[:18]):
         with pytest.raises(SrtpUsageError):
             tx.protect_rtp(bad)
-        with pytest.raises(SrtpUsageError):
-            tx.protect_rtp_index(bad)
     ext = rtp_packet(1, extension=(0xBEDE, b"\x10\xaa\x00\x00"))
     with pytest.raises(SrtpUsageError):
         tx.protect_rtp(ext[:14])
@@ -472,7 +469,7 @@ def test_protect_rejects_malformed() -> None:
 @given(st.binary(max_size=200))
 def test_unprotect_garbage_raises_only_srtp_errors(data: bytes) -> None:
     rx = SrtpSession(KEY, SALT)
-    for call in (rx.unprotect_rtp, rx.unprotect_rtp_index, rx.unprotect_rtcp):
+    for call in (rx.unprotect_rtp, rx.unprotect_rtcp):
         with pytest.raises(SrtpError) as info:
             call(data)
         assert isinstance(info.value, (SrtpDecodeError, AuthenticationError))
@@ -495,32 +492,32 @@ def test_round_trip_property(seqs: list[int], payload: bytes) -> None:
         assert rx.unprotect_rtp(p) == rtp_packet(s, payload=payload)
 
 
-# --- parts API for the double transform -------------------------------------------------------
+# --- parts API for the MD hop and the double transform ---------------------------------------
 
 
 def test_parts_api_matches_whole_packet_api() -> None:
     p = rtp_packet(40, csrcs=(5,), extension=(0xBEDE, b"\x10\xaa\x00\x00"))
     hlen = 12 + 4 + 8
+    header, payload = p[:hlen], p[hlen:]
     a = SrtpSession(KEY, SALT).protect_rtp(p)
     tx = SrtpSession(KEY, SALT)
-    assert tx.protect_rtp_parts(p[:hlen], p[hlen:]) == a
+    stream = tx.send_stream(0x11223344, 40)
+    assert tx.send_stream(0x11223344, 99) is stream  # made once, at its first SEQ
+    assert header + stream.seal(40, payload, header) == a
     with pytest.raises(SrtpUsageError):
-        tx.protect_rtp_parts(p[:hlen], p[hlen:])  # same index again
-    assert SrtpSession(KEY, SALT).seal_rtp(p[:hlen], p[hlen:]) == a[hlen:]
+        stream.seal(40, payload, header)  # same index again
+    with pytest.raises(SrtpUsageError):
+        tx.protect_rtp(p)  # the same stream as the whole-packet call
     rx = SrtpSession(KEY, SALT)
-    assert rx.unprotect_rtp_split(a) == (hlen, p)
+    assert rx.open_rtp(0x11223344, 40, header, a[hlen:]) == payload
     with pytest.raises(ReplayError):
-        rx.unprotect_rtp_split(a)
-    rx2 = SrtpSession(KEY, SALT)
-    assert rx2.open_rtp(a[:hlen], a[hlen:]) == p[hlen:]
+        rx.open_rtp(0x11223344, 40, header, a[hlen:])
     with pytest.raises(ReplayError):
-        rx2.open_rtp(a[:hlen], a[hlen:])
+        rx.unprotect_rtp(a)  # the same stream as the whole-packet call
     with pytest.raises(SrtpDecodeError):
-        rx2.open_rtp(a[:11], a[hlen:])
-    with pytest.raises(SrtpDecodeError):
-        rx2.open_rtp(a[:hlen], a[hlen : hlen + 15])
-    with pytest.raises(SrtpUsageError):
-        tx.seal_rtp(b"\x00" * 12, b"")
+        rx.open_rtp(0x11223344, 40, header, a[hlen : hlen + 15])
+    assert rx.stats.replays == 2
+    assert rx.stats.decode_errors == 1
 
 
 def test_seal_open_with_synthetic_header_across_wrap() -> None:
@@ -528,13 +525,14 @@ def test_seal_open_with_synthetic_header_across_wrap() -> None:
     tx, rx = pair()
     for seq in range(65530, 65536 + 5):
         synthetic = rtp_packet(seq, payload=b"")
-        body = tx.seal_rtp(synthetic, b"media")
-        assert rx.open_rtp(synthetic, body) == b"media"
+        body = tx.send_stream(0x11223344, seq).seal(seq, b"media", synthetic)
+        assert rx.open_rtp(0x11223344, seq, synthetic, body) == b"media"
     assert rx.receive_roc(0x11223344) == 1
+    other = rtp_packet(5, payload=b"", pt=97)
+    body = tx.send_stream(0x11223344, 5).seal(5, b"x", rtp_packet(5, payload=b""))
     with pytest.raises(AuthenticationError):
-        rx.open_rtp(
-            rtp_packet(5, payload=b"", pt=97), tx.seal_rtp(rtp_packet(5, payload=b""), b"x")
-        )
+        rx.open_rtp(0x11223344, 5, other, body)
+    assert rx.stats.auth_failures == 1
 
 
 def test_context_never_loads_ekt() -> None:

@@ -161,3 +161,37 @@ def test_refuses_to_reencrypt_with_inbound_session() -> None:
     inbound = hop.decrypt(up.protect_rtp(rtp(1, payload=b"\x00")) + b"\x00")
     with pytest.raises(SrtpUsageError):
         hop.encrypt_for(hop.inbound_session, inbound)
+
+
+def test_decrypt_keeps_the_parts_it_found() -> None:
+    """One header parse: header (outer AAD), outer plaintext, SEQ, SSRC and EKT field apart."""
+    up, hop, to_b, b_in = _hop()
+    pkt = rtp(7, payload=b"inner\x00", csrcs=(9,), extension=(0xBEDE, b"\x10\xaa\x00\x00"))
+    hlen = 12 + 4 + 8
+    field = FullEktField(os.urandom(24), 3, 1).encode()
+    inbound = hop.decrypt(up.protect_rtp(pkt) + field)
+    assert (inbound.header, inbound.payload) == (pkt[:hlen], pkt[hlen:])
+    assert (inbound.seq, inbound.ssrc, inbound.ekt_field) == (7, 0x11223344, field)
+    assert inbound.packet == pkt
+    # The receiver's send stream seals the same parts: what encrypt_for does.
+    stream = to_b.send_stream(inbound.ssrc, inbound.seq)
+    out = inbound.header + stream.seal(inbound.seq, inbound.payload, inbound.header) + field
+    assert b_in.unprotect_rtp(out[: -len(field)]) == pkt
+    # Re-splitting an edited packet (tests tamper with it this way).
+    inbound.packet = rtp(8, payload=b"other\x00")
+    assert (inbound.header, inbound.payload, inbound.seq) == (
+        rtp(8, payload=b"")[:12],
+        b"other\x00",
+        8,
+    )
+    with pytest.raises(HopDecodeError):
+        inbound.packet = b"\x80" * 5
+
+
+def test_a_header_running_into_the_tag_or_ekt_field_is_malformed() -> None:
+    up, hop, _, _ = _hop()
+    srtp = up.protect_rtp(rtp(1, payload=b"\x00"))
+    for data in (srtp[:20] + b"\x00", b"\x90" + srtp[1:12] + b"\x00"):
+        with pytest.raises(HopDecodeError):
+            hop.decrypt(data)
+    assert hop.stats.malformed == 2

@@ -15,7 +15,7 @@ from pylibsrtp import Error as LibsrtpError
 from pylibsrtp import Policy, Session
 
 from perc.srtp.context import SrtpSession
-from perc.srtp.errors import AuthenticationError, ReplayError
+from perc.srtp.errors import AuthenticationError, ReplayError, SrtpUsageError
 from tests.srtp.conftest import rtcp_sr, rtp_packet
 
 PROFILES = {16: Policy.SRTP_PROFILE_AEAD_AES_128_GCM, 32: Policy.SRTP_PROFILE_AEAD_AES_256_GCM}
@@ -95,12 +95,9 @@ def test_libsrtp_protect_ours_unprotect_across_wrap(key_len: int) -> None:
     plain = media(300, 65300, 0x0BADCAFE)
     protected = {p: lib.protect(p) for p in plain}
     ours = SrtpSession(key, salt)
-    indexes = []
     for p in shuffled(plain, 2):
-        out, index = ours.unprotect_rtp_index(protected[p])
-        assert out == p
-        indexes.append(index)
-    assert max(indexes) == 65536 + (65300 + 299 - 65536)
+        assert ours.unprotect_rtp(protected[p]) == p
+    assert ours.receive_index(0x0BADCAFE) == 65536 + (65300 + 299 - 65536)
     assert ours.receive_roc(0x0BADCAFE) == 1
     with pytest.raises(ReplayError):
         ours.unprotect_rtp(protected[plain[5]])
@@ -139,10 +136,10 @@ def test_srtcp_both_ways(key_len: int) -> None:
     lib_protected = [lib_tx.protect_rtcp(c) for c in compounds]
     rx = SrtpSession(key, salt)
     for i in order:
-        out, index, encrypted = rx.unprotect_rtcp_index(lib_protected[i])
-        assert out == compounds[i]
-        assert encrypted  # libsrtp encrypts SRTCP by default with GCM (E=1)
-        assert index == i + 1  # libsrtp numbers SRTCP from 1
+        assert rx.unprotect_rtcp(lib_protected[i]) == compounds[i]
+        word = int.from_bytes(lib_protected[i][-4:], "big")
+        assert word >> 31  # libsrtp encrypts SRTCP by default with GCM (E=1)
+        assert word & 0x7FFFFFFF == i + 1  # libsrtp numbers SRTCP from 1
     with pytest.raises(ReplayError):
         rx.unprotect_rtcp(lib_protected[3])
 
@@ -233,3 +230,30 @@ def test_srtcp_receiver_agrees_with_libsrtp(steps: list[int | tuple[int]]) -> No
         except (ReplayError, AuthenticationError):
             our_out = None
         assert our_out == lib_out, f"delivery of SRTCP packet {at} differs"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.one_of(st.integers(0, 399), st.tuples(st.integers(-40, 40))), min_size=1, max_size=60
+    )
+)
+def test_sender_agrees_with_libsrtp(steps: list[int | tuple[int]]) -> None:
+    """Differential test of the send side: for any order of SEQs to protect (across the wrap,
+    repeats, reordering, jumps), we refuse exactly the indexes libsrtp refuses (RFC 7714 §8.4)
+    and produce the same bytes for the others."""
+    ours = SrtpSession(WRAP_KEY, WRAP_SALT)
+    lib = libsrtp(WRAP_KEY, WRAP_SALT, outbound=True)
+    at = 0
+    for step in steps:
+        at = min(399, max(0, at + step[0])) if isinstance(step, tuple) else step
+        packet = WRAP_PACKETS[at]
+        try:
+            lib_out: bytes | None = lib.protect(packet)
+        except LibsrtpError:
+            lib_out = None
+        try:
+            our_out: bytes | None = ours.protect_rtp(packet)
+        except SrtpUsageError:
+            our_out = None
+        assert our_out == lib_out, f"protect of packet {at} differs"
