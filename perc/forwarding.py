@@ -14,7 +14,7 @@ Theory of operation
 id, with the endpoint's transport address (opaque and hashable, e.g. ``(host, port)``). When
 ``MediaKeys`` arrive (:meth:`ForwardingTable.install_keys`) the association gets two
 RFC 7714 sessions: *inbound* from ``client_write`` (decrypts what the endpoint sends) and
-*outbound* from ``server_write`` (encrypts what we send to it), RFC 9185 §6.4, SPEC 4.7.
+*outbound* from ``server_write`` (encrypts what we send to it), RFC 9185 §6.4.
 ``MediaKeys`` for an association that already has keys replace them (fresh sessions).
 
 **D5 hold.** SRTP/SRTCP from a known address before its keys is held, at most
@@ -24,7 +24,7 @@ arrive (their output is returned by ``install_keys``). Beyond that: dropped, cou
 ``held``; its release is not a second arrival. An association removed with datagrams still
 held counts them as ``drop_no_keys``.
 
-**RTP vs RTCP** by the second byte (RFC 5761 §4, SPEC 2.8): 192-223 is RTCP (its packet
+**RTP vs RTCP** by the second byte (RFC 5761 §4): 192-223 is RTCP (its packet
 type sits where RTP has M+PT), anything else RTP.
 
 **RTP** (RFC 8723 §5.2). :meth:`~perc.srtp.hop.MediaDistributorHop.decrypt` once with the

@@ -424,7 +424,7 @@ class DoubleReceiver:
         key, inner = self._decrypt_inner(synth, ssrc)
         payload = inner[slen:]
         if b0 & 0x20:
-            # RTP padding is covered by the inner layer only (SPEC 11.20): strip it here.
+            # RTP padding is covered by the inner layer only (RFC 8723 §5.1, §5.3): strip it here.
             count = payload[-1] if payload else 0
             if count == 0 or count > len(payload):
                 self.stats.padding_errors += 1

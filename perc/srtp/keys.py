@@ -5,7 +5,7 @@ Theory of operation
 A DTLS-SRTP handshake exports ``2 * (key_length + salt_length)`` bytes (RFC 5764 §4.2) laid
 out as ``client_key | server_key | client_salt | server_salt``. :func:`split_exporter` cuts
 that into a :class:`KeyingMaterial`. For the DOUBLE profiles of RFC 8723 each of the four values
-is itself ``inner || outer`` (RFC 8723 §3, SPEC 7.2), so the whole export reads
+is itself ``inner || outer`` (RFC 8723 §3, RFC 5764 §4.2), so the whole export reads
 ``c_k_in | c_k_out | s_k_in | s_k_out | c_s_in | c_s_out | s_s_in | s_s_out``;
 :meth:`KeyingMaterial.inner` and :meth:`KeyingMaterial.outer` give the two halves as
 single-layer (AEAD_AES_128_GCM / AEAD_AES_256_GCM) material. :func:`outer_media_keys` gives the
