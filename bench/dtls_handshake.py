@@ -30,7 +30,7 @@ hits every row alike. After the table (bench/harness.py) the lines ``ratio perc 
 ``ratio perc new cert / pyOpenSSL``, ``ratio perc / pyOpenSSL+ctx`` and ``ratio perc cookie /
 pyOpenSSL cookie`` (mean pair time; the median ratio in brackets) and the server rates.
 
-Targets (issue 6): perc pair <= 4x the pyOpenSSL pair (the shared-context row, the stricter
+Targets: perc pair <= 4x the pyOpenSSL pair (the shared-context row, the stricter
 baseline); perc server >= 300 handshakes/s.
 """
 

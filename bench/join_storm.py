@@ -1,4 +1,4 @@
-"""Join storm: many endpoints joining through one real MDD to one real KMF (issue 4, Speed).
+"""Join storm: many endpoints joining through one real MDD to one real KMF.
 
 Run: ``.venv/bin/python bench/join_storm.py`` (or ``bash dev.sh bench join_storm``). Options:
 ``--seconds S`` (each saturation run, default 5), ``--concurrency C,C`` (default 16,64,256),
@@ -33,7 +33,7 @@ Rekeying on join/leave (D22) is turned off by default (``--rekey`` turns the con
 default policy on): with it, every join and leave costs one EKTKey per member, which measures
 the rekey fan-out rather than joins.
 
-Targets (issue 4, this 2-core machine, load generator included): >= 200 joins/s through one
+Targets (this 2-core machine, load generator included): >= 200 joins/s through one
 KMF; p50 <= 50 ms with 10 concurrent joiners. After the table (bench/harness.py), the lines
 ``ratio 10 concurrent p50 / in-memory join`` and ``ratio saturation joins/s / in-memory
 joins/s`` relate the system to its floor. The CPU seconds each process used during the

@@ -3,7 +3,7 @@
 Loaded by ``bench/srtp.py`` (run ``.venv/bin/python bench/srtp.py --only double`` or
 ``--only hop``); run on its own (``bash dev.sh bench srtp_rows_double``), it is bench/srtp.py
 with only these rows and takes srtp.py's options (``--packets N``, ``--repeats R``, ``--check``,
-``--quick``). Targets from issue 3: the MD hop (outer decrypt + outer encrypt for one
+``--quick``). Targets: the MD hop (outer decrypt + outer encrypt for one
 receiver) within 1.5x of pylibsrtp unprotect + protect; the double sender (inner + outer
 encryption + EKT field) within 2.5x of one pylibsrtp protect. The "MD hop+SEQ rewrite" rows
 (every packet renumbered, OHB grows by two bytes) are for information, with a 2.5x target of

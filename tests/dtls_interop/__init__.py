@@ -1,4 +1,4 @@
-"""perc's DTLS 1.2 engine against OpenSSL, a lossy network and hostile input (issue 6).
+"""perc's DTLS 1.2 engine against OpenSSL, a lossy network and hostile input.
 
 * ``openssl_peer.py``: pyOpenSSL over memory BIOs with perc's sans-IO surface;
   ``harness.py``: ``pump`` (clean in-memory network) and ``EnginePeer``;

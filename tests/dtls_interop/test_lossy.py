@@ -1,6 +1,6 @@
 """perc client and server (with EKTKey and its ACK) over a seeded lossy network, fake clock.
 
-Issue 6: 100 of 100 seeded handshakes complete, EKTKey delivered and acknowledged, with 10%
+100 of 100 seeded handshakes complete, EKTKey delivered and acknowledged, with 10%
 drop + 10% duplication + 10% reordering/delay in both directions, and again with 30% drop; a
 handshake whose peer vanishes ends with ConnectionClosed(reason "timeout"), not a hang.
 Seeded loops (no hypothesis): a failure names its seed, and rerunning that seed replays it.

@@ -16,7 +16,7 @@ from .helpers import Address, Endpoint, conference
 
 
 def test_forwarding_core_never_loads_e2e_key_code() -> None:
-    """RFC 8871 §4.1 / issue 5: the MDD process never loads the code that unwraps EKT tags
+    """RFC 8871 §4.1 : the MDD process never loads the code that unwraps EKT tags
     or holds end-to-end keys. A fresh interpreter imports the core (and uses it) and lists
     what got loaded."""
     code = (
