@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from perc.dtls.events import ClientOffer, Negotiated
 from perc.identity import fingerprint_of_der
+from perc.srtp.keys import SrtpProfile
 
 
 @attrs.frozen
@@ -40,7 +41,7 @@ class DtlsConfiguration:
     #: ECDHE groups: x25519, secp256r1
     groups: tuple[int, ...] = (29, 23)
     #: client: offered, in order; server: preference order for the default selection
-    srtp_profiles: tuple[int, ...] = (0x0009, 0x000A)
+    srtp_profiles: tuple[int, ...] = tuple(int(p) for p in SrtpProfile if p.is_double)
     #: server: given the client's offered list, the chosen profile or None
     #: (-> fatal handshake_failure). Default: first of ``srtp_profiles`` the client offered.
     #: A server with profiles refuses a ClientHello without use_srtp (handshake_failure).

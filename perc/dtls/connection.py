@@ -88,6 +88,7 @@ from perc.dtls.flight import (
 )
 from perc.dtls.handshake import EKT_KEY_LENGTHS, CcsRoute, Handshake, Output, Route, State
 from perc.dtls.record import INTEGRITY_LIMIT, RecordLayer
+from perc.srtp.keys import SrtpProfile
 from perc.wire.dtls import (
     DTLS_1_2,
     Ack,
@@ -113,6 +114,9 @@ MAX_PENDING_EVENTS = 1024
 # An unacknowledged EKTKey is retransmitted (1 s doubling to 60 s, D9) for this many times the
 # handshake timeout before the association is declared dead (reason "timeout").
 EKT_GIVE_UP_FACTOR = 10
+
+#: The profiles whose keys the exporter yields (RFC 5764 §4.2; SrtpProfile is the one list).
+_SRTP_PROFILES = frozenset(int(p) for p in SrtpProfile)
 
 
 @attrs.define
@@ -415,10 +419,11 @@ class DtlsConnection:
             self._flight = None
             self._timer.stop()
         material = None
-        lengths = keys.SRTP_PROFILE_LENGTHS.get(negotiated.srtp_profile or -1)
-        if lengths is not None:
+        if negotiated.srtp_profile in _SRTP_PROFILES:
+            # RFC 5764 §4.2: both sides' master keys and salts (DOUBLE: inner||outer halves).
+            profile = SrtpProfile(negotiated.srtp_profile)
             material = self.export_keying_material(
-                b"EXTRACTOR-dtls_srtp", 2 * (lengths[0] + lengths[1])
+                b"EXTRACTOR-dtls_srtp", 2 * (profile.key_length + profile.salt_length)
             )
         self._events.append(
             HandshakeCompleted(

@@ -48,18 +48,6 @@ CIPHER_SUITES: dict[int, CipherSuite] = {
     )
 }
 
-# SRTP protection profile -> (master key length, master salt length); DOUBLE profiles carry
-# inner||outer halves (RFC 8723 §10.1).
-SRTP_PROFILE_LENGTHS: dict[int, tuple[int, int]] = {
-    0x0001: (16, 14),
-    0x0002: (16, 14),
-    0x0007: (16, 12),
-    0x0008: (32, 12),
-    0x0009: (32, 24),
-    0x000A: (64, 24),
-}
-
-
 def _hmac(hash_alg: hashes.HashAlgorithm, key: bytes, data: bytes) -> bytes:
     h = hmac.HMAC(key, hash_alg)
     h.update(data)
