@@ -409,7 +409,7 @@ class Rekeyed(Event):
 @register
 @attrs.frozen
 class RekeyFailed(Event):
-    """A conference's rekey could not be made (its SPI space is exhausted); no more rekeys."""
+    """A conference's rekey could not be made (the keying state refused it); no more rekeys."""
 
     kind: ClassVar[str] = "kmf_rekey_failed"
     conference: str

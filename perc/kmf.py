@@ -470,7 +470,7 @@ class KeyingStats:
     joins_waited_for_rekey: int = 0
     """Joiners whose first EKTKey was a pending rekey's (never the key used before them)."""
     rekey_errors: int = 0
-    """Rekeys that could not be made (SPI space exhausted: KeyingError, reported)."""
+    """Rekeys that could not be made (a KeyingError, reported as RekeyFailed)."""
 
 
 class KmfEngine(TunnelServerEngine):
@@ -658,7 +658,7 @@ class KmfEngine(TunnelServerEngine):
         return self._poll_conference(conf, now)
 
     def _rekey_failed(self, conf: Conference, error: KeyingError) -> None:
-        # Only a runaway (65536 keys in one process for one conference, SPI space exhausted):
+        # A local misuse the keying state refused (SPIs wrap, D28, so never for lack of them):
         # report it and stop this conference's timer rather than spin on a due deadline.
         self.stats.rekey_errors += 1
         self._events.append(RekeyFailed(conf.id, str(error)))
