@@ -43,7 +43,8 @@ API::
     serve(config: KmfConfig, *, engine: TunnelServerEngine | None = None,
           task_status=trio.TASK_STATUS_IGNORED)       # started(KmfServer)
     KmfServer: .address (host, port), .stats: KmfStats, .engine, .connections,
-               service(), send(tunnel_id, message) -> bool
+               service(), send(tunnel_id, message) -> bool,
+               summary() -> perc.events.KmfConnections
 """
 
 from __future__ import annotations
