@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,16 +44,21 @@ def rss_kib(proc: Proc) -> int:
     raise AssertionError("no VmRSS")
 
 
-async def summary(kmf: Proc, what: str, predicate: object, timeout: float = 20.0) -> KmfConnections:
+async def summary(
+    kmf: Proc, what: str, predicate: Callable[[KmfConnections], bool], timeout: float = 20.0
+) -> KmfConnections:
     """The first kmf_connections summary for which ``predicate(event)`` holds."""
-    assert callable(predicate)
-    with trio.fail_after(timeout):
-        while True:
-            for event in kmf.find_events(KmfConnections):
-                if predicate(event):
-                    return event
-            # Any new output wakes us; the KMF logs a summary each second while counters move.
-            await kmf.wait_event(KmfConnections, count=len(kmf.find_events(KmfConnections)) + 1)
+    try:
+        with trio.fail_after(timeout):
+            while True:
+                seen = kmf.find_events(KmfConnections)
+                for event in seen:
+                    if predicate(event):
+                        return event
+                # The KMF logs a summary each second while its counters move.
+                await kmf.wait_event(KmfConnections, count=len(seen) + 1)
+    except trio.TooSlowError:
+        raise AssertionError(f"no kmf_connections summary with {what}:\n{kmf.text}") from None
 
 
 async def hold(port: int, partial: bool, reopen: trio.Event, opened: list[int]) -> None:
@@ -121,9 +127,7 @@ async def test_connection_resets_are_counted_lines_not_tracebacks(system: System
     async with trio.open_nursery() as nursery:
         for _ in range(10):
             nursery.start_soon(reset_some, 50)
-    counted = await summary(
-        kmf, "500 dropped", lambda e: e.accepted >= 500 and e.handshaking == 0
-    )
+    counted = await summary(kmf, "500 dropped", lambda e: e.accepted >= 500 and e.handshaking == 0)
     print(f"connect+RST: {counted}")
     assert counted.reset >= 450  # a few may be seen as a plain EOF or a TLS failure
     assert counted.reset + counted.tls_failed + counted.evicted >= 500
@@ -138,9 +142,7 @@ async def test_a_stalled_tunnel_message_closes_the_tunnel(system: System) -> Non
     mdd = system.identity("mdd")
     kmf_fp = system.fingerprint("kmf")
     ctx = make_tls_context(mdd, server=False, is_trusted=lambda fp: fp == kmf_fp)
-    conn = TunnelConnection(
-        await trio.open_tcp_stream(LOCAL, port), ctx, server=False, peer="kmf"
-    )
+    conn = TunnelConnection(await trio.open_tcp_stream(LOCAL, port), ctx, server=False, peer="kmf")
     await conn.handshake(5.0)
     closed: list[str] = []
 
