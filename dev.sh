@@ -11,11 +11,37 @@ cd "$(dirname "$0")"
 VENV=${PERC_VENV:-.venv}
 PY=${PYTHON:-python3}
 
-setup() {
-    # groff renders man/perc.1 in the tests; Debian-based machines may lack it.
-    if ! command -v groff >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        (apt-get update -qq && apt-get install -y -qq groff-base) >/dev/null 2>&1 || true
+# System tools the tests use: groff renders man/perc.1, tshark (+ dumpcap from wireshark-common)
+# runs the Wireshark dissector on captures, iproute2 (ip, tc) builds network namespaces with
+# netem. Installed with apt-get when missing and we are root (as CI is); otherwise say what
+# is missing and go on (the tests that need a tool fail with the package's name).
+SYSTEM_TOOLS="groff:groff-base tshark:tshark dumpcap:tshark ip:iproute2 tc:iproute2"
+
+system_packages() {
+    local missing="" tool pkg
+    for pair in $SYSTEM_TOOLS; do
+        tool=${pair%%:*}
+        pkg=${pair##*:}
+        if ! command -v "$tool" >/dev/null 2>&1 && [[ " $missing " != *" $pkg "* ]]; then
+            missing="$missing $pkg"
+        fi
+    done
+    [ -z "$missing" ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "dev.sh: installing system packages:$missing" >&2
+        # dumpcap without the setuid question (we capture as root).
+        echo "wireshark-common wireshark-common/install-setuid boolean false" \
+            | debconf-set-selections 2>/dev/null || true
+        apt-get update -qq >/dev/null
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    else
+        echo "dev.sh: missing system packages (install them as root):$missing" >&2
     fi
+}
+
+setup() {
+    system_packages
     if [ ! -x "$VENV/bin/python" ]; then
         "$PY" -m venv "$VENV"
     fi

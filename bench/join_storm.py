@@ -60,8 +60,9 @@ from harness import cpu_seconds
 from perc import identity
 from perc.dtls import DtlsConfiguration, DtlsConnection
 from perc.dtls.events import ConnectionClosed, EktKeyReceived, HandshakeCompleted
+from perc.endpoint import JoinSettings, dtls_configuration
 from perc.identity import Identity
-from perc.roles.endpoint import JoinSettings, dtls_configuration, new_tls_id
+from perc.tlsid import random_tls_id
 
 TARGET_RATE = 200.0
 TARGET_P50_MS = 50.0
@@ -107,7 +108,7 @@ class LoadGenerator:
         self.configs = [
             dtls_configuration(
                 JoinSettings(mdd=mdd, identity=e, kmf_fingerprint=kmf_fp, join_timeout=30.0),
-                new_tls_id(),
+                random_tls_id(),
                 None,
             )
             for e in endpoints
@@ -212,7 +213,7 @@ def baseline(endpoints: list[Identity], kmf_fp_id: Identity, count: int) -> list
         e = endpoints[i % len(endpoints)]
         client_config = dtls_configuration(
             JoinSettings(mdd=(LOCAL, 1), identity=e, kmf_fingerprint=kmf_fp_id.fingerprint),
-            new_tls_id(),
+            random_tls_id(),
             None,
         )
         t = time.perf_counter()

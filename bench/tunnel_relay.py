@@ -45,9 +45,9 @@ import harness
 import trio
 
 from perc.config import load_kmf_config, load_mdd_config
+from perc.demo import DemoFiles, make_demo_files, write_mdd_config
 from perc.kmf import EchoEngine
 from perc.roles import kmf, mdd
-from perc.roles.demo import DemoFiles, make_demo_files, write_mdd_config
 
 LOCAL = "127.0.0.1"
 #: MDD->KMF tunnel messages per TLS write in the in-process rows (STYLE practice 11).

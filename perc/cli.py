@@ -21,7 +21,7 @@ fields, which is what programs such as ``perc demo`` read. A bad configuration o
 one line ``perc: error: <message>`` on stderr and exits 2 before anything starts; a runtime
 failure (e.g. a port in use) prints one such line and exits 1; SIGINT/SIGTERM stop a role
 cleanly with exit 0. ``perc endpoint`` has more exit statuses, one per way a join can fail
-(:class:`perc.roles.endpoint.ExitCode`, listed in its ``--help``). The roles (and trio) are
+(:class:`perc.endpoint.ExitCode`, listed in its ``--help``). The roles (and trio) are
 imported only inside the commands that run them, so ``perc identity`` stays light. Option
 defaults and help come from :mod:`perc.config`, the one place defaults live.
 """
@@ -36,6 +36,7 @@ from typing import Any, NoReturn
 import click
 
 from perc import __version__, config, identity, logsetup
+from perc import demo as demo_plan
 
 
 class CliError(click.ClickException):
@@ -335,8 +336,8 @@ def mdd_command(
     _run_role(mdd.serve, cfg, f"MDD on {listens}")
 
 
-# Kept in step with perc.roles.endpoint.ExitCode (a test checks); here so that --help does not
-# import the role (and trio).
+# Kept in step with perc.endpoint.ExitCode (a test checks); here so that --help does not
+# import the endpoint's DTLS and media code.
 _ENDPOINT_EXIT_CODES = (
     (0, "joined, then left on SIGINT/SIGTERM or after --duration (and --expect-peers met)"),
     (1, "local runtime failure (the MDD host does not resolve, SSLKEYLOGFILE unopenable)"),
@@ -350,12 +351,13 @@ _ENDPOINT_EXIT_CODES = (
 )
 
 
-def _positive_seconds(
-    _: click.Context, param: click.Parameter, value: float | None
-) -> float | None:
-    if value is not None and not 0 < value < 1e9:
-        raise click.BadParameter("must be a positive number of seconds", param=param)
-    return value
+_E = config.EndpointConfig
+
+
+def _endpoint_help(key: str) -> str:
+    """An endpoint option's help and default, both from :class:`perc.config.EndpointConfig`."""
+    value = _default(_E, key)
+    return _doc(_E, key) + ("" if value is None else f" [default: {value}]")
 
 
 @main.command(
@@ -363,111 +365,30 @@ def _positive_seconds(
     epilog="\b\nExit status:\n"
     + "\n".join(f"  {code}  {text}" for code, text in _ENDPOINT_EXIT_CODES),
 )
+@click.option("--mdd", metavar="HOST:PORT", required=True, help=_doc(_E, "mdd"))
+@click.option("--cert", metavar="FILE", required=True, help=_doc(_E, "cert"))
+@click.option("--key", metavar="FILE", required=True, help=_doc(_E, "key"))
+@click.option("--kmf-fingerprint", metavar="FP", required=True, help=_doc(_E, "kmf_fingerprint"))
+@click.option("--tls-id", metavar="ID", help=_doc(_E, "tls_id"))
+@click.option("--kmf-tls-id", metavar="ID", help=_doc(_E, "kmf_tls_id"))
+@click.option("--name", help=_doc(_E, "name"))
+@click.option("--join-timeout", metavar="S", type=float, help=_endpoint_help("join_timeout"))
+@click.option("--duration", metavar="S", type=float, help=_doc(_E, "duration"))
+@click.option("--keepalive", metavar="S", type=float, help=_endpoint_help("keepalive"))
+@click.option("--media", type=click.Choice(config.ENDPOINT_MEDIA), help=_endpoint_help("media"))
 @click.option(
-    "--mdd", metavar="HOST:PORT", required=True, help="The MDD's UDP address for the conference."
-)
-@click.option("--cert", metavar="FILE", required=True, help="This endpoint's certificate (PEM).")
-@click.option("--key", metavar="FILE", required=True, help="Private key of --cert (PEM).")
-@click.option(
-    "--kmf-fingerprint",
-    metavar="FP",
-    required=True,
-    help="The KMF's certificate fingerprint ('sha-256 AB:...'); any other server is refused.",
-)
-@click.option(
-    "--tls-id",
-    metavar="ID",
-    default=None,
-    help="Our tls-id (external_session_id, 20-255 of A-Z a-z 0-9 + / - _); random if unset.",
-)
-@click.option(
-    "--kmf-tls-id",
-    metavar="ID",
-    default=None,
-    help="Require the KMF to present this tls-id (RFC 9185 §5.1); unchecked if unset.",
-)
-@click.option("--name", default=None, help="Name in logs (default: the certificate's file stem).")
-@click.option(
-    "--join-timeout",
-    type=float,
-    default=10.0,
-    show_default=True,
-    callback=_positive_seconds,
-    help="Seconds allowed for the whole join (DTLS handshake and first EKTKey).",
-)
-@click.option(
-    "--duration",
-    type=float,
-    default=None,
-    callback=_positive_seconds,
-    help="Leave (close_notify, exit 0) this many seconds after joining; default: stay until "
-    "SIGINT/SIGTERM.",
-)
-@click.option(
-    "--keepalive",
-    type=float,
-    default=3.0,
-    show_default=True,
-    help="After this many seconds without sending, send an empty DTLS record so that the "
-    "MDD does not drop us as idle (its idle_timeout); 0 disables.",
-)
-@click.option(
-    "--media",
-    type=click.Choice(["audio", "video", "both", "none"]),
-    default="audio",
-    show_default=True,
-    help="What to send: synthetic audio (50 packets/s, 160 B, PT 111), video (PT 96), both, "
-    "or none (receive only). Everything received is verified end to end.",
-)
-@click.option(
-    "--expect-peers",
-    type=click.IntRange(0, 100_000),
-    default=0,
-    show_default=True,
-    help="Exit 0 only if media from at least N peers was received and verified end to end.",
+    "--expect-peers", type=click.IntRange(0, 100_000), help=_endpoint_help("expect_peers")
 )
 @click.option(
     "--report",
-    "report_path",
     metavar="FILE",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Write a JSON report (sent, SPIs, per peer received/verified/failures) to FILE, "
-    "replaced atomically every second and once more at exit.",
+    help=_doc(_E, "report"),
 )
-@click.option(
-    "--video-fps",
-    type=float,
-    default=30.0,
-    show_default=True,
-    help="Synthetic video frame rate (with --media video or both).",
-)
-@click.option(
-    "--video-bitrate",
-    type=int,
-    default=500_000,
-    show_default=True,
-    help="Synthetic video bit rate in bit/s (key frames are larger; with --media video or both).",
-)
+@click.option("--video-fps", type=float, help=_endpoint_help("video_fps"))
+@click.option("--video-bitrate", type=int, help=_endpoint_help("video_bitrate"))
 @_log_level_option
-def endpoint_command(
-    *,
-    mdd: str,
-    cert: str,
-    key: str,
-    kmf_fingerprint: str,
-    tls_id: str | None,
-    kmf_tls_id: str | None,
-    name: str | None,
-    join_timeout: float,
-    duration: float | None,
-    keepalive: float,
-    media: str,
-    expect_peers: int,
-    report_path: Path | None,
-    video_fps: float,
-    video_bitrate: int,
-) -> None:
+def endpoint_command(**options: Any) -> None:
     """Join a conference through an MDD, then send and verify double-encrypted media.
 
     The endpoint is the DTLS client of the KMF (its DTLS is relayed by the MDD). It offers
@@ -479,49 +400,27 @@ def endpoint_command(
     SIGINT/SIGTERM or --duration; then RTCP BYE, close_notify, and a "media summary" log
     line. SSLKEYLOGFILE, when set, receives the DTLS secrets.
     """
+    from perc import endpoint as core
     from perc import keylog as keylog_module
-    from perc.roles import endpoint
-
-    try:
-        address = config.parse_host_port(mdd)
-    except ValueError as e:
-        raise CliError(f"--mdd: {e}") from None
-    if address.port == 0:
-        raise CliError(f"--mdd: port 0 in {mdd!r} is not an address to send to")
-    try:
-        kmf_fp = identity.parse_fingerprint(kmf_fingerprint)
-    except identity.IdentityError as e:
-        raise CliError(f"--kmf-fingerprint: {e}") from None
-    for option, value in (("--tls-id", tls_id), ("--kmf-tls-id", kmf_tls_id)):
-        if value is not None:
-            try:
-                endpoint.check_tls_id(value)
-            except ValueError as e:
-                raise CliError(f"{option}: {e}") from None
-    if not 0 <= keepalive < 1e9:
-        raise CliError("--keepalive: must be 0 (off) or a positive number of seconds")
-    if name is not None and (not name or not name.isprintable() or any(c.isspace() for c in name)):
-        # It goes into key=value log lines: one printable word.
-        raise CliError(f"--name: {name!r} must be one printable word (no spaces)")
-    try:
-        ident = identity.load(Path(cert), Path(key))
-    except identity.IdentityError as e:
-        raise CliError(str(e)) from None
     from perc.media.payload import PayloadUsageError, minimum_payload_size
-    from perc.media.sources import SourceUsageError, VideoSettings
+    from perc.media.sources import SourceUsageError
 
-    endpoint_name = name if name is not None else Path(cert).stem
     try:
-        minimum_payload_size(endpoint_name)  # every media payload carries the name
+        cfg = config.endpoint_config(**options)
+        ident = identity.load(cfg.cert, cfg.key)
+    except (config.ConfigError, identity.IdentityError) as e:
+        raise CliError(str(e)) from None
+    settings = core.JoinSettings.from_config(cfg, ident)
+    try:
+        minimum_payload_size(settings.name)  # every media payload carries the name
     except PayloadUsageError as e:
-        raise CliError(f"--name: {endpoint_name!r}: {e}") from None
-
+        raise CliError(f"--name: {settings.name!r}: {e}") from None
     try:
-        video = VideoSettings(fps=video_fps, bitrate=video_bitrate)
+        media_options = core.MediaOptions.from_config(cfg)
     except SourceUsageError as e:
         raise CliError(f"--video-fps/--video-bitrate: {e}") from None
-    if report_path is not None and not report_path.parent.is_dir():
-        raise CliError(f"--report: folder {str(report_path.parent)!r} does not exist")
+    if cfg.report is not None and not cfg.report.parent.is_dir():
+        raise CliError(f"--report: folder {str(cfg.report.parent)!r} does not exist")
     _setup_logging()
     try:
         keylog = keylog_module.keylog_from_env()
@@ -529,30 +428,22 @@ def endpoint_command(
         # The environment, not the arguments: exit 1, as perc kmf does.
         raise RuntimeFailure(str(e)) from None
 
-    settings = endpoint.JoinSettings(
-        mdd=(address.host, address.port),
-        identity=ident,
-        kmf_fingerprint=kmf_fp,
-        tls_id=tls_id,
-        kmf_tls_id=kmf_tls_id,
-        name=endpoint_name,
-        join_timeout=join_timeout,
-    )
-    options = endpoint.MediaOptions(
-        media=media, expect_peers=expect_peers, report=report_path, video=video
-    )
-    run = endpoint.MediaRun(settings, options)
+    from perc.roles import endpoint
+
+    run = endpoint.MediaRun(settings, media_options)
     try:
         try:
             _run_role(
-                _endpoint_main, (run, duration, keylog, keepalive or None), f"endpoint to {address}"
+                _endpoint_main,
+                (run, cfg.duration, keylog, cfg.keepalive or None),
+                f"endpoint to {cfg.mdd}",
             )
-        except endpoint.JoinError as e:
+        except core.JoinError as e:
             code, message = run.finish(e)
         else:
             code, message = run.finish()
     except RuntimeFailure:
-        run.abandon(endpoint.ExitCode.FAILURE)
+        run.abandon(core.ExitCode.FAILURE)
         raise
     if message is not None:
         # One line, like CliError, but with the endpoint's own exit status.
@@ -576,20 +467,22 @@ async def _endpoint_main(args: tuple[Any, float | None, Any, float | None]) -> N
     metavar="N",
     type=int,
     default=None,
-    help="Endpoints in the conference, 2 to 26 [default: 3].",
+    help=f"Endpoints in the conference, 2 to {len(demo_plan.NAMES)} "
+    f"[default: {demo_plan.DEFAULT_PARTICIPANTS}].",
 )
 @click.option(
     "--duration",
     metavar="S",
     type=float,
     default=None,
-    help="Seconds of conference, at least 4 (the leave and rejoin happen halfway) [default: 12].",
+    help=f"Seconds of conference, at least {demo_plan.MIN_DURATION:g} (the leave and rejoin "
+    f"happen halfway) [default: {demo_plan.DEFAULT_DURATION:g}].",
 )
 @click.option(
     "--media",
-    type=click.Choice(["audio", "video", "both"]),
+    type=click.Choice(demo_plan.MEDIA_CHOICES),
     default=None,
-    help="What every endpoint sends [default: both].",
+    help=f"What every endpoint sends [default: {demo_plan.DEFAULT_MEDIA}].",
 )
 @click.option(
     "--keep",

@@ -1,10 +1,10 @@
-"""Configuration of the KMF and MDD roles: attrs classes loaded from TOML with cattrs.
+"""Configuration of the roles: attrs classes, loaded from TOML with cattrs for the KMF and MDD.
 
 This module is the one place defaults live. Every setting is an attrs field whose
 ``metadata["doc"]`` says what it is; the CLI and the man page read them from here
 (:func:`describe`).
 
-Files (binding schemas of issue 2; the optional keys have the defaults shown)::
+Files (the optional keys have the defaults shown)::
 
     # kmf.toml
     [kmf]
@@ -55,13 +55,16 @@ API::
     mdd_quick_config(kmf=, kmf_fingerprint=, listen=, cert=, key=, conference="demo")
     parse_host_port(text) -> HostPort         # HostPort(host, port); str() gives host:port
     describe(cls) -> list[Setting]            # key, type, default, doc for CLI/man page
+    default(cls, key)                         # one key's default
+    endpoint_config(mdd=, kmf_fingerprint=, cert=, key=, ...) -> EndpointConfig
+                                              # perc endpoint's options, checked
+    DOUBLE_PROFILES                           # the SrtpProfile members perc runs (D18)
     ConfigError
 """
 
 from __future__ import annotations
 
 import math
-import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -73,9 +76,14 @@ from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, Iterabl
 from cattrs.gen import make_dict_structure_fn
 
 from perc import identity as _identity
+from perc.srtp.keys import SrtpProfile
+from perc.tlsid import TLS_ID_RULE, is_tls_id
 
 __all__ = [
+    "DOUBLE_PROFILES",
+    "ENDPOINT_MEDIA",
     "ConfigError",
+    "EndpointConfig",
     "Fingerprint",
     "HostPort",
     "KmfConference",
@@ -85,7 +93,9 @@ __all__ = [
     "MddConfig",
     "MddSettings",
     "Setting",
+    "default",
     "describe",
+    "endpoint_config",
     "load_kmf_config",
     "load_mdd_config",
     "mdd_quick_config",
@@ -112,10 +122,8 @@ def one_line(text: str) -> str:
 #: A certificate fingerprint in canonical D20 form (``sha-256 AB:CD:...``, uppercase).
 Fingerprint = NewType("Fingerprint", str)
 
-#: The DOUBLE profiles perc can run (D18): DOUBLE_AEAD_AES_128_GCM_AEAD_AES_128_GCM, and 256.
-DOUBLE_PROFILES = (0x0009, 0x000A)
-
-_TLS_ID_RE = re.compile(r"^[A-Za-z0-9+/\-_]{20,255}$")  # RFC 8842 §4 tls-id-value
+#: The DOUBLE profiles perc runs, in its preference order (D18): the 128-bit one first.
+DOUBLE_PROFILES = tuple(p for p in SrtpProfile if p.is_double)
 
 
 class _Invalid(ValueError):
@@ -292,6 +300,90 @@ class MddConference:
         default=10000,
         metadata=_doc("most endpoint associations at once; new endpoints beyond are dropped"),
     )
+
+
+@attrs.frozen
+class EndpointConfig:
+    """``perc endpoint``'s settings: the one source of their defaults and help texts."""
+
+    mdd: HostPort = attrs.field(metadata=_doc("the MDD's UDP address for the conference"))
+    cert: Path = attrs.field(metadata=_doc("this endpoint's certificate (PEM)"))
+    key: Path = attrs.field(metadata=_doc("private key of the certificate (PEM)"))
+    kmf_fingerprint: Fingerprint = attrs.field(
+        metadata=_doc(
+            "the KMF's certificate fingerprint ('sha-256 AB:...'); any other server is refused"
+        )
+    )
+    tls_id: str | None = attrs.field(
+        default=None,
+        metadata=_doc(
+            "our tls-id (external_session_id, 20-255 of A-Z a-z 0-9 + / - _); random if unset"
+        ),
+    )
+    kmf_tls_id: str | None = attrs.field(
+        default=None,
+        metadata=_doc("require the KMF to present this tls-id (RFC 9185 §5.1); unchecked if unset"),
+    )
+    name: str | None = attrs.field(
+        default=None, metadata=_doc("name in logs (default: the certificate's file stem)")
+    )
+    join_timeout: float = attrs.field(
+        default=10.0,
+        metadata=_doc("seconds allowed for the whole join (DTLS handshake and first EKTKey)"),
+    )
+    duration: float | None = attrs.field(
+        default=None,
+        metadata=_doc(
+            "leave (close_notify, exit 0) this many seconds after joining; default: stay "
+            "until SIGINT/SIGTERM"
+        ),
+    )
+    keepalive: float = attrs.field(
+        default=3.0,
+        metadata=_doc(
+            "after this many seconds without sending, send an empty DTLS record so that the "
+            "MDD does not drop us as idle (its idle_timeout); 0 disables"
+        ),
+    )
+    media: str = attrs.field(
+        default="audio",
+        metadata=_doc(
+            "what to send: synthetic audio (50 packets/s, 160 B, PT 111), video (PT 96), "
+            "both, or none (receive only); everything received is verified end to end"
+        ),
+    )
+    expect_peers: int = attrs.field(
+        default=0,
+        metadata=_doc(
+            "exit 0 only if media from at least N peers was received and verified end to end"
+        ),
+    )
+    report: Path | None = attrs.field(
+        default=None,
+        metadata=_doc(
+            "write a JSON report (sent, SPIs, per peer received/verified/failures) to FILE, "
+            "replaced atomically every second and once more at exit"
+        ),
+    )
+    video_fps: float = attrs.field(
+        default=30.0,
+        metadata=_doc("synthetic video frame rate (with --media video or both)"),
+    )
+    video_bitrate: int = attrs.field(
+        default=500_000,
+        metadata=_doc(
+            "synthetic video bit rate in bit/s (key frames are larger; with --media video or both)"
+        ),
+    )
+
+
+#: The values ``perc endpoint --media`` takes.
+ENDPOINT_MEDIA = ("audio", "video", "both", "none")
+
+
+def default(cls: type[Any], key: str) -> Any:
+    """The default of one documented key (e.g. ``default(EndpointConfig, "keepalive")``)."""
+    return next(s for s in describe(cls) if s.key == key).default
 
 
 @attrs.frozen
@@ -644,14 +736,16 @@ def build_kmf_config(data: dict[str, Any], *, base: Path, source: Path | None = 
         _check(
             p in DOUBLE_PROFILES,
             f"kmf.profiles[{i}]",
-            f"unsupported profile {p:#06x}: perc runs 0x0009 and 0x000A (D18)",
+            f"unsupported profile {p:#06x}: perc runs "
+            + " and ".join(f"0x{d:04X}" for d in DOUBLE_PROFILES)
+            + " (D18)",
         )
     _check(len(set(kmf.profiles)) == len(kmf.profiles), "kmf.profiles", "duplicate profile")
     if kmf.tls_id is not None:
         _check(
-            bool(_TLS_ID_RE.match(kmf.tls_id)),
+            is_tls_id(kmf.tls_id),
             "kmf.tls_id",
-            "must be 20-255 characters of A-Z a-z 0-9 + / - _ (RFC 8842)",
+            f"must be {TLS_ID_RULE}",
         )
     for i, c in enumerate(raw.conference):
         key = f"conference[{i}]"
@@ -662,9 +756,9 @@ def build_kmf_config(data: dict[str, Any], *, base: Path, source: Path | None = 
                 f"{fp} is not in this conference's participants",
             )
             _check(
-                bool(_TLS_ID_RE.match(tls_id)),
+                is_tls_id(tls_id),
                 f"{key}.tls_ids",
-                f"tls-id of {fp} must be 20-255 characters of A-Z a-z 0-9 + / - _ (RFC 8842)",
+                f"tls-id of {fp} must be {TLS_ID_RULE}",
             )
         _check(
             math.isfinite(c.rekey_window) and c.rekey_window >= 0,
@@ -803,3 +897,58 @@ def mdd_quick_config(
         base=base if base is not None else Path.cwd(),
         rename=lambda k: _QUICK_OPTIONS.get(k, k),
     )
+
+
+def _option_error(option: str) -> Callable[[str], ConfigError]:
+    return lambda problem: ConfigError(f"{option}: {problem}")
+
+
+def endpoint_config(*, mdd: str, kmf_fingerprint: str, **options: Any) -> EndpointConfig:
+    """``perc endpoint``'s options checked into an :class:`EndpointConfig`.
+
+    ``options`` are the other keys of :class:`EndpointConfig` (missing ones take its
+    defaults). Any problem raises :class:`ConfigError` naming the option (``--mdd: ...``).
+    """
+    try:
+        address = parse_host_port(mdd)
+    except ValueError as e:
+        raise _option_error("--mdd")(str(e)) from None
+    if address.port == 0:
+        raise _option_error("--mdd")(f"port 0 in {mdd!r} is not an address to send to")
+    try:
+        fingerprint = Fingerprint(_identity.parse_fingerprint(kmf_fingerprint))
+    except _identity.IdentityError as e:
+        raise _option_error("--kmf-fingerprint")(str(e)) from None
+    for key in ("tls_id", "kmf_tls_id"):
+        value = options.get(key)
+        if value is not None and not is_tls_id(value):
+            raise _option_error("--" + key.replace("_", "-"))(
+                f"bad tls-id {value!r}: {TLS_ID_RULE}"
+            )
+    for key in ("join_timeout", "duration"):
+        value = options.get(key)
+        if value is not None and not 0 < value < 1e9:
+            raise _option_error("--" + key.replace("_", "-"))(
+                "must be a positive number of seconds"
+            )
+    keepalive = options.get("keepalive")
+    if keepalive is not None and not 0 <= keepalive < 1e9:
+        raise _option_error("--keepalive")("must be 0 (off) or a positive number of seconds")
+    name = options.get("name")
+    if name is not None and (not name or not name.isprintable() or any(c.isspace() for c in name)):
+        # It goes into key=value log lines: one printable word.
+        raise _option_error("--name")(f"{name!r} must be one printable word (no spaces)")
+    media = options.get("media")
+    if media is not None and media not in ENDPOINT_MEDIA:
+        raise _option_error("--media")(f"one of {', '.join(ENDPOINT_MEDIA)}, not {media!r}")
+    expect = options.get("expect_peers")
+    if expect is not None and expect < 0:
+        raise _option_error("--expect-peers")(f"must be >= 0, got {expect}")
+    for key in ("cert", "key", "report"):
+        if options.get(key) is not None:
+            options[key] = Path(options[key])
+    given = {k: v for k, v in options.items() if v is not None}
+    try:
+        return EndpointConfig(mdd=address, kmf_fingerprint=fingerprint, **given)
+    except TypeError as e:  # an unknown or missing key: a programming error, said plainly
+        raise ConfigError(f"endpoint settings: {e}") from None

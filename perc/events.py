@@ -31,6 +31,8 @@ from typing import Any, ClassVar, TypeVar
 import attrs
 import cattrs
 
+from perc.logsetup import RECORD_KEY, format_address
+
 __all__ = [
     "Event",
     "EventError",
@@ -39,11 +41,10 @@ __all__ = [
     "from_json",
     "parse_line",
     "register",
+    "split_record",
     "to_json",
 ]
 
-#: The ``extra`` key under which :func:`emit` attaches the event to a log record.
-RECORD_KEY = "perc_event"
 
 _converter = cattrs.Converter()
 _converter.register_unstructure_hook(uuid.UUID, str)
@@ -65,6 +66,10 @@ class Event:
     """Base of every event. Subclasses set ``kind`` and are decorated with :func:`register`."""
 
     kind: ClassVar[str] = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"event": kind, "data": {field: value}}`` (see :func:`to_json`)."""
+        return to_json(self)
 
     def describe(self) -> str:
         """The human log line: ``kind key=value ...`` unless a subclass says it better."""
@@ -125,6 +130,29 @@ def parse_line(line: str) -> Event | None:
     return from_json(obj)
 
 
+def split_record(line: str) -> tuple[str, Event | None]:
+    """One line of a role's output as (human text, event or None).
+
+    A ``--log-format json`` record becomes ``<ts> <LEVEL> <logger>: <msg>`` (the human
+    format) and its event; any other line (``perc: error: ...``, a human-format record) is
+    returned as it is, with no event. A JSON record whose event does not parse raises
+    :class:`EventError`.
+    """
+    text = line.rstrip("\r\n")
+    if not text.startswith("{"):
+        return text, None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return text, None
+    if not isinstance(obj, dict) or "msg" not in obj:
+        return text, None
+    human = f"{obj.get('ts', '')} {obj.get('level', '')} {obj.get('logger', '')}: {obj['msg']}"
+    if obj.get("exc"):
+        human += " | " + str(obj["exc"]).replace("\n", " | ")
+    return human, (from_json(obj) if "event" in obj else None)
+
+
 def emit(logger: logging.Logger, event: Event, level: int = logging.INFO) -> None:
     """Log ``event``: its :meth:`~Event.describe` text for people, its fields for programs."""
     if logger.isEnabledFor(level):
@@ -154,8 +182,21 @@ class Listening(Event):
 
 
 # --- MDD events ---------------------------------------------------------------------------------
-# Emitted by the MDD (its engine decides, its shell logs). ``association`` is the RFC 9185
-# association id; ``peer`` an endpoint's ``host:port``.
+# Emitted by the MDD (its engine, perc.mdd, decides; its shell, perc.roles.mdd, logs).
+# ``association`` is the RFC 9185 association id; ``peer`` an endpoint's ``host:port``; ``kmf``
+# the KMF's tunnel address as configured. Each ``describe()`` is the MDD's human log line.
+
+
+@attrs.frozen
+class ConferenceListening(Listening):
+    """:class:`Listening` with ``what="conference"``: the MDD bound a conference's UDP port.
+
+    Not registered on its own: it has the kind ``listening`` and the same fields, so a JSON
+    line parses back as :class:`Listening`; only its human line is the MDD's."""
+
+    def describe(self) -> str:
+        address = format_address((self.host, self.port))
+        return f"conference={self.conference} listening on udp {address}"
 
 
 @register
@@ -166,17 +207,57 @@ class MddTunnelUp(Event):
     kind: ClassVar[str] = "mdd_tunnel_up"
     conference: str
     kmf: str
+    fingerprint: str = ""
+    """The KMF's certificate fingerprint (pinned, D20)."""
+    version: int = 0
+    """The tunnel protocol version offered in SupportedProfiles (RFC 9185 §6.2)."""
+    tls: str = ""
+
+    def describe(self) -> str:
+        return (
+            f"tunnel up conference={self.conference} peer={self.kmf} kmf={self.fingerprint} "
+            f"version={self.version} tls={self.tls}"
+        )
 
 
 @register
 @attrs.frozen
 class MddTunnelDown(Event):
-    """The tunnel went down (``connected`` False: a connection attempt failed)."""
+    """The tunnel went down (``connected`` False: a connection attempt failed); the MDD tries
+    again in ``retry_in`` seconds."""
 
     kind: ClassVar[str] = "mdd_tunnel_down"
     conference: str
     reason: str
     connected: bool = True
+    kmf: str = ""
+    retry_in: float | None = None
+
+    def describe(self) -> str:
+        what = "tunnel down" if self.connected else "tunnel connect failed"
+        text = f"{what} conference={self.conference} peer={self.kmf}: {self.reason}"
+        if self.retry_in is not None:
+            text += f"; {'reconnect' if self.connected else 'retry'} in {self.retry_in:.3g} s"
+        return text
+
+
+@register
+@attrs.frozen
+class MddTunnelRefused(Event):
+    """The KMF answered UnsupportedVersion (RFC 9185 §5.5): the MDD closes this tunnel and
+    offers at most ``highest_version`` on the next one."""
+
+    kind: ClassVar[str] = "mdd_tunnel_refused"
+    conference: str
+    kmf: str
+    version: int
+    highest_version: int
+
+    def describe(self) -> str:
+        return (
+            f"tunnel refused conference={self.conference} peer={self.kmf}: KMF does not support "
+            f"tunnel version {self.version} (its highest is {self.highest_version})"
+        )
 
 
 @register
@@ -189,40 +270,107 @@ class AssociationCreated(Event):
     association: uuid.UUID
     peer: str
 
+    def describe(self) -> str:
+        return (
+            f"association new conference={self.conference} association={self.association} "
+            f"peer={self.peer}"
+        )
+
 
 @register
 @attrs.frozen
 class AssociationKeyed(Event):
-    """MediaKeys arrived for an association: the MDD forwards its media from now on."""
+    """MediaKeys arrived for an association: the MDD forwards its media from now on.
+
+    ``keys`` is a one-way digest of the four outer values (:func:`perc.keying.key_digest`),
+    never the keys; ``replaced``: the association had keys before; ``released``: datagrams
+    held for these keys (D5) that went out at once."""
 
     kind: ClassVar[str] = "mdd_association_keyed"
     conference: str
     association: uuid.UUID
     profile: int
+    peer: str = ""
+    keys: str = ""
+    replaced: bool = False
+    released: int = 0
+
+    def describe(self) -> str:
+        return (
+            f"keys installed conference={self.conference} association={self.association} "
+            f"peer={self.peer} profile=0x{self.profile:04X} keys={self.keys}"
+            + (" (replaced)" if self.replaced else "")
+            + (f" released={self.released}" if self.released else "")
+        )
+
+
+@register
+@attrs.frozen
+class MediaKeysRejected(Event):
+    """MediaKeys the MDD cannot use (profile, MKI or key/salt lengths outside D4/D18, or equal
+    client and server keys): ignored, the association stays without keys."""
+
+    kind: ClassVar[str] = "mdd_media_keys_rejected"
+    conference: str
+    association: uuid.UUID
+    profile: int
+    reason: str
+
+    def describe(self) -> str:
+        return (
+            f"media keys rejected conference={self.conference} association={self.association} "
+            f"profile=0x{self.profile:04X}: {self.reason}"
+        )
 
 
 @register
 @attrs.frozen
 class AssociationEnded(Event):
     """An association is gone: ``reason`` is ``kmf`` (EndpointDisconnect), ``idle``,
-    ``tunnel_down``, ``dropped`` (a misbehaving peer) or ``shutdown``."""
+    ``tunnel_down``, ``dropped`` (a misbehaving peer) or ``shutdown``. For ``idle``,
+    ``disconnect_sent`` says whether EndpointDisconnect went to the KMF (D3; not while the
+    tunnel is down)."""
 
     kind: ClassVar[str] = "mdd_association_ended"
     conference: str
     association: uuid.UUID
     reason: str
+    peer: str = ""
+    disconnect_sent: bool | None = None
+
+    def describe(self) -> str:
+        ids = f"conference={self.conference} association={self.association} peer={self.peer}"
+        if self.reason == "kmf":
+            return f"association ended by KMF {ids}"
+        if self.reason == "idle":
+            sent = "sent" if self.disconnect_sent else "not sent (tunnel down)"
+            return f"association idle {ids}: dropped, EndpointDisconnect {sent}"
+        return f"association ended {ids} reason={self.reason}"
 
 
 @register
 @attrs.frozen
 class MddCounters(Event):
-    """Per-association forwarding counters (periodic, and ``final`` at exit)."""
+    """Per-association forwarding counters (:class:`perc.forwarding.AssociationCounters` as a
+    dict): periodic (only those that changed), at exit, and ``final`` when the association
+    ended (just before its :class:`AssociationEnded`)."""
 
     kind: ClassVar[str] = "mdd_counters"
     conference: str
     association: uuid.UUID
     counters: dict[str, int]
     final: bool = False
+
+    def describe(self) -> str:
+        c = self.counters
+        drops = " ".join(f"{k[5:]}={v}" for k, v in c.items() if k.startswith("drop_") and v)
+        return (
+            f"counters conference={self.conference} association={self.association} "
+            f"in={c.get('packets_in', 0)}/{c.get('bytes_in', 0)}B "
+            f"out={c.get('packets_out', 0)}/{c.get('bytes_out', 0)}B "
+            f"rtcp={c.get('rtcp_in', 0)}/{c.get('rtcp_out', 0)} held={c.get('held', 0)} "
+            f"drops: {drops or 'none'}" + (" (final)" if self.final else "")
+        )
 
 
 @register
@@ -234,14 +382,25 @@ class MddTotals(Event):
     conference: str
     totals: dict[str, int]
 
+    def describe(self) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in self.totals.items())
+        return f"totals conference={self.conference} {fields}"
+
 
 @register
 @attrs.frozen
 class KeyIsolation(Event):
-    """Which end-to-end modules the MDD process has loaded (``loaded`` empty: none)."""
+    """Which end-to-end modules the MDD process has loaded (``loaded`` empty: none) of those
+    it ``checked`` (RFC 8871 §4.1: an MDD never can read media)."""
 
     kind: ClassVar[str] = "mdd_key_isolation"
     loaded: list[str]
+    checked: list[str] = attrs.field(factory=list)
+
+    def describe(self) -> str:
+        if self.loaded:
+            return f"key isolation: end-to-end modules loaded: {','.join(self.loaded)}"
+        return f"key isolation: end-to-end modules loaded: none (checked {','.join(self.checked)})"
 
 
 # --- KMF events ---------------------------------------------------------------------------------
@@ -482,7 +641,8 @@ class DisconnectFromMdd(Event):
 
 
 # --- endpoint events ----------------------------------------------------------------------------
-# Emitted by ``perc endpoint``; ``name`` is its ``--name``.
+# Emitted by ``perc endpoint``; ``name`` is its ``--name``. Key material never appears: ``ekt_key``
+# and ``hbh_keys`` are one-way digests (for matching a KMF's line to an endpoint's, not secrets).
 
 
 @register
@@ -495,6 +655,28 @@ class EndpointJoined(Event):
     profile: int
     ekt_cipher: int
     spi: int
+    profile_name: str = ""
+    ekt_cipher_name: str = ""
+    mdd: str = ""
+    local: str = ""
+    kmf: str = ""
+    kmf_tls_id: str = ""
+    tls_id: str = ""
+    cipher_suite: int = 0
+    ekt_ttl: int = 0
+    ekt_key: str = ""
+    hbh_keys: str = ""
+    join_ms: float = 0.0
+
+    def describe(self) -> str:
+        return (
+            f"joined name={self.name} mdd={self.mdd} local={self.local} kmf={self.kmf} "
+            f"kmf_tls_id={self.kmf_tls_id} tls_id={self.tls_id} "
+            f"profile={self.profile_name}(0x{self.profile:04X}) "
+            f"cipher_suite=0x{self.cipher_suite:04X} ekt_cipher={self.ekt_cipher_name} "
+            f"spi={self.spi} ekt_ttl={self.ekt_ttl} ekt_key={self.ekt_key} "
+            f"hbh_keys={self.hbh_keys} join_ms={self.join_ms:.1f}"
+        )
 
 
 @register
@@ -506,15 +688,77 @@ class EndpointEktKey(Event):
     name: str
     spi: int
     reason: str = "rekey"
+    ekt_ttl: int = 0
+    ekt_key: str = ""
+
+    def describe(self) -> str:
+        return (
+            f"ektkey name={self.name} spi={self.spi} ekt_ttl={self.ekt_ttl} "
+            f"ekt_key={self.ekt_key} ({self.reason})"
+        )
+
+
+@register
+@attrs.frozen
+class EndpointMediaStarted(Event):
+    """Media started after the join: what the endpoint sends and under which SSRCs."""
+
+    kind: ClassVar[str] = "endpoint_media"
+    name: str
+    media: str
+    ssrcs: list[int]
+    spi: int
+
+    def describe(self) -> str:
+        ssrcs = ",".join(str(s) for s in self.ssrcs)
+        return f"media name={self.name} media={self.media} ssrcs={ssrcs} spi={self.spi}"
+
+
+@register
+@attrs.frozen
+class EndpointLeft(Event):
+    """The endpoint left: BYE and close_notify sent."""
+
+    kind: ClassVar[str] = "endpoint_left"
+    name: str
+    local: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"left name={self.name} local={self.local} reason={self.reason} (close_notify sent)"
 
 
 @register
 @attrs.frozen
 class EndpointMediaSummary(Event):
-    """What the endpoint sent, received and verified (periodic and ``final`` at exit)."""
+    """What the endpoint sent, received and verified, at exit. ``peers`` maps a peer's name to
+    its counters (received, verified, e2e_failures, hbh_failures, payload_failures, key_wait,
+    lost); ``unattributed`` counts packets from SSRCs no peer was verified on."""
 
     kind: ClassVar[str] = "endpoint_media_summary"
     name: str
-    counts: dict[str, int]
+    sent: int
+    spis: list[int]
     peers_verified: int
-    final: bool = False
+    expect_peers: int
+    peers: dict[str, dict[str, int]]
+    unattributed: dict[str, int] = attrs.field(factory=dict)
+    final: bool = True
+
+    def describe(self) -> str:
+        peers = " ".join(
+            f"{name}(received={p.get('received', 0)} verified={p.get('verified', 0)} "
+            f"e2e_failures={p.get('e2e_failures', 0)} hbh_failures={p.get('hbh_failures', 0)} "
+            f"payload_failures={p.get('payload_failures', 0)} key_wait={p.get('key_wait', 0)} "
+            f"lost={p.get('lost', 0)})"
+            for name, p in self.peers.items()
+        )
+        un = self.unattributed
+        return (
+            f"media summary name={self.name} sent={self.sent} "
+            f"spis={','.join(map(str, self.spis))} "
+            f"peers_verified={self.peers_verified} expect_peers={self.expect_peers} "
+            f"unattributed_e2e_failures={un.get('e2e_failures', 0)} "
+            f"unattributed_received={un.get('received', 0)} pre_join={un.get('pre_join', 0)} "
+            f"peers: {peers or 'none'}"
+        )

@@ -122,7 +122,8 @@ wanted set depends only on the ranking). The result is identical to a from-scrat
 
 **Removal.** :meth:`ForwardingTable.remove` (EndpointDisconnect, D3) drops the association,
 its keys and SSRCs, and its routes; :meth:`ForwardingTable.expire_idle` removes those
-silent for longer than a timeout and returns their ids (the shell sends EndpointDisconnect).
+silent for longer than a timeout and returns their ids (the MDD engine, :mod:`perc.mdd`, then
+sends EndpointDisconnect).
 
 **Errors.** :meth:`ForwardingTable.handle_datagram` never raises on network input: every
 problem is a counted drop and an empty list. Local misuse (unknown association id, an
@@ -380,8 +381,12 @@ class Association(Generic[AddrT]):
         "address",
         "association_id",
         "created",
+        "dtls_in",
+        "dtls_out",
         "held",
         "last_seen",
+        "media_keys",
+        "reported",
         "ssrcs",
     )
 
@@ -409,6 +414,13 @@ class Association(Generic[AddrT]):
         self.held: list[bytes] = []
         #: RTP SSRCs this association sends (it owns them in the table)
         self.ssrcs: set[int] = set()
+        #: The ``MediaKeys`` its sessions were made from (None before keys and once removed)
+        self.media_keys: MediaKeys | None = None
+        #: DTLS datagrams relayed from and to the endpoint (counted by the MDD engine)
+        self.dtls_in = 0
+        self.dtls_out = 0
+        #: The counters last reported for it (the MDD engine reports only changes)
+        self.reported: dict[str, int] | None = None
         self._hop: MediaDistributorHop | None = None
         self._in_session: SrtpSession | None = None
         self._out_session: SrtpSession | None = None
@@ -569,6 +581,7 @@ class ForwardingTable(Generic[AddrT]):
         assoc._hop = MediaDistributorHop(inbound, expect_ekt=True)
         assoc._protect_rtp = outbound.protect_rtp
         assoc._protect_rtcp = outbound.protect_rtcp
+        assoc.media_keys = keys
         self.stats.keys_installed += 1
         if replacing:
             self._replace_routes(assoc)
@@ -647,6 +660,7 @@ class ForwardingTable(Generic[AddrT]):
         assoc._hop = None
         assoc._in_session = assoc._out_session = None
         assoc._protect_rtp = assoc._protect_rtcp = None
+        assoc.media_keys = None
         self.stats.removed += 1
         return True
 

@@ -152,9 +152,9 @@ from perc.keying import (
     choose_profile,
     key_digest,
 )
-from perc.roles.keying import random_tls_id
 from perc.srtp.errors import SrtpError
 from perc.srtp.keys import outer_media_keys
+from perc.tlsid import random_tls_id
 from perc.wire.tunnel import (
     TUNNEL_VERSION,
     EndpointDisconnect,

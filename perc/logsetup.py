@@ -20,7 +20,7 @@ import datetime
 import json
 import logging
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
 #: The ``--log-level`` choices, most verbose first.
 LEVELS = ("debug", "info", "warning", "error")
@@ -30,6 +30,10 @@ DEFAULT_LEVEL = "info"
 FORMATS = ("human", "json")
 #: The format when ``--log-format`` is not given.
 DEFAULT_FORMAT = "human"
+
+
+#: The ``extra`` key under which :func:`perc.events.emit` attaches an event to a log record.
+RECORD_KEY = "perc_event"
 
 
 def _stamp(record: logging.LogRecord) -> str:
@@ -55,17 +59,18 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per record; an event's kind and fields when it carries one."""
 
     def format(self, record: logging.LogRecord) -> str:
-        from perc import events
-
         obj: dict[str, object] = {
             "ts": _stamp(record),
             "level": record.levelname,
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        event = getattr(record, events.RECORD_KEY, None)
-        if isinstance(event, events.Event):
-            obj.update(events.to_json(event))
+        # An event (perc.events.emit) knows its JSON form; this module does not import
+        # perc.events, which builds on it.
+        event = getattr(record, RECORD_KEY, None)
+        to_json = getattr(event, "to_json", None)
+        if callable(to_json):
+            obj.update(to_json())
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -100,3 +105,11 @@ def setup(
     handler._perc_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def format_address(addr: Any) -> str:
+    """``host:port`` for a socket address tuple (``[v6]:port`` for IPv6)."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        host, port = addr[0], addr[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(addr)

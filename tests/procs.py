@@ -16,7 +16,6 @@ every process of a test.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -80,23 +79,10 @@ class Proc:
     # --- output --------------------------------------------------------------------------------
 
     def _add_line(self, raw: bytes) -> None:
-        text = raw.decode(errors="replace")
-        obj: Any = None
-        if text.startswith("{"):
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                obj = None
-        if isinstance(obj, dict) and "msg" in obj:
-            human = f"{obj.get('ts', '')} {obj.get('level', '')} {obj.get('logger', '')}: "
-            human += str(obj["msg"])
-            if obj.get("exc"):
-                human += " | " + str(obj["exc"]).replace("\n", " | ")
-            self.lines.append(human)
-            if "event" in obj:
-                self.events.append(events.from_json(obj))
-        else:
-            self.lines.append(text)
+        text, event = events.split_record(raw.decode(errors="replace"))
+        self.lines.append(text)
+        if event is not None:
+            self.events.append(event)
 
     async def pump_stderr(self) -> None:
         stream = self.process.stderr

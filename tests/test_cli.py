@@ -326,7 +326,7 @@ def test_log_lines_are_single_lines() -> None:
 
 
 def test_endpoint_help_lists_every_exit_code() -> None:
-    from perc.roles.endpoint import ExitCode
+    from perc.endpoint import ExitCode
 
     text = CliRunner().invoke(main, ["endpoint", "--help"]).stdout
     listed = dict(re.findall(r"^\s+(\d)\s+(\S.*)$", text.split("Exit status:")[1], re.MULTILINE))
@@ -475,7 +475,7 @@ def test_endpoint_times_must_be_positive(
 def test_endpoint_join_errors_keep_their_exit_status(
     endpoint_files: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from perc.roles.endpoint import ExitCode, JoinRefused
+    from perc.endpoint import ExitCode, JoinRefused
 
     def refuse(serve: Any, cfg: Any, what: str = "") -> None:
         raise JoinRefused("join refused by the KMF: fatal alert access_denied", 49)

@@ -6,6 +6,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -318,7 +319,7 @@ KMF_BAD = [
     (_set("kmf", "profiles", value=[9, 9]), "kmf.profiles: duplicate profile"),
     (
         _set("kmf", "tls_id", value="short"),
-        "kmf.tls_id: must be 20-255 characters of A-Z a-z 0-9 + / - _ (RFC 8842)",
+        "kmf.tls_id: must be 20 to 255 characters of A-Z a-z 0-9 + / - _ (RFC 8842 §4)",
     ),
     (
         _set("kmf", "listen", value="127.0.0.1"),
@@ -539,3 +540,87 @@ def test_mutated_good_documents_raise_only_config_error(
         elif isinstance(parent, dict):
             parent[data.draw(keys)] = data.draw(toml_values)
         _only_config_error(build, doc, ids["dir"])
+
+
+# --- perc endpoint's settings -------------------------------------------------------------------
+
+
+def test_endpoint_defaults_are_what_perc_endpoint_help_says() -> None:
+    """One source: every EndpointConfig key is an option whose help shows the key's doc and,
+    when it has one, its default."""
+    command = main.commands["endpoint"]
+    ctx = click.Context(command)
+    options = {p.name: p for p in command.params}
+    text = " ".join(CliRunner().invoke(main, ["endpoint", "--help"]).stdout.split())
+    for setting in config.describe(config.EndpointConfig):
+        option = options[setting.key]
+        if not setting.required:
+            # click holds no default of its own (click 8.3 says UNSET, earlier ones None)
+            assert option.get_default(ctx) in (None, getattr(click.core, "UNSET", None))
+        help_text = getattr(option, "help", "") or ""
+        assert help_text.startswith(setting.doc[:1].upper() + setting.doc[1:])
+        if setting.default is not None:
+            assert f"[default: {setting.default}]" in help_text
+            assert f"[default: {setting.default}]" in text
+    assert set(options) - {"log_level", "log_format"} == {
+        s.key for s in config.describe(config.EndpointConfig)
+    }
+
+
+def test_endpoint_config_takes_the_defaults(ids: dict[str, Any]) -> None:
+    cfg = config.endpoint_config(
+        mdd="127.0.0.1:5004", kmf_fingerprint=ids["kmf"], cert="a.crt", key="a.key"
+    )
+    assert cfg == config.EndpointConfig(
+        mdd=HostPort("127.0.0.1", 5004),
+        cert=Path("a.crt"),
+        key=Path("a.key"),
+        kmf_fingerprint=config.Fingerprint(ids["kmf"]),
+    )
+    assert (cfg.join_timeout, cfg.keepalive, cfg.media, cfg.expect_peers) == (
+        10.0, 3.0, "audio", 0,
+    )  # fmt: skip
+    assert (cfg.video_fps, cfg.video_bitrate, cfg.duration, cfg.name) == (30.0, 500_000, None, None)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"mdd": "nowhere"}, "--mdd: bad host:port 'nowhere'"),
+        ({"mdd": "h:0"}, "--mdd: port 0 in 'h:0' is not an address to send to"),
+        ({"kmf_fingerprint": "md5 AB"}, "--kmf-fingerprint: "),
+        ({"tls_id": "short"}, "--tls-id: bad tls-id 'short': 20 to 255 characters"),
+        ({"kmf_tls_id": "x" * 256}, "--kmf-tls-id: bad tls-id"),
+        ({"join_timeout": 0.0}, "--join-timeout: must be a positive number of seconds"),
+        ({"duration": float("nan")}, "--duration: must be a positive number of seconds"),
+        ({"keepalive": -1.0}, "--keepalive: must be 0 (off) or a positive number of seconds"),
+        ({"name": "a b"}, "--name: 'a b' must be one printable word (no spaces)"),
+        ({"name": ""}, "--name: '' must be one printable word"),
+        ({"media": "smell"}, "--media: one of audio, video, both, none, not 'smell'"),
+        ({"expect_peers": -1}, "--expect-peers: must be >= 0, got -1"),
+        ({"colour": "red"}, "endpoint settings: "),
+    ],
+)
+def test_endpoint_config_errors_name_the_option(
+    ids: dict[str, Any], options: dict[str, Any], message: str
+) -> None:
+    given_options: dict[str, Any] = {
+        "mdd": "127.0.0.1:5004",
+        "kmf_fingerprint": ids["kmf"],
+        "cert": "a.crt",
+        "key": "a.key",
+        **options,
+    }
+    with pytest.raises(ConfigError) as info:
+        config.endpoint_config(**given_options)
+    assert str(info.value).startswith(message)
+
+
+def test_double_profiles_are_the_srtp_profiles_that_are_double() -> None:
+    from perc.srtp.keys import SrtpProfile
+
+    assert config.DOUBLE_PROFILES == (
+        SrtpProfile.DOUBLE_AEAD_AES_128_GCM,
+        SrtpProfile.DOUBLE_AEAD_AES_256_GCM,
+    )
+    assert config.default(config.KmfSettings, "profiles") == (0x0009, 0x000A)

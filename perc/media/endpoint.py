@@ -12,7 +12,7 @@ client) and it holds an EKTKey. It never touches a socket or a clock: the I/O sh
 * ``rekey(params, now)`` for every new EKTKey; ``bye(now)`` when leaving;
 * ``report()`` for the JSON report.
 
-**Keys** (RFC 8871 §6.2, RFC 8723 §3, SPEC 4.7). From the DOUBLE profile's exporter output the
+**Keys** (RFC 8871 §6.2, RFC 8723 §3, §6). From the DOUBLE profile's exporter output the
 endpoint uses only the outer halves: it *sends* (SRTP outer layer and SRTCP) with the outer
 half of ``client_write`` and *receives* with the outer half of ``server_write``, which is
 what the Media Distributor re-encrypts with (RFC 9185 §6.4). The inner (end-to-end) key is a
@@ -824,7 +824,7 @@ class EndpointMedia:
     # --- report ------------------------------------------------------------------------------
 
     def report(self) -> dict[str, Any]:
-        """The endpoint's report (issue 5's schema, plus diagnostic fields)."""
+        """The endpoint's report (the report schema, plus diagnostic fields)."""
         sent_by_stream = {
             s.kind.name.lower(): {
                 "ssrc": s.ssrc,

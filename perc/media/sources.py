@@ -32,6 +32,7 @@ import struct
 
 import attrs
 
+from perc.config import EndpointConfig, default
 from perc.media.payload import StreamKind, build_payload, minimum_payload_size
 
 __all__ = [
@@ -250,9 +251,9 @@ class AudioSource(_Source):
 class VideoSettings:
     """Synthetic video parameters."""
 
-    fps: float = 30.0
+    fps: float = default(EndpointConfig, "video_fps")
     #: average bit rate of delta frames (bit/s); key frames are ``keyframe_factor`` times larger
-    bitrate: int = 500_000
+    bitrate: int = default(EndpointConfig, "video_bitrate")
     #: largest RTP payload per packet (bytes)
     max_payload: int = 1000
     #: seconds between periodic key frames

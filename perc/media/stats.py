@@ -20,7 +20,7 @@ cannot be attributed to a sender name: they are counted in :class:`Unattributed`
 cannot read packets sent before its first Full EKT tag, and must not be able to read the
 ones under a key from before it joined, RFC 8871 §4.5.2).
 
-:func:`build_report` groups streams by sender name into the report of issue 5::
+:func:`build_report` groups streams by sender name into the endpoint's JSON report::
 
     {"name", "ssrc", "sent", "spis": [...],
      "peers": {name: {"ssrc", "received", "verified", "hbh_failures", "e2e_failures", ...}}}
@@ -362,7 +362,7 @@ def build_report(
     unattributed: Unattributed,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The JSON-ready report of one endpoint (issue 5's schema plus diagnostic fields)."""
+    """The JSON-ready report of one endpoint (the report schema plus diagnostic fields)."""
     by_name: dict[str, list[RemoteStream]] = {}
     for s in streams.values():
         if s.name is not None:

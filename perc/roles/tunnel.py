@@ -53,9 +53,10 @@ a TLS failure is one of these, with a one-line reason.
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import Any
+import os
+from collections.abc import Awaitable, Callable, Mapping
 
 import attrs
 import trio
@@ -63,6 +64,8 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL, crypto
 
 from perc.identity import Identity, fingerprint_of_der
+from perc.keylog import ENV_VAR, KeyLog
+from perc.logsetup import format_address
 from perc.wire.tunnel import (
     TunnelDecodeError,
     TunneledDtls,
@@ -84,7 +87,10 @@ __all__ = [
     "TunnelStats",
     "format_address",
     "make_tls_context",
+    "tunnel_keylog",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Default bound on the TLS handshake (seconds).
 HANDSHAKE_TIMEOUT = 10.0
@@ -122,21 +128,19 @@ class TunnelProtocolError(TunnelError):
     """The peer broke the tunnel's rules (decision D2): the tunnel must be closed."""
 
 
-def format_address(addr: Any) -> str:
-    """``host:port`` for a socket address tuple (``[v6]:port`` for IPv6)."""
-    if isinstance(addr, tuple) and len(addr) >= 2:
-        host, port = addr[0], addr[1]
-        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-    return str(addr)
-
-
 def make_tls_context(
-    identity: Identity, *, server: bool, is_trusted: Callable[[str], bool]
+    identity: Identity,
+    *,
+    server: bool,
+    is_trusted: Callable[[str], bool],
+    keylog: Callable[[str], None] | None = None,
 ) -> SSL.Context:
     """A TLS 1.3-only OpenSSL context presenting ``identity`` and pinning the peer.
 
     ``is_trusted(fingerprint)`` decides on the peer's leaf certificate (D20 text form). The
-    server requires a client certificate.
+    server requires a client certificate. TLS 1.3 key-log lines (NSS format) go to
+    ``keylog``, or, without one, to the file ``SSLKEYLOGFILE`` names if it is set
+    (:func:`tunnel_keylog`), so that Wireshark can decrypt the tunnel.
     """
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
@@ -161,7 +165,47 @@ def make_tls_context(
     if server:
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
     ctx.set_verify(mode, verify)
+
+    sink = keylog if keylog is not None else tunnel_keylog()
+    if sink is not None:
+        write = sink
+
+        def log_secret(conn: SSL.Connection, line: bytes) -> None:
+            # OpenSSL hands one complete line per secret; the writer appends it in one write.
+            write(line.decode("ascii", "replace"))
+
+        ctx.set_keylog_callback(log_secret)
     return ctx
+
+
+#: One key-log writer per file for all tunnel contexts of the process (see tunnel_keylog).
+_tunnel_keylogs: dict[str, KeyLog] = {}
+
+
+def tunnel_keylog(environ: Mapping[str, str] | None = None) -> KeyLog | None:
+    """The process's tunnel key-log writer for ``SSLKEYLOGFILE``, or None when it is unset.
+
+    Opened once per path and kept for the life of the process (a KMF or MDD makes its TLS
+    context once). It is a separate descriptor from the DTLS key log's, on the same file:
+    both append whole lines with one ``O_APPEND`` write, so lines never interleave. Raises
+    :class:`perc.keylog.KeyLogError` when the file cannot be opened.
+    """
+    env = os.environ if environ is None else environ
+    path = env.get(ENV_VAR, "")
+    if not path:
+        return None
+    existing = _tunnel_keylogs.get(path)
+    if existing is not None:
+        return existing
+    opened = KeyLog(path)
+    _tunnel_keylogs[path] = opened
+    log.warning(
+        "%s is set: tunnel TLS secrets are appended to %s; anyone who can read that file can "
+        "decrypt the tunnel, including the hop-by-hop SRTP keys in MediaKeys",
+        ENV_VAR,
+        opened.path,
+    )
+    return opened
 
 
 @attrs.define

@@ -26,7 +26,7 @@ from perc.config import Fingerprint, HostPort, KmfConference, KmfConfig, KmfSett
 from perc.dtls import DtlsConfiguration, DtlsConnection, PeerIdentity, events
 from perc.dtls.errors import AlertDescription
 from perc.identity import Identity
-from perc.roles.keying import random_tls_id
+from perc.tlsid import random_tls_id
 
 LOCAL = "127.0.0.1"
 DOUBLE_PROFILES = (0x0009, 0x000A)

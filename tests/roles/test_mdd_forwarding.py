@@ -26,9 +26,12 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from perc import identity
+from perc import events, identity
 from perc.config import ConfigError, KmfConfig, MddConfig, build_mdd_config
+from perc.forwarding import Association
 from perc.kmf import KmfEngine
+from perc.logsetup import JsonFormatter
+from perc.mdd import Address
 from perc.roles import kmf, mdd
 from perc.roles.endpoint import JoinSettings, JoinTimeout, join
 from perc.roles.tunnel import TunnelConnection
@@ -191,7 +194,8 @@ class Conference:
         assert relay is not None
         await until(
             lambda: any(
-                a.address == result.local_address and a.keys for a in relay.associations.values()
+                a.address == result.local_address and a.has_keys
+                for a in relay.associations.values()
             )
         )
         return peer
@@ -210,7 +214,7 @@ class Conference:
                 r.socket.close()
 
 
-def association_of(relay: mdd.ConferenceRelay, peer: Peer) -> mdd.Association:
+def association_of(relay: mdd.ConferenceRelay, peer: Peer) -> Association[Address]:
     return next(a for a in relay.associations.values() if a.address == peer.result.local_address)
 
 
@@ -256,9 +260,9 @@ async def test_three_endpoints_talk_through_the_mdd(
         check_payloads(peers)
         # The MDD's counters match: 20 in from each, 40 out to each, nothing dropped.
         for p in peers:
-            c = association_of(relay, p).media.counters
+            c = association_of(relay, p).counters
             assert (c.packets_in, c.packets_out, c.drop_auth, c.drop_replay) == (20, 40, 0, 0)
-            assert association_of(relay, p).srtp_in == 20
+            assert c.received == 20
         stats = relay.stats
         assert (stats.srtp_in, stats.srtp_out, stats.dropped_srtp) == (60, 120, 0)
         # SRTCP (D19): a sender report from a goes hop-by-hop to b and c.
@@ -289,6 +293,24 @@ async def test_three_endpoints_talk_through_the_mdd(
     assert "totals conference=demo associations=3" in text
     assert "srtp_in=61 srtp_out=122 dropped_srtp=0" in text
     assert "key isolation: end-to-end modules loaded:" in text
+    # Every one of those lines is an event: with --log-format json a program reads it back.
+    formatter = JsonFormatter()
+    seen: dict[type[events.Event], list[events.Event]] = {}
+    for record in caplog.records:
+        event = getattr(record, events.RECORD_KEY, None)
+        if record.name == "perc.roles.mdd" and event is not None:
+            assert record.getMessage() == event.describe()
+            back = events.parse_line(formatter.format(record))
+            assert back is not None and events.to_json(back) == events.to_json(event)
+            seen.setdefault(type(event), []).append(event)
+    assert len(seen[events.AssociationCreated]) == len(seen[events.AssociationKeyed]) == 3
+    for kind in (events.ConferenceListening, events.MddTunnelUp, events.MddTotals):
+        assert [e.conference for e in seen[kind]] == ["demo"]  # type: ignore[attr-defined]
+    assert len(seen[events.KeyIsolation]) == 1
+    assert {e.association for e in seen[events.MddCounters]} == {  # type: ignore[attr-defined]
+        e.association
+        for e in seen[events.AssociationCreated]  # type: ignore[attr-defined]
+    }
 
 
 async def test_srtp_before_media_keys_is_held_then_forwarded(
@@ -334,7 +356,7 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
             await socks[0].sendto(sender.protect(rtp(i, 0x1234, b"p%d" % i), 0.0), relay.address)
         await until(lambda: relay.stats.dropped_srtp_no_keys == 70)
         assoc = relay.associations[aids[0]]
-        c = assoc.media.counters
+        c = assoc.counters
         assert (c.held, c.drop_queue_full, relay.stats.srtp_held) == (64, 6, 64)
         assert relay.stats.dropped_srtp == 6
         # Keys arrive: the 64 held packets go out to the receiver, in order.
@@ -350,13 +372,12 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
         # EndpointDisconnect from the KMF: the association leaves the table too (both ways).
         assert server.send(tunnel_id, EndpointDisconnect(aids[1]))
         await until(lambda: aids[1] not in relay.associations)
-        assert aids[1] not in relay.table.associations
-        unknown = relay.table.stats.unknown_source
+        unknown = relay.engine.table.stats.unknown_source
         await socks[1].sendto(b"\x80" + bytes(40), relay.address)
-        await until(lambda: relay.table.stats.unknown_source == unknown + 1)
+        await until(lambda: relay.engine.table.stats.unknown_source == unknown + 1)
         await socks[0].sendto(sender.protect(rtp(70, 0x1234, b"late"), 0.0), relay.address)
-        await until(lambda: relay.associations[aids[0]].media.counters.packets_in == 65)
-        assert relay.associations[aids[0]].media.counters.packets_out == 0
+        await until(lambda: relay.associations[aids[0]].counters.packets_in == 65)
+        assert relay.associations[aids[0]].counters.packets_out == 0
         for s in socks:
             s.close()
         nursery.cancel_scope.cancel()
@@ -383,8 +404,8 @@ async def test_idle_timeout_removes_the_association_from_forwarding(
         for _ in range(20):
             await a.send(1)
             await trio.sleep(0.25)
-        assert aid_b not in relay.table.associations and aid_b not in relay.associations
-        assert association_of(relay, a).media.counters.packets_in == 20
+        assert aid_b not in relay.associations
+        assert association_of(relay, a).counters.packets_in == 20
         assert relay.stats.associations_idle == 1
         nursery.cancel_scope.cancel()
 
@@ -409,15 +430,15 @@ async def test_kmf_killed_media_goes_on_new_join_fails_then_works_after_restart(
         a.learn([b])
         b.learn([a])
         await exchange([a, b], 10)
-        keys_before = {aid: x.keys for aid, x in relay.associations.items()}
+        keys_before = {aid: x.media_keys for aid, x in relay.associations.items()}
 
         conf.kill_kmf()
         await until(lambda: not relay.tunnel_is_up)
         # The MDD keeps every association and its hop-by-hop keys while the tunnel is down...
         await trio.sleep(3.0)  # reconnect attempts fail meanwhile
         assert relay.stats.connect_failures >= 1
-        assert {aid: x.keys for aid, x in relay.associations.items()} == keys_before
-        assert all(x.media.has_keys for x in relay.associations.values())
+        assert {aid: x.media_keys for aid, x in relay.associations.items()} == keys_before
+        assert all(x.has_keys for x in relay.associations.values())
         # ... so the joined endpoints keep talking.
         await exchange([a, b], 10)
         check_payloads([a, b])
@@ -541,9 +562,9 @@ async def test_send_failures_wait_on_eagain_and_drop_the_rest_counted(ids: Simpl
     relay._sock = fake  # type: ignore[assignment]
     out = [((LOCAL, 5000 + i), b"d%d" % i) for i in range(5)]
     with fake.real:
-        await relay._send_media(out)
+        await relay._send(out)
     assert fake.sent == [b"d0", b"d1", b"d3", b"d4"]
-    assert (relay.stats.send_waits, relay.stats.dropped_udp_send) == (1, 1)
+    assert (relay.io.send_waits, relay.io.dropped_udp_send) == (1, 1)
 
 
 # --- configuration ---------------------------------------------------------------------------
@@ -568,9 +589,10 @@ def test_forwarding_options_reach_the_table(ids: SimpleNamespace, tmp_path: Path
     config = build_mdd_config(data, base=tmp_path)
     assert config.mdd.stats_interval == 2.5
     relay = mdd.ConferenceRelay(config.conferences[0], config)
-    assert relay.table.config.last_n == 2
-    assert relay.table.config.video_payload_types == frozenset({96, 98})
-    assert relay.table.config.max_associations == config.conferences[0].max_associations
+    table = relay.engine.table
+    assert table.config.last_n == 2
+    assert table.config.video_payload_types == frozenset({96, 98})
+    assert table.config.max_associations == config.conferences[0].max_associations
     defaults = build_mdd_config(_mdd_data(tmp_path, ids), base=tmp_path)
     assert defaults.mdd.stats_interval == 10.0
     assert defaults.conferences[0].video_payload_types == (96,)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from perc.roles.demo import DemoFiles, make_demo_files, write_mdd_config
+from perc.demo import DemoFiles, make_demo_files, write_mdd_config
 from tests.procs import Proc
 
 pytestmark = pytest.mark.slow

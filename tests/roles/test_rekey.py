@@ -397,7 +397,7 @@ class MediaSim:
 
     def add(self, name: str, result: JoinResult) -> SimEndpoint:
         now = trio.current_time()
-        keys = mdd_association(self.relay, result).keys
+        keys = mdd_association(self.relay, result).media_keys
         assert keys is not None
         media = EndpointMedia(
             name, "audio", material_of(result), params_of(result, result.ekt_keys[-1], now), now
@@ -406,8 +406,10 @@ class MediaSim:
             name,
             result,
             media,
-            MediaDistributorHop(SrtpSession(keys.client_key, keys.client_salt)),
-            SrtpSession(keys.server_key, keys.server_salt),
+            MediaDistributorHop(
+                SrtpSession(keys.client_write_master_key, keys.client_write_master_salt)
+            ),
+            SrtpSession(keys.server_write_master_key, keys.server_write_master_salt),
             keys_given=len(result.ekt_keys),
         )
         self.endpoints[name] = endpoint

@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from perc import config, identity
+from perc import demo as plan
 from perc.roles import demo
 
 pytestmark = pytest.mark.slow
@@ -107,7 +108,7 @@ async def test_demo_fails_when_an_endpoint_is_not_on_the_roster() -> None:
     ("kwargs", "message"),
     [
         ({"participants": 1}, "--participants"),
-        ({"participants": len(demo.NAMES) + 1}, "--participants"),
+        ({"participants": len(plan.NAMES) + 1}, "--participants"),
         ({"duration": 1.0}, "--duration"),
         ({"duration": float("nan")}, "--duration"),
         ({"media": "none"}, "--media"),
@@ -123,7 +124,7 @@ def test_demo_refuses_bad_arguments(
 
 
 def test_demo_files_make_a_loadable_conference(tmp_path: Path) -> None:
-    files = demo.make_demo_files(tmp_path, NAMES, outsiders=("alice",))
+    files = plan.make_demo_files(tmp_path, NAMES, outsiders=("alice",))
     kmf = config.load_kmf_config(files.kmf_config)
     assert kmf.kmf.listen.port == 0  # the kernel picks; the demo reads it from the log
     assert [str(fp) for fp in kmf.kmf.trusted_mdds] == [files.mdd_fingerprint]
@@ -134,9 +135,9 @@ def test_demo_files_make_a_loadable_conference(tmp_path: Path) -> None:
     }
     assert {str(fp) for fp in conf.participants} == roster  # alice left off (the fault)
     assert (conf.rekey_on_join, conf.rekey_on_leave) == (True, True)
-    assert conf.rekey_window == demo.REKEY_WINDOW
+    assert conf.rekey_window == plan.REKEY_WINDOW
     assert files.on_roster == ("bob", "carol")
-    mdd = config.load_mdd_config(demo.write_mdd_config(files, 4321))
+    mdd = config.load_mdd_config(plan.write_mdd_config(files, 4321))
     (mconf,) = mdd.conferences
     assert (mconf.kmf.port, str(mconf.kmf_fingerprint)) == (4321, files.kmf_fingerprint)
     assert mconf.listen.port == 0

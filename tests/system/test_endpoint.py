@@ -24,22 +24,22 @@ from trio.testing import MockClock
 
 from perc import identity
 from perc.dtls.events import AlertReceived, ApplicationDataReceived
-from perc.keylog import KeyLog
-from perc.media.endpoint import EndpointMedia
-from perc.roles import endpoint
-from perc.roles.endpoint import (
+from perc.endpoint import (
     AssociationEnded,
     ExitCode,
+    Joiner,
     JoinError,
     JoinFailed,
     JoinRefused,
     JoinSettings,
     JoinTimeout,
     WrongKmf,
-    _Joiner,
     hbh_digest,
-    key_digest,
 )
+from perc.keying import key_digest
+from perc.keylog import KeyLog
+from perc.media.endpoint import EndpointMedia
+from perc.roles import endpoint
 from perc.srtp.ekt import EktParameterSet
 from perc.srtp.keys import SrtpProfile, split_exporter
 from perc.wire.dtls import (
@@ -73,7 +73,7 @@ def mock_clock() -> MockClock:
 
 
 async def test_join_holds_outer_halves_and_the_ektkey(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "perc.roles.endpoint")
+    caplog.set_level(logging.INFO, "perc")
     kmf = FakeKmf(IDS["kmf"], {IDS["alice"].fingerprint})
     async with trio.open_nursery() as nursery:
         address = await nursery.start(kmf.serve)
@@ -320,7 +320,7 @@ class FakeMedia:
 
 
 async def test_media_seam_rekey_and_held_packets(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO, "perc.roles.endpoint")
+    caplog.set_level(logging.INFO, "perc")
     srtp_early = b"\x80\x6f" + bytes(20)
 
     def before_ekt(kmf: FakeKmf, addr: tuple[str, int], peer: object) -> None:
@@ -386,7 +386,7 @@ async def test_media_run_writes_reports_and_judges_expect_peers(
     """MediaRun (what `perc endpoint` runs): report before the join, while joined (every
     report_interval, atomically) and at the end with the exit status; exit 8 when fewer peers
     than --expect-peers verified (the stand-in KMF echoes nothing: no peer at all)."""
-    caplog.set_level(logging.INFO, "perc.roles.endpoint")
+    caplog.set_level(logging.INFO, "perc")
     kmf = FakeKmf(IDS["kmf"])
     path = tmp_path / "alice.json"
     options = endpoint.MediaOptions(media="both", expect_peers=1, report=path, report_interval=0.1)
@@ -518,16 +518,6 @@ async def test_keylog_line_written(tmp_path: Path) -> None:
     assert re.fullmatch(r"CLIENT_RANDOM [0-9a-f]{64} [0-9a-f]{96}", line)
 
 
-def test_tls_ids() -> None:
-    ids = {endpoint.new_tls_id() for _ in range(50)}
-    assert len(ids) == 50
-    for t in ids:
-        assert endpoint.check_tls_id(t) == t
-    for bad in ("short", "x" * 256, "has space in it......", "é" * 20):
-        with pytest.raises(ValueError, match="tls-id"):
-            endpoint.check_tls_id(bad)
-
-
 async def wait_until(predicate: object, timeout: float = 5.0) -> None:
     assert callable(predicate)
     with trio.fail_after(timeout):
@@ -550,24 +540,19 @@ DATAGRAM = st.one_of(
 @settings_(max_examples=150, deadline=None)
 @given(st.lists(DATAGRAM, max_size=8))
 def test_garbage_during_a_join_is_dropped_or_a_typed_join_error(datagrams: list[bytes]) -> None:
-    """Whatever arrives on the socket: counted drops, or one JoinError (e.g. a forged alert)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.connect(sock.getsockname())
-        sock.setblocking(False)
-        j = _Joiner(settings(sock.getsockname()), sock, None, clock=lambda: 0.0)
-        j.conn.connect(0.0)
-        try:
-            for i, dg in enumerate(datagrams):
-                j.feed(dg, float(i))
-                j.events(float(i))
-        except JoinError as e:
-            assert isinstance(e, (JoinRefused, JoinFailed, WrongKmf, JoinTimeout))
-            assert "\n" not in str(e)
-        stats = j.stats
-        assert stats.dtls_in + stats.media_held + stats.dropped_media + stats.dropped_other <= len(
-            datagrams
-        )
+    """Whatever arrives: counted drops, or one JoinError (e.g. a forged alert); no socket."""
+    j = Joiner(settings(("127.0.0.1", 9)))
+    j.start(0.0)
+    try:
+        for i, dg in enumerate(datagrams):
+            j.receive_datagram(dg, float(i))
+    except JoinError as e:
+        assert isinstance(e, (JoinRefused, JoinFailed, WrongKmf, JoinTimeout))
+        assert "\n" not in str(e)
+    stats = j.stats
+    assert stats.dtls_in + stats.media_held + stats.dropped_media + stats.dropped_other <= len(
+        datagrams
+    )
 
 
 # --- what the media engine counts around joins (perc.media "Pre-join", "Early", key wait) ----

@@ -1,0 +1,618 @@
+"""The Media Distributor of one conference, sans-IO: datagrams and tunnel messages in,
+datagrams, tunnel messages, events and a timer out.
+
+API::
+
+    engine = MddEngine(conference_id, kmf="host:port", forwarding=ForwardingConfig(...),
+                       idle_timeout=10.0, stats_interval=10.0)   # or MddEngine.from_config
+    engine.receive_datagram(data, addr, now)      # anything from the conference's UDP port
+    engine.receive_tunnel_message(msg, now)       # anything the KMF sent on the tunnel
+    engine.tunnel_up(now, fingerprint=..., tls=...)          # SupportedProfiles is queued
+    engine.tunnel_down(now, reason=..., retry_in=...)        # the shell's tunnel ended
+    engine.tunnel_connect_failed(now, reason=..., retry_in=...)
+    engine.datagrams_to_send() -> list[(addr, bytes)]
+    engine.tunnel_messages_to_send() -> list[TunnelMessage]
+    engine.next_event() -> perc.events.Event | None
+    engine.get_timer() -> float;  engine.handle_timer(now)
+    engine.close(now, extra_totals)               # at exit: counters and totals events
+    engine.associations      # the forwarding table's associations by id (the only table)
+    engine.stats             # MddStats
+    engine.tunnel_is_up, engine.tunnel_close_reason, engine.kmf_highest_version, engine.version
+
+Nothing here does I/O or reads a clock; :mod:`perc.roles.mdd` is the trio shell that owns the
+socket, the TLS tunnel, the reconnect backoff and the sleeping.
+
+Theory of operation
+-------------------
+**One table.** Every fact about an endpoint association lives on its
+:class:`perc.forwarding.Association`, in the conference's
+:class:`~perc.forwarding.ForwardingTable`: the association id (a version 4 UUID, RFC 9185
+§5.3), the endpoint's address (the 5-tuple with the conference's socket), when it was created
+and last heard from, its hop-by-hop keys (the ``MediaKeys`` they came from, the SRTP sessions
+made of them), the D5 hold, the DTLS counters and the forwarding counters. The engine adds no
+dict of its own beside it; lookups by address and by id are the table's.
+
+**Demultiplexing** on the first byte of each datagram (RFC 7983 §7, after RFC 5764 §5.1.2):
+128-191 is SRTP/SRTCP and goes to :meth:`ForwardingTable.handle_datagram`, whose output (one
+datagram per receiver, RFC 8723 §5.2) is queued for sending; 20-63 is DTLS and goes to the KMF
+as ``TunneledDtls`` with the association id of the sender's address, a new address getting a
+new association (bounded by ``max_associations``); anything else is dropped and counted
+(RFC 7983: MUST drop). DTLS arriving while the tunnel is down is dropped and counted, not
+buffered: the endpoint retransmits, and a joining endpoint times out with its own message.
+
+**From the KMF** (RFC 9185 §6): ``TunneledDtls`` becomes a datagram to the association's
+endpoint; ``MediaKeys`` is the MDD's only source of keys (RFC 8871 §4.1: outer halves only,
+D4) and goes to :meth:`ForwardingTable.install_keys`, which checks the profile, MKI and
+lengths (D4, D18) and returns the D5 hold (up to 64 datagrams that arrived before the keys),
+queued for sending at once; ``EndpointDisconnect`` removes the association and its keys (D3).
+A message naming an unknown association id is counted and ignored (D2). ``UnsupportedVersion``
+is remembered (RFC 9185 §5.5: the next tunnel offers the lower version) and the tunnel is to
+be closed; so is a tunnel on which the KMF sends what only an MDD sends (D2). "To be closed"
+is :attr:`MddEngine.tunnel_close_reason`: the engine takes no more messages from that tunnel,
+and the shell closes it.
+
+**The tunnel going down changes nothing for associations.** The keys live in the table, not in
+the tunnel: while the tunnel is down and the shell reconnects, joined endpoints keep talking
+and keep their associations; only DTLS (new joins, rekeys) is dropped. Associations still in
+their handshake stay too: the KMF keeps an association's DTLS state when a tunnel drops, and
+its datagrams may come back on the next tunnel (RFC 9185 §5.3, §5.4). A KMF that restarted
+knows none of the old associations (it ignores their DTLS and never sends them
+``EndpointDisconnect``), so they keep their keys until they leave or go idle. On every new
+tunnel ``SupportedProfiles`` is the first message (RFC 9185 §5.3, D1).
+
+**Timers.** :meth:`MddEngine.get_timer` is the earliest of three schedules, and new input
+never makes it earlier, so a shell may simply sleep until it:
+
+* idle expiry (D3): an association whose endpoint has sent nothing (DTLS or SRTP) for
+  ``idle_timeout`` is removed and ``EndpointDisconnect`` is sent to the KMF if the tunnel is
+  up; sweeps are coalesced to at most ~8 per timeout period;
+* the forwarding table's ``tick`` every :data:`TICK_INTERVAL` when ``last_n`` is on (the
+  ranking of silent video streams);
+* every ``stats_interval`` the counters of each association that changed since they were
+  last reported (:class:`~perc.events.MddCounters`).
+
+**Events** are the classes of the MDD section of :mod:`perc.events`:
+:class:`~perc.events.MddTunnelUp`, :class:`~perc.events.MddTunnelDown`,
+:class:`~perc.events.MddTunnelRefused`, :class:`~perc.events.AssociationCreated`,
+:class:`~perc.events.AssociationKeyed`, :class:`~perc.events.MediaKeysRejected`,
+:class:`~perc.events.AssociationEnded` (``reason`` ``kmf`` or ``idle``; the association's last
+:class:`~perc.events.MddCounters`, ``final``, come just before it),
+:class:`~perc.events.MddCounters` and :class:`~perc.events.MddTotals`. They never carry key
+material: ``AssociationKeyed.keys`` is a one-way digest (:func:`perc.keying.key_digest`).
+
+**Key isolation** (RFC 8871 §3.1, §4.1). ``MediaKeys`` carries only the outer halves (D4);
+this module and the forwarding core never import the code that unwraps EKT tags or removes the
+inner layer (:data:`E2E_MODULES`); :func:`key_isolation` reports which of them a process has
+loaded, and a system test checks a real ``perc mdd`` process loads none.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections import deque
+from typing import Any
+
+import attrs
+
+from perc import events
+from perc.config import MddConference, MddSettings
+from perc.forwarding import (
+    Association,
+    ForwardingConfig,
+    ForwardingTable,
+    MediaKeysError,
+)
+from perc.keying import key_digest
+from perc.logsetup import format_address
+from perc.srtp.keys import SrtpProfile
+from perc.wire.tunnel import (
+    TUNNEL_VERSION,
+    EndpointDisconnect,
+    MediaKeys,
+    SupportedProfiles,
+    TunneledDtls,
+    TunnelMessage,
+    UnsupportedVersion,
+)
+
+__all__ = [
+    "E2E_MODULES",
+    "MDD_PROFILES",
+    "TICK_INTERVAL",
+    "Address",
+    "MddEngine",
+    "MddStats",
+    "key_isolation",
+    "loaded_e2e_modules",
+]
+
+#: An endpoint's socket address as ``recvfrom`` gives it: ``(host, port)``, or the 4-tuple of
+#: IPv6. Opaque to the engine (hashable, formatted only for events).
+Address = tuple[Any, ...]
+
+#: The profiles an MDD can act as Media Distributor for: the DOUBLE profiles (D18).
+MDD_PROFILES = (SrtpProfile.DOUBLE_AEAD_AES_128_GCM, SrtpProfile.DOUBLE_AEAD_AES_256_GCM)
+#: Seconds between the forwarding table's ``tick`` (last_n ranking upkeep) when last_n is on.
+TICK_INTERVAL = 0.25
+#: Code that only an endpoint may run: EKT tag unwrapping and the inner (end-to-end) layer.
+#: The MDD never imports them (RFC 8871 §4.1).
+E2E_MODULES = (
+    "perc.srtp.ekt",
+    "perc.srtp.double",
+    "cryptography.hazmat.primitives.keywrap",
+)
+
+#: Forwarding counters summed into MddStats.dropped_srtp (drop_last_n is per receiver, not a
+#: drop of the datagram).
+_PACKET_DROPS = (
+    "drop_auth",
+    "drop_replay",
+    "drop_malformed",
+    "drop_queue_full",
+    "drop_no_keys",
+    "drop_ssrc_conflict",
+    "drop_limit",
+)
+
+
+def loaded_e2e_modules() -> list[str]:
+    """Which of :data:`E2E_MODULES` this process has imported (an MDD: none)."""
+    return [name for name in E2E_MODULES if name in sys.modules]
+
+
+def key_isolation() -> events.KeyIsolation:
+    """The key-isolation report of this process (logged by the MDD at exit)."""
+    return events.KeyIsolation(loaded=loaded_e2e_modules(), checked=list(E2E_MODULES))
+
+
+@attrs.define
+class MddStats:
+    """Counters of one conference; every drop has its counter (STYLE 8).
+
+    The SRTP fields are computed from the forwarding table when :attr:`MddEngine.stats` is
+    read; the per-association detail is in ``Association.counters`` and in the
+    :class:`~perc.events.MddCounters` events.
+    """
+
+    datagrams_in: int = 0
+    """Datagrams received on the conference's port (SRTP included)."""
+    dtls_to_kmf: int = 0
+    """DTLS datagrams from endpoints queued for the KMF as TunneledDtls."""
+    dtls_to_endpoint: int = 0
+    """DTLS datagrams from the KMF queued for their endpoint."""
+    associations_created: int = 0
+    associations_idle: int = 0
+    """Associations dropped after idle_timeout (EndpointDisconnect sent when the tunnel was up)."""
+    associations_ended_by_kmf: int = 0
+    media_keys: int = 0
+    """MediaKeys installed on an association."""
+    media_keys_rejected: int = 0
+    """MediaKeys whose profile, MKI or lengths do not fit D4/D18 (reported, ignored)."""
+    tunnels_up: int = 0
+    connect_failures: int = 0
+    unsupported_version: int = 0
+    protocol_errors: int = 0
+    """Tunnels closed because the KMF broke the tunnel rules (D2)."""
+    dropped_no_tunnel: int = 0
+    """DTLS from an endpoint while the tunnel was down."""
+    dropped_table_full: int = 0
+    """DTLS from a new address while max_associations were in use."""
+    dropped_other: int = 0
+    """Datagrams that are neither DTLS nor SRTP (RFC 7983 §7: drop), including empty ones."""
+    dropped_unknown_association: int = 0
+    """Messages from the KMF naming an association we do not have (D2: count and ignore)."""
+    srtp_in: int = 0
+    """SRTP/SRTCP datagrams received (first byte 128-191)."""
+    srtp_out: int = 0
+    """SRTP/SRTCP datagrams the forwarding table produced for receivers."""
+    dropped_srtp: int = 0
+    """SRTP/SRTCP datagrams not forwarded: from an address with no association, or dropped
+    by the forwarding table for any reason (authentication, replay, malformed, D5 hold full or
+    discarded with its association, SSRC conflict, limits). last_n withholding is not a drop
+    of the datagram (it is counted per receiver in ``drop_last_n``)."""
+    dropped_srtp_no_keys: int = 0
+    """SRTP/SRTCP that arrived with no keys to process it: from an address with no association
+    (dropped), or before its association's MediaKeys (held up to 64 per association, D5, and
+    forwarded when the keys arrive; beyond that dropped)."""
+    srtp_held: int = 0
+    """Of ``dropped_srtp_no_keys``: datagrams held for their association's keys (D5)."""
+
+
+class MddEngine:
+    """One conference's Media Distributor state machine (see the module docstring)."""
+
+    def __init__(
+        self,
+        conference: str,
+        *,
+        kmf: str,
+        forwarding: ForwardingConfig,
+        idle_timeout: float,
+        stats_interval: float,
+        profiles: tuple[int, ...] | None = None,
+    ) -> None:
+        self.conference = conference
+        self.kmf = kmf
+        """The KMF's tunnel address as configured (``host:port``; for events)."""
+        self.idle_timeout = idle_timeout
+        self.stats_interval = stats_interval
+        self.profiles = MDD_PROFILES if profiles is None else profiles
+        """What SupportedProfiles lists (default :data:`MDD_PROFILES`, D18)."""
+        self.table: ForwardingTable[Address] = ForwardingTable(forwarding)
+        self._max_associations = forwarding.max_associations
+        self._stats = MddStats()
+        self._other_in = 0  # datagrams that were not SRTP/SRTCP (the table counts those)
+        #: Forwarding counters of associations that ended, summed (conference totals).
+        self._retired: dict[str, int] = {}
+        self._datagrams: list[tuple[Address, bytes]] = []
+        self._tunnel_out: list[TunnelMessage] = []
+        self._events: deque[events.Event] = deque()
+        self._tunnel_up = False
+        self.tunnel_close_reason: str | None = None
+        """Set when the engine wants the current tunnel closed (UnsupportedVersion, D2); the
+        engine takes no more messages from it. Cleared by the next :meth:`tunnel_up`."""
+        self.kmf_highest_version: int | None = None
+        """Highest tunnel version the KMF said it supports (RFC 9185 §5.5), if it ever did."""
+        self.version_refused = False
+        """The current (or last) tunnel ended with the KMF's UnsupportedVersion."""
+        self._now = 0.0
+        # Every schedule is due at once: the first handle_timer(now) sets them from now.
+        self._next_idle = float("-inf")
+        self._next_tick = float("-inf") if forwarding.last_n is not None else float("inf")
+        self._next_stats = float("-inf")
+
+    @classmethod
+    def from_config(cls, conference: MddConference, settings: MddSettings) -> MddEngine:
+        return cls(
+            conference.id,
+            kmf=str(conference.kmf),
+            forwarding=ForwardingConfig(
+                last_n=conference.last_n,
+                video_payload_types=frozenset(conference.video_payload_types),
+                max_associations=conference.max_associations,
+            ),
+            idle_timeout=settings.idle_timeout,
+            stats_interval=settings.stats_interval,
+        )
+
+    # --- observation ---------------------------------------------------------------------------
+
+    @property
+    def associations(self) -> dict[uuid.UUID, Association[Address]]:
+        """Every association by id: the forwarding table's (do not modify)."""
+        return self.table.associations
+
+    @property
+    def tunnel_is_up(self) -> bool:
+        """A tunnel is up and not being closed: DTLS goes to the KMF."""
+        return self._tunnel_up and self.tunnel_close_reason is None
+
+    @property
+    def version(self) -> int:
+        """The tunnel version we send: ours, lowered to the KMF's answer if it gave one (§5.5)."""
+        if self.kmf_highest_version is None:
+            return TUNNEL_VERSION
+        return min(TUNNEL_VERSION, self.kmf_highest_version)
+
+    @property
+    def stats(self) -> MddStats:
+        """The counters, SRTP fields brought up to date from the forwarding table."""
+        st = self._stats
+        totals = self._forwarding_totals()
+        unknown = self.table.stats.unknown_source
+        held = totals.get("held", 0)
+        st.srtp_in = unknown + totals.get("received", 0)  # a held datagram counted once
+        st.datagrams_in = self._other_in + st.srtp_in
+        st.srtp_out = totals.get("packets_out", 0)
+        st.dropped_srtp = unknown + sum(totals.get(k, 0) for k in _PACKET_DROPS)
+        st.srtp_held = held
+        st.dropped_srtp_no_keys = unknown + held + totals.get("drop_queue_full", 0)
+        return st
+
+    def _forwarding_totals(self) -> dict[str, int]:
+        totals = dict(self._retired)
+        for name, value in self.table.snapshot(self._now).totals().items():
+            totals[name] = totals.get(name, 0) + value
+        return totals
+
+    # --- outputs -------------------------------------------------------------------------------
+
+    def datagrams_to_send(self) -> list[tuple[Address, bytes]]:
+        """``(address, datagram)`` pairs to send from the conference's socket, in order."""
+        out = self._datagrams
+        self._datagrams = []
+        return out
+
+    def tunnel_messages_to_send(self) -> list[TunnelMessage]:
+        """Messages for the KMF, in order (empty while the tunnel is down)."""
+        out = self._tunnel_out
+        self._tunnel_out = []
+        return out
+
+    def next_event(self) -> events.Event | None:
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float:
+        """When :meth:`handle_timer` is next due (absolute; input never makes it earlier)."""
+        return min(self._next_idle, self._next_tick, self._next_stats)
+
+    # --- endpoint side -------------------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
+        """One datagram from ``addr`` on the conference's port (never raises on its content)."""
+        if data and 128 <= data[0] <= 191:  # SRTP/SRTCP (RFC 7983 §7)
+            out = self.table.handle_datagram(addr, data, now)
+            if out:
+                self._datagrams += out
+            return
+        self._now = now
+        self._other_in += 1
+        if not (data and 20 <= data[0] <= 63):  # not DTLS (RFC 7983 §7: MUST drop)
+            self._stats.dropped_other += 1
+            return
+        assoc = self.table.association_for(addr)
+        if assoc is None:
+            if not self.tunnel_is_up:
+                self._stats.dropped_no_tunnel += 1
+                return
+            if len(self.table.associations) >= self._max_associations:
+                self._stats.dropped_table_full += 1
+                return
+            assoc = self._create(addr, now)
+        assoc.last_seen = now
+        assoc.dtls_in += 1
+        if not self.tunnel_is_up:
+            self._stats.dropped_no_tunnel += 1
+            return
+        self._tunnel_out.append(TunneledDtls(assoc.association_id, data))
+        self._stats.dtls_to_kmf += 1
+
+    def _create(self, addr: Address, now: float) -> Association[Address]:
+        # RFC 9185 §5.3: a version 4 (random) UUID per association.
+        assoc = self.table.add(uuid.uuid4(), addr, now)
+        self._stats.associations_created += 1
+        self._events.append(
+            events.AssociationCreated(
+                conference=self.conference,
+                association=assoc.association_id,
+                peer=format_address(addr),
+            )
+        )
+        return assoc
+
+    # --- KMF side ------------------------------------------------------------------------------
+
+    def tunnel_up(self, now: float, *, fingerprint: str = "", tls: str = "") -> None:
+        """A new tunnel to the KMF is open: ``SupportedProfiles`` is queued first (§5.3)."""
+        self._now = now
+        self._tunnel_up = True
+        self.tunnel_close_reason = None
+        self.version_refused = False
+        self._stats.tunnels_up += 1
+        self._tunnel_out.append(
+            SupportedProfiles(version=self.version, protection_profiles=self.profiles)
+        )
+        self._events.append(
+            events.MddTunnelUp(
+                conference=self.conference,
+                kmf=self.kmf,
+                fingerprint=fingerprint,
+                version=self.version,
+                tls=tls,
+            )
+        )
+
+    def tunnel_down(
+        self,
+        now: float,
+        *,
+        reason: str,
+        retry_in: float | None = None,
+        protocol_error: bool = False,
+    ) -> None:
+        """The tunnel ended (``protocol_error``: its bytes broke the tunnel rules, D2)."""
+        self._now = now
+        if protocol_error:
+            self._stats.protocol_errors += 1
+        self._tunnel_up = False
+        self._tunnel_out = []  # nothing queued for a tunnel that is gone
+        self._events.append(
+            events.MddTunnelDown(
+                conference=self.conference,
+                reason=self.tunnel_close_reason or reason,
+                kmf=self.kmf,
+                retry_in=retry_in,
+            )
+        )
+
+    def tunnel_connect_failed(
+        self, now: float, *, reason: str, retry_in: float | None = None
+    ) -> None:
+        """A connection attempt (TCP, TLS or the KMF's acceptance) failed."""
+        self._now = now
+        self._stats.connect_failures += 1
+        self._events.append(
+            events.MddTunnelDown(
+                conference=self.conference,
+                reason=reason,
+                connected=False,
+                kmf=self.kmf,
+                retry_in=retry_in,
+            )
+        )
+
+    def receive_tunnel_message(self, msg: TunnelMessage, now: float) -> None:
+        """One message from the KMF (never raises on its content)."""
+        if not self.tunnel_is_up:
+            return  # RFC 9185 §5.5: after UnsupportedVersion the rest is discarded
+        self._now = now
+        if isinstance(msg, TunneledDtls):
+            assoc = self.table.associations.get(msg.association_id)
+            if assoc is None:
+                self._stats.dropped_unknown_association += 1
+                return
+            self._datagrams.append((assoc.address, msg.dtls_message))
+            assoc.dtls_out += 1
+            self._stats.dtls_to_endpoint += 1
+        elif isinstance(msg, MediaKeys):
+            self._install(msg, now)
+        elif isinstance(msg, EndpointDisconnect):
+            assoc = self.table.associations.get(msg.association_id)
+            if assoc is None:
+                self._stats.dropped_unknown_association += 1
+                return
+            self._stats.associations_ended_by_kmf += 1
+            self._end(assoc, "kmf")
+        elif isinstance(msg, UnsupportedVersion):
+            # RFC 9185 §5.5: remember it, discard the rest, close; the next tunnel offers the
+            # lower version (perc speaks only version 0, so that is still 0).
+            self._stats.unsupported_version += 1
+            refused = self.version
+            self.kmf_highest_version = msg.highest_version
+            self.version_refused = True
+            self.tunnel_close_reason = "KMF answered UnsupportedVersion"
+            self._events.append(
+                events.MddTunnelRefused(
+                    conference=self.conference,
+                    kmf=self.kmf,
+                    version=refused,
+                    highest_version=msg.highest_version,
+                )
+            )
+        else:  # SupportedProfiles: only an MDD sends it (D2: close the tunnel)
+            self._stats.protocol_errors += 1
+            self.tunnel_close_reason = (
+                f"protocol error (D2): {type(msg).__name__} is not sent by a KMF"
+            )
+
+    def _install(self, msg: MediaKeys, now: float) -> None:
+        assoc = self.table.associations.get(msg.association_id)
+        if assoc is None:
+            self._stats.dropped_unknown_association += 1
+            return
+        replaced = assoc.media_keys is not None
+        try:
+            released = self.table.install_keys(msg, now)
+        except MediaKeysError as e:  # profile, MKI, lengths (D4, D18) or equal keys (§5.2)
+            self._stats.media_keys_rejected += 1
+            self._events.append(
+                events.MediaKeysRejected(
+                    conference=self.conference,
+                    association=assoc.association_id,
+                    profile=msg.protection_profile,
+                    reason=str(e),
+                )
+            )
+            return
+        self._stats.media_keys += 1
+        self._events.append(
+            events.AssociationKeyed(
+                conference=self.conference,
+                association=assoc.association_id,
+                profile=msg.protection_profile,
+                peer=format_address(assoc.address),
+                keys=key_digest(
+                    msg.client_write_master_key,
+                    msg.server_write_master_key,
+                    msg.client_write_master_salt,
+                    msg.server_write_master_salt,
+                ),
+                replaced=replaced,
+                released=len(released),
+            )
+        )
+        # D5: what was held for these keys goes out now, in arrival order.
+        self._datagrams += released
+
+    def _end(
+        self, assoc: Association[Address], reason: str, disconnect_sent: bool | None = None
+    ) -> None:
+        """D3: the association, its keys and its forwarding state go (if the table still has
+        them); its last counters are reported and kept in the conference totals."""
+        self.table.remove(assoc.association_id)
+        counters = assoc.counters.as_dict()
+        for name, value in counters.items():
+            self._retired[name] = self._retired.get(name, 0) + value
+        aid = assoc.association_id
+        self._events.append(
+            events.MddCounters(
+                conference=self.conference, association=aid, counters=counters, final=True
+            )
+        )
+        self._events.append(
+            events.AssociationEnded(
+                conference=self.conference,
+                association=aid,
+                reason=reason,
+                peer=format_address(assoc.address),
+                disconnect_sent=disconnect_sent,
+            )
+        )
+
+    # --- timers --------------------------------------------------------------------------------
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever is due at ``now``: idle expiry, last_n upkeep, periodic counters."""
+        self._now = now
+        if now >= self._next_tick:
+            self.table.tick(now)
+            self._next_tick = now + TICK_INTERVAL
+        if now >= self._next_idle:
+            self._expire_idle(now)
+        if now >= self._next_stats:
+            self._next_stats = now + self.stats_interval
+            self.report_counters(now, changed_only=True)
+
+    def _expire_idle(self, now: float) -> None:
+        timeout = self.idle_timeout
+        # expire_idle removes what is past the timeout; keep the objects for the events.
+        by_id = dict(self.table.associations)
+        for aid in self.table.expire_idle(now, timeout):
+            assoc = by_id[aid]
+            self._stats.associations_idle += 1
+            sent = self.tunnel_is_up
+            if sent:
+                self._tunnel_out.append(EndpointDisconnect(association_id=aid))
+            self._end(assoc, "idle", disconnect_sent=sent)
+        oldest = min((a.last_seen for a in self.table.associations.values()), default=now)
+        # Coalesce wake-ups: at most ~8 sweeps per timeout period.
+        self._next_idle = max(oldest + timeout, now + timeout / 8)
+
+    def report_counters(self, now: float, *, changed_only: bool) -> int:
+        """An :class:`~perc.events.MddCounters` per association (only those whose counters
+        changed since they were last reported, if ``changed_only``); returns how many."""
+        snapshot = self.table.snapshot(now)
+        reported = 0
+        for aid, counters in snapshot.associations.items():
+            assoc = self.table.associations[aid]
+            last = assoc.reported
+            if changed_only and (counters == last or (last is None and not any(counters.values()))):
+                continue  # unchanged (a new association with nothing counted yet included)
+            assoc.reported = counters
+            self._events.append(
+                events.MddCounters(conference=self.conference, association=aid, counters=counters)
+            )
+            reported += 1
+        return reported
+
+    def close(self, now: float, extra_totals: dict[str, int] | None = None) -> None:
+        """At exit: every association's counters, then the conference totals (with the
+        shell's I/O counters, ``extra_totals``, at the end)."""
+        self._now = now
+        self.report_counters(now, changed_only=False)
+        st = self.stats
+        totals = {
+            "associations": len(self.table.associations),
+            "created": st.associations_created,
+            "srtp_in": st.srtp_in,
+            "srtp_out": st.srtp_out,
+            "dropped_srtp": st.dropped_srtp,
+            "held": st.srtp_held,
+            "unknown_source": self.table.stats.unknown_source,
+            "dtls_to_kmf": st.dtls_to_kmf,
+            "dtls_to_endpoint": st.dtls_to_endpoint,
+            "dropped_no_tunnel": st.dropped_no_tunnel,
+            **(extra_totals or {}),
+        }
+        self._events.append(events.MddTotals(conference=self.conference, totals=totals))
