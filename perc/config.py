@@ -14,7 +14,7 @@ Files (the optional keys have the defaults shown)::
     trusted_mdds = ["sha-256 AB:..."]  # MDD certificate fingerprints allowed to connect
     dtls_cookies = true                # stateless HelloVerifyRequest cookies (D14)
     profiles = [0x0009, 0x000A]        # DOUBLE profiles in preference order (D18)
-    handshake_timeout = 10.0           # seconds for a tunnel's TLS handshake
+    handshake_timeout = 5.0            # seconds for a tunnel's TLS handshake
     # tls_id = "..."                   # the KMF's external_session_id (D15); random if unset
     [[conference]]
     id = "demo"
@@ -184,7 +184,25 @@ class KmfSettings:
         metadata=_doc("the KMF's tls-id sent in external_session_id (D15); random if unset"),
     )
     handshake_timeout: float = attrs.field(
-        default=10.0, metadata=_doc("seconds allowed for a tunnel's TLS handshake")
+        default=5.0, metadata=_doc("seconds allowed for a tunnel's TLS handshake")
+    )
+    max_handshakes: int = attrs.field(
+        default=128,
+        metadata=_doc(
+            "TLS connections in their handshake at once (apart from up tunnels); beyond it "
+            "the stalest is closed"
+        ),
+    )
+    max_handshakes_per_ip: int = attrs.field(
+        default=32, metadata=_doc("TLS connections in their handshake from one source address")
+    )
+    message_timeout: float = attrs.field(
+        default=10.0,
+        metadata=_doc("seconds a partly received tunnel message may wait for its rest"),
+    )
+    max_pending_associations: int = attrs.field(
+        default=1024,
+        metadata=_doc("DTLS associations not yet joined, per tunnel; beyond it new ones drop"),
     )
 
 
@@ -710,6 +728,9 @@ def build_kmf_config(data: dict[str, Any], *, base: Path, source: Path | None = 
     _check(bool(raw.conference), "conference", "at least one [[conference]] table is required")
     _check_unique_ids([c.id for c in raw.conference], "conference")
     _check_positive(kmf.handshake_timeout, "kmf.handshake_timeout")
+    _check_positive(kmf.message_timeout, "kmf.message_timeout")
+    for key in ("max_handshakes", "max_handshakes_per_ip", "max_pending_associations"):
+        _check(getattr(kmf, key) >= 1, f"kmf.{key}", "must be at least 1")
     _check(bool(kmf.profiles), "kmf.profiles", "must list at least one profile")
     for i, p in enumerate(kmf.profiles):
         _check(

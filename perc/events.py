@@ -452,6 +452,41 @@ class KmfTunnelDown(Event):
 
 @register
 @attrs.frozen
+class KmfConnections(Event):
+    """Totals of the KMF's tunnel connections, logged at most once a second while they change
+    (connections dropped before their tunnel is up are logged one by one only up to a rate).
+
+    ``handshaking``/``tunnels``: now; the rest count since start: ``accepted`` TCP
+    connections, and of those closed before their tunnel was up: ``reset`` (by the peer, or
+    gone before it was read), ``timeout`` (TLS handshake deadline), ``tls_failed`` (a TLS
+    error or a refused certificate), ``evicted`` (closed for a newer connection: the
+    handshake budget or its source address's share was full), ``capacity`` (all tunnels in
+    use); ``message_timeout``: tunnels closed because a partly received message stalled;
+    ``unlogged``: drops counted here but not logged one by one."""
+
+    kind: ClassVar[str] = "kmf_connections"
+    handshaking: int
+    tunnels: int
+    accepted: int = 0
+    reset: int = 0
+    timeout: int = 0
+    tls_failed: int = 0
+    evicted: int = 0
+    capacity: int = 0
+    message_timeout: int = 0
+    unlogged: int = 0
+
+    def describe(self) -> str:
+        return (
+            f"connections handshaking={self.handshaking} tunnels={self.tunnels} "
+            f"accepted={self.accepted} reset={self.reset} timeout={self.timeout} "
+            f"tls_failed={self.tls_failed} evicted={self.evicted} capacity={self.capacity} "
+            f"message_timeout={self.message_timeout} unlogged={self.unlogged}"
+        )
+
+
+@register
+@attrs.frozen
 class Joined(Event):
     """An endpoint completed its DTLS handshake and was admitted to a conference.
 
@@ -568,7 +603,7 @@ class Rekeyed(Event):
 @register
 @attrs.frozen
 class RekeyFailed(Event):
-    """A conference's rekey could not be made (its SPI space is exhausted); no more rekeys."""
+    """A conference's rekey could not be made (the keying state refused it); no more rekeys."""
 
     kind: ClassVar[str] = "kmf_rekey_failed"
     conference: str

@@ -26,11 +26,13 @@ and nothing else: no DTLS, no trio, no clock (every method takes ``now``).
   8870 §6's key-length rule with every profile and cipher suite; perc endpoints offer both), and
   an endpoint that negotiated another cipher is refused (``handshake_failure``). When the last
   member leaves, the key is retired: the next member starts a new key (and may set the cipher).
-* **SPI**: per conference, counting up from a random start (mod 2^16), so a new key never
-  reuses the SPI of the key it replaces nor of the recent ones receivers may still hold, and a
-  restarted KMF is unlikely to start where its predecessor was; the 65537th key of one
-  conference in one process is refused rather than reuse an SPI (D8 would make receivers
-  ignore it).
+* **SPI** (D28): per conference, counting up by one from a random start, modulo 2^16,
+  forever. An SPI comes round again only after 65,536 newer keys (D28 asks for at least
+  32,768), so a new key never reuses the SPI of the key it replaces nor of any key a member
+  may still hold: an endpoint keeps a handful of parameter sets and replaces the one cached
+  under an SPI when a new EKTKey names it (:mod:`perc.srtp.ekt`). A conference never runs out
+  of SPIs, so no join is ever refused for lack of one; the random start makes a restarted KMF
+  unlikely to begin where its predecessor was.
 * **TTL** (D10, RFC 8870 §5.2.2): a live conference's key is replaced
   :func:`refresh_lead` (a tenth of ``ekt_ttl``, at most 300 s) before it expires (reason
   ``ttl``, :meth:`Conference.poll`); a joiner that finds an expired key anyway waits for an
@@ -75,7 +77,8 @@ a leave nobody keeps using a key the leaver holds.*
   member that got the new EKTKey reads both. A joiner cannot read those last 250 ms of
   old-key packets (nor anything it got before its first key): that is the pre-join media it
   must not read, not an E2E failure of the conference.
-* **SPIs** are never reused (above), so an endpoint can tell an older key from a newer one.
+* **SPIs** are not reused while a member could still hold the earlier key of the same SPI
+  (above), so an endpoint can tell an older key from a newer one.
 
 The sans-IO conference is driven by its timer: :meth:`Conference.next_deadline` (the pending
 rekey's deadline, else the TTL refresh) and :meth:`Conference.poll` (returns a
@@ -103,7 +106,7 @@ API::
     EKT_KEY_LENGTHS = {1: 16, 2: 32}; JOIN, LEAVE, TTL, MANUAL; refresh_lead(ttl)
 
 Errors: :class:`KeyingError` for local misuse (an unknown EKT cipher, a full conference, a
-cipher that is not the conference's, SPI space exhausted).
+cipher that is not the conference's).
 """
 
 from __future__ import annotations
@@ -265,7 +268,7 @@ class Conference:
         self.current: EktKeyMaterial | None = None
         #: the next key while a rekey is pending (its SPI is reserved; nobody holds it yet)
         self.pending: EktKeyMaterial | None = None
-        #: keys issued so far, pending ones included (each new key has a new SPI)
+        #: keys issued so far, pending ones included (each new key takes the next SPI)
         self.keys_issued = 0
         #: when the first join/leave of the pending rekey asked for it (D22 coalescing)
         self.rekey_pending_since: float | None = None
@@ -293,15 +296,13 @@ class Conference:
     # --- keys ----------------------------------------------------------------------------------
 
     def _make_key(self, cipher: int, now: float) -> EktKeyMaterial:
-        """Fresh key and salt under the next SPI (reserved now, never reused)."""
+        """Fresh key and salt under the next SPI (reserved now; see SPI in the module doc)."""
         length = EKT_KEY_LENGTHS.get(cipher)
         if length is None:
             raise KeyingError(f"unknown EKT cipher {cipher}")
-        if self.keys_issued >= 1 << 16:
-            # Never reuse an SPI with another key in one process (receivers would ignore the
-            # new tags, D8); 65536 keys for one conference means a runaway rekey loop.
-            raise KeyingError(f"conference {self.id}: SPI space exhausted")
         spi = self._next_spi
+        # D28: wraps modulo 2^16; the same SPI returns after 65,536 newer keys, far beyond the
+        # few recent keys any member can still hold.
         self._next_spi = (spi + 1) & 0xFFFF
         self.keys_issued += 1
         return EktKeyMaterial(

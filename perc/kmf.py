@@ -43,7 +43,11 @@ Admission, in the order the handshake reaches each step:
    sees endpoint addresses). A ClientHello without a valid cookie gets a HelloVerifyRequest
    and no state is kept; one with a valid cookie creates the association. With
    ``kmf.dtls_cookies = false`` the ClientHello creates it. Associations are bounded
-   (``max_associations``); beyond it new ones are dropped, counted.
+   (``max_associations``); beyond it new ones are dropped, counted. Each tunnel may also
+   hold at most ``kmf.max_pending_associations`` associations that have not joined yet
+   (charged to the tunnel that created them until they join or end): one MDD, even a
+   trusted one, cannot fill the table with handshakes that never finish
+   (``dropped_tunnel_pending``, and one log line per tunnel when it first hits the bound).
 2. **Profile** (D18), at the ClientHello: the first profile of ``kmf.profiles`` that the
    endpoint offered and the carrying tunnel's ``SupportedProfiles`` listed; none ->
    ``handshake_failure``.
@@ -91,7 +95,8 @@ API::
         get_timer() -> float | None; handle_timer(now); next_event() -> perc.events.Event | None
         send(tunnel_id, message) -> bool; .tunnels: dict[int, Tunnel]; .tunnel_stats
     KmfEngine(config: KmfConfig, *, keylog=None, max_associations=65536,
-              dtls_handshake_timeout=30.0)         # a TunnelServerEngine
+              dtls_handshake_timeout=30.0,
+              max_pending_per_tunnel=config.kmf.max_pending_associations)  # a TunnelServerEngine
         .state: perc.keying.KeyingState   .associations: dict[UUID, KmfAssociation]
         .stats: KeyingStats               .tls_id: bytes (sent in every ServerHello)
         rekey(conference_id, now) -> EktKeyMaterial | None   # new EKTKey to every member
@@ -227,6 +232,9 @@ class Tunnel:
     version: int | None = None
     protection_profiles: tuple[int, ...] = ()
     """Profiles the MDD can act as Media Distributor for (RFC 9185 §5.3; D18 picks from these)."""
+    pending: int = 0
+    """Associations this tunnel created that have not joined (or ended) yet."""
+    pending_bound_hit: bool = False
 
     @property
     def is_up(self) -> bool:
@@ -423,6 +431,8 @@ class KmfAssociation:
     spi: int | None = None
     """SPI of the EKTKey last sent."""
     joined: float | None = None
+    charged: Tunnel | None = None
+    """The tunnel whose pending budget this association uses until it joins or ends."""
     timer_at: float | None = None
     """The DTLS engine's deadline as recorded in the timer heap."""
     connection: DtlsConnection = attrs.field(init=False)
@@ -441,6 +451,9 @@ class KeyingStats:
     gate without a reply)."""
     dropped_capacity: int = 0
     """New associations refused because max_associations were in use."""
+    dropped_tunnel_pending: int = 0
+    """New associations refused because their tunnel already had
+    ``max_pending_associations`` not yet joined."""
     dropped_tunnel_send: int = 0
     """DTLS datagrams no tunnel took (closed or congested)."""
     restarts: int = 0
@@ -470,7 +483,7 @@ class KeyingStats:
     joins_waited_for_rekey: int = 0
     """Joiners whose first EKTKey was a pending rekey's (never the key used before them)."""
     rekey_errors: int = 0
-    """Rekeys that could not be made (SPI space exhausted: KeyingError, reported)."""
+    """Rekeys that could not be made (a KeyingError, reported as RekeyFailed)."""
 
 
 class KmfEngine(TunnelServerEngine):
@@ -483,8 +496,14 @@ class KmfEngine(TunnelServerEngine):
         keylog: Callable[[str], None] | None = None,
         max_associations: int = MAX_ASSOCIATIONS,
         dtls_handshake_timeout: float = DTLS_HANDSHAKE_TIMEOUT,
+        max_pending_per_tunnel: int | None = None,
     ) -> None:
         super().__init__()
+        self.max_pending_per_tunnel = (
+            max_pending_per_tunnel
+            if max_pending_per_tunnel is not None
+            else config.kmf.max_pending_associations
+        )
         self.config = config
         self.state = KeyingState(config.conferences)
         self.stats = KeyingStats()
@@ -658,7 +677,7 @@ class KmfEngine(TunnelServerEngine):
         return self._poll_conference(conf, now)
 
     def _rekey_failed(self, conf: Conference, error: KeyingError) -> None:
-        # Only a runaway (65536 keys in one process for one conference, SPI space exhausted):
+        # A local misuse the keying state refused (SPIs wrap, D28, so never for lack of them):
         # report it and stop this conference's timer rather than spin on a due deadline.
         self.stats.rekey_errors += 1
         self._events.append(RekeyFailed(conf.id, str(error)))
@@ -762,12 +781,26 @@ class KmfEngine(TunnelServerEngine):
         elif len(self.associations) >= self.max_associations:
             self.stats.dropped_capacity += 1
             return
+        if tunnel.pending >= self.max_pending_per_tunnel:
+            self.stats.dropped_tunnel_pending += 1
+            if not tunnel.pending_bound_hit:
+                tunnel.pending_bound_hit = True
+                log.warning(
+                    "tunnel peer=%s holds %d associations that have not joined: new ones from "
+                    "it are dropped until some join or end (logged once per tunnel, counted as "
+                    "dropped_tunnel_pending)",
+                    tunnel.peer,
+                    tunnel.pending,
+                )
+            return
         assoc = KmfAssociation(
             association_id=association_id,
             tunnel=tunnel,
             client_random=offer.client_random,
             created=now,
+            charged=tunnel,
         )
+        tunnel.pending += 1
         config = attrs.evolve(
             self._base,
             inspect_client_offer=lambda offer: self._inspect_offer(assoc, offer),
@@ -876,9 +909,17 @@ class KmfEngine(TunnelServerEngine):
             for tunnel in tunnels:
                 self._out.append((tunnel.tunnel_id, TunneledDtls(aid, datagram)))
 
+    @staticmethod
+    def _release(assoc: KmfAssociation) -> None:
+        """The association no longer counts against its tunnel's pending bound."""
+        if assoc.charged is not None:
+            assoc.charged.pending -= 1
+            assoc.charged = None
+
     def _completed(
         self, assoc: KmfAssociation, event: dtls_events.HandshakeCompleted, now: float
     ) -> None:
+        self._release(assoc)
         conf = assoc.conference
         aid = assoc.association_id
         conn = assoc.connection
@@ -977,6 +1018,7 @@ class KmfEngine(TunnelServerEngine):
     ) -> None:
         """Forget an association already removed from the table; tell the MDD if we ended it."""
         assoc.timer_at = None
+        self._release(assoc)
         conf = assoc.conference
         aid = assoc.association_id
         if assoc.joined is not None and conf is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import uuid
 from collections.abc import Sequence
 
@@ -23,6 +24,9 @@ from perc.keying import (
     key_digest,
     refresh_lead,
 )
+from perc.srtp.context import SrtpSession
+from perc.srtp.ekt import EktOutcome, EktParameterSet, EktReceiver, EktSender
+from perc.wire.ekt import split_ekt_field
 
 FP_A = Fingerprint("sha-256 " + ":".join(["AA"] * 32))
 FP_B = Fingerprint("sha-256 " + ":".join(["BB"] * 32))
@@ -226,12 +230,11 @@ def test_key_digest_is_short_and_one_way() -> None:
     assert key_digest(b"\x01" * 16, b"\x02" * 12) != key_digest(b"\x01" * 16, b"\x03" * 12)
 
 
-def test_spi_is_never_reused_in_one_process() -> None:
+def test_spi_wraps_modulo_2_16() -> None:
     conf = Conference(conference())
+    conf._next_spi = 0xFFFE
     conf.key_for(AESKW128, now=0.0)
-    conf.keys_issued = 1 << 16  # as if 65536 keys had been made
-    with pytest.raises(KeyingError, match="SPI space exhausted"):
-        conf.rekey(now=1.0)
+    assert [conf.rekey(now=float(i)).spi for i in range(1, 4)] == [0xFFFF, 0, 1]
 
 
 def test_expired_key_is_replaced_on_next_use() -> None:
@@ -472,11 +475,116 @@ def test_policy_properties(
         assert all(m.spi == conf.current.spi for m in conf.members.values())
 
 
-def test_spi_exhaustion_refuses_the_joiner_without_a_trace() -> None:
+def test_a_join_whose_key_cannot_be_made_leaves_no_trace(monkeypatch: pytest.MonkeyPatch) -> None:
     conf = Conference(conference())
     joined(conf, 0.0)
-    conf.keys_issued = 1 << 16
+
+    def refuse(cipher: int, now: float) -> EktKeyMaterial:
+        raise KeyingError("refused for the test")  # SPIs never run out (D28): simulate it
+
+    monkeypatch.setattr(conf, "_make_key", refuse)
     m = member(fp=FP_B)
-    with pytest.raises(KeyingError, match="SPI space exhausted"):
+    with pytest.raises(KeyingError, match="refused for the test"):
         conf.join(m, 1.0)
     assert m.association_id not in conf.members and conf.pending is None
+
+
+# --- SPIs wrap (D28) -----------------------------------------------------------------------
+
+
+class _Speaker:
+    """One sending endpoint: an EKT sender and its inner (E2E) SRTP context."""
+
+    def __init__(self, ssrc: int, key: EktKeyMaterial) -> None:
+        self.ssrc = ssrc
+        self.seq = 0
+        self.ekt: EktSender | None = None
+        self.master = os.urandom(16)
+        self.rekey(key)
+
+    def rekey(self, key: EktKeyMaterial) -> None:
+        # RFC 8871 §4.5.2: a new E2E master key for every new EKTKey.
+        params = _params(key)
+        self.master = os.urandom(16)
+        if self.ekt is None:
+            self.ekt = EktSender(params, self.master)
+        else:
+            self.ekt.change_key(self.master, params)
+        self.inner = SrtpSession(self.master, key.salt)
+
+    def packet(self, now: float) -> bytes:
+        assert self.ekt is not None
+        self.seq += 1
+        header = bytes([0x80, 96]) + self.seq.to_bytes(2, "big") + bytes(4)
+        header += self.ssrc.to_bytes(4, "big")
+        body = self.inner.protect_rtp(header + b"media %d" % self.seq)
+        return body + self.ekt.field(self.ssrc, 0, now, keyframe=True)
+
+
+def _params(key: EktKeyMaterial) -> EktParameterSet:
+    return EktParameterSet.from_ekt_key(
+        key.key, key.salt, key.spi, key.ttl, key.created, cipher=key.cipher
+    )
+
+
+def _hears(rx: EktReceiver, speaker: _Speaker, now: float) -> EktOutcome:
+    """The receiver processes one packet of ``speaker`` and verifies it (E2E layer)."""
+    packet = speaker.packet(now)
+    n, field = split_ekt_field(packet)
+    outcome = rx.process(field, speaker.ssrc, now)
+    newest = rx.keys(speaker.ssrc)[0]
+    assert newest.session.unprotect_rtp(packet[:n]).endswith(b"media %d" % speaker.seq)
+    return outcome
+
+
+def test_spis_wrap_over_70000_keys_and_receivers_follow() -> None:
+    """One member cycling join/leave burns two keys a cycle; 70,000 keys in one conference:
+    every join still works, an SPI comes back only after 65,536 newer keys (D28 asks for more
+    than 32,768), and a receiver that holds a stream's epoch under an SPI from 65,536 keys
+    ago takes the new key under that SPI (D8) and verifies its media."""
+    conf = Conference(conference(rekey_window=0.0))
+    rx = EktReceiver(SrtpSession, master_key_length=16)
+    stayer = member()
+    assert conf.join(stayer, 0.0) is not None
+    keys: list[EktKeyMaterial] = []
+    last_index: dict[int, int] = {}
+
+    def issued(key: EktKeyMaterial) -> None:
+        previous = last_index.get(key.spi)
+        if previous is not None:
+            assert len(keys) - previous >= 1 << 16  # never within 32,768 (in fact 65,536)
+        last_index[key.spi] = len(keys)
+        keys.append(key)
+        rx.add_parameter_set(_params(key))
+
+    assert conf.current is not None
+    issued(conf.current)
+    # Two senders: one talks every 4,096 keys and around the wrap, one only at the first key
+    # and at the key that reuses its SPI (the receiver still holds its epoch from then).
+    chatty, quiet = _Speaker(0x1111, keys[0]), _Speaker(0x2222, keys[0])
+    assert _hears(rx, chatty, 0.0) is EktOutcome.NEW_KEY
+    assert _hears(rx, quiet, 0.0) is EktOutcome.NEW_KEY
+    now = 0.0
+    while len(keys) < 70_000:
+        now += 0.001
+        cycler = member(fp=FP_B)
+        assert conf.join(cycler, now) is None  # waits for the join's rekey
+        rekey = conf.poll(now)
+        assert rekey is not None and cycler.spi == rekey.key.spi  # the join worked
+        issued(rekey.key)
+        conf.leave(cycler.association_id, now)
+        rekey = conf.poll(now)
+        assert rekey is not None
+        issued(rekey.key)
+        for index in (len(keys) - 2, len(keys) - 1):
+            if index % 4096 == 0 or abs(index - (1 << 16)) <= 2:
+                chatty.rekey(keys[index])
+                assert _hears(rx, chatty, now) is EktOutcome.NEW_KEY
+            if index == 1 << 16:
+                assert keys[index].spi == keys[0].spi  # the SPI came round
+                quiet.rekey(keys[index])
+                assert _hears(rx, quiet, now) is EktOutcome.NEW_KEY
+                assert _hears(rx, quiet, now) is EktOutcome.CACHED
+    assert conf.keys_issued == len(keys) >= 70_000
+    assert len(conf.members) == 1 and stayer.spi == keys[-1].spi
+    assert rx.stats.ignored_epoch == 0 and rx.stats.unknown_spi == 0

@@ -272,3 +272,31 @@ def test_kmf_events_describe_themselves_as_the_kmf_log_lines(event: Event, line:
     the JSON form round-trips to the same event."""
     assert event.describe() == line
     assert parse_line(json.dumps(to_json(event))) == event
+
+
+def test_one_tunnel_holds_a_bounded_number_of_unjoined_associations(
+    who: SimpleNamespace,
+) -> None:
+    """A trusted but hostile MDD starting handshakes it never finishes fills only its own
+    tunnel's share; a join through another tunnel still works, and the share is given back
+    when those associations end."""
+    mem = MemoryKmf(config(who), max_pending_per_tunnel=5, dtls_handshake_timeout=4.0)
+    hostile, honest = mem.tunnel(who.mdd.fingerprint), mem.tunnel(who.mdd.fingerprint)
+    for _ in range(8):  # ClientHellos that are never followed up
+        endpoint = client(who.members[1])
+        endpoint.connect(mem.now)
+        for datagram in endpoint.datagrams_to_send():
+            hostile.deliver(uuid.uuid4(), datagram)
+    engine = mem.engine
+    assert len(engine.associations) == 5
+    assert engine.stats.dropped_tunnel_pending == 3
+    assert engine.tunnels[hostile.tunnel_id].pending == 5
+    _, aid = join(mem, who.members[0], honest)
+    assert engine.stats.joined == 1 and engine.tunnels[honest.tunnel_id].pending == 0
+    mem.advance(mem.now + 30.0)  # the stalled handshakes time out
+    assert list(engine.associations) == [aid]
+    assert engine.tunnels[hostile.tunnel_id].pending == 0
+    endpoint = client(who.members[1])
+    endpoint.connect(mem.now)
+    pump(mem, endpoint, uuid.uuid4(), hostile)  # the tunnel may start handshakes again
+    assert engine.stats.joined == 2 and engine.tunnels[hostile.tunnel_id].pending == 0

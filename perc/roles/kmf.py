@@ -18,6 +18,24 @@ is in the sans-IO engine :mod:`perc.kmf`; this module only does I/O for it:
 * One timer task sleeps until that deadline (a :class:`trio_util.AsyncValue`, so an earlier
   deadline set while it sleeps wakes it) and calls ``handle_timer``: thousands of
   associations cost one task.
+* Admission: a connection in its TLS handshake is not a tunnel yet and has its own budget
+  (``kmf.max_handshakes``, and ``kmf.max_handshakes_per_ip`` per source address) and a short
+  deadline (``kmf.handshake_timeout``); only authenticated tunnels count against
+  :data:`MAX_TUNNELS`. A new connection is never refused for lack of room: the handshaking
+  connection that shows the least progress (no complete ClientHello answered yet, then the
+  longest silent) is closed instead, taken from the new connection's address if that is at
+  its share, else from the address with the most. Idle or half-sent connections held
+  against the KMF therefore only ever push each other out, and a trusted MDD, whose
+  ClientHello arrives with its connection, finishes its handshake in one round trip.
+* An up tunnel's reader has a deadline only while a message is partly received
+  (``kmf.message_timeout``, :class:`~perc.roles.tunnel.TunnelStalled`).
+* Errors are lines, not tracebacks: a reset (even before the connection could be read), a
+  handshake timeout, a TLS failure, an eviction or a stalled message is one log line with
+  its reason (at most :data:`LOGGED_PER_SECOND` a second; the rest only counted) and a
+  counter; :class:`~perc.events.KmfConnections` reports the counters at most once a second
+  while they change. Nothing is kept of a connection after it closed, and when the last
+  handshaking connection of a wave is gone the freed heap goes back to the system
+  (``malloc_trim``), so the KMF's memory returns to its baseline after an attack.
 * Supervision (STYLE practice 9): one failing tunnel never stops the others or the process.
   An exception from the engine while handling a tunnel's messages is a bug: it is logged with
   its traceback, counted, and closes that tunnel only.
@@ -27,11 +45,14 @@ API::
     serve(config: KmfConfig, *, engine: TunnelServerEngine | None = None,
           task_status=trio.TASK_STATUS_IGNORED)       # started(KmfServer)
     KmfServer: .address (host, port), .stats: KmfStats, .engine, .connections,
-               service(), send(tunnel_id, message) -> bool
+               service(), send(tunnel_id, message) -> bool,
+               summary() -> perc.events.KmfConnections
 """
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import itertools
 import logging
 import math
@@ -45,7 +66,15 @@ import trio
 from trio_util import AsyncValue
 
 from perc.config import KmfConfig
-from perc.events import EktKeyAcked, Event, KmfTunnelDown, Listening, RekeyFailed, emit
+from perc.events import (
+    EktKeyAcked,
+    Event,
+    KmfConnections,
+    KmfTunnelDown,
+    Listening,
+    RekeyFailed,
+    emit,
+)
 from perc.identity import fingerprint_matches
 from perc.keylog import keylog_from_env
 from perc.kmf import CloseTunnel, KmfEngine, TunnelServerEngine
@@ -54,6 +83,7 @@ from perc.roles.tunnel import (
     TunnelClosed,
     TunnelConnection,
     TunnelProtocolError,
+    TunnelStalled,
     format_address,
     make_tls_context,
 )
@@ -63,8 +93,14 @@ __all__ = ["MAX_TUNNELS", "KmfServer", "KmfStats", "serve"]
 
 log = logging.getLogger(__name__)
 
-#: Bound on simultaneous tunnel connections (including ones still in their handshake).
+#: Bound on simultaneous up tunnels (connections still in their handshake have their own
+#: budget, ``kmf.max_handshakes``).
 MAX_TUNNELS = 256
+#: Connections dropped before their tunnel was up that are logged one by one, per second; the
+#: rest are only counted (in :class:`~perc.events.KmfConnections`).
+LOGGED_PER_SECOND = 10
+#: Seconds between two :class:`~perc.events.KmfConnections` summaries (while they change).
+SUMMARY_INTERVAL = 1.0
 
 P = ParamSpec("P")
 
@@ -76,15 +112,67 @@ class KmfStats:
     connections: int = 0
     """TCP connections accepted."""
     refused: int = 0
-    """Connections whose TLS handshake failed (untrusted or missing certificate, timeout...)."""
+    """Connections closed before their tunnel was up, for any reason below."""
+    reset: int = 0
+    """... reset or closed by the peer (or gone before they could be read)."""
+    timeout: int = 0
+    """... still in their TLS handshake at ``kmf.handshake_timeout``."""
+    tls_failed: int = 0
+    """... whose TLS handshake failed (a TLS error or alert, a refused certificate)."""
+    evicted: int = 0
+    """... closed for a newer connection (handshake budget or per-address share full)."""
     refused_capacity: int = 0
-    """Connections closed at once because MAX_TUNNELS were open."""
+    """... authenticated while MAX_TUNNELS tunnels were up."""
+    message_timeout: int = 0
+    """Up tunnels closed because a partly received message stalled (``kmf.message_timeout``)."""
+    unlogged: int = 0
+    """Drops above the log rate (counted, not logged one by one)."""
     engine_errors: int = 0
     """Tunnels closed because the engine raised (a bug) while handling their messages."""
+    task_errors: int = 0
+    """Connection tasks that raised something unexpected (a bug; logged with its traceback)."""
+
+
+@attrs.define(eq=False)
+class _Handshaking:
+    """One connection in its TLS handshake (admission bookkeeping)."""
+
+    ip: str
+    accepted: float
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    conn: TunnelConnection | None = None
+    evicted: str = ""
+    """Why it was closed for a newer connection (empty: it was not)."""
+
+    def rank(self) -> tuple[int, float]:
+        """Lower is closed first under pressure: no answered ClientHello, then stalest."""
+        conn = self.conn
+        if conn is None:
+            return (0, self.accepted)
+        return (int(conn.handshake_progress >= 2), max(self.accepted, conn.last_progress))
 
 
 class _EngineFailed(Exception):
     pass
+
+
+def _give_back_memory() -> None:
+    """Return freed memory to the system once a wave of handshaking connections is gone.
+
+    Each TLS connection's OpenSSL state is allocated with malloc; after a few hundred of them
+    (an attack of half-open connections) glibc keeps the freed heap, so the process would
+    stay that much bigger for good. ``malloc_trim`` gives it back (a no-op elsewhere)."""
+    gc.collect()
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
+#: TlsHandshakeError.kind -> the KmfStats counter
+_DROP_KINDS = {"timeout": "timeout", "reset": "reset", "tls": "tls_failed"}
 
 
 def _report(event: Event) -> None:
@@ -108,6 +196,12 @@ class KmfServer:
         self._ids = itertools.count(1)
         self._open = 0
         self._closing: set[int] = set()
+        # source address -> its connections in their handshake (an entry is removed with its
+        # last connection, so the table holds nothing after an attack)
+        self._handshaking: dict[str, list[_Handshaking]] = {}
+        self._handshaking_count = 0
+        self._log_window = -math.inf
+        self._logged_in_window = 0
         self._deadline = AsyncValue(math.inf)
         trusted = tuple(config.kmf.trusted_mdds)
         self._context = make_tls_context(
@@ -129,6 +223,7 @@ class KmfServer:
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._timers)
+            nursery.start_soon(self._summaries)
             await nursery.start(trio.serve_listeners, self._guarded, listeners)
             task_status.started(self)
 
@@ -177,41 +272,136 @@ class KmfServer:
             self.engine.handle_timer(trio.current_time())
             self.service()
 
+    # --- connection admission and accounting ------------------------------------------------
+
+    def summary(self) -> KmfConnections:
+        """The connection counters now (logged by :meth:`_summaries`)."""
+        st = self.stats
+        return KmfConnections(
+            handshaking=self._handshaking_count,
+            tunnels=self._open,
+            accepted=st.connections,
+            reset=st.reset,
+            timeout=st.timeout,
+            tls_failed=st.tls_failed,
+            evicted=st.evicted,
+            capacity=st.refused_capacity,
+            message_timeout=st.message_timeout,
+            unlogged=st.unlogged,
+        )
+
+    async def _summaries(self) -> None:
+        last = self.summary()
+        while True:
+            await trio.sleep(SUMMARY_INTERVAL)
+            now = self.summary()
+            if now != last:
+                if now.handshaking == 0 and last.handshaking > 0:
+                    _give_back_memory()
+                emit(log, now)
+                last = now
+
+    def _dropped(self, kind: str, peer: str, reason: str) -> None:
+        """A connection closed before its tunnel was up: count it; log it within the rate."""
+        self.stats.refused += 1
+        setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        now = trio.current_time()
+        if now - self._log_window >= 1.0:
+            self._log_window = now
+            self._logged_in_window = 0
+        if self._logged_in_window >= LOGGED_PER_SECOND:
+            self.stats.unlogged += 1
+            return
+        self._logged_in_window += 1
+        _report(KmfTunnelDown(peer, reason, refused=True))
+
+    def _admit(self, ip: str) -> _Handshaking:
+        """Register a new handshaking connection, closing another if that is over a budget."""
+        kmf = self.config.kmf
+        mine = self._handshaking.get(ip, [])
+        if len(mine) >= kmf.max_handshakes_per_ip:
+            self._evict(mine, f"{kmf.max_handshakes_per_ip} connections from {ip} handshaking")
+        elif self._handshaking_count >= kmf.max_handshakes:
+            busiest = max(self._handshaking.values(), key=len)
+            self._evict(busiest, f"{kmf.max_handshakes} connections handshaking")
+        entry = _Handshaking(ip, trio.current_time())
+        self._handshaking.setdefault(ip, []).append(entry)
+        self._handshaking_count += 1
+        return entry
+
+    def _evict(self, candidates: list[_Handshaking], why: str) -> None:
+        victim = min(candidates, key=_Handshaking.rank)
+        victim.evicted = why
+        victim.scope.cancel()
+        self._forget(victim)
+
+    def _forget(self, entry: _Handshaking) -> None:
+        """The connection is no longer handshaking (idempotent)."""
+        mine = self._handshaking.get(entry.ip)
+        if mine is None or entry not in mine:
+            return
+        mine.remove(entry)
+        if not mine:
+            del self._handshaking[entry.ip]
+        self._handshaking_count -= 1
+
     # --- tunnels -----------------------------------------------------------------------------
 
     async def _guarded(self, stream: trio.SocketStream) -> None:
-        # One bad peer never takes the nursery down (STYLE practice 9).
+        # One bad peer never takes the nursery down (STYLE practice 9), and a network event
+        # is never a traceback: only a bug gets one.
         peer = "?"
         try:
-            peer = format_address(stream.socket.getpeername())
-            await self._connection(stream, peer)
+            try:
+                address = stream.socket.getpeername()
+            except OSError as e:
+                # Reset between the kernel's accept and ours (ENOTCONN).
+                self.stats.connections += 1
+                self._dropped("reset", peer, f"connection gone before it was read ({e})")
+                return
+            peer = format_address(address)
+            await self._connection(stream, peer, str(address[0]))
         except Exception:
+            self.stats.task_errors += 1
             log.exception("tunnel task failed peer=%s", peer)
+        finally:
             await trio.aclose_forcefully(stream)
 
-    async def _connection(self, stream: trio.SocketStream, peer: str) -> None:
+    async def _connection(self, stream: trio.SocketStream, peer: str, ip: str) -> None:
         self.stats.connections += 1
+        kmf = self.config.kmf
+        entry = self._admit(ip)
+        conn = TunnelConnection(
+            stream, self._context, server=True, peer=peer, message_timeout=kmf.message_timeout
+        )
+        entry.conn = conn
+        try:
+            with entry.scope:
+                await conn.handshake(kmf.handshake_timeout)
+        except TlsHandshakeError as e:
+            self._dropped(_DROP_KINDS.get(e.kind, "tls_failed"), peer, str(e))
+            return
+        finally:
+            self._forget(entry)
+            entry.conn = None
+        if entry.scope.cancelled_caught:
+            await conn.aclose()
+            self._dropped("evicted", peer, f"closed for a newer connection: {entry.evicted}")
+            return
         if self._open >= MAX_TUNNELS:
-            self.stats.refused_capacity += 1
-            _report(KmfTunnelDown(peer, f"{MAX_TUNNELS} tunnels already open", refused=True))
-            await trio.aclose_forcefully(stream)
+            await conn.aclose()
+            self._dropped("refused_capacity", peer, f"{MAX_TUNNELS} tunnels already up")
             return
         self._open += 1
         try:
-            conn = TunnelConnection(stream, self._context, server=True, peer=peer)
-            try:
-                await conn.handshake(self.config.kmf.handshake_timeout)
-            except TlsHandshakeError as e:
-                self.stats.refused += 1
-                _report(KmfTunnelDown(peer, str(e), refused=True))
-                return
-            try:
-                await conn.run(self._session)
-            except (TunnelClosed, TunnelProtocolError):
-                pass  # the engine reported it (KmfTunnelDown)
-            except _EngineFailed:
-                self.stats.engine_errors += 1
-                log.exception("tunnel closed peer=%s: the KMF engine failed", peer)
+            await conn.run(self._session)
+        except TunnelStalled:
+            self.stats.message_timeout += 1  # the engine reported it (KmfTunnelDown)
+        except (TunnelClosed, TunnelProtocolError):
+            pass  # the engine reported it (KmfTunnelDown)
+        except _EngineFailed:
+            self.stats.engine_errors += 1
+            log.exception("tunnel closed peer=%s: the KMF engine failed", peer)
         finally:
             self._open -= 1
 

@@ -36,15 +36,25 @@ connection then fails with :class:`TunnelClosed`); the KMF never accepts such a 
   return. When the task is cancelled instead (process shutdown), queued messages are
   dropped but close_notify is still sent, briefly and shielded, if the stream is intact.
 
+Deadlines: the handshake has one (``handshake``'s ``timeout``); with ``message_timeout``
+set, a tunnel message whose first bytes arrived must be complete within that many seconds,
+else :class:`TunnelStalled` (a frame header promising bytes that never come would otherwise
+hold the connection and its buffer forever). An idle tunnel (no partial message) has no
+deadline. While it handshakes, :attr:`TunnelConnection.handshake_progress` tells a server how
+far the peer got, so that under pressure it can close the connection that shows the least.
+
 Errors: :class:`TlsHandshakeError` (handshake failed or timed out, including a refused
-fingerprint), :class:`TunnelClosed` (the connection ended: EOF, reset, TLS alert, close_notify),
+fingerprint; ``kind`` says which for counters), :class:`TunnelClosed` (the connection ended:
+EOF, reset, TLS alert, close_notify; :class:`TunnelStalled` a partial message's deadline),
 :class:`TunnelProtocolError` (the peer's bytes broke the tunnel rules, D2). All derive from
-:class:`TunnelError`.
+:class:`TunnelError`. Network failures never escape as other exceptions: a reset, a timeout or
+a TLS failure is one of these, with a one-line reason.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Awaitable, Callable, Mapping
 
@@ -73,6 +83,7 @@ __all__ = [
     "TunnelConnection",
     "TunnelError",
     "TunnelProtocolError",
+    "TunnelStalled",
     "TunnelStats",
     "format_address",
     "make_tls_context",
@@ -95,11 +106,22 @@ class TunnelError(Exception):
 
 
 class TlsHandshakeError(TunnelError):
-    """The TLS handshake failed, timed out, or a peer fingerprint was refused."""
+    """The TLS handshake failed, timed out, or a peer fingerprint was refused.
+
+    ``kind``: ``"timeout"``, ``"reset"`` (the connection broke or the peer closed it) or
+    ``"tls"`` (a TLS error or alert, a refused certificate)."""
+
+    def __init__(self, message: str, kind: str = "tls") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class TunnelClosed(TunnelError):
     """The tunnel connection ended (EOF, reset, TLS alert or close_notify)."""
+
+
+class TunnelStalled(TunnelClosed):
+    """A partly received tunnel message did not complete within ``message_timeout``."""
 
 
 class TunnelProtocolError(TunnelError):
@@ -216,6 +238,7 @@ class TunnelConnection:
         peer: str,
         max_pending: int = MAX_PENDING,
         close_timeout: float = CLOSE_TIMEOUT,
+        message_timeout: float | None = None,
     ) -> None:
         self._transport = transport
         self._ssl = SSL.Connection(context, None)
@@ -242,24 +265,46 @@ class TunnelConnection:
         self._eof = False
         self._peer_closed = False
         self._broken: str | None = None
+        self._message_timeout = message_timeout
+        self._partial_since: float | None = None
+        self._got_bytes = False
+        self._flight_sent = False
+        #: when the handshake last saw the peer do something (started, or bytes arrived)
+        self.last_progress = 0.0
 
     # --- handshake ---------------------------------------------------------------------------
 
     async def handshake(self, timeout: float = HANDSHAKE_TIMEOUT) -> None:
         """Run the TLS handshake; raise :class:`TlsHandshakeError` on any failure."""
+        self.last_progress = trio.current_time()
         try:
             with trio.fail_after(timeout):
                 await self._handshake()
         except trio.TooSlowError:
-            await trio.aclose_forcefully(self._transport)
-            raise TlsHandshakeError(f"TLS handshake timed out after {timeout:g} s") from None
+            await self._abandon()
+            raise TlsHandshakeError(
+                f"TLS handshake timed out after {timeout:g} s", "timeout"
+            ) from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            await trio.aclose_forcefully(self._transport)
-            raise TlsHandshakeError(f"connection failed during the TLS handshake: {e}") from None
+            await self._abandon()
+            raise TlsHandshakeError(
+                f"connection failed during the TLS handshake: {_os_error_text(e)}", "reset"
+            ) from None
         except BaseException:
             # TlsHandshakeError, or cancellation: never leak the socket.
-            await trio.aclose_forcefully(self._transport)
+            await self._abandon()
             raise
+
+    @property
+    def handshake_progress(self) -> int:
+        """How far the peer got: 0 nothing received, 1 some bytes, 2 a whole first flight (we
+        answered it). A server under pressure closes the lowest first."""
+        return 2 if self._flight_sent else 1 if self._got_bytes else 0
+
+    async def _abandon(self) -> None:
+        self._stopped = True
+        self._ssl.set_app_data(None)  # no reference cycle left behind (memory, under attack)
+        await trio.aclose_forcefully(self._transport)
 
     async def _handshake(self) -> None:
         while True:
@@ -277,6 +322,7 @@ class TunnelConnection:
                 data = bytes(self._cipher_out)
                 self._cipher_out.clear()
                 if failure is None:
+                    self._flight_sent = self._got_bytes
                     await self._transport.send_all(data)
                 else:
                     # Best effort: let the peer see our alert.
@@ -291,7 +337,11 @@ class TunnelConnection:
                 return
             data = await self._transport.receive_some(_READ_SIZE)
             if not data:
-                raise TlsHandshakeError("peer closed the connection during the TLS handshake")
+                raise TlsHandshakeError(
+                    "peer closed the connection during the TLS handshake", "reset"
+                )
+            self._got_bytes = True
+            self.last_progress = trio.current_time()
             self._ssl.bio_write(data)
 
     def _describe_failure(self, error: SSL.Error) -> str:
@@ -469,15 +519,34 @@ class TunnelConnection:
                 raise TunnelClosed("peer closed the tunnel (close_notify)")
             if self._eof:
                 raise TunnelClosed("peer closed the connection")
+            stalled = True
             try:
-                data = await self._transport.receive_some(_READ_SIZE)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                raise TunnelClosed(self._broken or f"connection failed: {e}") from None
+                with trio.move_on_at(self._message_deadline()):
+                    data = await self._transport.receive_some(_READ_SIZE)
+                    stalled = False
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+                raise TunnelClosed(
+                    self._broken or f"connection failed: {_os_error_text(e)}"
+                ) from None
+            if stalled:
+                raise TunnelStalled(
+                    f"a tunnel message stalled: {self._framer.pending} bytes of it arrived, "
+                    f"the rest not within {self._message_timeout:g} s"
+                )
             if data:
                 self._ssl.bio_write(data)
             else:
                 self._eof = True
                 self._ssl.bio_shutdown()
+
+    def _message_deadline(self) -> float:
+        """When the partly received message must be complete (inf: none is partial)."""
+        if self._message_timeout is None or not self._framer.pending:
+            self._partial_since = None
+            return math.inf
+        if self._partial_since is None:
+            self._partial_since = trio.current_time()
+        return self._partial_since + self._message_timeout
 
     def _read_plaintext(self) -> bytes:
         chunks: list[bytes] = []
@@ -525,14 +594,21 @@ class TunnelConnection:
         finally:
             self._stopped = True
             await self._close_notify_on_cancel()
-            await trio.aclose_forcefully(self._transport)
+            await self._abandon()
         if error is not None:
             raise error
 
     async def aclose(self) -> None:
         """Close the socket without a graceful TLS close (used when :meth:`run` never ran)."""
-        self._stopped = True
-        await trio.aclose_forcefully(self._transport)
+        await self._abandon()
+
+
+def _os_error_text(error: BaseException) -> str:
+    """A one-line reason for a socket failure (trio wraps the OSError of a reset)."""
+    for e in (error, error.__cause__, error.__context__):
+        if isinstance(e, OSError):
+            return e.strerror or str(e)
+    return str(error) or type(error).__name__
 
 
 def _ssl_error_text(error: SSL.Error) -> str:

@@ -455,7 +455,13 @@ class EktReceiver:
             raise EktUsageError(
                 f"SRTP master salt of {len(params.salt)} bytes, need {self._salt_length}"
             )
-        self._sets.pop(params.spi, None)
+        old = self._sets.pop(params.spi, None)
+        if old is None or not hmac.compare_digest(old.key + old.salt, params.key + params.salt):
+            # SPIs wrap (D28): a new EKTKey may name the SPI of a much older one. The epochs a
+            # stream recorded under that SPI (D8) belonged to the old key; keeping them would
+            # make the new key's first Full tags look like a rollback and be ignored.
+            for st in self._streams.values():
+                st.epochs.pop(params.spi, None)
         self._sets[params.spi] = params
         while len(self._sets) > self._max_sets:
             del self._sets[next(iter(self._sets))]

@@ -29,7 +29,7 @@ from perc.dtls import DtlsConfiguration, DtlsConnection, events
 from perc.dtls.errors import AlertDescription
 from perc.events import Denied, HandshakeFailed, Left, RekeyFailed
 from perc.forwarding import Association
-from perc.keying import EktKeyMaterial, key_digest
+from perc.keying import EktKeyMaterial, KeyingError, key_digest
 from perc.kmf import KmfEngine
 from perc.mdd import Address
 from perc.roles import kmf, mdd
@@ -783,7 +783,12 @@ def test_rekey_failure_is_counted_and_stops_that_conference_timer(
     engine = mem.engine
     assert engine.stats.joined == 1
     assert "demo" in engine.conference_timers  # the TTL refresh is armed
-    engine.state.conferences["demo"].keys_issued = 1 << 16  # as if 65536 keys were made
+    conf = engine.state.conferences["demo"]
+
+    def refuse(now: float, reason: str = "manual", *, immediate: bool = False) -> None:
+        raise KeyingError("refused for the test")  # SPIs never run out (D28): simulate it
+
+    conf.request_rekey = refuse  # type: ignore[method-assign]
     assert mem.rekey("demo") is None
     assert engine.stats.rekey_errors == 1 and engine.stats.rekeys == 0
     assert "demo" not in engine.conference_timers  # no spinning on a due timer
