@@ -53,7 +53,8 @@ def test_a_rejoin_keeps_reading_peers_still_on_the_previous_key() -> None:
     """bob has not had the new EKTKey yet: alice still reads him under the old one."""
     conf = Conference()
     ekt = new_ekt(1)
-    alice, bob = conf.add("alice", "audio", ekt), conf.add("bob", "audio", ekt)
+    alice = conf.add("alice", "audio", ekt)
+    conf.add("bob", "audio", ekt)
     conf.run(1.0)
     keying = new_keying()
     conf.mdd.attach("alice", keying)
