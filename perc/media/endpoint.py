@@ -511,9 +511,16 @@ class EndpointMedia:
         starts over (the MDD's new association knows nothing of our ROCs). The EKT receiver
         is kept, so peers still sending under the previous EKTKey stay readable until they
         switch.
+
+        When the KMF hands out the EKTKey we already had (no rekey on join, D22), our new
+        sender's Full tags would carry the same SPI with epoch 0 again and a different E2E
+        key, which receivers must ignore (D8); so then our streams take new SSRCs instead,
+        as a new member's would (the peers' reports group them under our name).
         """
         if not keying.profile.is_double:
             raise MediaUsageError(f"{keying.profile.name} is not a DOUBLE profile")
+        if params.spi == self._ekt_params.spi:
+            self._new_ssrcs()
         outer = keying.outer()
         self._rtcp_tx = SrtpSession(outer.client_key, outer.client_salt)
         rx_session = SrtpSession(outer.server_key, outer.server_salt)
@@ -536,6 +543,16 @@ class EndpointMedia:
         self.unattributed.key_arrived(params.spi, now)
         self._verified_since_join = set()
         self._new_verified = []
+
+    def _new_ssrcs(self) -> None:
+        taken = set(self.our_ssrcs())
+        for source in self._sources:
+            ssrc = random_ssrc()
+            while ssrc in taken:
+                ssrc = random_ssrc()
+            taken.add(ssrc)
+            source.stream.ssrc = ssrc
+        self.rtcp_ssrc = self._sources[0].ssrc if self._sources else random_ssrc()
 
     def _forget_newer_spi(self, spi: int) -> None:
         waiting = self.newer_spi

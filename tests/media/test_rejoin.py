@@ -116,3 +116,23 @@ def test_peers_last_verified_and_bye() -> None:
     peers = alice.report()["peers"]
     assert peers["bob"]["bye"] is True and peers["carol"]["bye"] is False
     assert 0.9 <= peers["carol"]["last_verified"] <= 1.0
+
+
+def test_a_rejoin_under_the_same_ektkey_takes_new_ssrcs() -> None:
+    """Without a rekey on join the KMF hands back the EKTKey we had: new SSRCs, since our new
+    E2E key under the same SPI and epoch would be ignored (D8)."""
+    conf = Conference()
+    ekt = new_ekt(1)
+    alice, bob = conf.add("alice", "both", ekt), conf.add("bob", "audio", ekt)
+    conf.run(1.0)
+    old = set(alice.our_ssrcs())
+    keying = new_keying()
+    conf.mdd.attach("alice", keying)
+    alice.rejoin(keying, ekt, conf.now)
+    assert not old & set(alice.our_ssrcs()) and alice.ssrc == alice.our_ssrcs()[0]
+    seen = _verified(bob, "alice")
+    conf.run(2.0)
+    peer = bob.report()["peers"]["alice"]
+    assert peer["e2e_failures"] == peer["hbh_failures"] == 0
+    assert peer["verified"] > seen and len(peer["streams"]) == 4
+    assert peer["ssrc"] == alice.ssrc and alice.spis == [1]
