@@ -1086,6 +1086,15 @@ class MediaStatus:
         self.state = "joined"
         self.healer.joined()
         result.watchdog = self.healer
+        if self.engine is not None:
+            engine = self.engine
+            # The same line as at the start: the SSRCs are new when the EKTKey was not.
+            emit(
+                log,
+                EndpointMediaStarted(
+                    result.name, str(engine.media.value), list(engine.our_ssrcs()), result.ekt.spi
+                ),
+            )
 
     def _gap(self, last: float, bye: bool) -> str | None:
         """What explains a peer's media stopping at ``last``: ``bye``, ``rekey``, ``rejoin``

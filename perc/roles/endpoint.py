@@ -13,6 +13,11 @@ API::
     await run(settings, *, duration=None, keylog=None, media=None, keepalive=3.0)
     MediaRun(settings, options): await .run(duration=, keylog=, keepalive=);
         .finish(error_or_None) -> (ExitCode, message | None); .abandon(code); .report()
+
+Self-healing (D30) is decided in :class:`perc.endpoint.Healer`; when the session raises
+:class:`perc.endpoint.RejoinNeeded`, ``MediaRun`` gives the old association up (close_notify,
+no BYE), waits the back-off the healer says and runs :func:`join` again on a new socket (a new
+association at the MDD), then stays with the same media engine.
 """
 
 from __future__ import annotations
