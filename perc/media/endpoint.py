@@ -9,7 +9,8 @@ client) and it holds an EKTKey. It never touches a socket or a clock: the I/O sh
 * ``timer()`` for the next deadline and ``handle_timer(now)`` when it passes;
 * ``receive(datagram, now)`` for every SRTP/SRTCP datagram from the Media Distributor;
 * ``datagrams_to_send()`` to drain what to send (bounded queue, drops counted);
-* ``rekey(params, now)`` for every new EKTKey; ``bye(now)`` when leaving;
+* ``rekey(params, now)`` for every new EKTKey; ``rejoin(keying, params, now)`` for a new
+  association (D30); ``bye(now)`` when leaving;
 * ``report()`` for the JSON report.
 
 **Keys** (RFC 8871 §6.2, RFC 8723 §3, §6). From the DOUBLE profile's exporter output the
@@ -31,6 +32,12 @@ first packet of a key frame).
 the receiver first (so tags under the new SPI are readable) and then to the sender, which
 picks a new random E2E key, announces it in three Full tags under the new SPI and keeps
 encrypting with the old key for 250 ms. Every SPI ever used is remembered for the report.
+
+**Rejoining** (D30). ``rejoin`` swaps the hop-by-hop keys for the new association's and takes
+its EKTKey like a rekey (see :meth:`EndpointMedia.rejoin`). What healing reads from here:
+``stale_key_for`` (how long peers' Full tags have named an SPI newer than ours),
+``take_newly_verified`` (peers verified for the first time since the last join) and
+``peers_last_verified`` (when each peer last verified, and whether it said BYE).
 
 **Receiving** (RFC 8723 §5.3). RTP and RTCP share the port; RFC 5761 §4 tells them apart by
 the second byte (RTCP packet types 192-223). SRTP goes through
