@@ -417,3 +417,18 @@ def test_the_heal_options_come_from_the_endpoint_config() -> None:
 def test_an_engine_is_what_the_healer_watches() -> None:
     r = Run()
     assert isinstance(r.healer.media, EndpointMedia) and r.session.watchdog is r.healer
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        EndpointRejoin("alice", "silence", 2, delay=1.0, detail="nothing from the MDD"),
+        EndpointPeerVerified("alice", "bob", 1),
+        EndpointPeersSilent("alice", {"bob": 2.5, "carol": 3.0}, 5.0),
+    ],
+)
+def test_the_heal_events_round_trip_through_json(event: Event) -> None:
+    from perc.events import from_json, to_json
+
+    assert from_json(to_json(event)) == event
+    assert event.describe().split()[0] in ("rejoin", "peer", "peers")
