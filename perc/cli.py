@@ -345,9 +345,10 @@ _ENDPOINT_EXIT_CODES = (
     (3, "refused by the KMF (fatal alert, e.g. access_denied: not on the roster)"),
     (4, "wrong KMF (certificate fingerprint or tls-id not the expected one)"),
     (5, "timeout: no join within --join-timeout"),
-    (6, "joined, then the association was ended by the other side"),
+    (6, "joined, then the association was ended (by access_denied, or any end with --no-rejoin)"),
     (7, "protocol failure (e.g. the KMF negotiated no EKT)"),
     (8, "fewer peers' media received and verified end to end than --expect-peers"),
+    (9, "peers went silent: media stopped > --silence-limit before the end, no BYE, no rekey"),
 )
 
 
@@ -385,6 +386,9 @@ def _endpoint_help(key: str) -> str:
     type=click.Path(dir_okay=False, path_type=Path),
     help=_doc(_E, "report"),
 )
+@click.option("--rejoin/--no-rejoin", default=None, help=_endpoint_help("rejoin"))
+@click.option("--rejoin-silence", metavar="S", type=float, help=_endpoint_help("rejoin_silence"))
+@click.option("--silence-limit", metavar="S", type=float, help=_endpoint_help("silence_limit"))
 @click.option("--video-fps", type=float, help=_endpoint_help("video_fps"))
 @click.option("--video-bitrate", type=int, help=_endpoint_help("video_bitrate"))
 @_log_level_option

@@ -365,6 +365,29 @@ class EndpointConfig:
             "replaced atomically every second and once more at exit"
         ),
     )
+    rejoin: bool = attrs.field(
+        default=True,
+        metadata=_doc(
+            "heal by rejoining (a new DTLS handshake through the same MDD, same identity and "
+            "name) when the keys are stale or the association is gone: media under a newer EKT "
+            "SPI for over 1 s, ekt_ttl expired, --rejoin-silence, or the association ended by "
+            "the other side (except access_denied); back-off 0.5 s doubling to 8 s"
+        ),
+    )
+    rejoin_silence: float = attrs.field(
+        default=3.0,
+        metadata=_doc(
+            "rejoin after this many seconds with nothing from the MDD while peers are expected "
+            "(--expect-peers > 0) and one was heard; 0 disables"
+        ),
+    )
+    silence_limit: float = attrs.field(
+        default=5.0,
+        metadata=_doc(
+            "exit 9 if a peer's verified media stopped for longer than this (until the end) "
+            "without an RTCP BYE from it or a rekey after it; 0 disables"
+        ),
+    )
     video_fps: float = attrs.field(
         default=30.0,
         metadata=_doc("synthetic video frame rate (with --media video or both)"),
@@ -931,9 +954,12 @@ def endpoint_config(*, mdd: str, kmf_fingerprint: str, **options: Any) -> Endpoi
             raise _option_error("--" + key.replace("_", "-"))(
                 "must be a positive number of seconds"
             )
-    keepalive = options.get("keepalive")
-    if keepalive is not None and not 0 <= keepalive < 1e9:
-        raise _option_error("--keepalive")("must be 0 (off) or a positive number of seconds")
+    for key in ("keepalive", "rejoin_silence", "silence_limit"):
+        value = options.get(key)
+        if value is not None and not 0 <= value < 1e9:
+            raise _option_error("--" + key.replace("_", "-"))(
+                "must be 0 (off) or a positive number of seconds"
+            )
     name = options.get("name")
     if name is not None and (not name or not name.isprintable() or any(c.isspace() for c in name)):
         # It goes into key=value log lines: one printable word.

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -69,6 +70,9 @@ from perc.events import (
     EndpointLeft,
     EndpointMediaStarted,
     EndpointMediaSummary,
+    EndpointPeersSilent,
+    EndpointPeerVerified,
+    EndpointRejoin,
     emit,
 )
 from perc.identity import Identity, fingerprint_matches
@@ -84,6 +88,7 @@ __all__ = [
     "AssociationEnded",
     "EndpointStats",
     "ExitCode",
+    "Healer",
     "JoinError",
     "JoinFailed",
     "JoinRefused",
@@ -95,6 +100,8 @@ __all__ = [
     "MediaOptions",
     "MediaStatus",
     "PeersMissing",
+    "PeersSilent",
+    "RejoinNeeded",
     "Session",
     "WrongKmf",
     "dtls_configuration",
@@ -115,6 +122,15 @@ MAX_HELD_MEDIA = 64
 NTP_UNIX_OFFSET = 2208988800
 #: Seconds between two report writes while running.
 REPORT_INTERVAL = 1.0
+#: D30: rejoin when peers' media names an EKT SPI newer than ours for longer than this.
+REJOIN_STALE_SPI = 1.0
+#: D30: the back-off before a rejoin attempt: the first waits this long, each further attempt
+#: twice as long as the one before, up to REJOIN_BACKOFF_MAX.
+REJOIN_BACKOFF_MIN = 0.5
+REJOIN_BACKOFF_MAX = 8.0
+#: Alerts with which the KMF ends a joined association and does not want us back (we were
+#: taken off the roster): no rejoin, the run ends with ExitCode.ENDED.
+_NO_REJOIN_ALERTS = frozenset((AlertDescription.access_denied, AlertDescription.bad_certificate))
 
 
 class ExitCode(enum.IntEnum):
@@ -139,6 +155,9 @@ class ExitCode(enum.IntEnum):
     """The handshake failed for a protocol reason on our side (e.g. no EKT negotiated)."""
     PEERS = 8
     """Fewer peers' media received and verified end to end than ``--expect-peers``."""
+    SILENT = 9
+    """Peers went silent: a peer's verified media stopped for longer than
+    ``--silence-limit`` before the end, without an RTCP BYE from it or a rekey after it."""
 
 
 class JoinError(Exception):
@@ -181,6 +200,23 @@ class PeersMissing(JoinError):
     """The run ended with fewer peers verified end to end than expected."""
 
     exit_code = ExitCode.PEERS
+
+
+class PeersSilent(JoinError):
+    """The run ended with peers whose media had stopped without a BYE or a rekey."""
+
+    exit_code = ExitCode.SILENT
+
+
+class RejoinNeeded(Exception):
+    """The session must be replaced by a new join (D30); ``reason`` is the event's reason.
+
+    Not a :class:`JoinError`: it never becomes an exit status, the shell joins again."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 def hbh_digest(material: KeyingMaterial) -> str:
@@ -293,6 +329,23 @@ class MediaEngine(Protocol):
     def bye(self, now: float) -> object: ...
 
 
+class Watchdog(Protocol):
+    """What a :class:`Session` asks about rejoining (D30); :class:`Healer` has this shape."""
+
+    def check(self, session: Session, now: float) -> None:
+        """Raise :class:`RejoinNeeded` when the session should be replaced."""
+
+    def timer(self, session: Session) -> float | None:
+        """When :meth:`check` may next decide something without a datagram arriving."""
+
+    def rekeyed(self, now: float) -> None:
+        """A new EKTKey arrived on the live association."""
+
+    def ended(self, event: ConnectionClosed, text: str) -> None:
+        """The association ended: raise :class:`RejoinNeeded`, or return to let it end the
+        run (:class:`AssociationEnded`)."""
+
+
 # --- joining -----------------------------------------------------------------------------------
 
 
@@ -364,8 +417,17 @@ class Joiner:
     until :meth:`get_timer`.
     """
 
-    def __init__(self, settings: JoinSettings, keylog: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        settings: JoinSettings,
+        keylog: Callable[[str], None] | None = None,
+        *,
+        rejoin: bool = False,
+    ) -> None:
         self.settings = settings
+        #: a rejoin (D30) gives up at the first ICMP port unreachable before any DTLS from the
+        #: KMF: nothing listens at the MDD's port yet, and the back-off says when to try again
+        self.rejoin = rejoin
         self.tls_id = settings.tls_id if settings.tls_id is not None else random_tls_id()
         self.check = KmfCheck(settings.kmf_fingerprint, settings.kmf_tls_id)
         self.conn = DtlsConnection(dtls_configuration(settings, self.tls_id, self.check, keylog))
@@ -421,6 +483,10 @@ class Joiner:
         if timer is not None and now >= timer:
             self.conn.handle_timer(now)
         self._events(now)
+        s = self.stats
+        if self.rejoin and not self.done and s.icmp_unreachable and not s.dtls_in:
+            self.conn.close(now)
+            raise self.timeout()
         if not self.done and now >= self.deadline:
             self.conn.close(now)  # close_notify: let the KMF drop its half-open state at once
             raise self.timeout()
@@ -556,8 +622,9 @@ class Session:
     """A joined endpoint: the live DTLS association and the keys it gave (sans-IO).
 
     The shell feeds it with :meth:`receive_datagram`, calls :meth:`handle_timer` and
-    :meth:`process_events` (which raises :class:`AssociationEnded`), sends
-    :meth:`datagrams_to_send` and sleeps until :meth:`get_timer`; :meth:`leave` ends it.
+    :meth:`process_events` (which raises :class:`AssociationEnded`, or with a ``watchdog``
+    :class:`RejoinNeeded`), sends :meth:`datagrams_to_send` and sleeps until
+    :meth:`get_timer`; :meth:`leave` ends it (:meth:`abandon` for a rejoin).
     """
 
     connection: DtlsConnection
@@ -589,6 +656,10 @@ class Session:
     """When :meth:`datagrams_to_send` last returned something (the keepalive's silence)."""
     outbox: list[bytes] = attrs.Factory(list)
     """Media datagrams waiting for :meth:`datagrams_to_send`."""
+    last_receive: float = 0.0
+    """When the last datagram from the MDD arrived (or the session started)."""
+    watchdog: Watchdog | None = None
+    """Decides on rejoins (D30) and reports peers' verification (:class:`Healer`)."""
 
     @property
     def join_time(self) -> float:
@@ -609,6 +680,7 @@ class Session:
     def start(self, now: float, media: MediaEngine | None, keepalive: float | None) -> None:
         """Begin staying: the media engine gets what was held for it (or it is dropped)."""
         self.media, self.keepalive, self.last_send = media, keepalive, now
+        self.last_receive = now
         held, self.held_media = self.held_media, []
         if media is not None:
             for data in held:
@@ -619,8 +691,13 @@ class Session:
         else:
             self.stats.dropped_media += len(held)
 
+    def ekt_expires_at(self) -> float:
+        """When the current EKTKey's ekt_ttl runs out (RFC 8870 §5.2.2), on our clock."""
+        return self.ekt_received_at + self.ekt.ttl
+
     def receive_datagram(self, data: bytes, now: float) -> None:
         stats = self.stats
+        self.last_receive = now
         if is_dtls(data):
             stats.dtls_in += 1
             self.connection.receive_datagram(data, now)
@@ -664,12 +741,17 @@ class Session:
             deadlines.append(self.last_send + self.keepalive)
         if self.media is not None:
             deadlines.append(self.media.timer())
+        if self.watchdog is not None:
+            deadlines.append(self.watchdog.timer(self))
         return min((t for t in deadlines if t is not None), default=None)
 
     def process_events(self, now: float) -> None:
-        """Rekeys go to the media engine; raises AssociationEnded when the KMF ended it."""
+        """Rekeys go to the media engine; raises AssociationEnded when the KMF ended it, or
+        RejoinNeeded when the watchdog says so."""
         while (event := self.connection.next_event()) is not None:
             self._event(event, now)
+        if self.watchdog is not None:
+            self.watchdog.check(self, now)
 
     def _event(self, event: Event, now: float) -> None:
         if isinstance(event, EktKeyReceived):
@@ -690,6 +772,8 @@ class Session:
             )
             if self.media is not None:
                 self.media.rekey(self.ekt_parameters(now), now)
+            if self.watchdog is not None:
+                self.watchdog.rekeyed(now)
         elif isinstance(event, AlertReceived):
             log.debug(
                 "alert received name=%s level=%d alert=%s",
@@ -699,16 +783,26 @@ class Session:
             )
         elif isinstance(event, ConnectionClosed):
             who = "the KMF" if event.sent_by_peer else "we"
-            raise AssociationEnded(
+            text = (
                 f"association ended: {event.reason} ({who} ended it) "
                 f"through the MDD at {format_address(self.mdd_address)}"
             )
+            if self.watchdog is not None:
+                self.watchdog.ended(event, text)
+            raise AssociationEnded(text)
 
     def drain_media(self, data: bytes, now: float) -> None:
         """On the way out: what already arrived still counts (DTLS no longer matters)."""
         if is_media(data) and self.media is not None:
             self.stats.media_in += 1
             self.media.receive(data, now)
+
+    def abandon(self, now: float) -> None:
+        """Give the association up for a new one (D30): close_notify, so the KMF ends it at
+        once, but no RTCP BYE: our SSRCs go on in the new association."""
+        if not self.connection.is_closed:
+            self.connection.close(now)
+        log.debug("abandoned name=%s local=%s", self.name, format_address(self.local_address))
 
     def leave(self, now: float, reason: str) -> None:
         """The media engine's BYE, then close_notify (send :meth:`datagrams_to_send` after)."""
@@ -746,6 +840,146 @@ def log_joined(r: Session) -> None:
     )
 
 
+# --- healing (D30) -----------------------------------------------------------------------------
+
+
+class Healer:
+    """When to rejoin, how long to back off, and what to count (D30); a :class:`Watchdog`.
+
+    A joined endpoint rejoins by itself (a new DTLS handshake through the same MDD, same
+    identity and name, a new association) when its keys are evidently stale or its
+    association is gone:
+
+    * ``stale_spi``: for longer than :data:`REJOIN_STALE_SPI` peers' Full EKT tags name an
+      SPI newer than any we hold (the KMF rekeyed and our EKTKey never came, D9 would have
+      retransmitted it within that time);
+    * ``ekt_expired``: the EKTKey's ekt_ttl ran out (we may no longer send under it);
+    * ``silence``: nothing (DTLS, media, RTCP) arrived from the MDD for ``rejoin_silence``
+      seconds while ``expect_peers`` > 0, once a peer was heard: peers send RTCP at least every
+      1.5 s (RFC 3550 §6.3.1), so the MDD lost us (restarted, or dropped our association);
+    * ``ended``: the KMF (or the MDD on its behalf) ended the association: close_notify, a
+      fatal alert, or our own DTLS gave up. Not for access_denied or bad_certificate from
+      the KMF: those say we are no longer wanted, and end the run as before.
+
+    A failed rejoin attempt is retried (reason ``retry``) unless retrying cannot help: the
+    KMF refused us (a fatal alert), it is not the configured KMF, or the handshake failed on
+    our side for a protocol reason; those end the run with their exit status. Each attempt
+    waits ``REJOIN_BACKOFF_MIN`` doubled per attempt up to ``REJOIN_BACKOFF_MAX``; the count
+    starts again once a join verifies a peer's media. With ``enabled`` false nothing is
+    decided, but peers' first verification after a join is still reported.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        enabled: bool = True,
+        rejoin_silence: float = config.default(EndpointConfig, "rejoin_silence"),
+        expect_peers: int = 0,
+    ) -> None:
+        self.name = name
+        self.enabled = enabled
+        self.rejoin_silence = rejoin_silence
+        self.expect_peers = expect_peers
+        self.media: EndpointMedia | None = None
+        #: attempts since the last join that verified media (the back-off exponent)
+        self.attempt = 0
+        #: rejoin attempts (one EndpointRejoin event each), in all and per reason
+        self.rejoins = 0
+        self.reasons: dict[str, int] = {}
+        #: rejoins that completed (joined again)
+        self.completed = 0
+        #: a peer's media verified at least once (arms the silence rule)
+        self.heard = False
+        self.last_rekey_at: float | None = None
+        self.last_rejoin_at: float | None = None
+
+    def check(self, session: Session, now: float) -> None:
+        media = self.media
+        if media is not None:
+            fresh = media.take_newly_verified()
+            for peer in fresh:
+                emit(log, EndpointPeerVerified(self.name, peer, self.completed))
+            if fresh:
+                self.heard = True
+                self.attempt = 0  # this join verified media: the back-off starts again
+        if not self.enabled:
+            return
+        if media is not None and (stale := media.stale_key_for(now)) > REJOIN_STALE_SPI:
+            raise RejoinNeeded(
+                "stale_spi",
+                f"peers' media under EKT SPI {media.newer_spi} for {stale:.1f} s, "
+                f"we hold SPI {session.ekt.spi}",
+            )
+        if now >= session.ekt_expires_at():
+            raise RejoinNeeded(
+                "ekt_expired",
+                f"the EKTKey of SPI {session.ekt.spi} expired (ekt_ttl {session.ekt.ttl} s)",
+            )
+        quiet = self._silence_deadline(session)
+        if quiet is not None and now >= quiet:
+            raise RejoinNeeded(
+                "silence",
+                f"nothing from the MDD at {format_address(session.mdd_address)} for "
+                f"{now - session.last_receive:.1f} s",
+            )
+
+    def _silence_deadline(self, session: Session) -> float | None:
+        if self.rejoin_silence <= 0 or self.expect_peers <= 0 or not self.heard:
+            return None
+        return session.last_receive + self.rejoin_silence
+
+    def timer(self, session: Session) -> float | None:
+        if not self.enabled:
+            return None
+        quiet = self._silence_deadline(session)
+        expiry = session.ekt_expires_at()
+        return expiry if quiet is None else min(quiet, expiry)
+
+    def rekeyed(self, now: float) -> None:
+        self.last_rekey_at = now
+
+    def ended(self, event: ConnectionClosed, text: str) -> None:
+        if not self.enabled:
+            return
+        if event.sent_by_peer and event.alert in _NO_REJOIN_ALERTS:
+            return
+        raise RejoinNeeded("ended", text)
+
+    def begin(self, reason: str, detail: str, now: float) -> float:
+        """A rejoin attempt starts (logged, counted): returns when to start its join."""
+        self.attempt += 1
+        delay = min(REJOIN_BACKOFF_MIN * 2.0 ** (self.attempt - 1), REJOIN_BACKOFF_MAX)
+        self.rejoins += 1
+        self.reasons[reason] = self.reasons.get(reason, 0) + 1
+        self.last_rejoin_at = now
+        emit(
+            log,
+            EndpointRejoin(self.name, reason, self.attempt, delay=delay, detail=detail),
+            logging.WARNING,
+        )
+        return now + delay
+
+    def failed(self, error: JoinError, now: float) -> float:
+        """A rejoin attempt failed: when to try again. Re-raises ``error`` when retrying
+        cannot help (see the class docstring)."""
+        refused = isinstance(error, JoinRefused) and error.alert != AlertDescription.close_notify
+        if refused or isinstance(error, WrongKmf | JoinFailed):
+            raise error
+        return self.begin("retry", str(error), now)
+
+    def joined(self) -> None:
+        """A rejoin completed (its media verifying will reset the back-off)."""
+        self.completed += 1
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "rejoins": self.rejoins,
+            "rejoin_reasons": dict(sorted(self.reasons.items())),
+            "rejoins_completed": self.completed,
+        }
+
+
 # --- media: what `perc endpoint` runs ----------------------------------------------------------
 
 
@@ -762,6 +996,11 @@ class MediaOptions:
     report_interval: float = REPORT_INTERVAL
     video: VideoSettings | None = None
     """Synthetic video parameters (None: perc.media's defaults)."""
+    rejoin: bool = config.default(EndpointConfig, "rejoin")
+    """Heal by rejoining (D30, :class:`Healer`)."""
+    rejoin_silence: float = config.default(EndpointConfig, "rejoin_silence")
+    silence_limit: float = config.default(EndpointConfig, "silence_limit")
+    """Exit 9 when a peer's media stopped longer than this before the end (0: never)."""
 
     @classmethod
     def from_config(cls, cfg: EndpointConfig) -> MediaOptions:
@@ -771,15 +1010,24 @@ class MediaOptions:
             expect_peers=cfg.expect_peers,
             report=cfg.report,
             video=VideoSettings(fps=cfg.video_fps, bitrate=cfg.video_bitrate),
+            rejoin=cfg.rejoin,
+            rejoin_silence=cfg.rejoin_silence,
+            silence_limit=cfg.silence_limit,
         )
 
 
 class MediaStatus:
     """The media side of one ``perc endpoint`` run: engine, report, summary, exit status.
 
-    ``state`` is ``joining``, ``joined``, ``left`` or ``failed``; :meth:`report` is what the
-    report file holds; :meth:`outcome` turns the end of the run (an error or none) into the
-    exit status and its one-line message.
+    ``state`` is ``joining``, ``joined``, ``rejoining``, ``left`` or ``failed``;
+    :meth:`report` is what the report file holds; :meth:`outcome` turns the end of the run
+    (an error or none) into the exit status and its one-line message.
+
+    **The verdict.** Having verified a peer once is not enough for exit 0: a peer whose
+    verified media stopped more than ``silence_limit`` seconds before the end, with no RTCP
+    BYE from it and no rekey since (the KMF rekeys when a member leaves, D22), went silent
+    without an explanation: the MDD lost us or it, and the run exits 9 naming those peers.
+    Our own rejoins do not explain a peer's silence (the report says they happened).
     """
 
     def __init__(self, settings: JoinSettings, options: MediaOptions) -> None:
@@ -788,6 +1036,15 @@ class MediaStatus:
         self.engine: EndpointMedia | None = None
         self.result: Session | None = None
         self.state = "joining"
+        self.healer = Healer(
+            settings.name,
+            enabled=options.rejoin,
+            rejoin_silence=options.rejoin_silence,
+            expect_peers=options.expect_peers,
+        )
+        #: when media started (our clock) and the wall clock minus ours
+        self.started: float | None = None
+        self.wall_offset = 0.0
 
     def make_engine(self, result: Session, now: float, unix_time: float) -> EndpointMedia:
         """The media engine for a fresh join; ``unix_time`` is the wall clock at ``now``."""
@@ -804,6 +1061,10 @@ class MediaStatus:
         self.result = result
         self.engine = engine
         self.state = "joined"
+        self.started = now
+        self.wall_offset = unix_time - now
+        self.healer.media = engine
+        result.watchdog = self.healer
         emit(
             log,
             EndpointMediaStarted(
@@ -812,7 +1073,56 @@ class MediaStatus:
         )
         return engine
 
-    def report(self, exit_status: int | None = None) -> dict[str, Any]:
+    def rejoining(self, why: RejoinNeeded, now: float) -> float:
+        """The session must be replaced (D30): returns when to start the new join."""
+        self.state = "rejoining"
+        return self.healer.begin(why.reason, why.detail, now)
+
+    def rejoined(self, result: Session, now: float) -> None:
+        """A rejoin completed: media goes on under the new association's keys."""
+        if self.engine is not None:
+            self.engine.rejoin(result.keying, result.ekt_parameters(now), now)
+        self.result = result
+        self.state = "joined"
+        self.healer.joined()
+        result.watchdog = self.healer
+        if self.engine is not None:
+            engine = self.engine
+            # The same line as at the start: the SSRCs are new when the EKTKey was not.
+            emit(
+                log,
+                EndpointMediaStarted(
+                    result.name, str(engine.media.value), list(engine.our_ssrcs()), result.ekt.spi
+                ),
+            )
+
+    def _gap(self, last: float, bye: bool) -> str | None:
+        """What explains a peer's media stopping at ``last``: ``bye``, ``rekey``, ``rejoin``
+        (ours; reported, but no excuse) or None."""
+        h = self.healer
+        if bye:
+            return "bye"
+        if h.last_rekey_at is not None and h.last_rekey_at > last:
+            return "rekey"
+        if h.last_rejoin_at is not None and h.last_rejoin_at > last:
+            return "rejoin"
+        return None
+
+    def silent_peers(self, now: float) -> dict[str, float]:
+        """Peers that went silent (see the class docstring): name -> when their media last
+        verified, in seconds after the start."""
+        engine, limit = self.engine, self.options.silence_limit
+        if engine is None or self.started is None or limit <= 0:
+            return {}
+        out: dict[str, float] = {}
+        for peer, (last, bye) in sorted(engine.peers_last_verified().items()):
+            if now - last > limit and self._gap(last, bye) not in ("bye", "rekey"):
+                out[peer] = last - self.started
+        return out
+
+    def report(self, exit_status: int | None = None, now: float | None = None) -> dict[str, Any]:
+        """The report; with ``now``, per peer ``silent_for`` and ``gap`` (what explains the
+        silence: ``bye``, ``rekey``, ``rejoin`` or null) and ``silent_peers``."""
         if self.engine is not None:
             data = self.engine.report()
         else:
@@ -820,18 +1130,33 @@ class MediaStatus:
         data["state"] = self.state
         if self.result is not None:
             data["local"] = format_address(self.result.local_address)
+        data.update(self.healer.report())
+        data["silence_limit"] = self.options.silence_limit
+        if now is not None and self.engine is not None and self.started is not None:
+            for peer, (last, bye) in self.engine.peers_last_verified().items():
+                entry = data["peers"].get(peer)
+                if entry is not None:
+                    entry["silent_for"] = round(now - last, 3)
+                    entry["gap"] = self._gap(last, bye)
+            data["silent_peers"] = {p: round(t, 3) for p, t in self.silent_peers(now).items()}
         if exit_status is not None:
             data["exit_status"] = exit_status
         return data
 
-    def outcome(self, error: JoinError | None = None) -> tuple[ExitCode, str | None]:
-        """The exit status and, for a failure, its one-line message; ends the state."""
+    def outcome(
+        self, error: JoinError | None = None, now: float | None = None
+    ) -> tuple[ExitCode, str | None]:
+        """The exit status and, for a failure, its one-line message; ends the state.
+
+        ``now``: the end of the run on the session clock, for the verdict on silent peers
+        (None: no verdict)."""
         engine = self.engine
         if error is not None:
             code, message = error.exit_code, str(error)
         else:
             code, message = ExitCode.OK, None
             verified = engine.peers_verified() if engine is not None else set()
+            silent = self.silent_peers(now) if now is not None else {}
             if len(verified) < self.options.expect_peers:
                 code = ExitCode.PEERS
                 message = str(
@@ -841,13 +1166,44 @@ class MediaStatus:
                         f"--expect-peers {self.options.expect_peers}"
                     )
                 )
-        if self.state == "joined":
+            elif silent and now is not None:
+                code = ExitCode.SILENT
+                message = self._silent_message(silent, now)
+        if self.state in ("joined", "rejoining"):
             self.state = "left"
         elif self.state == "joining":
             self.state = "failed"
         if engine is not None:
             emit(log, self.summary_event())
         return code, message
+
+    def _silent_message(self, silent: dict[str, float], now: float) -> str:
+        started = self.started if self.started is not None else 0.0
+        emit(
+            log,
+            EndpointPeersSilent(
+                self.settings.name,
+                {p: round(t, 3) for p, t in silent.items()},
+                self.options.silence_limit,
+            ),
+            logging.WARNING,
+        )
+        parts = []
+        for peer, at in silent.items():
+            wall = time.strftime("%H:%M:%S", time.gmtime(started + at + self.wall_offset))
+            parts.append(
+                f"{peer} since {wall} UTC ({at:.1f} s after the start, "
+                f"{now - started - at:.1f} s before the end)"
+            )
+        rejoins = self.healer.rejoins
+        return str(
+            PeersSilent(
+                "peers went silent (media stopped for more than --silence-limit "
+                f"{self.options.silence_limit:g} s, no BYE, no rekey): "
+                + ", ".join(parts)
+                + (f"; {rejoins} rejoin attempt(s)" if rejoins else "")
+            )
+        )
 
     def abandoned(self) -> None:
         """The run failed outside the join (e.g. a local error): no summary."""

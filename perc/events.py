@@ -762,3 +762,60 @@ class EndpointMediaSummary(Event):
             f"unattributed_received={un.get('received', 0)} pre_join={un.get('pre_join', 0)} "
             f"peers: {peers or 'none'}"
         )
+
+
+@register
+@attrs.frozen
+class EndpointRejoin(Event):
+    """The endpoint starts a new join by itself (D30: its keys are stale or its association is
+    gone). ``reason``: ``stale_spi`` (peers' media under a newer EKT SPI for over 1 s),
+    ``ekt_expired`` (the EKTKey's ekt_ttl ran out), ``silence`` (nothing from the MDD for
+    ``--rejoin-silence`` seconds), ``ended`` (the KMF or MDD ended the association) or
+    ``retry`` (the previous rejoin attempt failed). ``attempt`` counts attempts since the
+    last join that verified media; ``delay`` is the back-off before this attempt starts."""
+
+    kind: ClassVar[str] = "endpoint_rejoin"
+    name: str
+    reason: str
+    attempt: int
+    delay: float = 0.0
+    detail: str = ""
+
+    def describe(self) -> str:
+        text = (
+            f"rejoin name={self.name} reason={self.reason} attempt={self.attempt} "
+            f"delay={self.delay:g}s"
+        )
+        return f"{text} ({self.detail})" if self.detail else text
+
+
+@register
+@attrs.frozen
+class EndpointPeerVerified(Event):
+    """A peer's media verified end to end for the first time since the endpoint's last
+    (re)join: ``rejoins`` is how many rejoins came before, so 0 is the first join."""
+
+    kind: ClassVar[str] = "endpoint_peer_verified"
+    name: str
+    peer: str
+    rejoins: int = 0
+
+    def describe(self) -> str:
+        return f"peer verified name={self.name} peer={self.peer} rejoins={self.rejoins}"
+
+
+@register
+@attrs.frozen
+class EndpointPeersSilent(Event):
+    """At exit: peers whose verified media stopped for longer than ``--silence-limit``
+    without an RTCP BYE or a rekey to explain it. ``peers`` maps each to the seconds since
+    the start when its media last verified."""
+
+    kind: ClassVar[str] = "endpoint_peers_silent"
+    name: str
+    peers: dict[str, float]
+    limit: float
+
+    def describe(self) -> str:
+        who = ", ".join(f"{p} (last verified at {t:.1f} s)" for p, t in self.peers.items())
+        return f"peers silent name={self.name} limit={self.limit:g}s: {who}"

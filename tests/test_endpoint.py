@@ -284,6 +284,7 @@ def test_media_status_reports_and_judges_expect_peers() -> None:
     status = MediaStatus(_settings(), MediaOptions(media="both", expect_peers=1))
     assert status.report() == {
         "name": "alice", "ssrc": None, "sent": 0, "spis": [], "peers": {}, "state": "joining",
+        "rejoins": 0, "rejoin_reasons": {}, "rejoins_completed": 0, "silence_limit": 5.0,
     }  # fmt: skip
     session = _session(Kmf())
     session.local_address = ("127.0.0.1", 40000)

@@ -9,7 +9,8 @@ client) and it holds an EKTKey. It never touches a socket or a clock: the I/O sh
 * ``timer()`` for the next deadline and ``handle_timer(now)`` when it passes;
 * ``receive(datagram, now)`` for every SRTP/SRTCP datagram from the Media Distributor;
 * ``datagrams_to_send()`` to drain what to send (bounded queue, drops counted);
-* ``rekey(params, now)`` for every new EKTKey; ``bye(now)`` when leaving;
+* ``rekey(params, now)`` for every new EKTKey; ``rejoin(keying, params, now)`` for a new
+  association (D30); ``bye(now)`` when leaving;
 * ``report()`` for the JSON report.
 
 **Keys** (RFC 8871 §6.2, RFC 8723 §3, §6). From the DOUBLE profile's exporter output the
@@ -31,6 +32,12 @@ first packet of a key frame).
 the receiver first (so tags under the new SPI are readable) and then to the sender, which
 picks a new random E2E key, announces it in three Full tags under the new SPI and keeps
 encrypting with the old key for 250 ms. Every SPI ever used is remembered for the report.
+
+**Rejoining** (D30). ``rejoin`` swaps the hop-by-hop keys for the new association's and takes
+its EKTKey like a rekey (see :meth:`EndpointMedia.rejoin`). What healing reads from here:
+``stale_key_for`` (how long peers' Full tags have named an SPI newer than ours),
+``take_newly_verified`` (peers verified for the first time since the last join) and
+``peers_last_verified`` (when each peer last verified, and whether it said BYE).
 
 **Receiving** (RFC 8723 §5.3). RTP and RTCP share the port; RFC 5761 §4 tells them apart by
 the second byte (RTCP packet types 192-223). SRTP goes through
@@ -321,6 +328,15 @@ class EndpointMedia:
         #: never-verified SSRCs seen sending under an SPI older than our first
         self._pre_join_ssrcs: set[int] = set()
         self._ekt_params = ekt
+        self._period = None if choice is MediaChoice.VIDEO else 0.1
+        #: an SPI newer than ours seen in peers' Full tags that we could not read, and when
+        #: such a tag first and last arrived (D30: a key we were left out of)
+        self.newer_spi: int | None = None
+        self.newer_spi_first = 0.0
+        self.newer_spi_last = 0.0
+        #: peers verified since the last (re)join, and those not yet taken by the caller
+        self._verified_since_join: set[str] = set()
+        self._new_verified: list[str] = []
         self.stats = EndpointMediaStats()
         self.streams: dict[int, RemoteStream] = {}
         self.unattributed = Unattributed()
@@ -374,6 +390,28 @@ class EndpointMedia:
     def peers_verified(self) -> set[str]:
         """Names of the peers with at least one verified packet."""
         return {s.name for s in self.streams.values() if s.name is not None and s.verified}
+
+    def peers_last_verified(self) -> dict[str, tuple[float, bool]]:
+        """Per peer name: when its last verified packet arrived, and whether it said BYE."""
+        out: dict[str, tuple[float, bool]] = {}
+        for s in self.streams.values():
+            if s.name is None or not s.verified:
+                continue
+            last, bye = out.get(s.name, (s.last_at, False))
+            out[s.name] = (max(last, s.last_at), bye or s.bye)
+        return out
+
+    def take_newly_verified(self) -> list[str]:
+        """Peers whose media verified for the first time since the last (re)join (each once)."""
+        out, self._new_verified = self._new_verified, []
+        return out
+
+    def stale_key_for(self, now: float) -> float:
+        """Seconds during which peers' Full tags named an SPI newer than ours that we lack
+        (0 when none did, or the last such tag is older than a second ago)."""
+        if self.newer_spi is None or now - self.newer_spi_last > 1.0:
+            return 0.0
+        return self.newer_spi_last - self.newer_spi_first
 
     # --- timers and output -------------------------------------------------------------------
 
@@ -464,12 +502,69 @@ class EndpointMedia:
             self._tx.rekey(params, now)
         if params.spi not in self.spis:
             self.spis.append(params.spi)
+        self._forget_newer_spi(params.spi)
         # Failures that were waiting for this EKTKey were late key delivery, not tampering.
         for st in self.streams.values():
             st.key_arrived(params.spi, now)
         self.unattributed.key_arrived(params.spi, now)
         self.stats.rekeys += 1
         return True
+
+    def rejoin(self, keying: KeyingMaterial, params: EktParameterSet, now: float) -> None:
+        """A new association (D30): new hop-by-hop keys and a new EKTKey; media goes on.
+
+        Our SSRCs and RTP sequence numbers continue, so to the peers this looks like a rekey:
+        a fresh random E2E key announced in Full tags under the new SPI. The outer layer
+        starts over (the MDD's new association knows nothing of our ROCs). The EKT receiver
+        is kept, so peers still sending under the previous EKTKey stay readable until they
+        switch.
+
+        When the KMF hands out the EKTKey we already had (no rekey on join, D22), our new
+        sender's Full tags would carry the same SPI with epoch 0 again and a different E2E
+        key, which receivers must ignore (D8); so then our streams take new SSRCs instead,
+        as a new member's would (the peers' reports group them under our name).
+        """
+        if not keying.profile.is_double:
+            raise MediaUsageError(f"{keying.profile.name} is not a DOUBLE profile")
+        if params.spi == self._ekt_params.spi:
+            self._new_ssrcs()
+        outer = keying.outer()
+        self._rtcp_tx = SrtpSession(outer.client_key, outer.client_salt)
+        rx_session = SrtpSession(outer.server_key, outer.server_salt)
+        self._rx = DoubleReceiver(rx_session, ekt=self._rx.ekt)
+        self._rtcp_rx = rx_session
+        self._e2e_mark = 0
+        self._ekt_params = params
+        self._rx.add_parameter_set(params)
+        if self._tx is not None:
+            self._tx = DoubleSender(
+                outer.client_key, outer.client_salt, params, period=self._period
+            )
+        if self.video is not None:
+            self.video.request_keyframe()  # receivers need a key frame under the new key
+        if params.spi not in self.spis:
+            self.spis.append(params.spi)
+        self._forget_newer_spi(params.spi)
+        for st in self.streams.values():
+            st.key_arrived(params.spi, now)
+        self.unattributed.key_arrived(params.spi, now)
+        self._verified_since_join = set()
+        self._new_verified = []
+
+    def _new_ssrcs(self) -> None:
+        taken = set(self.our_ssrcs())
+        for source in self._sources:
+            ssrc = random_ssrc()
+            while ssrc in taken:
+                ssrc = random_ssrc()
+            taken.add(ssrc)
+            source.stream.ssrc = ssrc
+        self.rtcp_ssrc = self._sources[0].ssrc if self._sources else random_ssrc()
+
+    def _forget_newer_spi(self, spi: int) -> None:
+        waiting = self.newer_spi
+        if waiting is not None and not 1 <= (waiting - spi) & 0xFFFF <= 0x7FFF:
+            self.newer_spi = None  # we now hold that SPI or a later one
 
     def bye(self, now: float, reason: bytes = b"leaving") -> None:
         """Queue a final report with an RTCP BYE for our SSRCs and stop sending (RFC 3550 §6.6)."""
@@ -523,6 +618,9 @@ class EndpointMedia:
         st.received += 1
         st.verified += 1
         st.verified_one()
+        if st.name not in self._verified_since_join and st.name is not None:
+            self._verified_since_join.add(st.name)
+            self._new_verified.append(st.name)
         spis = st.spis
         if (not spis or spis[-1] != pkt.spi) and pkt.spi not in spis:
             spis.append(pkt.spi)  # in order of first use
@@ -572,6 +670,10 @@ class EndpointMedia:
                 field = None
             if isinstance(field, FullEktField):
                 spi = field.spi
+                if 1 <= (spi - self._ekt_params.spi) & 0xFFFF <= 0x7FFF:
+                    if self.newer_spi != spi or now - self.newer_spi_last > 1.0:
+                        self.newer_spi, self.newer_spi_first = spi, now
+                    self.newer_spi_last = now
         ssrc = _unpack_ssrc(data, 8)[0] if len(data) >= 12 else None
         bucket = None
         if st is None and reason in _PRE_JOIN_REASONS:
@@ -841,6 +943,7 @@ class EndpointMedia:
             spis=self.spis,
             streams=self.streams,
             unattributed=self.unattributed,
+            since=self._joined_at,
             extra={"media": self.media.value, "streams": sent_by_stream, "stats": rtcp},
         )
         # Failures still waiting for pre-join evidence are reported as failures until then.

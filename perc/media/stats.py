@@ -23,7 +23,10 @@ ones under a key from before it joined, RFC 8871 §4.5.2).
 :func:`build_report` groups streams by sender name into the endpoint's JSON report::
 
     {"name", "ssrc", "sent", "spis": [...],
-     "peers": {name: {"ssrc", "received", "verified", "hbh_failures", "e2e_failures", ...}}}
+     "peers": {name: {"ssrc", "last_verified", "bye", "received", "verified", ...}}}
+
+``last_verified`` is the arrival of the peer's last verified packet in seconds after
+``since`` (the start of media); ``bye`` says whether an RTCP BYE named one of its SSRCs.
 
 NTP helpers: perc's sans-IO core has only the caller's monotonic ``now``; ``ntp_offset``
 (seconds) maps it to NTP time. Round-trip times only need the sender's own clock to be
@@ -306,7 +309,7 @@ class Unattributed(_Failures):
         }
 
 
-def _peer_entry(streams: list[RemoteStream]) -> dict[str, Any]:
+def _peer_entry(streams: list[RemoteStream], since: float) -> dict[str, Any]:
     # The peer's "ssrc" is its audio SSRC if it sends audio, else its first stream's; after a
     # rejoin (new SSRCs under the same name) the most recently heard one.
     latest = sorted(streams, key=lambda s: s.last_at, reverse=True)
@@ -326,6 +329,10 @@ def _peer_entry(streams: list[RemoteStream]) -> dict[str, Any]:
             reordered += s.seq.reordered
     return {
         "ssrc": first.ssrc,
+        # seconds from the start of media (our first join) to this peer's last verified packet
+        "last_verified": round(max(s.last_at for s in streams) - since, 3),
+        # an RTCP BYE arrived for one of its SSRCs (it said it was leaving)
+        "bye": any(s.bye for s in streams),
         "received": sum(s.received for s in streams),
         "verified": sum(s.verified for s in streams),
         "hbh_failures": sum(s.hbh_failures for s in streams),
@@ -360,6 +367,7 @@ def build_report(
     spis: list[int],
     streams: dict[int, RemoteStream],
     unattributed: Unattributed,
+    since: float = 0.0,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The JSON-ready report of one endpoint (the report schema plus diagnostic fields)."""
@@ -372,7 +380,7 @@ def build_report(
         "ssrc": ssrc,
         "sent": sent,
         "spis": list(spis),
-        "peers": {peer: _peer_entry(group) for peer, group in sorted(by_name.items())},
+        "peers": {peer: _peer_entry(group, since) for peer, group in sorted(by_name.items())},
         "unattributed": unattributed.as_dict(),
     }
     if extra:

@@ -13,6 +13,11 @@ API::
     await run(settings, *, duration=None, keylog=None, media=None, keepalive=3.0)
     MediaRun(settings, options): await .run(duration=, keylog=, keepalive=);
         .finish(error_or_None) -> (ExitCode, message | None); .abandon(code); .report()
+
+Self-healing (D30) is decided in :class:`perc.endpoint.Healer`; when the session raises
+:class:`perc.endpoint.RejoinNeeded`, ``MediaRun`` gives the old association up (close_notify,
+no BYE), waits the back-off the healer says and runs :func:`join` again on a new socket (a new
+association at the MDD), then stays with the same media engine.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from perc.endpoint import (
     MediaOptions,
     MediaStatus,
     PeersMissing,
+    RejoinNeeded,
     Session,
     WrongKmf,
     dtls_configuration,
@@ -158,9 +164,14 @@ async def _open_socket(address: tuple[str, int]) -> socket.socket:
 
 
 async def join(
-    settings: JoinSettings, *, keylog: Callable[[str], None] | None = None
+    settings: JoinSettings,
+    *,
+    keylog: Callable[[str], None] | None = None,
+    rejoin: bool = False,
 ) -> JoinResult:
     """Join the conference behind the MDD at ``settings.mdd`` (:class:`perc.endpoint.Joiner`).
+
+    ``rejoin``: a rejoin attempt (D30), which gives up as soon as nothing listens there.
 
     Raises a :class:`JoinError` subclass when the join cannot complete (the socket is closed
     then) and OSError when the MDD's address does not resolve. On success the caller owns
@@ -176,16 +187,19 @@ async def join(
         settings.kmf_fingerprint,
     )
     try:
-        return await _join_on(settings, sock, keylog)
+        return await _join_on(settings, sock, keylog, rejoin)
     except BaseException:
         sock.close()
         raise
 
 
 async def _join_on(
-    settings: JoinSettings, sock: socket.socket, keylog: Callable[[str], None] | None
+    settings: JoinSettings,
+    sock: socket.socket,
+    keylog: Callable[[str], None] | None,
+    rejoin: bool = False,
 ) -> JoinResult:
-    j = Joiner(settings, keylog)
+    j = Joiner(settings, keylog, rejoin=rejoin)
     link = _Link(sock, j.stats)
     j.start(trio.current_time())
     link.send(j.datagrams_to_send())
@@ -227,9 +241,10 @@ async def stay(
 
     ``keepalive``: after this many seconds without sending, send an empty DTLS
     application-data record (None: never); see :class:`perc.endpoint.Session`. Raises
-    :class:`AssociationEnded` when the association ends from the other side. Always closes
+    :class:`AssociationEnded` when the association ends from the other side, and
+    :class:`RejoinNeeded` when the session's watchdog wants a new join. Always closes
     ``result.socket``; on the way out (cancellation included) it sends the media engine's BYE
-    and the DTLS close_notify first.
+    and the DTLS close_notify first (for a rejoin only the close_notify: media goes on).
     """
     link = _Link(result.socket, result.stats)
     now = trio.current_time()
@@ -255,8 +270,23 @@ async def stay(
     except AssociationEnded as e:
         reason = str(e)
         raise
+    except RejoinNeeded:
+        reason = ""
+        raise
     finally:
-        _leave(result, link, reason)
+        if reason:
+            _leave(result, link, reason)
+        else:
+            _abandon(result, link)
+
+
+def _abandon(result: JoinResult, link: _Link) -> None:
+    """close_notify (no BYE), close the socket: the association is given up for a new one."""
+    try:
+        result.abandon(trio.current_time())
+        link.send(result.datagrams_to_send(trio.current_time()))
+    finally:
+        result.socket.close()
 
 
 def _leave(result: JoinResult, link: _Link, reason: str) -> None:
@@ -305,6 +335,8 @@ class MediaRun(MediaStatus):
     def __init__(self, settings: JoinSettings, options: MediaOptions) -> None:
         super().__init__(settings, options)
         self.report_errors = 0
+        #: the end of :meth:`run` on trio's clock (the verdict's "now")
+        self.ended_at: float | None = None
 
     async def run(
         self,
@@ -313,29 +345,58 @@ class MediaRun(MediaStatus):
         keylog: Callable[[str], None] | None = None,
         keepalive: float | None = KEEPALIVE,
     ) -> None:
+        """Join, then stay; when the session's healer asks for it (D30), join again and go
+        on with the same media engine. ``duration`` counts from the first join."""
         self.write_report()
-        result = await join(self.settings, keylog=keylog)
-        engine = self.make_engine(result, trio.current_time(), time.time())
-        self.write_report()
-        async with trio.open_nursery() as nursery:
-            if self.options.report is not None:
-                nursery.start_soon(self._report_loop)
-            await stay(result, duration=duration, media=engine, keepalive=keepalive)
-            nursery.cancel_scope.cancel()
+        try:
+            result = await join(self.settings, keylog=keylog)
+            now = trio.current_time()
+            engine = self.make_engine(result, now, time.time())
+            end = None if duration is None else now + duration
+            self.write_report(now=now)
+            async with trio.open_nursery() as nursery:
+                if self.options.report is not None:
+                    nursery.start_soon(self._report_loop)
+                while True:
+                    left = None if end is None else max(0.0, end - trio.current_time())
+                    try:
+                        await stay(result, duration=left, media=engine, keepalive=keepalive)
+                        break
+                    except RejoinNeeded as why:
+                        with trio.move_on_at(float("inf") if end is None else end):
+                            result = await self._rejoin(why, keylog)
+                        if end is not None and trio.current_time() >= end:
+                            break
+                nursery.cancel_scope.cancel()
+        finally:
+            self.ended_at = trio.current_time()
+
+    async def _rejoin(self, why: RejoinNeeded, keylog: Callable[[str], None] | None) -> JoinResult:
+        """Join again until it works; the healer says when (back-off) and what is fatal."""
+        at = self.rejoining(why, trio.current_time())
+        while True:
+            await trio.sleep_until(at)
+            try:
+                result = await join(self.settings, keylog=keylog, rejoin=True)
+            except JoinError as e:
+                at = self.healer.failed(e, trio.current_time())
+                continue
+            self.rejoined(result, trio.current_time())
+            return result
 
     async def _report_loop(self) -> None:
         while True:
             await trio.sleep(self.options.report_interval)
-            self.write_report()
+            self.write_report(now=trio.current_time())
 
-    def write_report(self, exit_status: int | None = None) -> None:
+    def write_report(self, exit_status: int | None = None, now: float | None = None) -> None:
         """Write the report file atomically (if ``--report`` was given); never raises."""
         path = self.options.report
         if path is None:
             return
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(self.report(exit_status), indent=1) + "\n")
+            tmp.write_text(json.dumps(self.report(exit_status, now), indent=1) + "\n")
             os.replace(tmp, path)
         except OSError as e:
             self.report_errors += 1
@@ -344,8 +405,8 @@ class MediaRun(MediaStatus):
 
     def finish(self, error: JoinError | None = None) -> tuple[ExitCode, str | None]:
         """After :meth:`run`: the exit status and, for a failure, its one-line message."""
-        code, message = self.outcome(error)
-        self.write_report(int(code))
+        code, message = self.outcome(error, self.ended_at)
+        self.write_report(int(code), self.ended_at)
         return code, message
 
     def abandon(self, code: ExitCode) -> None:
