@@ -444,7 +444,15 @@ class Vp8FrameAssembler:
     def _give_up_head(self) -> None:
         """Stop waiting for the first packet missing at the head of the buffer."""
         self.stats.gaps_given_up += 1
-        low = self._next if self._next is not None else min(self._buf)
+        if self._next is None:
+            # Never in sync (no complete key frame yet): no head frame waits for a gap, so
+            # marking gaps lost would release nothing. Drop the oldest packet instead (one
+            # packet per call keeps a full buffer linear in its size, whatever the SEQs).
+            if self._buf:
+                self._discard_below(min(self._buf) + 1)
+            self._want_keyframe()
+            return
+        low = self._next
         top = max(self._buf) if self._buf else low
         for s in range(low, top + 1):
             if s not in self._buf and s not in self._lost:

@@ -252,3 +252,16 @@ def test_garbage_packets_never_raise_and_stay_bounded(
         assembler.give_up([seq ^ 1])
     assembler.poll(100.0)
     assert assembler.timer() is None or assembler.timer() >= 100.0
+
+
+def test_a_full_buffer_never_in_sync_drops_oldest_in_linear_time() -> None:
+    """Packets far apart with no key frame: a full buffer drops its oldest packet per push
+    (it once marked every missing SEQ one scan at a time, quadratic in the SEQ spread)."""
+    assembler = Vp8FrameAssembler(max_packets=16, max_wait=0.01)
+    delta = b"\x10" + b"\x01\x00\x00"  # descriptor S=1, PID=0; VP8 P bit set: not a key frame
+    for n in range(200):
+        seq = (n * 2000) & 0xFFFF
+        assert assembler.push(seq, n, False, delta, n * 0.001) == []
+        assert len(assembler._buf) == min(n + 1, 16)  # only the oldest packet goes
+    assert assembler.stats.packets_dropped == 200 - 16
+    assert assembler.needs_keyframe
