@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, TypeVar
+from typing import Any
 
 import attrs
 import pytest
@@ -42,12 +42,11 @@ from perc.srtp.errors import SrtpError
 from perc.srtp.keys import KeyingMaterial, exporter_length, split_exporter
 from perc.wire.tunnel import EndpointDisconnect, MediaKeys, TunnelMessage, encode_message
 
-from .helpers import RecordingEngine, mdd_config, until
+from .helpers import RecordingEngine, logged_events, mdd_config, until
 from .join_helpers import JoinResult, join_once, keying_kmf_config
 
 LOCAL = "127.0.0.1"
 AUDIO = 111
-E = TypeVar("E", bound=events.Event)
 
 
 @pytest.fixture(scope="module")
@@ -213,12 +212,6 @@ class Conference:
         finally:
             for r in self.results:
                 r.socket.close()
-
-
-def logged_events(caplog: pytest.LogCaptureFixture, kind: type[E]) -> list[E]:
-    """The events of class ``kind`` logged so far (perc.events.emit puts one on its record)."""
-    found = (getattr(r, events.RECORD_KEY, None) for r in caplog.records)
-    return [e for e in found if isinstance(e, kind)]
 
 
 def association_of(relay: mdd.ConferenceRelay, peer: Peer) -> Association[Address]:
