@@ -24,6 +24,7 @@ from perc.config import (
 )
 from perc.identity import Identity
 from perc.kmf import Tunnel, TunnelServerEngine
+from perc.logsetup import RECORD_KEY
 from perc.roles.tunnel import TunnelConnection, make_tls_context
 from perc.wire.tunnel import TunneledDtls
 
@@ -145,7 +146,7 @@ E = TypeVar("E", bound=events.Event)
 def logged_events(caplog: pytest.LogCaptureFixture, kind: type[E], **fields: object) -> list[E]:
     """The events of class ``kind`` (with attributes equal to ``fields``) logged so far, in
     order: perc.events.emit attaches each to its log record."""
-    found = (getattr(r, events.RECORD_KEY, None) for r in caplog.records)
+    found = (getattr(r, RECORD_KEY, None) for r in caplog.records)
     return [
         e
         for e in found
