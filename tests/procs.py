@@ -4,6 +4,9 @@
 
 * ``events``: the typed events (:mod:`perc.events`) it reported, in order; tests wait on
   these with :meth:`Proc.wait_event`, which is what a program should read;
+* ``event_times``: parallel to ``events``, when each was logged (the JSON record's ``ts``,
+  the process's own clock, as seconds since the epoch): compare the times of two events with
+  these, so that a slow test process does not skew them (:meth:`Proc.time_of`);
 * ``lines``: every log record rendered as the human one-line format
   (``<ts> <LEVEL> <logger>: <message>``) plus any non-JSON output (``perc: error:`` lines),
   for :meth:`Proc.wait_for` (a regex) and for failure messages.
@@ -16,6 +19,8 @@ every process of a test.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import re
 import subprocess
@@ -42,6 +47,7 @@ class Proc:
         self.process = process
         self.lines: list[str] = []
         self.events: list[events.Event] = []
+        self.event_times: list[float] = []
         self.stdout = ""
         self._partial = b""
         self._changed = trio.Event()
@@ -79,10 +85,12 @@ class Proc:
     # --- output --------------------------------------------------------------------------------
 
     def _add_line(self, raw: bytes) -> None:
-        text, event = events.split_record(raw.decode(errors="replace"))
+        line = raw.decode(errors="replace")
+        text, event = events.split_record(line)
         self.lines.append(text)
         if event is not None:
             self.events.append(event)
+            self.event_times.append(record_time(line))
 
     async def pump_stderr(self) -> None:
         stream = self.process.stderr
@@ -143,22 +151,43 @@ class Proc:
             match: re.Match[str] = await self._wait(lambda: self.find(pattern), count, pattern)
             return match
 
-    def find_events(self, kind: type[E], **fields: object) -> list[E]:
-        """Every event of class ``kind`` whose attributes equal ``fields``, in order."""
+    def find_events(
+        self, kind: type[E], *, where: Callable[[E], bool] | None = None, **fields: object
+    ) -> list[E]:
+        """Every event of class ``kind`` whose attributes equal ``fields`` (and for which
+        ``where``, if given, is true), in order."""
         return [
             e
             for e in self.events
-            if isinstance(e, kind) and all(getattr(e, k) == v for k, v in fields.items())
+            if isinstance(e, kind)
+            and all(getattr(e, k) == v for k, v in fields.items())
+            and (where is None or where(e))
         ]
 
     async def wait_event(
-        self, kind: type[E], timeout: float = WAIT, count: int = 1, **fields: object
+        self,
+        kind: type[E],
+        timeout: float = WAIT,
+        count: int = 1,
+        *,
+        where: Callable[[E], bool] | None = None,
+        **fields: object,
     ) -> E:
-        """The ``count``-th event of class ``kind`` matching ``fields``."""
-        what = f"{kind.kind} {fields}"
+        """The ``count``-th event of class ``kind`` matching ``fields`` and ``where``."""
+        what = f"{kind.kind or kind.__name__} {fields}" + (" (and a condition)" if where else "")
         with trio.fail_after(timeout):
-            event: E = await self._wait(lambda: self.find_events(kind, **fields), count, what)
+            event: E = await self._wait(
+                lambda: self.find_events(kind, where=where, **fields), count, what
+            )
             return event
+
+    def time_of(self, event: events.Event) -> float:
+        """When ``event`` (one of :attr:`events`, the object itself) was logged: seconds since
+        the epoch by the process's clock."""
+        for e, t in zip(self.events, self.event_times, strict=True):
+            if e is event:
+                return t
+        raise AssertionError(f"{event!r} is not an event of perc {self.name}")
 
     async def wait_exit(self, timeout: float = WAIT) -> int:
         with trio.fail_after(timeout):
@@ -180,3 +209,11 @@ class Proc:
                 self.process.kill()
             with trio.move_on_after(timeout):
                 await self.process.wait()
+
+
+def record_time(line: str) -> float:
+    """The ``ts`` of one ``--log-format json`` record (perc.logsetup: UTC, milliseconds) as
+    seconds since the epoch."""
+    stamp = json.loads(line)["ts"]
+    when = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ")
+    return when.replace(tzinfo=datetime.UTC).timestamp()

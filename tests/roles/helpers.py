@@ -5,10 +5,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import attrs
+import pytest
 import trio
 
+from perc import events
 from perc.config import (
     Fingerprint,
     HostPort,
@@ -21,6 +24,7 @@ from perc.config import (
 )
 from perc.identity import Identity
 from perc.kmf import Tunnel, TunnelServerEngine
+from perc.logsetup import RECORD_KEY
 from perc.roles.tunnel import TunnelConnection, make_tls_context
 from perc.wire.tunnel import TunneledDtls
 
@@ -134,3 +138,17 @@ class RecordingEngine(TunnelServerEngine):
     def on_disconnect(self, tunnel: Tunnel, association_id: uuid.UUID, now: float) -> None:
         self.disconnected.append(association_id)
         self.disconnected_at.append(now)
+
+
+E = TypeVar("E", bound=events.Event)
+
+
+def logged_events(caplog: pytest.LogCaptureFixture, kind: type[E], **fields: object) -> list[E]:
+    """The events of class ``kind`` (with attributes equal to ``fields``) logged so far, in
+    order: perc.events.emit attaches each to its log record."""
+    found = (getattr(r, RECORD_KEY, None) for r in caplog.records)
+    return [
+        e
+        for e in found
+        if isinstance(e, kind) and all(getattr(e, k) == v for k, v in fields.items())
+    ]

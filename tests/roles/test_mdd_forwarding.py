@@ -42,7 +42,7 @@ from perc.srtp.errors import SrtpError
 from perc.srtp.keys import KeyingMaterial, exporter_length, split_exporter
 from perc.wire.tunnel import EndpointDisconnect, MediaKeys, TunnelMessage, encode_message
 
-from .helpers import RecordingEngine, mdd_config, until
+from .helpers import RecordingEngine, logged_events, mdd_config, until
 from .join_helpers import JoinResult, join_once, keying_kmf_config
 
 LOCAL = "127.0.0.1"
@@ -278,21 +278,23 @@ async def test_three_endpoints_talk_through_the_mdd(
             o = p.material.outer()
             assert SrtpSession(o.server_key, o.server_salt).unprotect_rtcp(data) == sr
         # Counters are logged every stats_interval (1 s here), only when they changed.
-        await trio.sleep(2.5)
-        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("counters ")]
+        await trio.sleep(2.5)  # the MockClock's time
+        counters = logged_events(caplog, events.MddCounters)
         for p in peers:
             aid = association_of(relay, p).association_id
-            mine = [line for line in lines if f"association={aid}" in line]
-            assert mine and "drops: none" in mine[-1]
-        logged = len(lines)
+            mine = [e for e in counters if e.association == aid]
+            assert mine and not any(
+                v for k, v in mine[-1].counters.items() if k.startswith("drop_")
+            ), mine
         await trio.sleep(3.0)  # nothing changed: nothing logged
-        assert len([r for r in caplog.records if r.getMessage().startswith("counters ")]) == logged
+        assert logged_events(caplog, events.MddCounters) == counters
         nursery.cancel_scope.cancel()
-    # At exit: every association's counters, the totals and the key-isolation line.
-    text = caplog.text
-    assert "totals conference=demo associations=3" in text
-    assert "srtp_in=61 srtp_out=122 dropped_srtp=0" in text
-    assert "key isolation: end-to-end modules loaded:" in text
+    # At exit: every association's counters, the totals and the key-isolation report.
+    (totals,) = logged_events(caplog, events.MddTotals)
+    assert (totals.conference, totals.totals["associations"]) == ("demo", 3)
+    assert (totals.totals["srtp_in"], totals.totals["srtp_out"]) == (61, 122)
+    assert totals.totals["dropped_srtp"] == 0
+    assert len(logged_events(caplog, events.KeyIsolation)) == 1
     # Every one of those lines is an event: with --log-format json a program reads it back.
     formatter = JsonFormatter()
     seen: dict[type[events.Event], list[events.Event]] = {}
@@ -469,7 +471,8 @@ async def test_kmf_killed_media_goes_on_new_join_fails_then_works_after_restart(
         check_payloads([a, b, d])
         assert relay.stats.tunnels_up == 2
         nursery.cancel_scope.cancel()
-    assert "tunnel down conference=demo" in caplog.text
+    down = logged_events(caplog, events.MddTunnelDown)
+    assert [(e.conference, e.connected) for e in down if e.connected] == [("demo", True)], down
 
 
 # --- key isolation ---------------------------------------------------------------------------

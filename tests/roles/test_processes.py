@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 import trio
 
 from perc.demo import DemoFiles, make_demo_files, write_mdd_config
+from perc.events import KmfTunnelDown, KmfTunnelUp, Listening, MddTunnelUp
 from tests.procs import Proc
 
 pytestmark = pytest.mark.slow
@@ -31,17 +31,19 @@ async def _run_kmf_and_mdd(files: DemoFiles, signum: signal.Signals, children: l
     async with trio.open_nursery() as nursery:
         kmf = await Proc.start(nursery, "kmf", "kmf", "--config", str(files.kmf_config))
         children.append(kmf)
-        # The KMF listens on a kernel-chosen port: read it from its log.
-        match = await kmf.wait_for(r"KMF listening on [^\s]*:(\d+)", timeout=30)
-        mdd_config = write_mdd_config(files, int(match.group(1)))
+        # The KMF listens on a kernel-chosen port: read it from its listening event.
+        listening = await kmf.wait_event(Listening, timeout=30, what="tunnel")
+        mdd_config = write_mdd_config(files, listening.port)
         mdd = await Proc.start(nursery, "mdd", "mdd", "--config", str(mdd_config))
         children.append(mdd)
-        await mdd.wait_for("tunnel up conference=demo", timeout=30)
-        await kmf.wait_for("tunnel up peer=", timeout=30)
+        await mdd.wait_event(MddTunnelUp, timeout=30, conference="demo")
+        up = await kmf.wait_event(KmfTunnelUp, timeout=30)
         mdd.signal(signum)
         assert await mdd.wait_exit(30) == 0, mdd.text
         # The stopping MDD closed its tunnel with a TLS close_notify.
-        await kmf.wait_for(re.escape("peer closed the tunnel (close_notify)"), timeout=30)
+        down = await kmf.wait_event(KmfTunnelDown, timeout=30, tunnel=up.tunnel)
+        assert down.reason == "peer closed the tunnel (close_notify)", down
+        assert not down.refused
         kmf.signal(signum)
         assert await kmf.wait_exit(30) == 0, kmf.text
         nursery.cancel_scope.cancel()

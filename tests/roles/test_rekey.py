@@ -16,7 +16,6 @@ but only the EKTKeys of the leaver (or of the joiner): it must not decrypt what 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from types import SimpleNamespace
@@ -29,6 +28,7 @@ from trio.testing import MockClock
 from perc import identity
 from perc.config import KmfConfig
 from perc.dtls import events
+from perc.events import Rekeyed
 from perc.keying import Conference
 from perc.media.endpoint import EndpointMedia, is_rtcp
 from perc.roles import mdd
@@ -39,7 +39,7 @@ from perc.srtp.errors import SrtpError
 from perc.srtp.hop import MediaDistributorHop
 from perc.srtp.keys import split_exporter
 
-from .helpers import until
+from .helpers import logged_events, until
 from .join_helpers import JoinResult, keying_kmf_config
 from .test_keying import Setup, mdd_association, with_policy
 
@@ -139,13 +139,9 @@ async def leave(result: JoinResult) -> None:
     await result.leave()
 
 
-def rekey_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, str]]:
-    return [
-        dict(re.findall(r"(\w+)=(\S+)", r.getMessage()))
-        for r in caplog.records
-        if r.getMessage().startswith("ektkey conference=demo ")
-        and "reason=first" not in r.getMessage()
-    ]
+def logged_rekeys(caplog: pytest.LogCaptureFixture) -> list[Rekeyed]:
+    """The KMF's rekeys of conference demo logged so far (its first key left out)."""
+    return [e for e in logged_events(caplog, Rekeyed, conference="demo") if e.reason != "first"]
 
 
 # --- key distribution -----------------------------------------------------------------------
@@ -177,9 +173,9 @@ async def test_leave_by_close_notify_rekeys_the_others_within_a_second(
         assert set(conference(setup).members) == {
             mdd_association(relay, r).association_id for r in (rb, rc)
         }
-        (line,) = rekey_lines(caplog)
-        assert (line["reason"], line["spi"], line["members"]) == ("leave", str(new), "2")
-        assert len(line["key"]) == 16
+        (rekey,) = logged_rekeys(caplog)
+        assert (rekey.reason, rekey.spi, rekey.members) == ("leave", new, 2)
+        assert len(rekey.key) == 16  # a digest, never the key
         await until(lambda: relay.stats.associations_ended_by_kmf == 1)
         nursery.cancel_scope.cancel()
 
@@ -269,8 +265,8 @@ async def test_joins_and_a_leave_in_one_window_make_one_rekey(
         new = await converged(setup, [ra, *joined])
         assert trio.current_time() - started < 1.0
         assert setup.engine.stats.rekeys == rekeys + 1  # coalesced: one new EKTKey
-        (line,) = rekey_lines(caplog)
-        assert line["reason"] in {"join+leave", "leave+join"} and line["members"] == "3"
+        (rekey,) = logged_rekeys(caplog)
+        assert rekey.reason in {"join+leave", "leave+join"} and rekey.members == 3
         # The joiners' first (and only) EKTKey is the new one: never the key used before.
         for r in joined:
             assert [k.spi for k in r.ekt_keys] == [new]

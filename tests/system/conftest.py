@@ -21,6 +21,7 @@ import pytest
 import trio
 
 from perc import identity
+from perc.events import Listening, MddTunnelUp
 from perc.identity import Identity
 from tests.procs import WAIT, Proc
 
@@ -117,16 +118,23 @@ class System:
     ) -> tuple[Proc, int]:
         """Start a KMF; returns it and its bound tunnel port, once it listens."""
         kmf = await self.start(config.stem, "kmf", "--config", str(config), env=env)
-        m = await kmf.wait_for(r"KMF listening on [\d.]+:(\d+)")
-        return kmf, int(m.group(1))
+        listening = await kmf.wait_event(Listening, what="tunnel")
+        return kmf, listening.port
 
-    async def start_mdd(self, config: Path, *, wait_tunnel: bool = True) -> tuple[Proc, int]:
-        """Start an MDD; returns it and its UDP port (once its tunnel is up, by default)."""
-        mdd = await self.start(config.stem, "mdd", "--config", str(config))
-        m = await mdd.wait_for(r"listening on udp [\d.]+:(\d+)")
+    async def start_mdd(
+        self,
+        config: Path,
+        *,
+        wait_tunnel: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> tuple[Proc, int]:
+        """Start an MDD; returns it and its (first) conference's UDP port, once its tunnel
+        is up (by default)."""
+        mdd = await self.start(config.stem, "mdd", "--config", str(config), env=env)
+        listening = await mdd.wait_event(Listening, what="conference")
         if wait_tunnel:
-            await mdd.wait_for(r"tunnel up conference=")
-        return mdd, int(m.group(1))
+            await mdd.wait_event(MddTunnelUp, conference=listening.conference)
+        return mdd, listening.port
 
     async def start_endpoint(
         self,

@@ -2,24 +2,30 @@
 
 Every endpoint is a ``python -m perc endpoint --media ... --report FILE`` process; the tests
 read the endpoints' JSON reports (perc.media's counters), their exit statuses
-(``--expect-peers``) and the log lines of all three roles:
+(``--expect-peers``) and the typed events (perc.events) of all three roles, with the time
+each was logged (tests/procs.py):
 
-* KMF: ``ektkey conference=... spi=<n> ... reason=<why>``, ``left ... reason=close_notify``;
-* MDD: ``keys installed ... association=<uuid> peer=<host:port>`` and, when an association
-  ends, ``counters ... association=<uuid> in=<pkts>/<bytes>B out=<pkts>/<bytes>B
-  rtcp=<in>/<out> ... (final)``;
-* endpoint: ``joined ... local=<host:port> spi=<n>``, ``ektkey name=<n> spi=<n> ... (rekey)``,
-  ``left name=<n> ...``, ``media summary ...``.
+* KMF: :class:`~perc.events.Rekeyed` (``spi``, ``reason``, ``members``);
+* MDD: :class:`~perc.events.AssociationKeyed` (``association``, ``peer``: the endpoint's
+  address) and :class:`~perc.events.MddCounters` (per association: every
+  ``stats_interval``, and ``final`` when it ended);
+* endpoint: :class:`~perc.events.EndpointJoined` (``local``, ``spi``),
+  :class:`~perc.events.EndpointEktKey`, :class:`~perc.events.EndpointMediaStarted`,
+  :class:`~perc.events.EndpointLeft`, :class:`~perc.events.EndpointMediaSummary`.
+
+No test sleeps: where a phase must last until something happened (a receiver got a sender's
+packets), it waits for the MDD's periodic counters to show it (``stats_interval`` is short
+here).
 
 **Comparing the MDD's counts with the receivers'.** Per endpoint, the MDD's RTP packets in
-(``in`` minus ``rtcp`` in) must equal what the endpoint's report says it sent: loopback does
-not lose. The MDD's RTP packets out to an endpoint (``out`` minus ``rtcp`` out) must be at
-least what the endpoint received (``stats.received_rtp``: every RTP datagram, verified or
-not) and may exceed it only by the packets the MDD forwarded after the endpoint stopped
-reading: between its ``left`` line (it drains its socket, then closes it) and the MDD's
-``(final)`` line for it (the KMF's EndpointDisconnect after our close_notify). That
-difference is bounded by the other endpoints' packet rate times that interval (plus 50 ms
-of scheduling slack). Every received packet is either verified (counted per peer) or a
+(``packets_in`` minus ``rtcp_in``) must equal what the endpoint's report says it sent:
+loopback does not lose. The MDD's RTP packets out to an endpoint (``packets_out`` minus
+``rtcp_out``) must be at least what the endpoint received (``stats.received_rtp``: every RTP
+datagram, verified or not) and may exceed it only by the packets the MDD forwarded after the
+endpoint stopped reading: between its ``EndpointLeft`` (it drains its socket, then closes it)
+and the MDD's final counters for it (the KMF's EndpointDisconnect after our close_notify).
+That difference is bounded by the other endpoints' packet rate times that interval (plus
+50 ms of scheduling slack). Every received packet is either verified (counted per peer) or a
 *pre-join* packet (``unattributed.pre_join``: sent under a key from before the receiver's
 first EKTKey, which D22 says it must not read), so the reports also show that nothing
 forwarded failed.
@@ -32,13 +38,26 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import signal
+import uuid
+from functools import partial
 from typing import Any
 
 import pytest
 import trio
 
+from perc.events import (
+    AssociationEnded,
+    AssociationKeyed,
+    EndpointEktKey,
+    EndpointJoined,
+    EndpointLeft,
+    EndpointMediaStarted,
+    EndpointMediaSummary,
+    Event,
+    MddCounters,
+    Rekeyed,
+)
 from tests.netutil.impair import ImpairmentProxy
 
 from .conftest import LOCAL, Proc, System
@@ -53,23 +72,24 @@ FAST_REKEY = "rekey_window = 0.05\n"
 #: would make a key that some of the others, being stopped, never receive, so they could not
 #: read the last packets of the rest (counted as E2E failures, as for a real leaver).
 JOIN_REKEY = FAST_REKEY + "rekey_on_leave = false\n"
-
-
-def log_time(line: str) -> float:
-    """Seconds since midnight of a log line's UTC stamp (perc.logsetup's format)."""
-    m = re.match(r"\d{4}-\d\d-\d\dT(\d\d):(\d\d):(\d\d\.\d{3})Z ", line)
-    assert m is not None, line
-    return int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+#: The MDD reports the counters that changed this often (seconds): what the tests wait on.
+STATS_INTERVAL = 0.1
 
 
 async def conference(
     system: System, people: list[str], *, kmf_extra: str = FAST_REKEY, mdd_extra: str = ""
 ) -> tuple[Proc, Proc, int]:
-    """A KMF and an MDD for conference ``demo`` with ``people``: (kmf, mdd, MDD UDP port)."""
+    """A KMF and an MDD for conference ``demo`` with ``people``: (kmf, mdd, MDD UDP port).
+    ``mdd_extra``: more settings of the MDD's conference."""
     kmf_config = system.kmf_config(conferences={"demo": people}, conference_extra=kmf_extra)
     kmf, kmf_port = await system.start_kmf(kmf_config)
     mdd, mdd_port = await system.start_mdd(
-        system.mdd_config("mdd", kmf_port, conference_extra=mdd_extra)
+        system.mdd_config(
+            "mdd",
+            kmf_port,
+            mdd_extra=f"stats_interval = {STATS_INTERVAL}\n",
+            conference_extra=mdd_extra,
+        )
     )
     return kmf, mdd, mdd_port
 
@@ -88,31 +108,52 @@ def report(system: System, name: str) -> dict[str, Any]:
     return data
 
 
-def local_address(proc: Proc, count: int = 1) -> str:
-    return proc.find(r"joined name=\S+ mdd=\S+ local=(\S+)")[count - 1].group(1)
+def rtp_in(counters: MddCounters) -> int:
+    """RTP packets the MDD accepted from the association's endpoint."""
+    return counters.counters["packets_in"] - counters.counters["rtcp_in"]
+
+
+def rtp_out(counters: MddCounters) -> int:
+    """RTP packets the MDD sent to the association's endpoint."""
+    return counters.counters["packets_out"] - counters.counters["rtcp_out"]
+
+
+async def association_of(mdd: Proc, peer: str) -> uuid.UUID:
+    """The association the MDD keyed for the endpoint at ``peer`` (its ``local`` address)."""
+    return (await mdd.wait_event(AssociationKeyed, peer=peer)).association
+
+
+def joined(proc: Proc) -> EndpointJoined:
+    (event,) = proc.find_events(EndpointJoined, name=proc.name)
+    return event
 
 
 def mdd_final_counters(mdd: Proc) -> dict[str, dict[str, Any]]:
-    """Per endpoint address (``peer=``): the MDD's final RTP/RTCP counts and when logged."""
-    peers = {
-        m.group(1): m.group(2) for m in mdd.find(r"keys installed .*association=(\S+) peer=(\S+)")
+    """Per endpoint address (its association's ``peer``): the MDD's final RTP counts and when
+    they were logged."""
+    peers = {e.association: e.peer for e in mdd.find_events(AssociationKeyed)}
+    return {
+        peers[e.association]: {"rtp_in": rtp_in(e), "rtp_out": rtp_out(e), "at": mdd.time_of(e)}
+        for e in mdd.find_events(MddCounters, final=True)
     }
-    out: dict[str, dict[str, Any]] = {}
-    rx = re.compile(
-        r"counters conference=\S+ association=(\S+) in=(\d+)/\d+B out=(\d+)/\d+B "
-        r"rtcp=(\d+)/(\d+) .*\(final\)"
+
+
+async def watch(
+    mdd: Proc, association: uuid.UUID, *, sent_to: int = 0, sent_by: int = 0, timeout: float = 30
+) -> None:
+    """Wait until, counted from the MDD's next counters report for ``association`` (they come
+    every STATS_INTERVAL while its counts change), the MDD has sent ``sent_to`` more RTP
+    packets to its endpoint and accepted ``sent_by`` more from it."""
+    reports = len(mdd.find_events(MddCounters, association=association))
+    first = await mdd.wait_event(MddCounters, timeout, reports + 1, association=association)
+    await mdd.wait_event(
+        MddCounters,
+        timeout,
+        association=association,
+        where=lambda e: (
+            rtp_out(e) >= rtp_out(first) + sent_to and rtp_in(e) >= rtp_in(first) + sent_by
+        ),
     )
-    for line in mdd.lines:
-        m = rx.search(line)
-        if m is None:
-            continue
-        aid, pin, pout, rin, rout = m.groups()
-        out[peers[aid]] = {
-            "rtp_in": int(pin) - int(rin),
-            "rtp_out": int(pout) - int(rout),
-            "at": log_time(line),
-        }
-    return out
 
 
 def assert_clean(
@@ -155,7 +196,7 @@ async def test_three_endpoints_audio_and_video_verify_each_other(system: System)
 
     reports = {n: report(system, n) for n in people}
     counts = mdd_final_counters(mdd)
-    first_spi = min(int(p.find(r"joined name=\S+ .* spi=(\d+)")[0].group(1)) for p in procs)
+    first_spi = min(joined(p).spi for p in procs)
     for name, proc in zip(people, procs, strict=True):
         rep = reports[name]
         others = set(people) - {name}
@@ -170,7 +211,7 @@ async def test_three_endpoints_audio_and_video_verify_each_other(system: System)
             assert peer["lost"] == 0 and peer["reordered"] == 0  # loopback
         assert rep["streams"]["audio"]["sent"] > 0 and rep["streams"]["video"]["sent"] > 0
         assert rep["spis"][0] >= first_spi
-        assert f"media summary name={name} sent={rep['sent']}" in proc.text
+        assert proc.find_events(EndpointMediaSummary, name=name, sent=rep["sent"])
 
         # The MDD's counts against the endpoint's (see the module docstring).
         mine = counts[rep["local"]]
@@ -186,7 +227,8 @@ async def test_three_endpoints_audio_and_video_verify_each_other(system: System)
         un = rep["unattributed"]
         assert un["untracked"] == 0, (name, un)
         assert un["received"] == un["pre_join"] + un["early"] + un["key_wait"], (name, un)
-        left_at = log_time(proc.find(r"left name=")[0].string)
+        (left,) = proc.find_events(EndpointLeft, name=name)
+        left_at = proc.time_of(left)
         rate = sum(reports[o]["sent"] for o in others) / duration
         in_flight = math.ceil(rate * (max(0.0, mine["at"] - left_at) + 0.05))
         assert 0 <= mine["rtp_out"] - received <= in_flight, (name, mine, received, in_flight)
@@ -195,18 +237,18 @@ async def test_three_endpoints_audio_and_video_verify_each_other(system: System)
 async def test_leave_and_rejoin_rekeys_within_a_second(system: System) -> None:
     people = ["alice", "bob", "carol"]
     # The default rekey window (0.5 s): the policy a deployment gets.
-    kmf, _, port = await conference(system, people, kmf_extra="")
+    kmf, mdd, port = await conference(system, people, kmf_extra="")
     stay = [await endpoint(system, n, port, "--expect-peers", "2") for n in ("bob", "carol")]
     alice = await endpoint(system, "alice", port, "--duration", "1.5", "--expect-peers", "2")
     assert await alice.wait_exit() == 0, alice.text  # heard bob and carol, then left
-    left_at = log_time(alice.find(r"left name=alice .*close_notify sent")[0].string)
+    (left,) = alice.find_events(EndpointLeft, name="alice")
+    left_at = alice.time_of(left)
 
     # The KMF notices the close_notify and makes a new key for the two who stay.
-    leave = await kmf.wait_for(r"ektkey conference=demo spi=(\d+) .*reason=leave members=2")
-    new_spi = int(leave.group(1))
+    leave = await kmf.wait_event(Rekeyed, conference="demo", reason="leave", members=2)
     for proc in stay:
-        line = (await proc.wait_for(rf"ektkey name=\S+ spi={new_spi} .*\(rekey\)")).string
-        assert log_time(line) - left_at <= 1.0, (proc.name, line)
+        got = await proc.wait_event(EndpointEktKey, spi=leave.spi, reason="rekey")
+        assert proc.time_of(got) - left_at <= 1.0, (proc.name, got)
 
     # Alice comes back as a new process and verifies everyone again.
     again = await endpoint(
@@ -221,13 +263,17 @@ async def test_leave_and_rejoin_rekeys_within_a_second(system: System) -> None:
     first_alice = report(system, "alice")
     assert not set(rejoined["spis"]) & set(first_alice["spis"])  # a joiner never gets old keys
 
-    await trio.sleep(0.3)  # bob and carol hear the rejoined alice's last packets and BYE
+    # bob and carol hear the rejoined alice's last packets and BYE: the MDD forwarded them
+    # before it ended her association (close_notify -> KMF -> EndpointDisconnect); they are
+    # in bob's and carol's sockets, which they drain when they leave.
+    again_aid = await association_of(mdd, joined(again).local)
+    await mdd.wait_event(AssociationEnded, association=again_aid, reason="kmf")
     for proc in stay:
         assert await system.stop(proc, signal.SIGTERM) == 0, proc.text
     for name in ("bob", "carol"):
         rep = report(system, name)
         assert_clean(rep, {"alice", "bob", "carol"} - {name}, joiner=True)
-        assert new_spi in rep["spis"]
+        assert leave.spi in rep["spis"]
         # Both of alice's lives verified at the members that stayed: two audio SSRCs.
         streams = rep["peers"]["alice"]["streams"].values()
         assert sum(1 for s in streams if s["verified"] > 0) == 2
@@ -245,15 +291,18 @@ async def test_last_n_1_keeps_seq_contiguous_and_every_packet_verified(system: S
     kmf, mdd, port = await conference(system, people, kmf_extra=NO_REKEY, mdd_extra="last_n = 1\n")
     video = ("--media", "video", "--video-fps", "30", "--video-bitrate", "300000")
     carol = await endpoint(system, "carol", port, "--media", "none", "--expect-peers", "2")
-    await carol.wait_for(r"media name=carol")
+    await carol.wait_event(EndpointMediaStarted, name="carol")
+    carol_aid = await association_of(mdd, joined(carol).local)
     alice = await endpoint(system, "alice", port, *video, "--expect-peers", "1")
-    await alice.wait_for(r"media name=alice")
-    await trio.sleep(0.7)  # carol watches alice
+    alice_started = await alice.wait_event(EndpointMediaStarted, name="alice")
+    # carol watches alice (the only sender yet): 20 of her video packets (~0.7 s at 30 fps).
+    await watch(mdd, carol_aid, sent_to=20)
     bob = await endpoint(system, "bob", port, *video, "--duration", "1.5", "--expect-peers", "1")
     assert await bob.wait_exit() == 0, bob.text  # bob verified alice
     # The MDD removed bob (close_notify -> KMF -> EndpointDisconnect): alice is wanted again.
-    await mdd.wait_for(r"counters conference=demo .*\(final\)")
-    await trio.sleep(0.7)  # carol watches alice again
+    bob_aid = await association_of(mdd, joined(bob).local)
+    await mdd.wait_event(AssociationEnded, association=bob_aid, reason="kmf")
+    await watch(mdd, carol_aid, sent_to=20)  # carol watches alice again (the only sender now)
     assert await system.stop(carol) == 0, carol.text  # verified both
     assert await system.stop(alice) == 0, alice.text  # verified bob
     await system.stop(mdd)
@@ -278,28 +327,17 @@ async def test_last_n_1_keeps_seq_contiguous_and_every_packet_verified(system: S
     carol_counts = mdd_final_counters(mdd)[rep["local"]]
     received = rep["stats"]["received_rtp"]
     assert received == rep["peers"]["alice"]["received"] + rep["peers"]["bob"]["received"]
-    left_at = log_time(carol.find(r"left name=carol")[0].string)
-    alice_life = log_time(alice.find(r"left name=alice")[0].string) - log_time(
-        alice.find(r"media name=alice")[0].string
-    )
+    (carol_left,) = carol.find_events(EndpointLeft, name="carol")
+    left_at = carol.time_of(carol_left)
+    (alice_left,) = alice.find_events(EndpointLeft, name="alice")
+    alice_life = alice.time_of(alice_left) - alice.time_of(alice_started)
     rate = alice_sent / alice_life
     in_flight = math.ceil(rate * (max(0.0, carol_counts["at"] - left_at) + 0.05))
     assert 0 <= carol_counts["rtp_out"] - received <= in_flight, (carol_counts, received)
     # The MDD withheld alice's video from carol while bob's was on (counted, not lost).
-    alice_aid = association_of(mdd, sent["alice"]["local"])
-    alice_line = next(
-        line for line in mdd.lines if "(final)" in line and f"association={alice_aid}" in line
-    )
-    m = re.search(r"last_n=(\d+)", alice_line)
-    assert m is not None and int(m.group(1)) > 20, alice_line
-
-
-def association_of(mdd: Proc, peer: str) -> str:
-    return next(
-        m.group(1)
-        for m in mdd.find(r"keys installed .*association=(\S+) peer=(\S+)")
-        if m.group(2) == peer
-    )
+    alice_aid = await association_of(mdd, sent["alice"]["local"])
+    (alice_final,) = mdd.find_events(MddCounters, association=alice_aid, final=True)
+    assert alice_final.counters["drop_last_n"] > 20, alice_final
 
 
 async def test_media_through_the_impairment_proxy(system: System) -> None:
@@ -312,7 +350,7 @@ async def test_media_through_the_impairment_proxy(system: System) -> None:
     ``unattributed`` E2E failures with reason ``no_key`` (nothing was decrypted, nobody is
     named). They stay under 2% of what arrived; every other failure counter is 0."""
     people = ["alice", "bob", "carol"]
-    kmf, _, port = await conference(system, people, kmf_extra=JOIN_REKEY)
+    kmf, mdd, port = await conference(system, people, kmf_extra=JOIN_REKEY)
     proxy = ImpairmentProxy((LOCAL, port), drop=0.1, reorder=0.1, seed=5)
     await system.nursery.start(proxy.serve)
     assert proxy.address is not None
@@ -325,11 +363,23 @@ async def test_media_through_the_impairment_proxy(system: System) -> None:
     # (An endpoint logs "joined" once its first EKTKey came, so by then the KMF has logged
     # every key of this conference: the last one is the latest.)
     for proc in procs:
-        await proc.wait_for(r"joined name=", timeout=40)
-    latest = kmf.find(r"ektkey conference=demo spi=(\d+)")[-1].group(1)
+        await proc.wait_event(EndpointJoined, timeout=40)
+    latest = kmf.find_events(Rekeyed, conference="demo")[-1].spi
+
+    def holds_latest(e: Event) -> bool:
+        return isinstance(e, EndpointJoined | EndpointEktKey) and e.spi == latest
+
     for proc in procs:
-        await proc.wait_for(rf"(joined|ektkey) name=\S+ .*spi={latest} ", timeout=40)
-    await trio.sleep(2.5)
+        await proc.wait_event(Event, timeout=40, where=holds_latest)
+    # Talk: each endpoint sends ~65 packets/s (audio and 15 fps video). From now on, 150 of
+    # each one's packets reaching the MDD and 250 sent on to each (from two senders), about
+    # 2.5 s, make every peer's losses and some reordering certain.
+    await mdd.wait_event(AssociationKeyed, timeout=40, count=len(people), conference="demo")
+    associations = {e.association for e in mdd.find_events(AssociationKeyed)}
+    assert len(associations) == len(people)
+    async with trio.open_nursery() as nursery:
+        for aid in associations:
+            nursery.start_soon(partial(watch, mdd, aid, sent_to=250, sent_by=150, timeout=40))
     for proc in procs:
         assert await system.stop(proc) == 0, proc.text  # each verified both others
     assert proxy.to_client.dropped > 0 and proxy.to_client.reordered > 0

@@ -126,7 +126,7 @@ def test_demo_refuses_bad_arguments(
 def test_demo_files_make_a_loadable_conference(tmp_path: Path) -> None:
     files = plan.make_demo_files(tmp_path, NAMES, outsiders=("alice",))
     kmf = config.load_kmf_config(files.kmf_config)
-    assert kmf.kmf.listen.port == 0  # the kernel picks; the demo reads it from the log
+    assert kmf.kmf.listen.port == 0  # the kernel picks; the demo reads its listening event
     assert [str(fp) for fp in kmf.kmf.trusted_mdds] == [files.mdd_fingerprint]
     (conf,) = kmf.conferences
     roster = {

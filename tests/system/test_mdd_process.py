@@ -6,7 +6,7 @@ perc's endpoint join (:func:`perc.roles.endpoint.join`) run in the test process,
 the keys of their join; a join that must fail is a real ``perc endpoint`` process.
 
 No step assumes how long another takes (CI runs the suite on 2 loaded cores, where starting a
-Python process can take seconds): every wait is for a log line, a process exit or the
+Python process can take seconds): every wait is for an event, a process exit or the
 expected packets, each with a generous deadline. Two things are pinned so that slowness
 cannot change the outcome:
 
@@ -23,20 +23,28 @@ cannot change the outcome:
 from __future__ import annotations
 
 import random
-import re
 import signal
 import socket
 import struct
+import uuid
 from pathlib import Path
 
 import pytest
 import trio
 
+from perc.events import (
+    AssociationEnded,
+    KeyIsolation,
+    MddCounters,
+    MddTotals,
+    MddTunnelDown,
+    MddTunnelUp,
+)
 from perc.roles.endpoint import JoinResult, JoinSettings, join
 from perc.srtp.double import DoubleReceiver, DoubleSender
 from perc.srtp.errors import SrtpError
 
-from .conftest import LOCAL, WAIT, System
+from .conftest import LOCAL, WAIT, Proc, System
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +89,7 @@ class Talker:
             self.sock.send(packet)
             self.seq += 1
             self.sent += 1
-            await trio.sleep(0.002)
+            await trio.lowlevel.checkpoint()  # no pacing: loopback buffers hold a burst
 
     async def receive(self, count: int) -> None:
         with trio.fail_after(WAIT):
@@ -162,9 +170,19 @@ async def start(system: System, people: list[str]) -> tuple[int, int]:
     return kmf_port, mdd_port
 
 
-def last_counters(matches: list[re.Match[str]]) -> dict[str, tuple[int, int]]:
-    """The last ``counters`` line of each association: (packets in, packets out)."""
-    return {m.group(1): (int(m.group(2)), int(m.group(3))) for m in matches}
+def last_counters(mdd: Proc) -> dict[uuid.UUID, tuple[int, int]]:
+    """The last counters of each association: (packets in, packets out)."""
+    return {
+        e.association: (e.counters["packets_in"], e.counters["packets_out"])
+        for e in mdd.find_events(MddCounters, conference="demo")
+    }
+
+
+def assert_isolated(mdd: Proc) -> None:
+    """The MDD checked, at exit, that it never loaded end-to-end code (RFC 8871 §4.1)."""
+    (report,) = mdd.find_events(KeyIsolation)
+    assert report.loaded == [], report
+    assert "perc.srtp.ekt" in report.checked, report
 
 
 async def test_mdd_process_forwards_and_never_loads_end_to_end_code(system: System) -> None:
@@ -180,14 +198,17 @@ async def test_mdd_process_forwards_and_never_loads_end_to_end_code(system: Syst
             t.sock.close()
     assert await system.stop(mdd) == 0
     # At exit: the key-isolation check, every association's counters, the totals.
-    assert mdd.find(r"key isolation: end-to-end modules loaded: none \(checked perc\.srtp\.ekt,")
-    assert not mdd.find(r"key isolation: end-to-end modules loaded: (?!none)")
-    counters = last_counters(
-        mdd.find(r"counters conference=demo association=(\S+) in=(\d+)/\d+B out=(\d+)/")
-    )
+    assert_isolated(mdd)
+    counters = last_counters(mdd)
     assert len(counters) == 3
     assert set(counters.values()) == {(20, 40)}
-    assert mdd.find(r"totals conference=demo associations=3 created=3 srtp_in=60 srtp_out=120 ")
+    (totals,) = mdd.find_events(MddTotals, conference="demo")
+    assert {k: totals.totals[k] for k in ("associations", "created", "srtp_in", "srtp_out")} == {
+        "associations": 3,
+        "created": 3,
+        "srtp_in": 60,
+        "srtp_out": 120,
+    }, totals
     assert "Traceback" not in mdd.text
 
 
@@ -207,17 +228,17 @@ async def test_kmf_killed_mid_conference(system: System) -> None:
 
         kmf.process.kill()  # SIGKILL: no close_notify, the MDD sees the TCP connection end
         await kmf.wait_exit()
-        await mdd.wait_for(r"tunnel down conference=demo")
+        await mdd.wait_event(MddTunnelDown, conference="demo", connected=True)
         await exchange(talkers, 10)  # the MDD kept every association and its keys
 
         carol = await system.start_endpoint("carol", port, "--join-timeout", "2")
         assert await carol.wait_exit() == 5  # ExitCode: timeout
         assert "is its tunnel to the KMF up" in carol.error_line, carol.text
         # The MDD retries from 0.1 s after the loss; waited for, not assumed to have happened.
-        await mdd.wait_for(r"tunnel connect failed conference=demo")
+        await mdd.wait_event(MddTunnelDown, conference="demo", connected=False)
 
         await system.start_kmf(kmf_config)
-        await mdd.wait_for(r"tunnel up conference=demo", count=2)
+        await mdd.wait_event(MddTunnelUp, conference="demo", count=2)
         await exchange(talkers, 5)
         dave = await join_talker(system, "dave", port)
         talkers.append(dave)
@@ -228,8 +249,8 @@ async def test_kmf_killed_mid_conference(system: System) -> None:
         for t in talkers:
             t.sock.close()
     assert await system.stop(mdd) == 0
-    assert not re.search(r"association (idle|ended by KMF)", mdd.text)
-    assert mdd.find(r"key isolation: end-to-end modules loaded: none")
+    assert not mdd.find_events(AssociationEnded, where=lambda e: e.reason in ("idle", "kmf"))
+    assert_isolated(mdd)
 
 
 async def test_stop_signal_logs_counters(system: System) -> None:
@@ -245,5 +266,6 @@ async def test_stop_signal_logs_counters(system: System) -> None:
         for t in talkers:
             t.sock.close()
     assert await system.stop(mdd, signal.SIGINT) == 0
-    assert mdd.find(r"totals conference=demo associations=2 ")
-    assert mdd.find(r"key isolation: end-to-end modules loaded: none")
+    (totals,) = mdd.find_events(MddTotals, conference="demo")
+    assert totals.totals["associations"] == 2, totals
+    assert_isolated(mdd)

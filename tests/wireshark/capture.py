@@ -10,6 +10,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from perc.events import EndpointJoined, MddCounters
 from perc.roles.tunnel import TunnelConnection
 from perc.wire.tunnel import SupportedProfiles, UnsupportedVersion
 from tests.roles.helpers import open_raw_tunnel
@@ -83,12 +84,7 @@ async def capture_conference(system: System, nursery: trio.Nursery) -> Capture:
     # known until it runs, so every loopback UDP datagram is captured and tshark filters.
     dumpcap = await start_dumpcap(nursery, pcap, f"tcp port {kmf_port} or udp")
     try:
-        mdd = await system.start(
-            "mdd", "mdd", "--config", str(system.mdd_config("mdd", kmf_port)), env=env
-        )
-        m = await mdd.wait_for(r"listening on udp [\d.]+:(\d+)")
-        mdd_port = int(m.group(1))
-        await mdd.wait_for(r"tunnel up conference=")
+        mdd, mdd_port = await system.start_mdd(system.mdd_config("mdd", kmf_port), env=env)
 
         # A raw tunnel asking for version 1 gets UnsupportedVersion (a real MDD never asks);
         # the KMF logs this connection's secrets too.
@@ -110,12 +106,12 @@ async def capture_conference(system: System, nursery: trio.Nursery) -> Capture:
                     name, mdd_port, "--duration", "1.2", "--join-timeout", "20", env=env
                 )
             )
-            await people[-1].wait_for(r"joined name=")
+            await people[-1].wait_event(EndpointJoined, name=name)
         for proc in people:
             with trio.fail_after(WAIT):
                 assert await proc.wait_exit() == 0, proc.text
         # both associations' final counters: the KMF's EndpointDisconnect is in the capture
-        await mdd.wait_for(r"\(final\)", count=2)
+        await mdd.wait_event(MddCounters, count=2, final=True)
     finally:
         await stop_dumpcap(dumpcap)
     return Capture(pcap, keylog, kmf_port, mdd_port, kmf, mdd)

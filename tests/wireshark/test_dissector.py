@@ -4,8 +4,8 @@ The conference test captures loopback with dumpcap (as root) while a KMF, an MDD
 endpoints run with SSLKEYLOGFILE, then checks what tshark with perc.lua finds: every tunnel
 message type with its fields, the EKTKey messages (type 26) inside the decrypted DTLS (on
 UDP and inside the tunnel), and Full and Short EKT fields on the SRTP packets, compared with
-what the processes logged. The malformed-input test writes a pcap of plain TCP segments
-(decoded as the tunnel with "Decode As") holding truncated and garbage messages.
+the processes' events. The malformed-input test writes a pcap of plain TCP segments (decoded
+as the tunnel with "Decode As") holding truncated and garbage messages.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from perc.events import AssociationKeyed, Rekeyed
 from tests.system.conftest import System, system  # noqa: F401  (the fixture)
 
 from .capture import capture_conference, require
@@ -104,7 +105,7 @@ async def test_conference_capture(system: System) -> None:  # noqa: F811
     assert key_sizes <= {16, 32} and key_sizes
     assert salt_sizes == {12}
     assert dtls_lengths > 10
-    keyed = {uuid.UUID(m.group(1)) for m in cap.mdd.find(r"keys installed .*association=(\S+)")}
+    keyed = {e.association for e in cap.mdd.find_events(AssociationKeyed)}
     assert len(keyed) == 2
     assert keyed <= ids, (keyed, ids)
 
@@ -142,7 +143,7 @@ async def test_conference_capture(system: System) -> None:  # noqa: F811
         assert set(values(key_len)) <= {"16", "32"}, key_len
         assert set(values(salt_len)) == {"12"}
         assert all(int(t) > 0 for t in values(ttl))
-    rekeyed = {int(m.group(1)) for m in cap.kmf.find(r"ektkey conference=\S+ spi=(\d+)")}
+    rekeyed = {e.spi for e in cap.kmf.find_events(Rekeyed)}
     assert rekeyed, cap.kmf.text
     assert spis_tunnel == rekeyed, (spis_tunnel, rekeyed)
     assert spis_udp == rekeyed, (spis_udp, rekeyed)
