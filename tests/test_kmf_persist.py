@@ -9,7 +9,6 @@ from __future__ import annotations
 import uuid
 from types import SimpleNamespace
 
-import attrs
 import pytest
 
 from perc import identity
@@ -36,9 +35,8 @@ def who() -> SimpleNamespace:
     )
 
 
-def config(who: SimpleNamespace, **policy: object) -> KmfConfig:
-    cfg = keying_kmf_config(who.kmf, [who.mdd], {"demo": who.members}, dtls_cookies=False)
-    return attrs.evolve(cfg, conferences=tuple(attrs.evolve(c, **policy) for c in cfg.conferences))
+def config(who: SimpleNamespace) -> KmfConfig:
+    return keying_kmf_config(who.kmf, [who.mdd], {"demo": who.members}, dtls_cookies=False)
 
 
 def join(
