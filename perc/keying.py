@@ -95,7 +95,8 @@ timer heap (:mod:`perc.kmf`).
 
 API::
 
-    KeyingState(conferences: Sequence[KmfConference], *, max_members=65536)
+    KeyingState(conferences: Sequence[KmfConference], *, max_members=65536,
+                spi_starts: Mapping[str, int] | None = None, durable_spis=False)
     state.admit(fingerprint, tls_id: bytes | None) -> Admission   # .conference or .reason
     state.conferences: dict[str, Conference]
     Conference: .id, .config, .members: dict[UUID, Member], .current, .pending
@@ -107,6 +108,7 @@ API::
         rekey(now) -> EktKeyMaterial                   # at once (manual hook)
         key_for(cipher, now) -> EktKeyMaterial          # low level, no policy
         refresh_at() -> float | None; rekey_due() -> float | None; waiting() -> [Member]
+        .spi_counter, .spi_ceiling; spis_covered() -> bool; spis_reserved(ceiling)   # D28
     Rekey(key, previous, reasons, joins, leaves, members); .reason ("join+leave")
     Member(association_id, fingerprint, tls_id, tunnel, profile, ekt_cipher, joined, spi=None)
     EktKeyMaterial(key, salt, spi, ttl, cipher, created)      # repr hides key and salt

@@ -77,6 +77,23 @@ silently (the MDD already dropped its side). A fresh ClientHello (new random) on
 a restarted endpoint (RFC 6347 §4.2.8): it passes the cookie gate and replaces the old
 connection.
 
+Persistence (D28, D32), when the shell keeps a state (``persistent=True``): the engine does
+no I/O; it asks, through :meth:`KmfEngine.persistence_requests`, for
+
+* :class:`ReserveSpis`: SPIs are reserved in blocks of :data:`SPI_BLOCK`, like sequence
+  ceilings. The engine starts each conference at the counter the state stored (``spi_starts``:
+  the stored ceiling) with nothing reserved, asks at once for ``counter + SPI_BLOCK``, and asks
+  for the next block when fewer than half a block is left. No EKTKey goes out while a key made
+  so far lies at or past the ceiling the shell has confirmed (:meth:`KmfEngine.spis_reserved`,
+  called once the write is durable): a pending rekey waits (its timer is disarmed), and the
+  first member's key is held like a pending rekey (its ``Joined`` says ``at-rekey``). So a
+  restart, even after SIGKILL, resumes after every SPI that was ever sent, and no SPI comes
+  round again before 65,536 newer keys. In the steady state nothing waits: the next block is
+  on disk long before the current one runs out.
+* :class:`AuditRecord`: one per join, leave, deny and new key (``rekey``, the first key
+  included), with conference, fingerprint, certificate common name, association id, SPI and
+  MDD fingerprint, never key material. The shell writes them off the event loop.
+
 Timers: one heap of (deadline, owner) with lazy deletion (an entry is live only if it equals
 its owner's recorded deadline), so thousands of associations cost one shell task and one
 wake-up per distinct due deadline.
@@ -100,6 +117,9 @@ API::
         .state: perc.keying.KeyingState   .associations: dict[UUID, KmfAssociation]
         .stats: KeyingStats               .tls_id: bytes (sent in every ServerHello)
         rekey(conference_id, now) -> EktKeyMaterial | None   # new EKTKey to every member
+        (with spi_starts={conference: counter}, persistent=True:)
+        persistence_requests() -> [ReserveSpis | AuditRecord]
+        spis_reserved(conference_id, ceiling, now)           # a ReserveSpis is on disk
     EchoEngine: sends every datagram back (bench/tests)
 """
 

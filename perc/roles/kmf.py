@@ -628,7 +628,12 @@ async def serve(
     if engine is None:
         if state is None and config.kmf.state is not None:
             state = await trio.to_thread.run_sync(open_state, config)
-        keylog = keylog_from_env()
+        try:
+            keylog = keylog_from_env()
+        except BaseException:
+            if state is not None:
+                state.close()
+            raise
         starts = None
         if state is not None:
             # D28: a restarted KMF resumes after everything the stored counters may cover.
