@@ -31,8 +31,9 @@ and nothing else: no DTLS, no trio, no clock (every method takes ``now``).
   32,768), so a new key never reuses the SPI of the key it replaces nor of any key a member
   may still hold: an endpoint keeps a handful of parameter sets and replaces the one cached
   under an SPI when a new EKTKey names it (:mod:`perc.srtp.ekt`). A conference never runs out
-  of SPIs, so no join is ever refused for lack of one; the random start makes a restarted KMF
-  unlikely to begin where its predecessor was.
+  of SPIs, so no join is ever refused for lack of one. Without a state the counter starts at
+  random, so a restarted KMF is merely unlikely to begin where its predecessor was; with one it
+  resumes after it (below).
 * **Durable SPIs** (D28): with a state file the SPI counter is reserved in blocks, like a
   sequence ceiling: :attr:`Conference.spi_ceiling` is the exclusive bound written to disk,
   :meth:`Conference.spi_reservation_wanted` asks for the next block (``counter + block``) once
