@@ -649,8 +649,15 @@ async def serve(
     try:
         await server.serve(task_status=task_status)
     finally:
-        if server.writer is not None:
-            await server.writer.aclose()
+        writer = server.writer
+        if writer is not None:
+            await writer.aclose()
+            log.info(
+                "state stats commits=%d write_failures=%d audit_dropped=%d",
+                writer.commits,
+                writer.failures,
+                writer.state.audit_dropped,
+            )
         if isinstance(engine, KmfEngine):
             # One line of counters on shutdown (every drop has its counter).
             log.info(
