@@ -132,3 +132,28 @@ def test_config_defaults_put_the_state_beside_the_file(
     bad_key = attrs.evolve(cfg, kmf=attrs.evolve(cfg.kmf, state_key=tmp_path))  # type: ignore
     with pytest.raises(StateError, match=r"state key .*: cannot read"):
         open_state(bad_key)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("state", 5, "kmf.state: expected a file path string, got integer"),
+        ("state_key", "", "kmf.state_key: expected a file path string, got string"),
+        ("persist_keys", "yes", "kmf.persist_keys: expected true or false, got string"),
+    ],
+)
+def test_bad_state_settings_are_config_errors(
+    ids: SimpleNamespace, tmp_path: Path, key: str, value: object, problem: str
+) -> None:
+    from perc.config import ConfigError
+
+    identity_files = _config(ids, tmp_path)  # writes kmf.crt / kmf.key
+    assert identity_files is not None
+    data = {
+        "kmf": {"listen": "127.0.0.1:0", "cert": "kmf.crt", "key": "kmf.key",
+                "trusted_mdds": [], key: value},
+        "conference": [{"id": "demo", "participants": []}],
+    }  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        build_kmf_config(data, base=tmp_path)
+    assert str(e.value) == problem
