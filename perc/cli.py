@@ -4,7 +4,8 @@
 
     perc [--log-level LEVEL] identity new NAME [--dir DIR] [--days N] [--force]
     perc [--log-level LEVEL] identity show FILE.crt [--key FILE.key]
-    perc [--log-level LEVEL] kmf --config kmf.toml
+    perc [--log-level LEVEL] kmf --config kmf.toml [--reset-state]
+    perc [--log-level LEVEL] kmf audit --state FILE [--state-key FILE] [--verify]
     perc [--log-level LEVEL] mdd --config mdd.toml
     perc [--log-level LEVEL] mdd --kmf HOST:PORT --kmf-fingerprint FP --listen HOST:PORT
                                  --cert F --key F [--conference ID] [--idle-timeout S]
@@ -217,25 +218,110 @@ def identity_show(certificate: Path, key: Path | None) -> None:
     click.echo(identity.fingerprint_of(cert))
 
 
-@main.command("kmf")
+@main.group("kmf", invoke_without_command=True)
 @click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="KMF config file (TOML: [kmf] and [[conference]] tables; see perc(1)).",
+    default=None,
+    help="KMF config file (TOML: [kmf] and [[conference]] tables; see perc(1)); required "
+    "to run the KMF.",
+)
+@click.option(
+    "--reset-state",
+    is_flag=True,
+    help="Delete the state file (D28: stored SPIs, audit log) and start with an empty one; "
+    "without it an unusable state file stops the KMF (exit 2) and is left as it is.",
 )
 @_log_level_option
-def kmf_command(config_path: Path) -> None:
-    """Run the Key Distributor: the RFC 9185 tunnel server the MDDs connect to."""
+@click.pass_context
+def kmf_command(ctx: click.Context, config_path: Path | None, reset_state: bool) -> None:
+    """Run the Key Distributor: the RFC 9185 tunnel server the MDDs connect to.
+
+    Its state (SPIs that survive restarts, the audit log) is kept in the file [kmf] state
+    names, kmf-state.sqlite beside the config by default; `perc kmf audit` reads the log.
+    """
+    if ctx.invoked_subcommand is not None:
+        if config_path is not None or reset_state:
+            sub = ctx.invoked_subcommand
+            raise CliError(f"--config and --reset-state run the KMF: not with {sub}")
+        return
+    if config_path is None:
+        raise CliError("give --config FILE (or a subcommand: audit)")
     try:
         cfg = config.load_kmf_config(config_path)
     except config.ConfigError as e:
         raise CliError(str(e)) from None
     _setup_logging()
     from perc.roles import kmf
+    from perc.state import StateError
 
-    _run_role(kmf.serve, cfg, f"KMF on {cfg.kmf.listen}")
+    try:
+        if reset_state:
+            if cfg.kmf.state is None:
+                raise CliError('--reset-state: this config keeps no state file (state = "")')
+            state = kmf.open_state(cfg, reset=True)
+            if state is not None:
+                state.close()
+        _run_role(kmf.serve, cfg, f"KMF on {cfg.kmf.listen}")
+    except StateError as e:
+        # D28: one line naming the file and what is wrong; nothing is overwritten.
+        raise CliError(str(e)) from None
+
+
+def _audit_table(rows: list[Any]) -> list[str]:
+    """The audit rows as plain aligned columns (D32)."""
+    head = ("#", "time", "event", "conference", "name", "fingerprint", "association", "spi",
+            "mdd")  # fmt: skip
+    table = [head]
+    for r in rows:
+        spi = "-" if r.spi is None else str(r.spi)
+        table.append((str(r.seq), r.time, r.event, r.conference or "-", r.name or "-",
+                      r.fingerprint or "-", r.association_id or "-", spi,
+                      r.mdd_fingerprint or "-"))  # fmt: skip
+    widths = [max(len(config.one_line(row[i])) for row in table) for i in range(len(head))]
+    return [
+        "  ".join(config.one_line(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip()
+        for row in table
+    ]
+
+
+@kmf_command.command("audit")
+@click.option(
+    "--state",
+    "state_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The KMF's state file (D28); read only, also while the KMF runs.",
+)
+@click.option(
+    "--state-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help=f"Its state key [default: {config.DEFAULT_STATE_KEY_FILE} beside the state file].",
+)
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Check the hash chain (D32): exit 0 when it verifies, 1 naming the first bad row.",
+)
+@_log_level_option
+def kmf_audit_command(state_path: Path, state_key: Path | None, verify: bool) -> None:
+    """Print the KMF's audit log (D32): one row per join, leave, deny, rekey and KMF start."""
+    from perc.state import StateError, audit_report
+
+    key_path = state_key or state_path.with_name(config.DEFAULT_STATE_KEY_FILE)
+    try:
+        report = audit_report(state_path, key_path, verify=verify)
+    except StateError as e:
+        raise CliError(str(e)) from None
+    for line in _audit_table(report.rows):
+        click.echo(line)
+    if report.verdict is not None:
+        click.echo(str(report.verdict))
+        if not report.ok:
+            click.echo(f"perc: error: {config.one_line(str(report.verdict))}", err=True)
+            click.get_current_context().exit(1)
 
 
 _QUICK = ("kmf", "kmf_fingerprint", "listen", "cert", "key")

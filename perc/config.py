@@ -16,6 +16,9 @@ Files (the optional keys have the defaults shown)::
     profiles = [0x0009, 0x000A]        # DOUBLE profiles in preference order (D18)
     handshake_timeout = 5.0            # seconds for a tunnel's TLS handshake
     # tls_id = "..."                   # the KMF's external_session_id (D15); random if unset
+    state = "kmf-state.sqlite"         # D28 state file beside this file; "" = memory only
+    state_key = "kmf-state.key"        # D28 state key (0600, created on first start)
+    persist_keys = true                # D29 key material in the state
     [[conference]]
     id = "demo"
     participants = ["sha-256 ..."]     # endpoint certificate fingerprints (D15)
@@ -159,6 +162,10 @@ def _doc(text: str) -> dict[str, str]:
 
 # --- the schema (one source of defaults) -------------------------------------------------------
 
+#: D28: the KMF's state file and state key, beside the config file unless set.
+DEFAULT_STATE_FILE = "kmf-state.sqlite"
+DEFAULT_STATE_KEY_FILE = "kmf-state.key"
+
 
 @attrs.frozen
 class KmfSettings:
@@ -203,6 +210,28 @@ class KmfSettings:
     max_pending_associations: int = attrs.field(
         default=1024,
         metadata=_doc("DTLS associations not yet joined, per tunnel; beyond it new ones drop"),
+    )
+    state: Path | None = attrs.field(
+        default=None,
+        metadata=_doc(
+            f"SQLite state file (D28: SPIs that survive restarts, the audit log of D32); in a "
+            f"config file the default is {DEFAULT_STATE_FILE} beside it, and \"\" keeps "
+            "everything in memory"
+        ),
+    )
+    state_key: Path | None = attrs.field(
+        default=None,
+        metadata=_doc(
+            f"32-byte key file sealing key material in the state (D28), created mode 0600 on "
+            f"first start; in a config file the default is {DEFAULT_STATE_KEY_FILE} beside it"
+        ),
+    )
+    persist_keys: bool = attrs.field(
+        default=True,
+        metadata=_doc(
+            "keep key material in the state (D29); false stores none (this perc stores none "
+            "yet either way: it does not resume associations across restarts)"
+        ),
     )
 
 
@@ -746,6 +775,12 @@ def load_kmf_config(path: str | Path) -> KmfConfig:
 def build_kmf_config(data: dict[str, Any], *, base: Path, source: Path | None = None) -> KmfConfig:
     """A KmfConfig from already-parsed TOML data; relative paths are relative to ``base``."""
     _check_role(data, "kmf", "mdd")
+    # D28: `state = ""` keeps everything in memory; no other key takes an empty path.
+    table = data.get("kmf")
+    memory = False
+    if isinstance(table, dict) and table.get("state") == "":
+        memory = True
+        data = {**data, "kmf": {k: v for k, v in table.items() if k != "state"}}
     raw = _structure(data, _KmfFile, lambda k: k)
     kmf = raw.kmf
     _check(bool(raw.conference), "conference", "at least one [[conference]] table is required")
@@ -794,8 +829,11 @@ def build_kmf_config(data: dict[str, Any], *, base: Path, source: Path | None = 
             f"must be 1..16777215 seconds (uint24, RFC 8870 §5.2.2), got {c.ekt_ttl}",
         )
     cert, key_path, ident = _load_identity(kmf.cert, kmf.key, base, "kmf.cert", "kmf.key")
+    # D28: the state and its key live beside the config file unless the file says otherwise.
+    state = None if memory else base / (kmf.state or DEFAULT_STATE_FILE)
+    state_key = base / (kmf.state_key or DEFAULT_STATE_KEY_FILE)
     return KmfConfig(
-        kmf=attrs.evolve(kmf, cert=cert, key=key_path),
+        kmf=attrs.evolve(kmf, cert=cert, key=key_path, state=state, state_key=state_key),
         conferences=raw.conference,
         identity=ident,
         source=source,

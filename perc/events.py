@@ -615,6 +615,54 @@ class RekeyFailed(Event):
 
 @register
 @attrs.frozen
+class KmfStateOpened(Event):
+    """The KMF opened its state (D28): ``path`` ("" in memory), the conferences' resumed SPI
+    counters (a restarted KMF hands out SPIs from these on), audit rows so far."""
+
+    kind: ClassVar[str] = "kmf_state_opened"
+    path: str
+    resumed: dict[str, int] = attrs.field(factory=dict)
+    audit_rows: int = 0
+
+    def describe(self) -> str:
+        where = self.path or "memory only"
+        resumed = ",".join(f"{c}@{n}" for c, n in sorted(self.resumed.items())) or "none"
+        return f"state {where} resumed_spi_counters={resumed} audit_rows={self.audit_rows}"
+
+
+@register
+@attrs.frozen
+class KmfStateWriteFailed(Event):
+    """A state write failed while running (disk full, locked; D28): logged once until a
+    write succeeds again; the conference goes on in memory while reserved SPIs last."""
+
+    kind: ClassVar[str] = "kmf_state_write_failed"
+    reason: str
+    failures: int
+    pending: int
+
+    def describe(self) -> str:
+        return (
+            f"state write failed: {self.reason} (failures={self.failures}, changes pending="
+            f"{self.pending}; retried, logged again only after a write succeeds)"
+        )
+
+
+@register
+@attrs.frozen
+class KmfStateCaughtUp(Event):
+    """The state is written again after failures: ``written`` pending changes caught up."""
+
+    kind: ClassVar[str] = "kmf_state_caught_up"
+    written: int
+    failures: int
+
+    def describe(self) -> str:
+        return f"state written again: {self.written} pending changes caught up"
+
+
+@register
+@attrs.frozen
 class EktKeyAcked(Event):
     """A member acknowledged the EKTKey with ``spi``."""
 

@@ -31,8 +31,17 @@ and nothing else: no DTLS, no trio, no clock (every method takes ``now``).
   32,768), so a new key never reuses the SPI of the key it replaces nor of any key a member
   may still hold: an endpoint keeps a handful of parameter sets and replaces the one cached
   under an SPI when a new EKTKey names it (:mod:`perc.srtp.ekt`). A conference never runs out
-  of SPIs, so no join is ever refused for lack of one; the random start makes a restarted KMF
-  unlikely to begin where its predecessor was.
+  of SPIs, so no join is ever refused for lack of one. Without a state the counter starts at
+  random, so a restarted KMF is merely unlikely to begin where its predecessor was; with one it
+  resumes after it (below).
+* **Durable SPIs** (D28): with a state file the SPI counter is reserved in blocks, like a
+  sequence ceiling: :attr:`Conference.spi_ceiling` is the exclusive bound written to disk,
+  :meth:`Conference.spi_reservation_wanted` asks for the next block (``counter + block``) once
+  half of the current one is used, and no key is handed out while a key made so far lies at
+  or past the ceiling (:meth:`Conference.spis_covered`): a pending rekey then waits (its
+  deadline is None), and a first member's key is held as a pending "first" key, until
+  :meth:`Conference.spis_reserved` reports the write. A restarted KMF resumes at the stored
+  ceiling, so every SPI it hands out is newer than every SPI sent before the restart.
 * **TTL** (D10, RFC 8870 §5.2.2): a live conference's key is replaced
   :func:`refresh_lead` (a tenth of ``ekt_ttl``, at most 300 s) before it expires (reason
   ``ttl``, :meth:`Conference.poll`); a joiner that finds an expired key anyway waits for an
@@ -87,7 +96,8 @@ timer heap (:mod:`perc.kmf`).
 
 API::
 
-    KeyingState(conferences: Sequence[KmfConference], *, max_members=65536)
+    KeyingState(conferences: Sequence[KmfConference], *, max_members=65536,
+                spi_starts: Mapping[str, int] | None = None, durable_spis=False)
     state.admit(fingerprint, tls_id: bytes | None) -> Admission   # .conference or .reason
     state.conferences: dict[str, Conference]
     Conference: .id, .config, .members: dict[UUID, Member], .current, .pending
@@ -99,6 +109,7 @@ API::
         rekey(now) -> EktKeyMaterial                   # at once (manual hook)
         key_for(cipher, now) -> EktKeyMaterial          # low level, no policy
         refresh_at() -> float | None; rekey_due() -> float | None; waiting() -> [Member]
+        .spi_counter, .spi_ceiling; spis_covered() -> bool; spis_reserved(ceiling)   # D28
     Rekey(key, previous, reasons, joins, leaves, members); .reason ("join+leave")
     Member(association_id, fingerprint, tls_id, tunnel, profile, ekt_cipher, joined, spi=None)
     EktKeyMaterial(key, salt, spi, ttl, cipher, created)      # repr hides key and salt
@@ -115,7 +126,7 @@ import hashlib
 import hmac
 import os
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import attrs
 
@@ -259,7 +270,14 @@ class Admission:
 class Conference:
     """One conference: its configuration, members, current EKTKey and rekey policy (D22)."""
 
-    def __init__(self, config: KmfConference, *, max_members: int = 65536) -> None:
+    def __init__(
+        self,
+        config: KmfConference,
+        *,
+        max_members: int = 65536,
+        spi_start: int | None = None,
+        spi_ceiling: int | None = None,
+    ) -> None:
         self.id = config.id
         self.config = config
         self.max_members = max_members
@@ -276,7 +294,10 @@ class Conference:
         self._joins = 0
         self._leaves = 0
         self._reasons: list[str] = []
-        self._next_spi = int.from_bytes(os.urandom(2), "big")
+        #: issue counter of the next key (D28): its SPI is the counter modulo 2^16
+        self._next_spi = int.from_bytes(os.urandom(2), "big") if spi_start is None else spi_start
+        #: counters below this are durably reserved (None: no state to keep them in)
+        self.spi_ceiling = spi_ceiling
         self._participants = frozenset(config.participants)
 
     def __repr__(self) -> str:
@@ -285,7 +306,34 @@ class Conference:
     @property
     def cipher(self) -> int | None:
         """The conference's EKT cipher while it has a key (see the module docstring)."""
-        return self.current.cipher if self.current is not None else None
+        key = self.current or self.pending
+        return key.cipher if key is not None else None
+
+    # --- SPI reservation (D28) -----------------------------------------------------------------
+
+    @property
+    def spi_counter(self) -> int:
+        """The issue counter the next key takes (its SPI is the counter modulo 2^16)."""
+        return self._next_spi
+
+    def spis_covered(self) -> bool:
+        """Whether every key made so far lies below the durable SPI ceiling (D28).
+
+        A key is handed out only then: a restart resumes at the stored ceiling, so no SPI
+        sent before it can come round again before 65,536 newer keys."""
+        return self.spi_ceiling is None or self._next_spi <= self.spi_ceiling
+
+    def spi_reservation_wanted(self, block: int) -> int | None:
+        """The ceiling to reserve next (``counter + block``) once fewer than ``block // 2``
+        reserved SPIs are left, else None. Without a state (no ceiling) never."""
+        if self.spi_ceiling is None or self.spi_ceiling - self._next_spi >= block // 2:
+            return None
+        return self._next_spi + block
+
+    def spis_reserved(self, ceiling: int) -> None:
+        """A reservation up to ``ceiling`` (exclusive) is durable; ceilings only grow."""
+        if self.spi_ceiling is not None:
+            self.spi_ceiling = max(self.spi_ceiling, ceiling)
 
     def lists(self, fingerprint: str) -> bool:
         return fingerprint in self._participants
@@ -300,10 +348,11 @@ class Conference:
         length = EKT_KEY_LENGTHS.get(cipher)
         if length is None:
             raise KeyingError(f"unknown EKT cipher {cipher}")
-        spi = self._next_spi
+        counter = self._next_spi
         # D28: wraps modulo 2^16; the same SPI returns after 65,536 newer keys, far beyond the
         # few recent keys any member can still hold.
-        self._next_spi = (spi + 1) & 0xFFFF
+        spi = counter & 0xFFFF
+        self._next_spi = counter + 1
         self.keys_issued += 1
         return EktKeyMaterial(
             key=os.urandom(length),
@@ -332,7 +381,7 @@ class Conference:
         """Can an endpoint that negotiated ``cipher`` join now (one cipher per conference)?"""
         if cipher not in EKT_KEY_LENGTHS:
             return False
-        return self.current is None or self.current.cipher == cipher
+        return self.cipher is None or self.cipher == cipher
 
     def key_for(self, cipher: int, now: float) -> EktKeyMaterial:
         """The current key, made on first use with ``cipher``; KeyingError on a mismatch.
@@ -369,8 +418,9 @@ class Conference:
         window (``rekey_window`` from it, not sliding: a stream of joins cannot postpone it);
         later requests join it. ``immediate`` makes it due now (TTL, manual)."""
         if self.current is None:
-            raise KeyingError(f"conference {self.id} has no key to replace")
-        if self.pending is None:
+            if self.pending is None:
+                raise KeyingError(f"conference {self.id} has no key to replace")
+        elif self.pending is None:
             self.pending = self._make_key(self.current.cipher, now)
             self.rekey_pending_since = now
             self._rekey_due = now + self.config.rekey_window
@@ -388,13 +438,15 @@ class Conference:
         return self._rekey_due
 
     def needs_rekey(self, now: float) -> bool:
-        """True once a requested rekey has waited its window (D22 coalescing)."""
-        return self._rekey_due is not None and now >= self._rekey_due
+        """True once a requested rekey has waited its window (D22 coalescing) and its SPI is
+        durably reserved (D28)."""
+        return self._rekey_due is not None and now >= self._rekey_due and self.spis_covered()
 
     def next_deadline(self) -> float | None:
-        """The conference's next timer: the pending rekey, else the TTL refresh."""
+        """The conference's next timer: the pending rekey, else the TTL refresh; None while
+        the pending key waits for its SPI reservation (:meth:`spis_reserved` ends that)."""
         if self._rekey_due is not None:
-            return self._rekey_due
+            return self._rekey_due if self.spis_covered() else None
         return self.refresh_at()
 
     def poll(self, now: float) -> Rekey | None:
@@ -438,6 +490,8 @@ class Conference:
         Without a current key there is nobody to rekey: KeyingError.
         """
         self.request_rekey(now, MANUAL, immediate=True)
+        if not self.spis_covered():
+            raise KeyingError(f"conference {self.id}: its next SPI is not reserved yet (D28)")
         return self._fire(now).key
 
     # --- membership -----------------------------------------------------------------------------
@@ -450,22 +504,33 @@ class Conference:
         aid = member.association_id
         if aid not in self.members and len(self.members) >= self.max_members:
             raise KeyingError(f"conference {self.id} is full ({self.max_members} members)")
-        if self.current is None:
+        if self.current is None and self.pending is None:
             # The first member (of an empty conference) starts it with a fresh key: there is no
             # earlier media to protect, so no rekey.
             first = self._new_key(member.ekt_cipher, now)
-            member.spi = first.spi
             self.members[aid] = member
-            return first
-        if self.current.cipher != member.ekt_cipher:
+            if self.spis_covered():
+                member.spi = first.spi
+                return first
+            # D28: its SPI is not durably reserved yet: hold the key as a pending "first" key,
+            # handed out (to every member then present) once the reservation is written.
+            self.current = None
+            self.pending = first
+            self.rekey_pending_since = now
+            self._rekey_due = now
+            self._reasons = ["first"]
+            member.spi = None
+            return None
+        if self.cipher != member.ekt_cipher:
             raise KeyingError(
-                f"conference {self.id} uses EKT cipher {self.current.cipher}, "
-                f"not {member.ekt_cipher}"
+                f"conference {self.id} uses EKT cipher {self.cipher}, not {member.ekt_cipher}"
             )
         keyed = any(m.spi is not None for m in self.members.values() if m is not member)
         # Decide (and reserve a key, which may raise) before the member is added.
         key: EktKeyMaterial | None = None
-        if self.pending is not None:
+        if self.current is None:
+            pass  # the first key is still held for its SPI reservation: wait for it too
+        elif self.pending is not None:
             # A rekey is coming within the window anyway: wait for it (the joiner never holds
             # the key that the others, or a leaver, used before).
             if self.config.rekey_on_join and keyed:
@@ -489,7 +554,7 @@ class Conference:
         if not self.members:
             self.current = None
             self._clear_pending()
-        elif member.spi is not None and self.config.rekey_on_leave and self.current is not None:
+        elif member.spi is not None and self.config.rekey_on_leave:
             self.request_rekey(now, LEAVE)
         return member
 
@@ -501,10 +566,29 @@ class Conference:
 class KeyingState:
     """All conferences of one KMF and the roster that maps endpoints to them (D15)."""
 
-    def __init__(self, conferences: Sequence[KmfConference], *, max_members: int = 65536) -> None:
-        self.conferences: dict[str, Conference] = {
-            c.id: Conference(c, max_members=max_members) for c in conferences
-        }
+    def __init__(
+        self,
+        conferences: Sequence[KmfConference],
+        *,
+        max_members: int = 65536,
+        spi_starts: Mapping[str, int] | None = None,
+        durable_spis: bool = False,
+    ) -> None:
+        """``spi_starts``: the issue counter each conference resumes at (D28: a restarted KMF
+        resumes at its stored ceiling); others start at random. ``durable_spis``: no key is
+        handed out before its SPI is reserved (:meth:`Conference.spis_reserved`)."""
+        starts = spi_starts or {}
+        self.conferences: dict[str, Conference] = {}
+        for c in conferences:
+            start = starts.get(c.id)
+            if start is None:
+                start = int.from_bytes(os.urandom(2), "big")
+            self.conferences[c.id] = Conference(
+                c,
+                max_members=max_members,
+                spi_start=start,
+                spi_ceiling=start if durable_spis else None,
+            )
         # fingerprint -> conferences listing it, in configuration order
         self._roster: dict[str, list[Conference]] = {}
         for conf in self.conferences.values():

@@ -77,6 +77,23 @@ silently (the MDD already dropped its side). A fresh ClientHello (new random) on
 a restarted endpoint (RFC 6347 §4.2.8): it passes the cookie gate and replaces the old
 connection.
 
+Persistence (D28, D32), when the shell keeps a state (``persistent=True``): the engine does
+no I/O; it asks, through :meth:`KmfEngine.persistence_requests`, for
+
+* :class:`ReserveSpis`: SPIs are reserved in blocks of :data:`SPI_BLOCK`, like sequence
+  ceilings. The engine starts each conference at the counter the state stored (``spi_starts``:
+  the stored ceiling) with nothing reserved, asks at once for ``counter + SPI_BLOCK``, and asks
+  for the next block when fewer than half a block is left. No EKTKey goes out while a key made
+  so far lies at or past the ceiling the shell has confirmed (:meth:`KmfEngine.spis_reserved`,
+  called once the write is durable): a pending rekey waits (its timer is disarmed), and the
+  first member's key is held like a pending rekey (its ``Joined`` says ``at-rekey``). So a
+  restart, even after SIGKILL, resumes after every SPI that was ever sent, and no SPI comes
+  round again before 65,536 newer keys. In the steady state nothing waits: the next block is
+  on disk long before the current one runs out.
+* :class:`AuditRecord`: one per join, leave, deny and new key (``rekey``, the first key
+  included), with conference, fingerprint, certificate common name, association id, SPI and
+  MDD fingerprint, never key material. The shell writes them off the event loop.
+
 Timers: one heap of (deadline, owner) with lazy deletion (an entry is live only if it equals
 its owner's recorded deadline), so thousands of associations cost one shell task and one
 wake-up per distinct due deadline.
@@ -100,6 +117,9 @@ API::
         .state: perc.keying.KeyingState   .associations: dict[UUID, KmfAssociation]
         .stats: KeyingStats               .tls_id: bytes (sent in every ServerHello)
         rekey(conference_id, now) -> EktKeyMaterial | None   # new EKTKey to every member
+        (with spi_starts={conference: counter}, persistent=True:)
+        persistence_requests() -> [ReserveSpis | AuditRecord]
+        spis_reserved(conference_id, ceiling, now)           # a ReserveSpis is on disk
     EchoEngine: sends every datagram back (bench/tests)
 """
 
@@ -111,9 +131,11 @@ import itertools
 import logging
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from perc.config import KmfConfig
 from perc.dtls import (
@@ -169,11 +191,15 @@ __all__ = [
     "DTLS_HANDSHAKE_TIMEOUT",
     "EKT_CIPHER_PREFERENCE",
     "MAX_ASSOCIATIONS",
+    "SPI_BLOCK",
+    "AuditRecord",
     "CloseTunnel",
     "EchoEngine",
     "KeyingStats",
     "KmfAssociation",
     "KmfEngine",
+    "PersistRequest",
+    "ReserveSpis",
     "Tunnel",
     "TunnelServerEngine",
     "TunnelStats",
@@ -190,6 +216,10 @@ DTLS_HANDSHAKE_TIMEOUT = 30.0
 #: The EKT ciphers the KMF selects from, in preference order: AESKW256 first, because RFC 8870
 #: §6 wants the EKT key at least as long as the SRTP and DTLS keys (AES-256 profiles/suites).
 EKT_CIPHER_PREFERENCE = (AESKW256, AESKW128)
+#: D28: SPIs reserved per state write; the next block is asked for once half of one is used.
+SPI_BLOCK = 256
+#: Longest certificate common name kept as an audit row's name (D32).
+MAX_NAME = 64
 
 
 def _profile_text(profiles: Sequence[int]) -> str:
@@ -408,6 +438,49 @@ class EchoEngine(TunnelServerEngine):
         self.send(tunnel.tunnel_id, TunneledDtls(association_id, data))
 
 
+# --- persistence requests (D28, D32) ----------------------------------------------------------
+
+
+@attrs.frozen
+class ReserveSpis:
+    """Write durably that the conference may hand out issue counters below ``ceiling`` (D28);
+    the shell answers :meth:`KmfEngine.spis_reserved` once the write is on disk."""
+
+    conference: str
+    ceiling: int
+
+
+@attrs.frozen
+class AuditRecord:
+    """Append one audit row (D32): ``event`` is join, leave, deny or rekey; never key
+    material. The shell stamps the wall-clock time and writes it off the event loop."""
+
+    event: str
+    conference: str | None = None
+    fingerprint: str | None = None
+    name: str | None = None
+    association_id: uuid.UUID | None = None
+    spi: int | None = None
+    mdd_fingerprint: str | None = None
+
+
+PersistRequest = ReserveSpis | AuditRecord
+
+
+def _common_name(der: bytes) -> str | None:
+    """The certificate's subject CN, as the audit row's name (D32), if it has one."""
+    try:
+        names = x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(
+            NameOID.COMMON_NAME
+        )
+    except ValueError:
+        return None
+    value = names[0].value if names else None
+    if not isinstance(value, str):
+        return None
+    return value[:MAX_NAME]
+
+
 # --- keying ---------------------------------------------------------------------------------------
 
 
@@ -425,6 +498,8 @@ class KmfAssociation:
     conference: Conference | None = None
     """Set when the roster admitted the endpoint (verify_peer)."""
     fingerprint: str | None = None
+    name: str | None = None
+    """The certificate's common name (for the audit log, D32)."""
     profile: int | None = None
     refusal: str | None = None
     """Why we refused it (reported when the association ends)."""
@@ -497,6 +572,8 @@ class KmfEngine(TunnelServerEngine):
         max_associations: int = MAX_ASSOCIATIONS,
         dtls_handshake_timeout: float = DTLS_HANDSHAKE_TIMEOUT,
         max_pending_per_tunnel: int | None = None,
+        spi_starts: Mapping[str, int] | None = None,
+        persistent: bool = False,
     ) -> None:
         super().__init__()
         self.max_pending_per_tunnel = (
@@ -505,7 +582,13 @@ class KmfEngine(TunnelServerEngine):
             else config.kmf.max_pending_associations
         )
         self.config = config
-        self.state = KeyingState(config.conferences)
+        self.state = KeyingState(
+            config.conferences, spi_starts=spi_starts, durable_spis=persistent
+        )
+        #: D28/D32: the shell keeps a state; SPIs wait for reservations, audit rows are asked for
+        self.persistent = persistent
+        self._persist: list[PersistRequest] = []
+        self._spi_requested: dict[str, int] = {}
         self.stats = KeyingStats()
         self.associations: dict[uuid.UUID, KmfAssociation] = {}
         self.max_associations = max_associations
@@ -528,6 +611,8 @@ class KmfEngine(TunnelServerEngine):
         self._heap: list[tuple[float, int, uuid.UUID | str]] = []
         self.conference_timers: dict[str, float] = {}
         self._seq = itertools.count()
+        for conf in self.state.conferences.values():
+            self._want_spis(conf)
         log.info(
             "KMF keying: tls-id=%s cookies=%s profiles=%s conferences=%s",
             self.tls_id.decode(),
@@ -535,6 +620,38 @@ class KmfEngine(TunnelServerEngine):
             _profile_text(self.profiles),
             ",".join(self.state.conferences),
         )
+
+    # --- persistence (D28, D32) -------------------------------------------------------------
+
+    def persistence_requests(self) -> list[PersistRequest]:
+        """What to write, in order (empty unless ``persistent``)."""
+        out, self._persist = self._persist, []
+        return out
+
+    def spis_reserved(self, conference_id: str, ceiling: int, now: float) -> None:
+        """A :class:`ReserveSpis` write is durable: keys with counters below ``ceiling`` may go
+        out; a rekey or first key held for it is due again (at the next timer)."""
+        conf = self.state.conferences.get(conference_id)
+        if conf is None:
+            return
+        conf.spis_reserved(ceiling)
+        self._schedule_conference(conf)
+
+    def _want_spis(self, conf: Conference) -> None:
+        # Ask for the next block once fewer than half a block is reserved or asked for, so in a
+        # steady state keys never wait for the disk (D28).
+        if conf.spi_ceiling is None:
+            return
+        asked = max(self._spi_requested.get(conf.id, 0), conf.spi_ceiling)
+        if asked - conf.spi_counter >= SPI_BLOCK // 2:
+            return
+        ceiling = conf.spi_counter + SPI_BLOCK
+        self._spi_requested[conf.id] = ceiling
+        self._persist.append(ReserveSpis(conf.id, ceiling))
+
+    def _audit(self, record: AuditRecord) -> None:
+        if self.persistent:
+            self._persist.append(record)
 
     # --- timers ------------------------------------------------------------------------------
 
@@ -604,6 +721,7 @@ class KmfEngine(TunnelServerEngine):
 
         A rekey due now is not run here but at the next :meth:`handle_timer`, so that it never
         runs inside the handling of one association's events."""
+        self._want_spis(conf)
         deadline = conf.next_deadline()
         if deadline == self.conference_timers.get(conf.id):
             return
@@ -728,6 +846,7 @@ class KmfEngine(TunnelServerEngine):
                 key=key_digest(key.key, key.salt),
             )
         )
+        self._audit(AuditRecord("rekey", conference=conf.id, spi=key.spi))
 
     def _send_ekt_key(self, assoc: KmfAssociation, key: EktKeyMaterial, now: float) -> None:
         assoc.connection.send_ekt_key(key.key, key.salt, key.spi, key.ttl, now)
@@ -837,6 +956,7 @@ class KmfEngine(TunnelServerEngine):
 
     def _verify_peer(self, assoc: KmfAssociation, peer: PeerIdentity) -> int | None:
         assoc.fingerprint = peer.fingerprint
+        assoc.name = _common_name(peer.certificate_der)
         if peer.negotiated is not None:
             assoc.ekt_cipher = peer.negotiated.ekt_cipher
         admission = self.state.admit(peer.fingerprint, peer.tls_id)
@@ -1006,6 +1126,17 @@ class KmfEngine(TunnelServerEngine):
                 first_key="now" if key is not None else "at-rekey",
             )
         )
+        self._audit(
+            AuditRecord(
+                "join",
+                conference=conf.id,
+                fingerprint=event.peer_fingerprint,
+                name=assoc.name,
+                association_id=aid,
+                spi=first_key.spi if first_key is not None else None,
+                mdd_fingerprint=assoc.tunnel.mdd_fingerprint,
+            )
+        )
         # The pending rekey's deadline, or (first member) the TTL refresh.
         self._schedule_conference(conf)
 
@@ -1042,6 +1173,17 @@ class KmfEngine(TunnelServerEngine):
                     members=len(conf.members),
                 )
             )
+            self._audit(
+                AuditRecord(
+                    "leave",
+                    conference=conf.id,
+                    fingerprint=assoc.fingerprint,
+                    name=assoc.name,
+                    association_id=aid,
+                    spi=assoc.spi,
+                    mdd_fingerprint=assoc.tunnel.mdd_fingerprint,
+                )
+            )
         elif assoc.refusal is not None:
             self.stats.refused += 1
             alert = "-"
@@ -1056,6 +1198,16 @@ class KmfEngine(TunnelServerEngine):
                     conference=conf.id if conf is not None else None,
                     profile=assoc.profile,
                     ended=reason,
+                )
+            )
+            self._audit(
+                AuditRecord(
+                    "deny",
+                    conference=conf.id if conf is not None else None,
+                    fingerprint=assoc.fingerprint,
+                    name=assoc.name,
+                    association_id=aid,
+                    mdd_fingerprint=assoc.tunnel.mdd_fingerprint,
                 )
             )
         else:

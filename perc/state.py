@@ -771,6 +771,11 @@ class KmfState:
                     if not failed:
                         raise
 
+    @property
+    def audit_seq(self) -> int:
+        """Number of the newest audit row (0: none yet), written or pending."""
+        return self._audit_seq
+
     # --- SPIs (D28) -------------------------------------------------------------------------
 
     def spi_counter(self, conference: str) -> int | None:
@@ -806,6 +811,28 @@ class KmfState:
         spi = spi_of(counter)
         self._flush(spi)
         return spi
+
+    def reserve_spis(self, conference: str, ceiling: int) -> int:
+        """Record durably that counters below ``ceiling`` may be handed out (D28, in blocks).
+
+        The stored counter becomes ``ceiling - 1`` (it never goes down): "the last SPI issued"
+        is then an upper bound, and a restarted KMF resumes at ``ceiling``, after every key
+        the block may have produced. Returns ``ceiling``; StateWriteError leaves it pending.
+        """
+        if not 1 <= ceiling < 1 << 63:
+            raise ValueError(f"SPI ceiling {ceiling} outside 1..2^63-1")
+        counter = max(ceiling - 1, self._spi.get(conference, 0))
+        self._spi[conference] = counter
+        self._queue(
+            ("spi", conference),
+            lambda c: c.execute(
+                "INSERT INTO spi VALUES (?, ?) ON CONFLICT(conference) "
+                "DO UPDATE SET counter = max(counter, excluded.counter)",
+                (conference, counter),
+            ),
+        )
+        self._flush(ceiling)
+        return ceiling
 
     # --- associations (D29) -----------------------------------------------------------------
 

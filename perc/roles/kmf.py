@@ -36,6 +36,21 @@ is in the sans-IO engine :mod:`perc.kmf`; this module only does I/O for it:
   while they change. Nothing is kept of a connection after it closed, and when the last
   handshaking connection of a wave is gone the freed heap goes back to the system
   (``malloc_trim``), so the KMF's memory returns to its baseline after an attack.
+* State (D28, D32): with ``[kmf] state`` set, :func:`serve` opens the
+  :class:`~perc.state.KmfState` before it listens (a :class:`~perc.state.StateError` ends it
+  at once: ``perc kmf`` prints the one line and exits 2), builds the engine with each
+  conference's stored SPI counter, and hands every persistence request of the engine
+  (:class:`~perc.kmf.ReserveSpis`, :class:`~perc.kmf.AuditRecord`) to one
+  :class:`StateWriter`: a task that writes them in batches, one transaction each, through
+  ``trio.to_thread.run_sync`` on a single worker (a ``CapacityLimiter(1)``: the state is not
+  thread-safe), so the event loop never waits for the disk. A reservation reaches the engine
+  (``spis_reserved``) only once its transaction committed; until then the engine holds back
+  any key whose SPI it does not cover. A failed write (disk full, locked) is one
+  :class:`~perc.events.KmfStateWriteFailed` line per streak and a counter; the changes stay
+  pending in the state and the writer retries every :data:`STATE_RETRY` seconds; the first
+  write that succeeds catches them all up (:class:`~perc.events.KmfStateCaughtUp`). The
+  conference goes on in memory meanwhile: keys whose SPIs were already reserved still go out
+  (the engine asks for the next block half a block early), later ones wait.
 * Supervision (STYLE practice 9): one failing tunnel never stops the others or the process.
   An exception from the engine while handling a tunnel's messages is a bug: it is logged with
   its traceback, counted, and closes that tunnel only.
@@ -43,7 +58,9 @@ is in the sans-IO engine :mod:`perc.kmf`; this module only does I/O for it:
 API::
 
     serve(config: KmfConfig, *, engine: TunnelServerEngine | None = None,
+          state: KmfState | None = None,
           task_status=trio.TASK_STATUS_IGNORED)       # started(KmfServer)
+    open_state(config, *, reset=False) -> KmfState | None   # None: state = "" (memory)
     KmfServer: .address (host, port), .stats: KmfStats, .engine, .connections,
                service(), send(tunnel_id, message) -> bool,
                summary() -> perc.events.KmfConnections
@@ -57,7 +74,8 @@ import itertools
 import logging
 import math
 import operator
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import ParamSpec
 
@@ -65,11 +83,14 @@ import attrs
 import trio
 from trio_util import AsyncValue
 
-from perc.config import KmfConfig
+from perc.config import DEFAULT_STATE_KEY_FILE, KmfConfig
 from perc.events import (
     EktKeyAcked,
     Event,
     KmfConnections,
+    KmfStateCaughtUp,
+    KmfStateOpened,
+    KmfStateWriteFailed,
     KmfTunnelDown,
     Listening,
     RekeyFailed,
@@ -77,7 +98,14 @@ from perc.events import (
 )
 from perc.identity import fingerprint_matches
 from perc.keylog import keylog_from_env
-from perc.kmf import CloseTunnel, KmfEngine, TunnelServerEngine
+from perc.kmf import (
+    AuditRecord,
+    CloseTunnel,
+    KmfEngine,
+    PersistRequest,
+    ReserveSpis,
+    TunnelServerEngine,
+)
 from perc.roles.tunnel import (
     TlsHandshakeError,
     TunnelClosed,
@@ -87,9 +115,10 @@ from perc.roles.tunnel import (
     format_address,
     make_tls_context,
 )
+from perc.state import KmfState, StateWriteError, load_state_key
 from perc.wire.tunnel import TunnelMessage
 
-__all__ = ["MAX_TUNNELS", "KmfServer", "KmfStats", "serve"]
+__all__ = ["MAX_TUNNELS", "KmfServer", "KmfStats", "StateWriter", "open_state", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +131,123 @@ LOGGED_PER_SECOND = 10
 #: Seconds between two :class:`~perc.events.KmfConnections` summaries (while they change).
 SUMMARY_INTERVAL = 1.0
 
+#: Seconds between retries of a failed state write (D28).
+STATE_RETRY = 1.0
+
 P = ParamSpec("P")
+
+
+def open_state(config: KmfConfig, *, reset: bool = False) -> KmfState | None:
+    """Open the KMF's state file (D28) as the config says; None when ``state = ""``.
+
+    Creates the state key (mode 0600) on first start. Raises :class:`perc.state.StateError`
+    (one line naming the file and what is wrong). ``reset`` deletes the old state first.
+    Synchronous: call it before trio starts or through ``trio.to_thread``.
+    """
+    path = config.kmf.state
+    if path is None:
+        return None
+    key_path = config.kmf.state_key or path.with_name(DEFAULT_STATE_KEY_FILE)
+    key = load_state_key(key_path)
+    return KmfState(path, key, persist_keys=config.kmf.persist_keys, reset=reset)
+
+
+class StateWriter:
+    """Writes the engine's persistence requests to the state off the event loop (D28, D32).
+
+    ``submit`` queues (never blocks); :meth:`run` writes each batch in one transaction on one
+    worker thread; ``on_reserved(conference, ceiling)`` is called on the event loop once a
+    reservation is durable. See the module docstring for failures.
+    """
+
+    def __init__(
+        self,
+        state: KmfState,
+        on_reserved: Callable[[str, int], None],
+        report: Callable[[Event], None] = lambda e: None,
+        *,
+        retry: float = STATE_RETRY,
+    ) -> None:
+        self.state = state
+        self._on_reserved = on_reserved
+        self._report = report
+        self._retry = retry
+        self._queue: list[tuple[PersistRequest, float]] = []
+        self._wake = trio.Event()
+        self._limiter = trio.CapacityLimiter(1)
+        # reservations submitted but not yet known to be on disk (conference -> ceiling)
+        self._unconfirmed: dict[str, int] = {}
+        #: writes that failed; batches committed
+        self.failures = 0
+        self.commits = 0
+        self.failing = False
+
+    def submit(self, requests: Sequence[PersistRequest]) -> None:
+        """Queue requests (stamped with the wall-clock time now, for audit rows)."""
+        if not requests:
+            return
+        stamp = time.time()
+        self._queue.extend((r, stamp) for r in requests)
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self.flush()
+            if self.failing:
+                await trio.sleep(self._retry)
+                self._wake.set()
+
+    async def flush(self) -> None:
+        """Write what is queued (and anything pending from failed writes) once."""
+        batch, self._queue = self._queue, []
+        for request, _ in batch:
+            if isinstance(request, ReserveSpis):
+                old = self._unconfirmed.get(request.conference, 0)
+                self._unconfirmed[request.conference] = max(old, request.ceiling)
+        try:
+            written = await trio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
+        except StateWriteError as e:
+            self.failures += 1
+            if not self.failing:
+                self.failing = True
+                self._report(KmfStateWriteFailed(str(e), self.failures, len(self.state.pending)))
+            return
+        self.commits += 1
+        if self.failing:
+            self.failing = False
+            self._report(KmfStateCaughtUp(written, self.failures))
+        confirmed, self._unconfirmed = self._unconfirmed, {}
+        for conference, ceiling in confirmed.items():
+            self._on_reserved(conference, ceiling)
+
+    def _write(self, batch: list[tuple[PersistRequest, float]]) -> int:
+        # Worker thread: the only code that touches the state while the KMF runs.
+        state = self.state
+        written = len(state.pending) + len(batch)
+        with state.batch():
+            for request, stamp in batch:
+                if isinstance(request, ReserveSpis):
+                    state.reserve_spis(request.conference, request.ceiling)
+                else:
+                    state.append_audit(
+                        request.event,
+                        conference=request.conference,
+                        fingerprint=request.fingerprint,
+                        name=request.name,
+                        association_id=request.association_id,
+                        spi=request.spi,
+                        mdd_fingerprint=request.mdd_fingerprint,
+                        at=stamp,
+                    )
+        return written
+
+    async def aclose(self) -> None:
+        """Write what is left (one try), then close the state. Shielded from cancellation."""
+        with trio.CancelScope(shield=True):
+            await self.flush()
+            await trio.to_thread.run_sync(self.state.close, limiter=self._limiter)
 
 
 @attrs.define
@@ -187,9 +332,14 @@ def _report(event: Event) -> None:
 class KmfServer:
     """The running KMF: bound address, counters, open tunnel connections, the engine."""
 
-    def __init__(self, config: KmfConfig, engine: TunnelServerEngine) -> None:
+    def __init__(
+        self, config: KmfConfig, engine: TunnelServerEngine, state: KmfState | None = None
+    ) -> None:
         self.config = config
         self.engine = engine
+        self.writer: StateWriter | None = None
+        if state is not None:
+            self.writer = StateWriter(state, self._spis_reserved, _report)
         self.stats = KmfStats()
         self.connections: dict[int, TunnelConnection] = {}
         self.address: tuple[str, int] = ("", 0)
@@ -222,6 +372,8 @@ class KmfServer:
             len(self.config.kmf.trusted_mdds),
         )
         async with trio.open_nursery() as nursery:
+            if self.writer is not None:
+                nursery.start_soon(self.writer.run)
             nursery.start_soon(self._timers)
             nursery.start_soon(self._summaries)
             await nursery.start(trio.serve_listeners, self._guarded, listeners)
@@ -243,8 +395,18 @@ class KmfServer:
                     engine.message_not_sent(tunnel_id, msg, trio.current_time())
         while (event := engine.next_event()) is not None:
             _report(event)
+        if isinstance(engine, KmfEngine):
+            requests = engine.persistence_requests()
+            if self.writer is not None:
+                self.writer.submit(requests)
         timer = engine.get_timer()
         self._deadline.value = math.inf if timer is None else timer
+
+    def _spis_reserved(self, conference: str, ceiling: int) -> None:
+        engine = self.engine
+        if isinstance(engine, KmfEngine):
+            engine.spis_reserved(conference, ceiling, trio.current_time())
+            self.service()
 
     def send(self, tunnel_id: int, message: TunnelMessage) -> bool:
         """Send one message outside the engine (tests, tools); False if not queued."""
@@ -452,21 +614,50 @@ async def serve(
     config: KmfConfig,
     *,
     engine: TunnelServerEngine | None = None,
+    state: KmfState | None = None,
     task_status: trio.TaskStatus[KmfServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the KMF until cancelled; ``task_status.started(KmfServer)`` once listening.
 
     Without ``engine`` the KMF keys endpoints: :class:`perc.kmf.KmfEngine`, with
-    ``SSLKEYLOGFILE`` honoured (D21; :class:`perc.keylog.KeyLogError` if it cannot be opened).
+    ``SSLKEYLOGFILE`` honoured (D21; :class:`perc.keylog.KeyLogError` if it cannot be opened),
+    and its state (D28): ``state`` if given (it is closed on the way out), else the file
+    ``config.kmf.state`` names (:func:`open_state`; StateError before listening), else none.
     """
     keylog = None
     if engine is None:
-        keylog = keylog_from_env()
-        engine = KmfEngine(config, keylog=keylog)
-    server = KmfServer(config, engine)
+        if state is None and config.kmf.state is not None:
+            state = await trio.to_thread.run_sync(open_state, config)
+        try:
+            keylog = keylog_from_env()
+        except BaseException:
+            if state is not None:
+                state.close()
+            raise
+        starts = None
+        if state is not None:
+            # D28: a restarted KMF resumes after everything the stored counters may cover.
+            starts = {c: n + 1 for c, n in state.spi_counters().items()}
+            emit(log, KmfStateOpened(str(state.path or ""), starts, state.audit_seq))
+        engine = KmfEngine(
+            config, keylog=keylog, spi_starts=starts, persistent=state is not None
+        )
+    server = KmfServer(config, engine, state if isinstance(engine, KmfEngine) else None)
+    if server.writer is not None:
+        server.writer.submit([AuditRecord("kmf_start", fingerprint=config.identity.fingerprint)])
+        server.service()  # the engine's first SPI reservations
     try:
         await server.serve(task_status=task_status)
     finally:
+        writer = server.writer
+        if writer is not None:
+            await writer.aclose()
+            log.info(
+                "state stats commits=%d write_failures=%d audit_dropped=%d",
+                writer.commits,
+                writer.failures,
+                writer.state.audit_dropped,
+            )
         if isinstance(engine, KmfEngine):
             # One line of counters on shutdown (every drop has its counter).
             log.info(
