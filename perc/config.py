@@ -34,6 +34,9 @@ Files (the optional keys have the defaults shown)::
     reconnect_max = 30.0               # ... up to this cap
     handshake_timeout = 10.0           # seconds for a tunnel's TLS handshake
     stats_interval = 10.0              # seconds between forwarding counter logs (when changed)
+    max_pending = 1000                 # associations still before the KMF's ServerHello
+    max_pending_per_ip = 64            # ... of them from one source IP address
+    pending_timeout = 2.0              # seconds a pending association has to progress
     [[conference]]
     id = "demo"
     listen = "127.0.0.1:5004"          # UDP port where endpoints of this conference send
@@ -273,6 +276,23 @@ class MddSettings:
         metadata=_doc(
             "seconds between logs of the per-association forwarding counters (only those "
             "that changed; all of them again at exit)"
+        ),
+    )
+    max_pending: int = attrs.field(
+        default=1000,
+        metadata=_doc(
+            "pending associations per conference (a ClientHello relayed, no ServerHello "
+            "from the KMF yet); beyond, the oldest pending one is dropped"
+        ),
+    )
+    max_pending_per_ip: int = attrs.field(
+        default=64,
+        metadata=_doc("pending associations from one source IP; beyond, ClientHellos dropped"),
+    )
+    pending_timeout: float = attrs.field(
+        default=2.0,
+        metadata=_doc(
+            "seconds a pending association has to get the KMF's ServerHello or MediaKeys"
         ),
     )
 
@@ -808,6 +828,13 @@ def build_mdd_config(
         _check_positive(mdd.reconnect_max, "mdd.reconnect_max")
         _check_positive(mdd.handshake_timeout, "mdd.handshake_timeout")
         _check_positive(mdd.stats_interval, "mdd.stats_interval")
+        _check_positive(mdd.pending_timeout, "mdd.pending_timeout")
+        _check(mdd.max_pending > 0, "mdd.max_pending", f"must be >= 1, got {mdd.max_pending}")
+        _check(
+            mdd.max_pending_per_ip > 0,
+            "mdd.max_pending_per_ip",
+            f"must be >= 1, got {mdd.max_pending_per_ip}",
+        )
         _check(
             mdd.reconnect_max >= mdd.reconnect_min,
             "mdd.reconnect_max",

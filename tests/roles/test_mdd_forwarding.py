@@ -42,6 +42,7 @@ from perc.srtp.errors import SrtpError
 from perc.srtp.keys import KeyingMaterial, exporter_length, split_exporter
 from perc.wire.tunnel import EndpointDisconnect, MediaKeys, TunnelMessage, encode_message
 
+from ..forwarding.helpers import client_hello, server_hello_flight
 from .helpers import RecordingEngine, mdd_config, until
 from .join_helpers import JoinResult, join_once, keying_kmf_config
 
@@ -317,7 +318,7 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
     """D5 with a scripted KMF: up to 64 datagrams per association wait for MediaKeys."""
-    handler = RecordingEngine()
+    handler = RecordingEngine(reply=lambda data: server_hello_flight())  # admits each
     profile = 0x0009
     params = EktParameterSet(7, EktCipher.AESKW_128, os.urandom(16), os.urandom(12))
     async with trio.open_nursery() as nursery:
@@ -333,8 +334,11 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
             await sock.bind((LOCAL, 0))
             socks.append(sock)
             materials.append(split_exporter(profile, os.urandom(exporter_length(profile))))
-            await sock.sendto(bytes([22, 254, 253]), relay.address)  # DTLS-looking: association
+            await sock.sendto(client_hello(), relay.address)  # a ClientHello: association
         await until(lambda: len(handler.seen) == 2)
+        for sock in socks:  # the ServerHello that admitted it
+            with trio.fail_after(5):
+                assert (await sock.recvfrom(2048))[0] == server_hello_flight()
         by_addr = {
             s.getsockname(): seen.association_id
             for s, seen in zip(socks, handler.seen, strict=True)
@@ -592,7 +596,10 @@ def test_forwarding_options_reach_the_table(ids: SimpleNamespace, tmp_path: Path
     table = relay.engine.table
     assert table.config.last_n == 2
     assert table.config.video_payload_types == frozenset({96, 98})
-    assert table.config.max_associations == config.conferences[0].max_associations
+    # the table holds the admitted and the pending associations (each bounded by the engine)
+    assert table.config.max_associations == (
+        config.conferences[0].max_associations + config.mdd.max_pending
+    )
     defaults = build_mdd_config(_mdd_data(tmp_path, ids), base=tmp_path)
     assert defaults.mdd.stats_interval == 10.0
     assert defaults.conferences[0].video_payload_types == (96,)
