@@ -45,6 +45,8 @@ Files (the optional keys have the defaults shown)::
     # last_n = 4                       # forward only the last N active speakers (unset: all)
     video_payload_types = [96]         # RTP payload types that are video (subject to last_n)
     max_associations = 10000           # endpoints at once; new ones beyond are dropped
+    pli_rate = 2.0                     # PLI/FIR per second per receiver toward one sender
+    nack_rate = 1000.0                 # NACKed packets per second per receiver toward one sender
 
 Relative ``cert``/``key`` paths are relative to the folder of the config file. Loading also
 loads both identities (:func:`perc.identity.load`) and canonicalises every fingerprint. Any
@@ -319,6 +321,14 @@ class MddConference:
     max_associations: int = attrs.field(
         default=10000,
         metadata=_doc("most endpoint associations at once; new endpoints beyond are dropped"),
+    )
+    pli_rate: float = attrs.field(
+        default=2.0,
+        metadata=_doc("PLI/FIR per second one receiver may send toward one media sender (D36)"),
+    )
+    nack_rate: float = attrs.field(
+        default=1000.0,
+        metadata=_doc("packets per second one receiver may NACK toward one media sender"),
     )
 
 
@@ -849,6 +859,8 @@ def build_mdd_config(
                 f"{key}.max_associations",
                 f"must be >= 1, got {c.max_associations}",
             )
+            _check_positive(c.pli_rate, f"{key}.pli_rate")
+            _check_positive(c.nack_rate, f"{key}.nack_rate")
             if c.last_n is not None:
                 _check(c.last_n > 0, f"{key}.last_n", f"must be >= 1, got {c.last_n}")
             for pt in c.video_payload_types:

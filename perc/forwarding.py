@@ -61,13 +61,30 @@ is refused for a receiver until its SEQ passes what that receiver was last sent 
 decrypted with the sender's inbound SRTCP context and parsed (:func:`perc.wire.rtcp.parse_rtcp`);
 each packet is routed on its own:
 
-- SR (200): to every other keyed endpoint;
+- SR (200): to every other keyed endpoint, if the sender owns its SSRC;
 - RR (201): to the owners of the SSRCs its report blocks are about, each getting an RR with
   only the blocks about its own streams (as received when all blocks are about one owner);
 - RTPFB/PSFB (205/206: NACK, PLI, FIR, others): to the owner of the media SSRC (FIR: of the
   SSRCs in its entries, RFC 5104 §4.3.1);
 - SDES, BYE, APP and anything else describe the sender: they go along to every destination
   the rest of the compound goes to, or to every other endpoint when it goes nowhere else.
+
+*Ownership* (D26; SRTCP is hop-by-hop, D19, so the MD sees and may edit the compound): an
+endpoint speaks only for its own SSRCs. An SR whose SSRC, an SDES chunk whose SSRC, or a BYE
+SSRC that another association owns is removed (``drop_rtcp_spoof``): a member's forged BYE
+must not make the others drop a live member's streams (RFC 3550 §6.6). An SR or SDES chunk
+about an SSRC nobody owns claims it as the SSRC's first RTP would (an SR can come before the
+first RTP, e.g. released from the D5 hold); a BYE about one is removed
+(``drop_unknown_ssrc``). SDES and BYE keeping some parts are re-serialized; a packet with no
+part left goes nowhere. If a leading SR was removed, the empty RR that heads the compound
+comes from an SSRC the sender owns (none: nothing is sent).
+
+*Feedback throttling* (D36): per receiver and media sender, a token bucket lets PLI and FIR
+through at ``pli_rate`` (default 2/s, burst 1: one per 500 ms) and NACKs at ``nack_rate``
+packets per second (a NACK costs 1 + the BLP bits set, RFC 4585 §6.2.1; burst one second's
+worth). What does not fit is dropped (``drop_feedback_throttled``): one member's storm of
+keyframe requests cannot make a sender encode keyframes without end. These checks run only
+on the RTCP path; the RTP path is unchanged.
 
 Every destination gets one compound in the original order; if the original compound began
 with an SR/RR (RFC 3550 §6.1) that this destination does not get, an empty RR (no report

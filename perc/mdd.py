@@ -36,9 +36,47 @@ dict of its own beside it; lookups by address and by id are the table's.
 128-191 is SRTP/SRTCP and goes to :meth:`ForwardingTable.handle_datagram`, whose output (one
 datagram per receiver, RFC 8723 §5.2) is queued for sending; 20-63 is DTLS and goes to the KMF
 as ``TunneledDtls`` with the association id of the sender's address, a new address getting a
-new association (bounded by ``max_associations``); anything else is dropped and counted
+new association only through admission (below); anything else is dropped and counted
 (RFC 7983: MUST drop). DTLS arriving while the tunnel is down is dropped and counted, not
 buffered: the endpoint retransmits, and a joining endpoint times out with its own message.
+
+**Admission** (:class:`AdmissionConfig`, counters in :class:`AdmissionStats`). A spoofed
+source address costs an attacker nothing, so a new address gets state only for one
+well-formed ClientHello: the datagram's first record is a DTLS handshake record of epoch 0
+whose first fragment is one whole ClientHello that decodes (RFC 6347 §4.1, §4.2.2;
+:func:`perc.dtls.offer.first_client_hello_untrusted`). Anything else from an unknown address
+(a one-byte ``0x14``, an alert, a fragment, a bad length) is dropped and counted
+(``dropped_not_hello``) and never reaches the KMF. The ClientHello makes a *pending*
+association, relayed like any other, with its own bounds:
+
+* ``max_pending`` per conference; at the bound the *oldest pending* association is dropped
+  (``pending_evicted``) rather than the newcomer refused, so under a flood of new addresses a
+  real endpoint still has max_pending / flood rate seconds for its cookie round trip, where
+  refusing newcomers would lock every join out for the whole flood. Admitted associations
+  are never displaced (they have ``max_associations`` of their own);
+* ``max_pending_per_ip`` per source IP; beyond, ClientHellos from new ports of that IP are
+  dropped (``dropped_per_ip``);
+* ``pending_timeout`` from creation (swept every ``pending_timeout / 4``).
+
+*Progress* is the KMF's word that the endpoint passed its cookie check (D14, RFC 6347 §4.2.1:
+the endpoint received the HelloVerifyRequest at its address): a datagram from the KMF for the
+association whose first record is a ServerHello, or ``MediaKeys`` for it (a KMF with
+``dtls_cookies`` off sends its ServerHello to the first ClientHello). Retransmitted
+ClientHellos, the KMF's HelloVerifyRequest and the endpoint's ClientHello with a cookie are
+not progress (a blind spoofer can send a made-up cookie). On progress the association is
+admitted if fewer than ``max_associations`` are (else removed, ``EndpointDisconnect`` sent,
+``dropped_table_full``). Until then only its ClientHellos are relayed
+(``dropped_pending_not_hello``) and its SRTP is neither held nor forwarded
+(``dropped_pending_srtp``). An expired or evicted pending association is removed with
+``EndpointDisconnect`` to the KMF only if it sent a ClientHello with a cookie (the KMF may then
+hold its state); before that the KMF's cookie gate kept nothing, and the KMF would only count
+the message as naming an unknown association.
+
+*Logging under attack* (STYLE 17): :class:`~perc.events.AssociationCreated` and a pending
+association's :class:`~perc.events.AssociationEnded` are per-address events; they pass a token
+bucket (``event_burst`` 20, then ``event_rate`` 2/s) and the rest are only counted.
+:class:`~perc.events.MddAdmission` carries the counters and how many events were left out, at
+most once per ``summary_interval`` (1 s) and only when something changed.
 
 **From the KMF** (RFC 9185 §6): ``TunneledDtls`` becomes a datagram to the association's
 endpoint; ``MediaKeys`` is the MDD's only source of keys (RFC 8871 §4.1: outer halves only,
@@ -60,7 +98,7 @@ knows none of the old associations (it ignores their DTLS and never sends them
 ``EndpointDisconnect``), so they keep their keys until they leave or go idle. On every new
 tunnel ``SupportedProfiles`` is the first message (RFC 9185 §5.3, D1).
 
-**Timers.** :meth:`MddEngine.get_timer` is the earliest of three schedules, and new input
+**Timers.** :meth:`MddEngine.get_timer` is the earliest of four schedules, and new input
 never makes it earlier, so a shell may simply sleep until it:
 
 * idle expiry (D3): an association whose endpoint has sent nothing (DTLS or SRTP) for
@@ -69,7 +107,10 @@ never makes it earlier, so a shell may simply sleep until it:
 * the forwarding table's ``tick`` every :data:`TICK_INTERVAL` when ``last_n`` is on (the
   ranking of silent video streams);
 * every ``stats_interval`` the counters of each association that changed since they were
-  last reported (:class:`~perc.events.MddCounters`).
+  last reported (:class:`~perc.events.MddCounters`);
+* admission upkeep every ``min(summary_interval, pending_timeout / 4)``: pending expiry and
+  the :class:`~perc.events.MddAdmission` summary (fixed period, so a new pending association
+  never needs an earlier wake-up).
 
 **Events** are the classes of the MDD section of :mod:`perc.events`:
 :class:`~perc.events.MddTunnelUp`, :class:`~perc.events.MddTunnelDown`,
@@ -77,7 +118,8 @@ never makes it earlier, so a shell may simply sleep until it:
 :class:`~perc.events.AssociationKeyed`, :class:`~perc.events.MediaKeysRejected`,
 :class:`~perc.events.AssociationEnded` (``reason`` ``kmf`` or ``idle``; the association's last
 :class:`~perc.events.MddCounters`, ``final``, come just before it),
-:class:`~perc.events.MddCounters` and :class:`~perc.events.MddTotals`. They never carry key
+:class:`~perc.events.MddCounters`, :class:`~perc.events.MddAdmission` and
+:class:`~perc.events.MddTotals`. They never carry key
 material: ``AssociationKeyed.keys`` is a one-way digest (:func:`perc.keying.key_digest`).
 
 **Key isolation** (RFC 8871 §3.1, §4.1). ``MediaKeys`` carries only the outer halves (D4);
@@ -367,6 +409,8 @@ class MddEngine:
                 last_n=conference.last_n,
                 video_payload_types=frozenset(conference.video_payload_types),
                 max_associations=conference.max_associations,
+                pli_rate=conference.pli_rate,
+                nack_rate=conference.nack_rate,
             ),
             idle_timeout=settings.idle_timeout,
             stats_interval=settings.stats_interval,
