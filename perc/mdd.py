@@ -74,7 +74,7 @@ the message as naming an unknown association.
 
 *Logging under attack* (STYLE 17): :class:`~perc.events.AssociationCreated` and a pending
 association's :class:`~perc.events.AssociationEnded` are per-address events; they pass a token
-bucket (``event_burst`` 20, then ``event_rate`` 2/s) and the rest are only counted.
+bucket (``event_burst`` 10, then ``event_rate`` 1/s) and the rest are only counted.
 :class:`~perc.events.MddAdmission` carries the counters and how many events were left out, at
 most once per ``summary_interval`` (1 s) and only when something changed.
 
@@ -232,9 +232,9 @@ class AdmissionConfig:
     """Seconds a pending association has to progress (see the module docstring)."""
     summary_interval: float = 1.0
     """Least seconds between two MddAdmission events."""
-    event_burst: int = 20
+    event_burst: int = 10
     """Per-address AssociationCreated/AssociationEnded events allowed in a burst ..."""
-    event_rate: float = 2.0
+    event_rate: float = 1.0
     """... and per second after it; the rest only counted in MddAdmission (STYLE 17)."""
 
 
@@ -880,6 +880,8 @@ class MddEngine:
         snapshot = self.table.snapshot(now)
         reported = 0
         for aid, counters in snapshot.associations.items():
+            if aid in self._pending:
+                continue  # nothing to report: no SRTP is taken from it (see "Admission")
             assoc = self.table.associations[aid]
             last = assoc.reported
             if changed_only and (counters == last or (last is None and not any(counters.values()))):

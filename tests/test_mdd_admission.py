@@ -246,7 +246,8 @@ def test_per_address_events_are_rate_limited_into_summaries() -> None:
                 summaries.append(x)
             else:
                 per_address += 1
-    # Burst of 20, then 2/s for creation and end together; one summary a second at most.
+    # Burst of 20, then 2/s (as configured here) for creation and end together; one summary
+    # a second at most.
     assert per_address <= 20 + 2 * 6 + 1
     assert 5 <= len(summaries) <= 7
     last = summaries[-1]
