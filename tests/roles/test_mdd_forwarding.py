@@ -40,6 +40,18 @@ from perc.srtp.double import DoubleReceiver, DoubleSender
 from perc.srtp.ekt import EktCipher, EktParameterSet
 from perc.srtp.errors import SrtpError
 from perc.srtp.keys import KeyingMaterial, exporter_length, split_exporter
+from perc.wire.rtcp import (
+    Bye,
+    Pli,
+    ReceiverReport,
+    RtcpPacket,
+    SdesChunk,
+    SdesItem,
+    SenderReport,
+    SourceDescription,
+    parse_rtcp,
+    serialize_rtcp,
+)
 from perc.wire.tunnel import EndpointDisconnect, MediaKeys, TunnelMessage, encode_message
 
 from ..forwarding.helpers import client_hello, server_hello_flight
@@ -683,3 +695,55 @@ async def test_rekeys_on_join_and_leave_pass_the_mdd_as_ciphertext_only(
     assert sum(isinstance(m, MediaKeys) for m in received) == 3
     for secret in secrets:
         assert secret not in wire
+
+
+async def test_forged_bye_sr_sdes_never_reach_the_others_and_a_pli_storm_is_throttled(
+    ids: SimpleNamespace, people: list[identity.Identity], clock: MockClock
+) -> None:
+    """b, under its own hop-by-hop key, sends RTCP naming a's SSRC (BYE, SR, SDES): the MDD
+    removes it (drop_rtcp_spoof), so neither a nor c ever sees it; b's own BYE goes through.
+    Then b sends 50 PLIs at a at once: a gets one (D36: one per 500 ms)."""
+    conf = Conference(ids, people[:3])
+    async with conf.running() as nursery:
+        relay = await conf.start_mdd(nursery)
+        peers = [await conf.join_peer(n, m) for n, m in zip("abc", people, strict=False)]
+        for p in peers:
+            p.learn(peers)
+        await exchange(peers, 5)  # every SSRC is owned by its sender now
+        a, b, c = peers
+        ob = b.material.outer()
+        b_rtcp = SrtpSession(ob.client_key, ob.client_salt)
+
+        async def b_sends(packets: list[RtcpPacket]) -> None:
+            await b.sock.sendto(b_rtcp.protect_rtcp(serialize_rtcp(packets)), b.mdd_addr)
+
+        sdes_a = SourceDescription((SdesChunk(a.ssrc, (SdesItem(1, b"a"),)),))
+        await b_sends([ReceiverReport(b.ssrc), Bye((a.ssrc,), b"forged")])
+        await b_sends([SenderReport(a.ssrc, packet_count=1), sdes_a])
+        await b_sends([ReceiverReport(b.ssrc), Bye((b.ssrc,), b"bye")])  # its own: forwarded
+
+        for p in (a, c):
+            o = p.material.outer()
+            rx = SrtpSession(o.server_key, o.server_salt)
+            with trio.fail_after(5):
+                while True:
+                    data, _ = await p.sock.recvfrom(65535)
+                    if 192 <= data[1] <= 223:
+                        break
+            # The first RTCP to arrive is b's own BYE: the forged ones were never forwarded.
+            assert parse_rtcp(rx.unprotect_rtcp(data)) == [
+                ReceiverReport(b.ssrc),
+                Bye((b.ssrc,), b"bye"),
+            ], p.name
+        counters = association_of(relay, b).counters
+        assert counters.drop_rtcp_spoof == 3  # BYE SSRC, SR, SDES chunk
+
+        # A PLI storm from c at a: one gets through now, the rest are counted.
+        oc = c.material.outer()
+        c_rtcp = SrtpSession(oc.client_key, oc.client_salt)
+        for _ in range(50):
+            pli = serialize_rtcp([ReceiverReport(c.ssrc), Pli(c.ssrc, a.ssrc)])
+            await c.sock.sendto(c_rtcp.protect_rtcp(pli), c.mdd_addr)
+        await until(lambda: association_of(relay, c).counters.rtcp_in == 50)
+        assert association_of(relay, c).counters.drop_feedback_throttled == 49
+        nursery.cancel_scope.cancel()
