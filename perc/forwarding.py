@@ -1165,7 +1165,7 @@ class ForwardingTable(Generic[AddrT]):
                 per = self._to_owners(assoc, [pkt.media_ssrc], raw)
             elif isinstance(pkt, SourceDescription):
                 # Ownership: chunks about another member's SSRC are removed (RFC 3550 §6.5).
-                mine = tuple(c for c in pkt.chunks if self._owns(assoc, c.ssrc, claim=True))
+                mine = tuple(ch for ch in pkt.chunks if self._owns(assoc, ch.ssrc, claim=True))
                 if len(mine) == len(pkt.chunks):
                     per = None
                 elif mine:
