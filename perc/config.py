@@ -37,6 +37,9 @@ Files (the optional keys have the defaults shown)::
     reconnect_max = 30.0               # ... up to this cap
     handshake_timeout = 10.0           # seconds for a tunnel's TLS handshake
     stats_interval = 10.0              # seconds between forwarding counter logs (when changed)
+    max_pending = 1000                 # associations still before the KMF's ServerHello
+    max_pending_per_ip = 64            # ... of them from one source IP address
+    pending_timeout = 2.0              # seconds a pending association has to progress
     [[conference]]
     id = "demo"
     listen = "127.0.0.1:5004"          # UDP port where endpoints of this conference send
@@ -45,6 +48,8 @@ Files (the optional keys have the defaults shown)::
     # last_n = 4                       # forward only the last N active speakers (unset: all)
     video_payload_types = [96]         # RTP payload types that are video (subject to last_n)
     max_associations = 10000           # endpoints at once; new ones beyond are dropped
+    pli_rate = 2.0                     # PLI/FIR per second per receiver toward one sender
+    nack_rate = 1000.0                 # NACKed packets per second per receiver toward one sender
 
 Relative ``cert``/``key`` paths are relative to the folder of the config file. Loading also
 loads both identities (:func:`perc.identity.load`) and canonicalises every fingerprint. Any
@@ -304,6 +309,23 @@ class MddSettings:
             "that changed; all of them again at exit)"
         ),
     )
+    max_pending: int = attrs.field(
+        default=1000,
+        metadata=_doc(
+            "pending associations per conference (a ClientHello relayed, no ServerHello "
+            "from the KMF yet); beyond, the oldest pending one is dropped"
+        ),
+    )
+    max_pending_per_ip: int = attrs.field(
+        default=64,
+        metadata=_doc("pending associations from one source IP; beyond, ClientHellos dropped"),
+    )
+    pending_timeout: float = attrs.field(
+        default=2.0,
+        metadata=_doc(
+            "seconds a pending association has to get the KMF's ServerHello or MediaKeys"
+        ),
+    )
 
 
 @attrs.frozen
@@ -328,6 +350,14 @@ class MddConference:
     max_associations: int = attrs.field(
         default=10000,
         metadata=_doc("most endpoint associations at once; new endpoints beyond are dropped"),
+    )
+    pli_rate: float = attrs.field(
+        default=2.0,
+        metadata=_doc("PLI/FIR per second one receiver may send toward one media sender (D36)"),
+    )
+    nack_rate: float = attrs.field(
+        default=1000.0,
+        metadata=_doc("packets per second one receiver may NACK toward one media sender"),
     )
 
 
@@ -869,6 +899,13 @@ def build_mdd_config(
         _check_positive(mdd.reconnect_max, "mdd.reconnect_max")
         _check_positive(mdd.handshake_timeout, "mdd.handshake_timeout")
         _check_positive(mdd.stats_interval, "mdd.stats_interval")
+        _check_positive(mdd.pending_timeout, "mdd.pending_timeout")
+        _check(mdd.max_pending > 0, "mdd.max_pending", f"must be >= 1, got {mdd.max_pending}")
+        _check(
+            mdd.max_pending_per_ip > 0,
+            "mdd.max_pending_per_ip",
+            f"must be >= 1, got {mdd.max_pending_per_ip}",
+        )
         _check(
             mdd.reconnect_max >= mdd.reconnect_min,
             "mdd.reconnect_max",
@@ -883,6 +920,8 @@ def build_mdd_config(
                 f"{key}.max_associations",
                 f"must be >= 1, got {c.max_associations}",
             )
+            _check_positive(c.pli_rate, f"{key}.pli_rate")
+            _check_positive(c.nack_rate, f"{key}.nack_rate")
             if c.last_n is not None:
                 _check(c.last_n > 0, f"{key}.last_n", f"must be >= 1, got {c.last_n}")
             for pt in c.video_payload_types:

@@ -350,6 +350,29 @@ class AssociationEnded(Event):
 
 @register
 @attrs.frozen
+class MddAdmission(Event):
+    """MDD admission counters of one conference (:class:`perc.mdd.AdmissionStats` as a dict,
+    cumulative) and the pending associations now: at most once per ``summary_interval`` while
+    they change, so a flood of new addresses costs one line per interval instead of one per
+    address. ``suppressed`` counts the per-address AssociationCreated/AssociationEnded events
+    left out since the previous summary (rate-limited, STYLE 17)."""
+
+    kind: ClassVar[str] = "mdd_admission"
+    conference: str
+    pending: int
+    counters: dict[str, int]
+    suppressed: int = 0
+
+    def describe(self) -> str:
+        fields = " ".join(f"{k}={v}" for k, v in self.counters.items() if v)
+        return (
+            f"admission conference={self.conference} pending={self.pending} "
+            f"suppressed_events={self.suppressed} {fields or 'none'}"
+        )
+
+
+@register
+@attrs.frozen
 class MddCounters(Event):
     """Per-association forwarding counters (:class:`perc.forwarding.AssociationCounters` as a
     dict): periodic (only those that changed), at exit, and ``final`` when the association

@@ -61,13 +61,30 @@ is refused for a receiver until its SEQ passes what that receiver was last sent 
 decrypted with the sender's inbound SRTCP context and parsed (:func:`perc.wire.rtcp.parse_rtcp`);
 each packet is routed on its own:
 
-- SR (200): to every other keyed endpoint;
+- SR (200): to every other keyed endpoint, if the sender owns its SSRC;
 - RR (201): to the owners of the SSRCs its report blocks are about, each getting an RR with
   only the blocks about its own streams (as received when all blocks are about one owner);
 - RTPFB/PSFB (205/206: NACK, PLI, FIR, others): to the owner of the media SSRC (FIR: of the
   SSRCs in its entries, RFC 5104 §4.3.1);
 - SDES, BYE, APP and anything else describe the sender: they go along to every destination
   the rest of the compound goes to, or to every other endpoint when it goes nowhere else.
+
+*Ownership* (D26; SRTCP is hop-by-hop, D19, so the MD sees and may edit the compound): an
+endpoint speaks only for its own SSRCs. An SR whose SSRC, an SDES chunk whose SSRC, or a BYE
+SSRC that another association owns is removed (``drop_rtcp_spoof``): a member's forged BYE
+must not make the others drop a live member's streams (RFC 3550 §6.6). An SR or SDES chunk
+about an SSRC nobody owns claims it as the SSRC's first RTP would (an SR can come before the
+first RTP, e.g. released from the D5 hold); a BYE about one is removed
+(``drop_unknown_ssrc``). SDES and BYE keeping some parts are re-serialized; a packet with no
+part left goes nowhere. If a leading SR was removed, the empty RR that heads the compound
+comes from an SSRC the sender owns (none: nothing is sent).
+
+*Feedback throttling* (D36): per receiver and media sender, a token bucket lets PLI and FIR
+through at ``pli_rate`` (default 2/s, burst 1: one per 500 ms) and NACKs at ``nack_rate``
+packets per second (a NACK costs 1 + the BLP bits set, RFC 4585 §6.2.1; burst one second's
+worth). What does not fit is dropped (``drop_feedback_throttled``): one member's storm of
+keyframe requests cannot make a sender encode keyframes without end. These checks run only
+on the RTCP path; the RTP path is unchanged.
 
 Every destination gets one compound in the original order; if the original compound began
 with an SR/RR (RFC 3550 §6.1) that this destination does not get, an empty RR (no report
@@ -181,13 +198,16 @@ from perc.srtp.keys import GCM_SALT_LENGTH, SrtpProfile
 from perc.wire.rtcp import (
     RR,
     SR,
+    Bye,
     Fir,
     PayloadFeedback,
     Pli,
     ReceiverReport,
     RtcpDecodeError,
     RtpFeedback,
+    SdesChunk,
     SenderReport,
+    SourceDescription,
     parse_rtcp,
 )
 from perc.wire.rtcp import Nack as _Nack
@@ -213,6 +233,22 @@ _Protect: TypeAlias = Callable[[bytes], bytes]
 _Seal: TypeAlias = Callable[[int, bytes, bytes], bytes]
 
 _unpack_u32 = struct.Struct("!I").unpack_from
+_U32 = struct.Struct("!I")
+
+
+def _u32(value: int) -> bytes:
+    return _U32.pack(value)
+
+
+def _nacked(nack: _Nack) -> int:
+    """How many packets a generic NACK asks for (RFC 4585 §6.2.1: PID plus the BLP bits)."""
+    return sum(1 + bin(blp).count("1") for _, blp in nack.items)
+
+
+def _serialize_sdes(chunks: tuple[SdesChunk, ...]) -> bytes:
+    return SourceDescription(chunks).serialize()
+
+
 _RTCP_HEADER = struct.Struct("!BBH")
 #: Outbound sessions see every SSRC of the conference; the table bounds them itself
 #: (max_associations x max_ssrcs_per_association), so the session's own bound is set wide.
@@ -253,6 +289,12 @@ class ForwardingConfig:
     """Seconds to wait for a frame boundary (marker bit) before switching a stream anyway."""
     replay_window: int = 128
     """Inbound SRTP/SRTCP replay window (RFC 3711 §3.3.2: at least 64)."""
+    pli_rate: float = 2.0
+    """PLI and FIR one receiver may send toward one media sender, per second (D36: one per
+    500 ms); more are dropped (``drop_feedback_throttled``)."""
+    nack_rate: float = 1000.0
+    """Packets one receiver may NACK toward one media sender, per second (a burst of one
+    second's worth); NACKs beyond are dropped (``drop_feedback_throttled``)."""
 
     def __attrs_post_init__(self) -> None:
         if self.last_n is not None and self.last_n < 0:
@@ -261,6 +303,8 @@ class ForwardingConfig:
             raise ForwardingUsageError("hold_limit >= 0, max_associations and SSRC bound >= 1")
         if not 64 <= self.replay_window <= 0x8000:
             raise ForwardingUsageError("replay_window must be 64..32768")
+        if not (self.pli_rate > 0 and self.nack_rate > 0):
+            raise ForwardingUsageError("pli_rate and nack_rate must be > 0")
         if self.last_n_idle <= 0 or self.last_n_switch_timeout < 0:
             raise ForwardingUsageError("last_n_idle > 0 and last_n_switch_timeout >= 0")
         for pt in (*self.video_payload_types, *self.audio_payload_types):
@@ -281,6 +325,7 @@ class AssociationCounters:
         "bytes_in",
         "bytes_out",
         "drop_auth",
+        "drop_feedback_throttled",
         "drop_last_n",
         "drop_limit",
         "drop_malformed",
@@ -288,6 +333,7 @@ class AssociationCounters:
         "drop_queue_full",
         "drop_reorder",
         "drop_replay",
+        "drop_rtcp_spoof",
         "drop_ssrc_conflict",
         "drop_unknown_ssrc",
         "held",
@@ -320,6 +366,10 @@ class AssociationCounters:
         self.drop_ssrc_conflict = 0  #: RTP with an SSRC owned by another association
         self.drop_reorder = 0  #: late packet from before a last_n resume point
         self.drop_limit = 0  #: SSRC bound, key lifetime, or an index the session refused
+        #: SR, SDES chunks and BYE SSRCs about an SSRC another association owns (removed)
+        self.drop_rtcp_spoof = 0
+        #: PLI/FIR/NACK over this receiver's rate toward one media sender (D36)
+        self.drop_feedback_throttled = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -376,6 +426,7 @@ class Association(Generic[AddrT]):
         "_fan_bytes",
         "_fan_packets",
         "_fanout",
+        "_feedback",
         "_flush",
         "_hop",
         "_in_session",
@@ -442,6 +493,8 @@ class Association(Generic[AddrT]):
         self._route_counters: list[AssociationCounters] = []
         #: every other keyed association (RTCP destinations)
         self._rtcp_routes: list[Association[AddrT]] = []
+        #: feedback throttle per (media sender's id, is NACK): [tokens, when last updated]
+        self._feedback: dict[tuple[uuid.UUID, bool], list[float]] = {}
 
     @property
     def counters(self) -> AssociationCounters:
@@ -520,7 +573,6 @@ def _seq_of(a: Association[AddrT]) -> int:
     return a._seq
 
 
-
 def _count_srtp_drop(c: AssociationCounters, exc: SrtpError) -> None:
     """Count an inbound SRTP/SRTCP packet the hop-by-hop layer refused, by reason."""
     if isinstance(exc, AuthenticationError):
@@ -531,6 +583,7 @@ def _count_srtp_drop(c: AssociationCounters, exc: SrtpError) -> None:
         c.drop_malformed += 1
     else:  # key lifetime, SSRC bound of the inbound session
         c.drop_limit += 1
+
 
 class ForwardingTable(Generic[AddrT]):
     """One conference: associations, keys, routes, last_n state and counters."""
@@ -805,7 +858,7 @@ class ForwardingTable(Generic[AddrT]):
                 c.held += 1
             return []
         if 192 <= data[1] <= 223:  # RFC 5761 §4: RTCP packet types 192-223
-            return self._rtcp(assoc, data)
+            return self._rtcp(assoc, data, now)
         try:
             inbound = hop.decrypt(data)
         except SrtpError as exc:
@@ -1058,7 +1111,7 @@ class ForwardingTable(Generic[AddrT]):
 
     # --- RTCP -----------------------------------------------------------------------------------
 
-    def _rtcp(self, assoc: Association[AddrT], data: bytes) -> Output[AddrT]:
+    def _rtcp(self, assoc: Association[AddrT], data: bytes, now: float) -> Output[AddrT]:
         c = assoc._counters
         session = assoc._in_session
         if session is None:  # pragma: no cover - keys are checked by the caller
@@ -1082,20 +1135,55 @@ class ForwardingTable(Generic[AddrT]):
         pos = 0
         parts: list[tuple[bytes, dict[uuid.UUID, bytes] | None]] = []
         targets: dict[uuid.UUID, Association[AddrT]] = {}
-        for pkt in packets:
+        # The leading SR/RR's SSRC, for the empty RR put in front below (None: not ours).
+        lead: bytes | None = compound[4:8] if compound[1] in (SR, RR) else None
+        for i, pkt in enumerate(packets):
             end = pos + 4 + 4 * _RTCP_HEADER.unpack_from(compound, pos)[2]
             raw = compound[pos:end]
             pos = end
             per: dict[uuid.UUID, bytes] | None
             if isinstance(pkt, SenderReport):
-                per = {d.association_id: raw for d in others}
+                # Ownership: only the SSRC's sender reports as its sender (RFC 3550 §6.4.1).
+                if self._owns(assoc, pkt.ssrc, claim=True):
+                    per = {d.association_id: raw for d in others}
+                else:
+                    per = {}
+                    if i == 0:
+                        lead = None
             elif isinstance(pkt, ReceiverReport):
                 per = self._split_rr(assoc, pkt, raw)
             elif isinstance(pkt, Fir):
                 per = self._to_owners(assoc, [s for s, _ in pkt.entries], raw)
-            elif isinstance(pkt, (_Nack, Pli, RtpFeedback, PayloadFeedback)):
+                per = self._throttle(assoc, per, now, 0) if per else per
+            elif isinstance(pkt, Pli):
                 per = self._to_owners(assoc, [pkt.media_ssrc], raw)
-            else:  # SDES, BYE, APP, XR, unknown: about the sender itself
+                per = self._throttle(assoc, per, now, 0) if per else per
+            elif isinstance(pkt, _Nack):
+                per = self._to_owners(assoc, [pkt.media_ssrc], raw)
+                per = self._throttle(assoc, per, now, _nacked(pkt)) if per else per
+            elif isinstance(pkt, (RtpFeedback, PayloadFeedback)):
+                per = self._to_owners(assoc, [pkt.media_ssrc], raw)
+            elif isinstance(pkt, SourceDescription):
+                # Ownership: chunks about another member's SSRC are removed (RFC 3550 §6.5).
+                mine = tuple(ch for ch in pkt.chunks if self._owns(assoc, ch.ssrc, claim=True))
+                if len(mine) == len(pkt.chunks):
+                    per = None
+                elif mine:
+                    per = None
+                    raw = _serialize_sdes(mine)
+                else:
+                    per = {}
+            elif isinstance(pkt, Bye):
+                # Ownership: a BYE only for the sender's own SSRCs (RFC 3550 §6.6).
+                own = tuple(x for x in pkt.ssrcs if self._owns(assoc, x, claim=False))
+                if len(own) == len(pkt.ssrcs):
+                    per = None
+                elif own:
+                    per = None
+                    raw = Bye(own, pkt.reason).serialize()
+                else:
+                    per = {}
+            else:  # APP, XR, unknown: about the sender itself
                 per = None
             parts.append((raw, per))
         for _, per in parts:
@@ -1105,9 +1193,14 @@ class ForwardingTable(Generic[AddrT]):
         if not targets and any(per is None for _, per in parts):
             targets = {d.association_id: d for d in others}
         # RFC 3550 §6.1: a compound starts with SR or RR. A destination that does not get
-        # the leading report gets an empty RR from the same SSRC in its place.
+        # the leading report gets an empty RR from the same SSRC in its place (from an SSRC
+        # the sender owns when its leading SR was removed; with none, nothing goes out).
         first = parts[0][1]
-        head = bytes((0x80, RR, 0, 1)) + compound[4:8] if compound[1] in (SR, RR) else None
+        if lead is None and compound[1] in (SR, RR):
+            if not assoc.ssrcs:
+                return []
+            lead = _u32(min(assoc.ssrcs))
+        head = bytes((0x80, RR, 0, 1)) + lead if lead is not None else None
         out: Output[AddrT] = []
         for aid, dest in targets.items():
             chunks = [
@@ -1162,6 +1255,52 @@ class ForwardingTable(Generic[AddrT]):
             owner = self._owner(sender, ssrc)
             if owner is not None:
                 out[owner.association_id] = raw
+        return out
+
+    def _owns(self, sender: Association[AddrT], ssrc: int, *, claim: bool) -> bool:
+        """``ssrc`` is the sender's (it sends RTP with it, or, with ``claim``, nobody owns it
+        and the sender takes it as its RTP would: D26, the first direction owns an SSRC; an
+        SR may come before the first RTP, e.g. released from the D5 hold); otherwise counted
+        (another member's: ``drop_rtcp_spoof``; nobody's: ``drop_unknown_ssrc``), False."""
+        if ssrc in sender.ssrcs:
+            return True
+        if ssrc in self._ssrc_owner:
+            sender._counters.drop_rtcp_spoof += 1
+            return False
+        if claim:
+            return self._claim(sender, ssrc)
+        sender._counters.drop_unknown_ssrc += 1
+        return False
+
+    def _throttle(
+        self, sender: Association[AddrT], per: dict[uuid.UUID, bytes], now: float, nacked: int
+    ) -> dict[uuid.UUID, bytes]:
+        """Feedback from ``sender`` (a receiver) toward each media sender in ``per``, limited by
+        a token bucket per (receiver, media sender): PLI/FIR at ``pli_rate`` (burst 1: D36's
+        one per 500 ms at the default 2/s), NACKed packets at ``nack_rate`` (burst one
+        second's worth). ``nacked``: the packets a NACK asks for, 0 for PLI/FIR. What does
+        not fit is dropped and counted."""
+        nack = nacked > 0
+        cost = float(nacked) if nack else 1.0
+        buckets = sender._feedback
+        if len(buckets) > 64 + 4 * len(self._keyed):  # entries of members that left
+            buckets.clear()
+        out: dict[uuid.UUID, bytes] = {}
+        for aid, raw in per.items():
+            key = (aid, nack)
+            rate = self.config.nack_rate if nack else self.config.pli_rate
+            burst = rate if nack else 1.0
+            bucket = buckets.get(key)
+            if bucket is None:
+                bucket = buckets[key] = [burst, now]
+            tokens = min(burst, bucket[0] + (now - bucket[1]) * rate)
+            bucket[1] = now
+            if tokens >= cost:
+                bucket[0] = tokens - cost
+                out[aid] = raw
+            else:
+                bucket[0] = tokens
+                sender._counters.drop_feedback_throttled += 1
         return out
 
     def _owner(self, sender: Association[AddrT], ssrc: int) -> Association[AddrT] | None:

@@ -36,9 +36,47 @@ dict of its own beside it; lookups by address and by id are the table's.
 128-191 is SRTP/SRTCP and goes to :meth:`ForwardingTable.handle_datagram`, whose output (one
 datagram per receiver, RFC 8723 §5.2) is queued for sending; 20-63 is DTLS and goes to the KMF
 as ``TunneledDtls`` with the association id of the sender's address, a new address getting a
-new association (bounded by ``max_associations``); anything else is dropped and counted
+new association only through admission (below); anything else is dropped and counted
 (RFC 7983: MUST drop). DTLS arriving while the tunnel is down is dropped and counted, not
 buffered: the endpoint retransmits, and a joining endpoint times out with its own message.
+
+**Admission** (:class:`AdmissionConfig`, counters in :class:`AdmissionStats`). A spoofed
+source address costs an attacker nothing, so a new address gets state only for one
+well-formed ClientHello: the datagram's first record is a DTLS handshake record of epoch 0
+whose first fragment is one whole ClientHello that decodes (RFC 6347 §4.1, §4.2.2;
+:func:`perc.dtls.offer.first_client_hello_untrusted`). Anything else from an unknown address
+(a one-byte ``0x14``, an alert, a fragment, a bad length) is dropped and counted
+(``dropped_not_hello``) and never reaches the KMF. The ClientHello makes a *pending*
+association, relayed like any other, with its own bounds:
+
+* ``max_pending`` per conference; at the bound the *oldest pending* association is dropped
+  (``pending_evicted``) rather than the newcomer refused, so under a flood of new addresses a
+  real endpoint still has max_pending / flood rate seconds for its cookie round trip, where
+  refusing newcomers would lock every join out for the whole flood. Admitted associations
+  are never displaced (they have ``max_associations`` of their own);
+* ``max_pending_per_ip`` per source IP; beyond, ClientHellos from new ports of that IP are
+  dropped (``dropped_per_ip``);
+* ``pending_timeout`` from creation (swept every ``pending_timeout / 4``).
+
+*Progress* is the KMF's word that the endpoint passed its cookie check (D14, RFC 6347 §4.2.1:
+the endpoint received the HelloVerifyRequest at its address): a datagram from the KMF for the
+association whose first record is a ServerHello, or ``MediaKeys`` for it (a KMF with
+``dtls_cookies`` off sends its ServerHello to the first ClientHello). Retransmitted
+ClientHellos, the KMF's HelloVerifyRequest and the endpoint's ClientHello with a cookie are
+not progress (a blind spoofer can send a made-up cookie). On progress the association is
+admitted if fewer than ``max_associations`` are (else removed, ``EndpointDisconnect`` sent,
+``dropped_table_full``). Until then only its ClientHellos are relayed
+(``dropped_pending_not_hello``) and its SRTP is neither held nor forwarded
+(``dropped_pending_srtp``). An expired or evicted pending association is removed with
+``EndpointDisconnect`` to the KMF only if it sent a ClientHello with a cookie (the KMF may then
+hold its state); before that the KMF's cookie gate kept nothing, and the KMF would only count
+the message as naming an unknown association.
+
+*Logging under attack* (STYLE 17): :class:`~perc.events.AssociationCreated` and a pending
+association's :class:`~perc.events.AssociationEnded` are per-address events; they pass a token
+bucket (``event_burst`` 10, then ``event_rate`` 1/s) and the rest are only counted.
+:class:`~perc.events.MddAdmission` carries the counters and how many events were left out, at
+most once per ``summary_interval`` (1 s) and only when something changed.
 
 **From the KMF** (RFC 9185 §6): ``TunneledDtls`` becomes a datagram to the association's
 endpoint; ``MediaKeys`` is the MDD's only source of keys (RFC 8871 §4.1: outer halves only,
@@ -60,7 +98,7 @@ knows none of the old associations (it ignores their DTLS and never sends them
 ``EndpointDisconnect``), so they keep their keys until they leave or go idle. On every new
 tunnel ``SupportedProfiles`` is the first message (RFC 9185 §5.3, D1).
 
-**Timers.** :meth:`MddEngine.get_timer` is the earliest of three schedules, and new input
+**Timers.** :meth:`MddEngine.get_timer` is the earliest of four schedules, and new input
 never makes it earlier, so a shell may simply sleep until it:
 
 * idle expiry (D3): an association whose endpoint has sent nothing (DTLS or SRTP) for
@@ -69,7 +107,10 @@ never makes it earlier, so a shell may simply sleep until it:
 * the forwarding table's ``tick`` every :data:`TICK_INTERVAL` when ``last_n`` is on (the
   ranking of silent video streams);
 * every ``stats_interval`` the counters of each association that changed since they were
-  last reported (:class:`~perc.events.MddCounters`).
+  last reported (:class:`~perc.events.MddCounters`);
+* admission upkeep every ``min(summary_interval, pending_timeout / 4)``: pending expiry and
+  the :class:`~perc.events.MddAdmission` summary (fixed period, so a new pending association
+  never needs an earlier wake-up).
 
 **Events** are the classes of the MDD section of :mod:`perc.events`:
 :class:`~perc.events.MddTunnelUp`, :class:`~perc.events.MddTunnelDown`,
@@ -77,7 +118,8 @@ never makes it earlier, so a shell may simply sleep until it:
 :class:`~perc.events.AssociationKeyed`, :class:`~perc.events.MediaKeysRejected`,
 :class:`~perc.events.AssociationEnded` (``reason`` ``kmf`` or ``idle``; the association's last
 :class:`~perc.events.MddCounters`, ``final``, come just before it),
-:class:`~perc.events.MddCounters` and :class:`~perc.events.MddTotals`. They never carry key
+:class:`~perc.events.MddCounters`, :class:`~perc.events.MddAdmission` and
+:class:`~perc.events.MddTotals`. They never carry key
 material: ``AssociationKeyed.keys`` is a one-way digest (:func:`perc.keying.key_digest`).
 
 **Key isolation** (RFC 8871 §3.1, §4.1). ``MediaKeys`` carries only the outer halves (D4);
@@ -97,6 +139,7 @@ import attrs
 
 from perc import events
 from perc.config import MddConference, MddSettings
+from perc.dtls.offer import first_client_hello_untrusted
 from perc.forwarding import (
     Association,
     ForwardingConfig,
@@ -106,6 +149,13 @@ from perc.forwarding import (
 from perc.keying import key_digest
 from perc.logsetup import format_address
 from perc.srtp.keys import SrtpProfile
+from perc.wire.dtls import (
+    ContentType,
+    DtlsDecodeError,
+    HandshakeType,
+    parse_datagram_untrusted,
+    parse_handshake_fragments_untrusted,
+)
 from perc.wire.tunnel import (
     TUNNEL_VERSION,
     EndpointDisconnect,
@@ -121,6 +171,8 @@ __all__ = [
     "MDD_PROFILES",
     "TICK_INTERVAL",
     "Address",
+    "AdmissionConfig",
+    "AdmissionStats",
     "MddEngine",
     "MddStats",
     "key_isolation",
@@ -166,6 +218,53 @@ def key_isolation() -> events.KeyIsolation:
     return events.KeyIsolation(loaded=loaded_e2e_modules(), checked=list(E2E_MODULES))
 
 
+@attrs.frozen
+class AdmissionConfig:
+    """Admission of new endpoint addresses (the defaults are :class:`perc.config.MddSettings`'s).
+
+    See "Admission" in the module docstring."""
+
+    max_pending: int = 1000
+    """Pending associations (a ClientHello seen, the KMF not yet past its cookie) at once."""
+    max_pending_per_ip: int = 64
+    """Pending associations from one source IP address at once."""
+    pending_timeout: float = 2.0
+    """Seconds a pending association has to progress (see the module docstring)."""
+    summary_interval: float = 1.0
+    """Least seconds between two MddAdmission events."""
+    event_burst: int = 10
+    """Per-address AssociationCreated/AssociationEnded events allowed in a burst ..."""
+    event_rate: float = 1.0
+    """... and per second after it; the rest only counted in MddAdmission (STYLE 17)."""
+
+
+@attrs.define
+class AdmissionStats:
+    """Counters of the admission of new addresses (STYLE 8: every refusal by reason)."""
+
+    pending_created: int = 0
+    """Well-formed ClientHellos from new addresses that made a pending association."""
+    admitted: int = 0
+    """Pending associations that progressed (the KMF's ServerHello or MediaKeys)."""
+    pending_expired: int = 0
+    """Pending associations that did not progress within pending_timeout (removed)."""
+    pending_evicted: int = 0
+    """Oldest pending associations removed to make room at max_pending."""
+    disconnects_sent: int = 0
+    """EndpointDisconnects sent for expired/evicted pending associations (those that sent a
+    ClientHello with a cookie: the KMF may hold their state)."""
+    dropped_not_hello: int = 0
+    """DTLS from an unknown address that is not one well-formed ClientHello (never relayed)."""
+    dropped_per_ip: int = 0
+    """ClientHellos from new addresses of an IP already at max_pending_per_ip."""
+    dropped_pending_not_hello: int = 0
+    """DTLS other than a ClientHello from a pending association (not relayed)."""
+    dropped_admit_full: int = 0
+    """Pending associations that progressed while max_associations were admitted (removed)."""
+    dropped_pending_srtp: int = 0
+    """SRTP/SRTCP from a pending association (not held: it cannot have keys yet)."""
+
+
 @attrs.define
 class MddStats:
     """Counters of one conference; every drop has its counter (STYLE 8).
@@ -197,7 +296,7 @@ class MddStats:
     dropped_no_tunnel: int = 0
     """DTLS from an endpoint while the tunnel was down."""
     dropped_table_full: int = 0
-    """DTLS from a new address while max_associations were in use."""
+    """Pending associations that progressed while max_associations were admitted."""
     dropped_other: int = 0
     """Datagrams that are neither DTLS nor SRTP (RFC 7983 §7: drop), including empty ones."""
     dropped_unknown_association: int = 0
@@ -219,6 +318,27 @@ class MddStats:
     """Of ``dropped_srtp_no_keys``: datagrams held for their association's keys (D5)."""
 
 
+@attrs.define(slots=True)
+class _Pending:
+    created: float
+    ip: Any
+    cookie_sent: bool
+    """A ClientHello with a cookie was relayed: the KMF may have made state for it."""
+
+
+def _is_server_hello(datagram: bytes) -> bool:
+    """The KMF's datagram starts with a ServerHello (epoch-0 handshake record, RFC 6347
+    §4.2.1): the KMF accepted the ClientHello's cookie and keeps state for the association."""
+    records, _ = parse_datagram_untrusted(datagram)
+    if not records or records[0].content_type != ContentType.HANDSHAKE or records[0].epoch:
+        return False
+    try:
+        fragments = parse_handshake_fragments_untrusted(records[0].fragment)
+    except DtlsDecodeError:
+        return False
+    return fragments[0].msg_type == HandshakeType.SERVER_HELLO
+
+
 class MddEngine:
     """One conference's Media Distributor state machine (see the module docstring)."""
 
@@ -231,6 +351,7 @@ class MddEngine:
         idle_timeout: float,
         stats_interval: float,
         profiles: tuple[int, ...] | None = None,
+        admission: AdmissionConfig | None = None,
     ) -> None:
         self.conference = conference
         self.kmf = kmf
@@ -239,8 +360,23 @@ class MddEngine:
         self.stats_interval = stats_interval
         self.profiles = MDD_PROFILES if profiles is None else profiles
         """What SupportedProfiles lists (default :data:`MDD_PROFILES`, D18)."""
-        self.table: ForwardingTable[Address] = ForwardingTable(forwarding)
+        self.admission = AdmissionConfig() if admission is None else admission
+        adm = self.admission
+        if adm.max_pending < 1 or adm.max_pending_per_ip < 1 or adm.pending_timeout <= 0:
+            raise ValueError("max_pending, max_pending_per_ip >= 1 and pending_timeout > 0")
+        # The table holds admitted and pending associations; each kind has its own bound here.
+        self.table: ForwardingTable[Address] = ForwardingTable(
+            attrs.evolve(forwarding, max_associations=forwarding.max_associations + adm.max_pending)
+        )
         self._max_associations = forwarding.max_associations
+        self.admission_stats = AdmissionStats()
+        #: The table's associations that are pending, oldest first (an index, not a table).
+        self._pending: dict[uuid.UUID, _Pending] = {}
+        self._pending_per_ip: dict[Any, int] = {}
+        self._tokens = float(adm.event_burst)  # per-address events (token bucket)
+        self._tokens_at = float("-inf")
+        self._suppressed = 0
+        self._summarized = (attrs.asdict(self.admission_stats), 0)  # nothing to report yet
         self._stats = MddStats()
         self._other_in = 0  # datagrams that were not SRTP/SRTCP (the table counts those)
         #: Forwarding counters of associations that ended, summed (conference totals).
@@ -261,6 +397,8 @@ class MddEngine:
         self._next_idle = float("-inf")
         self._next_tick = float("-inf") if forwarding.last_n is not None else float("inf")
         self._next_stats = float("-inf")
+        self._next_admission = float("-inf")
+        self._next_summary = float("-inf")
 
     @classmethod
     def from_config(cls, conference: MddConference, settings: MddSettings) -> MddEngine:
@@ -271,9 +409,16 @@ class MddEngine:
                 last_n=conference.last_n,
                 video_payload_types=frozenset(conference.video_payload_types),
                 max_associations=conference.max_associations,
+                pli_rate=conference.pli_rate,
+                nack_rate=conference.nack_rate,
             ),
             idle_timeout=settings.idle_timeout,
             stats_interval=settings.stats_interval,
+            admission=AdmissionConfig(
+                max_pending=settings.max_pending,
+                max_pending_per_ip=settings.max_pending_per_ip,
+                pending_timeout=settings.pending_timeout,
+            ),
         )
 
     # --- observation ---------------------------------------------------------------------------
@@ -282,6 +427,11 @@ class MddEngine:
     def associations(self) -> dict[uuid.UUID, Association[Address]]:
         """Every association by id: the forwarding table's (do not modify)."""
         return self.table.associations
+
+    @property
+    def pending(self) -> frozenset[uuid.UUID]:
+        """The ids of the associations that are pending (see "Admission")."""
+        return frozenset(self._pending)
 
     @property
     def tunnel_is_up(self) -> bool:
@@ -335,13 +485,18 @@ class MddEngine:
 
     def get_timer(self) -> float:
         """When :meth:`handle_timer` is next due (absolute; input never makes it earlier)."""
-        return min(self._next_idle, self._next_tick, self._next_stats)
+        return min(self._next_idle, self._next_tick, self._next_stats, self._next_admission)
 
     # --- endpoint side -------------------------------------------------------------------------
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """One datagram from ``addr`` on the conference's port (never raises on its content)."""
         if data and 128 <= data[0] <= 191:  # SRTP/SRTCP (RFC 7983 §7)
+            if self._pending and self._is_pending(addr):
+                # Not held (D5) for a pending association: its endpoint has not even got
+                # the KMF's ServerHello, so it has no keys to send SRTP with.
+                self.admission_stats.dropped_pending_srtp += 1
+                return
             out = self.table.handle_datagram(addr, data, now)
             if out:
                 self._datagrams += out
@@ -352,14 +507,31 @@ class MddEngine:
             self._stats.dropped_other += 1
             return
         assoc = self.table.association_for(addr)
+        adm = self.admission_stats
         if assoc is None:
+            # Admission: only one well-formed ClientHello (content type 22, epoch 0, one whole
+            # handshake message of type 1, RFC 6347 §4.1, §4.2.2) makes a (pending)
+            # association; nothing else from an unknown address reaches the KMF.
+            first = first_client_hello_untrusted(data)
+            if first is None:
+                adm.dropped_not_hello += 1
+                return
             if not self.tunnel_is_up:
                 self._stats.dropped_no_tunnel += 1
                 return
-            if len(self.table.associations) >= self._max_associations:
-                self._stats.dropped_table_full += 1
+            created = self._create_pending(addr, bool(first.hello.cookie), now)
+            if created is None:
                 return
-            assoc = self._create(addr, now)
+            assoc = created
+        elif assoc.association_id in self._pending:
+            # Before the KMF's ServerHello an endpoint sends only ClientHellos (the second
+            # one with the cookie, RFC 6347 §4.2.1).
+            first = first_client_hello_untrusted(data)
+            if first is None:
+                adm.dropped_pending_not_hello += 1
+                return
+            if first.hello.cookie:
+                self._pending[assoc.association_id].cookie_sent = True
         assoc.last_seen = now
         assoc.dtls_in += 1
         if not self.tunnel_is_up:
@@ -368,18 +540,95 @@ class MddEngine:
         self._tunnel_out.append(TunneledDtls(assoc.association_id, data))
         self._stats.dtls_to_kmf += 1
 
-    def _create(self, addr: Address, now: float) -> Association[Address]:
+    def _is_pending(self, addr: Address) -> bool:
+        assoc = self.table.association_for(addr)
+        return assoc is not None and assoc.association_id in self._pending
+
+    def _create_pending(
+        self, addr: Address, cookie: bool, now: float
+    ) -> Association[Address] | None:
+        """A pending association for a ClientHello from a new address, or None (counted)."""
+        cfg, adm = self.admission, self.admission_stats
+        ip = addr[0]
+        if self._pending_per_ip.get(ip, 0) >= cfg.max_pending_per_ip:
+            adm.dropped_per_ip += 1
+            return None
+        if len(self._pending) >= cfg.max_pending:
+            # The oldest pending one makes room (never an admitted one): under a flood of new
+            # addresses a real endpoint still gets max_pending / flood rate seconds to show
+            # the KMF its cookie, where refusing newcomers would lock every join out.
+            oldest = next(iter(self._pending))
+            adm.pending_evicted += 1
+            self._drop_pending(oldest, "evicted")
+        if len(self.table.associations) >= self.table.config.max_associations:
+            self._stats.dropped_table_full += 1  # pragma: no cover - both bounds hold above
+            return None
         # RFC 9185 §5.3: a version 4 (random) UUID per association.
         assoc = self.table.add(uuid.uuid4(), addr, now)
+        aid = assoc.association_id
+        self._pending[aid] = _Pending(now, ip, cookie)
+        self._pending_per_ip[ip] = self._pending_per_ip.get(ip, 0) + 1
+        adm.pending_created += 1
         self._stats.associations_created += 1
-        self._events.append(
+        self._per_address(
             events.AssociationCreated(
-                conference=self.conference,
-                association=assoc.association_id,
-                peer=format_address(addr),
-            )
+                conference=self.conference, association=aid, peer=format_address(addr)
+            ),
+            now,
         )
         return assoc
+
+    def _per_address(self, event: events.Event, now: float) -> None:
+        """Queue a per-address event unless the token bucket is empty (then only counted)."""
+        cfg = self.admission
+        self._tokens = min(
+            float(cfg.event_burst), self._tokens + (now - self._tokens_at) * cfg.event_rate
+        )
+        self._tokens_at = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            self._events.append(event)
+        else:
+            self._suppressed += 1
+
+    def _forget_pending(self, aid: uuid.UUID) -> _Pending | None:
+        p = self._pending.pop(aid, None)
+        if p is not None:
+            left = self._pending_per_ip[p.ip] - 1
+            if left:
+                self._pending_per_ip[p.ip] = left
+            else:
+                del self._pending_per_ip[p.ip]
+        return p
+
+    def _drop_pending(self, aid: uuid.UUID, reason: str) -> None:
+        """Remove a pending association; EndpointDisconnect only if it sent a ClientHello with
+        a cookie (the KMF may have made state for it; after a cookie-less one the KMF's cookie
+        gate kept none, D14, and the message would only be counted there as unknown)."""
+        p = self._pending[aid]
+        sent = p.cookie_sent and self.tunnel_is_up
+        if sent:
+            self._tunnel_out.append(EndpointDisconnect(association_id=aid))
+            self.admission_stats.disconnects_sent += 1
+        self._end(self.table.associations[aid], reason, disconnect_sent=sent)
+
+    def _progress(self, assoc: Association[Address]) -> bool:
+        """A pending association progressed: admit it if max_associations allows (else it is
+        removed, EndpointDisconnect sent, False)."""
+        aid = assoc.association_id
+        if self._forget_pending(aid) is None:
+            return True
+        admitted = len(self.table.associations) - len(self._pending) - 1  # others
+        if admitted >= self._max_associations:
+            self._stats.dropped_table_full += 1
+            self.admission_stats.dropped_admit_full += 1
+            sent = self.tunnel_is_up
+            if sent:
+                self._tunnel_out.append(EndpointDisconnect(association_id=aid))
+            self._end(assoc, "full", disconnect_sent=sent)
+            return False
+        self.admission_stats.admitted += 1
+        return True
 
     # --- KMF side ------------------------------------------------------------------------------
 
@@ -452,6 +701,12 @@ class MddEngine:
             if assoc is None:
                 self._stats.dropped_unknown_association += 1
                 return
+            if (
+                msg.association_id in self._pending
+                and _is_server_hello(msg.dtls_message)
+                and not self._progress(assoc)
+            ):
+                return
             self._datagrams.append((assoc.address, msg.dtls_message))
             assoc.dtls_out += 1
             self._stats.dtls_to_endpoint += 1
@@ -491,6 +746,8 @@ class MddEngine:
         if assoc is None:
             self._stats.dropped_unknown_association += 1
             return
+        if not self._progress(assoc):
+            return
         replaced = assoc.media_keys is not None
         try:
             released = self.table.install_keys(msg, now)
@@ -529,26 +786,30 @@ class MddEngine:
         self, assoc: Association[Address], reason: str, disconnect_sent: bool | None = None
     ) -> None:
         """D3: the association, its keys and its forwarding state go (if the table still has
-        them); its last counters are reported and kept in the conference totals."""
+        them); its last counters are reported and kept in the conference totals. A pending
+        one's events are rate-limited like AssociationCreated (a flood's are summarized)."""
         self.table.remove(assoc.association_id)
+        was_pending = self._forget_pending(assoc.association_id) is not None
         counters = assoc.counters.as_dict()
         for name, value in counters.items():
             self._retired[name] = self._retired.get(name, 0) + value
         aid = assoc.association_id
+        ended = events.AssociationEnded(
+            conference=self.conference,
+            association=aid,
+            reason=reason,
+            peer=format_address(assoc.address),
+            disconnect_sent=disconnect_sent,
+        )
+        if was_pending:
+            self._per_address(ended, self._now)
+            return
         self._events.append(
             events.MddCounters(
                 conference=self.conference, association=aid, counters=counters, final=True
             )
         )
-        self._events.append(
-            events.AssociationEnded(
-                conference=self.conference,
-                association=aid,
-                reason=reason,
-                peer=format_address(assoc.address),
-                disconnect_sent=disconnect_sent,
-            )
-        )
+        self._events.append(ended)
 
     # --- timers --------------------------------------------------------------------------------
 
@@ -563,6 +824,40 @@ class MddEngine:
         if now >= self._next_stats:
             self._next_stats = now + self.stats_interval
             self.report_counters(now, changed_only=True)
+        if now >= self._next_admission:
+            cfg = self.admission
+            self._next_admission = now + min(cfg.summary_interval, cfg.pending_timeout / 4)
+            self._expire_pending(now)
+            if now >= self._next_summary:
+                self._summarize(now)
+
+    def _expire_pending(self, now: float) -> None:
+        """Pending associations older than pending_timeout go (oldest first)."""
+        deadline = now - self.admission.pending_timeout
+        while self._pending:
+            aid, p = next(iter(self._pending.items()))
+            if p.created > deadline:
+                break
+            self.admission_stats.pending_expired += 1
+            self._drop_pending(aid, "pending_timeout")
+
+    def _summarize(self, now: float) -> None:
+        """An MddAdmission event if anything changed since the last one (at most one per
+        summary_interval)."""
+        state = (attrs.asdict(self.admission_stats), len(self._pending))
+        if state == self._summarized and not self._suppressed:
+            return
+        self._summarized = state
+        self._next_summary = now + self.admission.summary_interval
+        self._events.append(
+            events.MddAdmission(
+                conference=self.conference,
+                pending=state[1],
+                counters=state[0],
+                suppressed=self._suppressed,
+            )
+        )
+        self._suppressed = 0
 
     def _expire_idle(self, now: float) -> None:
         timeout = self.idle_timeout
@@ -585,6 +880,8 @@ class MddEngine:
         snapshot = self.table.snapshot(now)
         reported = 0
         for aid, counters in snapshot.associations.items():
+            if aid in self._pending:
+                continue  # nothing to report: no SRTP is taken from it (see "Admission")
             assoc = self.table.associations[aid]
             last = assoc.reported
             if changed_only and (counters == last or (last is None and not any(counters.values()))):
@@ -613,6 +910,7 @@ class MddEngine:
             "dtls_to_kmf": st.dtls_to_kmf,
             "dtls_to_endpoint": st.dtls_to_endpoint,
             "dropped_no_tunnel": st.dropped_no_tunnel,
+            **attrs.asdict(self.admission_stats),
             **(extra_totals or {}),
         }
         self._events.append(events.MddTotals(conference=self.conference, totals=totals))

@@ -50,6 +50,8 @@ class Proc:
         self.event_times: list[float] = []
         self.stdout = ""
         self._partial = b""
+        self.stderr_bytes = 0
+        """Bytes of log (stderr) received so far."""
         self._changed = trio.Event()
         self._eof = False
 
@@ -96,6 +98,7 @@ class Proc:
         stream = self.process.stderr
         assert stream is not None
         async for chunk in stream:
+            self.stderr_bytes += len(chunk)
             *complete, self._partial = (self._partial + chunk).split(b"\n")
             for raw in complete:
                 self._add_line(raw)

@@ -45,8 +45,13 @@ def test_vector_bounds() -> None:
 @given(st.binary(max_size=40), st.lists(st.sampled_from([1, 2, 3, 6, 8]), max_size=8))
 def test_reads_past_end_raise_only_buffer_read_error(data: bytes, widths: list[int]) -> None:
     buf = Buffer(data)
-    pulls = {1: buf.pull_uint8, 2: buf.pull_uint16, 3: buf.pull_uint24, 6: buf.pull_uint48,
-             8: buf.pull_uint64}
+    pulls = {
+        1: buf.pull_uint8,
+        2: buf.pull_uint16,
+        3: buf.pull_uint24,
+        6: buf.pull_uint48,
+        8: buf.pull_uint64,
+    }
     try:
         for w in widths:
             pulls[w]()

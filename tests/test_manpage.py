@@ -38,7 +38,9 @@ def test_groff_renders_without_warnings() -> None:
         pytest.fail("groff is not installed: `bash dev.sh test` installs groff-base")
     result = subprocess.run(
         [groff, "-man", "-Tutf8", "-ww", "-z", str(MAN)],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0
     assert result.stderr == ""

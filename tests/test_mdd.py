@@ -15,7 +15,7 @@ import pytest
 
 from perc import events
 from perc.forwarding import ForwardingConfig
-from perc.mdd import MDD_PROFILES, TICK_INTERVAL, Address, MddEngine
+from perc.mdd import MDD_PROFILES, TICK_INTERVAL, Address, AdmissionConfig, MddEngine
 from perc.wire.tunnel import (
     EndpointDisconnect,
     MediaKeys,
@@ -25,20 +25,27 @@ from perc.wire.tunnel import (
     UnsupportedVersion,
 )
 
-from .forwarding.helpers import Endpoint, new_params
+from .forwarding.helpers import Endpoint, client_hello, new_params, server_hello_flight
 
-DTLS = bytes.fromhex("16fefd000000000000000000030102")  # first byte 22: a DTLS handshake record
+DTLS = client_hello()  # a well-formed DTLS ClientHello (what admits a new address)
 IDLE = 10.0
 STATS = 5.0
 
 
-def engine(idle: float = IDLE, **forwarding: object) -> MddEngine:
+#: Admission whose timers never fire in a test that checks the other schedules.
+QUIET = AdmissionConfig(pending_timeout=1000.0, summary_interval=1000.0)
+
+
+def engine(
+    idle: float = IDLE, admission: AdmissionConfig | None = None, **forwarding: object
+) -> MddEngine:
     e = MddEngine(
         "demo",
         kmf="127.0.0.1:4444",
         forwarding=ForwardingConfig(**forwarding),  # type: ignore[arg-type]
         idle_timeout=idle,
         stats_interval=STATS,
+        admission=admission,
     )
     e.handle_timer(0.0)  # starts the schedules
     return e
@@ -57,8 +64,11 @@ def drain(e: MddEngine) -> list[events.Event]:
     return out
 
 
-def join(e: MddEngine, ep: Endpoint, now: float = 0.0, *, keys: bool = True) -> uuid.UUID:
-    """``ep``'s first DTLS record makes its association; the KMF's MediaKeys key it."""
+def join(
+    e: MddEngine, ep: Endpoint, now: float = 0.0, *, keys: bool = True, admit: bool = True
+) -> uuid.UUID:
+    """``ep``'s ClientHello makes its (pending) association; the KMF's MediaKeys key it (or,
+    with ``keys=False`` and ``admit``, the KMF's ServerHello admits it)."""
     e.receive_datagram(DTLS, ep.address, now)
     (msg,) = e.tunnel_messages_to_send()
     assert isinstance(msg, TunneledDtls) and msg.dtls_message == DTLS
@@ -69,6 +79,10 @@ def join(e: MddEngine, ep: Endpoint, now: float = 0.0, *, keys: bool = True) -> 
     if keys:
         e.receive_tunnel_message(ep.media_keys, now)
         assert [type(x) for x in drain(e)] == [events.AssociationKeyed]
+    elif admit:
+        e.receive_tunnel_message(TunneledDtls(msg.association_id, server_hello_flight()), now)
+        assert e.datagrams_to_send() == [(ep.address, server_hello_flight())]
+        assert msg.association_id not in e.pending
     return msg.association_id
 
 
@@ -113,8 +127,9 @@ def test_first_dtls_record_creates_an_association_and_goes_to_the_kmf() -> None:
     e.receive_tunnel_message(TunneledDtls(aid, b"\x16answer"), 2.5)
     assert e.datagrams_to_send() == [(a.address, b"\x16answer")]
     st = e.stats
-    assert (st.dtls_to_kmf, st.dtls_to_endpoint, st.associations_created) == (2, 1, 1)
-    assert (assoc.dtls_in, assoc.dtls_out) == (2, 1)
+    # (the KMF's ServerHello that admitted it counts too)
+    assert (st.dtls_to_kmf, st.dtls_to_endpoint, st.associations_created) == (2, 2, 1)
+    assert (assoc.dtls_in, assoc.dtls_out) == (2, 2)
 
 
 @pytest.mark.parametrize("first", [0, 1, 19, 64, 127, 192, 255])
@@ -258,15 +273,22 @@ def test_endpoint_disconnect_removes_the_association_and_its_keys() -> None:
     assert e.stats.srtp_out == 1  # the ended association's counters stay in the totals
 
 
-def test_max_associations_bounds_the_table() -> None:
+def test_max_associations_bounds_the_admitted_associations() -> None:
     e = engine(max_associations=2)
     up(e)
     eps = endpoints(3)
     join(e, eps[0], keys=False)
     join(e, eps[1], keys=False)
-    e.receive_datagram(DTLS, eps[2].address, 0.0)
-    assert len(e.associations) == 2 and e.stats.dropped_table_full == 1
-    assert e.tunnel_messages_to_send() == [] and drain(e) == []
+    # A third ClientHello is pending (its own budget) until the KMF's ServerHello, which
+    # finds the conference full: removed, the KMF told, the ServerHello not forwarded.
+    aid = join(e, eps[2], keys=False, admit=False)
+    e.receive_tunnel_message(TunneledDtls(aid, server_hello_flight()), 0.5)
+    assert len(e.associations) == 2 and aid not in e.associations
+    assert e.stats.dropped_table_full == 1 and e.admission_stats.dropped_admit_full == 1
+    assert e.tunnel_messages_to_send() == [EndpointDisconnect(aid)]
+    assert e.datagrams_to_send() == []
+    (ended,) = [x for x in drain(e) if isinstance(x, events.AssociationEnded)]
+    assert ended.reason == "full" and ended.disconnect_sent
     assert e.table.stats.associations_refused == 0  # the engine checks before the table would
 
 
@@ -385,7 +407,7 @@ def test_idle_expiry_while_the_tunnel_is_down_sends_nothing() -> None:
 
 
 def test_the_timer_never_moves_earlier_and_sweeps_are_coalesced() -> None:
-    e = engine()
+    e = engine(admission=QUIET)
     up(e)
     assert e.get_timer() == STATS  # idle sweep at IDLE, counters at STATS, no last_n ticks
     eps = endpoints(3)
@@ -412,7 +434,7 @@ def test_last_n_ticks_the_table() -> None:
 
 
 def test_periodic_counters_only_for_what_changed_and_totals_at_close() -> None:
-    e = engine(idle=100.0)
+    e = engine(idle=100.0, admission=QUIET)
     up(e)
     a, b = eps = endpoints(2)
     join(e, a)

@@ -48,6 +48,7 @@ CIPHER_SUITES: dict[int, CipherSuite] = {
     )
 }
 
+
 def _hmac(hash_alg: hashes.HashAlgorithm, key: bytes, data: bytes) -> bytes:
     h = hmac.HMAC(key, hash_alg)
     h.update(data)

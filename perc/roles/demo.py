@@ -363,9 +363,7 @@ class _Demo:
             stamp=True,
         )
 
-    async def _wait_event(
-        self, child: _Child, kind: type[E], failure: str, **fields: object
-    ) -> E:
+    async def _wait_event(self, child: _Child, kind: type[E], failure: str, **fields: object) -> E:
         def seen() -> bool:
             return child.last_event(kind, **fields) is not None or not child.running
 
@@ -405,6 +403,7 @@ class _Demo:
             return all(ep.joined() is not None or not ep.child.running for ep in endpoints)
 
         await self.until(settled, START_TIMEOUT)
+
         def joined_at(ep: _Endpoint) -> float:
             j = ep.joined()
             return ep.child.started + j.join_ms / 1000 if j is not None else float("inf")

@@ -184,11 +184,7 @@ class SrtpStream:
             raise KeyLifetimeError("SRTCP index space (2^31) exhausted: rekey")
         self.hi = idx
         word = _pack_u32(0x80000000 | idx)
-        return (
-            head
-            + self._encrypt((self._iv_base ^ idx).to_bytes(12), payload, head + word)
-            + word
-        )
+        return head + self._encrypt((self._iv_base ^ idx).to_bytes(12), payload, head + word) + word
 
     def open_rtcp(self, idx: int, body: bytes, aad: bytes) -> bytes:
         """Verify and decrypt ``body`` of an SRTCP packet with the explicit index ``idx``

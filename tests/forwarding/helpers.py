@@ -16,10 +16,32 @@ from perc.srtp.context import SrtpSession
 from perc.srtp.double import DoubleReceiver, DoubleSender, MediaPacket
 from perc.srtp.ekt import EktCipher, EktParameterSet
 from perc.srtp.keys import exporter_length, outer_media_keys, split_exporter
+from perc.wire.dtls import (
+    ClientHello,
+    ContentType,
+    DtlsRecord,
+    HandshakeType,
+    encode_handshake,
+    encode_record,
+)
 from perc.wire.rtcp import RtcpPacket, parse_rtcp
 from perc.wire.tunnel import MediaKeys
 
 Address = tuple[str, int]
+
+
+def client_hello(cookie: bytes = b"", random: bytes | None = None) -> bytes:
+    """A well-formed DTLS 1.2 ClientHello datagram (one record, one whole message)."""
+    hello = ClientHello(0xFEFD, random or os.urandom(32), b"", cookie, (0xC02B,), b"\x00", None)
+    body = encode_handshake(HandshakeType.CLIENT_HELLO, 1 if cookie else 0, hello.encode())
+    return encode_record(DtlsRecord(ContentType.HANDSHAKE, 0xFEFD, 0, 1 if cookie else 0, body))
+
+
+def server_hello_flight() -> bytes:
+    """The start of a KMF's answer to a ClientHello with a valid cookie: a ServerHello record
+    (its body is not looked at by the MDD)."""
+    body = encode_handshake(HandshakeType.SERVER_HELLO, 1, bytes(38))
+    return encode_record(DtlsRecord(ContentType.HANDSHAKE, 0xFEFD, 0, 1, body))
 
 
 def new_params(key_length: int = 16) -> EktParameterSet:

@@ -12,8 +12,7 @@ async def test_proxy_forwards_drops_and_reorders_both_ways() -> None:
     client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     client.setblocking(False)
     client.bind(("127.0.0.1", 0))
-    proxy = ImpairmentProxy(server.getsockname(), drop=0.1, reorder=0.1, seed=7,
-                            reorder_delay=0.02)
+    proxy = ImpairmentProxy(server.getsockname(), drop=0.1, reorder=0.1, seed=7, reorder_delay=0.02)
     n = 400
     seen_at_server: list[int] = []
     seen_at_client: list[int] = []

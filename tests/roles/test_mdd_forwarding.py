@@ -40,8 +40,21 @@ from perc.srtp.double import DoubleReceiver, DoubleSender
 from perc.srtp.ekt import EktCipher, EktParameterSet
 from perc.srtp.errors import SrtpError
 from perc.srtp.keys import KeyingMaterial, exporter_length, split_exporter
+from perc.wire.rtcp import (
+    Bye,
+    Pli,
+    ReceiverReport,
+    RtcpPacket,
+    SdesChunk,
+    SdesItem,
+    SenderReport,
+    SourceDescription,
+    parse_rtcp,
+    serialize_rtcp,
+)
 from perc.wire.tunnel import EndpointDisconnect, MediaKeys, TunnelMessage, encode_message
 
+from ..forwarding.helpers import client_hello, server_hello_flight
 from .helpers import RecordingEngine, logged_events, mdd_config, until
 from .join_helpers import JoinResult, join_once, keying_kmf_config
 
@@ -319,7 +332,7 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
     """D5 with a scripted KMF: up to 64 datagrams per association wait for MediaKeys."""
-    handler = RecordingEngine()
+    handler = RecordingEngine(reply=lambda data: server_hello_flight())  # admits each
     profile = 0x0009
     params = EktParameterSet(7, EktCipher.AESKW_128, os.urandom(16), os.urandom(12))
     async with trio.open_nursery() as nursery:
@@ -335,8 +348,11 @@ async def test_srtp_before_media_keys_is_held_then_forwarded(
             await sock.bind((LOCAL, 0))
             socks.append(sock)
             materials.append(split_exporter(profile, os.urandom(exporter_length(profile))))
-            await sock.sendto(bytes([22, 254, 253]), relay.address)  # DTLS-looking: association
+            await sock.sendto(client_hello(), relay.address)  # a ClientHello: association
         await until(lambda: len(handler.seen) == 2)
+        for sock in socks:  # the ServerHello that admitted it
+            with trio.fail_after(5):
+                assert (await sock.recvfrom(2048))[0] == server_hello_flight()
         by_addr = {
             s.getsockname(): seen.association_id
             for s, seen in zip(socks, handler.seen, strict=True)
@@ -595,7 +611,10 @@ def test_forwarding_options_reach_the_table(ids: SimpleNamespace, tmp_path: Path
     table = relay.engine.table
     assert table.config.last_n == 2
     assert table.config.video_payload_types == frozenset({96, 98})
-    assert table.config.max_associations == config.conferences[0].max_associations
+    # the table holds the admitted and the pending associations (each bounded by the engine)
+    assert table.config.max_associations == (
+        config.conferences[0].max_associations + config.mdd.max_pending
+    )
     defaults = build_mdd_config(_mdd_data(tmp_path, ids), base=tmp_path)
     assert defaults.mdd.stats_interval == 10.0
     assert defaults.conferences[0].video_payload_types == (96,)
@@ -679,3 +698,55 @@ async def test_rekeys_on_join_and_leave_pass_the_mdd_as_ciphertext_only(
     assert sum(isinstance(m, MediaKeys) for m in received) == 3
     for secret in secrets:
         assert secret not in wire
+
+
+async def test_forged_bye_sr_sdes_never_reach_the_others_and_a_pli_storm_is_throttled(
+    ids: SimpleNamespace, people: list[identity.Identity], clock: MockClock
+) -> None:
+    """b, under its own hop-by-hop key, sends RTCP naming a's SSRC (BYE, SR, SDES): the MDD
+    removes it (drop_rtcp_spoof), so neither a nor c ever sees it; b's own BYE goes through.
+    Then b sends 50 PLIs at a at once: a gets one (D36: one per 500 ms)."""
+    conf = Conference(ids, people[:3])
+    async with conf.running() as nursery:
+        relay = await conf.start_mdd(nursery)
+        peers = [await conf.join_peer(n, m) for n, m in zip("abc", people, strict=False)]
+        for p in peers:
+            p.learn(peers)
+        await exchange(peers, 5)  # every SSRC is owned by its sender now
+        a, b, c = peers
+        ob = b.material.outer()
+        b_rtcp = SrtpSession(ob.client_key, ob.client_salt)
+
+        async def b_sends(packets: list[RtcpPacket]) -> None:
+            await b.sock.sendto(b_rtcp.protect_rtcp(serialize_rtcp(packets)), b.mdd_addr)
+
+        sdes_a = SourceDescription((SdesChunk(a.ssrc, (SdesItem(1, b"a"),)),))
+        await b_sends([ReceiverReport(b.ssrc), Bye((a.ssrc,), b"forged")])
+        await b_sends([SenderReport(a.ssrc, packet_count=1), sdes_a])
+        await b_sends([ReceiverReport(b.ssrc), Bye((b.ssrc,), b"bye")])  # its own: forwarded
+
+        for p in (a, c):
+            o = p.material.outer()
+            rx = SrtpSession(o.server_key, o.server_salt)
+            with trio.fail_after(5):
+                while True:
+                    data, _ = await p.sock.recvfrom(65535)
+                    if 192 <= data[1] <= 223:
+                        break
+            # The first RTCP to arrive is b's own BYE: the forged ones were never forwarded.
+            assert parse_rtcp(rx.unprotect_rtcp(data)) == [
+                ReceiverReport(b.ssrc),
+                Bye((b.ssrc,), b"bye"),
+            ], p.name
+        counters = association_of(relay, b).counters
+        assert counters.drop_rtcp_spoof == 3  # BYE SSRC, SR, SDES chunk
+
+        # A PLI storm from c at a: one gets through now, the rest are counted.
+        oc = c.material.outer()
+        c_rtcp = SrtpSession(oc.client_key, oc.client_salt)
+        for _ in range(50):
+            pli = serialize_rtcp([ReceiverReport(c.ssrc), Pli(c.ssrc, a.ssrc)])
+            await c.sock.sendto(c_rtcp.protect_rtcp(pli), c.mdd_addr)
+        await until(lambda: association_of(relay, c).counters.rtcp_in == 50)
+        assert association_of(relay, c).counters.drop_feedback_throttled == 49
+        nursery.cancel_scope.cancel()

@@ -22,9 +22,20 @@ from perc.wire.tunnel import (
     encode_message,
 )
 
+from ..forwarding.helpers import client_hello, server_hello_flight
 from .helpers import LOCAL, RecordingEngine, kmf_config, mdd_config, open_raw_tunnel, until
 
-DTLS = bytes.fromhex("16fefd000000000000000000030102")  # first byte 22: DTLS handshake
+DTLS = client_hello()  # a well-formed ClientHello: what admits a new address at the MDD
+
+
+def hello(tag: bytes) -> bytes:
+    """A ClientHello told apart by ``tag`` (its client random)."""
+    return client_hello(random=tag.ljust(32, b"."))
+
+
+def admit(data: bytes) -> bytes:
+    """A stand-in KMF's answer that admits the association at the MDD (a ServerHello)."""
+    return server_hello_flight()
 
 
 async def start_kmf(
@@ -199,21 +210,21 @@ async def test_endpoints_get_distinct_ids_and_replies_reach_their_endpoint(
         await until(lambda: relay.tunnel_is_up)
         a, b = await endpoint(), await endpoint()
         with a, b:
-            await a.sendto(b"\x16from-a", relay.address)
-            await b.sendto(b"\x16from-b", relay.address)
+            await a.sendto(hello(b"from-a"), relay.address)
+            await b.sendto(hello(b"from-b"), relay.address)
             with trio.fail_after(5):
                 got_a, _ = await a.recvfrom(2048)
                 got_b, _ = await b.recvfrom(2048)
             # Both endpoints again: the ids are stable per 5-tuple.
-            await a.sendto(b"\x16again-a", relay.address)
+            await a.sendto(hello(b"again-a"), relay.address)
             with trio.fail_after(5):
                 again_a, _ = await a.recvfrom(2048)
-        assert got_a == b"\x17reply-to-\x16from-a"
-        assert got_b == b"\x17reply-to-\x16from-b"
-        assert again_a == b"\x17reply-to-\x16again-a"
+        assert got_a == b"\x17reply-to-" + hello(b"from-a")
+        assert got_b == b"\x17reply-to-" + hello(b"from-b")
+        assert again_a == b"\x17reply-to-" + hello(b"again-a")
         by_data = {s.data: s.association_id for s in handler.seen}
-        assert by_data[b"\x16from-a"] != by_data[b"\x16from-b"]
-        assert by_data[b"\x16from-a"] == by_data[b"\x16again-a"]
+        assert by_data[hello(b"from-a")] != by_data[hello(b"from-b")]
+        assert by_data[hello(b"from-a")] == by_data[hello(b"again-a")]
         for aid in by_data.values():
             assert aid.version == 4
         assert set(relay.associations) == set(by_data.values())
@@ -225,7 +236,7 @@ async def test_endpoints_get_distinct_ids_and_replies_reach_their_endpoint(
 async def test_idle_timeout_sends_endpoint_disconnect(
     ids: SimpleNamespace, clock: MockClock
 ) -> None:
-    handler = RecordingEngine()
+    handler = RecordingEngine(reply=admit)
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         relay = await start_mdd(nursery, mdd_config(ids.mdd, server.address, ids.kmf.fingerprint))
@@ -298,13 +309,15 @@ async def test_demultiplexing_and_drops(ids: SimpleNamespace, clock: MockClock) 
             await sock.sendto(b"", relay.address)
             for first in (128, 191):  # SRTP/SRTCP: dropped until the media issue
                 await sock.sendto(bytes([first]) + bytes(11), relay.address)
-            for first in (20, 63):  # DTLS: relayed
+            for first in (20, 63):  # DTLS but no ClientHello from a new address: dropped
                 await sock.sendto(bytes([first, 9]), relay.address)
-            await until(lambda: len(handler.seen) == 2)
-        assert [s.data for s in handler.seen] == [bytes([20, 9]), bytes([63, 9])]
+            await sock.sendto(DTLS, relay.address)  # a ClientHello: relayed
+            await until(lambda: len(handler.seen) == 1)
+        assert [s.data for s in handler.seen] == [DTLS]
         assert relay.stats.dropped_other == 9
+        assert relay.engine.admission_stats.dropped_not_hello == 2
         assert relay.stats.dropped_srtp == 2
-        assert relay.stats.datagrams_in == 13
+        assert relay.stats.datagrams_in == 14
         # Non-DTLS from an unknown 5-tuple creates no association.
         assert relay.stats.associations_created == 1
         nursery.cancel_scope.cancel()
@@ -372,16 +385,16 @@ async def test_two_conferences_two_tunnels(ids: SimpleNamespace, clock: MockCloc
         assert one.address != two.address
         sock = await endpoint()
         with sock:
-            await sock.sendto(b"\x16one", one.address)
-            await sock.sendto(b"\x16two", two.address)
+            await sock.sendto(hello(b"one"), one.address)
+            await sock.sendto(hello(b"two"), two.address)
             await until(lambda: len(handler.seen) == 2)
         tunnels = {s.data: s.tunnel.tunnel_id for s in handler.seen}
-        assert tunnels[b"\x16one"] != tunnels[b"\x16two"]
+        assert tunnels[hello(b"one")] != tunnels[hello(b"two")]
         nursery.cancel_scope.cancel()
 
 
 async def test_association_table_is_bounded(ids: SimpleNamespace, clock: MockClock) -> None:
-    handler = RecordingEngine()
+    handler = RecordingEngine(reply=admit)  # both are admitted when the KMF answers
     async with trio.open_nursery() as nursery:
         server = await start_kmf(nursery, ids, handler)
         config = mdd_config(ids.mdd, server.address, ids.kmf.fingerprint, max_associations=1)
@@ -391,7 +404,7 @@ async def test_association_table_is_bounded(ids: SimpleNamespace, clock: MockClo
         with a, b:
             await a.sendto(DTLS, relay.address)
             await b.sendto(DTLS, relay.address)
-            await until(lambda: relay.stats.datagrams_in == 2)
+            await until(lambda: relay.stats.dropped_table_full == 1)
         assert relay.stats.dropped_table_full == 1
         assert len(relay.associations) == 1
         nursery.cancel_scope.cancel()
@@ -410,7 +423,7 @@ async def test_handler_failure_closes_only_that_tunnel(
             self, tunnel: Tunnel, association_id: uuid.UUID, data: bytes, now: float
         ) -> None:
             super().on_dtls(tunnel, association_id, data, now)
-            if data == b"\x16boom":
+            if data == hello(b"boom"):
                 raise RuntimeError("handler bug")
 
     handler = Exploding()
@@ -420,12 +433,12 @@ async def test_handler_failure_closes_only_that_tunnel(
         await until(lambda: relay.tunnel_is_up)
         sock = await endpoint()
         with sock:
-            await sock.sendto(b"\x16boom", relay.address)
+            await sock.sendto(hello(b"boom"), relay.address)
             await until(lambda: server.stats.engine_errors == 1)
             # The KMF keeps running; the MDD reconnects and the relay works again.
             await until(lambda: relay.stats.tunnels_up == 2 and relay.tunnel_is_up)
-            await sock.sendto(b"\x16fine", relay.address)
-            await until(lambda: handler.seen[-1].data == b"\x16fine")
+            await sock.sendto(hello(b"fine"), relay.address)
+            await until(lambda: handler.seen[-1].data == hello(b"fine"))
         assert len(handler.down) == 1
         closed = handler.down[0].tunnel_id  # a closed tunnel refuses messages
         assert not handler.send(closed, TunneledDtls(uuid.uuid4(), b"\x16"))

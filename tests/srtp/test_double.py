@@ -63,8 +63,12 @@ def test_end_to_end_unchanged(
     for i in range(6):
         payload = os.urandom(i * 37)
         packet = rtp(
-            100 + i, payload=payload, extension=EXTENSIONS[ext], csrcs=csrcs,
-            padding=padding, marker=i == 0,
+            100 + i,
+            payload=payload,
+            extension=EXTENSIONS[ext],
+            csrcs=csrcs,
+            padding=padding,
+            marker=i == 0,
         )
         wire = chain.sender.protect(packet, i * 0.02)
         # sizes (RFC 8723 §8): two 16-byte tags, 1-byte OHB, 47/63-byte Full or 1-byte Short
@@ -291,8 +295,9 @@ def test_replays_rejected_at_every_hop() -> None:
         chain.receiver.unprotect(hop2, 0.0)
     # A malicious MD re-encrypts the same inner packet under a new outer SEQ: the inner
     # (end-to-end) replay window catches it (RFC 8871 §8.2.2).
-    inbound = chain.md2.decrypt(chain.md1.encrypt_for(chain.md1_out, chain.md1.decrypt(
-        chain.sender.protect(rtp(2), 0.001))))
+    inbound = chain.md2.decrypt(
+        chain.md1.encrypt_for(chain.md1_out, chain.md1.decrypt(chain.sender.protect(rtp(2), 0.001)))
+    )
     first = chain.md2.encrypt_for(chain.md2_out, inbound, HeaderChanges(sequence_number=2))
     again = chain.md2.encrypt_for(chain.md2_out, inbound, HeaderChanges(sequence_number=3))
     chain.receiver.unprotect(first, 0.0)

@@ -49,7 +49,7 @@ def test_full_field_layout() -> None:
     f = FullEktField(bytes(range(40)), spi=0x0102, epoch=3)
     enc = f.encode()
     assert len(enc) == 47
-    assert enc[-7:].hex() == "0102" "0003" "002f" "02"
+    assert enc[-7:].hex() == "01020003002f02"
     assert split_ekt_field(b"srtp" + enc) == (4, f)
     assert ekt_field_length_untrusted(b"srtp" + enc) == 47
 
@@ -224,7 +224,7 @@ def test_spec_9_4_parameter_set() -> None:
     # A Full tag under it, for a 16-byte inner key: 40-byte ciphertext, 47-byte field.
     sender = EktSender(p, bytes(range(16)))
     field = sender.field(0xCAFEBABE, 0, now=100.0)
-    assert len(field) == 47 and field[-7:].hex() == "0102" "0000" "002f" "02"
+    assert len(field) == 47 and field[-7:].hex() == "01020000002f02"
     n, f = split_ekt_field(field)
     assert n == 0 and isinstance(f, FullEktField)
     assert decode_ekt_plaintext(ekt_unwrap(p.cipher, p.key, f.ciphertext)) == EktPlaintext(

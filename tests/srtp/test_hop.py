@@ -96,7 +96,10 @@ def test_changes_per_receiver_and_cache() -> None:
     wire = chain.sender.protect(rtp(10, pt=96), 0.0)
     inbound = chain.md1.decrypt(wire)
     assert (inbound.ssrc, inbound.payload_type, inbound.sequence_number, inbound.marker) == (
-        0x11223344, 96, 10, False,
+        0x11223344,
+        96,
+        10,
+        False,
     )
     receivers = [session_pair() for _ in range(3)]
     changes = [HeaderChanges(payload_type=100), HeaderChanges(payload_type=100), None]

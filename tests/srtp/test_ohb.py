@@ -118,19 +118,28 @@ def test_every_truncation_of_garbage(data: bytes) -> None:
 def test_update_grows_then_left_alone_then_shrinks() -> None:
     # MD1 changes PT 96 -> 100: OHB records 96.
     o1 = update_ohb(
-        EMPTY, current_payload_type=96, current_sequence_number=5, current_marker=True,
+        EMPTY,
+        current_payload_type=96,
+        current_sequence_number=5,
+        current_marker=True,
         new_payload_type=100,
     )
     assert o1 == Ohb(payload_type=96)
     # MD2 changes PT 100 -> 101: original already recorded, OHB untouched.
     o2 = update_ohb(
-        o1, current_payload_type=100, current_sequence_number=5, current_marker=True,
+        o1,
+        current_payload_type=100,
+        current_sequence_number=5,
+        current_marker=True,
         new_payload_type=101,
     )
     assert o2 is o1
     # MD3 sets PT back to 96: OHB entry removed.
     o3 = update_ohb(
-        o2, current_payload_type=101, current_sequence_number=5, current_marker=True,
+        o2,
+        current_payload_type=101,
+        current_sequence_number=5,
+        current_marker=True,
         new_payload_type=96,
     )
     assert o3 == EMPTY
@@ -138,19 +147,35 @@ def test_update_grows_then_left_alone_then_shrinks() -> None:
 
 def test_update_seq_and_marker() -> None:
     o = update_ohb(
-        EMPTY, current_payload_type=96, current_sequence_number=0x1234, current_marker=True,
-        new_sequence_number=0x0100, new_marker=False,
+        EMPTY,
+        current_payload_type=96,
+        current_sequence_number=0x1234,
+        current_marker=True,
+        new_sequence_number=0x0100,
+        new_marker=False,
     )
     assert o == Ohb(sequence_number=0x1234, marker=True)
     assert o.encode().hex() == "12340d"
     # no change requested, or same value: untouched
-    assert update_ohb(
-        o, current_payload_type=96, current_sequence_number=0x0100, current_marker=False,
-        new_sequence_number=0x0100, new_marker=False, new_payload_type=96,
-    ) is o
+    assert (
+        update_ohb(
+            o,
+            current_payload_type=96,
+            current_sequence_number=0x0100,
+            current_marker=False,
+            new_sequence_number=0x0100,
+            new_marker=False,
+            new_payload_type=96,
+        )
+        is o
+    )
     back = update_ohb(
-        o, current_payload_type=96, current_sequence_number=0x0100, current_marker=False,
-        new_sequence_number=0x1234, new_marker=True,
+        o,
+        current_payload_type=96,
+        current_sequence_number=0x0100,
+        current_marker=False,
+        new_sequence_number=0x1234,
+        new_marker=True,
     )
     assert back == EMPTY
 
@@ -164,7 +189,9 @@ def test_update_seq_and_marker() -> None:
         ),
         max_size=6,
     ),
-    st.integers(0, 127), st.integers(0, 0xFFFF), st.booleans(),
+    st.integers(0, 127),
+    st.integers(0, 0xFFFF),
+    st.booleans(),
 )
 def test_update_chain_always_recovers_original(
     steps: list[tuple[int | None, int | None, bool | None]], pt: int, seq: int, m: bool
@@ -174,8 +201,12 @@ def test_update_chain_always_recovers_original(
     cur = (pt, seq, m)
     for npt, nseq, nm in steps:
         ohb = update_ohb(
-            ohb, current_payload_type=cur[0], current_sequence_number=cur[1],
-            current_marker=cur[2], new_payload_type=npt, new_sequence_number=nseq,
+            ohb,
+            current_payload_type=cur[0],
+            current_sequence_number=cur[1],
+            current_marker=cur[2],
+            new_payload_type=npt,
+            new_sequence_number=nseq,
             new_marker=nm,
         )
         cur = (

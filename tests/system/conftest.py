@@ -107,9 +107,7 @@ class System:
     async def start(
         self, name: str, *args: str, env: Mapping[str, str] | None = None, debug: bool = True
     ) -> Proc:
-        proc = await Proc.start(
-            self.nursery, name, *args, cwd=self.folder, env=env, debug=debug
-        )
+        proc = await Proc.start(self.nursery, name, *args, cwd=self.folder, env=env, debug=debug)
         self.procs.append(proc)
         return proc
 

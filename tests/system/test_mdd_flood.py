@@ -1,0 +1,151 @@
+"""MDD admission under a spoofed-source flood, with real processes (needs root: raw socket).
+
+The attacker sends, from 12,000 forged source ports of 127.0.0.2 (IP_HDRINCL), real
+ClientHellos and the one byte ``0x14`` at 2,500 datagrams/s to the MDD's port on 127.0.0.1.
+Meanwhile three real endpoints (from 127.0.0.1) join and verify each other's media. What must
+hold: every join within 1 s (``join_ms`` of the endpoints' ``EndpointJoined``), media verified
+(``--expect-peers``, exit 0), the MDD's log grows by less than 200 KB per minute of flood, and
+no junk reaches the KMF (its ``dropped_no_association`` stays 0: only ClientHellos, bounded by
+the per-IP cap, are relayed, and the KMF answers those statelessly).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import struct
+import time
+
+import pytest
+import trio
+
+from perc import events
+from perc.dtls import DtlsConfiguration, DtlsConnection
+
+from .conftest import LOCAL, System
+
+pytestmark = pytest.mark.slow
+
+#: Spoofed source addresses (loopback net, not the endpoints' 127.0.0.1): one address (its
+#: per-IP cap binds), or 250 (the pending budget binds: the oldest pending are evicted).
+SOURCES = {
+    "one_ip": ["127.0.0.2"],
+    "many_ips": [f"127.1.{i // 50}.{2 + i % 50}" for i in range(250)],
+}
+PORTS = 12_000
+RATE = 2_500.0  # datagrams per second
+FLOOD_SECONDS = 5.5
+
+
+def _datagram(src: str, src_port: int, dst_port: int, payload: bytes) -> bytes:
+    """IPv4 + UDP with a forged source (the kernel fills in the IP checksum and id)."""
+    udp = struct.pack("!HHHH", src_port, dst_port, 8 + len(payload), 0) + payload
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45, 0, 20 + len(udp), 0, 0, 64, socket.IPPROTO_UDP, 0,
+        socket.inet_aton(src), socket.inet_aton(LOCAL),
+    )  # fmt: skip
+    return ip + udp
+
+
+def _flood(
+    sources: list[str],
+    dst_port: int,
+    hello: bytes,
+    started: trio.Event,
+    token: trio.lowlevel.TrioToken,
+) -> int:
+    """Send the flood (paced to RATE); returns how many datagrams went out."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    with raw:
+        raw.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+        payloads = (hello, b"\x14")
+        total = int(RATE * FLOOD_SECONDS)
+        start = time.monotonic()
+        for i in range(total):
+            port = 10_000 + i % PORTS
+            src = sources[i // 2 % len(sources)]
+            raw.sendto(_datagram(src, port, dst_port, payloads[i % 2]), (LOCAL, 0))
+            if i == 500:
+                trio.from_thread.run_sync(started.set, trio_token=token)
+            if i % 100 == 99:
+                ahead = start + (i + 1) / RATE - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)  # pacing the attacker, not waiting for a result
+        return total
+
+
+@pytest.mark.parametrize("spoofed", list(SOURCES))
+async def test_spoofed_flood_does_not_keep_endpoints_out(system: System, spoofed: str) -> None:
+    if os.geteuid() != 0:
+        pytest.fail("this test forges source addresses with a raw socket: run it as root (CI is)")
+    people = ["alice", "bob", "carol"]
+    kmf_config = system.kmf_config(conferences={"demo": people})
+    kmf, kmf_port = await system.start_kmf(kmf_config)
+    # The MDD at its production log level (INFO): the log budget is about that.
+    mdd_config = system.mdd_config("mdd", kmf_port)
+    mdd = await system.start("mdd", "mdd", "--config", str(mdd_config), debug=False)
+    port = int((await mdd.wait_for(r"listening on udp [\d.]+:(\d+)")).group(1))
+    await mdd.wait_event(events.MddTunnelUp)
+
+    # A real ClientHello, as a perc endpoint's DTLS client makes it.
+    me = system.identity("mallory")
+    client = DtlsConnection(
+        DtlsConfiguration(is_client=True, certificate=me.certificate, private_key=me.private_key)
+    )
+    client.connect(0.0)
+    (hello,) = client.datagrams_to_send()
+
+    started = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    log_before = mdd.stderr_bytes
+    flood_start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        sent: list[int] = []
+
+        async def flood() -> None:
+            sent.append(
+                await trio.to_thread.run_sync(_flood, SOURCES[spoofed], port, hello, started, token)
+            )
+
+        nursery.start_soon(flood)
+        await started.wait()
+        args = ("--join-timeout", "10", "--duration", "2", "--expect-peers", "2")
+        procs = [
+            await system.start_endpoint(name, port, *args, "--media", "audio") for name in people
+        ]
+        joined = [await p.wait_event(events.EndpointJoined) for p in procs]
+        joined_by = trio.current_time()
+    flood_seconds = trio.current_time() - flood_start
+    # Let the MDD log what the flood's last second caused (its summaries come once a second).
+    await mdd.wait_event(events.MddAdmission, count=len(mdd.find_events(events.MddAdmission)) + 1)
+    log_bytes = mdd.stderr_bytes - log_before
+
+    assert sent == [int(RATE * FLOOD_SECONDS)] and sent[0] >= 10_000
+    assert sent[0] / flood_seconds >= 2_000, (sent, flood_seconds)
+    assert joined_by - flood_start < flood_seconds  # every join happened during the flood
+    join_ms = sorted(j.join_ms for j in joined)
+    assert join_ms[-1] <= 1000.0, join_ms  # p99 of three: the slowest
+    for proc in procs:
+        assert await proc.wait_exit() == 0, proc.text  # verified both others' media
+    per_minute = log_bytes * 60.0 / flood_seconds
+    assert per_minute < 200_000, (log_bytes, flood_seconds)
+
+    admission = mdd.find_events(events.MddAdmission)[-1].counters
+    assert admission["dropped_not_hello"] >= sent[0] // 2 - 10  # every 0x14 (and nothing relayed)
+    if spoofed == "one_ip":
+        assert admission["dropped_per_ip"] > 0  # the spoofed address hit its cap
+    else:
+        assert admission["pending_evicted"] > 0  # the pending budget made room
+    await system.stop(mdd)
+    await system.stop(kmf)
+    (stats,) = kmf.find(r"keying stats (.*)")
+    counters = dict(re.findall(r"(\w+)=(\d+)", stats.group(1)))
+    assert counters["dropped_no_association"] == "0", stats.string  # no junk reached the KMF
+    assert int(counters["joined"]) == 3
+    # The figures, for the record (pytest -s).
+    print(
+        f"flood ({spoofed}): {sent[0]} datagrams in {flood_seconds:.1f} s, join_ms={join_ms}, "
+        f"MDD log {log_bytes} B ({per_minute / 1000:.1f} KB/min), KMF {stats.group(1)}"
+    )
