@@ -25,7 +25,7 @@ Files (the optional keys have the defaults shown)::
     tls_ids = { "sha-256 ..." = "..." } # optional expected tls-id per participant (D15)
     rekey_on_join = true               # D22
     rekey_on_leave = true              # D22
-    rekey_window = 0.5                 # seconds; joins/leaves within it share one rekey (D22)
+    rekey_window = 0.5                 # seconds; joins/leaves within it of a rekey share one (D31)
     ekt_ttl = 86400                    # EKTKey ekt_ttl in seconds (D10)
 
     # mdd.toml
@@ -270,8 +270,8 @@ class KmfConference:
     rekey_window: float = attrs.field(
         default=0.5,
         metadata=_doc(
-            "seconds from the first join/leave to its rekey; joins/leaves within it share "
-            "that one new EKTKey (D22)"
+            "a join/leave after a quiet period rekeys at once; joins/leaves within this "
+            "many seconds of a rekey share one new EKTKey at the window's end (D22, D31)"
         ),
     )
     ekt_ttl: int = attrs.field(

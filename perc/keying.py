@@ -68,15 +68,22 @@ a leave nobody keeps using a key the leaver holds.*
   and to every existing member in the same moment when the rekey fires. It is never sent the
   current key (with it, it could unwrap the Full tags of the current E2E keys and read what
   was sent before it joined). The other ordering, the current key at once and the new one
-  later, would give exactly that window, so it is not used. Cost: a join into a live
-  conference completes up to ``rekey_window`` later (the MDD already has its hop-by-hop keys).
+  later, would give exactly that window, so it is not used. After a quiet period the rekey
+  is due at once (D31, below), so the joiner gets the key made for its join as soon as its
+  handshake completes; only a join inside the window of a recent rekey waits, at most
+  ``rekey_window`` (the MDD already has its hop-by-hop keys).
   With ``rekey_on_join`` off the joiner gets the current key at once, unless a rekey (from a
   leave) is pending: then it also waits for that one, so it never holds the leaver's key.
-* **Coalescing** (``rekey_window``, default 0.5 s): the first request reserves the next key
-  (fresh random key and salt, the next SPI) and fixes the deadline ``first request +
-  rekey_window`` (not sliding: a stream of joins cannot postpone a leave's rekey). Joins and
-  leaves until then share that one key; the reasons are collected for the log line (e.g.
-  ``join+leave``). When it fires (:meth:`Conference.poll`) the key is installed as
+* **Coalescing, leading edge** (D31; ``rekey_window``, default 0.5 s): the first request
+  reserves the next key (fresh random key and salt, the next SPI) and fixes its deadline:
+  *now* after a quiet period (no rekey fired within the last ``rekey_window``), so a lone
+  join or leave costs no wait and a leaver is locked out at once; otherwise ``last rekey +
+  rekey_window``, the end of the window the last rekey opened. The deadline never slides: a
+  stream of joins cannot postpone a leave's rekey, and a burst of N changes costs two rekeys
+  (one at once, one batched at the window's end), at most one per window after that. Joins
+  and leaves until the deadline share that one key; the reasons are collected for the log
+  line (e.g. ``join+leave``). (The first key of a conference is no rekey: it opens no
+  window.) When it fires (:meth:`Conference.poll`) the key is installed as
   :attr:`Conference.current` (its TTL counts from then) and goes to every member then
   present (:attr:`Rekey.members`, waiting joiners included): everyone ends on the same,
   newest SPI and nobody is left on a stale key. The engine retransmits it until ACK, and a
@@ -291,6 +298,8 @@ class Conference:
         #: when the first join/leave of the pending rekey asked for it (D22 coalescing)
         self.rekey_pending_since: float | None = None
         self._rekey_due: float | None = None
+        #: when the last rekey fired: the D31 coalescing window runs from it
+        self._last_rekey: float | None = None
         self._joins = 0
         self._leaves = 0
         self._reasons: list[str] = []
@@ -423,7 +432,7 @@ class Conference:
         elif self.pending is None:
             self.pending = self._make_key(self.current.cipher, now)
             self.rekey_pending_since = now
-            self._rekey_due = now + self.config.rekey_window
+            self._rekey_due = self._window_end(now)
         if immediate:
             self._rekey_due = now
         if reason not in self._reasons:
@@ -432,6 +441,15 @@ class Conference:
             self._joins += 1
         elif reason == LEAVE:
             self._leaves += 1
+
+    def _window_end(self, now: float) -> float:
+        """D31 leading edge: after a quiet period (no rekey within the last ``rekey_window``)
+        a rekey is due at once; otherwise at the end of the window the last rekey opened, so
+        every change inside it shares one batched rekey."""
+        last = self._last_rekey
+        if last is None or now >= last + self.config.rekey_window:
+            return now
+        return last + self.config.rekey_window
 
     def rekey_due(self) -> float | None:
         """When the pending rekey fires (None: none pending)."""
@@ -477,6 +495,8 @@ class Conference:
             leaves=self._leaves,
             members=tuple(self.members.values()),
         )
+        if self.current is not None:  # a first key held for its SPIs (D28) is no rekey
+            self._last_rekey = now
         self._clear_pending()
         self.current = key
         for member in rekey.members:
@@ -553,6 +573,7 @@ class Conference:
             return None
         if not self.members:
             self.current = None
+            self._last_rekey = None
             self._clear_pending()
         elif member.spi is not None and self.config.rekey_on_leave:
             self.request_rekey(now, LEAVE)

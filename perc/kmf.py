@@ -62,12 +62,12 @@ Admission, in the order the handshake reaches each step:
    member (or ``rekey_on_join`` is off and no rekey is pending), else when the conference's
    pending rekey fires, together with every other member (:mod:`perc.keying`, "Rekey policy").
 
-Rekeys (D22): a join or a leave asks the conference for a rekey; the conference's deadline
-(the coalescing window's end, else its TTL refresh) lives in the same timer heap as the
-associations' DTLS timers. When it fires the new key goes to every member; a newer EKTKey
-supersedes an unacknowledged older one in the DTLS engine, so a slow member ends on the newest
-key too. A rekey that falls due while a datagram is handled is never run inside that handling:
-its deadline (now) is what :meth:`get_timer` returns next.
+Rekeys (D22, D31): a join or a leave asks the conference for a rekey; the conference's
+deadline (now after a quiet period, else the coalescing window's end; else its TTL refresh)
+lives in the same timer heap as the associations' DTLS timers. When it fires the new key goes
+to every member; a newer EKTKey supersedes an unacknowledged older one in the DTLS engine, so a
+slow member ends on the newest key too. A rekey that falls due while a datagram is handled is
+never run inside that handling: its deadline (now) is what :meth:`get_timer` returns next.
 
 Endings: when the DTLS engine reports ``ConnectionClosed`` (our fatal alert, the endpoint's
 alert or close_notify, handshake or EKTKey timeout) the association is removed, its membership

@@ -205,8 +205,14 @@ def test_rekey_request_window() -> None:
     conf = Conference(conference(rekey_window=0.5))
     conf.key_for(AESKW128, now=0.0)
     assert not conf.needs_rekey(10.0)
+    # D31: the first request after a quiet period is due at once (leading edge) ...
     conf.request_rekey(now=1.0)
-    conf.request_rekey(now=1.3)  # coalesced: the window runs from the first request
+    assert conf.rekey_due() == 1.0 and conf.needs_rekey(1.0)
+    conf.rekey(now=1.0)
+    # ... and requests inside the window it opened wait for its end, coalesced (not sliding).
+    conf.request_rekey(now=1.1)
+    conf.request_rekey(now=1.3)
+    assert conf.rekey_due() == 1.5
     assert not conf.needs_rekey(1.4)
     assert conf.needs_rekey(1.5)
     conf.rekey(now=1.5)
@@ -274,12 +280,12 @@ def test_join_rekey_joiner_waits_and_everyone_ends_on_the_new_key() -> None:
     pending = conf.pending
     assert pending is not None and pending.spi == (first.spi + 1) & 0xFFFF
     assert conf.current is first  # the others keep it until the rekey fires
-    assert conf.rekey_due() == 10.5 and conf.next_deadline() == 10.5
-    assert conf.poll(10.49) is None
-    rekey = conf.poll(10.5)
+    # D31: after a quiet period the join's rekey is due at once (the engine's next timer).
+    assert conf.rekey_due() == 10.0 and conf.next_deadline() == 10.0
+    rekey = conf.poll(10.0)
     assert rekey is not None
     assert rekey.key.spi == pending.spi and rekey.key.key == pending.key
-    assert rekey.key.created == 10.5  # its TTL runs from when it is handed out
+    assert rekey.key.created == 10.0  # its TTL runs from when it is handed out
     assert rekey.previous is first and rekey.reason == "join" and rekey.joins == 1
     assert set(rekey.members) == {a, b}
     assert a.spi == b.spi == rekey.key.spi and conf.current is rekey.key
@@ -287,26 +293,98 @@ def test_join_rekey_joiner_waits_and_everyone_ends_on_the_new_key() -> None:
     assert conf.poll(11.0) is None
 
 
+def test_a_single_join_after_a_quiet_period_rekeys_at_once() -> None:
+    """D31: the joiner's first key is made for its join and due the moment it joins."""
+    conf = Conference(conference(rekey_window=0.5))
+    a, first = joined(conf, 0.0)
+    b, key_b = joined(conf, 0.2, FP_B)  # the first key was no rekey: nothing to wait for
+    assert key_b is None and conf.rekey_due() == 0.2
+    rekey = conf.poll(0.2)
+    assert rekey is not None and set(rekey.members) == {a, b}
+    assert first is not None and rekey.key.spi != first.spi
+    assert b.spi == rekey.key.spi  # never first.spi: the joiner never held the old key
+
+
+@pytest.mark.parametrize("n", [2, 5, 20])
+def test_a_burst_of_joins_makes_one_immediate_and_one_batched_rekey(n: int) -> None:
+    """D31: N joins inside one window: the first rekeys at once, the rest share one rekey at
+    the end of the window that rekey opened; no joiner ever gets a key used before it."""
+    conf = Conference(conference(rekey_window=0.5))
+    a, first = joined(conf, 0.0)
+    assert first is not None
+    held_before: dict[int, set[int]] = {}  # joiner index -> SPIs in use when it joined
+    in_use = {first.spi}
+    joiners = []
+    rekeys = []
+    for i in range(n):
+        t = 10.0 + 0.01 * i
+        m, key = joined(conf, t, f"{FP_B[:-2]}{i:02x}")
+        assert key is None  # every joiner waits for a key made after it joined
+        held_before[i] = set(in_use)
+        joiners.append(m)
+        # leading edge for the first, then batched to the end of the window it opened
+        assert conf.rekey_due() == (t if i == 0 else 10.5)
+        if (r := conf.poll(t)) is not None:  # the engine's next timer, at once
+            rekeys.append(r)
+            in_use.add(r.key.spi)
+    assert conf.poll(10.49) is None
+    batched = conf.poll(10.5)
+    if n > 1:
+        assert batched is not None
+        rekeys.append(batched)
+    assert len(rekeys) == (2 if n > 1 else 1)
+    assert rekeys[0].joins == 1 and rekeys[0].key.created == 10.0
+    if n > 1:
+        assert rekeys[1].joins == n - 1 and rekeys[1].reason == "join"
+    for i, m in enumerate(joiners):
+        assert m.spi is not None and m.spi not in held_before[i]
+    assert {m.spi for m in [a, *joiners]} == {rekeys[-1].key.spi}
+    assert conf.poll(20.0) is None
+
+
+def test_a_leave_after_a_quiet_period_rekeys_at_once() -> None:
+    """D31: the leaver is locked out at once: the new key is due when it leaves, and it is
+    not among the members the new key goes to."""
+    conf = Conference(conference(rekey_window=0.5, rekey_on_join=False))
+    a, first = joined(conf, 0.0)
+    b, _ = joined(conf, 0.0, FP_B)
+    c, _ = joined(conf, 0.0, FP_C)
+    assert conf.leave(b.association_id, 7.0) is b
+    assert conf.rekey_due() == 7.0
+    rekey = conf.poll(7.0)
+    assert rekey is not None and rekey.reason == "leave"
+    assert set(rekey.members) == {a, c} and b not in rekey.members
+    assert first is not None and rekey.key.spi != first.spi
+    # A second leave inside the window is batched to its end.
+    assert conf.leave(c.association_id, 7.1) is c
+    assert conf.rekey_due() == 7.5 and conf.poll(7.4) is None
+    again = conf.poll(7.5)
+    assert again is not None and set(again.members) == {a}
+
+
 def test_joins_and_leaves_in_one_window_make_one_rekey() -> None:
     conf = Conference(conference(rekey_window=0.5))
     a, _ = joined(conf, 0.0)
     b, _ = joined(conf, 0.1)
+    conf.poll(0.1)  # D31 leading edge: b's join rekeys at once (key 2)
     c, _ = joined(conf, 0.2)
-    conf.poll(0.6)  # everyone on key 2
-    assert conf.keys_issued == 2
+    assert conf.rekey_due() == 0.6  # inside the window key 2 opened
+    conf.poll(0.6)  # everyone on key 3
+    assert conf.keys_issued == 3
     d, _ = joined(conf, 5.0)
+    conf.poll(5.0)  # quiet period over: at once (key 4); the window now runs to 5.5
     e, _ = joined(conf, 5.2)
     conf.leave(b.association_id, 5.3)
-    conf.leave(d.association_id, 5.45)  # was waiting: held no key, asks for nothing
-    # Not sliding: the window runs from the first request (a stream of joins cannot
-    # postpone a leave's rekey).
+    conf.leave(e.association_id, 5.45)  # was waiting: held no key, asks for nothing more
+    # Not sliding: the window runs from the last rekey (a stream of joins cannot postpone a
+    # leave's rekey).
     assert conf.rekey_due() == 5.5
-    assert conf.keys_issued == 3  # one key reserved for the whole window
+    assert conf.keys_issued == 5  # one key reserved for the rest of the window
     rekey = conf.poll(5.5)
     assert rekey is not None
-    assert rekey.reason == "join+leave" and (rekey.joins, rekey.leaves) == (2, 1)
-    assert set(rekey.members) == {a, c, e}
-    assert conf.keys_issued == 3
+    assert rekey.reason == "join+leave" and (rekey.joins, rekey.leaves) == (1, 1)
+    assert set(rekey.members) == {a, c, d}
+    assert conf.keys_issued == 5
 
 
 @pytest.mark.parametrize("on", [True, False])
