@@ -240,7 +240,8 @@ def cpu_seconds(pid: int | None = None) -> float:
 class RoleProcess:
     """A ``python -m perc ROLE ...`` subprocess in ``folder`` with its log in ``NAME.log``;
     ``profile``: run it under cProfile, statistics to ``NAME.prof``; ``log_level``: perc's
-    ``--log-level`` (None: perc's default)."""
+    ``--log-level`` (None: perc's default); ``log_format``: perc's ``--log-format`` ("json":
+    one event per line, :mod:`perc.events`)."""
 
     def __init__(
         self,
@@ -250,12 +251,15 @@ class RoleProcess:
         *,
         profile: bool = False,
         log_level: str | None = None,
+        log_format: str | None = None,
     ) -> None:
         self.name = name
         self.log = folder / f"{name}.log"
         self.profile = folder / f"{name}.prof" if profile else None
         prefix = ["-m", "cProfile", "-o", str(self.profile)] if self.profile else []
         level = ["--log-level", log_level] if log_level else []
+        if log_format:
+            level += ["--log-format", log_format]
         self._log = self.log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, *prefix, "-m", "perc", *level, *args],
@@ -325,13 +329,15 @@ def start_roles(
     idle_timeout: float | None = None,
     profile: str | None = None,
     log_level: str | None = None,
+    log_format: str | None = None,
 ) -> PercRoles:
     """New KMF and MDD identities, kmf.toml and mdd.toml in ``folder``; start ``perc kmf``, then
     ``perc mdd`` once the KMF's port is known; return when the MDD's tunnel is up.
 
     ``participants``: the roster's certificate fingerprints; ``rekey``: the conference rekeys on
     join and leave; ``idle_timeout``: the MDD's (None: perc's default); ``profile``: "kmf" or
-    "mdd" runs that role under cProfile; ``log_level``: both roles' ``--log-level``.
+    "mdd" runs that role under cProfile; ``log_level``, ``log_format``: both roles'
+    ``--log-level`` and ``--log-format``.
     """
     kmf_id, mdd_id = identity.generate("kmf"), identity.generate("mdd")
     identity.write(kmf_id, folder, "kmf")
@@ -349,6 +355,7 @@ def start_roles(
         folder,
         profile=profile == "kmf",
         log_level=log_level,
+        log_format=log_format,
     )
     try:
         kmf_port = int(kmf.wait_for(r"KMF listening on \S+:(\d+)").group(1))
@@ -364,6 +371,7 @@ def start_roles(
             folder,
             profile=profile == "mdd",
             log_level=log_level,
+            log_format=log_format,
         )
         try:
             udp_port = int(mdd.wait_for(r"listening on udp \S+:(\d+)").group(1))

@@ -6,8 +6,8 @@ steps), warnings as errors, and must exit 0, print the machine line, print no tr
 print its table's rows and its ``ratio X / Y  N.NN`` (or summary) lines. No timing is
 asserted: on a loaded machine the numbers mean nothing, and that is not what is tested.
 
-The benches that start real ``perc`` processes (forwarding, join_storm, tunnel_relay) are
-marked slow like the other whole-system tests.
+The benches that start real ``perc`` processes (forwarding, join_storm, rekey,
+tunnel_relay) are marked slow like the other whole-system tests.
 """
 
 from __future__ import annotations
@@ -94,6 +94,18 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             rf"^ratio saturation joins/s / in-memory joins/s{RATIO}",
         ],
     ),
+    "rekey": (
+        [],
+        [
+            rf"^leave -> new SPI, N=3\s+1{NUMBER}",
+            rf"^  kmf left->rekeyed, N=3\s+1{NUMBER}",
+            rf"^join, 10 concurrent\s+\d+{NUMBER}",
+            rf"^join, 4 in flight\s+\d+{NUMBER}",
+            rf"^ratio leave -> new SPI p99 ms \(N=3\) / target ms{RATIO}",
+            rf"^ratio join p50 ms \(10 concurrent\) / target ms{RATIO}",
+            rf"^ratio joins/s at saturation / target joins/s{RATIO}",
+        ],
+    ),
     "forwarding": (
         [],
         [
@@ -106,7 +118,7 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
     ),
 }
 #: Benches that start perc role processes or a process of their own.
-PROCESSES = {"forwarding", "join_storm", "tunnel_relay"}
+PROCESSES = {"forwarding", "join_storm", "rekey", "tunnel_relay"}
 
 
 def _bench(name: str) -> pytest.ParameterSet:
