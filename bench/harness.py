@@ -330,6 +330,7 @@ def start_roles(
     profile: str | None = None,
     log_level: str | None = None,
     log_format: str | None = None,
+    rekey_window: float | None = None,
 ) -> PercRoles:
     """New KMF and MDD identities, kmf.toml and mdd.toml in ``folder``; start ``perc kmf``, then
     ``perc mdd`` once the KMF's port is known; return when the MDD's tunnel is up.
@@ -337,13 +338,16 @@ def start_roles(
     ``participants``: the roster's certificate fingerprints; ``rekey``: the conference rekeys on
     join and leave; ``idle_timeout``: the MDD's (None: perc's default); ``profile``: "kmf" or
     "mdd" runs that role under cProfile; ``log_level``, ``log_format``: both roles'
-    ``--log-level`` and ``--log-format``.
+    ``--log-level`` and ``--log-format``; ``rekey_window``: the conference's (None: perc's
+    default, D22).
     """
     kmf_id, mdd_id = identity.generate("kmf"), identity.generate("mdd")
     identity.write(kmf_id, folder, "kmf")
     identity.write(mdd_id, folder, "mdd")
     roster = ", ".join(f'"{fp}"' for fp in participants)
     policy = "" if rekey else "rekey_on_join = false\nrekey_on_leave = false\n"
+    if rekey_window is not None:
+        policy += f"rekey_window = {rekey_window}\n"
     (folder / "kmf.toml").write_text(
         f'[kmf]\nlisten = "{LOCAL}:0"\ncert = "kmf.crt"\nkey = "kmf.key"\n'
         f'trusted_mdds = ["{mdd_id.fingerprint}"]\n\n'

@@ -3,12 +3,14 @@
 Run: ``.venv/bin/python bench/rekey.py`` (or ``bash dev.sh bench rekey``). Options: ``--sizes
 N,N`` (conference sizes, default 3,10,30), ``--leaves L`` (timed leaves per size, default 20),
 ``--joins J`` (the 10-concurrent join run, default 200), ``--seconds S`` (each saturation run,
-default 4), ``--concurrency C,C`` (joiners in flight at saturation, default 16,64), ``--keep
-DIR`` (keep configs and logs), ``--check`` (exit 1 if a target is missed), ``--quick`` (N=3,
+default 4), ``--concurrency C,C`` (joiners in flight at saturation, default 16,64),
+``--window W`` (the conference's ``rekey_window``, default 0.5, perc's default), ``--keep DIR``
+(keep configs and logs), ``--check`` (exit 1 if a target is missed), ``--quick`` (N=3,
 one leave, 5 joins, 4 in flight for 0.3 s: a smoke run).
 
 Set-up: real ``perc kmf`` and ``perc mdd`` processes (bench/harness.py ``start_roles``, the
-conference's default policy: rekey on join and leave, ``rekey_window`` 0.5 s) with
+conference's default policy: rekey on join and leave, ``rekey_window`` 0.5 s unless
+``--window``) with
 ``--log-format json``. The N members live in this process: one UDP socket each and perc's
 sans-IO DTLS client (:func:`perc.endpoint.dtls_configuration`, the endpoint's ClientHello),
 answering every EKTKey with its ACK (D9) as an endpoint does. They send no media: what is
@@ -18,9 +20,10 @@ Leave rows (one per N): the members join and settle on one SPI; then, ``L`` time
 quiet period (``rekey_window``, so D31's leading edge applies), one member sends close_notify
 and closes its socket; the time counts from the KMF's ``kmf_left`` event for it (its
 close_notify reaching the KMF; the event's timestamp, milliseconds, same host clock) until the
-last stayer has processed an EKTKey with the new SPI (``EktKeyReceived``). A fresh member
-then joins in its place, so N stays N. ``kmf left->rekeyed`` is the KMF's own share (its
-``kmf_rekeyed`` event for the leave).
+last stayer has processed an EKTKey with the new SPI (``EktKeyReceived``). ``kmf
+left->rekeyed`` is the KMF's own share (its ``kmf_rekeyed`` event for the leave). After
+another quiet period a fresh member joins in its place, so N stays N: ``join after quiet`` is
+its join time (first ClientHello to first EKTKey, the key made for its join).
 
 Join rows: :class:`join_storm.LoadGenerator` (bench/join_storm.py) against a second KMF+MDD
 pair with rekey on: 10 joiners always in flight for ``J`` joins (p50), and ``C`` in flight for
@@ -59,8 +62,7 @@ from perc.tlsid import random_tls_id
 TARGET_LEAVE_P99_MS = 300.0
 TARGET_JOIN_P50_MS = join_storm.TARGET_P50_MS
 TARGET_RATE = join_storm.TARGET_RATE
-#: the conference's rekey_window (perc's default, D22): a leave after this much quiet is D31's
-#: leading edge
+#: perc's default rekey_window (D22): a leave after this much quiet is D31's leading edge
 WINDOW = 0.5
 CONFERENCE = "rekey"
 
@@ -74,6 +76,7 @@ class Member:
         self.sock.setblocking(False)
         self.sock.connect(mdd)
         self.conn = DtlsConnection(config)
+        self.started = time.time()
         self.joined = False
         #: (SPI, wall-clock time it was processed) of every EKTKey, in order
         self.keys: list[tuple[int, float]] = []
@@ -177,9 +180,11 @@ def kmf_events(log: Path, kind: str) -> list[tuple[float, dict[str, object]]]:
     return out
 
 
-def leave_run(folder: Path, n: int, leaves: int) -> tuple[list[float], list[float]]:
+def leave_run(
+    folder: Path, n: int, leaves: int, window: float
+) -> tuple[list[float], list[float], list[float]]:
     """N members, ``leaves`` timed leaves; (leave -> all stayers on the new SPI, KMF left ->
-    rekeyed), seconds each."""
+    rekeyed, the replacement's join after a quiet period), seconds each."""
     idents = [identity.generate(f"m{n}-{i}") for i in range(n + leaves)]
     roles = harness.start_roles(
         folder,
@@ -187,17 +192,19 @@ def leave_run(folder: Path, n: int, leaves: int) -> tuple[list[float], list[floa
         conference=CONFERENCE,
         rekey=True,
         log_format="json",
+        rekey_window=window,
     )
     conf = Conference(roles.mdd_address, roles.kmf_fingerprint)
     spare = iter(idents[n:])
     to_spi: list[float] = []
     kmf_share: list[float] = []
+    joins: list[float] = []
     try:
         for ident in idents[:n]:
             conf.add(ident)
         conf.wait(lambda: conf.settled() and len(conf.members) == n)
         for r in range(leaves):
-            conf.pump(time.monotonic() + WINDOW + 0.05)  # a quiet period: D31's leading edge
+            conf.pump(time.monotonic() + window + 0.05)  # a quiet period: D31's leading edge
             conf.wait(conf.settled)
             members = list(conf.members.values())
             leaver = members[r % len(members)]
@@ -221,13 +228,17 @@ def leave_run(folder: Path, n: int, leaves: int) -> tuple[list[float], list[floa
             to_spi.append(done - left[-1])
             if rekeyed:
                 kmf_share.append(rekeyed[-1] - left[-1])
-            conf.add(next(spare))  # keep N members
+            # Keep N members: after a quiet period a fresh member joins (D31: its join rekeys
+            # at once), timed from its first ClientHello to its first EKTKey.
+            conf.pump(time.monotonic() + window + 0.05)
+            joiner = conf.add(next(spare))
             conf.wait(lambda: conf.settled() and len(conf.members) == n)
+            joins.append(joiner.keys[0][1] - joiner.started)
     finally:
         for m in list(conf.members.values()):
             conf.remove(m)
         roles.stop()
-    return to_spi, kmf_share
+    return to_spi, kmf_share, joins
 
 
 TABLE = harness.Table(
@@ -247,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--leaves", type=int, default=20, help="timed leaves per size")
     parser.add_argument("--joins", type=int, default=200, help="joins in the 10-concurrent run")
     parser.add_argument("--seconds", type=float, default=4.0, help="saturation run length")
-    parser.add_argument("--concurrency", default="16,64", help="joiners in flight, saturation")
+    parser.add_argument("--concurrency", default="16,64", help="joiners in flight")
+    parser.add_argument("--window", type=float, default=WINDOW, help="rekey_window, seconds")
     parser.add_argument("--keep", type=Path, default=None, help="use (and keep) this folder")
     args = harness.parse(
         parser,
@@ -262,12 +274,16 @@ def main(argv: list[str] | None = None) -> int:
         for n in sizes:
             folder = root / f"leave-{n}"
             folder.mkdir(parents=True, exist_ok=True)
-            leave_rows.append((n, *leave_run(folder, n, args.leaves)))
+            leave_rows.append((n, *leave_run(folder, n, args.leaves, args.window)))
         folder = root / "joins"
         folder.mkdir(parents=True, exist_ok=True)
-        joiners = [identity.generate(f"j{i}") for i in range(max(4, min(args.joins, 64)))]
+        joiners = [identity.generate(f"j{i}") for i in range(max(4, min(args.joins, 300)))]
         roles = harness.start_roles(
-            folder, [j.fingerprint for j in joiners], conference="joins", rekey=True
+            folder,
+            [j.fingerprint for j in joiners],
+            conference="joins",
+            rekey=True,
+            rekey_window=args.window,
         )
         try:
             gen = join_storm.LoadGenerator(roles.mdd_address, joiners, roles.kmf_fingerprint)
@@ -280,13 +296,13 @@ def main(argv: list[str] | None = None) -> int:
     harness.print_machine()
     print(
         "rekey: perc kmf + perc mdd (processes, loopback, rekey on join and leave, "
-        f"rekey_window {WINDOW} s, D31 leading edge); members and joiners in this process "
+        f"rekey_window {args.window:g} s, D31 leading edge); members and joiners in this process "
         "(perc DTLS clients, no media)"
     )
     TABLE.header()
     met = True
     leave_p99: dict[int, float] = {}
-    for n, to_spi, share in leave_rows:
+    for n, to_spi, share, quiet_joins in leave_rows:
         p99 = join_storm.pct(to_spi, 0.99) * 1e3
         leave_p99[n] = p99
         note = ""
@@ -311,6 +327,15 @@ def main(argv: list[str] | None = None) -> int:
             max(share, default=float("nan")) * 1e3,
             "-",
             "",
+        )
+        TABLE.row(
+            f"join after quiet, N={n}",
+            len(quiet_joins),
+            join_storm.pct(quiet_joins, 0.5) * 1e3,
+            join_storm.pct(quiet_joins, 0.99) * 1e3,
+            max(quiet_joins, default=float("nan")) * 1e3,
+            "-",
+            " (D31 leading edge: handshake + rekey)",
         )
     times10, failed10, elapsed10 = latency
     p50 = join_storm.pct(times10, 0.5) * 1e3

@@ -99,6 +99,7 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
         [
             rf"^leave -> new SPI, N=3\s+1{NUMBER}",
             rf"^  kmf left->rekeyed, N=3\s+1{NUMBER}",
+            rf"^join after quiet, N=3\s+1{NUMBER}",
             rf"^join, 10 concurrent\s+\d+{NUMBER}",
             rf"^join, 4 in flight\s+\d+{NUMBER}",
             rf"^ratio leave -> new SPI p99 ms \(N=3\) / target ms{RATIO}",
