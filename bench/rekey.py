@@ -4,9 +4,11 @@ Run: ``.venv/bin/python bench/rekey.py`` (or ``bash dev.sh bench rekey``). Optio
 N,N`` (conference sizes, default 3,10,30), ``--leaves L`` (timed leaves per size, default 20),
 ``--joins J`` (the 10-concurrent join run, default 200), ``--seconds S`` (each saturation run,
 default 4), ``--concurrency C,C`` (joiners in flight at saturation, default 16,64),
-``--window W`` (the conference's ``rekey_window``, default 0.5, perc's default), ``--keep DIR``
-(keep configs and logs), ``--check`` (exit 1 if a target is missed), ``--quick`` (N=3,
-one leave, 5 joins, 4 in flight for 0.3 s: a smoke run).
+``--window W`` (the conference's ``rekey_window``, default 0.5, perc's default),
+``--identities K`` (distinct joiner certificates, default 1100 as in join_storm, more than the
+KMF's certificate-validation cache), ``--keep DIR`` (keep configs and logs), ``--check`` (exit
+1 if a target is missed), ``--quick`` (N=3, one leave, 5 joins, 4 in flight for 0.3 s, 4
+identities: a smoke run).
 
 Set-up: real ``perc kmf`` and ``perc mdd`` processes (bench/harness.py ``start_roles``, the
 conference's default policy: rekey on join and leave, ``rekey_window`` 0.5 s unless
@@ -260,11 +262,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="saturation run length")
     parser.add_argument("--concurrency", default="16,64", help="joiners in flight")
     parser.add_argument("--window", type=float, default=WINDOW, help="rekey_window, seconds")
+    parser.add_argument("--identities", type=int, default=1100, help="distinct joiner certs")
     parser.add_argument("--keep", type=Path, default=None, help="use (and keep) this folder")
     args = harness.parse(
         parser,
         argv,
-        quick={"sizes": "3", "leaves": 1, "joins": 5, "seconds": 0.3, "concurrency": "4"},
+        quick={
+            "sizes": "3",
+            "leaves": 1,
+            "joins": 5,
+            "seconds": 0.3,
+            "concurrency": "4",
+            "identities": 4,
+        },
     )
     sizes = [int(s) for s in args.sizes.split(",")]
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -277,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             leave_rows.append((n, *leave_run(folder, n, args.leaves, args.window)))
         folder = root / "joins"
         folder.mkdir(parents=True, exist_ok=True)
-        joiners = [identity.generate(f"j{i}") for i in range(max(4, min(args.joins, 300)))]
+        joiners = [identity.generate(f"j{i}") for i in range(args.identities)]
         roles = harness.start_roles(
             folder,
             [j.fingerprint for j in joiners],
