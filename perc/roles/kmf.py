@@ -83,6 +83,7 @@ import attrs
 import trio
 from trio_util import AsyncValue
 
+from perc.admission import DropLog, HandshakeTable, Handshaking, KmfStats
 from perc.config import DEFAULT_STATE_KEY_FILE, KmfConfig
 from perc.events import (
     EktKeyAcked,
@@ -250,53 +251,6 @@ class StateWriter:
             await trio.to_thread.run_sync(self.state.close, limiter=self._limiter)
 
 
-@attrs.define
-class KmfStats:
-    """Counters of the shell (the engine counts the rest: ``engine.tunnel_stats``, ``.stats``)."""
-
-    connections: int = 0
-    """TCP connections accepted."""
-    refused: int = 0
-    """Connections closed before their tunnel was up, for any reason below."""
-    reset: int = 0
-    """... reset or closed by the peer (or gone before they could be read)."""
-    timeout: int = 0
-    """... still in their TLS handshake at ``kmf.handshake_timeout``."""
-    tls_failed: int = 0
-    """... whose TLS handshake failed (a TLS error or alert, a refused certificate)."""
-    evicted: int = 0
-    """... closed for a newer connection (handshake budget or per-address share full)."""
-    refused_capacity: int = 0
-    """... authenticated while MAX_TUNNELS tunnels were up."""
-    message_timeout: int = 0
-    """Up tunnels closed because a partly received message stalled (``kmf.message_timeout``)."""
-    unlogged: int = 0
-    """Drops above the log rate (counted, not logged one by one)."""
-    engine_errors: int = 0
-    """Tunnels closed because the engine raised (a bug) while handling their messages."""
-    task_errors: int = 0
-    """Connection tasks that raised something unexpected (a bug; logged with its traceback)."""
-
-
-@attrs.define(eq=False)
-class _Handshaking:
-    """One connection in its TLS handshake (admission bookkeeping)."""
-
-    ip: str
-    accepted: float
-    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
-    conn: TunnelConnection | None = None
-    evicted: str = ""
-    """Why it was closed for a newer connection (empty: it was not)."""
-
-    def rank(self) -> tuple[int, float]:
-        """Lower is closed first under pressure: no answered ClientHello, then stalest."""
-        conn = self.conn
-        if conn is None:
-            return (0, self.accepted)
-        return (int(conn.handshake_progress >= 2), max(self.accepted, conn.last_progress))
-
-
 class _EngineFailed(Exception):
     pass
 
@@ -346,12 +300,10 @@ class KmfServer:
         self._ids = itertools.count(1)
         self._open = 0
         self._closing: set[int] = set()
-        # source address -> its connections in their handshake (an entry is removed with its
-        # last connection, so the table holds nothing after an attack)
-        self._handshaking: dict[str, list[_Handshaking]] = {}
-        self._handshaking_count = 0
-        self._log_window = -math.inf
-        self._logged_in_window = 0
+        kmf = config.kmf
+        self._handshaking = HandshakeTable(kmf.max_handshakes, kmf.max_handshakes_per_ip)
+        self._scopes: dict[Handshaking, trio.CancelScope] = {}
+        self._drop_log = DropLog(LOGGED_PER_SECOND)
         self._deadline = AsyncValue(math.inf)
         trusted = tuple(config.kmf.trusted_mdds)
         self._context = make_tls_context(
@@ -440,7 +392,7 @@ class KmfServer:
         """The connection counters now (logged by :meth:`_summaries`)."""
         st = self.stats
         return KmfConnections(
-            handshaking=self._handshaking_count,
+            handshaking=self._handshaking.count,
             tunnels=self._open,
             accepted=st.connections,
             reset=st.reset,
@@ -467,45 +419,18 @@ class KmfServer:
         """A connection closed before its tunnel was up: count it; log it within the rate."""
         self.stats.refused += 1
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
-        now = trio.current_time()
-        if now - self._log_window >= 1.0:
-            self._log_window = now
-            self._logged_in_window = 0
-        if self._logged_in_window >= LOGGED_PER_SECOND:
+        if not self._drop_log.allow(trio.current_time()):
             self.stats.unlogged += 1
             return
-        self._logged_in_window += 1
         _report(KmfTunnelDown(peer, reason, refused=True))
 
-    def _admit(self, ip: str) -> _Handshaking:
-        """Register a new handshaking connection, closing another if that is over a budget."""
-        kmf = self.config.kmf
-        mine = self._handshaking.get(ip, [])
-        if len(mine) >= kmf.max_handshakes_per_ip:
-            self._evict(mine, f"{kmf.max_handshakes_per_ip} connections from {ip} handshaking")
-        elif self._handshaking_count >= kmf.max_handshakes:
-            busiest = max(self._handshaking.values(), key=len)
-            self._evict(busiest, f"{kmf.max_handshakes} connections handshaking")
-        entry = _Handshaking(ip, trio.current_time())
-        self._handshaking.setdefault(ip, []).append(entry)
-        self._handshaking_count += 1
-        return entry
-
-    def _evict(self, candidates: list[_Handshaking], why: str) -> None:
-        victim = min(candidates, key=_Handshaking.rank)
-        victim.evicted = why
-        victim.scope.cancel()
-        self._forget(victim)
-
-    def _forget(self, entry: _Handshaking) -> None:
-        """The connection is no longer handshaking (idempotent)."""
-        mine = self._handshaking.get(entry.ip)
-        if mine is None or entry not in mine:
-            return
-        mine.remove(entry)
-        if not mine:
-            del self._handshaking[entry.ip]
-        self._handshaking_count -= 1
+    def _admit(self, ip: str) -> tuple[Handshaking, trio.CancelScope]:
+        """Register a new handshaking connection; close the one the table evicts, if any."""
+        entry, victim = self._handshaking.admit(ip, trio.current_time())
+        if victim is not None:
+            self._scopes[victim].cancel()
+        scope = self._scopes[entry] = trio.CancelScope()
+        return entry, scope
 
     # --- tunnels -----------------------------------------------------------------------------
 
@@ -532,21 +457,22 @@ class KmfServer:
     async def _connection(self, stream: trio.SocketStream, peer: str, ip: str) -> None:
         self.stats.connections += 1
         kmf = self.config.kmf
-        entry = self._admit(ip)
+        entry, scope = self._admit(ip)
         conn = TunnelConnection(
             stream, self._context, server=True, peer=peer, message_timeout=kmf.message_timeout
         )
-        entry.conn = conn
+        entry.progress = lambda: (conn.handshake_progress, conn.last_progress)
         try:
-            with entry.scope:
+            with scope:
                 await conn.handshake(kmf.handshake_timeout)
         except TlsHandshakeError as e:
             self._dropped(_DROP_KINDS.get(e.kind, "tls_failed"), peer, str(e))
             return
         finally:
-            self._forget(entry)
-            entry.conn = None
-        if entry.scope.cancelled_caught:
+            self._handshaking.forget(entry)
+            del self._scopes[entry]
+            entry.progress = None
+        if scope.cancelled_caught:
             await conn.aclose()
             self._dropped("evicted", peer, f"closed for a newer connection: {entry.evicted}")
             return
