@@ -77,11 +77,14 @@ from perc.events import (
 )
 from perc.identity import Identity, fingerprint_matches
 from perc.keying import key_digest
+from perc.logsetup import format_address
 from perc.media.endpoint import EndpointMedia
 from perc.media.sources import VideoSettings
 from perc.srtp.ekt import EktCipher, EktParameterSet
 from perc.srtp.keys import KeyingMaterial, SrtpProfile, split_exporter
 from perc.tlsid import random_tls_id
+from perc.wire.demux import is_dtls
+from perc.wire.demux import is_srtp as is_media
 
 __all__ = [
     "EKT_CIPHERS",
@@ -241,21 +244,6 @@ def ekt_cipher_name(code: int | None) -> str:
         return EktCipher(code).name.lower() if code is not None else "none"
     except ValueError:
         return str(code)
-
-
-def format_address(addr: Any) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
-
-
-def is_dtls(data: bytes) -> bool:
-    """RFC 7983 §7: a first byte of 20-63 is DTLS."""
-    return bool(data) and 20 <= data[0] <= 63
-
-
-def is_media(data: bytes) -> bool:
-    """RFC 7983 §7: a first byte of 128-191 is RTP/RTCP (here always SRTP/SRTCP)."""
-    return bool(data) and 128 <= data[0] <= 191
 
 
 @attrs.frozen

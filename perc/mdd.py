@@ -138,7 +138,7 @@ from typing import Any
 import attrs
 
 from perc import events
-from perc.config import MddConference, MddSettings
+from perc.config import DOUBLE_PROFILES, MddConference, MddSettings
 from perc.dtls.offer import first_client_hello_untrusted
 from perc.forwarding import (
     Association,
@@ -148,7 +148,7 @@ from perc.forwarding import (
 )
 from perc.keying import key_digest
 from perc.logsetup import format_address
-from perc.srtp.keys import SrtpProfile
+from perc.wire.demux import is_dtls, is_srtp
 from perc.wire.dtls import (
     ContentType,
     DtlsDecodeError,
@@ -184,7 +184,7 @@ __all__ = [
 Address = tuple[Any, ...]
 
 #: The profiles an MDD can act as Media Distributor for: the DOUBLE profiles (D18).
-MDD_PROFILES = (SrtpProfile.DOUBLE_AEAD_AES_128_GCM, SrtpProfile.DOUBLE_AEAD_AES_256_GCM)
+MDD_PROFILES = DOUBLE_PROFILES
 #: Seconds between the forwarding table's ``tick`` (last_n ranking upkeep) when last_n is on.
 TICK_INTERVAL = 0.25
 #: Code that only an endpoint may run: EKT tag unwrapping and the inner (end-to-end) layer.
@@ -491,7 +491,7 @@ class MddEngine:
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """One datagram from ``addr`` on the conference's port (never raises on its content)."""
-        if data and 128 <= data[0] <= 191:  # SRTP/SRTCP (RFC 7983 §7)
+        if is_srtp(data):  # SRTP/SRTCP (RFC 7983 §7)
             if self._pending and self._is_pending(addr):
                 # Not held (D5) for a pending association: its endpoint has not even got
                 # the KMF's ServerHello, so it has no keys to send SRTP with.
@@ -503,7 +503,7 @@ class MddEngine:
             return
         self._now = now
         self._other_in += 1
-        if not (data and 20 <= data[0] <= 63):  # not DTLS (RFC 7983 §7: MUST drop)
+        if not is_dtls(data):  # not DTLS (RFC 7983 §7: MUST drop)
             self._stats.dropped_other += 1
             return
         assoc = self.table.association_for(addr)

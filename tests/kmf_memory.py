@@ -176,3 +176,16 @@ def endpoint_events(endpoint: DtlsConnection) -> list[events.Event]:
     while (event := endpoint.next_event()) is not None:
         out.append(event)
     return out
+
+
+def join(mem: MemoryKmf, ident: Identity, tunnel: FakeTunnel) -> tuple[DtlsConnection, uuid.UUID]:
+    """A perc DTLS client joins through ``tunnel`` on a new association id (pumped to the end)."""
+    endpoint, aid = client(ident), uuid.uuid4()
+    endpoint.connect(mem.now)
+    pump(mem, endpoint, aid, tunnel)
+    return endpoint, aid
+
+
+def ekt_spis(endpoint: DtlsConnection) -> list[int]:
+    """The SPIs of the EKTKeys ``endpoint`` received, in order."""
+    return [e.spi for e in endpoint_events(endpoint) if isinstance(e, events.EktKeyReceived)]

@@ -16,7 +16,6 @@ import pytest
 
 from perc import identity
 from perc.config import KmfConfig
-from perc.dtls import DtlsConnection
 from perc.dtls import events as dtls
 from perc.dtls.errors import AlertDescription
 from perc.events import (
@@ -43,7 +42,7 @@ from perc.wire.tunnel import (
     UnsupportedVersion,
 )
 
-from .kmf_memory import FakeTunnel, MemoryKmf, client, endpoint_events, pump
+from .kmf_memory import MemoryKmf, client, ekt_spis, endpoint_events, join, pump
 from .roles.join_helpers import keying_kmf_config
 
 
@@ -61,18 +60,6 @@ def config(who: SimpleNamespace, **policy: object) -> KmfConfig:
     cfg = keying_kmf_config(who.kmf, [who.mdd], {"demo": who.members}, dtls_cookies=False)
     return attrs.evolve(cfg, conferences=tuple(attrs.evolve(c, **policy) for c in cfg.conferences))
 
-
-def join(
-    mem: MemoryKmf, ident: identity.Identity, tunnel: FakeTunnel
-) -> tuple[DtlsConnection, uuid.UUID]:
-    endpoint, aid = client(ident), uuid.uuid4()
-    endpoint.connect(mem.now)
-    pump(mem, endpoint, aid, tunnel)
-    return endpoint, aid
-
-
-def ekt_spis(endpoint: DtlsConnection) -> list[int]:
-    return [e.spi for e in endpoint_events(endpoint) if isinstance(e, dtls.EktKeyReceived)]
 
 
 def test_join_sends_media_keys_then_the_ektkey_and_reports_the_ack(who: SimpleNamespace) -> None:

@@ -13,14 +13,12 @@ import pytest
 
 from perc import identity
 from perc.config import KmfConfig
-from perc.dtls import DtlsConnection
-from perc.dtls import events as dtls
 from perc.events import Joined, Rekeyed
 from perc.keying import AESKW128, Conference, KeyingError, KeyingState, Member
 from perc.kmf import SPI_BLOCK, AuditRecord, ReserveSpis
 from perc.state import spi_is_newer
 
-from .kmf_memory import FakeTunnel, MemoryKmf, client, endpoint_events, pump
+from .kmf_memory import MemoryKmf, ekt_spis, join, pump
 from .roles.join_helpers import keying_kmf_config
 from .test_keying import conference
 
@@ -38,18 +36,6 @@ def who() -> SimpleNamespace:
 def config(who: SimpleNamespace) -> KmfConfig:
     return keying_kmf_config(who.kmf, [who.mdd], {"demo": who.members}, dtls_cookies=False)
 
-
-def join(
-    mem: MemoryKmf, ident: identity.Identity, tunnel: FakeTunnel
-) -> tuple[DtlsConnection, uuid.UUID]:
-    endpoint, aid = client(ident), uuid.uuid4()
-    endpoint.connect(mem.now)
-    pump(mem, endpoint, aid, tunnel)
-    return endpoint, aid
-
-
-def ekt_spis(endpoint: DtlsConnection) -> list[int]:
-    return [e.spi for e in endpoint_events(endpoint) if isinstance(e, dtls.EktKeyReceived)]
 
 
 def member(n: int = 0) -> Member:
