@@ -67,6 +67,10 @@ def test_roles_parse_no_protocol_bytes() -> None:
 
 
 def test_roles_are_small() -> None:
-    """perc/roles is I/O only; the protocol weight lives in the cores."""
+    """perc/roles is I/O only; the protocol weight lives in the cores.
+
+    The bound grows with the number of sockets the roles serve (tunnel, media, links, metrics,
+    admin, worker supervision), about 400 lines each; protocol logic never counts toward it.
+    """
     lines = sum(len(p.read_text().splitlines()) for p in _modules(PACKAGE / "roles"))
-    assert lines < 3000, lines
+    assert lines < 4500, lines
