@@ -201,16 +201,21 @@ class _Failures:
     e2e_reasons: dict[str, int] = attrs.Factory(dict)
     #: failures caused by an EKTKey that arrived late (see above); not in e2e_failures
     key_wait: int = 0
+    #: the newest SPI we saw named in a Full tag without holding its key
     waiting_spi: int | None = None
-    waiting: dict[str, int] = attrs.Factory(dict)
+    #: failures waiting for a key, per awaited SPI (a second rekey may come before the first
+    #: key arrives; the first key's failures must not be forgotten then)
+    waiting: dict[int, dict[str, int]] = attrs.Factory(dict)
     key_arrived_at: float | None = None
 
     def count_e2e(self, reason: str, now: float, spi: int | None = None) -> None:
         if spi is not None and spi != self.waiting_spi:
             # a Full tag under an SPI we lack: the sender moved to an EKTKey we do not have
             self.waiting_spi = spi
-            self.waiting = {}
             self.key_arrived_at = None
+            if spi not in self.waiting and len(self.waiting) >= _MAX_AWAITED:
+                del self.waiting[next(iter(self.waiting))]  # bounded: the oldest stay failures
+            self.waiting.setdefault(spi, {})
         if self.waiting_spi is not None and reason in _WAITING_REASONS:
             if self.key_arrived_at is not None:
                 if now - self.key_arrived_at <= KEY_WAIT_GRACE:
@@ -218,25 +223,30 @@ class _Failures:
                     return
                 self.waiting_spi = None
             else:
-                self.waiting[reason] = self.waiting.get(reason, 0) + 1
+                counts = self.waiting.setdefault(self.waiting_spi, {})
+                counts[reason] = counts.get(reason, 0) + 1
         self.e2e_failures += 1
         self.e2e_reasons[reason] = self.e2e_reasons.get(reason, 0) + 1
 
     def key_arrived(self, spi: int, now: float) -> None:
-        """The EKTKey with ``spi`` arrived: failures that waited for it were not integrity
-        failures."""
-        if self.waiting_spi != spi or self.key_arrived_at is not None:
+        """The EKTKey with ``spi`` arrived: failures that waited for it, or for a key it
+        supersedes (an SPI up to half the space before it), were not integrity failures."""
+        for awaited in list(self.waiting):
+            if (spi - awaited) & 0xFFFF > 0x7FFF:
+                continue  # a newer key than this one: still awaited
+            for reason, count in self.waiting.pop(awaited).items():
+                self.e2e_failures -= count
+                left = self.e2e_reasons[reason] - count
+                if left:
+                    self.e2e_reasons[reason] = left
+                else:
+                    del self.e2e_reasons[reason]
+                self.key_wait += count
+        if self.waiting_spi is None or self.key_arrived_at is not None:
             return
-        for reason, count in self.waiting.items():
-            self.e2e_failures -= count
-            left = self.e2e_reasons[reason] - count
-            if left:
-                self.e2e_reasons[reason] = left
-            else:
-                del self.e2e_reasons[reason]
-            self.key_wait += count
-        self.waiting = {}
-        self.key_arrived_at = now
+        if (spi - self.waiting_spi) & 0xFFFF <= 0x7FFF:
+            # the newest awaited key (or a later one) is here: the grace period begins
+            self.key_arrived_at = now
 
     def verified_one(self) -> None:
         if self.key_arrived_at is not None:
@@ -245,6 +255,8 @@ class _Failures:
 
 
 _WAITING_REASONS = frozenset(("unknown_spi", "inner_auth", "no_key"))
+#: how many awaited SPIs a stream remembers failures for (each rekey adds one)
+_MAX_AWAITED = 8
 
 
 @attrs.define(slots=True)

@@ -151,3 +151,42 @@ def test_report_groups_streams_by_name_and_is_json() -> None:
     }
     assert bob["spis"] == [1, 2] and bob["e2e_reasons"] == {"inner_auth": 1}
     assert report["unattributed"]["e2e_failures"] == 3
+
+
+def test_key_wait_survives_a_second_rekey_before_the_first_key_arrives() -> None:
+    """Late keys under loss: Full tags under SPI 2, then under SPI 3, arrive before either
+    EKTKey. When the keys come, every failure that waited for them is key wait; a key that
+    supersedes an awaited one (3 after 2) settles the older SPI's failures too."""
+
+    un = Unattributed()
+    for _ in range(4):
+        un.count_e2e("unknown_spi", 10.0, spi=2)
+    un.count_e2e("no_key", 10.1)
+    for _ in range(3):
+        un.count_e2e("unknown_spi", 10.2, spi=3)
+    assert un.e2e_failures == 8
+    un.key_arrived(3, 10.5)  # SPI 2's key never came: superseded by 3
+    assert (un.e2e_failures, un.e2e_reasons, un.key_wait) == (0, {}, 8)
+    un.count_e2e("inner_auth", 11.0)  # within the grace after the key: still key wait
+    assert (un.e2e_failures, un.key_wait) == (0, 9)
+
+
+def test_a_key_older_than_the_awaited_one_settles_only_its_own_failures() -> None:
+
+    un = Unattributed()
+    un.count_e2e("unknown_spi", 1.0, spi=0xFFFF)
+    un.count_e2e("unknown_spi", 1.0, spi=1)  # SPIs wrap: 1 is newer than 0xFFFF
+    un.key_arrived(0xFFFF, 1.5)
+    assert (un.e2e_failures, un.key_wait, un.key_arrived_at) == (1, 1, None)
+    un.key_arrived(1, 1.6)
+    assert (un.e2e_failures, un.key_wait, un.key_arrived_at) == (0, 2, 1.6)
+
+
+def test_a_left_out_receiver_keeps_its_failures() -> None:
+    """A leaver never gets the newer key: what it cannot read stays an E2E failure."""
+
+    un = Unattributed()
+    for spi in range(5, 20):
+        un.count_e2e("unknown_spi", float(spi), spi=spi)
+    assert (un.e2e_failures, un.key_wait) == (15, 0)
+    assert len(un.waiting) <= 8
