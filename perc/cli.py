@@ -4,11 +4,12 @@
 
     perc [--log-level LEVEL] identity new NAME [--dir DIR] [--days N] [--force]
     perc [--log-level LEVEL] identity show FILE.crt [--key FILE.key]
-    perc [--log-level LEVEL] kmf --config kmf.toml [--reset-state]
+    perc [--log-level LEVEL] kmf --config kmf.toml [--reset-state] [--metrics HOST:PORT]
     perc [--log-level LEVEL] kmf audit --state FILE [--state-key FILE] [--verify]
     perc [--log-level LEVEL] mdd --config mdd.toml
     perc [--log-level LEVEL] mdd --kmf HOST:PORT --kmf-fingerprint FP --listen HOST:PORT
                                  --cert F --key F [--conference ID] [--idle-timeout S]
+    perc [--log-level LEVEL] mdd ... [--metrics HOST:PORT]
     perc [--log-level LEVEL] endpoint --mdd HOST:PORT --cert F --key F --kmf-fingerprint FP
                                  [--tls-id ID] [--kmf-tls-id ID] [--name NAME]
                                  [--join-timeout S] [--duration S] [--keepalive S]
@@ -123,16 +124,44 @@ def _find_os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def _metrics_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--metrics",
+        metavar="HOST:PORT",
+        default=None,
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (D34); overrides the "
+        "config's metrics key [default: off].",
+    )(f)
+
+
+def _with_metrics(cfg: Any, table: str, text: str | None) -> Any:
+    """``cfg`` with ``[table] metrics`` set from ``--metrics`` (unchanged when not given)."""
+    if text is None:
+        return cfg
+    import attrs
+
+    try:
+        address = config.parse_host_port(text)
+    except ValueError as e:
+        raise CliError(f"--metrics: {e}") from None
+    settings = attrs.evolve(getattr(cfg, table), metrics=address)
+    return attrs.evolve(cfg, **{table: settings})
+
+
 def _run_role(serve: Callable[..., Awaitable[object]], cfg: object, what: str = "") -> None:
     """Run a role's ``serve(config)`` under trio until SIGINT/SIGTERM (then exit 0).
 
     An OSError out of the role (a port in use, an address not on this host) becomes one
-    ``perc: error:`` line prefixed with ``what`` and exit status 1.
+    ``perc: error:`` line prefixed with ``what`` and exit status 1; the metrics address in use
+    (:class:`perc.roles.metrics.MetricsError`) is one such line with exit status 2.
     """
+    from perc.roles.metrics import MetricsError
     from perc.roles.runner import run_until_signal
 
     try:
         run_until_signal(serve, cfg)
+    except MetricsError as e:
+        raise CliError(str(e)) from None
     except (OSError, BaseExceptionGroup) as e:
         os_error = _find_os_error(e)
         if os_error is None:
@@ -233,18 +262,21 @@ def identity_show(certificate: Path, key: Path | None) -> None:
     help="Delete the state file (D28: stored SPIs, audit log) and start with an empty one; "
     "without it an unusable state file stops the KMF (exit 2) and is left as it is.",
 )
+@_metrics_option
 @_log_level_option
 @click.pass_context
-def kmf_command(ctx: click.Context, config_path: Path | None, reset_state: bool) -> None:
+def kmf_command(
+    ctx: click.Context, config_path: Path | None, reset_state: bool, metrics: str | None
+) -> None:
     """Run the Key Distributor: the RFC 9185 tunnel server the MDDs connect to.
 
     Its state (SPIs that survive restarts, the audit log) is kept in the file [kmf] state
     names, kmf-state.sqlite beside the config by default; `perc kmf audit` reads the log.
     """
     if ctx.invoked_subcommand is not None:
-        if config_path is not None or reset_state:
+        if config_path is not None or reset_state or metrics is not None:
             sub = ctx.invoked_subcommand
-            raise CliError(f"--config and --reset-state run the KMF: not with {sub}")
+            raise CliError(f"--config, --reset-state and --metrics run the KMF: not with {sub}")
         return
     if config_path is None:
         raise CliError("give --config FILE (or a subcommand: audit)")
@@ -252,6 +284,7 @@ def kmf_command(ctx: click.Context, config_path: Path | None, reset_state: bool)
         cfg = config.load_kmf_config(config_path)
     except config.ConfigError as e:
         raise CliError(str(e)) from None
+    cfg = _with_metrics(cfg, "kmf", metrics)
     _setup_logging()
     from perc.roles import kmf
     from perc.state import StateError
@@ -361,6 +394,7 @@ _QUICK = ("kmf", "kmf_fingerprint", "listen", "cert", "key")
     + _doc(config.MddSettings, "idle_timeout")
     + f" [default: {_default(config.MddSettings, 'idle_timeout')}]",
 )
+@_metrics_option
 @_log_level_option
 def mdd_command(
     *,
@@ -372,6 +406,7 @@ def mdd_command(
     key: str | None,
     conference: str,
     idle_timeout: float | None,
+    metrics: str | None,
 ) -> None:
     """Run the Media Distributor: UDP for endpoints, one RFC 9185 tunnel per conference.
 
@@ -415,6 +450,7 @@ def mdd_command(
             )
         except config.ConfigError as e:
             raise CliError(str(e)) from None
+    cfg = _with_metrics(cfg, "mdd", metrics)
     _setup_logging()
     from perc.roles import mdd
 

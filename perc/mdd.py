@@ -17,6 +17,7 @@ API::
     engine.close(now, extra_totals)               # at exit: counters and totals events
     engine.associations      # the forwarding table's associations by id (the only table)
     engine.stats             # MddStats
+    engine.forwarding_totals()  # the association counters summed, ended ones included
     engine.tunnel_is_up, engine.tunnel_close_reason, engine.kmf_highest_version, engine.version
 
 Nothing here does I/O or reads a clock; :mod:`perc.roles.mdd` is the trio shell that owns the
@@ -459,6 +460,11 @@ class MddEngine:
         st.srtp_held = held
         st.dropped_srtp_no_keys = unknown + held + totals.get("drop_queue_full", 0)
         return st
+
+    def forwarding_totals(self) -> dict[str, int]:
+        """Every :class:`~perc.forwarding.AssociationCounters` field summed over the
+        conference, ended associations included (monotonic; for the metrics, D34)."""
+        return self._forwarding_totals()
 
     def _forwarding_totals(self) -> dict[str, int]:
         totals = dict(self._retired)
