@@ -18,7 +18,7 @@ with the number of endpoints.
 API::
 
     registry = new_registry(KmfCollector(engine, connections=kmf_stats))   # or MddCollector
-    exposition(registry) -> bytes            # text format 0.0.4; CONTENT_TYPE
+    exposition(registry) -> bytes            # the text format; CONTENT_TYPE
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from perc.admission import KmfStats
@@ -50,8 +50,9 @@ __all__ = [
     "new_registry",
 ]
 
-#: The Content-Type of :func:`exposition`'s output.
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+#: The Content-Type of :func:`exposition`'s output: every perc name is a classic Prometheus
+#: name, so the text is format 0.0.4, which every Prometheus version reads.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: KmfStats fields -> ``reason`` of perc_kmf_tunnel_connections_refused_total.
 _TUNNEL_REFUSALS = {

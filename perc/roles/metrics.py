@@ -44,6 +44,9 @@ MAX_REQUEST = 8192
 MAX_CONNECTIONS = 32
 
 
+_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found"}
+
+
 class MetricsError(Exception):
     """The metrics address could not be bound (one line, for exit 2)."""
 
@@ -90,7 +93,8 @@ class _Server:
                 if request.method == b"GET" and target == b"/metrics":
                     await _respond(conn, stream, 200, self.exposition(self.registry))
                 else:
-                    await _respond(conn, stream, 404, b"not found: GET /metrics\n")
+                    body = b"" if request.method == b"HEAD" else b"not found: GET /metrics\n"
+                    await _respond(conn, stream, 404, body)
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     return
                 conn.start_next_cycle()
@@ -136,7 +140,7 @@ async def _respond(
         data = b"".join(
             conn.send(event) or b""
             for event in (
-                h11.Response(status_code=status, headers=headers),
+                h11.Response(status_code=status, headers=headers, reason=_REASONS[status]),
                 h11.Data(data=body),
                 h11.EndOfMessage(),
             )
