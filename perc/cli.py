@@ -16,6 +16,7 @@
                                  [--media audio|video|both|none] [--expect-peers N]
                                  [--report FILE] [--video-fps F] [--video-bitrate B]
     perc [--log-level LEVEL] demo [--participants N] [--duration S] [--media M] [--keep]
+                                  [--metrics]
 
 ``--log-level`` and ``--log-format human|json`` are also accepted after the subcommand; with
 ``json`` every log record is one JSON object and typed events (:mod:`perc.events`) carry their
@@ -617,9 +618,20 @@ async def _endpoint_main(args: tuple[Any, float | None, Any, float | None]) -> N
     help="Keep the temporary folder (configs, identities, JSON reports, one log per process); "
     "also PERC_DEMO_KEEP=1.",
 )
+@click.option(
+    "--metrics",
+    is_flag=True,
+    default=False,
+    help="The KMF and the MDD also serve Prometheus metrics on free loopback ports; their "
+    "URLs are printed and answer until the demo ends.",
+)
 @_log_level_option
 def demo_command(
-    participants: int | None, duration: float | None, media: str | None, keep: bool | None
+    participants: int | None,
+    duration: float | None,
+    media: str | None,
+    keep: bool | None,
+    metrics: bool,
 ) -> NoReturn:
     """Run a whole conference on loopback: one KMF, one MDD and N endpoints as processes.
 
@@ -637,4 +649,4 @@ def demo_command(
         given["duration"] = duration
     if media is not None:
         given["media"] = media
-    sys.exit(demo.main(**given, keep=keep or None))
+    sys.exit(demo.main(**given, keep=keep or None, metrics=metrics))
