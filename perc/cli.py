@@ -649,4 +649,6 @@ def demo_command(
         given["duration"] = duration
     if media is not None:
         given["media"] = media
-    sys.exit(demo.main(**given, keep=keep or None, metrics=metrics))
+    if metrics:
+        given["metrics"] = True
+    sys.exit(demo.main(**given, keep=keep or None))
