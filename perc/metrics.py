@@ -265,8 +265,7 @@ class MddCollector(Collector):
         )
         for view in self.conferences():
             cid, engine = view.id, view.engine
-            totals = engine.forwarding_totals()
-            stats = engine.stats
+            stats, totals = engine.stats_and_totals()
             tunnel.add_metric([cid], 1 if engine.tunnel_is_up else 0)
             assocs.add_metric([cid], len(engine.associations))
             links.add_metric([cid], _links_up(engine))
