@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import uuid
 from types import SimpleNamespace
+from typing import Any
 
 import attrs
 import pytest
+from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
 from perc import identity
-from perc.config import KmfConfig
+from perc.cli import main
+from perc.config import ConfigError, HostPort, KmfConfig, load_kmf_config, load_mdd_config
 from perc.kmf import Durations, KmfEngine
 from perc.mdd import MddEngine
 from perc.metrics import (
@@ -29,6 +32,7 @@ from perc.roles.mdd import IoStats
 
 from .kmf_memory import MemoryKmf, ekt_spis, join, pump
 from .roles.join_helpers import keying_kmf_config
+from .test_cli import idents, started  # noqa: F401 (fixtures)
 from .test_mdd import deliver, endpoints, engine, up
 from .test_mdd import join as mdd_join
 
@@ -234,3 +238,45 @@ def test_mdd_counters_survive_the_associations_that_made_them() -> None:
     assert value(s, "perc_mdd_associations", conference="demo") == 1
     assert value(s, "perc_mdd_packets_in_total", conference="demo", kind="rtp") == 5
     assert value(s, "perc_mdd_packets_out_total", conference="demo", kind="rtp") == 5
+
+
+# --- configuration and command line ------------------------------------------------------------
+
+
+def test_metrics_key_and_option_reach_the_role(
+    idents: dict[str, Any],  # noqa: F811 (test_cli's fixtures)
+    started: list[tuple[Any, Any]],  # noqa: F811
+) -> None:
+    folder = idents["dir"]
+    runner = CliRunner()
+    assert runner.invoke(main, ["kmf", "--config", str(folder / "kmf.toml")]).exit_code == 0
+    args = ["kmf", "--config", str(folder / "kmf.toml"), "--metrics", "127.0.0.1:9464"]
+    assert runner.invoke(main, args).exit_code == 0
+    args = ["mdd", "--config", str(folder / "mdd.toml"), "--metrics", "[::1]:0"]
+    assert runner.invoke(main, args).exit_code == 0
+    (_, off), (_, kmf), (_, mdd) = started
+    assert off.kmf.metrics is None  # off unless asked for
+    assert kmf.kmf.metrics == HostPort("127.0.0.1", 9464)
+    assert mdd.mdd.metrics == HostPort("::1", 0)
+    text = (folder / "mdd.toml").read_text()
+    text = text.replace("[mdd]\n", '[mdd]\nmetrics = "0.0.0.0:9465"\n')
+    (folder / "mdd-metrics.toml").write_text(text)
+    assert load_mdd_config(folder / "mdd-metrics.toml").mdd.metrics == HostPort("0.0.0.0", 9465)
+
+
+@pytest.mark.parametrize("bad", ["9464", "host:port", "1.2.3.4:70000", "::1:9"])
+def test_a_bad_metrics_address_is_one_line_and_exit_2(
+    idents: dict[str, Any],  # noqa: F811 (test_cli's fixtures)
+    started: list[tuple[Any, Any]],  # noqa: F811
+    bad: str,
+) -> None:
+    folder = idents["dir"]
+    args = ["kmf", "--config", str(folder / "kmf.toml"), "--metrics", bad]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and started == []
+    (line,) = result.output.splitlines()
+    assert line.startswith("perc: error: --metrics: bad host:port"), line
+    text = (folder / "kmf.toml").read_text().replace("[kmf]\n", f'[kmf]\nmetrics = "{bad}"\n')
+    (folder / "kmf-bad.toml").write_text(text)
+    with pytest.raises(ConfigError, match=r"kmf\.metrics: bad host:port"):
+        load_kmf_config(folder / "kmf-bad.toml")

@@ -126,6 +126,7 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             rf"^with scraper{NUMBER}",
             rf"^ratio delivered/s with scraper / without{RATIO}",
             rf"^ratio cpu us per delivery with scraper / without{RATIO}",
+            rf"^ratio loaded scrape CPU at 10 Hz / one core{RATIO}",
             rf"^ratio idle scrape CPU at 10 Hz / one core{RATIO}",
         ],
     ),
