@@ -559,6 +559,8 @@ async def serve(
     ``SSLKEYLOGFILE`` honoured (D21; :class:`perc.keylog.KeyLogError` if it cannot be opened),
     and its state (D28): ``state`` if given (it is closed on the way out), else the file
     ``config.kmf.state`` names (:func:`open_state`; StateError before listening), else none.
+    With ``[kmf] metrics`` it also serves ``GET /metrics`` (D34), bound before the tunnel
+    listener (:class:`~perc.roles.metrics.MetricsError` when it cannot be).
     """
     keylog = None
     if engine is None:

@@ -27,8 +27,8 @@ API::
 
     serve(config: MddConfig, *, task_status=trio.TASK_STATUS_IGNORED)   # started(MddServer)
     MddServer.conferences: dict[str, ConferenceRelay]
-    ConferenceRelay: .engine, .address (UDP), .io (IoStats), .tunnel_stats, .changed
-                     (trio_util.AsyncValue), wait_changed(), and the engine's .stats,
+    ConferenceRelay: .engine, .address (UDP), .io (IoStats), .forwarding_cpu (s), .tunnel_stats,
+                     .changed (trio_util.AsyncValue), wait_changed(), and the engine's .stats,
                      .associations, .kmf_highest_version, .tunnel_is_up
 """
 
