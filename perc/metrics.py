@@ -26,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
-import attrs
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -285,8 +284,7 @@ class MddCollector(Collector):
             dropped.add_metric([cid, "no_association"], unknown)
             for field, reason in _MDD_DROPS.items():
                 dropped.add_metric([cid, reason], getattr(stats, field))
-            io = attrs.asdict(view.io) if attrs.has(type(view.io)) else {}
-            dropped.add_metric([cid, "send_failed"], io.get("dropped_udp_send", 0))
+            dropped.add_metric([cid, "send_failed"], getattr(view.io, "dropped_udp_send", 0))
             dtls.add_metric([cid, "to_kmf"], stats.dtls_to_kmf)
             dtls.add_metric([cid, "to_endpoint"], stats.dtls_to_endpoint)
             cpu.add_metric([cid], view.forwarding_cpu)
