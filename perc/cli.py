@@ -153,15 +153,15 @@ def _run_role(serve: Callable[..., Awaitable[object]], cfg: object, what: str = 
     """Run a role's ``serve(config)`` under trio until SIGINT/SIGTERM (then exit 0).
 
     An OSError out of the role (a port in use, an address not on this host) becomes one
-    ``perc: error:`` line prefixed with ``what`` and exit status 1; the metrics address in use
-    (:class:`perc.roles.metrics.MetricsError`) is one such line with exit status 2.
+    ``perc: error:`` line prefixed with ``what`` and exit status 1; a configuration the role
+    finds unusable once running (:class:`perc.config.ConfigError`, such as the metrics address
+    in use: :class:`perc.roles.metrics.MetricsError`) is one such line with exit status 2.
     """
-    from perc.roles.metrics import MetricsError
     from perc.roles.runner import run_until_signal
 
     try:
         run_until_signal(serve, cfg)
-    except MetricsError as e:
+    except config.ConfigError as e:
         raise CliError(str(e)) from None
     except (OSError, BaseExceptionGroup) as e:
         os_error = _find_os_error(e)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import h11
 import trio
 
-from perc.config import HostPort
+from perc.config import ConfigError, HostPort
 from perc.events import Listening, emit
 
 if TYPE_CHECKING:
@@ -47,8 +47,9 @@ MAX_CONNECTIONS = 32
 _REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found"}
 
 
-class MetricsError(Exception):
-    """The metrics address could not be bound (one line, for exit 2)."""
+class MetricsError(ConfigError):
+    """The metrics address could not be bound: the configuration cannot be used as it is
+    (one line; ``perc kmf``/``perc mdd`` exit 2)."""
 
 
 class _TooBig(Exception):
