@@ -331,6 +331,7 @@ def start_roles(
     log_level: str | None = None,
     log_format: str | None = None,
     rekey_window: float | None = None,
+    mdd_extra: str = "",
 ) -> PercRoles:
     """New KMF and MDD identities, kmf.toml and mdd.toml in ``folder``; start ``perc kmf``, then
     ``perc mdd`` once the KMF's port is known; return when the MDD's tunnel is up.
@@ -339,7 +340,7 @@ def start_roles(
     join and leave; ``idle_timeout``: the MDD's (None: perc's default); ``profile``: "kmf" or
     "mdd" runs that role under cProfile; ``log_level``, ``log_format``: both roles'
     ``--log-level`` and ``--log-format``; ``rekey_window``: the conference's (None: perc's
-    default, D22).
+    default, D22); ``mdd_extra``: more lines for the MDD's ``[mdd]`` table.
     """
     kmf_id, mdd_id = identity.generate("kmf"), identity.generate("mdd")
     identity.write(kmf_id, folder, "kmf")
@@ -365,7 +366,7 @@ def start_roles(
         kmf_port = int(kmf.wait_for(r"KMF listening on \S+:(\d+)").group(1))
         idle = "" if idle_timeout is None else f"idle_timeout = {idle_timeout}\n"
         (folder / "mdd.toml").write_text(
-            f'[mdd]\ncert = "mdd.crt"\nkey = "mdd.key"\n{idle}\n'
+            f'[mdd]\ncert = "mdd.crt"\nkey = "mdd.key"\n{idle}{mdd_extra}\n'
             f'[[conference]]\nid = "{conference}"\nlisten = "{LOCAL}:0"\n'
             f'kmf = "{LOCAL}:{kmf_port}"\nkmf_fingerprint = "{kmf_id.fingerprint}"\n'
         )

@@ -4,17 +4,19 @@
 
     perc [--log-level LEVEL] identity new NAME [--dir DIR] [--days N] [--force]
     perc [--log-level LEVEL] identity show FILE.crt [--key FILE.key]
-    perc [--log-level LEVEL] kmf --config kmf.toml [--reset-state]
+    perc [--log-level LEVEL] kmf --config kmf.toml [--reset-state] [--metrics HOST:PORT]
     perc [--log-level LEVEL] kmf audit --state FILE [--state-key FILE] [--verify]
     perc [--log-level LEVEL] mdd --config mdd.toml
     perc [--log-level LEVEL] mdd --kmf HOST:PORT --kmf-fingerprint FP --listen HOST:PORT
                                  --cert F --key F [--conference ID] [--idle-timeout S]
+    perc [--log-level LEVEL] mdd ... [--metrics HOST:PORT]
     perc [--log-level LEVEL] endpoint --mdd HOST:PORT --cert F --key F --kmf-fingerprint FP
                                  [--tls-id ID] [--kmf-tls-id ID] [--name NAME]
                                  [--join-timeout S] [--duration S] [--keepalive S]
                                  [--media audio|video|both|none] [--expect-peers N]
                                  [--report FILE] [--video-fps F] [--video-bitrate B]
     perc [--log-level LEVEL] demo [--participants N] [--duration S] [--media M] [--keep]
+                                  [--metrics]
 
 ``--log-level`` and ``--log-format human|json`` are also accepted after the subcommand; with
 ``json`` every log record is one JSON object and typed events (:mod:`perc.events`) carry their
@@ -123,16 +125,44 @@ def _find_os_error(exc: BaseException) -> OSError | None:
     return None
 
 
+def _metrics_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--metrics",
+        metavar="HOST:PORT",
+        default=None,
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (D34); overrides the "
+        "config's metrics key [default: off].",
+    )(f)
+
+
+def _with_metrics(cfg: Any, table: str, text: str | None) -> Any:
+    """``cfg`` with ``[table] metrics`` set from ``--metrics`` (unchanged when not given)."""
+    if text is None:
+        return cfg
+    import attrs
+
+    try:
+        address = config.parse_host_port(text)
+    except ValueError as e:
+        raise CliError(f"--metrics: {e}") from None
+    settings = attrs.evolve(getattr(cfg, table), metrics=address)
+    return attrs.evolve(cfg, **{table: settings})
+
+
 def _run_role(serve: Callable[..., Awaitable[object]], cfg: object, what: str = "") -> None:
     """Run a role's ``serve(config)`` under trio until SIGINT/SIGTERM (then exit 0).
 
     An OSError out of the role (a port in use, an address not on this host) becomes one
-    ``perc: error:`` line prefixed with ``what`` and exit status 1.
+    ``perc: error:`` line prefixed with ``what`` and exit status 1; a configuration the role
+    finds unusable once running (:class:`perc.config.ConfigError`, such as the metrics address
+    in use: :class:`perc.roles.metrics.MetricsError`) is one such line with exit status 2.
     """
     from perc.roles.runner import run_until_signal
 
     try:
         run_until_signal(serve, cfg)
+    except config.ConfigError as e:
+        raise CliError(str(e)) from None
     except (OSError, BaseExceptionGroup) as e:
         os_error = _find_os_error(e)
         if os_error is None:
@@ -233,18 +263,21 @@ def identity_show(certificate: Path, key: Path | None) -> None:
     help="Delete the state file (D28: stored SPIs, audit log) and start with an empty one; "
     "without it an unusable state file stops the KMF (exit 2) and is left as it is.",
 )
+@_metrics_option
 @_log_level_option
 @click.pass_context
-def kmf_command(ctx: click.Context, config_path: Path | None, reset_state: bool) -> None:
+def kmf_command(
+    ctx: click.Context, config_path: Path | None, reset_state: bool, metrics: str | None
+) -> None:
     """Run the Key Distributor: the RFC 9185 tunnel server the MDDs connect to.
 
     Its state (SPIs that survive restarts, the audit log) is kept in the file [kmf] state
     names, kmf-state.sqlite beside the config by default; `perc kmf audit` reads the log.
     """
     if ctx.invoked_subcommand is not None:
-        if config_path is not None or reset_state:
+        if config_path is not None or reset_state or metrics is not None:
             sub = ctx.invoked_subcommand
-            raise CliError(f"--config and --reset-state run the KMF: not with {sub}")
+            raise CliError(f"--config, --reset-state and --metrics run the KMF: not with {sub}")
         return
     if config_path is None:
         raise CliError("give --config FILE (or a subcommand: audit)")
@@ -252,6 +285,7 @@ def kmf_command(ctx: click.Context, config_path: Path | None, reset_state: bool)
         cfg = config.load_kmf_config(config_path)
     except config.ConfigError as e:
         raise CliError(str(e)) from None
+    cfg = _with_metrics(cfg, "kmf", metrics)
     _setup_logging()
     from perc.roles import kmf
     from perc.state import StateError
@@ -361,6 +395,7 @@ _QUICK = ("kmf", "kmf_fingerprint", "listen", "cert", "key")
     + _doc(config.MddSettings, "idle_timeout")
     + f" [default: {_default(config.MddSettings, 'idle_timeout')}]",
 )
+@_metrics_option
 @_log_level_option
 def mdd_command(
     *,
@@ -372,6 +407,7 @@ def mdd_command(
     key: str | None,
     conference: str,
     idle_timeout: float | None,
+    metrics: str | None,
 ) -> None:
     """Run the Media Distributor: UDP for endpoints, one RFC 9185 tunnel per conference.
 
@@ -415,6 +451,7 @@ def mdd_command(
             )
         except config.ConfigError as e:
             raise CliError(str(e)) from None
+    cfg = _with_metrics(cfg, "mdd", metrics)
     _setup_logging()
     from perc.roles import mdd
 
@@ -581,9 +618,20 @@ async def _endpoint_main(args: tuple[Any, float | None, Any, float | None]) -> N
     help="Keep the temporary folder (configs, identities, JSON reports, one log per process); "
     "also PERC_DEMO_KEEP=1.",
 )
+@click.option(
+    "--metrics",
+    is_flag=True,
+    default=False,
+    help="The KMF and the MDD also serve Prometheus metrics on free loopback ports; their "
+    "URLs are printed and answer until the demo ends.",
+)
 @_log_level_option
 def demo_command(
-    participants: int | None, duration: float | None, media: str | None, keep: bool | None
+    participants: int | None,
+    duration: float | None,
+    media: str | None,
+    keep: bool | None,
+    metrics: bool,
 ) -> NoReturn:
     """Run a whole conference on loopback: one KMF, one MDD and N endpoints as processes.
 
@@ -601,4 +649,6 @@ def demo_command(
         given["duration"] = duration
     if media is not None:
         given["media"] = media
+    if metrics:
+        given["metrics"] = True
     sys.exit(demo.main(**given, keep=keep or None))

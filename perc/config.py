@@ -19,6 +19,7 @@ Files (the optional keys have the defaults shown)::
     state = "kmf-state.sqlite"         # D28 state file beside this file; "" = memory only
     state_key = "kmf-state.key"        # D28 state key (0600, created on first start)
     persist_keys = true                # D29 key material in the state
+    # metrics = "127.0.0.1:9464"       # Prometheus GET /metrics (D34); unset: off
     [[conference]]
     id = "demo"
     participants = ["sha-256 ..."]     # endpoint certificate fingerprints (D15)
@@ -40,6 +41,7 @@ Files (the optional keys have the defaults shown)::
     max_pending = 1000                 # associations still before the KMF's ServerHello
     max_pending_per_ip = 64            # ... of them from one source IP address
     pending_timeout = 2.0              # seconds a pending association has to progress
+    # metrics = "127.0.0.1:9465"       # Prometheus GET /metrics (D34); unset: off
     [[conference]]
     id = "demo"
     listen = "127.0.0.1:5004"          # UDP port where endpoints of this conference send
@@ -238,6 +240,10 @@ class KmfSettings:
             "yet either way: it does not resume associations across restarts)"
         ),
     )
+    metrics: HostPort | None = attrs.field(
+        default=None,
+        metadata=_doc("serve Prometheus metrics at http://HOST:PORT/metrics (D34); unset: off"),
+    )
 
 
 @attrs.frozen
@@ -325,6 +331,10 @@ class MddSettings:
         metadata=_doc(
             "seconds a pending association has to get the KMF's ServerHello or MediaKeys"
         ),
+    )
+    metrics: HostPort | None = attrs.field(
+        default=None,
+        metadata=_doc("serve Prometheus metrics at http://HOST:PORT/metrics (D34); unset: off"),
     )
 
 

@@ -120,6 +120,8 @@ API::
         (with spi_starts={conference: counter}, persistent=True:)
         persistence_requests() -> [ReserveSpis | AuditRecord]
         spis_reserved(conference_id, ceiling, now)           # a ReserveSpis is on disk
+        .join_seconds, .rekey_seconds: Durations; .handshakes: Counter[(result, reason)];
+        .rekey_causes: Counter[(conference, cause)]   # read by perc.metrics (D34)
     EchoEngine: sends every datagram back (bench/tests)
 """
 
@@ -130,7 +132,8 @@ import heapq
 import itertools
 import logging
 import uuid
-from collections import deque
+from bisect import bisect_left
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import attrs
@@ -194,6 +197,7 @@ __all__ = [
     "SPI_BLOCK",
     "AuditRecord",
     "CloseTunnel",
+    "Durations",
     "EchoEngine",
     "KeyingStats",
     "KmfAssociation",
@@ -220,6 +224,9 @@ EKT_CIPHER_PREFERENCE = (AESKW256, AESKW128)
 SPI_BLOCK = 256
 #: Longest certificate common name kept as an audit row's name (D32).
 MAX_NAME = 64
+#: Upper bounds (seconds) of the join and rekey duration histograms (D34).
+JOIN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+REKEY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 
 
 def _profile_text(profiles: Sequence[int]) -> str:
@@ -481,6 +488,15 @@ def _common_name(der: bytes) -> str | None:
     return value[:MAX_NAME]
 
 
+def _failure(reason: str, closed: dtls_events.ConnectionClosed | None) -> str:
+    """A short, bounded label for why a handshake ended without a join (D34 ``reason``)."""
+    if closed is None:
+        return "restarted" if reason.startswith("restarted") else "disconnected"
+    if closed.alert is None:
+        return "timeout"
+    return _alert_name(closed.alert)
+
+
 # --- keying ---------------------------------------------------------------------------------------
 
 
@@ -512,6 +528,24 @@ class KmfAssociation:
     """The DTLS engine's deadline as recorded in the timer heap."""
     connection: DtlsConnection = attrs.field(init=False)
     """Set right after construction (its callbacks refer to this object)."""
+
+
+@attrs.define
+class Durations:
+    """A histogram of durations in seconds, kept by the engine for its metrics (D34): a count
+    per bucket (``counts[i]``: values <= ``bounds[i]``, above the previous bound; the last one
+    is above every bound) and their sum. Observing costs a bisect and two additions."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = attrs.field(init=False)
+    total: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1
+        self.total += seconds
 
 
 @attrs.define
@@ -559,6 +593,8 @@ class KeyingStats:
     """Joiners whose first EKTKey was a pending rekey's (never the key used before them)."""
     rekey_errors: int = 0
     """Rekeys that could not be made (a KeyingError, reported as RekeyFailed)."""
+    ekt_key_retransmissions: int = 0
+    """EKTKey messages sent again because their ACK had not come (D9)."""
 
 
 class KmfEngine(TunnelServerEngine):
@@ -590,6 +626,13 @@ class KmfEngine(TunnelServerEngine):
         self._persist: list[PersistRequest] = []
         self._spi_requested: dict[str, int] = {}
         self.stats = KeyingStats()
+        # For the metrics (D34): join = first ClientHello to handshake done; rekey = new
+        # EKTKey sent to every member of the conference ACKed it (or left).
+        self.join_seconds = Durations(JOIN_BUCKETS)
+        self.rekey_seconds = Durations(REKEY_BUCKETS)
+        self.handshakes: Counter[tuple[str, str]] = Counter()
+        self.rekey_causes: Counter[tuple[str, str]] = Counter()
+        self._rekey_waiting: dict[str, tuple[int, float, set[uuid.UUID]]] = {}
         self.associations: dict[uuid.UUID, KmfAssociation] = {}
         self.max_associations = max_associations
         self.tls_id = (config.kmf.tls_id or random_tls_id()).encode("ascii")
@@ -689,7 +732,10 @@ class KmfEngine(TunnelServerEngine):
         for assoc in due:
             if self.associations.get(assoc.association_id) is not assoc:
                 continue
+            stats = assoc.connection.stats
+            sent = stats.ekt_retransmissions
             assoc.connection.handle_timer(now)
+            self.stats.ekt_key_retransmissions += stats.ekt_retransmissions - sent
             self._service(assoc, now)
         for conf in due_conferences:
             self._poll_conference(conf, now)
@@ -826,15 +872,31 @@ class KmfEngine(TunnelServerEngine):
             rekey.leaves,
         )
         # To every member; the DTLS engine retransmits until ACK.
+        waiting: set[uuid.UUID] = set()
+        self._rekey_waiting[conf.id] = (key.spi, now, waiting)
         for aid in list(conf.members):
             assoc = self.associations.get(aid)
             if assoc is not None and assoc.connection.is_established:
+                waiting.add(aid)
                 self._send_ekt_key(assoc, key, now)
                 self._service(assoc, now)
+        if not waiting:
+            self._rekey_waiting.pop(conf.id, None)
+
+    def _rekey_acked(self, conf_id: str, aid: uuid.UUID, spi: int | None, now: float) -> None:
+        """A member ACKed ``spi`` (None: it left): the rekey is done once nobody is waited for."""
+        waiting = self._rekey_waiting.get(conf_id)
+        if waiting is None or (spi is not None and spi != waiting[0]) or aid not in waiting[2]:
+            return
+        waiting[2].discard(aid)
+        if not waiting[2]:
+            del self._rekey_waiting[conf_id]
+            self.rekey_seconds.observe(now - waiting[1])
 
     def _new_key_event(
         self, conf: Conference, key: EktKeyMaterial, reason: str, members: int
     ) -> None:
+        self.rekey_causes[conf.id, reason] += 1
         self._events.append(
             Rekeyed(
                 conf.id,
@@ -989,6 +1051,8 @@ class KmfEngine(TunnelServerEngine):
             elif isinstance(event, dtls_events.EktKeyAcknowledged):
                 self.stats.ekt_keys_acknowledged += 1
                 conf = assoc.conference
+                if conf is not None:
+                    self._rekey_acked(conf.id, assoc.association_id, event.spi, now)
                 self._events.append(
                     EktKeyAcked(conf.id if conf else "", assoc.association_id, event.spi)
                 )
@@ -1100,6 +1164,8 @@ class KmfEngine(TunnelServerEngine):
         assoc.profile = event.srtp_profile
         assoc.joined = now
         self.stats.joined += 1
+        self.handshakes["joined", "ok"] += 1
+        self.join_seconds.observe(now - assoc.created)
         if key is not None:
             if first:
                 self._new_key_event(conf, key, "first", len(conf.members))
@@ -1160,6 +1226,7 @@ class KmfEngine(TunnelServerEngine):
             else:
                 self._schedule_conference(conf)
             self.stats.left += 1
+            self._rekey_acked(conf.id, aid, None, now)
             if assoc.refusal is not None:  # we ended a member (MediaKeys not delivered)
                 reason = f"{assoc.refusal} ({reason})"
             self._events.append(
@@ -1189,6 +1256,7 @@ class KmfEngine(TunnelServerEngine):
             alert = "-"
             if closed is not None and closed.alert is not None and not closed.sent_by_peer:
                 alert = _alert_name(closed.alert)
+            self.handshakes["refused", alert if alert != "-" else "refused"] += 1
             self._events.append(
                 Denied(
                     aid,
@@ -1212,6 +1280,7 @@ class KmfEngine(TunnelServerEngine):
             )
         else:
             self.stats.failed += 1
+            self.handshakes["failed", _failure(reason, closed)] += 1
             self._events.append(HandshakeFailed(aid, assoc.fingerprint, reason))
         # RFC 9185 §5.4 / D3: the association ended on the DTLS side; tell the MDD.
         if closed is not None:

@@ -17,6 +17,7 @@ API::
     engine.close(now, extra_totals)               # at exit: counters and totals events
     engine.associations      # the forwarding table's associations by id (the only table)
     engine.stats             # MddStats
+    engine.stats_and_totals()  # and the association counters summed, ended ones included
     engine.tunnel_is_up, engine.tunnel_close_reason, engine.kmf_highest_version, engine.version
 
 Nothing here does I/O or reads a clock; :mod:`perc.roles.mdd` is the trio shell that owns the
@@ -448,6 +449,12 @@ class MddEngine:
     @property
     def stats(self) -> MddStats:
         """The counters, SRTP fields brought up to date from the forwarding table."""
+        return self.stats_and_totals()[0]
+
+    def stats_and_totals(self) -> tuple[MddStats, dict[str, int]]:
+        """:attr:`stats` and every :class:`~perc.forwarding.AssociationCounters` field summed
+        over the conference, ended associations included (monotonic), from one snapshot of
+        the table (for the metrics, D34)."""
         st = self._stats
         totals = self._forwarding_totals()
         unknown = self.table.stats.unknown_source
@@ -458,7 +465,7 @@ class MddEngine:
         st.dropped_srtp = unknown + sum(totals.get(k, 0) for k in _PACKET_DROPS)
         st.srtp_held = held
         st.dropped_srtp_no_keys = unknown + held + totals.get("drop_queue_full", 0)
-        return st
+        return st, totals
 
     def _forwarding_totals(self) -> dict[str, int]:
         totals = dict(self._retired)

@@ -135,6 +135,7 @@ class DtlsStats:
     dropped_old: int = 0  # fragments of messages already processed (peer retransmissions)
     future_records_buffered: int = 0
     retransmissions: int = 0
+    ekt_retransmissions: int = 0  # of which EKTKey messages (D9)
     internal_errors: int = 0  # unexpected exceptions turned into internal_error alerts
     outgoing_discarded: int = 0  # queued datagrams dropped because nobody collected them
     alerts_repeated: int = 0  # our fatal alert sent again to a peer that kept sending
@@ -291,6 +292,7 @@ class DtlsConnection:
                 return
             if ekt.timer.deadline is not None and now >= ekt.timer.deadline:
                 self.stats.retransmissions += 1
+                self.stats.ekt_retransmissions += 1
                 self._send_ekt(ekt)
                 ekt.timer.backoff(now)
 

@@ -202,8 +202,19 @@ class _Failed(Exception):
 
 
 class _Demo:
-    def __init__(self, files: DemoFiles, *, duration: float, media: str, screen: Screen) -> None:
+    def __init__(
+        self,
+        files: DemoFiles,
+        *,
+        duration: float,
+        media: str,
+        screen: Screen,
+        metrics: bool = False,
+    ) -> None:
         self.files = files
+        #: --metrics: the KMF and the MDD serve /metrics on kernel-chosen loopback ports (D34).
+        self.metrics = metrics
+        self.metrics_urls: list[str] = []
         self.duration = duration
         self.media = media
         self.screen = screen
@@ -283,7 +294,10 @@ class _Demo:
         f = self.files
         say = self.screen.say
         self.step = "starting the KMF"
-        self.kmf = await self.start(nursery, "kmf", ["kmf", "--config", str(f.kmf_config)])
+        metrics = ["--metrics", "127.0.0.1:0"] if self.metrics else []
+        self.kmf = await self.start(
+            nursery, "kmf", ["kmf", "--config", str(f.kmf_config), *metrics]
+        )
         listening = await self._wait_event(
             self.kmf, events.Listening, "the KMF did not start", what="tunnel"
         )
@@ -296,7 +310,9 @@ class _Demo:
         )
         self.step = "starting the MDD"
         mdd_config = write_mdd_config(f, kmf_port)
-        self.mdd = await self.start(nursery, "mdd", ["mdd", "--config", str(mdd_config)])
+        self.mdd = await self.start(
+            nursery, "mdd", ["mdd", "--config", str(mdd_config), *metrics]
+        )
         await self._wait_event(
             self.mdd, events.MddTunnelUp, "the MDD's tunnel to the KMF did not come up"
         )
@@ -309,6 +325,8 @@ class _Demo:
             "is up (each side pinned the other's certificate fingerprint)",
             stamp=True,
         )
+        if self.metrics:
+            self._say_metrics()
 
         self.step = "joining"
         mark = len(self.kmf.events)
@@ -362,6 +380,16 @@ class _Demo:
             f"those still there): {done}",
             stamp=True,
         )
+
+    def _say_metrics(self) -> None:
+        """Print the /metrics URLs of the KMF and the MDD (each logged where it listens)."""
+        for child, role in ((self.kmf, "KMF"), (self.mdd, "MDD")):
+            bound = child.last_event(events.Listening, what="metrics") if child else None
+            if bound is None:
+                raise _Failed(f"the {role} did not say where it serves its metrics")
+            url = f"http://{bound.host}:{bound.port}/metrics"
+            self.metrics_urls.append(url)
+            self.screen.say(f"{role} metrics (Prometheus, until the demo ends): {url}")
 
     async def _wait_event(self, child: _Child, kind: type[E], failure: str, **fields: object) -> E:
         def seen() -> bool:
@@ -673,6 +701,7 @@ def main(
     keep: bool | None = None,
     fault: str | None = None,
     out: TextIO | None = None,
+    metrics: bool = False,
 ) -> int:
     """Run the demo; 0 if every endpoint verified every other (see the module docstring)."""
     out = out if out is not None else sys.stdout
@@ -706,7 +735,7 @@ def main(
                 f"fault injected (PERC_DEMO_FAULT=outsider): {outsiders[0]}'s certificate is "
                 "NOT on the KMF's roster"
             )
-        demo = _Demo(files, duration=duration, media=media, screen=screen)
+        demo = _Demo(files, duration=duration, media=media, screen=screen, metrics=metrics)
         trio.run(_main, demo)
         screen.freeze()
         demo.judge()

@@ -77,7 +77,7 @@ import operator
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import ParamSpec
+from typing import TYPE_CHECKING, ParamSpec
 
 import attrs
 import trio
@@ -107,6 +107,7 @@ from perc.kmf import (
     ReserveSpis,
     TunnelServerEngine,
 )
+from perc.roles.metrics import serving as serving_metrics
 from perc.roles.tunnel import (
     TlsHandshakeError,
     TunnelClosed,
@@ -118,6 +119,9 @@ from perc.roles.tunnel import (
 )
 from perc.state import KmfState, StateWriteError, load_state_key
 from perc.wire.tunnel import TunnelMessage
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 __all__ = ["MAX_TUNNELS", "KmfServer", "KmfStats", "StateWriter", "open_state", "serve"]
 
@@ -536,6 +540,12 @@ class KmfServer:
                 log.exception("the KMF engine failed closing tunnel peer=%s", conn.peer)
 
 
+def _collector(server: KmfServer) -> Collector:
+    from perc.metrics import KmfCollector
+
+    return KmfCollector(server.engine, server.stats)
+
+
 async def serve(
     config: KmfConfig,
     *,
@@ -549,6 +559,8 @@ async def serve(
     ``SSLKEYLOGFILE`` honoured (D21; :class:`perc.keylog.KeyLogError` if it cannot be opened),
     and its state (D28): ``state`` if given (it is closed on the way out), else the file
     ``config.kmf.state`` names (:func:`open_state`; StateError before listening), else none.
+    With ``[kmf] metrics`` it also serves ``GET /metrics`` (D34), bound before the tunnel
+    listener (:class:`~perc.roles.metrics.MetricsError` when it cannot be).
     """
     keylog = None
     if engine is None:
@@ -573,7 +585,8 @@ async def serve(
         server.writer.submit([AuditRecord("kmf_start", fingerprint=config.identity.fingerprint)])
         server.service()  # the engine's first SPI reservations
     try:
-        await server.serve(task_status=task_status)
+        async with serving_metrics(config.kmf.metrics, partial(_collector, server)):
+            await server.serve(task_status=task_status)
     finally:
         writer = server.writer
         if writer is not None:

@@ -27,8 +27,8 @@ API::
 
     serve(config: MddConfig, *, task_status=trio.TASK_STATUS_IGNORED)   # started(MddServer)
     MddServer.conferences: dict[str, ConferenceRelay]
-    ConferenceRelay: .engine, .address (UDP), .io (IoStats), .tunnel_stats, .changed
-                     (trio_util.AsyncValue), wait_changed(), and the engine's .stats,
+    ConferenceRelay: .engine, .address (UDP), .io (IoStats), .forwarding_cpu (s), .tunnel_stats,
+                     .changed (trio_util.AsyncValue), wait_changed(), and the engine's .stats,
                      .associations, .kmf_highest_version, .tunnel_is_up
 """
 
@@ -37,6 +37,9 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
+from functools import partial
+from time import thread_time
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -46,6 +49,7 @@ from perc import events, forwarding
 from perc.config import MddConference, MddConfig
 from perc.identity import fingerprint_matches
 from perc.mdd import Address, MddEngine, MddStats, key_isolation
+from perc.roles.metrics import serving as serving_metrics
 from perc.roles.tunnel import (
     TunnelConnection,
     TunnelError,
@@ -53,6 +57,9 @@ from perc.roles.tunnel import (
     TunnelStats,
     make_tls_context,
 )
+
+if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
 
 __all__ = ["ConferenceRelay", "IoStats", "MddServer", "serve"]
 
@@ -98,6 +105,8 @@ class ConferenceRelay:
         self.settings = config.mdd
         self.engine = MddEngine.from_config(conference, config.mdd)
         self.io = IoStats()
+        #: CPU seconds of this thread spent in the UDP loop's batches (D34 metrics).
+        self.forwarding_cpu = 0.0
         self.address: tuple[str, int] = ("", 0)
         #: Counts the engine's events: in-process programs wait on it for any change.
         self.changed = AsyncValue(0)
@@ -270,6 +279,7 @@ class ConferenceRelay:
         while True:
             await trio.lowlevel.wait_readable(sock)
             now = current_time()
+            cpu = thread_time()
             for _ in range(UDP_BATCH):
                 try:
                     data, addr = recv(_UDP_MAX)
@@ -293,9 +303,11 @@ class ConferenceRelay:
             else:
                 # A full batch: let other tasks (the tunnel writer) run before draining more.
                 self._pump()
+                self.forwarding_cpu += thread_time() - cpu
                 await trio.lowlevel.checkpoint()
                 continue
             self._pump()
+            self.forwarding_cpu += thread_time() - cpu
 
     async def _send(
         self, out: list[tuple[Address, bytes]], index: int = 0, error: OSError | None = None
@@ -366,5 +378,14 @@ async def serve(
     config: MddConfig, *, task_status: trio.TaskStatus[MddServer] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run the MDD until cancelled; ``task_status.started(MddServer)`` once every conference's
-    UDP socket is bound (the tunnels connect in the background)."""
-    await MddServer(config).serve(task_status=task_status)
+    UDP socket is bound (the tunnels connect in the background); with ``[mdd] metrics`` it
+    serves ``GET /metrics`` too (bound first: :class:`~perc.roles.metrics.MetricsError`)."""
+    server = MddServer(config)
+    async with serving_metrics(config.mdd.metrics, partial(_collector, server)):
+        await server.serve(task_status=task_status)
+
+
+def _collector(server: MddServer) -> Collector:
+    from perc.metrics import MddCollector
+
+    return MddCollector(server.conferences.values)

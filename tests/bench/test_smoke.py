@@ -6,8 +6,8 @@ steps), warnings as errors, and must exit 0, print the machine line, print no tr
 print its table's rows and its ``ratio X / Y  N.NN`` (or summary) lines. No timing is
 asserted: on a loaded machine the numbers mean nothing, and that is not what is tested.
 
-The benches that start real ``perc`` processes (forwarding, join_storm, rekey,
-tunnel_relay) are marked slow like the other whole-system tests.
+The benches that start real ``perc`` processes (forwarding, join_storm, metrics_scrape,
+rekey, tunnel_relay) are marked slow like the other whole-system tests.
 """
 
 from __future__ import annotations
@@ -117,9 +117,22 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^largest lossless conference: ",
         ],
     ),
+    "metrics_scrape": (
+        [],
+        [
+            r"end-to-end check: 20/20 warm-up packets verified",
+            r"^# idle: 5 scrapes of [\d,]+ B, MDD CPU ",
+            rf"^without{NUMBER}",
+            rf"^with scraper{NUMBER}",
+            rf"^ratio delivered/s with scraper / without{RATIO}",
+            rf"^ratio cpu us per delivery with scraper / without{RATIO}",
+            rf"^ratio loaded scrape CPU at 10 Hz / one core{RATIO}",
+            rf"^ratio idle scrape CPU at 10 Hz / one core{RATIO}",
+        ],
+    ),
 }
 #: Benches that start perc role processes or a process of their own.
-PROCESSES = {"forwarding", "join_storm", "rekey", "tunnel_relay"}
+PROCESSES = {"forwarding", "join_storm", "metrics_scrape", "rekey", "tunnel_relay"}
 
 
 def _bench(name: str) -> pytest.ParameterSet:
