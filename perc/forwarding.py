@@ -186,6 +186,7 @@ from typing import Generic, TypeAlias, TypeVar
 
 import attrs
 
+from perc.repair import RepairCache
 from perc.srtp.context import SrtpSession
 from perc.srtp.errors import (
     AuthenticationError,
@@ -195,6 +196,7 @@ from perc.srtp.errors import (
 )
 from perc.srtp.hop import HeaderChanges, Inbound, MediaDistributorHop
 from perc.srtp.keys import GCM_SALT_LENGTH, SrtpProfile
+from perc.wire.framemarking import FrameMarkingDecodeError, frame_marking_of_packet
 from perc.wire.rtcp import (
     RR,
     SR,
@@ -295,6 +297,22 @@ class ForwardingConfig:
     nack_rate: float = 1000.0
     """Packets one receiver may NACK toward one media sender, per second (a burst of one
     second's worth); NACKs beyond are dropped (``drop_feedback_throttled``)."""
+    repair: bool = True
+    """D36: keep recent packets per sending SSRC and answer NACKs from them."""
+    repair_cache_time: float = 1.0
+    """D36: seconds of packets kept per sending SSRC for repair."""
+    repair_cache_packets: int = 512
+    """D36: packets kept per sending SSRC for repair, at most."""
+    repair_rate: float = 500.0
+    """Packets per second the MDD retransmits to one receiver from its cache (a burst of one
+    second's worth); beyond, counted (``retransmit_throttled``) and neither sent nor asked of
+    the sender."""
+    frame_marking_id: int | None = 4
+    """D35: the RFC 9626 frame marking extension's one-byte id, used by last_n to start a
+    feed at a key frame (None: ignore the extension, marker-bit rule only)."""
+    keyframe_wait: float = 0.1
+    """D35: seconds a last_n feed waits for a key frame before the MDD asks the sender for one
+    (a PLI on the receiver's behalf)."""
 
     def __attrs_post_init__(self) -> None:
         if self.last_n is not None and self.last_n < 0:
@@ -305,6 +323,12 @@ class ForwardingConfig:
             raise ForwardingUsageError("replay_window must be 64..32768")
         if not (self.pli_rate > 0 and self.nack_rate > 0):
             raise ForwardingUsageError("pli_rate and nack_rate must be > 0")
+        if self.repair_cache_time <= 0 or self.repair_cache_packets < 1 or self.repair_rate <= 0:
+            raise ForwardingUsageError("repair_cache_time, repair_cache_packets, repair_rate > 0")
+        if self.frame_marking_id is not None and not 1 <= self.frame_marking_id <= 14:
+            raise ForwardingUsageError("frame_marking_id must be 1..14 (one-byte form)")
+        if self.keyframe_wait < 0:
+            raise ForwardingUsageError("keyframe_wait must be >= 0")
         if self.last_n_idle <= 0 or self.last_n_switch_timeout < 0:
             raise ForwardingUsageError("last_n_idle > 0 and last_n_switch_timeout >= 0")
         for pt in (*self.video_payload_types, *self.audio_payload_types):
@@ -337,9 +361,15 @@ class AssociationCounters:
         "drop_ssrc_conflict",
         "drop_unknown_ssrc",
         "held",
+        "nack_answered",
+        "nack_forwarded",
+        "nack_received",
         "packets_in",
         "packets_out",
+        "pli_originated",
+        "pli_throttled",
         "received",
+        "retransmit_throttled",
         "rtcp_in",
         "rtcp_out",
         "video_in",
@@ -370,6 +400,16 @@ class AssociationCounters:
         self.drop_rtcp_spoof = 0
         #: PLI/FIR/NACK over this receiver's rate toward one media sender (D36)
         self.drop_feedback_throttled = 0
+        #: D36, on the receiver that sent them: packets its NACKs asked for, of them answered
+        #: from the repair cache, turned toward the sender, and not answered for its rate
+        self.nack_received = 0
+        self.nack_answered = 0
+        self.nack_forwarded = 0
+        self.retransmit_throttled = 0
+        #: D36: PLI/FIR from this receiver dropped by the throttle (also in the drop above)
+        self.pli_throttled = 0
+        #: D35: PLIs the MDD sent a video sender on this receiver's behalf (last_n feed start)
+        self.pli_originated = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -433,9 +473,11 @@ class Association(Generic[AddrT]):
         "_out_session",
         "_protect_rtcp",
         "_protect_rtp",
+        "_repair",
         "_route_counters",
         "_routes",
         "_rtcp_routes",
+        "_rtx",
         "_seq",
         "address",
         "association_id",
@@ -495,6 +537,10 @@ class Association(Generic[AddrT]):
         self._rtcp_routes: list[Association[AddrT]] = []
         #: feedback throttle per (media sender's id, is NACK): [tokens, when last updated]
         self._feedback: dict[tuple[uuid.UUID, bool], list[float]] = {}
+        #: D36: repair cache per RTP SSRC it sends
+        self._repair: dict[int, RepairCache] = {}
+        #: D36: retransmissions to it: [tokens, when last updated] (empty: full)
+        self._rtx: list[float] = []
 
     @property
     def counters(self) -> AssociationCounters:
@@ -523,6 +569,7 @@ class _Feed(Generic[AddrT]):
 
     __slots__ = (
         "address",
+        "asked",
         "counters",
         "ever_on",
         "last_out",
@@ -546,6 +593,7 @@ class _Feed(Generic[AddrT]):
         self.on = False  # packets are being sent to the receiver
         self.want = False  # the ranking says they should be
         self.since = -1.0  # when ``want`` last changed (< 0: at the next packet)
+        self.asked = False  # D35: a PLI was sent for the key frame this start waits for
         self.ever_on = False
         self.offset = 0  # out_seq = in_seq - offset (mod 2^16)
         self.start_seq = 0  # in_seq of the first packet of the current on period
@@ -555,7 +603,7 @@ class _Feed(Generic[AddrT]):
 class _VideoStream(Generic[AddrT]):
     """One video SSRC under last_n: activity, frame boundary, and its feeds."""
 
-    __slots__ = ("feeds", "last_seen", "owner", "prev_marker", "ranked", "ssrc")
+    __slots__ = ("feeds", "last_seen", "marks", "owner", "prev_marker", "ranked", "ssrc")
 
     def __init__(self, ssrc: int, owner: Association[AddrT], now: float) -> None:
         self.ssrc = ssrc
@@ -563,6 +611,7 @@ class _VideoStream(Generic[AddrT]):
         self.last_seen = now
         self.ranked = False
         self.prev_marker = True  # the first packet seen counts as a frame start
+        self.marks = False  # D35: it carries RFC 9626 frame marking
         self.feeds: dict[uuid.UUID, _Feed[AddrT]] = {}
 
 
@@ -604,6 +653,7 @@ class ForwardingTable(Generic[AddrT]):
         self._rank: list[_VideoStream[AddrT]] = []
         self._pruned_at = float("-inf")
         self._prune_every = self.config.last_n_idle / 8
+        self._repair_on = self.config.repair
 
     # --- membership -----------------------------------------------------------------------------
 
@@ -722,6 +772,7 @@ class ForwardingTable(Generic[AddrT]):
             # The streams behind the leaver's move up; with an unchanged ranking every other
             # feed's ``want`` is unchanged (it depends on the ranking only).
             self._rerank(-1.0)
+        assoc._repair = {}
         assoc._hop = None
         assoc._in_session = assoc._out_session = None
         assoc._protect_rtp = assoc._protect_rtcp = None
@@ -897,14 +948,50 @@ class ForwardingTable(Generic[AddrT]):
         assoc._fan_packets += 1
         assoc._fan_bytes += n
         try:
-            return [
-                (address, header + seal(seq, payload, header) + ekt) for address, seal in fan[1]
-            ]
+            out = [(address, header + seal(seq, payload, header) + ekt) for address, seal in fan[1]]
         except SrtpError:
             # A receiver's stream refused (index space exhausted, or an index it was already
             # sent): redo one by one. Receivers already served refuse the index now and lose
             # this packet.
             return self._fan_out_slowly(assoc, inbound, n, credited=True)
+        if self._repair_on:
+            # D36: every receiver got it; keep it for repair (see perc.repair).
+            cache = assoc._repair.get(ssrc)
+            if cache is None or cache.fan is not fan:
+                cache = self._repair_epoch(
+                    assoc, ssrc, fan, seq, now, header=header, payload=payload, ekt=ekt
+                )
+            else:
+                cache.add(seq, now, header, payload, ekt)
+        return out
+
+    def _repair_epoch(
+        self,
+        assoc: Association[AddrT],
+        ssrc: int,
+        fan: object,
+        seq: int,
+        now: float,
+        *,
+        header: bytes,
+        payload: bytes,
+        ekt: bytes,
+    ) -> RepairCache:
+        """A new repair epoch for ``ssrc`` starting with the packet just sealed for every
+        receiver of ``fan``: each receiver's index offset from its send stream (O(routes), at
+        a fan-out change only)."""
+        cfg = self.config
+        cache = assoc._repair[ssrc] = RepairCache(
+            cfg.repair_cache_packets, cfg.repair_cache_time, fan, seq
+        )
+        cache.add(seq, now, header, payload, ekt)
+        cache.start(
+            [
+                (r.association_id, r._out_session.send_stream(ssrc, seq))  # type: ignore[union-attr]
+                for r in assoc._rtcp_routes
+            ]
+        )
+        return cache
 
     @staticmethod
     def _make_fanout(
@@ -927,6 +1014,9 @@ class ForwardingTable(Generic[AddrT]):
         self, assoc: Association[AddrT], inbound: Inbound, n: int, *, credited: bool = False
     ) -> Output[AddrT]:
         """The fan-out one receiver at a time, counting each refusal (``drop_limit``)."""
+        cache = assoc._repair.get(inbound.ssrc)
+        if cache is not None:
+            cache.end()  # D36: a receiver's stream moved apart from the cache (perc.repair)
         out: Output[AddrT] = []
         hop = assoc._hop
         if hop is None:  # pragma: no cover - decrypt succeeded, so the keys are there
@@ -996,6 +1086,7 @@ class ForwardingTable(Generic[AddrT]):
                 if want != feed.want:
                     feed.want = want
                     feed.since = now
+                    feed.asked = False
 
     def _wants(self, vs: _VideoStream[AddrT], aid: uuid.UUID) -> bool:
         """Is ``vs`` among the first last_n ranked streams not sent by receiver ``aid``?"""
@@ -1019,6 +1110,7 @@ class ForwardingTable(Generic[AddrT]):
         """A video packet under last_n: ranking, frame-boundary switching, SEQ renumbering."""
         c = assoc._counters
         vs = self._video.get(ssrc)
+        fresh = vs is None
         if vs is None:
             vs = self._video[ssrc] = _VideoStream(ssrc, assoc, now)
             self._sync_feeds(vs)
@@ -1049,6 +1141,7 @@ class ForwardingTable(Generic[AddrT]):
         # Feeds that resumed together share an offset: one HeaderChanges object for them lets
         # the hop reuse its rewritten packet (identity hit in its cache).
         changes: HeaderChanges | None = None
+        key = -1  # D35: 2 starts a key frame, 1 another frame, 0 neither; -1 not looked at
         for feed in vs.feeds.values():
             send = feed.on
             if send != feed.want:
@@ -1056,9 +1149,25 @@ class ForwardingTable(Generic[AddrT]):
                     feed.since = now
                 late = now - feed.since >= timeout
                 if feed.want:
-                    if frame_start or late:  # start with a frame start
+                    if key < 0:
+                        key = self._frame_mark(vs, header)
+                    if vs.marks:
+                        # D35: start at a key frame; only when late at any frame start.
+                        start = key == 2 or (late and (key == 1 or frame_start))
+                    else:
+                        start = frame_start or late  # start with a frame start
+                    if start:
                         self._start_feed(feed, seq)
                         send = True
+                        if key != 2 and not fresh:
+                            self._ask_keyframe(feed.receiver, vs, now, out)
+                    elif (
+                        vs.marks
+                        and not feed.asked
+                        and now - feed.since >= self.config.keyframe_wait
+                    ):
+                        feed.asked = True
+                        self._ask_keyframe(feed.receiver, vs, now, out)
                 elif marker or late:
                     # Stop after the frame end: the packet with the marker is still sent;
                     # with no boundary in sight (late), stop before this packet.
@@ -1097,6 +1206,48 @@ class ForwardingTable(Generic[AddrT]):
             out.append((feed.address, data))
         return out
 
+    def _frame_mark(self, vs: _VideoStream[AddrT], header: bytes) -> int:
+        """D35: the RFC 9626 frame marking of a video packet's header: 2 if it starts a key
+        frame (S and I), 1 if it starts another frame (S), else 0. A stream that carries the
+        extension once is marked (``vs.marks``). Trusted for this choice only (not E2E)."""
+        fid = self.config.frame_marking_id
+        if fid is None or not header[0] & 0x10:
+            return 0
+        try:
+            fm = frame_marking_of_packet(header, fid)
+        except FrameMarkingDecodeError:
+            return 0
+        if fm is None:
+            return 0
+        vs.marks = True
+        return (2 if fm.independent else 1) if fm.start else 0
+
+    def _ask_keyframe(
+        self, receiver: Association[AddrT], vs: _VideoStream[AddrT], now: float, out: Output[AddrT]
+    ) -> None:
+        """D35: a PLI to the sender of ``vs`` on ``receiver``'s behalf (a feed started or is
+        waiting without a key frame), from the receiver's SSRC (0 if it sends none), under
+        the MDD's hop key toward the sender and the receiver's PLI throttle (D36)."""
+        owner = vs.owner
+        protect = owner._protect_rtcp
+        if protect is None:  # pragma: no cover - a ranked stream's owner is keyed
+            return
+        me = min(receiver.ssrcs) if receiver.ssrcs else 0
+        pli = Pli(me, vs.ssrc).serialize()
+        if not self._throttle(receiver, {owner.association_id: pli}, now, 0):
+            return
+        try:
+            sealed = protect(ReceiverReport(me).serialize() + pli)
+        except SrtpError:
+            owner._counters.drop_limit += 1
+            return
+        receiver._counters.pli_originated += 1
+        oc = owner._counters
+        oc.packets_out += 1
+        oc.rtcp_out += 1
+        oc.bytes_out += len(sealed)
+        out.append((owner.address, sealed))
+
     def _start_feed(self, feed: _Feed[AddrT], seq: int) -> None:
         if feed.ever_on:
             # Continue where this receiver's view of the stream stopped (contiguous SEQ).
@@ -1107,6 +1258,7 @@ class ForwardingTable(Generic[AddrT]):
             feed.ever_on = True
         feed.start_seq = seq
         feed.on = True
+        feed.asked = False
         self.stats.last_n_switches += 1
 
     # --- RTCP -----------------------------------------------------------------------------------
@@ -1135,6 +1287,7 @@ class ForwardingTable(Generic[AddrT]):
         pos = 0
         parts: list[tuple[bytes, dict[uuid.UUID, bytes] | None]] = []
         targets: dict[uuid.UUID, Association[AddrT]] = {}
+        repairs: Output[AddrT] = []  # D36: retransmissions from the repair cache
         # The leading SR/RR's SSRC, for the empty RR put in front below (None: not ours).
         lead: bytes | None = compound[4:8] if compound[1] in (SR, RR) else None
         for i, pkt in enumerate(packets):
@@ -1159,8 +1312,14 @@ class ForwardingTable(Generic[AddrT]):
                 per = self._to_owners(assoc, [pkt.media_ssrc], raw)
                 per = self._throttle(assoc, per, now, 0) if per else per
             elif isinstance(pkt, _Nack):
-                per = self._to_owners(assoc, [pkt.media_ssrc], raw)
-                per = self._throttle(assoc, per, now, _nacked(pkt)) if per else per
+                nack = pkt
+                if self._repair_on:
+                    # D36: answer what the cache has; the rest goes on to the sender.
+                    nack, raw = self._repair_nack(assoc, pkt, raw, now, repairs)
+                per = self._to_owners(assoc, [nack.media_ssrc], raw) if nack.items else {}
+                per = self._throttle(assoc, per, now, _nacked(nack)) if per else per
+                if per:
+                    c.nack_forwarded += len(nack.lost())
             elif isinstance(pkt, (RtpFeedback, PayloadFeedback)):
                 per = self._to_owners(assoc, [pkt.media_ssrc], raw)
             elif isinstance(pkt, SourceDescription):
@@ -1198,7 +1357,7 @@ class ForwardingTable(Generic[AddrT]):
         first = parts[0][1]
         if lead is None and compound[1] in (SR, RR):
             if not assoc.ssrcs:
-                return []
+                return repairs
             lead = _u32(min(assoc.ssrcs))
         head = bytes((0x80, RR, 0, 1)) + lead if lead is not None else None
         out: Output[AddrT] = []
@@ -1221,7 +1380,52 @@ class ForwardingTable(Generic[AddrT]):
             rc.rtcp_out += 1
             rc.bytes_out += len(sealed)
             out.append((dest.address, sealed))
-        return out
+        return out + repairs if repairs else out
+
+    def _repair_nack(
+        self,
+        receiver: Association[AddrT],
+        nack: _Nack,
+        raw: bytes,
+        now: float,
+        repairs: Output[AddrT],
+    ) -> tuple[_Nack, bytes]:
+        """D36: retransmit to ``receiver`` every packet ``nack`` asks for that the cache holds
+        as it was sent to it (byte-identical, perc.repair), within its ``repair_rate``;
+        returns the NACK for the rest (no items: nothing left for the sender) and its bytes."""
+        c = receiver._counters
+        lost = nack.lost()
+        c.nack_received += len(lost)
+        owner = self._ssrc_owner.get(nack.media_ssrc)
+        cache = owner._repair.get(nack.media_ssrc) if owner is not None else None
+        if cache is None or owner is receiver:
+            return nack, raw
+        rid = receiver.association_id
+        rate = self.config.repair_rate
+        bucket = receiver._rtx
+        if not bucket:
+            bucket += [rate, now]
+        tokens = min(rate, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        missing = []
+        wanted = list(dict.fromkeys(lost))
+        for seq in wanted:
+            data = cache.retransmit(rid, seq, now)
+            if data is None:
+                missing.append(seq)
+            elif tokens >= 1.0:
+                tokens -= 1.0
+                c.nack_answered += 1
+                c.packets_out += 1
+                c.bytes_out += len(data)
+                repairs.append((receiver.address, data))
+            else:
+                c.retransmit_throttled += 1  # the sender is not asked either
+        bucket[0] = tokens
+        if len(missing) == len(wanted):
+            return nack, raw
+        rest = _Nack.from_lost(nack.sender_ssrc, nack.media_ssrc, missing)
+        return rest, rest.serialize()
 
     def _split_rr(
         self, sender: Association[AddrT], rr: ReceiverReport, raw: bytes
@@ -1301,6 +1505,8 @@ class ForwardingTable(Generic[AddrT]):
             else:
                 bucket[0] = tokens
                 sender._counters.drop_feedback_throttled += 1
+                if not nack:
+                    sender._counters.pli_throttled += 1
         return out
 
     def _owner(self, sender: Association[AddrT], ssrc: int) -> Association[AddrT] | None:
