@@ -1313,6 +1313,7 @@ class ForwardingTable(Generic[AddrT]):
                 per = self._throttle(assoc, per, now, 0) if per else per
             elif isinstance(pkt, _Nack):
                 nack = pkt
+                c.nack_received += len(pkt.lost())
                 if self._repair_on:
                     # D36: answer what the cache has; the rest goes on to the sender.
                     nack, raw = self._repair_nack(assoc, pkt, raw, now, repairs)
@@ -1395,7 +1396,6 @@ class ForwardingTable(Generic[AddrT]):
         returns the NACK for the rest (no items: nothing left for the sender) and its bytes."""
         c = receiver._counters
         lost = nack.lost()
-        c.nack_received += len(lost)
         owner = self._ssrc_owner.get(nack.media_ssrc)
         cache = owner._repair.get(nack.media_ssrc) if owner is not None else None
         if cache is None or owner is receiver:
