@@ -86,6 +86,16 @@ worth). What does not fit is dropped (``drop_feedback_throttled``): one member's
 keyframe requests cannot make a sender encode keyframes without end. These checks run only
 on the RTCP path; the RTP path is unchanged.
 
+*Repair* (D36, ``ForwardingConfig.repair``; :mod:`perc.repair` has the theory). After every
+receiver's seal of a packet on the fan-out path, the packet's parts (header, outer plaintext,
+EKT field) are appended to the sender's :class:`~perc.repair.RepairCache` of that SSRC (one
+deque append). A generic NACK is answered first from the cache: each SEQ it holds *as sent to
+this receiver* goes back to the receiver byte-identical (same outer index), within
+``repair_rate`` per receiver (beyond: ``retransmit_throttled``, not asked of the sender
+either); a NACK with the remaining SEQs only (``nack_forwarded``) goes on to the owner, under
+``nack_rate``. Packets of ``last_n`` video streams are not cached (their SEQ is renumbered
+per receiver): NACKs about them go to the owner as received.
+
 Every destination gets one compound in the original order; if the original compound began
 with an SR/RR (RFC 3550 §6.1) that this destination does not get, an empty RR (no report
 blocks) from the same SSRC is put first, so what it receives is still a valid compound.
@@ -111,7 +121,14 @@ streams other than its own; audio and every other PT are always forwarded. The r
   encrypted), but the outer marker bit ends a frame. A wanted stream starts for a receiver
   with the first packet after a marker (a frame start); an unwanted one stops after its next
   marker (frame end). If no marker shows for ``last_n_switch_timeout`` (1 s) it switches
-  anyway. The receiver then asks the sender for a keyframe (PLI/FIR, routed above).
+  anyway. *Key frames* (D35): when the stream carries the RFC 9626 frame marking extension
+  (``frame_marking_id``), a wanted stream starts only at a packet with S and I set (any frame
+  start once ``last_n_switch_timeout`` passed); after ``keyframe_wait`` without one, the MDD
+  sends the sender one PLI on the receiver's behalf (``pli_originated``: from the receiver's
+  SSRC, protected with the sender's outbound SRTCP context, within the receiver's PLI
+  throttle). A stream without the extension starts at the marker-bit frame start and the PLI
+  goes at once (the MDD cannot tell a key frame). The extension is trusted for this choice
+  only: it is not end-to-end protected.
 - Once an SSRC has been seen as video, all its packets take this path whatever their PT, so
   the feed offsets apply to every packet of the SSRC.
 - *Contiguous SEQ per receiver.* Each (receiver, SSRC) feed has an offset: ``out_seq = in_seq
@@ -156,7 +173,9 @@ API
 ---
 ``ForwardingConfig(last_n=None, video_payload_types={96}, audio_payload_types={111},
 hold_limit=64, max_associations=1024, max_ssrcs_per_association=32, last_n_idle=2.0,
-last_n_switch_timeout=1.0, replay_window=128)``.
+last_n_switch_timeout=1.0, replay_window=128, pli_rate=2.0, nack_rate=1000.0, repair=True,
+repair_cache_time=1.0, repair_cache_packets=512, repair_rate=500.0, frame_marking_id=4,
+keyframe_wait=0.1)``.
 
 ``ForwardingTable(config=ForwardingConfig())`` (generic in the address type):
 

@@ -52,7 +52,8 @@ class Camera:
             packet = marked_rtp(ep.seq, ep.ssrc, self.frame * 3000, body, fm)
             # Full EKT tags with key frames only (marks) or always (no marks: the MDD cannot
             # find key frames, so a receiver must be able to start anywhere).
-            out.append(ep.sender.protect(packet, now, keyframe=key or self.full_tags or not self.marks))
+            full = key or self.full_tags or not self.marks
+            out.append(ep.sender.protect(packet, now, keyframe=full))
         self.frame += 1
         return out
 
@@ -133,7 +134,7 @@ def test_without_frame_marking_a_feed_starts_at_a_frame_boundary_and_asks_for_a_
 ):
     table, eps, cams = run(marks=False)
     a, b, _c = eps
-    resumed = [run_ for run_ in _runs([p for p in b.got if p.ssrc == a.ssrc])]
+    resumed = list(_runs([p for p in b.got if p.ssrc == a.ssrc]))
     assert resumed and resumed[-1][0].payload[:1] == b"D"  # the marker-bit rule: a frame start
     assert struct.unpack_from("!H", resumed[-1][0].payload, 5)[0] == 0  # its first packet
     assert table.associations[b.association_id].counters.pli_originated >= 1

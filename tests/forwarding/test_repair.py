@@ -104,7 +104,7 @@ def test_packets_too_old_are_not_answered() -> None:
 
 def test_a_receiver_that_joined_later_gets_no_repair_of_what_it_was_not_sent() -> None:
     table: ForwardingTable[Address] = ForwardingTable(ForwardingConfig())
-    a, b = eps = conference(table, 2)
+    a, _b = eps = conference(table, 2)
     s = Sent(table, eps)
     s.video(a, 0.0, 10)  # 1001..1010 to b only
     (c,) = conference(table, 1, first_port=6000, first_name="c", params=a.params)

@@ -43,9 +43,8 @@ def complete_frames(repair: bool, seed: int = 7) -> tuple[float, dict[str, int]]
 
     def route(out: list[tuple[Address, bytes]], now: float) -> None:
         for address, data in out:
-            if address == b.address:
-                if rng.random() >= LOSS:
-                    at(now + DELAY + rng.uniform(0, 0.004), lambda t, d=data: to_b(d, t))
+            if address == b.address and rng.random() >= LOSS:
+                at(now + DELAY + rng.uniform(0, 0.004), lambda t, d=data: to_b(d, t))
             # To a: forwarded NACKs; this sender does not retransmit.
 
     def to_b(data: bytes, now: float) -> None:
