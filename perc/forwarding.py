@@ -87,9 +87,9 @@ keyframe requests cannot make a sender encode keyframes without end. These check
 on the RTCP path; the RTP path is unchanged.
 
 *Repair* (D36, ``ForwardingConfig.repair``; :mod:`perc.repair` has the theory). After every
-receiver's seal of a packet on the fan-out path, the packet's parts (header, outer plaintext,
-EKT field) are appended to the sender's :class:`~perc.repair.RepairCache` of that SSRC (one
-deque append). A generic NACK is answered first from the cache: each SEQ it holds *as sent to
+receiver's seal of a video packet (receivers NACK video only) on the fan-out path, the
+packet's parts (header, outer plaintext, EKT field) are appended to the sender's
+:class:`~perc.repair.RepairCache` of that SSRC (one deque append). A generic NACK is answered first from the cache: each SEQ it holds *as sent to
 this receiver* goes back to the receiver byte-identical (same outer index), within
 ``repair_rate`` per receiver (beyond: ``retransmit_throttled``, not asked of the sender
 either); a NACK with the remaining SEQs only (``nack_forwarded``) goes on to the owner, under
@@ -973,8 +973,8 @@ class ForwardingTable(Generic[AddrT]):
             # sent): redo one by one. Receivers already served refuse the index now and lose
             # this packet.
             return self._fan_out_slowly(assoc, inbound, n, credited=True)
-        if self._repair_on:
-            # D36: every receiver got it; keep it for repair (see perc.repair).
+        if self._repair_on and pt in self._video_pts:
+            # D36: every receiver got this video packet; keep it for repair (see perc.repair).
             cache = assoc._repair.get(ssrc)
             if cache is None or cache.fan is not fan:
                 cache = self._repair_epoch(

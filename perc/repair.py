@@ -10,10 +10,11 @@ any other plaintext under that index would reuse a nonce (RFC 7714 §8.4). The M
 new ciphertext for a repair; :meth:`perc.srtp.index.SrtpStream.reseal` refuses an index the
 stream has not used.
 
-**What is kept.** Per sending SSRC one :class:`RepairCache`: the last ``max_age`` seconds
-(at most ``max_packets``) of packets as they were after the sender's outer layer came off
-(RTP header, outer plaintext = inner ciphertext | inner tag | OHB, EKT field): the parts the
-forwarding table sealed for every receiver. Insertion is one ``deque.append`` of a tuple plus
+**What is kept.** Per sending video SSRC (receivers NACK video only) one
+:class:`RepairCache`: the last ``max_age`` seconds (at most ``max_packets``) of packets as
+they were after the sender's outer layer came off (RTP header, outer plaintext = inner
+ciphertext | inner tag | OHB, EKT field): the parts the forwarding table sealed for every
+receiver. Insertion is one ``deque.append`` of a tuple plus
 an age check; the table calls it only after every receiver's seal succeeded.
 
 **Which index each receiver used.** The forwarding table seals a packet for every receiver
