@@ -87,14 +87,15 @@ keyframe requests cannot make a sender encode keyframes without end. These check
 on the RTCP path; the RTP path is unchanged.
 
 *Repair* (D36, ``ForwardingConfig.repair``; :mod:`perc.repair` has the theory). After every
-receiver's seal of a video packet (receivers NACK video only) on the fan-out path, the
-packet's parts (header, outer plaintext, EKT field) are appended to the sender's
-:class:`~perc.repair.RepairCache` of that SSRC (one deque append). A generic NACK is
-answered first from the cache: each SEQ it holds *as sent to this receiver* goes back to the
-receiver byte-identical (same outer index), within ``repair_rate`` per receiver (beyond:
-``retransmit_throttled``, not asked of the sender either); a NACK with the remaining SEQs
-only (``nack_forwarded``) goes on to the owner, under ``nack_rate``. Packets of ``last_n`` video streams are not cached (their SEQ is renumbered
-per receiver): NACKs about them go to the owner as received.
+receiver's seal of a video packet (receivers NACK video only) on the fan-out path, the packet's
+parts (header, outer plaintext, EKT field) are appended to the sender's
+:class:`~perc.repair.RepairCache` of that SSRC (one deque append). A generic NACK is answered
+first from the cache: each SEQ it holds *as sent to this receiver* goes back to the receiver
+byte-identical (same outer index), within ``repair_rate`` per receiver (beyond:
+``retransmit_throttled``, not asked of the sender either); a NACK with the remaining SEQs only
+(``nack_forwarded``) goes on to the owner, under ``nack_rate``. Packets of ``last_n`` video
+streams are not cached (their SEQ is renumbered per receiver): NACKs about them go to the owner
+as received.
 
 Every destination gets one compound in the original order; if the original compound began
 with an SR/RR (RFC 3550 §6.1) that this destination does not get, an empty RR (no report
