@@ -93,9 +93,10 @@ parts (header, outer plaintext, EKT field) are appended to the sender's
 first from the cache: each SEQ it holds *as sent to this receiver* goes back to the receiver
 byte-identical (same outer index), within ``repair_rate`` per receiver (beyond:
 ``retransmit_throttled``, not asked of the sender either); a NACK with the remaining SEQs only
-(``nack_forwarded``) goes on to the owner, under ``nack_rate``. Packets of ``last_n`` video
-streams are not cached (their SEQ is renumbered per receiver): NACKs about them go to the owner
-as received.
+(``nack_forwarded``) goes on to the owner, under ``nack_rate``. Under ``last_n`` every video
+packet is cached once and each feed records its on-periods (:class:`~perc.repair.FeedPeriod`):
+a NACK names the receiver's renumbered SEQs, answered with the bytes that feed sent (the same
+OHB rewrite, the same index); the rest goes to the owner translated to the sender's SEQs.
 
 Every destination gets one compound in the original order; if the original compound began
 with an SR/RR (RFC 3550 §6.1) that this destination does not get, an empty RR (no report
@@ -201,12 +202,13 @@ from __future__ import annotations
 import bisect
 import struct
 import uuid
+from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeAlias, TypeVar
 
 import attrs
 
-from perc.repair import RepairCache
+from perc.repair import FeedPeriod, RepairCache
 from perc.srtp.context import SrtpSession
 from perc.srtp.errors import (
     AuthenticationError,
@@ -595,6 +597,8 @@ class _Feed(Generic[AddrT]):
         "last_out",
         "offset",
         "on",
+        "pending",
+        "periods",
         "receiver",
         "seal",
         "session",
@@ -614,6 +618,9 @@ class _Feed(Generic[AddrT]):
         self.want = False  # the ranking says they should be
         self.since = -1.0  # when ``want`` last changed (< 0: at the next packet)
         self.asked = False  # D35: a PLI was sent for the key frame this start waits for
+        self.pending = False  # D36: the current on-period has no repair record yet
+        #: D36: its last on-periods, for repair (perc.repair.FeedPeriod); None until one
+        self.periods: deque[FeedPeriod] | None = None
         self.ever_on = False
         self.offset = 0  # out_seq = in_seq - offset (mod 2^16)
         self.start_seq = 0  # in_seq of the first packet of the current on period
@@ -1001,6 +1008,9 @@ class ForwardingTable(Generic[AddrT]):
         receiver of ``fan``: each receiver's index offset from its send stream (O(routes), at
         a fan-out change only)."""
         cfg = self.config
+        old = assoc._repair.get(ssrc)
+        if old is not None:
+            old.end()
         cache = assoc._repair[ssrc] = RepairCache(
             cfg.repair_cache_packets, cfg.repair_cache_time, fan, seq
         )
@@ -1158,6 +1168,18 @@ class ForwardingTable(Generic[AddrT]):
             return out
         encrypt_for = hop.encrypt_for
         ekt = inbound.ekt_field
+        ext = -1  # D36: this packet's index in the stream's repair cache (-1: none)
+        cache: RepairCache | None = None
+        if self._repair_on:
+            cache = assoc._repair.get(ssrc)
+            if cache is None or cache.fan is not vs:
+                if cache is not None:
+                    cache.end()
+                cfg = self.config
+                cache = assoc._repair[ssrc] = RepairCache(
+                    cfg.repair_cache_packets, cfg.repair_cache_time, vs, seq
+                )
+            ext = cache.add(seq, now, header, payload, ekt)
         # Feeds that resumed together share an offset: one HeaderChanges object for them lets
         # the hop reuse its rewritten packet (identity hit in its cache).
         changes: HeaderChanges | None = None
@@ -1217,7 +1239,11 @@ class ForwardingTable(Generic[AddrT]):
                 continue
             except SrtpError:
                 c.drop_limit += 1
+                if feed.periods:
+                    feed.periods[-1].valid = False  # D36: no repair from this period
                 continue
+            if feed.pending and ext >= 0 and cache is not None:
+                self._open_period(feed, cache, ssrc, seq=seq, out_seq=out_seq, ext=ext)
             if (out_seq - feed.last_out) & 0xFFFF < 0x8000:
                 feed.last_out = out_seq
             rc = feed.counters
@@ -1225,6 +1251,57 @@ class ForwardingTable(Generic[AddrT]):
             rc.bytes_out += len(data)
             out.append((feed.address, data))
         return out
+
+    @staticmethod
+    def _open_period(
+        feed: _Feed[AddrT], cache: RepairCache, ssrc: int, *, seq: int, out_seq: int, ext: int
+    ) -> None:
+        """D36: the feed's first packet of an on-period was sealed: record how its receiver's
+        indexes map to the cache's (perc.repair.FeedPeriod), if this packet became its
+        stream's highest index (otherwise the period is not answered from the cache)."""
+        feed.pending = False
+        stream = feed.session.send_stream(ssrc, out_seq)
+        if stream.hi & 0xFFFF == out_seq:
+            if feed.periods is None:
+                feed.periods = deque(maxlen=4)
+            offset = (seq - out_seq) & 0xFFFF
+            feed.periods.append(FeedPeriod(cache, stream, ext - stream.hi, offset))
+
+    def _repair_feed(
+        self, owner: Association[AddrT], feed: _Feed[AddrT], ssrc: int, out_seq: int, now: float
+    ) -> bytes | None:
+        """D36 under last_n: ``out_seq`` (the receiver's SEQ) exactly as the feed sent it."""
+        for period in reversed(feed.periods or ()):
+            found = period.locate(out_seq, now)
+            if found is None:
+                continue
+            idx, (_, _, header, payload, ekt) = found
+            if period.offset:
+                hop = owner._hop
+                if hop is None:
+                    return None
+                seq = (out_seq + period.offset) & 0xFFFF
+                try:  # the rewrite the first sending made (deterministic, RFC 8723 §5.2)
+                    header, payload = hop.rewrite(
+                        Inbound(header, payload, ekt, seq, ssrc),
+                        HeaderChanges(sequence_number=out_seq),
+                    )
+                except SrtpDecodeError:
+                    return None
+            try:
+                return header + period.stream.reseal(idx, payload, header) + ekt
+            except SrtpError:
+                return None
+        return None
+
+    @staticmethod
+    def _sender_seq(feed: _Feed[AddrT], out_seq: int) -> int:
+        """The sender's SEQ of a receiver's ``out_seq`` under last_n (its period's offset, or
+        the feed's current one)."""
+        for period in reversed(feed.periods or ()):
+            if period.index_of(out_seq) >= 0:
+                return (out_seq + period.offset) & 0xFFFF
+        return (out_seq + feed.offset) & 0xFFFF
 
     def _frame_mark(self, vs: _VideoStream[AddrT], header: bytes) -> int:
         """D35: the RFC 9626 frame marking of a video packet's header: 2 if it starts a key
@@ -1279,6 +1356,10 @@ class ForwardingTable(Generic[AddrT]):
         feed.start_seq = seq
         feed.on = True
         feed.asked = False
+        if self._repair_on:
+            feed.pending = True  # D36: a repair period opens at its first packet sealed
+            if feed.periods:
+                feed.periods[-1].close()
         self.stats.last_n_switches += 1
 
     # --- RTCP -----------------------------------------------------------------------------------
@@ -1418,9 +1499,13 @@ class ForwardingTable(Generic[AddrT]):
         lost = nack.lost()
         owner = self._ssrc_owner.get(nack.media_ssrc)
         cache = owner._repair.get(nack.media_ssrc) if owner is not None else None
-        if cache is None or owner is receiver:
+        if cache is None or owner is None or owner is receiver:
             return nack, raw
         rid = receiver.association_id
+        vs = self._video.get(nack.media_ssrc)
+        feed = vs.feeds.get(rid) if vs is not None else None
+        if vs is not None and feed is None:
+            return nack, raw  # not a feed of this receiver (its own stream)
         rate = self.config.repair_rate
         bucket = receiver._rtx
         if not bucket:
@@ -1430,7 +1515,10 @@ class ForwardingTable(Generic[AddrT]):
         missing = []
         wanted = list(dict.fromkeys(lost))
         for seq in wanted:
-            data = cache.retransmit(rid, seq, now)
+            if feed is None:
+                data = cache.retransmit(rid, seq, now)
+            else:
+                data = self._repair_feed(owner, feed, nack.media_ssrc, seq, now)
             if data is None:
                 missing.append(seq)
             elif tokens >= 1.0:
@@ -1442,7 +1530,10 @@ class ForwardingTable(Generic[AddrT]):
             else:
                 c.retransmit_throttled += 1  # the sender is not asked either
         bucket[0] = tokens
-        if len(missing) == len(wanted):
+        if feed is not None:
+            # The sender knows its own SEQs, not this receiver's renumbered ones.
+            missing = [self._sender_seq(feed, seq) for seq in missing]
+        elif len(missing) == len(wanted):
             return nack, raw
         rest = _Nack.from_lost(nack.sender_ssrc, nack.media_ssrc, missing)
         return rest, rest.serialize()

@@ -41,7 +41,13 @@ API
 ---
 ``RepairCache(max_packets, max_age, fan, first_seq)``; ``add(seq, now, header, payload,
 ekt)``; ``start(receivers)`` with ``(receiver_id, stream)`` pairs after the first packet;
-``retransmit(receiver_id, seq, now) -> bytes | None``.
+``retransmit(receiver_id, seq, now) -> bytes | None``; ``find(seq, now)``,
+``find_index(idx, now)``. ``FeedPeriod(cache, stream, delta, offset)``: one ``last_n`` on-period
+of a receiver's feed, ``locate(out_seq, now)``, ``index_of(out_seq)``, ``close()``.
+
+**last_n.** A ``last_n`` video stream has one cache too (its epoch tied to the stream, not to
+a fan-out), and each feed keeps its last few on-periods (:class:`FeedPeriod`): a NACK from a
+receiver names its renumbered SEQs, which map back through the period they fall in.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from collections import deque
 from perc.srtp.errors import SrtpError
 from perc.srtp.index import SrtpStream, guess_index
 
-__all__ = ["RepairCache"]
+__all__ = ["FeedPeriod", "RepairCache"]
 
 #: A SEQ step larger than this (either way) ends the epoch (see the theory above).
 MAX_JUMP = 1 << 14
@@ -76,8 +82,9 @@ class RepairCache:
         #: receiver id -> (its send stream of this SSRC, its index minus the cache's index)
         self.bases: dict[uuid.UUID, tuple[SrtpStream, int]] = {}
 
-    def add(self, seq: int, now: float, header: bytes, payload: bytes, ekt: bytes) -> None:
-        """A packet every receiver of the fan-out was sent (the hot path: keep it short)."""
+    def add(self, seq: int, now: float, header: bytes, payload: bytes, ekt: bytes) -> int:
+        """A packet every receiver of the fan-out was sent (the hot path: keep it short);
+        returns its index in the cache's numbering (-1: a SEQ jump ended the epoch)."""
         idx = self.hi + 1
         if idx & 0xFFFF == seq:
             self.hi = idx
@@ -85,7 +92,7 @@ class RepairCache:
             idx = guess_index(self.hi, seq)
             if not -MAX_JUMP <= idx - self.hi <= MAX_JUMP:
                 self.end()
-                return
+                return -1
             self.hi = max(self.hi, idx)
         entries = self.entries
         entries.append((idx, now, header, payload, ekt))
@@ -93,6 +100,7 @@ class RepairCache:
             limit = now - self.max_age
             while entries[0][1] < limit:
                 entries.popleft()
+        return idx
 
     def start(self, receivers: list[tuple[uuid.UUID, SrtpStream]]) -> None:
         """Record each receiver's base after the epoch's first packet (see the theory)."""
@@ -110,10 +118,13 @@ class RepairCache:
 
     def find(self, seq: int, now: float) -> _Entry | None:
         """The cached packet with ``seq`` (not older than ``max_age``), or None."""
+        return self.find_index(guess_index(self.hi, seq), now)
+
+    def find_index(self, idx: int, now: float) -> _Entry | None:
+        """The cached packet with index ``idx`` in the cache's numbering, or None."""
         entries = self.entries
-        if not entries:
+        if not entries or self.fan is None:
             return None
-        idx = guess_index(self.hi, seq)
         newest = entries[-1][0]
         i = len(entries) - 1 - (newest - idx)
         entry: _Entry | None = None
@@ -147,3 +158,49 @@ class RepairCache:
             return header + stream.reseal(idx + base, payload, header) + ekt
         except SrtpError:  # pragma: no cover - the epoch invariant makes the index a used one
             return None
+
+
+class FeedPeriod:
+    """One on-period of a ``last_n`` feed (one receiver, one SSRC, one SEQ offset).
+
+    The forwarding table renumbers a resumed feed (``out_seq = seq - offset``), so the
+    receiver's send stream sees its own SEQs; within one period its index of a packet is the
+    cache's index minus ``delta`` (recorded at the period's first packet sealed for it, valid
+    only when that packet became the stream's highest index). The period owns the receiver
+    indexes ``first`` .. ``end`` (``end`` < 0: still open, the stream's ``hi``); the next
+    period continues above them, so an index in that range that the stream used was used for
+    a packet of this period, which is the cache's packet at ``index + delta``."""
+
+    __slots__ = ("cache", "delta", "end", "first", "offset", "stream", "valid")
+
+    def __init__(
+        self, cache: RepairCache, stream: SrtpStream, delta: int, offset: int
+    ) -> None:
+        self.cache = cache
+        self.stream = stream
+        self.delta = delta
+        self.offset = offset
+        self.first = stream.hi
+        self.end = -1
+        self.valid = True
+
+    def close(self) -> None:
+        if self.end < 0:
+            self.end = self.stream.hi
+
+    def index_of(self, out_seq: int) -> int:
+        """The receiver's index of ``out_seq`` if it falls in this period, else -1."""
+        stream = self.stream
+        idx = guess_index(stream.hi, out_seq)
+        end = stream.hi if self.end < 0 else self.end
+        return idx if self.first <= idx <= end else -1
+
+    def locate(self, out_seq: int, now: float) -> tuple[int, _Entry] | None:
+        """``(receiver index, cached packet)`` of ``out_seq`` as sent in this period."""
+        if not self.valid or self.cache.fan is None:
+            return None
+        idx = self.index_of(out_seq)
+        if idx < 0:
+            return None
+        entry = self.cache.find_index(idx + self.delta, now)
+        return None if entry is None else (idx, entry)
