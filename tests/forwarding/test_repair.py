@@ -8,7 +8,9 @@ import random
 import pytest
 
 from perc.forwarding import ForwardingConfig, ForwardingTable, ForwardingUsageError
-from perc.srtp.errors import SrtpError
+from perc.repair import RepairCache
+from perc.srtp.context import SrtpSession
+from perc.srtp.errors import SrtpError, SrtpUsageError
 from perc.wire.rtcp import Nack, Pli, ReceiverReport
 
 from .helpers import Address, Endpoint, conference
@@ -236,3 +238,22 @@ def test_random_membership_and_reordering_never_repairs_other_bytes(
                 late, late_data = held.pop(rng.randrange(len(held)))
                 _record(got, table.handle_datagram(late.address, late_data, now))
     assert answered > 0
+
+
+def test_reseal_refuses_an_index_never_sealed_and_repeats_bytes_of_one_that_was() -> None:
+    session = SrtpSession(bytes(16), bytes(12))
+    stream = session.send_stream(0x1234, 10)
+    header = bytes(12)
+    sealed = {seq: stream.seal(seq, b"payload %d" % seq, header) for seq in (10, 11, 13)}
+    assert stream.reseal(11, b"payload 11", header) == sealed[11]
+    for idx in (12, 14, -1):  # a hole, beyond the highest, nonsense
+        with pytest.raises(SrtpUsageError):
+            stream.reseal(idx, b"payload", header)
+
+
+def test_a_seq_jump_ends_the_epoch() -> None:
+    cache = RepairCache(16, 1.0, object(), 100)
+    assert cache.add(100, 0.0, b"h", b"p", b"") == 100
+    assert cache.add(99, 0.0, b"h", b"p", b"") == 99  # reordered: fine
+    assert cache.add(100 + 20000, 0.0, b"h", b"p", b"") == -1  # beyond 2^14: epoch over
+    assert cache.fan is None and cache.find(100, 0.0) is None
