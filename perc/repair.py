@@ -96,7 +96,8 @@ class RepairCache:
             self.hi = max(self.hi, idx)
         entries = self.entries
         entries.append((idx, now, header, payload, ekt))
-        if entries[0][1] < now - self.max_age:
+        if not idx & 31 and entries[0][1] < now - self.max_age:
+            # Age out every 32nd packet (maxlen bounds the rest; find checks ages anyway).
             limit = now - self.max_age
             while entries[0][1] < limit:
                 entries.popleft()
