@@ -14,8 +14,9 @@ stream has not used.
 :class:`RepairCache`: the last ``max_age`` seconds (at most ``max_packets``) of packets as
 they were after the sender's outer layer came off (RTP header, outer plaintext = inner
 ciphertext | inner tag | OHB, EKT field): the parts the forwarding table sealed for every
-receiver. Insertion is one ``deque.append`` of a tuple plus
-an age check; the table calls it only after every receiver's seal succeeded.
+receiver. Insertion is one ``deque.append`` of a tuple (the ``maxlen`` bounds the count; the
+age is checked every 32nd packet and at lookup); on the fan-out path the table adds a packet
+only after every receiver's seal succeeded.
 
 **Which index each receiver used.** The forwarding table seals a packet for every receiver
 with the receiver's send stream of the SSRC, whose index follows from the SEQ by the RFC 3711
@@ -37,17 +38,20 @@ Only packets the receiver was sent are in its epoch: a receiver that joined late
 ``base`` in the epoch of packets sent before (the fan-out changed, a new epoch began), and a
 packet is cached only when every receiver of the fan-out got it.
 
+**last_n.** A ``last_n`` video stream has one cache too (its epoch tied to the stream, not to
+a fan-out), and each feed keeps its last few on-periods (:class:`FeedPeriod`): the table
+renumbers a resumed feed, so a NACK from a receiver names its own SEQs, which map back through
+the period they fall in; the answer is rebuilt with the same OHB rewrite the first sending made
+(deterministic) and sealed again under the receiver's same index.
+
 API
 ---
 ``RepairCache(max_packets, max_age, fan, first_seq)``; ``add(seq, now, header, payload,
-ekt)``; ``start(receivers)`` with ``(receiver_id, stream)`` pairs after the first packet;
-``retransmit(receiver_id, seq, now) -> bytes | None``; ``find(seq, now)``,
-``find_index(idx, now)``. ``FeedPeriod(cache, stream, delta, offset)``: one ``last_n`` on-period
-of a receiver's feed, ``locate(out_seq, now)``, ``index_of(out_seq)``, ``close()``.
-
-**last_n.** A ``last_n`` video stream has one cache too (its epoch tied to the stream, not to
-a fan-out), and each feed keeps its last few on-periods (:class:`FeedPeriod`): a NACK from a
-receiver names its renumbered SEQs, which map back through the period they fall in.
+ekt) -> index``; ``start(receivers)`` with ``(receiver_id, stream)`` pairs after the first
+packet; ``retransmit(receiver_id, seq, now) -> bytes | None``; ``find(seq, now)``,
+``find_index(idx, now)``; ``end()``. ``FeedPeriod(cache, stream, delta, offset)``: one
+``last_n`` on-period of a receiver's feed: ``locate(out_seq, now)``, ``index_of(out_seq)``,
+``close()``.
 """
 
 from __future__ import annotations
