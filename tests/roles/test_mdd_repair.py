@@ -3,17 +3,22 @@ cache with datagrams byte-identical, at the receiver's socket, to the first ones
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import trio
 from trio.testing import MockClock
 
 from perc import identity
+from perc.config import ConfigError, build_mdd_config
+from perc.roles import mdd
 from perc.srtp.context import SrtpSession
 from perc.wire.rtcp import Nack, ReceiverReport, serialize_rtcp
 
 from .helpers import until
-from .test_mdd_forwarding import Conference, association_of, people, rtp
+from .test_mdd_forwarding import Conference, _mdd_data, association_of, people, rtp
 
 __all__ = ["people"]  # the module-scoped fixture, shared
 
@@ -54,3 +59,43 @@ async def test_a_nack_is_answered_with_the_same_bytes_at_the_receivers_socket(
         assert (counters.nack_received, counters.nack_forwarded) == (3, 0)
         assert association_of(relay, a).counters.rtcp_out == 0  # the sender was not asked
         nursery.cancel_scope.cancel()
+
+
+def test_repair_options_reach_the_table(ids: SimpleNamespace, tmp_path: Path) -> None:
+    data = _mdd_data(
+        tmp_path,
+        ids,
+        repair=False,
+        repair_cache_ms=500,
+        repair_cache_packets=64,
+        repair_rate=100.0,
+        frame_marking_id=0,
+        keyframe_wait=0.25,
+    )
+    config = build_mdd_config(data, base=tmp_path)
+    table = mdd.ConferenceRelay(config.conferences[0], config).engine.table
+    cfg = table.config
+    assert (cfg.repair, cfg.repair_cache_time, cfg.repair_cache_packets) == (False, 0.5, 64)
+    assert (cfg.repair_rate, cfg.frame_marking_id, cfg.keyframe_wait) == (100.0, None, 0.25)
+    defaults = build_mdd_config(_mdd_data(tmp_path, ids), base=tmp_path)
+    cfg = mdd.ConferenceRelay(defaults.conferences[0], defaults).engine.table.config
+    assert (cfg.repair, cfg.repair_cache_time, cfg.repair_cache_packets) == (True, 1.0, 512)
+    assert (cfg.frame_marking_id, cfg.keyframe_wait, cfg.pli_rate) == (4, 0.1, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"frame_marking_id": 15}, "conference[0].frame_marking_id: must be 0..14"),
+        ({"repair_cache_packets": 0}, "conference[0].repair_cache_packets: must be >= 1"),
+        ({"repair_cache_ms": 0}, "conference[0].repair_cache_ms: must be >= 1"),
+        ({"repair_rate": 0}, "conference[0].repair_rate: must be a positive number"),
+        ({"keyframe_wait": -1.0}, "conference[0].keyframe_wait: must be >= 0"),
+        ({"repair": "yes"}, "conference[0].repair"),
+    ],
+)
+def test_bad_repair_options_are_refused(
+    ids: SimpleNamespace, tmp_path: Path, extra: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_mdd_config(_mdd_data(tmp_path, ids, **extra), base=tmp_path)
