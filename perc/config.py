@@ -52,6 +52,12 @@ Files (the optional keys have the defaults shown)::
     max_associations = 10000           # endpoints at once; new ones beyond are dropped
     pli_rate = 2.0                     # PLI/FIR per second per receiver toward one sender
     nack_rate = 1000.0                 # NACKed packets per second per receiver toward one sender
+    repair = true                      # answer NACKs from a cache of recent packets (D36)
+    repair_cache_ms = 1000             # ... kept per sending SSRC for this long
+    repair_cache_packets = 512         # ... and at most this many
+    repair_rate = 500.0                # retransmissions per second to one receiver
+    frame_marking_id = 4               # RFC 9626 id: last_n feeds start at key frames (D35)
+    keyframe_wait = 0.1                # seconds a last_n feed waits for a key frame before a PLI
 
 Relative ``cert``/``key`` paths are relative to the folder of the config file. Loading also
 loads both identities (:func:`perc.identity.load`) and canonicalises every fingerprint. Any
@@ -368,6 +374,34 @@ class MddConference:
     nack_rate: float = attrs.field(
         default=1000.0,
         metadata=_doc("packets per second one receiver may NACK toward one media sender"),
+    )
+    repair: bool = attrs.field(
+        default=True,
+        metadata=_doc("answer NACKs from a cache of recent packets, byte-identical (D36)"),
+    )
+    repair_cache_ms: int = attrs.field(
+        default=1000,
+        metadata=_doc("milliseconds of packets kept per sending SSRC for repair (D36)"),
+    )
+    repair_cache_packets: int = attrs.field(
+        default=512, metadata=_doc("packets kept per sending SSRC for repair, at most (D36)")
+    )
+    repair_rate: float = attrs.field(
+        default=500.0,
+        metadata=_doc("packets per second the MDD retransmits to one receiver from its cache"),
+    )
+    frame_marking_id: int = attrs.field(
+        default=4,
+        metadata=_doc(
+            "RFC 9626 frame marking extension id (1-14): last_n starts a feed at a key frame "
+            "(D35); 0: ignore the extension"
+        ),
+    )
+    keyframe_wait: float = attrs.field(
+        default=0.1,
+        metadata=_doc(
+            "seconds a last_n feed waits for a key frame before the MDD sends the sender a PLI"
+        ),
     )
 
 
@@ -932,6 +966,27 @@ def build_mdd_config(
             )
             _check_positive(c.pli_rate, f"{key}.pli_rate")
             _check_positive(c.nack_rate, f"{key}.nack_rate")
+            _check_positive(c.repair_rate, f"{key}.repair_rate")
+            _check(
+                c.repair_cache_ms > 0,
+                f"{key}.repair_cache_ms",
+                f"must be >= 1, got {c.repair_cache_ms}",
+            )
+            _check(
+                c.repair_cache_packets > 0,
+                f"{key}.repair_cache_packets",
+                f"must be >= 1, got {c.repair_cache_packets}",
+            )
+            _check(
+                0 <= c.frame_marking_id <= 14,
+                f"{key}.frame_marking_id",
+                f"must be 0..14, got {c.frame_marking_id}",
+            )
+            _check(
+                c.keyframe_wait >= 0 and math.isfinite(c.keyframe_wait),
+                f"{key}.keyframe_wait",
+                f"must be >= 0, got {c.keyframe_wait}",
+            )
             if c.last_n is not None:
                 _check(c.last_n > 0, f"{key}.last_n", f"must be >= 1, got {c.last_n}")
             for pt in c.video_payload_types:

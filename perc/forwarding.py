@@ -86,6 +86,18 @@ worth). What does not fit is dropped (``drop_feedback_throttled``): one member's
 keyframe requests cannot make a sender encode keyframes without end. These checks run only
 on the RTCP path; the RTP path is unchanged.
 
+*Repair* (D36, ``ForwardingConfig.repair``; :mod:`perc.repair` has the theory). After every
+receiver's seal of a video packet (receivers NACK video only) on the fan-out path, the packet's
+parts (header, outer plaintext, EKT field) are appended to the sender's
+:class:`~perc.repair.RepairCache` of that SSRC (one deque append). A generic NACK is answered
+first from the cache: each SEQ it holds *as sent to this receiver* goes back to the receiver
+byte-identical (same outer index), within ``repair_rate`` per receiver (beyond:
+``retransmit_throttled``, not asked of the sender either); a NACK with the remaining SEQs only
+(``nack_forwarded``) goes on to the owner, under ``nack_rate``. Under ``last_n`` every video
+packet is cached once and each feed records its on-periods (:class:`~perc.repair.FeedPeriod`):
+a NACK names the receiver's renumbered SEQs, answered with the bytes that feed sent (the same
+OHB rewrite, the same index); the rest goes to the owner translated to the sender's SEQs.
+
 Every destination gets one compound in the original order; if the original compound began
 with an SR/RR (RFC 3550 §6.1) that this destination does not get, an empty RR (no report
 blocks) from the same SSRC is put first, so what it receives is still a valid compound.
@@ -111,7 +123,14 @@ streams other than its own; audio and every other PT are always forwarded. The r
   encrypted), but the outer marker bit ends a frame. A wanted stream starts for a receiver
   with the first packet after a marker (a frame start); an unwanted one stops after its next
   marker (frame end). If no marker shows for ``last_n_switch_timeout`` (1 s) it switches
-  anyway. The receiver then asks the sender for a keyframe (PLI/FIR, routed above).
+  anyway. *Key frames* (D35): when the stream carries the RFC 9626 frame marking extension
+  (``frame_marking_id``), a wanted stream starts only at a packet with S and I set (any frame
+  start once ``last_n_switch_timeout`` passed); after ``keyframe_wait`` without one, the MDD
+  sends the sender one PLI on the receiver's behalf (``pli_originated``: from the receiver's
+  SSRC, protected with the sender's outbound SRTCP context, within the receiver's PLI
+  throttle). A stream without the extension starts at the marker-bit frame start and the PLI
+  goes at once (the MDD cannot tell a key frame). The extension is trusted for this choice
+  only: it is not end-to-end protected.
 - Once an SSRC has been seen as video, all its packets take this path whatever their PT, so
   the feed offsets apply to every packet of the SSRC.
 - *Contiguous SEQ per receiver.* Each (receiver, SSRC) feed has an offset: ``out_seq = in_seq
@@ -156,7 +175,9 @@ API
 ---
 ``ForwardingConfig(last_n=None, video_payload_types={96}, audio_payload_types={111},
 hold_limit=64, max_associations=1024, max_ssrcs_per_association=32, last_n_idle=2.0,
-last_n_switch_timeout=1.0, replay_window=128)``.
+last_n_switch_timeout=1.0, replay_window=128, pli_rate=2.0, nack_rate=1000.0, repair=True,
+repair_cache_time=1.0, repair_cache_packets=512, repair_rate=500.0, frame_marking_id=4,
+keyframe_wait=0.1)``.
 
 ``ForwardingTable(config=ForwardingConfig())`` (generic in the address type):
 
@@ -181,11 +202,13 @@ from __future__ import annotations
 import bisect
 import struct
 import uuid
+from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeAlias, TypeVar
 
 import attrs
 
+from perc.repair import FeedPeriod, RepairCache
 from perc.srtp.context import SrtpSession
 from perc.srtp.errors import (
     AuthenticationError,
@@ -195,6 +218,7 @@ from perc.srtp.errors import (
 )
 from perc.srtp.hop import HeaderChanges, Inbound, MediaDistributorHop
 from perc.srtp.keys import GCM_SALT_LENGTH, SrtpProfile
+from perc.wire.framemarking import FrameMarkingDecodeError, frame_marking_of_packet
 from perc.wire.rtcp import (
     RR,
     SR,
@@ -295,6 +319,22 @@ class ForwardingConfig:
     nack_rate: float = 1000.0
     """Packets one receiver may NACK toward one media sender, per second (a burst of one
     second's worth); NACKs beyond are dropped (``drop_feedback_throttled``)."""
+    repair: bool = True
+    """D36: keep recent packets per sending SSRC and answer NACKs from them."""
+    repair_cache_time: float = 1.0
+    """D36: seconds of packets kept per sending SSRC for repair."""
+    repair_cache_packets: int = 512
+    """D36: packets kept per sending SSRC for repair, at most."""
+    repair_rate: float = 500.0
+    """Packets per second the MDD retransmits to one receiver from its cache (a burst of one
+    second's worth); beyond, counted (``retransmit_throttled``) and neither sent nor asked of
+    the sender."""
+    frame_marking_id: int | None = 4
+    """D35: the RFC 9626 frame marking extension's one-byte id, used by last_n to start a
+    feed at a key frame (None: ignore the extension, marker-bit rule only)."""
+    keyframe_wait: float = 0.1
+    """D35: seconds a last_n feed waits for a key frame before the MDD asks the sender for one
+    (a PLI on the receiver's behalf)."""
 
     def __attrs_post_init__(self) -> None:
         if self.last_n is not None and self.last_n < 0:
@@ -305,6 +345,12 @@ class ForwardingConfig:
             raise ForwardingUsageError("replay_window must be 64..32768")
         if not (self.pli_rate > 0 and self.nack_rate > 0):
             raise ForwardingUsageError("pli_rate and nack_rate must be > 0")
+        if self.repair_cache_time <= 0 or self.repair_cache_packets < 1 or self.repair_rate <= 0:
+            raise ForwardingUsageError("repair_cache_time, repair_cache_packets, repair_rate > 0")
+        if self.frame_marking_id is not None and not 1 <= self.frame_marking_id <= 14:
+            raise ForwardingUsageError("frame_marking_id must be 1..14 (one-byte form)")
+        if self.keyframe_wait < 0:
+            raise ForwardingUsageError("keyframe_wait must be >= 0")
         if self.last_n_idle <= 0 or self.last_n_switch_timeout < 0:
             raise ForwardingUsageError("last_n_idle > 0 and last_n_switch_timeout >= 0")
         for pt in (*self.video_payload_types, *self.audio_payload_types):
@@ -337,9 +383,15 @@ class AssociationCounters:
         "drop_ssrc_conflict",
         "drop_unknown_ssrc",
         "held",
+        "nack_answered",
+        "nack_forwarded",
+        "nack_received",
         "packets_in",
         "packets_out",
+        "pli_originated",
+        "pli_throttled",
         "received",
+        "retransmit_throttled",
         "rtcp_in",
         "rtcp_out",
         "video_in",
@@ -370,6 +422,16 @@ class AssociationCounters:
         self.drop_rtcp_spoof = 0
         #: PLI/FIR/NACK over this receiver's rate toward one media sender (D36)
         self.drop_feedback_throttled = 0
+        #: D36, on the receiver that sent them: packets its NACKs asked for, of them answered
+        #: from the repair cache, turned toward the sender, and not answered for its rate
+        self.nack_received = 0
+        self.nack_answered = 0
+        self.nack_forwarded = 0
+        self.retransmit_throttled = 0
+        #: D36: PLI/FIR from this receiver dropped by the throttle (also in the drop above)
+        self.pli_throttled = 0
+        #: D35: PLIs the MDD sent a video sender on this receiver's behalf (last_n feed start)
+        self.pli_originated = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -433,9 +495,11 @@ class Association(Generic[AddrT]):
         "_out_session",
         "_protect_rtcp",
         "_protect_rtp",
+        "_repair",
         "_route_counters",
         "_routes",
         "_rtcp_routes",
+        "_rtx",
         "_seq",
         "address",
         "association_id",
@@ -495,6 +559,10 @@ class Association(Generic[AddrT]):
         self._rtcp_routes: list[Association[AddrT]] = []
         #: feedback throttle per (media sender's id, is NACK): [tokens, when last updated]
         self._feedback: dict[tuple[uuid.UUID, bool], list[float]] = {}
+        #: D36: repair cache per RTP SSRC it sends
+        self._repair: dict[int, RepairCache] = {}
+        #: D36: retransmissions to it: [tokens, when last updated] (empty: full)
+        self._rtx: list[float] = []
 
     @property
     def counters(self) -> AssociationCounters:
@@ -523,11 +591,14 @@ class _Feed(Generic[AddrT]):
 
     __slots__ = (
         "address",
+        "asked",
         "counters",
         "ever_on",
         "last_out",
         "offset",
         "on",
+        "pending",
+        "periods",
         "receiver",
         "seal",
         "session",
@@ -546,6 +617,10 @@ class _Feed(Generic[AddrT]):
         self.on = False  # packets are being sent to the receiver
         self.want = False  # the ranking says they should be
         self.since = -1.0  # when ``want`` last changed (< 0: at the next packet)
+        self.asked = False  # D35: a PLI was sent for the key frame this start waits for
+        self.pending = False  # D36: the current on-period has no repair record yet
+        #: D36: its last on-periods, for repair (perc.repair.FeedPeriod); None until one
+        self.periods: deque[FeedPeriod] | None = None
         self.ever_on = False
         self.offset = 0  # out_seq = in_seq - offset (mod 2^16)
         self.start_seq = 0  # in_seq of the first packet of the current on period
@@ -555,7 +630,7 @@ class _Feed(Generic[AddrT]):
 class _VideoStream(Generic[AddrT]):
     """One video SSRC under last_n: activity, frame boundary, and its feeds."""
 
-    __slots__ = ("feeds", "last_seen", "owner", "prev_marker", "ranked", "ssrc")
+    __slots__ = ("feeds", "last_seen", "marks", "owner", "prev_marker", "ranked", "ssrc")
 
     def __init__(self, ssrc: int, owner: Association[AddrT], now: float) -> None:
         self.ssrc = ssrc
@@ -563,6 +638,7 @@ class _VideoStream(Generic[AddrT]):
         self.last_seen = now
         self.ranked = False
         self.prev_marker = True  # the first packet seen counts as a frame start
+        self.marks = False  # D35: it carries RFC 9626 frame marking
         self.feeds: dict[uuid.UUID, _Feed[AddrT]] = {}
 
 
@@ -604,6 +680,7 @@ class ForwardingTable(Generic[AddrT]):
         self._rank: list[_VideoStream[AddrT]] = []
         self._pruned_at = float("-inf")
         self._prune_every = self.config.last_n_idle / 8
+        self._repair_on = self.config.repair
 
     # --- membership -----------------------------------------------------------------------------
 
@@ -722,6 +799,7 @@ class ForwardingTable(Generic[AddrT]):
             # The streams behind the leaver's move up; with an unchanged ranking every other
             # feed's ``want`` is unchanged (it depends on the ranking only).
             self._rerank(-1.0)
+        assoc._repair = {}
         assoc._hop = None
         assoc._in_session = assoc._out_session = None
         assoc._protect_rtp = assoc._protect_rtcp = None
@@ -897,14 +975,53 @@ class ForwardingTable(Generic[AddrT]):
         assoc._fan_packets += 1
         assoc._fan_bytes += n
         try:
-            return [
-                (address, header + seal(seq, payload, header) + ekt) for address, seal in fan[1]
-            ]
+            out = [(address, header + seal(seq, payload, header) + ekt) for address, seal in fan[1]]
         except SrtpError:
             # A receiver's stream refused (index space exhausted, or an index it was already
             # sent): redo one by one. Receivers already served refuse the index now and lose
             # this packet.
             return self._fan_out_slowly(assoc, inbound, n, credited=True)
+        if self._repair_on and pt in self._video_pts:
+            # D36: every receiver got this video packet; keep it for repair (see perc.repair).
+            cache = assoc._repair.get(ssrc)
+            if cache is None or cache.fan is not fan:
+                cache = self._repair_epoch(
+                    assoc, ssrc, fan, seq, now, header=header, payload=payload, ekt=ekt
+                )
+            else:
+                cache.add(seq, now, header, payload, ekt)
+        return out
+
+    def _repair_epoch(
+        self,
+        assoc: Association[AddrT],
+        ssrc: int,
+        fan: object,
+        seq: int,
+        now: float,
+        *,
+        header: bytes,
+        payload: bytes,
+        ekt: bytes,
+    ) -> RepairCache:
+        """A new repair epoch for ``ssrc`` starting with the packet just sealed for every
+        receiver of ``fan``: each receiver's index offset from its send stream (O(routes), at
+        a fan-out change only)."""
+        cfg = self.config
+        old = assoc._repair.get(ssrc)
+        if old is not None:
+            old.end()
+        cache = assoc._repair[ssrc] = RepairCache(
+            cfg.repair_cache_packets, cfg.repair_cache_time, fan, seq
+        )
+        cache.add(seq, now, header, payload, ekt)
+        cache.start(
+            [
+                (r.association_id, r._out_session.send_stream(ssrc, seq))  # type: ignore[union-attr]
+                for r in assoc._rtcp_routes
+            ]
+        )
+        return cache
 
     @staticmethod
     def _make_fanout(
@@ -927,6 +1044,9 @@ class ForwardingTable(Generic[AddrT]):
         self, assoc: Association[AddrT], inbound: Inbound, n: int, *, credited: bool = False
     ) -> Output[AddrT]:
         """The fan-out one receiver at a time, counting each refusal (``drop_limit``)."""
+        cache = assoc._repair.get(inbound.ssrc)
+        if cache is not None:
+            cache.end()  # D36: a receiver's stream moved apart from the cache (perc.repair)
         out: Output[AddrT] = []
         hop = assoc._hop
         if hop is None:  # pragma: no cover - decrypt succeeded, so the keys are there
@@ -996,6 +1116,7 @@ class ForwardingTable(Generic[AddrT]):
                 if want != feed.want:
                     feed.want = want
                     feed.since = now
+                    feed.asked = False
 
     def _wants(self, vs: _VideoStream[AddrT], aid: uuid.UUID) -> bool:
         """Is ``vs`` among the first last_n ranked streams not sent by receiver ``aid``?"""
@@ -1019,6 +1140,7 @@ class ForwardingTable(Generic[AddrT]):
         """A video packet under last_n: ranking, frame-boundary switching, SEQ renumbering."""
         c = assoc._counters
         vs = self._video.get(ssrc)
+        fresh = vs is None
         if vs is None:
             vs = self._video[ssrc] = _VideoStream(ssrc, assoc, now)
             self._sync_feeds(vs)
@@ -1046,9 +1168,22 @@ class ForwardingTable(Generic[AddrT]):
             return out
         encrypt_for = hop.encrypt_for
         ekt = inbound.ekt_field
+        ext = -1  # D36: this packet's index in the stream's repair cache (-1: none)
+        cache: RepairCache | None = None
+        if self._repair_on:
+            cache = assoc._repair.get(ssrc)
+            if cache is None or cache.fan is not vs:
+                if cache is not None:
+                    cache.end()
+                cfg = self.config
+                cache = assoc._repair[ssrc] = RepairCache(
+                    cfg.repair_cache_packets, cfg.repair_cache_time, vs, seq
+                )
+            ext = cache.add(seq, now, header, payload, ekt)
         # Feeds that resumed together share an offset: one HeaderChanges object for them lets
         # the hop reuse its rewritten packet (identity hit in its cache).
         changes: HeaderChanges | None = None
+        key = -1  # D35: 2 starts a key frame, 1 another frame, 0 neither; -1 not looked at
         for feed in vs.feeds.values():
             send = feed.on
             if send != feed.want:
@@ -1056,9 +1191,25 @@ class ForwardingTable(Generic[AddrT]):
                     feed.since = now
                 late = now - feed.since >= timeout
                 if feed.want:
-                    if frame_start or late:  # start with a frame start
+                    if key < 0:
+                        key = self._frame_mark(vs, header)
+                    if vs.marks:
+                        # D35: start at a key frame; only when late at any frame start.
+                        start = key == 2 or (late and (key == 1 or frame_start))
+                    else:
+                        start = frame_start or late  # start with a frame start
+                    if start:
                         self._start_feed(feed, seq)
                         send = True
+                        if key != 2 and not fresh:
+                            self._ask_keyframe(feed.receiver, vs, now, out)
+                    elif (
+                        vs.marks
+                        and not feed.asked
+                        and now - feed.since >= self.config.keyframe_wait
+                    ):
+                        feed.asked = True
+                        self._ask_keyframe(feed.receiver, vs, now, out)
                 elif marker or late:
                     # Stop after the frame end: the packet with the marker is still sent;
                     # with no boundary in sight (late), stop before this packet.
@@ -1088,7 +1239,11 @@ class ForwardingTable(Generic[AddrT]):
                 continue
             except SrtpError:
                 c.drop_limit += 1
+                if feed.periods:
+                    feed.periods[-1].valid = False  # D36: no repair from this period
                 continue
+            if feed.pending and ext >= 0 and cache is not None:
+                self._open_period(feed, cache, ssrc, seq=seq, out_seq=out_seq, ext=ext)
             if (out_seq - feed.last_out) & 0xFFFF < 0x8000:
                 feed.last_out = out_seq
             rc = feed.counters
@@ -1096,6 +1251,99 @@ class ForwardingTable(Generic[AddrT]):
             rc.bytes_out += len(data)
             out.append((feed.address, data))
         return out
+
+    @staticmethod
+    def _open_period(
+        feed: _Feed[AddrT], cache: RepairCache, ssrc: int, *, seq: int, out_seq: int, ext: int
+    ) -> None:
+        """D36: the feed's first packet of an on-period was sealed: record how its receiver's
+        indexes map to the cache's (perc.repair.FeedPeriod), if this packet became its
+        stream's highest index (otherwise the period is not answered from the cache)."""
+        feed.pending = False
+        stream = feed.session.send_stream(ssrc, out_seq)
+        if stream.hi & 0xFFFF == out_seq:
+            if feed.periods is None:
+                feed.periods = deque(maxlen=4)
+            offset = (seq - out_seq) & 0xFFFF
+            feed.periods.append(FeedPeriod(cache, stream, ext - stream.hi, offset))
+
+    def _repair_feed(
+        self, owner: Association[AddrT], feed: _Feed[AddrT], ssrc: int, out_seq: int, now: float
+    ) -> bytes | None:
+        """D36 under last_n: ``out_seq`` (the receiver's SEQ) exactly as the feed sent it."""
+        for period in reversed(feed.periods or ()):
+            found = period.locate(out_seq, now)
+            if found is None:
+                continue
+            idx, (_, _, header, payload, ekt) = found
+            if period.offset:
+                hop = owner._hop
+                if hop is None:
+                    return None
+                seq = (out_seq + period.offset) & 0xFFFF
+                try:  # the rewrite the first sending made (deterministic, RFC 8723 §5.2)
+                    header, payload = hop.rewrite(
+                        Inbound(header, payload, ekt, seq, ssrc),
+                        HeaderChanges(sequence_number=out_seq),
+                    )
+                except SrtpDecodeError:
+                    return None
+            try:
+                return header + period.stream.reseal(idx, payload, header) + ekt
+            except SrtpError:
+                return None
+        return None
+
+    @staticmethod
+    def _sender_seq(feed: _Feed[AddrT], out_seq: int) -> int:
+        """The sender's SEQ of a receiver's ``out_seq`` under last_n (its period's offset, or
+        the feed's current one)."""
+        for period in reversed(feed.periods or ()):
+            if period.index_of(out_seq) >= 0:
+                return (out_seq + period.offset) & 0xFFFF
+        return (out_seq + feed.offset) & 0xFFFF
+
+    def _frame_mark(self, vs: _VideoStream[AddrT], header: bytes) -> int:
+        """D35: the RFC 9626 frame marking of a video packet's header: 2 if it starts a key
+        frame (S and I), 1 if it starts another frame (S), else 0. A stream that carries the
+        extension once is marked (``vs.marks``). Trusted for this choice only (not E2E)."""
+        fid = self.config.frame_marking_id
+        if fid is None or not header[0] & 0x10:
+            return 0
+        try:
+            fm = frame_marking_of_packet(header, fid)
+        except FrameMarkingDecodeError:
+            return 0
+        if fm is None:
+            return 0
+        vs.marks = True
+        return (2 if fm.independent else 1) if fm.start else 0
+
+    def _ask_keyframe(
+        self, receiver: Association[AddrT], vs: _VideoStream[AddrT], now: float, out: Output[AddrT]
+    ) -> None:
+        """D35: a PLI to the sender of ``vs`` on ``receiver``'s behalf (a feed started or is
+        waiting without a key frame), from the receiver's SSRC (0 if it sends none), under
+        the MDD's hop key toward the sender and the receiver's PLI throttle (D36)."""
+        owner = vs.owner
+        protect = owner._protect_rtcp
+        if protect is None:  # pragma: no cover - a ranked stream's owner is keyed
+            return
+        me = min(receiver.ssrcs) if receiver.ssrcs else 0
+        pli = Pli(me, vs.ssrc).serialize()
+        if not self._throttle(receiver, {owner.association_id: pli}, now, 0):
+            return
+        try:
+            sealed = protect(ReceiverReport(me).serialize() + pli)
+        except SrtpError:
+            owner._counters.drop_limit += 1
+            return
+        receiver._counters.pli_originated += 1
+        oc = owner._counters
+        oc.packets_out += 1
+        oc.rtcp_out += 1
+        oc.bytes_out += len(sealed)
+        out.append((owner.address, sealed))
 
     def _start_feed(self, feed: _Feed[AddrT], seq: int) -> None:
         if feed.ever_on:
@@ -1107,6 +1355,11 @@ class ForwardingTable(Generic[AddrT]):
             feed.ever_on = True
         feed.start_seq = seq
         feed.on = True
+        feed.asked = False
+        if self._repair_on:
+            feed.pending = True  # D36: a repair period opens at its first packet sealed
+            if feed.periods:
+                feed.periods[-1].close()
         self.stats.last_n_switches += 1
 
     # --- RTCP -----------------------------------------------------------------------------------
@@ -1135,6 +1388,7 @@ class ForwardingTable(Generic[AddrT]):
         pos = 0
         parts: list[tuple[bytes, dict[uuid.UUID, bytes] | None]] = []
         targets: dict[uuid.UUID, Association[AddrT]] = {}
+        repairs: Output[AddrT] = []  # D36: retransmissions from the repair cache
         # The leading SR/RR's SSRC, for the empty RR put in front below (None: not ours).
         lead: bytes | None = compound[4:8] if compound[1] in (SR, RR) else None
         for i, pkt in enumerate(packets):
@@ -1159,8 +1413,15 @@ class ForwardingTable(Generic[AddrT]):
                 per = self._to_owners(assoc, [pkt.media_ssrc], raw)
                 per = self._throttle(assoc, per, now, 0) if per else per
             elif isinstance(pkt, _Nack):
-                per = self._to_owners(assoc, [pkt.media_ssrc], raw)
-                per = self._throttle(assoc, per, now, _nacked(pkt)) if per else per
+                nack = pkt
+                c.nack_received += len(pkt.lost())
+                if self._repair_on:
+                    # D36: answer what the cache has; the rest goes on to the sender.
+                    nack, raw = self._repair_nack(assoc, pkt, raw, now, repairs)
+                per = self._to_owners(assoc, [nack.media_ssrc], raw) if nack.items else {}
+                per = self._throttle(assoc, per, now, _nacked(nack)) if per else per
+                if per:
+                    c.nack_forwarded += len(nack.lost())
             elif isinstance(pkt, (RtpFeedback, PayloadFeedback)):
                 per = self._to_owners(assoc, [pkt.media_ssrc], raw)
             elif isinstance(pkt, SourceDescription):
@@ -1198,7 +1459,7 @@ class ForwardingTable(Generic[AddrT]):
         first = parts[0][1]
         if lead is None and compound[1] in (SR, RR):
             if not assoc.ssrcs:
-                return []
+                return repairs
             lead = _u32(min(assoc.ssrcs))
         head = bytes((0x80, RR, 0, 1)) + lead if lead is not None else None
         out: Output[AddrT] = []
@@ -1221,7 +1482,61 @@ class ForwardingTable(Generic[AddrT]):
             rc.rtcp_out += 1
             rc.bytes_out += len(sealed)
             out.append((dest.address, sealed))
-        return out
+        return out + repairs if repairs else out
+
+    def _repair_nack(
+        self,
+        receiver: Association[AddrT],
+        nack: _Nack,
+        raw: bytes,
+        now: float,
+        repairs: Output[AddrT],
+    ) -> tuple[_Nack, bytes]:
+        """D36: retransmit to ``receiver`` every packet ``nack`` asks for that the cache holds
+        as it was sent to it (byte-identical, perc.repair), within its ``repair_rate``;
+        returns the NACK for the rest (no items: nothing left for the sender) and its bytes."""
+        c = receiver._counters
+        lost = nack.lost()
+        owner = self._ssrc_owner.get(nack.media_ssrc)
+        cache = owner._repair.get(nack.media_ssrc) if owner is not None else None
+        if cache is None or owner is None or owner is receiver:
+            return nack, raw
+        rid = receiver.association_id
+        vs = self._video.get(nack.media_ssrc)
+        feed = vs.feeds.get(rid) if vs is not None else None
+        if vs is not None and feed is None:
+            return nack, raw  # not a feed of this receiver (its own stream)
+        rate = self.config.repair_rate
+        bucket = receiver._rtx
+        if not bucket:
+            bucket += [rate, now]
+        tokens = min(rate, bucket[0] + (now - bucket[1]) * rate)
+        bucket[1] = now
+        missing = []
+        wanted = list(dict.fromkeys(lost))
+        for seq in wanted:
+            if feed is None:
+                data = cache.retransmit(rid, seq, now)
+            else:
+                data = self._repair_feed(owner, feed, nack.media_ssrc, seq, now)
+            if data is None:
+                missing.append(seq)
+            elif tokens >= 1.0:
+                tokens -= 1.0
+                c.nack_answered += 1
+                c.packets_out += 1
+                c.bytes_out += len(data)
+                repairs.append((receiver.address, data))
+            else:
+                c.retransmit_throttled += 1  # the sender is not asked either
+        bucket[0] = tokens
+        if feed is not None:
+            # The sender knows its own SEQs, not this receiver's renumbered ones.
+            missing = [self._sender_seq(feed, seq) for seq in missing]
+        elif len(missing) == len(wanted):
+            return nack, raw
+        rest = _Nack.from_lost(nack.sender_ssrc, nack.media_ssrc, missing)
+        return rest, rest.serialize()
 
     def _split_rr(
         self, sender: Association[AddrT], rr: ReceiverReport, raw: bytes
@@ -1301,6 +1616,8 @@ class ForwardingTable(Generic[AddrT]):
             else:
                 bucket[0] = tokens
                 sender._counters.drop_feedback_throttled += 1
+                if not nack:
+                    sender._counters.pli_throttled += 1
         return out
 
     def _owner(self, sender: Association[AddrT], ssrc: int) -> Association[AddrT] | None:

@@ -49,9 +49,9 @@ API
 ``SrtpStream(first_index, iv_base, aead, window)``; attributes ``hi`` (highest index used) and
 ``holes``. RTP: ``seal(seq, payload, aad) -> ct||tag``, ``open(seq, body, aad) -> payload``
 (raises ``AuthenticationError``, ``ReplayError``, ``KeyLifetimeError``); ``send_index(seq)``;
-``receive_index(seq)``. SRTCP: ``seal_rtcp(head, payload) -> packet``,
-``open_rtcp(index, body, aad) -> payload``. Both: ``unused(index)``, ``accept(index)``,
-``nonce(index)``, ``restart(index)``.
+``receive_index(seq)``; ``reseal(idx, payload, aad)`` (a repair at a used index). SRTCP:
+``seal_rtcp(head, payload) -> packet``, ``open_rtcp(index, body, aad) -> payload``. Both:
+``unused(index)``, ``accept(index)``, ``nonce(index)``, ``restart(index)``.
 """
 
 from __future__ import annotations
@@ -152,6 +152,16 @@ class SrtpStream:
             raise AuthenticationError("SRTP authentication failed") from None
         self.accept(idx)
         return plain
+
+    def reseal(self, idx: int, payload: bytes, aad: bytes) -> bytes:
+        """``ct || tag`` of an RTP packet sealed again at ``idx``, an index this stream has
+        already used (a repair, RFC 8723 §7). The caller must give the payload and header of
+        the first sealing: the same key, nonce and input give the same bytes, so nothing new is
+        encrypted under a used nonce. An index not used yet is refused (``SrtpUsageError``):
+        spending it here could let a later ``seal`` use it for another packet."""
+        if not 0 <= idx <= self.hi or self.unused(idx):
+            raise SrtpUsageError(f"SRTP index {idx} was never sealed: no repair under it")
+        return self._encrypt((self._iv_base ^ idx).to_bytes(12), payload, aad)
 
     def send_index(self, seq: int) -> int:
         """Index of an RTP packet we send with ``seq``, committed (RFC 7714 §8.4: never the
