@@ -435,6 +435,7 @@ _ENDPOINT_EXIT_CODES = (
     (7, "protocol failure (e.g. the KMF negotiated no EKT)"),
     (8, "fewer peers' media received and verified end to end than --expect-peers"),
     (9, "peers went silent: media stopped > --silence-limit before the end, no BYE, no rekey"),
+    (10, "removed by the KMF operator (perc admin kick: the KMF's close_notify); no rejoin"),
 )
 
 
