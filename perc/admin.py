@@ -29,11 +29,12 @@ API::
 
     MAX_LINE; AdminError (one line); LineTooLong(AdminError)
     LineBuffer().feed(chunk) -> [bytes]            # complete lines, LineTooLong past MAX_LINE
-    parse_request(line: bytes) -> Request           # AdminError for anything malformed
+    parse_request(line, ops=None) -> Request        # AdminError for anything malformed
     request_line(op, **fields) -> bytes             # what the client sends
     ok_line(**fields) -> bytes; error_line(text) -> bytes
     parse_answer(line: bytes) -> dict               # AdminError if not an answer object
     kmf_answer(engine, request, now) -> dict        # KMF ops but audit; AdminError
+    audit_answer(request, state) -> dict            # audit (blocking: SQLite)
     render(op, answer) -> [str]                     # human table lines
     check_socket_path(path) -> bool                 # True: a socket file is there (stale?)
     Conferences, Members, Kick, RosterAdd, RosterRemove, Rekey, Audit, Status, Links
@@ -44,6 +45,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from collections import deque
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,7 @@ from perc.config import one_line
 
 if TYPE_CHECKING:
     from perc.kmf import KmfEngine
+    from perc.state import KmfState
 
 __all__ = [
     "KMF_OPS",
@@ -72,6 +75,7 @@ __all__ = [
     "RosterAdd",
     "RosterRemove",
     "Status",
+    "audit_answer",
     "check_socket_path",
     "error_line",
     "kmf_answer",
@@ -197,8 +201,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
 _TYPE_NAMES = {str: "a string", bool: "true or false", int: "an integer", type(None): "null"}
 
 
-def parse_request(line: bytes) -> Request:
-    """One request line as a typed request; :class:`AdminError` says what is wrong."""
+def parse_request(line: bytes, ops: Sequence[str] | None = None) -> Request:
+    """One request line as a typed request; :class:`AdminError` says what is wrong.
+    ``ops``: the ops this role serves (others are an error too)."""
     try:
         data = json.loads(line)
     except (ValueError, UnicodeDecodeError) as e:
@@ -209,8 +214,9 @@ def parse_request(line: bytes) -> Request:
     if not isinstance(op, str):
         raise AdminError('malformed request: no "op" string')
     cls = _BY_OP.get(op)
-    if cls is None:
-        raise AdminError(f"unknown op {op[:40]!r}: one of " + ", ".join(_BY_OP))
+    if cls is None or (ops is not None and op not in ops):
+        known = ", ".join(ops if ops is not None else _BY_OP)
+        raise AdminError(f"unknown op {op[:40]!r} here: one of {known}")
     fields = {f.name: f for f in attrs.fields(cls)}
     for key, value in data.items():
         if key not in fields:
@@ -279,6 +285,18 @@ def kmf_answer(engine: KmfEngine, request: Request, now: float) -> dict[str, Any
     if isinstance(request, Rekey):
         return engine.admin_rekey(request.conference, now)
     raise AdminError(f"op {request.op} is not served by the KMF (its ops: {', '.join(KMF_OPS)})")
+
+
+def audit_answer(request: Audit, state: KmfState) -> dict[str, Any]:
+    """``audit``: the newest ``limit`` rows of the state's audit log (D32) and, with
+    ``verify``, the chain's verdict. Blocking (SQLite): the shell runs it off the event loop."""
+    rows = deque(state.audit_rows(), maxlen=request.limit)
+    verdict = state.verify_audit() if request.verify else None
+    return {
+        "rows": [attrs.asdict(r) for r in rows],
+        "total": state.audit_seq,
+        "verdict": None if verdict is None else {**attrs.asdict(verdict), "text": str(verdict)},
+    }
 
 
 # --- the socket's path ---------------------------------------------------------------------------

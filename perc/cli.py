@@ -15,6 +15,9 @@
                                  [--media audio|video|both|none] [--expect-peers N]
                                  [--report FILE] [--video-fps F] [--video-bitrate B]
     perc [--log-level LEVEL] demo [--participants N] [--duration S] [--media M] [--keep]
+    perc admin --socket PATH [--json] conferences | members CONF | kick CONF WHO [--ban]
+               | roster add CONF FP [--name N] | roster remove CONF FP | rekey CONF
+               | audit [--verify] [--limit N] | status | links CONF
 
 ``--log-level`` and ``--log-format human|json`` are also accepted after the subcommand; with
 ``json`` every log record is one JSON object and typed events (:mod:`perc.events`) carry their
@@ -141,6 +144,19 @@ def _run_role(serve: Callable[..., Awaitable[object]], cfg: object, what: str = 
         raise RuntimeFailure(f"{what}: {text}" if what else text) from None
 
 
+def _check_admin_socket(path: Path | None) -> None:
+    """D33: a bad admin socket path stops the role before it starts (exit 2)."""
+    if path is None:
+        return
+    from perc.admin import AdminError
+    from perc.roles.admin import prepare_socket_path
+
+    try:
+        prepare_socket_path(path)
+    except AdminError as e:
+        raise CliError(str(e)) from None
+
+
 # --- the commands -----------------------------------------------------------------------------
 
 
@@ -148,7 +164,8 @@ def _run_role(serve: Callable[..., Awaitable[object]], cfg: object, what: str = 
 @click.version_option(__version__, prog_name="perc")
 @_log_level_option
 def main() -> None:
-    """Privacy Enhanced RTP Conferencing (RFC 8871): kmf | mdd | endpoint | demo | identity.
+    """Privacy Enhanced RTP Conferencing (RFC 8871): kmf | mdd | endpoint | demo | identity |
+    admin.
 
     The KMF (Key Distributor) authenticates endpoints and hands out keys; the MDD (Media
     Distributor) relays endpoint DTLS to the KMF through an RFC 9185 tunnel and forwards
@@ -252,6 +269,7 @@ def kmf_command(ctx: click.Context, config_path: Path | None, reset_state: bool)
         cfg = config.load_kmf_config(config_path)
     except config.ConfigError as e:
         raise CliError(str(e)) from None
+    _check_admin_socket(cfg.kmf.admin_socket)
     _setup_logging()
     from perc.roles import kmf
     from perc.state import StateError
@@ -415,6 +433,7 @@ def mdd_command(
             )
         except config.ConfigError as e:
             raise CliError(str(e)) from None
+    _check_admin_socket(cfg.mdd.admin_socket)
     _setup_logging()
     from perc.roles import mdd
 
@@ -603,3 +622,130 @@ def demo_command(
     if media is not None:
         given["media"] = media
     sys.exit(demo.main(**given, keep=keep or None))
+
+
+# --- perc admin (D33) ---------------------------------------------------------------------------
+
+
+@main.group("admin")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The admin socket of a running KMF or MDD ([kmf] or [mdd] admin_socket).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
+@_log_level_option
+@click.pass_context
+def admin_group(ctx: click.Context, socket_path: Path, as_json: bool) -> None:
+    """Talk to a running KMF or MDD over its admin socket (JSON lines, D33).
+
+    KMF: conferences, members, kick, roster add|remove, rekey, audit. MDD: status, links.
+    Prints a table (or --json the answer); a refused request prints one `perc: error:` line
+    and exits 1.
+    """
+    ctx.obj = (socket_path, as_json)
+
+
+def _admin(op: str, **fields: Any) -> None:
+    from perc.admin import AdminError, render, request_line
+    from perc.roles.admin import call
+
+    socket_path, as_json = click.get_current_context().obj
+    try:
+        answer = call(socket_path, request_line(op, **fields))
+    except AdminError as e:
+        raise RuntimeFailure(f"admin socket {socket_path}: {e}") from None
+    except OSError as e:
+        raise RuntimeFailure(f"admin socket {socket_path}: {e.strerror or e}") from None
+    if not answer["ok"]:
+        raise RuntimeFailure(str(answer.get("error", "refused")))
+    if as_json:
+        import json
+
+        click.echo(json.dumps(answer))
+    else:
+        for line in render(op, answer):
+            click.echo(line)
+    verdict = answer.get("verdict")
+    if isinstance(verdict, dict) and not verdict.get("ok"):
+        raise RuntimeFailure(str(verdict.get("text")))
+
+
+@admin_group.command("conferences")
+def admin_conferences() -> None:
+    """KMF: each conference's members, roster size, current SPI."""
+    _admin("conferences")
+
+
+@admin_group.command("members")
+@click.argument("conference")
+def admin_members(conference: str) -> None:
+    """KMF: the members of CONFERENCE (name, fingerprint, association, SPI)."""
+    _admin("members", conference=conference)
+
+
+@admin_group.command("kick")
+@click.argument("conference")
+@click.argument("who")
+@click.option("--ban", is_flag=True, help="Also take it off the roster (kept in the state).")
+def admin_kick(conference: str, who: str, ban: bool) -> None:
+    """KMF: remove WHO (certificate name or fingerprint) from CONFERENCE.
+
+    Its association is closed (close_notify: the endpoint exits 10), its MDD told, and every
+    other member gets a new EKTKey at once, so WHO cannot read what follows.
+    """
+    _admin("kick", conference=conference, who=who, ban=ban)
+
+
+@admin_group.group("roster")
+def admin_roster() -> None:
+    """KMF: change a conference's roster while it runs (kept in the state)."""
+
+
+@admin_roster.command("add")
+@click.argument("conference")
+@click.argument("fingerprint")
+@click.option("--name", default=None, help="A name for the audit log.")
+def admin_roster_add(conference: str, fingerprint: str, name: str | None) -> None:
+    """KMF: let FINGERPRINT join CONFERENCE."""
+    _admin("roster_add", conference=conference, fingerprint=fingerprint, name=name)
+
+
+@admin_roster.command("remove")
+@click.argument("conference")
+@click.argument("fingerprint")
+def admin_roster_remove(conference: str, fingerprint: str) -> None:
+    """KMF: refuse FINGERPRINT from now on (members stay until kicked)."""
+    _admin("roster_remove", conference=conference, fingerprint=fingerprint)
+
+
+@admin_group.command("rekey")
+@click.argument("conference")
+def admin_rekey(conference: str) -> None:
+    """KMF: a new EKTKey for every member of CONFERENCE now."""
+    _admin("rekey", conference=conference)
+
+
+@admin_group.command("audit")
+@click.option("--verify", is_flag=True, help="Check the hash chain (D32); exit 1 if broken.")
+@click.option(
+    "--limit", type=click.IntRange(0), default=100, show_default=True, help="Newest rows shown."
+)
+def admin_audit(verify: bool, limit: int) -> None:
+    """KMF: the audit log (D32) of the running KMF."""
+    _admin("audit", verify=verify, limit=limit)
+
+
+@admin_group.command("status")
+def admin_status() -> None:
+    """MDD: per conference, tunnel, associations and counters."""
+    _admin("status")
+
+
+@admin_group.command("links")
+@click.argument("conference")
+def admin_links(conference: str) -> None:
+    """MDD: the cascade links of CONFERENCE (none yet)."""
+    _admin("links", conference=conference)

@@ -19,6 +19,7 @@ Files (the optional keys have the defaults shown)::
     state = "kmf-state.sqlite"         # D28 state file beside this file; "" = memory only
     state_key = "kmf-state.key"        # D28 state key (0600, created on first start)
     persist_keys = true                # D29 key material in the state
+    # admin_socket = "kmf.sock"        # D33 admin socket (mode 0600); unset: none
     [[conference]]
     id = "demo"
     participants = ["sha-256 ..."]     # endpoint certificate fingerprints (D15)
@@ -40,6 +41,7 @@ Files (the optional keys have the defaults shown)::
     max_pending = 1000                 # associations still before the KMF's ServerHello
     max_pending_per_ip = 64            # ... of them from one source IP address
     pending_timeout = 2.0              # seconds a pending association has to progress
+    # admin_socket = "mdd.sock"        # D33 admin socket (mode 0600); unset: none
     [[conference]]
     id = "demo"
     listen = "127.0.0.1:5004"          # UDP port where endpoints of this conference send
@@ -238,6 +240,13 @@ class KmfSettings:
             "yet either way: it does not resume associations across restarts)"
         ),
     )
+    admin_socket: Path | None = attrs.field(
+        default=None,
+        metadata=_doc(
+            "Unix socket of the admin interface (D33, perc admin), created mode 0600, "
+            "relative to the config file's folder; unset: none"
+        ),
+    )
 
 
 @attrs.frozen
@@ -324,6 +333,13 @@ class MddSettings:
         default=2.0,
         metadata=_doc(
             "seconds a pending association has to get the KMF's ServerHello or MediaKeys"
+        ),
+    )
+    admin_socket: Path | None = attrs.field(
+        default=None,
+        metadata=_doc(
+            "Unix socket of the admin interface (D33, perc admin), created mode 0600, "
+            "relative to the config file's folder; unset: none"
         ),
     )
 
@@ -863,7 +879,14 @@ def build_kmf_config(data: dict[str, Any], *, base: Path, source: Path | None = 
     state = None if memory else base / (kmf.state or DEFAULT_STATE_FILE)
     state_key = base / (kmf.state_key or DEFAULT_STATE_KEY_FILE)
     return KmfConfig(
-        kmf=attrs.evolve(kmf, cert=cert, key=key_path, state=state, state_key=state_key),
+        kmf=attrs.evolve(
+            kmf,
+            cert=cert,
+            key=key_path,
+            state=state,
+            state_key=state_key,
+            admin_socket=None if kmf.admin_socket is None else base / kmf.admin_socket,
+        ),
         conferences=raw.conference,
         identity=ident,
         source=source,
@@ -943,7 +966,12 @@ def build_mdd_config(
         key, _, problem = str(e).partition(": ")
         raise ConfigError(f"{rename(key)}: {problem}") from None
     return MddConfig(
-        mdd=attrs.evolve(mdd, cert=cert, key=key_path),
+        mdd=attrs.evolve(
+            mdd,
+            cert=cert,
+            key=key_path,
+            admin_socket=None if mdd.admin_socket is None else base / mdd.admin_socket,
+        ),
         conferences=raw.conference,
         identity=ident,
         source=source,

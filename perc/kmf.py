@@ -1346,7 +1346,8 @@ class KmfEngine(TunnelServerEngine):
             else:
                 key = self._poll_conference(conf, now)
                 spi = key.spi if key is not None else None
-        return {"conference": conf.id, "kicked": kicked, "banned": ban, "spi": spi}
+        return {"conference": conf.id, "kicked": kicked, "banned": ban, "spi": spi,
+                "persisted": self.persistent}  # fmt: skip
 
     def admin_roster(
         self, conference_id: str, fingerprint: str, now: float, *, add: bool,
