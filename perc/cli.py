@@ -632,13 +632,13 @@ def demo_command(
     "--socket",
     "socket_path",
     type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="The admin socket of a running KMF or MDD ([kmf] or [mdd] admin_socket).",
+    default=None,
+    help="The admin socket of a running KMF or MDD ([kmf] or [mdd] admin_socket); required.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
 @_log_level_option
 @click.pass_context
-def admin_group(ctx: click.Context, socket_path: Path, as_json: bool) -> None:
+def admin_group(ctx: click.Context, socket_path: Path | None, as_json: bool) -> None:
     """Talk to a running KMF or MDD over its admin socket (JSON lines, D33).
 
     KMF: conferences, members, kick, roster add|remove, rekey, audit. MDD: status, links.
@@ -653,6 +653,8 @@ def _admin(op: str, **fields: Any) -> None:
     from perc.roles.admin import call
 
     socket_path, as_json = click.get_current_context().obj
+    if socket_path is None:
+        raise CliError("give --socket PATH (the admin_socket of a running KMF or MDD)")
     try:
         answer = call(socket_path, request_line(op, **fields))
     except AdminError as e:
