@@ -325,7 +325,8 @@ def _audit_table(rows: list[Any]) -> list[str]:
 )
 @_log_level_option
 def kmf_audit_command(state_path: Path, state_key: Path | None, verify: bool) -> None:
-    """Print the KMF's audit log (D32): one row per join, leave, deny, rekey and KMF start."""
+    """Print the KMF's audit log (D32): one row per join, leave, deny, rekey, KMF start, and
+    the admin socket's kick, roster_add and roster_remove."""
     from perc.state import StateError, audit_report
 
     key_path = state_key or state_path.with_name(config.DEFAULT_STATE_KEY_FILE)

@@ -93,6 +93,16 @@ no I/O; it asks, through :meth:`KmfEngine.persistence_requests`, for
 * :class:`AuditRecord`: one per join, leave, deny and new key (``rekey``, the first key
   included), with conference, fingerprint, certificate common name, association id, SPI and
   MDD fingerprint, never key material. The shell writes them off the event loop.
+* :class:`RosterEdit`: a roster change made through the admin socket (D33), with its
+  ``roster_add``/``roster_remove`` audit row; a restarted engine gets the stored changes back
+  as ``roster_changes``.
+
+Admin operations (D33; :mod:`perc.admin` parses the requests): ``admin_kick`` closes the
+member's association with a close_notify (the one graceful close the KMF makes, the
+endpoint's sign that it was removed), which ends it like any close (``Left``, the leave's
+rekey request, EndpointDisconnect after the last DTLS), then makes the pending rekey due at
+once (reason ``kick``, past ``rekey_window``) so the others stop using a key the removed
+member holds; ``--ban`` also takes its fingerprint off the roster (:class:`RosterEdit`).
 
 Timers: one heap of (deadline, owner) with lazy deletion (an entry is live only if it equals
 its owner's recorded deadline), so thousands of associations cost one shell task and one

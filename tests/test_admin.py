@@ -285,5 +285,30 @@ def test_no_socket_in_a_folder_others_can_write_even_with_the_sticky_bit(tmp_pat
         check_socket_path(folder / "s")
 
 
-def test_uuid_is_text_in_answers() -> None:
-    assert json.loads(ok_line(association=str(uuid.UUID(int=1))))["association"].endswith("1")
+def test_admin_socket_keys_are_relative_to_the_config_file(tmp_path: Path) -> None:
+    from perc.config import build_kmf_config, build_mdd_config
+
+    kmf, mdd = identity.generate("kmf"), identity.generate("mdd")
+    identity.write(kmf, tmp_path, "kmf")
+    identity.write(mdd, tmp_path, "mdd")
+    cfg = build_kmf_config(
+        {"kmf": {"listen": "127.0.0.1:0", "cert": "kmf.crt", "key": "kmf.key",
+                 "trusted_mdds": [mdd.fingerprint], "admin_socket": "run/kmf.sock"},
+         "conference": [{"id": "demo", "participants": []}]},
+        base=tmp_path,
+    )  # fmt: skip
+    assert cfg.kmf.admin_socket == tmp_path / "run" / "kmf.sock"
+    mcfg = build_mdd_config(
+        {"mdd": {"cert": "mdd.crt", "key": "mdd.key", "admin_socket": "/run/perc/mdd.sock"},
+         "conference": [{"id": "demo", "listen": "127.0.0.1:0", "kmf": "127.0.0.1:4444",
+                         "kmf_fingerprint": kmf.fingerprint}]},
+        base=tmp_path,
+    )  # fmt: skip
+    assert mcfg.mdd.admin_socket == Path("/run/perc/mdd.sock")
+    unset = build_mdd_config(
+        {"mdd": {"cert": "mdd.crt", "key": "mdd.key"},
+         "conference": [{"id": "demo", "listen": "127.0.0.1:0", "kmf": "127.0.0.1:4444",
+                         "kmf_fingerprint": kmf.fingerprint}]},
+        base=tmp_path,
+    )  # fmt: skip
+    assert unset.mdd.admin_socket is None

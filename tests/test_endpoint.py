@@ -16,8 +16,8 @@ import pytest
 from perc import config, identity
 from perc.config import EndpointConfig
 from perc.dtls import DtlsConfiguration, DtlsConnection
-from perc.dtls.events import ApplicationDataReceived, ConnectionClosed, EktKeyAcknowledged
 from perc.dtls.errors import AlertDescription
+from perc.dtls.events import ApplicationDataReceived, ConnectionClosed, EktKeyAcknowledged
 from perc.endpoint import (
     AssociationEnded,
     ExitCode,
