@@ -180,6 +180,13 @@ async def test_roster_add_lets_a_new_identity_in_and_remove_plus_kick_takes_it_o
     assert answer["listed"] and answer["fingerprint"] == dave_fp
     dave = await endpoint(system, "dave", port)
     await dave.wait_event(EndpointJoined)
+    table = await trio.run_process(
+        [sys.executable, "-m", "perc", "admin", "--socket", "kmf.sock", "members", "demo"],
+        cwd=system.folder, capture_stdout=True,
+    )  # fmt: skip
+    head, *rows = table.stdout.decode().splitlines()
+    assert head.split()[:3] == ["name", "fingerprint", "association"]
+    assert sorted(r.split()[0] for r in rows) == ["alice", "dave"]
     members = (await admin(system, "members", "demo"))["members"]
     assert sorted(m["name"] for m in members) == ["alice", "dave"]
     assert all("key" not in k for m in members for k in m)  # no key material
