@@ -21,8 +21,8 @@ fingerprint), ``rekey`` (conference), ``audit`` (verify, limit). MDD: ``status``
 (conference). The answers are built field by field from counters and identities: no answer
 carries key material (the KMF engine hands out one-way digests at most).
 
-:func:`kmf_answer` runs a KMF request on the sans-IO engine (:class:`perc.kmf.KmfEngine`);
-``audit`` needs the state file and is the shell's. :func:`render` turns an answer into the
+The KMF engine runs its requests (:meth:`perc.kmf.KmfEngine.admin_answer`); ``audit`` needs
+the state file and is the shell's (:func:`audit_answer`). :func:`render` turns an answer into the
 plain table ``perc admin`` prints (``--json`` prints the answer itself).
 
 API::
@@ -33,7 +33,6 @@ API::
     request_line(op, **fields) -> bytes             # what the client sends
     ok_line(**fields) -> bytes; error_line(text) -> bytes
     parse_answer(line: bytes) -> dict               # AdminError if not an answer object
-    kmf_answer(engine, request, now) -> dict        # KMF ops but audit; AdminError
     audit_answer(request, state) -> dict            # audit (blocking: SQLite)
     render(op, answer) -> [str]                     # human table lines
     check_socket_path(path) -> bool                 # True: a socket file is there (stale?)
@@ -55,7 +54,6 @@ import attrs
 from perc.config import one_line
 
 if TYPE_CHECKING:
-    from perc.kmf import KmfEngine
     from perc.state import KmfState
 
 __all__ = [
@@ -78,7 +76,6 @@ __all__ = [
     "audit_answer",
     "check_socket_path",
     "error_line",
-    "kmf_answer",
     "ok_line",
     "parse_answer",
     "parse_request",
@@ -262,29 +259,6 @@ def parse_answer(line: bytes) -> dict[str, Any]:
 
 
 # --- the KMF's operations ------------------------------------------------------------------------
-
-
-def kmf_answer(engine: KmfEngine, request: Request, now: float) -> dict[str, Any]:
-    """Run a KMF request on the engine; the answer's fields (``ok`` is added by the caller).
-
-    ``audit`` is not here: it reads the state file (the shell's). AdminError for an unknown
-    conference or member, a malformed fingerprint, or an op the KMF does not serve."""
-    if isinstance(request, Conferences):
-        return {"conferences": engine.admin_conferences(now)}
-    if isinstance(request, Members):
-        return {"conference": request.conference,
-                "members": engine.admin_members(request.conference, now)}  # fmt: skip
-    if isinstance(request, Kick):
-        return engine.admin_kick(request.conference, request.who, now, ban=request.ban)
-    if isinstance(request, RosterAdd):
-        return engine.admin_roster(
-            request.conference, request.fingerprint, now, add=True, name=request.name
-        )
-    if isinstance(request, RosterRemove):
-        return engine.admin_roster(request.conference, request.fingerprint, now, add=False)
-    if isinstance(request, Rekey):
-        return engine.admin_rekey(request.conference, now)
-    raise AdminError(f"op {request.op} is not served by the KMF (its ops: {', '.join(KMF_OPS)})")
 
 
 def audit_answer(request: Audit, state: KmfState) -> dict[str, Any]:

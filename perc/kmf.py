@@ -127,6 +127,7 @@ API::
         .state: perc.keying.KeyingState   .associations: dict[UUID, KmfAssociation]
         .stats: KeyingStats               .tls_id: bytes (sent in every ServerHello)
         rekey(conference_id, now) -> EktKeyMaterial | None   # new EKTKey to every member
+        admin_answer(request: perc.admin.Request, now) -> dict   # D33 (not audit)
         admin_conferences(now), admin_members(conf, now), admin_kick(conf, who, now, ban=),
         admin_roster(conf, fp, now, add=, name=), admin_rekey(conf, now)   # D33, dicts
         (roster_changes=[(conference, fingerprint, listed)]: run-time roster edits, D33)
@@ -150,7 +151,19 @@ import attrs
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from perc.admin import AdminError
+from perc.admin import (
+    KMF_OPS,
+    AdminError,
+    Conferences,
+    Kick,
+    Members,
+    Request,
+    RosterAdd,
+    RosterRemove,
+)
+from perc.admin import (
+    Rekey as RekeyRequest,
+)
 from perc.config import KmfConfig
 from perc.dtls import (
     ClientOffer,
@@ -1257,6 +1270,26 @@ class KmfEngine(TunnelServerEngine):
                     self.stats.disconnects_sent += 1
 
     # --- admin operations (D33; perc.admin parses the requests) ---------------------------------
+
+    def admin_answer(self, request: Request, now: float) -> dict[str, object]:
+        """Run a KMF admin request; the answer's fields (``ok`` is the caller's). ``audit``
+        is not here: it reads the state file (the shell's). AdminError for an unknown
+        conference or member, a malformed fingerprint, or an op the KMF does not serve."""
+        if isinstance(request, Conferences):
+            return {"conferences": self.admin_conferences(now)}
+        if isinstance(request, Members):
+            return {"conference": request.conference,
+                    "members": self.admin_members(request.conference, now)}  # fmt: skip
+        if isinstance(request, Kick):
+            return self.admin_kick(request.conference, request.who, now, ban=request.ban)
+        if isinstance(request, RosterAdd | RosterRemove):
+            add = isinstance(request, RosterAdd)
+            name = request.name if isinstance(request, RosterAdd) else None
+            return self.admin_roster(request.conference, request.fingerprint, now, add=add,
+                                     name=name)  # fmt: skip
+        if isinstance(request, RekeyRequest):
+            return self.admin_rekey(request.conference, now)
+        raise AdminError(f"op {request.op} is not served by the KMF (ops: {', '.join(KMF_OPS)})")
 
     def _admin_conference(self, conference_id: str) -> Conference:
         conf = self.state.conferences.get(conference_id)

@@ -26,7 +26,6 @@ from perc.admin import (
     Status,
     check_socket_path,
     error_line,
-    kmf_answer,
     ok_line,
     parse_answer,
     parse_request,
@@ -209,7 +208,7 @@ def test_kick_closes_tells_the_mdd_and_rekeys_the_others_at_once(who: SimpleName
     mem.events.clear()
 
     mem.now += 0.1
-    answer = kmf_answer(mem.engine, Kick("demo", "carol", ban=True), mem.now)
+    answer = mem.engine.admin_answer(Kick("demo", "carol", ban=True), mem.now)
     mem.route()
     assert answer["banned"] is True and answer["persisted"] is True
     assert [k["name"] for k in answer["kicked"]] == ["carol"]
@@ -243,13 +242,13 @@ def test_admin_errors_and_roster_edits(who: SimpleNamespace) -> None:
     mem = MemoryKmf(config(who))
     tunnel = mem.tunnel(who.mdd.fingerprint)
     with pytest.raises(AdminError, match="unknown conference 'nope': demo"):
-        kmf_answer(mem.engine, Members("nope"), 0.0)
+        mem.engine.admin_answer(Members("nope"), 0.0)
     with pytest.raises(AdminError, match="no member named 'carol'"):
-        kmf_answer(mem.engine, Kick("demo", "carol"), 0.0)
+        mem.engine.admin_answer(Kick("demo", "carol"), 0.0)
     with pytest.raises(AdminError, match="malformed fingerprint"):
-        kmf_answer(mem.engine, RosterAdd("demo", "sha-256 00"), 0.0)
+        mem.engine.admin_answer(RosterAdd("demo", "sha-256 00"), 0.0)
     with pytest.raises(AdminError, match="not served by the KMF"):
-        kmf_answer(mem.engine, Status(), 0.0)
+        mem.engine.admin_answer(Status(), 0.0)
 
     dave, _ = join(mem, who.dave, tunnel)
     assert any(
@@ -257,13 +256,13 @@ def test_admin_errors_and_roster_edits(who: SimpleNamespace) -> None:
         for e in endpoint_events(dave)
     )
     fp = who.dave.fingerprint.lower()  # any case: canonicalised
-    answer = kmf_answer(mem.engine, RosterAdd("demo", fp, "dave"), 0.0)
+    answer = mem.engine.admin_answer(RosterAdd("demo", fp, "dave"), 0.0)
     assert answer["fingerprint"] == who.dave.fingerprint and answer["persisted"] is False
     mem.route()
     assert mem.of(RosterChanged) == [RosterChanged("demo", who.dave.fingerprint, True, "dave")]
     dave, aid = join(mem, who.dave, tunnel)
     assert any(isinstance(e, dtls.EktKeyReceived) for e in endpoint_events(dave))
-    members = kmf_answer(mem.engine, Members("demo"), 1.0)["members"]
+    members = mem.engine.admin_answer(Members("demo"), 1.0)["members"]
     assert [(m["name"], m["association"]) for m in members] == [("dave", str(aid))]
 
 

@@ -83,7 +83,7 @@ import attrs
 import trio
 from trio_util import AsyncValue
 
-from perc.admin import KMF_OPS, AdminError, Audit, Request, audit_answer, kmf_answer
+from perc.admin import KMF_OPS, AdminError, Audit, Request, audit_answer
 from perc.admission import DropLog, HandshakeTable, Handshaking, KmfStats
 from perc.config import DEFAULT_STATE_KEY_FILE, KmfConfig
 from perc.events import (
@@ -381,7 +381,7 @@ class KmfServer:
             await writer.flush()  # rows asked for so far are in the log
             return await writer.read(partial(audit_answer, request))
         try:
-            fields = kmf_answer(engine, request, trio.current_time())
+            fields = engine.admin_answer(request, trio.current_time())
         finally:
             self.service()
         if writer is not None and "persisted" in fields:
