@@ -151,6 +151,7 @@ import attrs
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from perc import admin
 from perc.admin import (
     KMF_OPS,
     AdminError,
@@ -160,9 +161,6 @@ from perc.admin import (
     Request,
     RosterAdd,
     RosterRemove,
-)
-from perc.admin import (
-    Rekey as RekeyRequest,
 )
 from perc.config import KmfConfig
 from perc.dtls import (
@@ -1287,7 +1285,7 @@ class KmfEngine(TunnelServerEngine):
             name = request.name if isinstance(request, RosterAdd) else None
             return self.admin_roster(request.conference, request.fingerprint, now, add=add,
                                      name=name)  # fmt: skip
-        if isinstance(request, RekeyRequest):
+        if isinstance(request, admin.Rekey):
             return self.admin_rekey(request.conference, now)
         raise AdminError(f"op {request.op} is not served by the KMF (ops: {', '.join(KMF_OPS)})")
 
