@@ -17,6 +17,9 @@
                                  [--report FILE] [--video-fps F] [--video-bitrate B]
     perc [--log-level LEVEL] demo [--participants N] [--duration S] [--media M] [--keep]
                                   [--metrics]
+    perc admin --socket PATH [--json] conferences | members CONF | kick CONF WHO [--ban]
+               | roster add CONF FP [--name N] | roster remove CONF FP | rekey CONF
+               | audit [--verify] [--limit N] | status | links CONF
 
 ``--log-level`` and ``--log-format human|json`` are also accepted after the subcommand; with
 ``json`` every log record is one JSON object and typed events (:mod:`perc.events`) carry their
@@ -171,6 +174,19 @@ def _run_role(serve: Callable[..., Awaitable[object]], cfg: object, what: str = 
         raise RuntimeFailure(f"{what}: {text}" if what else text) from None
 
 
+def _check_admin_socket(path: Path | None) -> None:
+    """D33: a bad admin socket path stops the role before it starts (exit 2)."""
+    if path is None:
+        return
+    from perc.admin import AdminError
+    from perc.roles.admin import prepare_socket_path
+
+    try:
+        prepare_socket_path(path)
+    except AdminError as e:
+        raise CliError(str(e)) from None
+
+
 # --- the commands -----------------------------------------------------------------------------
 
 
@@ -178,7 +194,8 @@ def _run_role(serve: Callable[..., Awaitable[object]], cfg: object, what: str = 
 @click.version_option(__version__, prog_name="perc")
 @_log_level_option
 def main() -> None:
-    """Privacy Enhanced RTP Conferencing (RFC 8871): kmf | mdd | endpoint | demo | identity.
+    """Privacy Enhanced RTP Conferencing (RFC 8871): kmf | mdd | endpoint | demo | identity |
+    admin.
 
     The KMF (Key Distributor) authenticates endpoints and hands out keys; the MDD (Media
     Distributor) relays endpoint DTLS to the KMF through an RFC 9185 tunnel and forwards
@@ -286,6 +303,7 @@ def kmf_command(
     except config.ConfigError as e:
         raise CliError(str(e)) from None
     cfg = _with_metrics(cfg, "kmf", metrics)
+    _check_admin_socket(cfg.kmf.admin_socket)
     _setup_logging()
     from perc.roles import kmf
     from perc.state import StateError
@@ -341,7 +359,8 @@ def _audit_table(rows: list[Any]) -> list[str]:
 )
 @_log_level_option
 def kmf_audit_command(state_path: Path, state_key: Path | None, verify: bool) -> None:
-    """Print the KMF's audit log (D32): one row per join, leave, deny, rekey and KMF start."""
+    """Print the KMF's audit log (D32): one row per join, leave, deny, rekey, KMF start, and
+    the admin socket's kick, roster_add and roster_remove."""
     from perc.state import StateError, audit_report
 
     key_path = state_key or state_path.with_name(config.DEFAULT_STATE_KEY_FILE)
@@ -452,6 +471,7 @@ def mdd_command(
         except config.ConfigError as e:
             raise CliError(str(e)) from None
     cfg = _with_metrics(cfg, "mdd", metrics)
+    _check_admin_socket(cfg.mdd.admin_socket)
     _setup_logging()
     from perc.roles import mdd
 
@@ -472,6 +492,7 @@ _ENDPOINT_EXIT_CODES = (
     (7, "protocol failure (e.g. the KMF negotiated no EKT)"),
     (8, "fewer peers' media received and verified end to end than --expect-peers"),
     (9, "peers went silent: media stopped > --silence-limit before the end, no BYE, no rekey"),
+    (10, "removed by the KMF operator (perc admin kick: the KMF's close_notify); no rejoin"),
 )
 
 
@@ -652,3 +673,132 @@ def demo_command(
     if metrics:
         given["metrics"] = True
     sys.exit(demo.main(**given, keep=keep or None))
+
+
+# --- perc admin (D33) ---------------------------------------------------------------------------
+
+
+@main.group("admin")
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The admin socket of a running KMF or MDD ([kmf] or [mdd] admin_socket); required.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the answer as one JSON object.")
+@_log_level_option
+@click.pass_context
+def admin_group(ctx: click.Context, socket_path: Path | None, as_json: bool) -> None:
+    """Talk to a running KMF or MDD over its admin socket (JSON lines, D33).
+
+    KMF: conferences, members, kick, roster add|remove, rekey, audit. MDD: status, links.
+    Prints a table (or --json the answer); a refused request prints one `perc: error:` line
+    and exits 1.
+    """
+    ctx.obj = (socket_path, as_json)
+
+
+def _admin(op: str, **fields: Any) -> None:
+    from perc.admin import AdminError, render, request_line
+    from perc.roles.admin import call
+
+    socket_path, as_json = click.get_current_context().obj
+    if socket_path is None:
+        raise CliError("give --socket PATH (the admin_socket of a running KMF or MDD)")
+    try:
+        answer = call(socket_path, request_line(op, **fields))
+    except AdminError as e:
+        raise RuntimeFailure(f"admin socket {socket_path}: {e}") from None
+    except OSError as e:
+        raise RuntimeFailure(f"admin socket {socket_path}: {e.strerror or e}") from None
+    if not answer["ok"]:
+        raise RuntimeFailure(str(answer.get("error", "refused")))
+    if as_json:
+        import json
+
+        click.echo(json.dumps(answer))
+    else:
+        for line in render(op, answer):
+            click.echo(line)
+    verdict = answer.get("verdict")
+    if isinstance(verdict, dict) and not verdict.get("ok"):
+        raise RuntimeFailure(str(verdict.get("text")))
+
+
+@admin_group.command("conferences")
+def admin_conferences() -> None:
+    """KMF: each conference's members, roster size, current SPI."""
+    _admin("conferences")
+
+
+@admin_group.command("members")
+@click.argument("conference")
+def admin_members(conference: str) -> None:
+    """KMF: the members of CONFERENCE (name, fingerprint, association, SPI)."""
+    _admin("members", conference=conference)
+
+
+@admin_group.command("kick")
+@click.argument("conference")
+@click.argument("who")
+@click.option("--ban", is_flag=True, help="Also take it off the roster (kept in the state).")
+def admin_kick(conference: str, who: str, ban: bool) -> None:
+    """KMF: remove WHO (certificate name or fingerprint) from CONFERENCE.
+
+    Its association is closed (close_notify: the endpoint exits 10), its MDD told, and every
+    other member gets a new EKTKey at once, so WHO cannot read what follows.
+    """
+    _admin("kick", conference=conference, who=who, ban=ban)
+
+
+@admin_group.group("roster")
+def admin_roster() -> None:
+    """KMF: change a conference's roster while it runs (kept in the state)."""
+
+
+@admin_roster.command("add")
+@click.argument("conference")
+@click.argument("fingerprint")
+@click.option("--name", default=None, help="A name for the audit log.")
+def admin_roster_add(conference: str, fingerprint: str, name: str | None) -> None:
+    """KMF: let FINGERPRINT join CONFERENCE."""
+    _admin("roster_add", conference=conference, fingerprint=fingerprint, name=name)
+
+
+@admin_roster.command("remove")
+@click.argument("conference")
+@click.argument("fingerprint")
+def admin_roster_remove(conference: str, fingerprint: str) -> None:
+    """KMF: refuse FINGERPRINT from now on (members stay until kicked)."""
+    _admin("roster_remove", conference=conference, fingerprint=fingerprint)
+
+
+@admin_group.command("rekey")
+@click.argument("conference")
+def admin_rekey(conference: str) -> None:
+    """KMF: a new EKTKey for every member of CONFERENCE now."""
+    _admin("rekey", conference=conference)
+
+
+@admin_group.command("audit")
+@click.option("--verify", is_flag=True, help="Check the hash chain (D32); exit 1 if broken.")
+@click.option(
+    "--limit", type=click.IntRange(0), default=100, show_default=True, help="Newest rows shown."
+)
+def admin_audit(verify: bool, limit: int) -> None:
+    """KMF: the audit log (D32) of the running KMF."""
+    _admin("audit", verify=verify, limit=limit)
+
+
+@admin_group.command("status")
+def admin_status() -> None:
+    """MDD: per conference, tunnel, associations and counters."""
+    _admin("status")
+
+
+@admin_group.command("links")
+@click.argument("conference")
+def admin_links(conference: str) -> None:
+    """MDD: the cascade links of CONFERENCE (none yet)."""
+    _admin("links", conference=conference)

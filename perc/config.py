@@ -20,6 +20,7 @@ Files (the optional keys have the defaults shown)::
     state_key = "kmf-state.key"        # D28 state key (0600, created on first start)
     persist_keys = true                # D29 key material in the state
     # metrics = "127.0.0.1:9464"       # Prometheus GET /metrics (D34); unset: off
+    # admin_socket = "kmf.sock"        # D33 admin socket (mode 0600); unset: none
     [[conference]]
     id = "demo"
     participants = ["sha-256 ..."]     # endpoint certificate fingerprints (D15)
@@ -42,6 +43,7 @@ Files (the optional keys have the defaults shown)::
     max_pending_per_ip = 64            # ... of them from one source IP address
     pending_timeout = 2.0              # seconds a pending association has to progress
     # metrics = "127.0.0.1:9465"       # Prometheus GET /metrics (D34); unset: off
+    # admin_socket = "mdd.sock"        # D33 admin socket (mode 0600); unset: none
     [[conference]]
     id = "demo"
     listen = "127.0.0.1:5004"          # UDP port where endpoints of this conference send
@@ -228,7 +230,7 @@ class KmfSettings:
         default=None,
         metadata=_doc(
             f"SQLite state file (D28: SPIs that survive restarts, the audit log of D32); in a "
-            f"config file the default is {DEFAULT_STATE_FILE} beside it, and \"\" keeps "
+            f'config file the default is {DEFAULT_STATE_FILE} beside it, and "" keeps '
             "everything in memory"
         ),
     )
@@ -249,6 +251,13 @@ class KmfSettings:
     metrics: HostPort | None = attrs.field(
         default=None,
         metadata=_doc("serve Prometheus metrics at http://HOST:PORT/metrics (D34); unset: off"),
+    )
+    admin_socket: Path | None = attrs.field(
+        default=None,
+        metadata=_doc(
+            "Unix socket of the admin interface (D33, perc admin), created mode 0600, "
+            "relative to the config file's folder; unset: none"
+        ),
     )
 
 
@@ -341,6 +350,13 @@ class MddSettings:
     metrics: HostPort | None = attrs.field(
         default=None,
         metadata=_doc("serve Prometheus metrics at http://HOST:PORT/metrics (D34); unset: off"),
+    )
+    admin_socket: Path | None = attrs.field(
+        default=None,
+        metadata=_doc(
+            "Unix socket of the admin interface (D33, perc admin), created mode 0600, "
+            "relative to the config file's folder; unset: none"
+        ),
     )
 
 
@@ -907,7 +923,14 @@ def build_kmf_config(data: dict[str, Any], *, base: Path, source: Path | None = 
     state = None if memory else base / (kmf.state or DEFAULT_STATE_FILE)
     state_key = base / (kmf.state_key or DEFAULT_STATE_KEY_FILE)
     return KmfConfig(
-        kmf=attrs.evolve(kmf, cert=cert, key=key_path, state=state, state_key=state_key),
+        kmf=attrs.evolve(
+            kmf,
+            cert=cert,
+            key=key_path,
+            state=state,
+            state_key=state_key,
+            admin_socket=None if kmf.admin_socket is None else base / kmf.admin_socket,
+        ),
         conferences=raw.conference,
         identity=ident,
         source=source,
@@ -1008,7 +1031,12 @@ def build_mdd_config(
         key, _, problem = str(e).partition(": ")
         raise ConfigError(f"{rename(key)}: {problem}") from None
     return MddConfig(
-        mdd=attrs.evolve(mdd, cert=cert, key=key_path),
+        mdd=attrs.evolve(
+            mdd,
+            cert=cert,
+            key=key_path,
+            admin_socket=None if mdd.admin_socket is None else base / mdd.admin_socket,
+        ),
         conferences=raw.conference,
         identity=ident,
         source=source,

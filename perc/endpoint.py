@@ -105,6 +105,7 @@ __all__ = [
     "PeersMissing",
     "PeersSilent",
     "RejoinNeeded",
+    "Removed",
     "Session",
     "WrongKmf",
     "dtls_configuration",
@@ -161,6 +162,9 @@ class ExitCode(enum.IntEnum):
     SILENT = 9
     """Peers went silent: a peer's verified media stopped for longer than
     ``--silence-limit`` before the end, without an RTCP BYE from it or a rekey after it."""
+    REMOVED = 10
+    """Removed by the KMF operator (``perc admin kick``): the KMF closed our joined
+    association with a close_notify (D33); no rejoin."""
 
 
 class JoinError(Exception):
@@ -197,6 +201,14 @@ class AssociationEnded(JoinError):
     """After the join: the KMF ended the association (or it died)."""
 
     exit_code = ExitCode.ENDED
+
+
+class Removed(AssociationEnded):
+    """After the join: the KMF closed the association with a close_notify, which it sends
+    only when its operator removes a member (D33). Authenticated (epoch 1), so the MDD cannot
+    forge it; the endpoint leaves and does not rejoin."""
+
+    exit_code = ExitCode.REMOVED
 
 
 class PeersMissing(JoinError):
@@ -770,6 +782,12 @@ class Session:
                 alert_name(event.description),
             )
         elif isinstance(event, ConnectionClosed):
+            if event.sent_by_peer and event.alert == AlertDescription.close_notify:
+                # D33: the KMF closes a joined association gracefully only on a kick.
+                raise Removed(
+                    "removed by the KMF operator: the KMF closed our association "
+                    f"(close_notify) through the MDD at {format_address(self.mdd_address)}"
+                )
             who = "the KMF" if event.sent_by_peer else "we"
             text = (
                 f"association ended: {event.reason} ({who} ended it) "
@@ -845,9 +863,10 @@ class Healer:
     * ``silence``: nothing (DTLS, media, RTCP) arrived from the MDD for ``rejoin_silence``
       seconds while ``expect_peers`` > 0, once a peer was heard: peers send RTCP at least every
       1.5 s (RFC 3550 §6.3.1), so the MDD lost us (restarted, or dropped our association);
-    * ``ended``: the KMF (or the MDD on its behalf) ended the association: close_notify, a
-      fatal alert, or our own DTLS gave up. Not for access_denied or bad_certificate from
-      the KMF: those say we are no longer wanted, and end the run as before.
+    * ``ended``: the KMF (or the MDD on its behalf) ended the association: a fatal alert, or
+      our own DTLS gave up. Not for access_denied or bad_certificate from the KMF: those say
+      we are no longer wanted, and end the run as before; nor for the KMF's close_notify,
+      which it sends only when its operator removed us (D33: :class:`Removed`, exit 10).
 
     A failed rejoin attempt is retried (reason ``retry``) unless retrying cannot help: the
     KMF refused us (a fatal alert), it is not the configured KMF, or the handshake failed on

@@ -603,6 +603,32 @@ class Left(Event):
 
 @register
 @attrs.frozen
+class Kicked(Event):
+    """The operator removed a member (D33): close_notify to it, a new key for the others;
+    ``banned``: its fingerprint also left the roster."""
+
+    kind: ClassVar[str] = "kmf_kicked"
+    conference: str
+    association: uuid.UUID
+    fingerprint: str
+    name: str | None = None
+    banned: bool = False
+
+
+@register
+@attrs.frozen
+class RosterChanged(Event):
+    """The operator put a fingerprint on a conference's roster or took it off (D33)."""
+
+    kind: ClassVar[str] = "kmf_roster_changed"
+    conference: str
+    fingerprint: str
+    listed: bool
+    name: str | None = None
+
+
+@register
+@attrs.frozen
 class Rekeyed(Event):
     """A conference has a new EKTKey (``reason``: first, join, leave, ttl, manual, kick, or
     coalesced ones such as ``join+leave``). ``key`` is a one-way digest, never the key."""

@@ -106,6 +106,7 @@ API::
     KeyingState(conferences: Sequence[KmfConference], *, max_members=65536,
                 spi_starts: Mapping[str, int] | None = None, durable_spis=False)
     state.admit(fingerprint, tls_id: bytes | None) -> Admission   # .conference or .reason
+    state.set_participant(conference_id, fingerprint, listed=True|False)   # D33 roster edits
     state.conferences: dict[str, Conference]
     Conference: .id, .config, .members: dict[UUID, Member], .current, .pending
         (EktKeyMaterial | None), .cipher, .keys_issued, .rekey_pending_since
@@ -346,6 +347,11 @@ class Conference:
 
     def lists(self, fingerprint: str) -> bool:
         return fingerprint in self._participants
+
+    @property
+    def participants(self) -> frozenset[str]:
+        """The roster: configured fingerprints with run-time edits (D33) applied."""
+        return self._participants
 
     def expected_tls_id(self, fingerprint: str) -> str | None:
         return self.config.tls_ids.get(Fingerprint(fingerprint))
@@ -628,6 +634,22 @@ class KeyingState:
             if tls_id is not None and hmac.compare_digest(tls_id, expected.encode("ascii")):
                 return Admission(conf)
         return Admission(None, "tls-id does not match the roster")
+
+    def set_participant(self, conference_id: str, fingerprint: str, *, listed: bool) -> None:
+        """D33: put a fingerprint on a conference's roster or take it off, at run time (an
+        expected tls-id from the configuration still applies to a listed one)."""
+        conf = self.conferences[conference_id]
+        confs = self._roster.setdefault(fingerprint, [])
+        if listed:
+            conf._participants |= {Fingerprint(fingerprint)}
+            if conf not in confs:  # configuration order first, run-time additions after
+                confs.append(conf)
+        else:
+            conf._participants -= {Fingerprint(fingerprint)}
+            if conf in confs:
+                confs.remove(conf)
+        if not confs:
+            del self._roster[fingerprint]
 
     def find_member(self, association_id: uuid.UUID) -> tuple[Conference, Member] | None:
         for conf in self.conferences.values():

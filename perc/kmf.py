@@ -93,6 +93,16 @@ no I/O; it asks, through :meth:`KmfEngine.persistence_requests`, for
 * :class:`AuditRecord`: one per join, leave, deny and new key (``rekey``, the first key
   included), with conference, fingerprint, certificate common name, association id, SPI and
   MDD fingerprint, never key material. The shell writes them off the event loop.
+* :class:`RosterEdit`: a roster change made through the admin socket (D33), with its
+  ``roster_add``/``roster_remove`` audit row; a restarted engine gets the stored changes back
+  as ``roster_changes``.
+
+Admin operations (D33; :mod:`perc.admin` parses the requests): ``admin_kick`` closes the
+member's association with a close_notify (the one graceful close the KMF makes, the
+endpoint's sign that it was removed), which ends it like any close (``Left``, the leave's
+rekey request, EndpointDisconnect after the last DTLS), then makes the pending rekey due at
+once (reason ``kick``, past ``rekey_window``) so the others stop using a key the removed
+member holds; ``--ban`` also takes its fingerprint off the roster (:class:`RosterEdit`).
 
 Timers: one heap of (deadline, owner) with lazy deletion (an entry is live only if it equals
 its owner's recorded deadline), so thousands of associations cost one shell task and one
@@ -117,6 +127,10 @@ API::
         .state: perc.keying.KeyingState   .associations: dict[UUID, KmfAssociation]
         .stats: KeyingStats               .tls_id: bytes (sent in every ServerHello)
         rekey(conference_id, now) -> EktKeyMaterial | None   # new EKTKey to every member
+        admin_answer(request: perc.admin.Request, now) -> dict   # D33 (not audit)
+        admin_conferences(now), admin_members(conf, now), admin_kick(conf, who, now, ban=),
+        admin_roster(conf, fp, now, add=, name=), admin_rekey(conf, now)   # D33, dicts
+        (roster_changes=[(conference, fingerprint, listed)]: run-time roster edits, D33)
         (with spi_starts={conference: counter}, persistent=True:)
         persistence_requests() -> [ReserveSpis | AuditRecord]
         spis_reserved(conference_id, ceiling, now)           # a ReserveSpis is on disk
@@ -140,6 +154,17 @@ import attrs
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from perc import admin
+from perc.admin import (
+    KMF_OPS,
+    AdminError,
+    Conferences,
+    Kick,
+    Members,
+    Request,
+    RosterAdd,
+    RosterRemove,
+)
 from perc.config import KmfConfig
 from perc.dtls import (
     ClientOffer,
@@ -158,12 +183,15 @@ from perc.events import (
     Event,
     HandshakeFailed,
     Joined,
+    Kicked,
     KmfTunnelDown,
     KmfTunnelUp,
     Left,
     Rekeyed,
     RekeyFailed,
+    RosterChanged,
 )
+from perc.identity import IdentityError, parse_fingerprint
 from perc.keying import (
     AESKW128,
     AESKW256,
@@ -204,6 +232,7 @@ __all__ = [
     "KmfEngine",
     "PersistRequest",
     "ReserveSpis",
+    "RosterEdit",
     "Tunnel",
     "TunnelServerEngine",
     "TunnelStats",
@@ -227,6 +256,8 @@ MAX_NAME = 64
 #: Upper bounds (seconds) of the join and rekey duration histograms (D34).
 JOIN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REKEY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+#: The rekey reason of an operator's kick (D33): immediate, past the rekey window.
+KICK = "kick"
 
 
 def _profile_text(profiles: Sequence[int]) -> str:
@@ -459,8 +490,9 @@ class ReserveSpis:
 
 @attrs.frozen
 class AuditRecord:
-    """Append one audit row (D32): ``event`` is join, leave, deny or rekey; never key
-    material. The shell stamps the wall-clock time and writes it off the event loop."""
+    """Append one audit row (D32): ``event`` is join, leave, deny, rekey, kick, roster_add or
+    roster_remove; never key material. The shell stamps the wall-clock time and writes it off
+    the event loop."""
 
     event: str
     conference: str | None = None
@@ -471,7 +503,18 @@ class AuditRecord:
     mdd_fingerprint: str | None = None
 
 
-PersistRequest = ReserveSpis | AuditRecord
+@attrs.frozen
+class RosterEdit:
+    """Write a run-time roster change (D33): ``listed`` puts the fingerprint on the
+    conference's roster, else takes it off (a ban); a restarted KMF applies it again."""
+
+    conference: str
+    fingerprint: str
+    listed: bool
+    name: str | None = None
+
+
+PersistRequest = ReserveSpis | AuditRecord | RosterEdit
 
 
 def _common_name(der: bytes) -> str | None:
@@ -610,6 +653,7 @@ class KmfEngine(TunnelServerEngine):
         max_pending_per_tunnel: int | None = None,
         spi_starts: Mapping[str, int] | None = None,
         persistent: bool = False,
+        roster_changes: Iterable[tuple[str, str, bool]] = (),
     ) -> None:
         super().__init__()
         self.max_pending_per_tunnel = (
@@ -618,9 +662,7 @@ class KmfEngine(TunnelServerEngine):
             else config.kmf.max_pending_associations
         )
         self.config = config
-        self.state = KeyingState(
-            config.conferences, spi_starts=spi_starts, durable_spis=persistent
-        )
+        self.state = KeyingState(config.conferences, spi_starts=spi_starts, durable_spis=persistent)
         #: D28/D32: the shell keeps a state; SPIs wait for reservations, audit rows are asked for
         self.persistent = persistent
         self._persist: list[PersistRequest] = []
@@ -656,6 +698,10 @@ class KmfEngine(TunnelServerEngine):
         self._seq = itertools.count()
         for conf in self.state.conferences.values():
             self._want_spis(conf)
+        # D33: run-time roster edits kept in the state, over the configuration's rosters
+        for conference_id, fingerprint, listed in roster_changes:
+            if conference_id in self.state.conferences:
+                self.state.set_participant(conference_id, fingerprint, listed=listed)
         log.info(
             "KMF keying: tls-id=%s cookies=%s profiles=%s conferences=%s",
             self.tls_id.decode(),
@@ -1287,3 +1333,155 @@ class KmfEngine(TunnelServerEngine):
             for tunnel in self._route(assoc):
                 if self.send(tunnel.tunnel_id, EndpointDisconnect(aid)):
                     self.stats.disconnects_sent += 1
+
+    # --- admin operations (D33; perc.admin parses the requests) ---------------------------------
+
+    def admin_answer(self, request: Request, now: float) -> dict[str, object]:
+        """Run a KMF admin request; the answer's fields (``ok`` is the caller's). ``audit``
+        is not here: it reads the state file (the shell's). AdminError for an unknown
+        conference or member, a malformed fingerprint, or an op the KMF does not serve."""
+        if isinstance(request, Conferences):
+            return {"conferences": self.admin_conferences(now)}
+        if isinstance(request, Members):
+            return {"conference": request.conference,
+                    "members": self.admin_members(request.conference, now)}  # fmt: skip
+        if isinstance(request, Kick):
+            return self.admin_kick(request.conference, request.who, now, ban=request.ban)
+        if isinstance(request, RosterAdd | RosterRemove):
+            add = isinstance(request, RosterAdd)
+            name = request.name if isinstance(request, RosterAdd) else None
+            return self.admin_roster(request.conference, request.fingerprint, now, add=add,
+                                     name=name)  # fmt: skip
+        if isinstance(request, admin.Rekey):
+            return self.admin_rekey(request.conference, now)
+        raise AdminError(f"op {request.op} is not served by the KMF (ops: {', '.join(KMF_OPS)})")
+
+    def _admin_conference(self, conference_id: str) -> Conference:
+        conf = self.state.conferences.get(conference_id)
+        if conf is None:
+            raise AdminError(
+                f"unknown conference {conference_id[:64]!r}: "
+                + (", ".join(self.state.conferences) or "none configured")
+            )
+        return conf
+
+    def admin_conferences(self, now: float) -> list[dict[str, object]]:
+        return [
+            {
+                "id": c.id,
+                "members": len(c.members),
+                "roster": len(c.participants),
+                "spi": c.current.spi if c.current is not None else None,
+                "cipher": c.cipher,
+                "rekey_pending": c.pending is not None,
+            }
+            for c in self.state.conferences.values()
+        ]
+
+    def admin_members(self, conference_id: str, now: float) -> list[dict[str, object]]:
+        conf = self._admin_conference(conference_id)
+        out: list[dict[str, object]] = []
+        for aid, member in conf.members.items():
+            assoc = self.associations.get(aid)
+            out.append(
+                {
+                    "name": assoc.name if assoc is not None else None,
+                    "fingerprint": member.fingerprint,
+                    "association": str(aid),
+                    "spi": member.spi,
+                    "joined_s": round(now - member.joined, 3),
+                    "mdd": assoc.tunnel.peer if assoc is not None else None,
+                }
+            )
+        return out
+
+    def admin_kick(
+        self, conference_id: str, who: str, now: float, *, ban: bool = False
+    ) -> dict[str, object]:
+        """Remove the members whose certificate name or fingerprint is ``who``: close_notify
+        on each association (the endpoint's sign that the operator removed it, D33), then
+        EndpointDisconnect to its MDD (as for any association we end, D3), then a new EKTKey
+        for everyone else at once, past the rekey window. ``ban`` also takes the fingerprint
+        off the roster (persisted as a :class:`RosterEdit`)."""
+        conf = self._admin_conference(conference_id)
+        try:
+            fingerprint: str | None = parse_fingerprint(who)
+        except IdentityError:
+            fingerprint = None
+        victims = [
+            a
+            for aid in list(conf.members)
+            if (a := self.associations.get(aid)) is not None
+            and (a.fingerprint == fingerprint if fingerprint is not None else a.name == who)
+        ]
+        if not victims:
+            raise AdminError(f"conference {conf.id}: no member named {who[:100]!r}")
+        kicked = []
+        for assoc in victims:
+            kicked.append(
+                {
+                    "name": assoc.name,
+                    "fingerprint": assoc.fingerprint,
+                    "association": str(assoc.association_id),
+                }
+            )
+            self._events.append(
+                Kicked(conf.id, assoc.association_id, assoc.fingerprint or "?", assoc.name, ban)
+            )
+            self._audit(
+                AuditRecord(
+                    "kick",
+                    conference=conf.id,
+                    fingerprint=assoc.fingerprint,
+                    name=assoc.name,
+                    association_id=assoc.association_id,
+                    spi=assoc.spi,
+                    mdd_fingerprint=assoc.tunnel.mdd_fingerprint,
+                )
+            )
+            assoc.refusal = "kicked by the operator"
+            assoc.connection.close(now)  # close_notify, then ConnectionClosed -> _end
+            self._service(assoc, now)
+        if ban:
+            for fp in {a.fingerprint for a in victims if a.fingerprint is not None}:
+                self._set_listed(conf, fp, False, None)
+        spi = None
+        if conf.current is not None and conf.members:
+            try:
+                conf.request_rekey(now, KICK, immediate=True)
+            except KeyingError as e:
+                self._rekey_failed(conf, e)
+            else:
+                key = self._poll_conference(conf, now)
+                spi = key.spi if key is not None else None
+        return {"conference": conf.id, "kicked": kicked, "banned": ban, "spi": spi,
+                "persisted": self.persistent}  # fmt: skip
+
+    def admin_roster(
+        self, conference_id: str, fingerprint: str, now: float, *, add: bool,
+        name: str | None = None,
+    ) -> dict[str, object]:  # fmt: skip
+        """Put a fingerprint on the roster or take it off (members stay until kicked)."""
+        conf = self._admin_conference(conference_id)
+        try:
+            fp = parse_fingerprint(fingerprint)
+        except IdentityError as e:
+            raise AdminError(str(e)) from None
+        self._set_listed(conf, fp, add, name)
+        return {"conference": conf.id, "fingerprint": fp, "listed": add,
+                "persisted": self.persistent}  # fmt: skip
+
+    def _set_listed(self, conf: Conference, fp: str, listed: bool, name: str | None) -> None:
+        self.state.set_participant(conf.id, fp, listed=listed)
+        self._events.append(RosterChanged(conf.id, fp, listed, name))
+        if self.persistent:
+            self._persist.append(RosterEdit(conf.id, fp, listed, name))
+        event = "roster_add" if listed else "roster_remove"
+        self._audit(AuditRecord(event, conference=conf.id, fingerprint=fp, name=name))
+
+    def admin_rekey(self, conference_id: str, now: float) -> dict[str, object]:
+        conf = self._admin_conference(conference_id)
+        if conf.current is None:
+            raise AdminError(f"conference {conf.id} has no members: nothing to rekey")
+        key = self.rekey(conf.id, now)
+        return {"conference": conf.id, "spi": key.spi if key is not None else None}

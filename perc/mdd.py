@@ -19,6 +19,7 @@ API::
     engine.stats             # MddStats
     engine.stats_and_totals()  # and the association counters summed, ended ones included
     engine.tunnel_is_up, engine.tunnel_close_reason, engine.kmf_highest_version, engine.version
+    engine.admin_status() -> dict; engine.admin_links() -> [dict]   # D33 (perc admin)
 
 Nothing here does I/O or reads a clock; :mod:`perc.roles.mdd` is the trio shell that owns the
 socket, the TLS tunnel, the reconnect backoff and the sleeping.
@@ -472,6 +473,21 @@ class MddEngine:
         st.srtp_held = held
         st.dropped_srtp_no_keys = unknown + held + totals.get("drop_queue_full", 0)
         return st, totals
+
+    def admin_status(self) -> dict[str, object]:
+        """D33 ``status``: this conference's tunnel, associations and counters (no keys)."""
+        return {
+            "id": self.conference,
+            "tunnel_up": self.tunnel_is_up,
+            "associations": len(self.associations) - len(self.pending),
+            "pending": len(self.pending),
+            "links": len(self.admin_links()),
+            "counters": attrs.asdict(self.stats),
+        }
+
+    def admin_links(self) -> list[dict[str, object]]:
+        """D33 ``links``: the conference's cascade links (D25); none are configured yet."""
+        return []
 
     def _forwarding_totals(self) -> dict[str, int]:
         totals = dict(self._retired)

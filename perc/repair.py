@@ -178,9 +178,7 @@ class FeedPeriod:
 
     __slots__ = ("cache", "delta", "end", "first", "offset", "stream", "valid")
 
-    def __init__(
-        self, cache: RepairCache, stream: SrtpStream, delta: int, offset: int
-    ) -> None:
+    def __init__(self, cache: RepairCache, stream: SrtpStream, delta: int, offset: int) -> None:
         self.cache = cache
         self.stream = stream
         self.delta = delta

@@ -329,10 +329,11 @@ def test_endpoint_help_lists_every_exit_code() -> None:
     from perc.endpoint import ExitCode
 
     text = CliRunner().invoke(main, ["endpoint", "--help"]).stdout
-    listed = dict(re.findall(r"^\s+(\d)\s+(\S.*)$", text.split("Exit status:")[1], re.MULTILINE))
+    listed = dict(re.findall(r"^\s+(\d+)\s+(\S.*)$", text.split("Exit status:")[1], re.MULTILINE))
     assert sorted(int(c) for c in listed) == sorted(int(c) for c in ExitCode)
     assert "access_denied" in listed[str(int(ExitCode.REFUSED))]
     assert "--join-timeout" in listed[str(int(ExitCode.TIMEOUT))]
+    assert "perc admin kick" in listed[str(int(ExitCode.REMOVED))]
     assert "[default: 10.0]" in " ".join(text.split())
 
 

@@ -16,6 +16,7 @@ import pytest
 from perc import config, identity
 from perc.config import EndpointConfig
 from perc.dtls import DtlsConfiguration, DtlsConnection
+from perc.dtls.errors import AlertDescription
 from perc.dtls.events import ApplicationDataReceived, ConnectionClosed, EktKeyAcknowledged
 from perc.endpoint import (
     AssociationEnded,
@@ -272,12 +273,20 @@ def test_leaving_sends_bye_then_close_notify_and_the_kmf_ending_it_is_an_error()
     other = _session(Kmf())
     kmf2 = Kmf()
     other = _session(kmf2)
-    kmf2.conn.close(3.0)
+    kmf2.conn.abort(int(AlertDescription.internal_error), 3.0)
     for data in kmf2.conn.datagrams_to_send():
         other.receive_datagram(data, 3.0)
     with pytest.raises(AssociationEnded, match="the KMF ended it") as info:
         other.process_events(3.0)
     assert info.value.exit_code == ExitCode.ENDED
+
+    kicked = _session(kmf3 := Kmf())
+    kmf3.conn.close(4.0)  # D33: the KMF's close_notify is the operator's kick
+    for data in kmf3.conn.datagrams_to_send():
+        kicked.receive_datagram(data, 4.0)
+    with pytest.raises(AssociationEnded, match="removed by the KMF operator") as info:
+        kicked.process_events(4.0)
+    assert info.value.exit_code == ExitCode.REMOVED
 
 
 def test_media_status_reports_and_judges_expect_peers() -> None:

@@ -30,6 +30,7 @@ from perc.endpoint import (
     MediaOptions,
     MediaStatus,
     RejoinNeeded,
+    Removed,
     Session,
     WrongKmf,
 )
@@ -204,12 +205,25 @@ def test_an_expired_ektkey_triggers_a_rejoin() -> None:
 def test_the_kmf_ending_the_association_triggers_a_rejoin() -> None:
     r = Run()
     r.run(0.5)
-    r.kmf.conn.close(0.5)  # close_notify (the KMF restarting, the MDD's disconnect)
+    r.kmf.conn.abort(int(AlertDescription.internal_error), 0.5)  # e.g. MediaKeys undelivered
     for data in r.kmf.conn.datagrams_to_send():
         r.session.receive_datagram(data, 0.5)
-    with pytest.raises(RejoinNeeded, match="close_notify") as why:
+    with pytest.raises(RejoinNeeded, match="internal_error") as why:
         r.session.process_events(0.5)
     assert why.value.reason == "ended"
+
+
+def test_the_kmf_operator_removing_us_ends_the_run_without_a_rejoin() -> None:
+    """D33: the KMF's close_notify after the join is a kick: exit 10, no rejoin."""
+    r = Run()
+    r.run(0.5)
+    r.kmf.conn.close(0.5)
+    for data in r.kmf.conn.datagrams_to_send():
+        r.session.receive_datagram(data, 0.5)
+    with pytest.raises(Removed, match="removed by the KMF operator") as info:
+        r.session.process_events(0.5)
+    assert info.value.exit_code == ExitCode.REMOVED == 10
+    assert r.healer.rejoins == 0
 
 
 def test_access_denied_after_the_join_still_ends_the_run() -> None:

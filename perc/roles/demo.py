@@ -310,9 +310,7 @@ class _Demo:
         )
         self.step = "starting the MDD"
         mdd_config = write_mdd_config(f, kmf_port)
-        self.mdd = await self.start(
-            nursery, "mdd", ["mdd", "--config", str(mdd_config), *metrics]
-        )
+        self.mdd = await self.start(nursery, "mdd", ["mdd", "--config", str(mdd_config), *metrics])
         await self._wait_event(
             self.mdd, events.MddTunnelUp, "the MDD's tunnel to the KMF did not come up"
         )

@@ -77,12 +77,13 @@ import operator
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import attrs
 import trio
 from trio_util import AsyncValue
 
+from perc.admin import KMF_OPS, AdminError, Audit, Request, audit_answer
 from perc.admission import DropLog, HandshakeTable, Handshaking, KmfStats
 from perc.config import DEFAULT_STATE_KEY_FILE, KmfConfig
 from perc.events import (
@@ -105,8 +106,10 @@ from perc.kmf import (
     KmfEngine,
     PersistRequest,
     ReserveSpis,
+    RosterEdit,
     TunnelServerEngine,
 )
+from perc.roles.admin import serve_admin
 from perc.roles.metrics import serving as serving_metrics
 from perc.roles.tunnel import (
     TlsHandshakeError,
@@ -140,6 +143,7 @@ SUMMARY_INTERVAL = 1.0
 STATE_RETRY = 1.0
 
 P = ParamSpec("P")
+T = TypeVar("T")
 
 
 def open_state(config: KmfConfig, *, reset: bool = False) -> KmfState | None:
@@ -235,6 +239,11 @@ class StateWriter:
             for request, stamp in batch:
                 if isinstance(request, ReserveSpis):
                     state.reserve_spis(request.conference, request.ceiling)
+                elif isinstance(request, RosterEdit):  # D33
+                    if request.listed:
+                        state.roster_add(request.conference, request.fingerprint, request.name)
+                    else:
+                        state.roster_remove(request.conference, request.fingerprint)
                 else:
                     state.append_audit(
                         request.event,
@@ -247,6 +256,10 @@ class StateWriter:
                         at=stamp,
                     )
         return written
+
+    async def read(self, fn: Callable[[KmfState], T]) -> T:
+        """Run ``fn(state)`` on the writer's thread (the state is not thread-safe): D33 audit."""
+        return await trio.to_thread.run_sync(fn, self.state, limiter=self._limiter)
 
     async def aclose(self) -> None:
         """Write what is left (one try), then close the state. Shielded from cancellation."""
@@ -332,6 +345,9 @@ class KmfServer:
                 nursery.start_soon(self.writer.run)
             nursery.start_soon(self._timers)
             nursery.start_soon(self._summaries)
+            if self.config.kmf.admin_socket is not None:
+                await nursery.start(partial(serve_admin, ops=KMF_OPS),
+                                    self.config.kmf.admin_socket, self.admin)  # fmt: skip
             await nursery.start(trio.serve_listeners, self._guarded, listeners)
             task_status.started(self)
 
@@ -357,6 +373,25 @@ class KmfServer:
                 self.writer.submit(requests)
         timer = engine.get_timer()
         self._deadline.value = math.inf if timer is None else timer
+
+    async def admin(self, request: Request) -> dict[str, Any]:
+        """Answer one admin request (D33); changes are durable before the answer."""
+        engine, writer = self.engine, self.writer
+        if not isinstance(engine, KmfEngine):
+            raise AdminError("this KMF keys no endpoints")
+        if isinstance(request, Audit):
+            if writer is None:
+                raise AdminError('this KMF keeps no state (state = ""): no audit log')
+            await writer.flush()  # rows asked for so far are in the log
+            return await writer.read(partial(audit_answer, request))
+        try:
+            fields = engine.admin_answer(request, trio.current_time())
+        finally:
+            self.service()
+        if writer is not None and "persisted" in fields:
+            await writer.flush()
+            fields["persisted"] = not writer.failing
+        return fields
 
     def _spis_reserved(self, conference: str, ceiling: int) -> None:
         engine = self.engine
@@ -577,9 +612,12 @@ async def serve(
             # D28: a restarted KMF resumes after everything the stored counters may cover.
             starts = {c: n + 1 for c, n in state.spi_counters().items()}
             emit(log, KmfStateOpened(str(state.path or ""), starts, state.audit_seq))
+        roster = [(c.conference, c.fingerprint, c.action == "add")
+                  for c in (state.roster_changes() if state is not None else ())]  # fmt: skip
         engine = KmfEngine(
-            config, keylog=keylog, spi_starts=starts, persistent=state is not None
-        )
+            config, keylog=keylog, spi_starts=starts, persistent=state is not None,
+            roster_changes=roster,
+        )  # fmt: skip
     server = KmfServer(config, engine, state if isinstance(engine, KmfEngine) else None)
     if server.writer is not None:
         server.writer.submit([AuditRecord("kmf_start", fingerprint=config.identity.fingerprint)])

@@ -39,16 +39,18 @@ import socket
 import uuid
 from functools import partial
 from time import thread_time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import attrs
 import trio
 from trio_util import AsyncValue
 
 from perc import events, forwarding
+from perc.admin import MDD_OPS, AdminError, Links, Request
 from perc.config import MddConference, MddConfig
 from perc.identity import fingerprint_matches
 from perc.mdd import Address, MddEngine, MddStats, key_isolation
+from perc.roles.admin import serve_admin
 from perc.roles.metrics import serving as serving_metrics
 from perc.roles.tunnel import (
     TunnelConnection,
@@ -356,6 +358,15 @@ class MddServer:
         self.config = config
         self.conferences = {c.id: ConferenceRelay(c, config) for c in config.conferences}
 
+    async def admin(self, request: Request) -> dict[str, Any]:
+        """Answer one admin request (D33): ``status`` or ``links``; the engines' data."""
+        if isinstance(request, Links):
+            relay = self.conferences.get(request.conference)
+            if relay is None:
+                raise AdminError(f"unknown conference {request.conference[:64]!r}")
+            return {"conference": relay.id, "links": relay.engine.admin_links()}
+        return {"conferences": [r.engine.admin_status() for r in self.conferences.values()]}
+
     async def serve(self, *, task_status: trio.TaskStatus[MddServer]) -> None:
         log.info(
             "MDD starting fingerprint=%s conferences=%s",
@@ -366,6 +377,9 @@ class MddServer:
             async with trio.open_nursery() as nursery:
                 for relay in self.conferences.values():
                     await nursery.start(relay.run)
+                if self.config.mdd.admin_socket is not None:
+                    await nursery.start(partial(serve_admin, ops=MDD_OPS),
+                                        self.config.mdd.admin_socket, self.admin)  # fmt: skip
                 task_status.started(self)
         finally:
             # An MDD process never imports end-to-end code; a test process that also runs
