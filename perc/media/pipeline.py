@@ -115,12 +115,36 @@ class PeerMediaStats:
 
 
 class _Peer:
+    """One peer name: decoders per SSRC; one recording per run of its SSRCs.
+
+    A peer that comes back as a new process has new SSRCs and a new RTP timestamp base, so
+    its media goes to new files, ``NAME-2.audio.ogg`` and so on: one file's timing is one
+    sender's clock (RFC 3550 §5.1)."""
+
     def __init__(self, name: str, record: Path | None) -> None:
+        self.name = name
+        self.record = record
         self.stats = PeerMediaStats()
         self.recorder = None if record is None else Recorder(record, name, validate=False)
+        self.recordings: list[Recorder] = [] if self.recorder is None else [self.recorder]
+        self.ssrcs: dict[StreamKind, int] = {}
         self.audio: dict[int, OpusDecoder] = {}
         self.video: dict[int, Vp8Decoder] = {}
         self.need_key: set[int] = set()
+
+    def follow(self, kind: StreamKind, ssrc: int) -> None:
+        """A new SSRC for a kind this recording already has: the next recording starts."""
+        known = self.ssrcs.get(kind)
+        if known == ssrc:
+            return
+        if known is not None and self.recorder is not None and self.record is not None:
+            self.recorder.close()
+            self.recorder = Recorder(
+                self.record, f"{self.name}-{len(self.recordings) + 1}", validate=False
+            )
+            self.recordings.append(self.recorder)
+            self.ssrcs = {}
+        self.ssrcs[kind] = ssrc
 
 
 class MediaSink:
@@ -142,6 +166,7 @@ class MediaSink:
                     continue
                 peer = self.peers[item.name] = _Peer(item.name, self.record)
             try:
+                peer.follow(item.kind, item.ssrc)
                 if item.kind is StreamKind.AUDIO:
                     self._audio(peer, item)
                 else:
@@ -191,11 +216,11 @@ class MediaSink:
         out: dict[str, Any] = {}
         for name, peer in sorted(self.peers.items()):
             entry: dict[str, Any] = attrs.asdict(peer.stats)
-            rec = peer.recorder
-            if rec is not None:
+            if peer.recordings:
                 entry["files"] = [
-                    str(p)
-                    for p, n in (
+                    str(path)
+                    for rec in list(peer.recordings)
+                    for path, n in (
                         (rec.audio_path, rec.stats.audio_packets),
                         (rec.video_path, rec.stats.video_frames),
                     )
@@ -207,10 +232,10 @@ class MediaSink:
     def close(self) -> None:
         """Finish every recording (idempotent)."""
         for peer in self.peers.values():
-            if peer.recorder is not None:
+            for rec in peer.recordings:
                 try:
-                    peer.recorder.close()
-                except OSError:
+                    rec.close()
+                except (OSError, MediaFileError):
                     self.record_errors += 1
 
 

@@ -33,6 +33,7 @@ from perc.demo import (
     MIN_REJOIN_STAY,
     NAMES,
     OVERALL_SLACK,
+    RECORDER_INDEX,
     REFRESH,
     REKEY_TIMEOUT,
     START_TIMEOUT,
@@ -53,6 +54,7 @@ from perc.demo_report import (
     fail_lines,
     pass_line,
     plural,
+    recording_lines,
     strip_error,
     table_row,
     verdict,
@@ -202,8 +204,17 @@ class _Failed(Exception):
 
 
 class _Demo:
-    def __init__(self, files: DemoFiles, *, duration: float, media: str, screen: Screen) -> None:
+    def __init__(
+        self,
+        files: DemoFiles,
+        *,
+        duration: float,
+        media: str,
+        screen: Screen,
+        record: Path | None = None,
+    ) -> None:
         self.files = files
+        self.record = record
         self.duration = duration
         self.media = media
         self.screen = screen
@@ -392,6 +403,7 @@ class _Demo:
             media=self.media,
             report=report,
             duration=duration,
+            record=self.record if name == f.names[RECORDER_INDEX] else None,
         )
         child = await self.start(nursery, stem, args)
         ep = _Endpoint(name, life, child, report, stays=duration is not None)
@@ -706,7 +718,10 @@ def main(
                 f"fault injected (PERC_DEMO_FAULT=outsider): {outsiders[0]}'s certificate is "
                 "NOT on the KMF's roster"
             )
-        demo = _Demo(files, duration=duration, media=media, screen=screen)
+        # Real media: the first participant records what it receives, in a folder of its
+        # own that outlives the demo's temporary one.
+        record = Path(tempfile.mkdtemp(prefix="perc-demo-recordings-")) if media == "real" else None
+        demo = _Demo(files, duration=duration, media=media, screen=screen, record=record)
         trio.run(_main, demo)
         screen.freeze()
         demo.judge()
@@ -727,6 +742,12 @@ def main(
                 say("(to keep the configs, reports and logs, run it again with --keep)")
         else:
             say(pass_line(names[-1], demo.rekeys))
+        if record is not None:
+            recorder = next((ep for ep in demo.endpoints if ep.name == names[RECORDER_INDEX]), None)
+            for line in recording_lines(
+                names[RECORDER_INDEX], record, recorder.read_report() if recorder else None
+            ):
+                say(line)
         if keep:
             say(f"kept {folder} (configs, identities, reports *.json, logs *.log)")
         if demo.interrupted:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 av = pytest.importorskip("av")
 
+from perc import identity  # noqa: E402
 from perc.media.codecs import TestPattern  # noqa: E402
 
 from .conftest import System  # noqa: E402
@@ -123,3 +126,79 @@ async def test_a_recorder_gets_the_tones_and_the_frames(system: System) -> None:
     assert video_frames(rec / "alice.video.webm") >= 0.99 * sent["video"]["frames"]
     video = got["peers"]["alice"]["video"]
     assert video["frames_complete"] >= 0.99 * sent["video"]["frames"]
+
+
+def run_endpoint(folder: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """``perc endpoint`` toward a port where nothing listens: bad input must stop it first."""
+    ident = identity.generate("alice")
+    identity.write(ident, folder, "alice")
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "perc", "endpoint",
+            "--mdd", "127.0.0.1:9", "--cert", "alice.crt", "--key", "alice.key",
+            "--kmf-fingerprint", ident.fingerprint, "--join-timeout", "30", *args,
+        ],
+        cwd=folder, capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--audio-file", "missing.wav"), r"missing\.wav: no such file"),
+        (("--audio-file", "notes.txt"), r"notes\.txt: (unreadable|no audio stream)"),
+        (("--video-file", "tones.wav"), r"tones\.wav: no video stream"),
+        (("--media", "none", "--record", "notes.txt/rec"), r"notes\.txt/rec: cannot write"),
+        (("--codec", "synthetic", "--audio-file", "tones.wav"), r"--codec: synthetic"),
+        (("--media", "video", "--audio-file", "tones.wav"), r"--audio-file: --media video"),
+    ],
+)
+def test_bad_media_input_exits_2_before_joining(
+    tmp_path: Path, args: tuple[str, ...], expected: str
+) -> None:
+    (tmp_path / "notes.txt").write_text("not media\n")
+    write_tones(tmp_path / "tones.wav")
+    code, err = run_endpoint(tmp_path, *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("perc: error: "), err
+    assert re.search(expected, lines[0]), lines[0]
+
+
+def test_media_flags_without_pyav_name_the_install_command(tmp_path: Path) -> None:
+    fake = tmp_path / "no-av"
+    (fake / "av").mkdir(parents=True)
+    (fake / "av" / "__init__.py").write_text("raise ImportError('PyAV is not installed')\n")
+    for args in (("--codec", "real"), ("--media", "none", "--record", "rec")):
+        code, err = run_endpoint(tmp_path, *args, env={"PYTHONPATH": str(fake)})
+        assert code == 2, err
+        assert err.strip().count("\n") == 0
+        assert "pip install 'perc[media]'" in err, err
+    # Synthetic media needs no PyAV: the same endpoint gets past its arguments (and then
+    # finds nobody at the MDD's address, exit 5 after --join-timeout).
+    code, err = run_endpoint(tmp_path, "--join-timeout", "0.5", env={"PYTHONPATH": str(fake)})
+    assert code == 5, err
+
+
+async def test_demo_with_real_media_records_and_says_where(tmp_path: Path) -> None:
+    proc = await trio.run_process(
+        [sys.executable, "-m", "perc", "demo", "--media", "real", "--participants", "2",
+         "--duration", "12"],
+        capture_stdout=True, capture_stderr=True, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    out = proc.stdout.decode()
+    assert proc.returncode == 0, out + proc.stderr.decode()
+    assert "PASS" in out
+    paths = [Path(p) for p in re.findall(r"^  (/\S+\.(?:ogg|webm))$", out, re.MULTILINE)]
+    assert {p.name for p in paths} >= {"bob.audio.ogg", "bob.video.webm"}, out
+    try:
+        for path in paths:
+            assert path.stat().st_size > 0
+            with av.open(str(path)) as f:
+                assert f.streams[0].codec_context.name in ("opus", "libopus", "vp8", "libvpx")
+                assert any(p.size for p in f.demux())
+    finally:
+        for folder in {p.parent for p in paths}:
+            shutil.rmtree(folder, ignore_errors=True)
