@@ -9,6 +9,7 @@ with one line before joining; ``perc demo --media real`` exits 0 and prints its 
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -77,7 +78,7 @@ def frequency(samples: tuple[int, ...]) -> float:
     """From rising zero crossings, interpolated between samples."""
     times = [
         i - 1 + (-a) / (b - a)
-        for i, (a, b) in enumerate(zip(samples, samples[1:], strict=False), start=1)
+        for i, (a, b) in enumerate(itertools.pairwise(samples), start=1)
         if a < 0 <= b
     ]
     assert len(times) > 10
