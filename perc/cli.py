@@ -482,7 +482,7 @@ def _endpoint_help(key: str) -> str:
 @click.option("--codec", type=click.Choice(config.ENDPOINT_CODECS), help=_endpoint_help("codec"))
 @click.option("--audio-file", metavar="FILE", help=_doc(_E, "audio_file"))
 @click.option("--video-file", metavar="FILE", help=_doc(_E, "video_file"))
-@click.option("--loop", is_flag=True, default=None, help=_doc(_E, "loop"))
+@click.option("--loop", is_flag=True, default=None, help=_endpoint_help("loop"))
 @click.option("--record", metavar="DIR", help=_doc(_E, "record"))
 @click.option("--repair/--no-repair", default=None, help=_endpoint_help("repair"))
 @_log_level_option
