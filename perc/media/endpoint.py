@@ -28,6 +28,15 @@ schedule: Full tags in the first three packets and after each key change, then e
 when audio is sent, or with each key frame for a video-only sender (the source flags the
 first packet of a key frame).
 
+**Real media** (D35, ``real=RealSettings(...)``): the sources are
+:class:`~perc.media.real.RealSource` instead: the shell encodes each frame with PyAV just
+before its slot and pushes it; the engine packetizes and sends it on the same timetable, with
+the sender's identity in the RTP padding and RFC 9626 frame marking on video. A real packet
+received (its padding names the sender) is verified like a synthetic one; audio packets and,
+through a :class:`~perc.media.nack.VideoReceiver` per sending SSRC (generic NACKs for missing
+packets, PLI when a frame cannot be completed, D36), whole VP8 frames are handed to the shell
+(``take_received_media``, with ``collect_media``) to decode and record.
+
 **Rekeying** (D22, RFC 8870 §4.5, RFC 8871 §4.5.2). ``rekey`` hands the new parameter set to
 the receiver first (so tags under the new SPI are readable) and then to the sender, which
 picks a new random E2E key, announces it in three Full tags under the new SPI and keeps
@@ -91,8 +100,9 @@ an RR from a receive-only SSRC), RFC 3550 reception report blocks for every stre
 the last few intervals (more than 31 go into further RR packets), and SDES CNAME. Incoming
 SR (LSR/DLSR for our reports), RR blocks about our streams (round-trip time), PLI and FIR
 (the video source makes a key frame; a FIR with a repeated command sequence number is a
-retransmission and ignored, RFC 5104 §4.3.1.2), NACK (counted: RTX is not implemented) and
-BYE are consumed and counted.
+retransmission and ignored, RFC 5104 §4.3.1.2), NACK (counted: the sender keeps no
+retransmission buffer; the Media Distributor answers from its cache, D36) and BYE are
+consumed and counted.
 """
 
 from __future__ import annotations
@@ -614,6 +624,8 @@ class EndpointMedia:
             taken.add(ssrc)
             source.stream.ssrc = ssrc
         self.rtcp_ssrc = self._sources[0].ssrc if self._sources else random_ssrc()
+        for rx in self._video_rx.values():
+            rx.own_ssrc = self.rtcp_ssrc  # our feedback names the SSRC we now send RTCP from
 
     def _forget_newer_spi(self, spi: int) -> None:
         waiting = self.newer_spi

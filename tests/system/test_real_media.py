@@ -186,7 +186,7 @@ def test_media_flags_without_pyav_name_the_install_command(tmp_path: Path) -> No
 async def test_demo_with_real_media_records_and_says_where(tmp_path: Path) -> None:
     proc = await trio.run_process(
         [sys.executable, "-m", "perc", "demo", "--media", "real", "--participants", "2",
-         "--duration", "12"],
+         "--duration", "20"],
         capture_stdout=True, capture_stderr=True, check=False, cwd=tmp_path,
     )  # fmt: skip
     out = proc.stdout.decode()
