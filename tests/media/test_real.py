@@ -226,3 +226,22 @@ def test_real_source_waits_for_a_late_frame_then_skips() -> None:
     assert source.stats.stale == 1
     source.end(source.slot)
     assert source.ended and source.next_due() == float("inf")
+
+
+def test_a_late_receiver_asks_for_a_key_frame_and_gets_one(tmp_path: Path) -> None:
+    conf = Conference()
+    ekt = new_ekt()
+    alice = conf.add("alice", "both", ekt, real=SMALL)
+    pipelines = {"alice": Pipeline(SMALL, "alice", audio=True, video=True)}
+    feed(conf, pipelines, 1.0, 0.01)  # alice's first (and only) key frame is gone
+    bob = conf.add("bob", "none", ekt, now=1.0, collect_media=True)
+    feed(conf, pipelines, 2.0, 0.01)
+    sink = MediaSink()
+    sink.process(bob.take_received_media())
+    # The first packets fail for want of alice's key, which asks for a key frame (it brings a
+    # Full EKT tag); the VideoReceiver then starts on that key frame and needs no PLI itself.
+    assert bob.report()["repair"]["plis_sent_total"] >= 1
+    assert alice.report()["stats"]["pli_received"] >= 1
+    assert alice.report()["streams"]["video"]["keyframes"] == 2
+    decoded = sink.report()["alice"]
+    assert decoded["video_frames"] > 20 and decoded["video_decode_errors"] == 0
