@@ -52,7 +52,7 @@ from perc.media.packetize import (
     Vp8Packetizer,
 )
 from perc.media.payload import MAX_NAME_LENGTH, PayloadDecodeError, PayloadUsageError, StreamKind
-from perc.media.sources import OutgoingPacket, random_ssrc
+from perc.media.sources import OutgoingPacket, SourceUsageError, random_ssrc
 from perc.wire.framemarking import DEFAULT_FRAME_MARKING_ID
 from perc.wire.rtp import RtpPacket, encode_extensions
 
@@ -123,6 +123,12 @@ class RealSettings:
     repair: bool = True
     """Send NACKs for missing video packets (D36); PLI is sent either way."""
     frame_marking_id: int = DEFAULT_FRAME_MARKING_ID
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= self.fps <= 120:
+            raise SourceUsageError(f"real video needs a frame rate of 1-120, not {self.fps}")
+        if self.width % 2 or self.height % 2 or not (16 <= self.width <= 4096 >= self.height >= 16):
+            raise SourceUsageError(f"video size {self.width}x{self.height} is not even or sane")
 
 
 @attrs.frozen(slots=True)

@@ -154,6 +154,7 @@ def run_endpoint(folder: Path, *args: str, env: dict[str, str] | None = None) ->
         (("--media", "none", "--record", "notes.txt/rec"), r"notes\.txt/rec: cannot write"),
         (("--codec", "synthetic", "--audio-file", "tones.wav"), r"--codec: synthetic"),
         (("--media", "video", "--audio-file", "tones.wav"), r"--audio-file: --media video"),
+        (("--codec", "real", "--video-fps", "0.3"), r"--video-fps/--video-bitrate: .*frame rate"),
     ],
 )
 def test_bad_media_input_exits_2_before_joining(
