@@ -155,7 +155,9 @@ def _run_kmf(path: Path, conn: Any) -> None:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             server: kmf.KmfServer = await nursery.start(
-                lambda task_status: kmf.serve(config, engine=EchoEngine(), task_status=task_status)
+                lambda task_status: kmf.serve(
+                    config, engine=EchoEngine(), task_status=task_status
+                )
             )
             conn.send(server.address[1])
 

@@ -582,7 +582,9 @@ class KmfEngine(TunnelServerEngine):
             else config.kmf.max_pending_associations
         )
         self.config = config
-        self.state = KeyingState(config.conferences, spi_starts=spi_starts, durable_spis=persistent)
+        self.state = KeyingState(
+            config.conferences, spi_starts=spi_starts, durable_spis=persistent
+        )
         #: D28/D32: the shell keeps a state; SPIs wait for reservations, audit rows are asked for
         self.persistent = persistent
         self._persist: list[PersistRequest] = []

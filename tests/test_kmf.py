@@ -61,6 +61,7 @@ def config(who: SimpleNamespace, **policy: object) -> KmfConfig:
     return attrs.evolve(cfg, conferences=tuple(attrs.evolve(c, **policy) for c in cfg.conferences))
 
 
+
 def test_join_sends_media_keys_then_the_ektkey_and_reports_the_ack(who: SimpleNamespace) -> None:
     mem = MemoryKmf(config(who))
     tunnel = mem.tunnel(who.mdd.fingerprint)

@@ -37,6 +37,7 @@ def config(who: SimpleNamespace) -> KmfConfig:
     return keying_kmf_config(who.kmf, [who.mdd], {"demo": who.members}, dtls_cookies=False)
 
 
+
 def member(n: int = 0) -> Member:
     return Member(uuid.uuid4(), f"fp{n}", None, None, 9, AESKW128, 0.0)
 

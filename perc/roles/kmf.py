@@ -565,7 +565,9 @@ async def serve(
             # D28: a restarted KMF resumes after everything the stored counters may cover.
             starts = {c: n + 1 for c, n in state.spi_counters().items()}
             emit(log, KmfStateOpened(str(state.path or ""), starts, state.audit_seq))
-        engine = KmfEngine(config, keylog=keylog, spi_starts=starts, persistent=state is not None)
+        engine = KmfEngine(
+            config, keylog=keylog, spi_starts=starts, persistent=state is not None
+        )
     server = KmfServer(config, engine, state if isinstance(engine, KmfEngine) else None)
     if server.writer is not None:
         server.writer.submit([AuditRecord("kmf_start", fingerprint=config.identity.fingerprint)])
