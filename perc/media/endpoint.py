@@ -111,12 +111,10 @@ import enum
 import math
 import random
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-from perc.media.nack import NackSettings, VideoReceiver
-from perc.media.packetize import AssembledFrame
 from perc.media.payload import (
     PayloadDecodeError,
     PayloadUsageError,
@@ -180,6 +178,10 @@ from perc.wire.rtcp import (
     parse_rtcp,
     serialize_rtcp,
 )
+
+if TYPE_CHECKING:  # real video's repair is imported when a real video stream arrives
+    from perc.media.nack import VideoReceiver
+    from perc.media.packetize import AssembledFrame
 
 __all__ = [
     "EndpointMedia",
@@ -398,7 +400,7 @@ class EndpointMedia:
         self._fir_seq: dict[tuple[int, int], int] = {}
         #: per sending SSRC of real video: NACK/PLI repair and frame assembly (D36)
         self._video_rx: dict[int, VideoReceiver] = {}
-        self._nack = NackSettings(nack=repair)
+        self._repair = repair
         self._media_out: list[ReceivedMedia] = []
         #: latest report block about each of our SSRCs, per reporting SSRC (bounded)
         self.reports_about_us: dict[int, dict[int, ReportBlock]] = {}
@@ -711,7 +713,10 @@ class EndpointMedia:
         if rx is None:
             if len(self._video_rx) >= self._max_streams:
                 return  # bounded: this stream is verified and counted, not repaired
-            rx = self._video_rx[pkt.ssrc] = VideoReceiver(pkt.ssrc, self.rtcp_ssrc, self._nack)
+            from perc.media.nack import NackSettings, VideoReceiver
+
+            settings = NackSettings(nack=self._repair)
+            rx = self._video_rx[pkt.ssrc] = VideoReceiver(pkt.ssrc, self.rtcp_ssrc, settings)
         frames = rx.push(pkt.sequence_number, pkt.timestamp, pkt.marker, pkt.payload, now)
         self._video_out(rx, frames)
 

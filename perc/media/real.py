@@ -43,18 +43,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 
-from perc.media.packetize import (
-    OpusPacketizer,
-    PacketizedPayload,
-    Vp8Packetizer,
-)
 from perc.media.payload import MAX_NAME_LENGTH, PayloadDecodeError, PayloadUsageError, StreamKind
 from perc.media.sources import OutgoingPacket, SourceUsageError, random_ssrc
 from perc.wire.framemarking import DEFAULT_FRAME_MARKING_ID
 from perc.wire.rtp import RtpPacket, encode_extensions
+
+if TYPE_CHECKING:  # the packetizers are loaded by the first real source only
+    from perc.media.packetize import OpusPacketizer, PacketizedPayload, Vp8Packetizer
 
 __all__ = [
     "IDENTITY_MAGIC",
@@ -196,6 +195,8 @@ class RealSource:
         self._interval = 1.0 / rate
         self._ticks = clock_rate / rate
         self._marking = frame_marking_id
+        from perc.media.packetize import OpusPacketizer, Vp8Packetizer
+
         self._packetizer: Vp8Packetizer | OpusPacketizer = (
             Vp8Packetizer(max_payload - len(self._padding))
             if kind is StreamKind.VIDEO
