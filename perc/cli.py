@@ -15,6 +15,8 @@
                                  [--join-timeout S] [--duration S] [--keepalive S]
                                  [--media audio|video|both|none] [--expect-peers N]
                                  [--report FILE] [--video-fps F] [--video-bitrate B]
+                                 [--codec synthetic|real] [--audio-file FILE]
+                                 [--video-file FILE] [--loop] [--record DIR] [--no-repair]
     perc [--log-level LEVEL] demo [--participants N] [--duration S] [--media M] [--keep]
                                   [--metrics]
     perc admin --socket PATH [--json] conferences | members CONF | kick CONF WHO [--ban]
@@ -535,6 +537,12 @@ def _endpoint_help(key: str) -> str:
 @click.option("--silence-limit", metavar="S", type=float, help=_endpoint_help("silence_limit"))
 @click.option("--video-fps", type=float, help=_endpoint_help("video_fps"))
 @click.option("--video-bitrate", type=int, help=_endpoint_help("video_bitrate"))
+@click.option("--codec", type=click.Choice(config.ENDPOINT_CODECS), help=_endpoint_help("codec"))
+@click.option("--audio-file", metavar="FILE", help=_doc(_E, "audio_file"))
+@click.option("--video-file", metavar="FILE", help=_doc(_E, "video_file"))
+@click.option("--loop", is_flag=True, default=None, help=_endpoint_help("loop"))
+@click.option("--record", metavar="DIR", help=_doc(_E, "record"))
+@click.option("--repair/--no-repair", default=None, help=_endpoint_help("repair"))
 @_log_level_option
 def endpoint_command(**options: Any) -> None:
     """Join a conference through an MDD, then send and verify double-encrypted media.
@@ -569,6 +577,9 @@ def endpoint_command(**options: Any) -> None:
         raise CliError(f"--video-fps/--video-bitrate: {e}") from None
     if cfg.report is not None and not cfg.report.parent.is_dir():
         raise CliError(f"--report: folder {str(cfg.report.parent)!r} does not exist")
+    pipeline = None
+    if media_options.real is not None:
+        pipeline = _media_pipeline(media_options, settings.name)
     _setup_logging()
     try:
         keylog = keylog_module.keylog_from_env()
@@ -578,7 +589,7 @@ def endpoint_command(**options: Any) -> None:
 
     from perc.roles import endpoint
 
-    run = endpoint.MediaRun(settings, media_options)
+    run = endpoint.MediaRun(settings, media_options, pipeline)
     try:
         try:
             _run_role(
@@ -597,6 +608,29 @@ def endpoint_command(**options: Any) -> None:
         # One line, like CliError, but with the endpoint's own exit status.
         click.echo(f"perc: error: {config.one_line(message)}", err=True)
     click.get_current_context().exit(int(code))
+
+
+def _media_pipeline(options: Any, name: str) -> Any:
+    """Real media's codecs, files opened and the record folder checked before joining."""
+    try:
+        from perc.media import pipeline
+    except ImportError:
+        raise CliError(
+            "--codec real, --audio-file, --video-file and --record need PyAV: "
+            "pip install 'perc[media]'"
+        ) from None
+    media = options.media
+    try:
+        return pipeline.Pipeline(
+            options.real,
+            name,
+            audio=options.codec == "real" and media in ("audio", "both"),
+            video=options.codec == "real" and media in ("video", "both"),
+        )
+    except pipeline.MediaFileError as e:
+        raise CliError(str(e)) from None
+    except ValueError as e:  # e.g. a frame rate or size the encoder refuses
+        raise CliError(f"--video-fps/--video-bitrate: {e}") from None
 
 
 async def _endpoint_main(args: tuple[Any, float | None, Any, float | None]) -> None:

@@ -99,6 +99,7 @@ from perc.tlsid import TLS_ID_RULE, is_tls_id
 
 __all__ = [
     "DOUBLE_PROFILES",
+    "ENDPOINT_CODECS",
     "ENDPOINT_MEDIA",
     "ConfigError",
     "EndpointConfig",
@@ -509,18 +510,51 @@ class EndpointConfig:
     )
     video_fps: float = attrs.field(
         default=30.0,
-        metadata=_doc("synthetic video frame rate (with --media video or both)"),
+        metadata=_doc("video frame rate (with --media video or both; whole numbers for VP8)"),
     )
     video_bitrate: int = attrs.field(
         default=500_000,
         metadata=_doc(
-            "synthetic video bit rate in bit/s (key frames are larger; with --media video or both)"
+            "video bit rate in bit/s (VP8's target; synthetic key frames are larger; with "
+            "--media video or both)"
         ),
+    )
+    codec: str = attrs.field(
+        default="synthetic",
+        metadata=_doc(
+            "what the payloads are: perc's verifiable synthetic payloads, or real Opus (PT 111, "
+            "20 ms) and VP8 (PT 96) through PyAV (perc[media]); --audio-file/--video-file "
+            "imply real"
+        ),
+    )
+    audio_file: Path | None = attrs.field(
+        default=None,
+        metadata=_doc("send the audio of FILE (anything FFmpeg reads) instead of a tone"),
+    )
+    video_file: Path | None = attrs.field(
+        default=None,
+        metadata=_doc("send the video of FILE (scaled to 640x360) instead of a test pattern"),
+    )
+    loop: bool = attrs.field(
+        default=False, metadata=_doc("start --audio-file/--video-file again at their end")
+    )
+    record: Path | None = attrs.field(
+        default=None,
+        metadata=_doc(
+            "write the real media received from each peer to DIR/NAME.audio.ogg and "
+            "DIR/NAME.video.webm (created if missing)"
+        ),
+    )
+    repair: bool = attrs.field(
+        default=True,
+        metadata=_doc("NACK missing real video packets (PLI for lost frames is always sent)"),
     )
 
 
 #: The values ``perc endpoint --media`` takes.
 ENDPOINT_MEDIA = ("audio", "video", "both", "none")
+#: The values ``perc endpoint --codec`` takes.
+ENDPOINT_CODECS = ("synthetic", "real")
 
 
 def default(cls: type[Any], key: str) -> Any:
@@ -1140,7 +1174,23 @@ def endpoint_config(*, mdd: str, kmf_fingerprint: str, **options: Any) -> Endpoi
     expect = options.get("expect_peers")
     if expect is not None and expect < 0:
         raise _option_error("--expect-peers")(f"must be >= 0, got {expect}")
-    for key in ("cert", "key", "report"):
+    codec = options.get("codec")
+    if codec is not None and codec not in ENDPOINT_CODECS:
+        raise _option_error("--codec")(f"one of {', '.join(ENDPOINT_CODECS)}, not {codec!r}")
+    files = {k: options.get(f"{k}_file") is not None for k in ("audio", "video")}
+    if any(files.values()):
+        # An input file means real media, and, unless --media says, the kinds it names.
+        if codec == "synthetic":
+            raise _option_error("--codec")("synthetic payloads cannot come from a file")
+        options["codec"] = "real"
+        if media is None:
+            both = all(files.values())
+            options["media"] = "both" if both else ("audio" if files["audio"] else "video")
+        else:
+            for kind, named in files.items():
+                if named and media not in (kind, "both"):
+                    raise _option_error(f"--{kind}-file")(f"--media {media} sends no {kind}")
+    for key in ("cert", "key", "report", "audio_file", "video_file", "record"):
         if options.get(key) is not None:
             options[key] = Path(options[key])
     given = {k: v for k, v in options.items() if v is not None}

@@ -31,6 +31,7 @@ KMF refuses it (access_denied) and the demo must fail.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,7 @@ __all__ = [
     "MEDIA_CHOICES",
     "MEDIA_TEXT",
     "NAMES",
+    "RECORDER_INDEX",
     "DemoFiles",
     "check_arguments",
     "join_names",
@@ -56,8 +58,17 @@ __all__ = [
 DEFAULT_PARTICIPANTS = 3
 DEFAULT_DURATION = 12.0
 DEFAULT_MEDIA = "both"
-MEDIA_CHOICES = ("audio", "video", "both")
-MEDIA_TEXT = {"audio": "audio", "video": "video", "both": "audio and video"}
+MEDIA_CHOICES = ("audio", "video", "both", "real")
+MEDIA_TEXT = {
+    "audio": "audio",
+    "video": "video",
+    "both": "audio and video",
+    "real": "real Opus audio (a tone of its own) and VP8 video (its name and a clock)",
+}
+#: ``--media real``: the video frame rate (a loaded machine encodes three streams)
+REAL_FPS = 15
+#: ``--media real``: whose received media is recorded (the first participant stays throughout)
+RECORDER_INDEX = 0
 #: Participant names, in order (one printable word each: they go into key=value log lines).
 NAMES = (
     "alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi", "ivan", "judy",
@@ -97,6 +108,8 @@ def check_arguments(
         return f"--duration: at least {MIN_DURATION:g} seconds (the leave and rejoin must fit)"
     if media not in MEDIA_CHOICES:
         return f"--media: one of {', '.join(MEDIA_CHOICES)}"
+    if media == "real" and importlib.util.find_spec("av") is None:
+        return "--media real needs PyAV: pip install 'perc[media]'"
     if fault is not None and fault not in FAULTS:
         return f"PERC_DEMO_FAULT: only 'outsider' is known, not {fault!r}"
     return None
@@ -192,8 +205,11 @@ def endpoint_arguments(
     media: str,
     report: Path,
     duration: float | None,
+    record: Path | None = None,
 ) -> list[str]:
-    """``perc endpoint`` arguments of one participant's process."""
+    """``perc endpoint`` arguments of one participant's process (``record``: its
+    ``--record`` folder)."""
+    real = media == "real"
     args = [
         "endpoint",
         "--mdd", f"127.0.0.1:{mdd_port}",
@@ -201,11 +217,15 @@ def endpoint_arguments(
         "--key", str(files.folder / f"{name}.key"),
         "--kmf-fingerprint", files.kmf_fingerprint,
         "--name", name,
-        "--media", media,
+        "--media", "both" if real else media,
         "--expect-peers", str(len(files.names) - 1),
         "--report", str(report),
         "--join-timeout", f"{START_TIMEOUT:g}",
     ]  # fmt: skip
     if duration is not None:
         args += ["--duration", f"{duration:.3f}"]
+    if real:
+        args += ["--codec", "real", "--video-fps", str(REAL_FPS)]
+    if record is not None:
+        args += ["--record", str(record)]
     return args

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import attrs
@@ -34,6 +35,7 @@ __all__ = [
     "endpoint_summary",
     "fail_lines",
     "pass_line",
+    "recording_lines",
     "sums",
     "table_row",
     "verdict",
@@ -253,6 +255,24 @@ def endpoint_summary(ep: EndpointOutcome) -> str:
         f"{', '.join(parts) or 'nobody'}; failures hbh {s['hbh_failures']} "
         f"e2e {s['e2e_failures']}; SPIs {' > '.join(str(x) for x in spis)}{extra}"
     )
+
+
+def recording_lines(name: str, folder: Path, report: Report | None) -> list[str]:
+    """Where ``--media real`` put what ``name`` received, and how to play it."""
+    decoded = report.get("decoded") if report is not None else None
+    files = [
+        str(f)
+        for entry in (decoded.values() if isinstance(decoded, dict) else ())
+        if isinstance(entry, dict)
+        for f in entry.get("files", ())
+    ]
+    if not files:
+        return [f"recordings: {name} recorded nothing into {folder}"]
+    return [
+        f"recordings of what {name} received (decoded from the end-to-end plaintext), in {folder}:",
+        *(f"  {f}" for f in files),
+        "play one with: ffplay FILE (or vlc, mpv, a web browser)",
+    ]
 
 
 def fail_lines(failures: Sequence[str]) -> list[str]:

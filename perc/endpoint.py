@@ -79,6 +79,7 @@ from perc.identity import Identity, fingerprint_matches
 from perc.keying import key_digest
 from perc.logsetup import format_address
 from perc.media.endpoint import EndpointMedia
+from perc.media.real import RealSettings
 from perc.media.sources import VideoSettings
 from perc.srtp.ekt import EktCipher, EktParameterSet
 from perc.srtp.keys import KeyingMaterial, SrtpProfile, split_exporter
@@ -1008,11 +1009,28 @@ class MediaOptions:
     rejoin_silence: float = config.default(EndpointConfig, "rejoin_silence")
     silence_limit: float = config.default(EndpointConfig, "silence_limit")
     """Exit 9 when a peer's media stopped longer than this before the end (0: never)."""
+    codec: str = config.default(EndpointConfig, "codec")
+    """``synthetic`` or ``real`` (D35): what our payloads are."""
+    real: RealSettings | None = None
+    """Real media: what to send (with ``codec`` real) and where to record; needs PyAV."""
 
     @classmethod
     def from_config(cls, cfg: EndpointConfig) -> MediaOptions:
         """Raises ``perc.media.sources.SourceUsageError`` for video settings out of range."""
+        real = None
+        if cfg.codec == "real" or cfg.record is not None:
+            real = RealSettings(
+                audio_file=cfg.audio_file,
+                video_file=cfg.video_file,
+                loop=cfg.loop,
+                record=cfg.record,
+                fps=round(cfg.video_fps),
+                bitrate=cfg.video_bitrate,
+                repair=cfg.repair,
+            )
         return cls(
+            codec=cfg.codec,
+            real=real,
             media=cfg.media,
             expect_peers=cfg.expect_peers,
             report=cfg.report,
@@ -1049,6 +1067,8 @@ class MediaStatus:
             rejoin_silence=options.rejoin_silence,
             expect_peers=options.expect_peers,
         )
+        #: hand received real media to the shell's decoders (``take_received_media``)
+        self.collect_media = False
         #: when media started (our clock) and the wall clock minus ours
         self.started: float | None = None
         self.wall_offset = 0.0
@@ -1064,6 +1084,9 @@ class MediaStatus:
             video=self.options.video,
             # RFC 3550 §6.4.1: SR NTP timestamps are wall-clock time; `now` is the shell's clock.
             ntp_offset=unix_time - now + NTP_UNIX_OFFSET,
+            real=self.options.real if self.options.codec == "real" else None,
+            repair=self.options.real.repair if self.options.real is not None else True,
+            collect_media=self.collect_media,
         )
         self.result = result
         self.engine = engine

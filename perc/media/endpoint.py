@@ -28,6 +28,15 @@ schedule: Full tags in the first three packets and after each key change, then e
 when audio is sent, or with each key frame for a video-only sender (the source flags the
 first packet of a key frame).
 
+**Real media** (D35, ``real=RealSettings(...)``): the sources are
+:class:`~perc.media.real.RealSource` instead: the shell encodes each frame with PyAV just
+before its slot and pushes it; the engine packetizes and sends it on the same timetable, with
+the sender's identity in the RTP padding and RFC 9626 frame marking on video. A real packet
+received (its padding names the sender) is verified like a synthetic one; audio packets and,
+through a :class:`~perc.media.nack.VideoReceiver` per sending SSRC (generic NACKs for missing
+packets, PLI when a frame cannot be completed, D36), whole VP8 frames are handed to the shell
+(``take_received_media``, with ``collect_media``) to decode and record.
+
 **Rekeying** (D22, RFC 8870 §4.5, RFC 8871 §4.5.2). ``rekey`` hands the new parameter set to
 the receiver first (so tags under the new SPI are readable) and then to the sender, which
 picks a new random E2E key, announces it in three Full tags under the new SPI and keeps
@@ -91,8 +100,9 @@ an RR from a receive-only SSRC), RFC 3550 reception report blocks for every stre
 the last few intervals (more than 31 go into further RR packets), and SDES CNAME. Incoming
 SR (LSR/DLSR for our reports), RR blocks about our streams (round-trip time), PLI and FIR
 (the video source makes a key frame; a FIR with a repeated command sequence number is a
-retransmission and ignored, RFC 5104 §4.3.1.2), NACK (counted: RTX is not implemented) and
-BYE are consumed and counted.
+retransmission and ignored, RFC 5104 §4.3.1.2), NACK (counted: the sender keeps no
+retransmission buffer; the Media Distributor answers from its cache, D36) and BYE are
+consumed and counted.
 """
 
 from __future__ import annotations
@@ -101,7 +111,7 @@ import enum
 import math
 import random
 import struct
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -112,8 +122,10 @@ from perc.media.payload import (
     minimum_payload_size,
     parse_payload,
 )
+from perc.media.real import RealSettings, RealSource, ReceivedMedia, parse_identity_untrusted
 from perc.media.sources import (
     AUDIO_CLOCK_RATE,
+    AUDIO_PT,
     VIDEO_CLOCK_RATE,
     VIDEO_PT,
     AudioSource,
@@ -131,7 +143,13 @@ from perc.media.stats import (
     ntp_timestamp,
 )
 from perc.srtp.context import SrtpSession
-from perc.srtp.double import DoubleDecodeError, DoubleReceiver, DoubleSender, NoInnerKeyError
+from perc.srtp.double import (
+    DoubleDecodeError,
+    DoubleReceiver,
+    DoubleSender,
+    MediaPacket,
+    NoInnerKeyError,
+)
 from perc.srtp.ekt import (
     EktError,
     EktFieldError,
@@ -160,6 +178,10 @@ from perc.wire.rtcp import (
     parse_rtcp,
     serialize_rtcp,
 )
+
+if TYPE_CHECKING:  # real video's repair is imported when a real video stream arrives
+    from perc.media.nack import VideoReceiver
+    from perc.media.packetize import AssembledFrame
 
 __all__ = [
     "EndpointMedia",
@@ -240,6 +262,10 @@ class EndpointMediaStats:
     feedback_not_ours: int = 0
     other_rtcp: int = 0
     pli_sent: int = 0
+    #: generic NACK packets sent for missing video packets (D36)
+    nack_sent: int = 0
+    #: real media handed to the shell's decoders dropped because it did not take them
+    media_out_drops: int = 0
     rekeys: int = 0
     duplicate_ekt_keys: int = 0
     #: last round-trip time (seconds) computed from a report block about one of our streams
@@ -265,6 +291,9 @@ class EndpointMedia:
         max_streams: int = 256,
         max_queue: int = 4096,
         seed: int | None = None,
+        real: RealSettings | None = None,
+        repair: bool = True,
+        collect_media: bool = False,
     ) -> None:
         try:
             choice = MediaChoice(media)
@@ -293,20 +322,45 @@ class EndpointMedia:
         self._rx = DoubleReceiver(rx_session)
         self._rx.add_parameter_set(ekt)
         self._rtcp_rx = rx_session
-        self.audio = (
-            AudioSource(name, now, rate=audio_rate, payload_size=audio_payload_size)
-            if choice.audio
-            else None
-        )
-        self.video = None
+        self.real = real
+        #: real media (D35): hand received Opus packets and VP8 frames to the shell
+        self.collect_media = collect_media
+        self.audio: AudioSource | RealSource | None = None
+        if choice.audio:
+            self.audio = (
+                AudioSource(name, now, rate=audio_rate, payload_size=audio_payload_size)
+                if real is None
+                else RealSource(
+                    name,
+                    StreamKind.AUDIO,
+                    now,
+                    rate=50.0,
+                    clock_rate=AUDIO_CLOCK_RATE,
+                    pt=AUDIO_PT,
+                )
+            )
+        self.video: VideoSource | RealSource | None = None
         if choice.video:
             # RFC 3550 §8.1: each stream its own SSRC; the two must not collide.
             taken = self.audio.ssrc if self.audio is not None else None
             vssrc = random_ssrc()
             while vssrc == taken:
                 vssrc = random_ssrc()
-            self.video = VideoSource(name, now, video, ssrc=vssrc)
-        self._sources: list[AudioSource | VideoSource] = [
+            self.video = (
+                VideoSource(name, now, video, ssrc=vssrc)
+                if real is None
+                else RealSource(
+                    name,
+                    StreamKind.VIDEO,
+                    now,
+                    rate=real.fps,
+                    clock_rate=VIDEO_CLOCK_RATE,
+                    pt=VIDEO_PT,
+                    ssrc=vssrc,
+                    frame_marking_id=real.frame_marking_id,
+                )
+            )
+        self._sources: list[AudioSource | VideoSource | RealSource] = [
             s for s in (self.audio, self.video) if s is not None
         ]
         self._tx: DoubleSender | None = None
@@ -344,6 +398,10 @@ class EndpointMedia:
         self._e2e_mark = 0
         self._pli_at: dict[int, float] = {}
         self._fir_seq: dict[tuple[int, int], int] = {}
+        #: per sending SSRC of real video: NACK/PLI repair and frame assembly (D36)
+        self._video_rx: dict[int, VideoReceiver] = {}
+        self._repair = repair
+        self._media_out: list[ReceivedMedia] = []
         #: latest report block about each of our SSRCs, per reporting SSRC (bounded)
         self.reports_about_us: dict[int, dict[int, ReportBlock]] = {}
         self._next_rtcp = now + self._rtcp_delay()
@@ -422,6 +480,10 @@ class EndpointMedia:
         t = min(self._next_rtcp, self._next_housekeeping)
         for s in self._sources:
             t = min(t, s.next_due())
+        for rx in self._video_rx.values():
+            rt = rx.timer()
+            if rt is not None:
+                t = min(t, rt)
         return t
 
     def handle_timer(self, now: float) -> None:
@@ -441,6 +503,10 @@ class EndpointMedia:
                         self.stats.ekt_expired += 1
                     else:
                         self._send_rtp(tx, pkt, now)
+        for rx in self._video_rx.values():
+            rt = rx.timer()
+            if rt is not None and rt <= now:
+                self._video_out(rx, rx.poll(now))
         if now >= self._next_rtcp:
             for compound in self._rtcp_compounds(now):
                 self._send_rtcp(compound)
@@ -560,6 +626,8 @@ class EndpointMedia:
             taken.add(ssrc)
             source.stream.ssrc = ssrc
         self.rtcp_ssrc = self._sources[0].ssrc if self._sources else random_ssrc()
+        for rx in self._video_rx.values():
+            rx.own_ssrc = self.rtcp_ssrc  # our feedback names the SSRC we now send RTCP from
 
     def _forget_newer_spi(self, spi: int) -> None:
         waiting = self.newer_spi
@@ -594,6 +662,9 @@ class EndpointMedia:
         except SrtpError as exc:
             self._count_failure(st, data, exc, now)
             return
+        if pkt.padding:
+            self._receive_real(st, pkt, now)
+            return
         try:
             payload = parse_payload(pkt.payload)
         except PayloadDecodeError:
@@ -615,6 +686,72 @@ class EndpointMedia:
         elif offset != st.seq_offset:
             self._count_payload_failure(st)
             return
+        self._verified(st, pkt, payload.kind, now)
+
+    def _receive_real(self, st: RemoteStream | None, pkt: MediaPacket, now: float) -> None:
+        """A real (Opus or VP8) packet: its identity is in the padding (perc.media.real)."""
+        try:
+            name, kind = parse_identity_untrusted(pkt.padding)
+        except PayloadDecodeError:
+            self._count_payload_failure(st)
+            return
+        if st is None:
+            if len(self.streams) >= self._max_streams:
+                self.unattributed.received += 1
+                self.unattributed.untracked += 1
+                return
+            st = self.streams[pkt.ssrc] = RemoteStream(pkt.ssrc, name, kind)
+        elif name != st.name or kind is not st.kind:
+            self._count_payload_failure(st)
+            return
+        self._verified(st, pkt, kind, now)
+        if kind is StreamKind.AUDIO:
+            if self.collect_media:
+                self._hand_out(ReceivedMedia(name, kind, pkt.ssrc, pkt.timestamp, pkt.payload))
+            return
+        rx = self._video_rx.get(pkt.ssrc)
+        if rx is None:
+            if len(self._video_rx) >= self._max_streams:
+                return  # bounded: this stream is verified and counted, not repaired
+            from perc.media.nack import NackSettings, VideoReceiver
+
+            settings = NackSettings(nack=self._repair)
+            rx = self._video_rx[pkt.ssrc] = VideoReceiver(pkt.ssrc, self.rtcp_ssrc, settings)
+        frames = rx.push(pkt.sequence_number, pkt.timestamp, pkt.marker, pkt.payload, now)
+        self._video_out(rx, frames)
+
+    def _video_out(self, rx: VideoReceiver, frames: list[AssembledFrame]) -> None:
+        """Frames a video receiver released go to the shell; its NACK/PLI go out now
+        (reduced-size RTCP, RFC 5506, as early feedback, RFC 4585 §3.5)."""
+        st = self.streams.get(rx.media_ssrc)
+        if self.collect_media and st is not None and st.name is not None:
+            for f in frames:
+                self._hand_out(
+                    ReceivedMedia(
+                        st.name, StreamKind.VIDEO, rx.media_ssrc, f.timestamp, f.data, f.keyframe
+                    )
+                )
+        feedback = rx.feedback()
+        if feedback:
+            self._send_rtcp(list(feedback))
+            for fb in feedback:
+                if isinstance(fb, Pli):
+                    self.stats.pli_sent += 1
+                else:
+                    self.stats.nack_sent += 1
+
+    def _hand_out(self, item: ReceivedMedia) -> None:
+        if len(self._media_out) >= self._max_queue:
+            self.stats.media_out_drops += 1
+            return
+        self._media_out.append(item)
+
+    def take_received_media(self) -> list[ReceivedMedia]:
+        """Real media received since the last call (with ``collect_media``), in order."""
+        out, self._media_out = self._media_out, []
+        return out
+
+    def _verified(self, st: RemoteStream, pkt: MediaPacket, kind: StreamKind, now: float) -> None:
         st.received += 1
         st.verified += 1
         st.verified_one()
@@ -626,7 +763,7 @@ class EndpointMedia:
             spis.append(pkt.spi)  # in order of first use
         seq = st.seq
         if seq is None:
-            rate = AUDIO_CLOCK_RATE if payload.kind is StreamKind.AUDIO else VIDEO_CLOCK_RATE
+            rate = AUDIO_CLOCK_RATE if kind is StreamKind.AUDIO else VIDEO_CLOCK_RATE
             seq = st.seq = SeqStats(pkt.sequence_number, rate)
             if self._early:
                 self._settle_early(pkt.ssrc, pkt.sequence_number)
@@ -925,9 +1062,32 @@ class EndpointMedia:
 
     # --- report ------------------------------------------------------------------------------
 
+    def _repair_report(self, peers: dict[str, Any]) -> dict[str, Any]:
+        """Receiver repair (D36): per peer's real video and in total; adds ``video`` to the
+        peers' report entries."""
+        total = dict.fromkeys(_REPAIR_KEYS, 0)
+        for ssrc, rx in self._video_rx.items():
+            st = self.streams.get(ssrc)
+            a, n = rx.assembler.stats, rx.stats
+            values = (a.frames, a.frames_dropped, n.nacks_sent, n.nacked_seqs, n.recovered,
+                      n.given_up, n.plis_sent)  # fmt: skip
+            row = dict(zip(_REPAIR_KEYS, values, strict=True))
+            if st is not None and st.name in peers:
+                video = peers[st.name].setdefault("video", dict.fromkeys(_REPAIR_KEYS, 0))
+                for k, v in row.items():
+                    video[k] += v
+            for k, v in row.items():
+                total[k] += v
+        total["plis_sent_total"] = self.stats.pli_sent
+        total["plis_received"] = self.stats.pli_received
+        total["firs_received"] = self.stats.fir_received
+        total["nacks_received"] = self.stats.nack_received
+        total["media_out_drops"] = self.stats.media_out_drops
+        return total
+
     def report(self) -> dict[str, Any]:
         """The endpoint's report (the report schema, plus diagnostic fields)."""
-        sent_by_stream = {
+        sent_by_stream: dict[str, dict[str, Any]] = {
             s.kind.name.lower(): {
                 "ssrc": s.ssrc,
                 "sent": s.stream.sent,
@@ -935,6 +1095,10 @@ class EndpointMedia:
             }
             for s in self._sources
         }
+        for s in self._sources:
+            if isinstance(s, RealSource):
+                entry = sent_by_stream[s.kind.name.lower()]
+                entry.update(attrs.asdict(s.stats), keyframe_requests=s.keyframe_requests)
         rtcp = attrs.asdict(self.stats)
         report = build_report(
             self.name,
@@ -946,12 +1110,19 @@ class EndpointMedia:
             since=self._joined_at,
             extra={"media": self.media.value, "streams": sent_by_stream, "stats": rtcp},
         )
+        if self.real is not None or self._video_rx:
+            report["codec"] = "real" if self.real is not None else "synthetic"
+            report["repair"] = self._repair_report(report["peers"])
         # Failures still waiting for pre-join evidence are reported as failures until then.
         un = report["unattributed"]
         for reason, count in self._pre_join_pending.items():
             un["e2e_failures"] += count
             un["e2e_reasons"][reason] = un["e2e_reasons"].get(reason, 0) + count
         return report
+
+
+_REPAIR_KEYS = ("frames_complete", "frames_incomplete", "nacks_sent", "nacked_seqs",
+                "recovered", "given_up", "plis_sent")  # fmt: skip
 
 
 def _e2e_reason(exc: SrtpError) -> str | None:

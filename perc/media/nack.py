@@ -216,8 +216,12 @@ class VideoReceiver:
             and now >= self._last_pli + self.settings.keyframe_retry
         ):
             self._pli_pending = True
+        if not self.assembler.needs_keyframe:
+            self._pli_pending = False  # a key frame came meanwhile
         if self._pli_pending and self.settings.pli:
-            if self._last_pli is None or now >= self._last_pli + self.settings.pli_interval:
+            if self.assembler.keyframe_buffered():
+                pass  # a key frame is arriving (e.g. the stream's first): ask only if it fails
+            elif self._last_pli is None or now >= self._last_pli + self.settings.pli_interval:
                 self._feedback.append(Pli(self.own_ssrc, self.media_ssrc))
                 self.stats.plis_sent += 1
                 self._last_pli = now

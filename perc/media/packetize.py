@@ -311,6 +311,10 @@ class Vp8FrameAssembler:
         """The frames released so far form an unbroken chain from a key frame."""
         return not self._need_key
 
+    def keyframe_buffered(self) -> bool:
+        """A key frame's first packet waits in the buffer (its frame may still complete)."""
+        return any(p.descriptor.frame_start and _is_key(p.data) for p in self._buf.values())
+
     def take_keyframe_request(self) -> bool:
         """True once each time the assembler starts waiting for a key frame (send a PLI)."""
         wanted = self._key_request

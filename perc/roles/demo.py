@@ -33,6 +33,7 @@ from perc.demo import (
     MIN_REJOIN_STAY,
     NAMES,
     OVERALL_SLACK,
+    RECORDER_INDEX,
     REFRESH,
     REKEY_TIMEOUT,
     START_TIMEOUT,
@@ -53,6 +54,7 @@ from perc.demo_report import (
     fail_lines,
     pass_line,
     plural,
+    recording_lines,
     strip_error,
     table_row,
     verdict,
@@ -210,11 +212,13 @@ class _Demo:
         media: str,
         screen: Screen,
         metrics: bool = False,
+        record: Path | None = None,
     ) -> None:
         self.files = files
         #: --metrics: the KMF and the MDD serve /metrics on kernel-chosen loopback ports (D34).
         self.metrics = metrics
         self.metrics_urls: list[str] = []
+        self.record = record
         self.duration = duration
         self.media = media
         self.screen = screen
@@ -418,6 +422,7 @@ class _Demo:
             media=self.media,
             report=report,
             duration=duration,
+            record=self.record if name == f.names[RECORDER_INDEX] else None,
         )
         child = await self.start(nursery, stem, args)
         ep = _Endpoint(name, life, child, report, stays=duration is not None)
@@ -733,7 +738,12 @@ def main(
                 f"fault injected (PERC_DEMO_FAULT=outsider): {outsiders[0]}'s certificate is "
                 "NOT on the KMF's roster"
             )
-        demo = _Demo(files, duration=duration, media=media, screen=screen, metrics=metrics)
+        # Real media: the first participant records what it receives, in a folder of its
+        # own that outlives the demo's temporary one.
+        record = Path(tempfile.mkdtemp(prefix="perc-demo-recordings-")) if media == "real" else None
+        demo = _Demo(
+            files, duration=duration, media=media, screen=screen, metrics=metrics, record=record
+        )
         trio.run(_main, demo)
         screen.freeze()
         demo.judge()
@@ -754,6 +764,12 @@ def main(
                 say("(to keep the configs, reports and logs, run it again with --keep)")
         else:
             say(pass_line(names[-1], demo.rekeys))
+        if record is not None:
+            recorder = next((ep for ep in demo.endpoints if ep.name == names[RECORDER_INDEX]), None)
+            for line in recording_lines(
+                names[RECORDER_INDEX], record, recorder.read_report() if recorder else None
+            ):
+                say(line)
         if keep:
             say(f"kept {folder} (configs, identities, reports *.json, logs *.log)")
         if demo.interrupted:

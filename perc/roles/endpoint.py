@@ -28,6 +28,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from typing import Any
 
 import attrs
 import trio
@@ -56,6 +57,8 @@ from perc.endpoint import (
     log_joined,
 )
 from perc.keying import key_digest
+from perc.media.endpoint import EndpointMedia
+from perc.media.real import RealSource
 from perc.tlsid import check_tls_id
 from perc.tlsid import random_tls_id as new_tls_id
 
@@ -92,6 +95,10 @@ _UDP_MAX = 65535
 #: On leaving, read at most this many RECV_BATCH batches of what already arrived.
 _DRAIN_BATCHES = 16
 KEEPALIVE: float = default(EndpointConfig, "keepalive")
+#: Real media (D35): a frame is read and encoded this long before its slot.
+ENCODE_AHEAD = 0.04
+#: Real media: received packets and frames go to the decoders this often.
+DECODE_INTERVAL = 0.02
 
 
 @attrs.define(eq=False, repr=False)
@@ -332,8 +339,11 @@ class MediaRun(MediaStatus):
     over ``report``, so a reader never sees half a file.
     """
 
-    def __init__(self, settings: JoinSettings, options: MediaOptions) -> None:
+    def __init__(self, settings: JoinSettings, options: MediaOptions, pipeline: Any = None) -> None:
         super().__init__(settings, options)
+        #: real media's codecs (a perc.media.pipeline.Pipeline, PyAV), run off the event loop
+        self.pipeline = pipeline
+        self.collect_media = pipeline is not None
         self.report_errors = 0
         #: the end of :meth:`run` on trio's clock (the verdict's "now")
         self.ended_at: float | None = None
@@ -357,6 +367,8 @@ class MediaRun(MediaStatus):
             async with trio.open_nursery() as nursery:
                 if self.options.report is not None:
                     nursery.start_soon(self._report_loop)
+                if self.pipeline is not None:
+                    self._start_pipeline(nursery, engine)
                 while True:
                     left = None if end is None else max(0.0, end - trio.current_time())
                     try:
@@ -370,6 +382,47 @@ class MediaRun(MediaStatus):
                 nursery.cancel_scope.cancel()
         finally:
             self.ended_at = trio.current_time()
+            if self.pipeline is not None:
+                # What arrived is decoded and every recording finished, even when cancelled.
+                if self.engine is not None:
+                    self.pipeline.sink.process(self.engine.take_received_media())
+                self.pipeline.close()
+
+    def _start_pipeline(self, nursery: trio.Nursery, engine: EndpointMedia) -> None:
+        pipeline = self.pipeline
+        for source, producer in ((engine.audio, pipeline.audio), (engine.video, pipeline.video)):
+            if isinstance(source, RealSource) and producer is not None:
+                nursery.start_soon(self._produce, source, producer)
+        nursery.start_soon(self._decode, engine)
+
+    @staticmethod
+    async def _produce(source: RealSource, producer: Any) -> None:
+        """Read and encode each frame in a thread just before its slot (the engine sends it)."""
+        index = 0
+        while True:
+            index = max(index, source.slot)  # slots the encoder missed are gone
+            await trio.sleep_until(source.due(index) - ENCODE_AHEAD)
+            key = source.take_keyframe_request(trio.current_time())
+            frames = await trio.to_thread.run_sync(producer.make, key)
+            if frames is None:
+                source.end(index)
+                return
+            source.push(index, frames)
+            index += 1
+
+    async def _decode(self, engine: EndpointMedia) -> None:
+        """Decode (and record) what the engine received, in a thread."""
+        while True:
+            await trio.sleep(DECODE_INTERVAL)
+            items = engine.take_received_media()
+            if items:
+                await trio.to_thread.run_sync(self.pipeline.sink.process, items)
+
+    def report(self, exit_status: int | None = None, now: float | None = None) -> dict[str, Any]:
+        data = super().report(exit_status, now)
+        if self.pipeline is not None:
+            data.update(self.pipeline.report())
+        return data
 
     async def _rejoin(self, why: RejoinNeeded, keylog: Callable[[str], None] | None) -> JoinResult:
         """Join again until it works; the healer says when (back-off) and what is fatal."""

@@ -318,6 +318,8 @@ class MediaPacket:
     epoch: int
     #: what the packet's EKT field did
     ekt_outcome: EktOutcome
+    #: the RTP padding removed from ``payload`` (count byte included; end-to-end protected)
+    padding: bytes = b""
 
 
 @attrs.define
@@ -423,13 +425,14 @@ class DoubleReceiver:
         )
         key, inner = self._decrypt_inner(synth, ssrc)
         payload = inner[slen:]
+        padding = b""
         if b0 & 0x20:
             # RTP padding is covered by the inner layer only (RFC 8723 §5.1, §5.3): strip it here.
             count = payload[-1] if payload else 0
             if count == 0 or count > len(payload):
                 self.stats.padding_errors += 1
                 raise DoubleDecodeError(f"RTP padding count {count} invalid")
-            payload = payload[:-count]
+            payload, padding = payload[:-count], payload[-count:]
         self.stats.accepted += 1
         cc = b0 & 0x0F
         return MediaPacket(
@@ -446,6 +449,7 @@ class DoubleReceiver:
             spi=key.spi,
             epoch=key.epoch,
             ekt_outcome=outcome,
+            padding=padding,
         )
 
     def _decrypt_inner(self, synth: bytes, ssrc: int) -> tuple[ReceivedKey, bytes]:

@@ -61,9 +61,14 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
     "media": (
         [],
         [
-            rf"^ratio {row} {media} / SRTP layer only{RATIO}"
-            for row in ("produce", "consume")
-            for media in ("audio", "video")
+            *(
+                rf"^ratio {row} {media} / SRTP layer only{RATIO}"
+                for row in ("produce", "consume")
+                for media in ("audio", "video")
+            ),
+            rf"^real vp8 receive{NUMBER}{NUMBER}",
+            rf"^ratio real opus send\+receive / PyAV alone{RATIO}",
+            rf"^ratio real vp8 send\+receive / PyAV alone{RATIO}",
         ],
     ),
     "dtls_handshake": (
