@@ -130,11 +130,11 @@ async def test_forged_rtcp_from_a_member_never_reaches_real_endpoints(system: Sy
     )
     mdd, port = await system.start_mdd(mdd_config)
     media = {"alice": "both", "bob": "audio", "carol": "audio"}
+    args = ("--expect-peers", "2", "--join-timeout", "15")
     procs = {
         name: await system.start_endpoint(
-            name, port, "--media", media[name], "--expect-peers", "2",
-            "--join-timeout", "15", "--report", f"{name}.json",
-        )  # fmt: skip
+            name, port, *args, "--media", media[name], "--report", f"{name}.json"
+        )
         for name in people
     }
     for name, proc in procs.items():
