@@ -165,7 +165,10 @@ async def test_spoofed_flood_does_not_keep_endpoints_out(system: System, spoofed
     assert sent[0] >= 10_000
     assert sent[0] / flood_seconds >= 2_000, (sent, flood_seconds)
     join_ms = sorted(j.join_ms for j in joined)
-    assert join_ms[-1] <= 1000.0, join_ms  # p99 of three: the slowest
+    # p99 of three: the slowest. (Under a many-address flood a pending association lives about
+    # max_pending / ClientHello rate seconds; a machine too loaded for a cookie round trip in
+    # that time misses this bound: the load average is in the message.)
+    assert join_ms[-1] <= 1000.0, (join_ms, os.getloadavg())
     for proc, status in zip(procs, statuses, strict=True):
         assert status == 0, proc.text  # verified both others' media, during the flood
     per_minute = log_bytes * 60.0 / flood_seconds
