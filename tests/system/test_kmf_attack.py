@@ -7,6 +7,8 @@ What must hold (RFC 9185 leaves the tunnel's admission to the implementation):
   tunnel within 2 s; once the attack ends the KMF drops them at its handshake deadline and its
   memory returns to where it was;
 * a connection reset (connect, then RST) is a counted line, never a traceback;
+* both at once from eight source addresses (the trusted MDD's own among them): the MDD
+  still gets in within 2 s and every connection is accounted for;
 * a tunnel message whose header promised bytes that never come closes that tunnel after
   ``message_timeout``.
 
@@ -61,13 +63,18 @@ async def summary(
         raise AssertionError(f"no kmf_connections summary with {what}:\n{kmf.text}") from None
 
 
-async def hold(port: int, partial: bool, reopen: trio.Event, opened: list[int]) -> None:
-    """One half-open connection, reopened each time the KMF closes it while ``reopen`` is
-    not set; returns when the KMF closed it after that."""
+async def hold(
+    port: int, partial: bool, reopen: trio.Event, opened: list[int], source: str = ""
+) -> None:
+    """One half-open connection (from ``source``, default: any local address), reopened each
+    time the KMF closes it while ``reopen`` is not set; returns when the KMF closed it after
+    that."""
     while True:
         sock = trio.socket.socket()
         with sock:
             try:
+                if source:
+                    await sock.bind((source, 0))
                 await sock.connect((LOCAL, port))
                 opened[0] += 1
                 if partial:
@@ -135,6 +142,78 @@ async def test_connection_resets_are_counted_lines_not_tracebacks(system: System
     assert not kmf.find(r" ERROR ")
     # Logged one by one only up to the rate; all are counted.
     assert len(kmf.find_events(KmfTunnelDown)) < 500
+
+
+#: Source addresses of the mixed attack: the trusted MDD's own 127.0.0.1 among them.
+SOURCES = [f"127.0.0.{i}" for i in range(1, 9)]
+
+
+async def reset_until(
+    port: int, source: str, stop: trio.Event, resets: list[int], enough: trio.Event
+) -> None:
+    """connect() then RST (SO_LINGER 0) from ``source``, about 50 a second, until ``stop``;
+    sets ``enough`` once 500 went out (all churners together)."""
+    linger = struct.pack("ii", 1, 0)
+    while not stop.is_set():
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+        try:
+            await sock.bind((source, 0))
+            await sock.connect((LOCAL, port))
+            resets[0] += 1
+        except OSError:
+            pass  # the backlog was full: the attacker tries again
+        finally:
+            sock.close()
+        if resets[0] >= 500:
+            enough.set()
+        await trio.sleep(0.02)  # pacing the attacker, not waiting for a result
+
+
+async def test_mixed_half_open_and_resets_from_several_addresses(system: System) -> None:
+    """300 half-open connections (idle and half-sent) and a churn of connect+RST, all from
+    eight source addresses at once, one of them the trusted MDD's: the MDD still gets its
+    tunnel within 2 s, every connection is accounted for, no traceback, memory returns."""
+    kmf, port = await system.start_kmf(system.kmf_config())
+    baseline = rss_kib(kmf)
+    stop = trio.Event()
+    enough = trio.Event()
+    opened = [0]
+    resets = [0]
+    async with trio.open_nursery() as attack:
+        for i in range(300):
+            attack.start_soon(hold, port, i % 2 == 1, stop, opened, SOURCES[i % len(SOURCES)])
+        for source in SOURCES[:5]:
+            attack.start_soon(reset_until, port, source, stop, resets, enough)
+        await summary(
+            kmf,
+            "300 accepted, handshakes held, resets seen",
+            lambda e: e.accepted >= 300 and e.handshaking > 0 and e.reset > 0,
+        )
+        mdd, _ = await system.start_mdd(system.mdd_config("mdd", port), wait_tunnel=False)
+        started = trio.current_time()
+        await mdd.wait_for(r"tunnel up conference=", timeout=2.0)
+        to_tunnel = trio.current_time() - started
+        up = await kmf.wait_event(KmfTunnelUp, timeout=2.0)
+        assert up.fingerprint == system.fingerprint("mdd")
+        with trio.fail_after(30.0):
+            await enough.wait()
+        stop.set()
+        drained = await summary(kmf, "drained", lambda e: e.handshaking == 0 and e.tunnels == 1)
+    after = rss_kib(kmf)
+    print(
+        f"mixed: {opened[0]} half-open and {resets[0]} connect+RST from {len(SOURCES)} "
+        f"addresses, tunnel in {to_tunnel:.3f} s, RSS {baseline} -> {after} KiB, {drained}"
+    )
+    assert to_tunnel < 2.0
+    closed = drained.reset + drained.timeout + drained.tls_failed + drained.evicted
+    assert closed == drained.accepted - drained.tunnels, drained  # every one accounted for
+    assert drained.accepted >= 0.95 * (opened[0] + resets[0]), (drained, opened, resets)
+    assert drained.reset > 0 and drained.evicted + drained.timeout > 0, drained
+    assert after - baseline < 10 * 1024
+    assert "Traceback" not in kmf.text
+    assert not kmf.find(r" ERROR ")
+    assert "Traceback" not in mdd.text
 
 
 async def test_a_stalled_tunnel_message_closes_the_tunnel(system: System) -> None:
