@@ -54,8 +54,11 @@ association, relayed like any other, with its own bounds:
 * ``max_pending`` per conference; at the bound the *oldest pending* association is dropped
   (``pending_evicted``) rather than the newcomer refused, so under a flood of new addresses a
   real endpoint still has max_pending / flood rate seconds for its cookie round trip, where
-  refusing newcomers would lock every join out for the whole flood. Admitted associations
-  are never displaced (they have ``max_associations`` of their own);
+  refusing newcomers would lock every join out for the whole flood. An address evicted
+  before it sent a cookie gets the same association id back with its next ClientHello (the
+  last ``max_pending`` such addresses are remembered): the KMF's cookie is bound to the id, so
+  an endpoint whose cookie round trip outlasts its pending association still gets in. Admitted
+  associations are never displaced (they have ``max_associations`` of their own);
 * ``max_pending_per_ip`` per source IP; beyond, ClientHellos from new ports of that IP are
   dropped (``dropped_per_ip``);
 * ``pending_timeout`` from creation (swept every ``pending_timeout / 4``).
@@ -375,6 +378,9 @@ class MddEngine:
         #: The table's associations that are pending, oldest first (an index, not a table).
         self._pending: dict[uuid.UUID, _Pending] = {}
         self._pending_per_ip: dict[Any, int] = {}
+        #: association ids of pending associations evicted before their cookie (address ->
+        #: id, oldest first, at most max_pending): see _create_pending
+        self._evicted: dict[Address, uuid.UUID] = {}
         self._tokens = float(adm.event_burst)  # per-address events (token bucket)
         self._tokens_at = float("-inf")
         self._suppressed = 0
@@ -592,8 +598,12 @@ class MddEngine:
         if len(self.table.associations) >= self.table.config.max_associations:
             self._stats.dropped_table_full += 1  # pragma: no cover - both bounds hold above
             return None
-        # RFC 9185 §5.3: a version 4 (random) UUID per association.
-        assoc = self.table.add(uuid.uuid4(), addr, now)
+        # RFC 9185 §5.3: a version 4 (random) UUID per association. An address whose pending
+        # association was evicted before its cookie came gets its id back: the KMF's cookie is
+        # bound to the id (D14), so an endpoint whose cookie round trip outlasted the eviction
+        # under a flood still passes the gate with the cookie it holds.
+        aid = self._evicted.pop(addr, None) or uuid.uuid4()
+        assoc = self.table.add(aid, addr, now)
         aid = assoc.association_id
         self._pending[aid] = _Pending(now, ip, cookie)
         self._pending_per_ip[ip] = self._pending_per_ip.get(ip, 0) + 1
@@ -636,6 +646,10 @@ class MddEngine:
         gate kept none, D14, and the message would only be counted there as unknown)."""
         p = self._pending[aid]
         sent = p.cookie_sent and self.tunnel_is_up
+        if reason == "evicted" and not p.cookie_sent:
+            if len(self._evicted) >= self.admission.max_pending:
+                del self._evicted[next(iter(self._evicted))]
+            self._evicted[self.table.associations[aid].address] = aid
         if sent:
             self._tunnel_out.append(EndpointDisconnect(association_id=aid))
             self.admission_stats.disconnects_sent += 1

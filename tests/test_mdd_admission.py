@@ -182,6 +182,38 @@ def test_the_pending_budget_evicts_the_oldest_pending_never_an_admitted_one() ->
     assert admit(e, ("10.1.0.9", 1), 1.0) in e.associations
 
 
+def test_an_address_evicted_before_its_cookie_gets_its_association_id_back() -> None:
+    """Under a flood of new addresses a pending association may be evicted while its endpoint
+    waits for the KMF's HelloVerifyRequest. The KMF's cookie is bound to the association id,
+    so the endpoint's ClientHello with that cookie must come back under the same id."""
+    e = engine(max_pending=2, max_pending_per_ip=100)
+    joiner = ("10.1.0.1", 5000)
+    e.receive_datagram(client_hello(), joiner, 0.0)
+    (first,) = relayed(e)
+    for port in range(2):  # the flood: the joiner's pending association is evicted
+        e.receive_datagram(client_hello(), ("10.9.9.9", port), 0.1)
+    assert first.association_id not in e.pending
+    relayed(e)
+    e.receive_datagram(client_hello(cookie=b"c" * 16), joiner, 0.5)
+    (again,) = relayed(e)
+    assert again.association_id == first.association_id
+    # Spent: a later eviction of it (cookie sent) is not remembered, the KMF holds state.
+    for port in range(2, 4):
+        e.receive_datagram(client_hello(), ("10.9.9.9", port), 0.6)
+    e.receive_datagram(client_hello(), joiner, 0.7)
+    msgs = e.tunnel_messages_to_send()
+    fresh = [m for m in msgs if isinstance(m, TunneledDtls)][-1]
+    assert fresh.association_id != first.association_id
+
+
+def test_the_evicted_ids_are_bounded_by_max_pending() -> None:
+    e = engine(max_pending=3, max_pending_per_ip=1000)
+    for port in range(50):
+        e.receive_datagram(client_hello(), ("10.9.9.9", port), 0.01 * port)
+    assert e.admission_stats.pending_evicted == 47
+    assert len(e._evicted) <= 3
+
+
 def test_the_per_ip_cap_drops_new_ports_of_one_address_only() -> None:
     e = engine(max_pending=100, max_pending_per_ip=3)
     for port in range(10):
