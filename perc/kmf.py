@@ -143,8 +143,11 @@ from perc.dtls import (
     CookieGate,
     DtlsConfiguration,
     DtlsConnection,
+    LocalProtocolError,
     PeerIdentity,
+    RecordStateError,
     client_offer_untrusted,
+    decode_record_state,
 )
 from perc.dtls import events as dtls_events
 from perc.dtls.errors import AlertDescription
@@ -165,6 +168,7 @@ from perc.keying import (
     AESKW128,
     AESKW256,
     MANUAL,
+    RESTART,
     Conference,
     EktKeyMaterial,
     KeyingError,
@@ -176,6 +180,7 @@ from perc.keying import (
 )
 from perc.srtp.errors import SrtpError
 from perc.srtp.keys import outer_media_keys
+from perc.state import SEQ_BLOCK, AssociationRow, seq_ceiling_after
 from perc.tlsid import random_tls_id
 from perc.wire.tunnel import (
     TUNNEL_VERSION,
@@ -195,11 +200,15 @@ __all__ = [
     "AuditRecord",
     "CloseTunnel",
     "EchoEngine",
+    "ForgetAssociation",
     "KeyingStats",
     "KmfAssociation",
     "KmfEngine",
     "PersistRequest",
+    "ReserveSeq",
     "ReserveSpis",
+    "SaveAssociation",
+    "SaveEktKey",
     "Tunnel",
     "TunnelServerEngine",
     "TunnelStats",
@@ -220,6 +229,8 @@ EKT_CIPHER_PREFERENCE = (AESKW256, AESKW128)
 SPI_BLOCK = 256
 #: Longest certificate common name kept as an audit row's name (D32).
 MAX_NAME = 64
+#: Datagrams one association may hold while its sequence ceiling is written (D29).
+MAX_HELD = 64
 
 
 def _profile_text(profiles: Sequence[int]) -> str:
@@ -464,7 +475,51 @@ class AuditRecord:
     mdd_fingerprint: str | None = None
 
 
-PersistRequest = ReserveSpis | AuditRecord
+@attrs.frozen
+class SaveAssociation:
+    """Store a joined association so a restarted KMF can resume it (D29): its facts, its
+    exported record state (key material: the state seals it) and the ceiling ``next_seq +
+    SEQ_BLOCK``; the shell answers :meth:`KmfEngine.seq_reserved` once it is on disk."""
+
+    association_id: uuid.UUID
+    mdd_fingerprint: str
+    conference: str
+    peer_fingerprint: str
+    tls_id: str | None
+    profile: int
+    ekt_cipher: int
+    record_state: bytes = attrs.field(repr=False)
+    next_seq: int
+
+
+@attrs.frozen
+class ReserveSeq:
+    """Raise the association's stored sequence ceiling to ``from_seq + SEQ_BLOCK`` (D29) and
+    refresh its record state; answered with :meth:`KmfEngine.seq_reserved`."""
+
+    association_id: uuid.UUID
+    from_seq: int
+    record_state: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class ForgetAssociation:
+    """The association ended: delete its row (D29)."""
+
+    association_id: uuid.UUID
+
+
+@attrs.frozen
+class SaveEktKey:
+    """The conference's current EKTKey (D29); None: the conference has none any more."""
+
+    conference: str
+    key: EktKeyMaterial | None
+
+
+PersistRequest = (
+    ReserveSpis | AuditRecord | SaveAssociation | ReserveSeq | ForgetAssociation | SaveEktKey
+)
 
 
 def _common_name(der: bytes) -> str | None:
@@ -510,6 +565,13 @@ class KmfAssociation:
     """The tunnel whose pending budget this association uses until it joins or ends."""
     timer_at: float | None = None
     """The DTLS engine's deadline as recorded in the timer heap."""
+    seq_ceiling: int | None = None
+    """D29: epoch-1 record numbers below this may go out (durable, or no row can resume
+    past it); None when the association is not stored."""
+    seq_asked: int = 0
+    """The highest ceiling asked of the state so far."""
+    held: list[bytes] = attrs.Factory(list)
+    """Datagrams waiting for a ceiling write (records at or past ``seq_ceiling``)."""
     connection: DtlsConnection = attrs.field(init=False)
     """Set right after construction (its callbacks refer to this object)."""
 
@@ -559,6 +621,14 @@ class KeyingStats:
     """Joiners whose first EKTKey was a pending rekey's (never the key used before them)."""
     rekey_errors: int = 0
     """Rekeys that could not be made (a KeyingError, reported as RekeyFailed)."""
+    resumed: int = 0
+    """Associations taken up from the state after a restart (D29)."""
+    resume_dropped: int = 0
+    """Stored associations that could not be resumed (no key, off the roster, unusable)."""
+    held_for_ceiling: int = 0
+    """Datagrams that waited for a sequence-ceiling write (D29)."""
+    dropped_held: int = 0
+    """Held datagrams dropped because too many waited (DTLS retransmits)."""
 
 
 class KmfEngine(TunnelServerEngine):
@@ -574,6 +644,7 @@ class KmfEngine(TunnelServerEngine):
         max_pending_per_tunnel: int | None = None,
         spi_starts: Mapping[str, int] | None = None,
         persistent: bool = False,
+        resumable: bool = False,
     ) -> None:
         super().__init__()
         self.max_pending_per_tunnel = (
@@ -582,11 +653,13 @@ class KmfEngine(TunnelServerEngine):
             else config.kmf.max_pending_associations
         )
         self.config = config
-        self.state = KeyingState(
-            config.conferences, spi_starts=spi_starts, durable_spis=persistent
-        )
+        self.state = KeyingState(config.conferences, spi_starts=spi_starts, durable_spis=persistent)
         #: D28/D32: the shell keeps a state; SPIs wait for reservations, audit rows are asked for
         self.persistent = persistent
+        #: D29: associations and EKTKeys are stored so that a restart can resume them
+        self.resumable = persistent and resumable
+        #: conference -> MDD fingerprints whose resumed members wait for a resync rekey
+        self._resync: dict[str, set[str]] = {}
         self._persist: list[PersistRequest] = []
         self._spi_requested: dict[str, int] = {}
         self.stats = KeyingStats()
@@ -636,6 +709,142 @@ class KmfEngine(TunnelServerEngine):
             return
         conf.spis_reserved(ceiling)
         self._schedule_conference(conf)
+
+    def seq_reserved(self, association_id: uuid.UUID, ceiling: int, now: float) -> None:
+        """A :class:`SaveAssociation` or :class:`ReserveSeq` write is durable: records below
+        ``ceiling`` may go out; datagrams held for it are released."""
+        assoc = self.associations.get(association_id)
+        if assoc is None or assoc.seq_ceiling is None:
+            return
+        assoc.seq_ceiling = max(assoc.seq_ceiling, ceiling)
+        self._flush(assoc)
+
+    def resume(
+        self,
+        rows: Iterable[AssociationRow],
+        keys: Mapping[str, EktKeyMaterial],
+        now: float,
+    ) -> int:
+        """Take up the associations and EKTKeys a previous process stored (D29); returns how
+        many associations were resumed. Each goes on at its stored sequence ceiling (nothing
+        is sent at or past it until the new ceiling is durable); rows that cannot be resumed
+        (conference gone or without a key, fingerprint off the roster, no record state) are
+        deleted. Members get a resync rekey once their MDD's tunnel is back up."""
+        resumed: dict[str, list[Member]] = {}
+        for row in rows:
+            assoc = self._resume_one(row, keys, now) if self.resumable else None
+            if assoc is None:
+                self.stats.resume_dropped += 1
+                self._persist.append(ForgetAssociation(row.association_id))
+                continue
+            conf = assoc.conference
+            assert conf is not None  # set by _resume_one
+            resumed.setdefault(conf.id, []).append(
+                Member(
+                    association_id=assoc.association_id,
+                    fingerprint=assoc.fingerprint or "",
+                    tls_id=None if row.tls_id is None else row.tls_id.encode("ascii", "replace"),
+                    tunnel=assoc.tunnel,
+                    profile=row.profile,
+                    ekt_cipher=row.ekt_cipher,
+                    joined=now,
+                )
+            )
+            self._resync.setdefault(conf.id, set()).add(row.mdd_fingerprint)
+        for conf_id, members in resumed.items():
+            conf = self.state.conferences[conf_id]
+            conf.restore(keys[conf_id], members)
+            self.stats.resumed += len(members)
+            self._schedule_conference(conf)
+        for conf_id in keys:
+            if conf_id not in resumed:
+                self._persist.append(SaveEktKey(conf_id, None))
+        return sum(len(m) for m in resumed.values())
+
+    def _resume_one(
+        self, row: AssociationRow, keys: Mapping[str, EktKeyMaterial], now: float
+    ) -> KmfAssociation | None:
+        conf = self.state.conferences.get(row.conference)
+        key = keys.get(row.conference)
+        if (
+            conf is None
+            or key is None
+            or row.record_state is None
+            or key.cipher != row.ekt_cipher
+            or row.association_id in self.associations
+        ):
+            return None
+        try:
+            saved = decode_record_state(row.record_state)
+            conn = DtlsConnection.resume(
+                self._base,
+                saved,
+                next_sequence=row.seq_ceiling,
+                cookie_identity=row.association_id.bytes,
+            )
+        except (RecordStateError, LocalProtocolError) as e:
+            log.warning("association=%s not resumed: %s", row.association_id, e)
+            return None
+        n = saved.negotiated
+        if self.state.admit(n.peer_fingerprint, n.peer_tls_id).conference is not conf:
+            return None  # the roster changed while the KMF was down
+        tunnel = Tunnel(-1, "(before restart)", row.mdd_fingerprint, phase=TunnelPhase.CLOSED)
+        assoc = KmfAssociation(
+            association_id=row.association_id,
+            tunnel=tunnel,
+            client_random=n.client_random,
+            created=now,
+            ekt_cipher=row.ekt_cipher,
+            conference=conf,
+            fingerprint=n.peer_fingerprint,
+            name=_common_name(n.peer_certificate_der),
+            profile=row.profile,
+            spi=key.spi,
+            joined=now,
+            seq_ceiling=row.seq_ceiling,
+        )
+        assoc.connection = conn
+        self.associations[row.association_id] = assoc
+        self._save(assoc, row.conference)
+        return assoc
+
+    def _save(self, assoc: KmfAssociation, conference: str) -> None:
+        """Ask for the association's row (D29), its ceiling one block past the next record."""
+        conn = assoc.connection
+        n = conn.negotiated
+        if n is None or n.srtp_profile is None or n.ekt_cipher is None:
+            return
+        next_seq = conn.next_record_sequence
+        assoc.seq_asked = seq_ceiling_after(next_seq)
+        if assoc.seq_ceiling is None:
+            # A new row: no restart can resume it below this ceiling, so records below it are
+            # safe before the write lands (if it never does, nothing is resumed at all).
+            assoc.seq_ceiling = assoc.seq_asked
+        self._persist.append(
+            SaveAssociation(
+                association_id=assoc.association_id,
+                mdd_fingerprint=assoc.tunnel.mdd_fingerprint,
+                conference=conference,
+                peer_fingerprint=n.peer_fingerprint,
+                tls_id=None if n.peer_tls_id is None else n.peer_tls_id.decode("ascii", "replace"),
+                profile=n.srtp_profile,
+                ekt_cipher=n.ekt_cipher,
+                record_state=conn.export_record_state().encode(),
+                next_seq=next_seq,
+            )
+        )
+
+    def _want_seq(self, assoc: KmfAssociation) -> None:
+        """Ask for the next block of record numbers once fewer than half a block is left."""
+        conn = assoc.connection
+        next_seq = conn.next_record_sequence
+        if assoc.seq_asked - next_seq > SEQ_BLOCK // 2 or not conn.is_established:
+            return
+        start = max(assoc.seq_asked, next_seq)
+        assoc.seq_asked = seq_ceiling_after(start)
+        self._persist.append(
+            ReserveSeq(assoc.association_id, start, conn.export_record_state().encode())
+        )
 
     def _want_spis(self, conf: Conference) -> None:
         # Ask for the next block once fewer than half a block is reserved or asked for, so in a
@@ -732,6 +941,26 @@ class KmfEngine(TunnelServerEngine):
         self._push(deadline, conf.id)
 
     # --- tunnels -----------------------------------------------------------------------------
+
+    def on_tunnel_up(self, tunnel: Tunnel, now: float) -> None:
+        # D29: members resumed after a restart may have missed a key the previous process
+        # sent just before it died; once their MDD is back, one rekey puts everyone on the
+        # same, newest key.
+        for conf_id, mdds in list(self._resync.items()):
+            if tunnel.mdd_fingerprint not in mdds:
+                continue
+            mdds.discard(tunnel.mdd_fingerprint)
+            if not mdds:
+                del self._resync[conf_id]
+            conf = self.state.conferences[conf_id]
+            if conf.current is None:
+                continue
+            try:
+                conf.request_rekey(now, RESTART, immediate=True)
+            except KeyingError as e:
+                self._rekey_failed(conf, e)
+                continue
+            self._schedule_conference(conf)
 
     def on_dtls(self, tunnel: Tunnel, association_id: uuid.UUID, data: bytes, now: float) -> None:
         assoc = self.associations.get(association_id)
@@ -847,6 +1076,8 @@ class KmfEngine(TunnelServerEngine):
             )
         )
         self._audit(AuditRecord("rekey", conference=conf.id, spi=key.spi))
+        if self.resumable:
+            self._persist.append(SaveEktKey(conf.id, key))
 
     def _send_ekt_key(self, assoc: KmfAssociation, key: EktKeyMaterial, now: float) -> None:
         assoc.connection.send_ekt_key(key.key, key.salt, key.spi, key.ttl, now)
@@ -1019,6 +1250,8 @@ class KmfEngine(TunnelServerEngine):
 
     def _flush(self, assoc: KmfAssociation) -> None:
         datagrams = assoc.connection.datagrams_to_send()
+        if assoc.seq_ceiling is not None:
+            datagrams = self._gate(assoc, datagrams)
         if not datagrams:
             return
         tunnels = self._route(assoc)
@@ -1028,6 +1261,25 @@ class KmfEngine(TunnelServerEngine):
                 self.stats.dropped_tunnel_send += 1
             for tunnel in tunnels:
                 self._out.append((tunnel.tunnel_id, TunneledDtls(aid, datagram)))
+
+    def _gate(self, assoc: KmfAssociation, datagrams: list[bytes]) -> list[bytes]:
+        """D29: hold what the DTLS engine produced while any of its records lies at or past
+        the durable sequence ceiling; released by :meth:`seq_reserved`."""
+        ceiling = assoc.seq_ceiling
+        assert ceiling is not None  # callers check
+        self._want_seq(assoc)
+        if assoc.connection.next_record_sequence > ceiling:
+            if datagrams:
+                self.stats.held_for_ceiling += len(datagrams)
+                assoc.held += datagrams
+                excess = len(assoc.held) - MAX_HELD
+                if excess > 0:
+                    self.stats.dropped_held += excess
+                    del assoc.held[:excess]
+            return []
+        if assoc.held:
+            datagrams, assoc.held = assoc.held + datagrams, []
+        return datagrams
 
     @staticmethod
     def _release(assoc: KmfAssociation) -> None:
@@ -1100,6 +1352,8 @@ class KmfEngine(TunnelServerEngine):
         assoc.profile = event.srtp_profile
         assoc.joined = now
         self.stats.joined += 1
+        if self.resumable:
+            self._save(assoc, conf.id)
         if key is not None:
             if first:
                 self._new_key_event(conf, key, "first", len(conf.members))
@@ -1152,6 +1406,10 @@ class KmfEngine(TunnelServerEngine):
         self._release(assoc)
         conf = assoc.conference
         aid = assoc.association_id
+        if assoc.seq_ceiling is not None:
+            assoc.seq_ceiling = None
+            assoc.held.clear()
+            self._persist.append(ForgetAssociation(aid))
         if assoc.joined is not None and conf is not None:
             try:
                 conf.leave(aid, now)  # may request a rekey (D22: rekey_on_leave)
@@ -1159,6 +1417,8 @@ class KmfEngine(TunnelServerEngine):
                 self._rekey_failed(conf, e)
             else:
                 self._schedule_conference(conf)
+            if self.resumable and conf.current is None:
+                self._persist.append(SaveEktKey(conf.id, None))
             self.stats.left += 1
             if assoc.refusal is not None:  # we ended a member (MediaKeys not delivered)
                 reason = f"{assoc.refusal} ({reason})"
