@@ -478,8 +478,9 @@ class AuditRecord:
 @attrs.frozen
 class SaveAssociation:
     """Store a joined association so a restarted KMF can resume it (D29): its facts, its
-    exported record state (key material: the state seals it) and the ceiling ``next_seq +
-    SEQ_BLOCK``; the shell answers :meth:`KmfEngine.seq_reserved` once it is on disk."""
+    exported record state (key material: the state seals it; empty without ``persist_keys``,
+    when the row only names who was connected) and the ceiling ``next_seq + SEQ_BLOCK``; the
+    shell answers :meth:`KmfEngine.seq_reserved` once it is on disk."""
 
     association_id: uuid.UUID
     mdd_fingerprint: str
@@ -572,6 +573,8 @@ class KmfAssociation:
     """The highest ceiling asked of the state so far."""
     held: list[bytes] = attrs.Factory(list)
     """Datagrams waiting for a ceiling write (records at or past ``seq_ceiling``)."""
+    stored: bool = False
+    """Its row was asked for (D29): it is deleted when the association ends."""
     connection: DtlsConnection = attrs.field(init=False)
     """Set right after construction (its callbacks refer to this object)."""
 
@@ -660,6 +663,10 @@ class KmfEngine(TunnelServerEngine):
         self.resumable = persistent and resumable
         #: conference -> MDD fingerprints whose resumed members wait for a resync rekey
         self._resync: dict[str, set[str]] = {}
+        #: (conference, fingerprint) -> (association id, MDD fingerprint) of stored
+        #: associations this process could not resume: ended at their MDD when the same
+        #: endpoint joins again (it evidently moved to a new association)
+        self._orphans: dict[tuple[str, str], list[tuple[uuid.UUID, str]]] = {}
         self._persist: list[PersistRequest] = []
         self._spi_requested: dict[str, int] = {}
         self.stats = KeyingStats()
@@ -736,6 +743,8 @@ class KmfEngine(TunnelServerEngine):
             if assoc is None:
                 self.stats.resume_dropped += 1
                 self._persist.append(ForgetAssociation(row.association_id))
+                orphan = (row.association_id, row.mdd_fingerprint)
+                self._orphans.setdefault((row.conference, row.peer_fingerprint), []).append(orphan)
                 continue
             conf = assoc.conference
             assert conf is not None  # set by _resume_one
@@ -815,11 +824,15 @@ class KmfEngine(TunnelServerEngine):
         if n is None or n.srtp_profile is None or n.ekt_cipher is None:
             return
         next_seq = conn.next_record_sequence
-        assoc.seq_asked = seq_ceiling_after(next_seq)
-        if assoc.seq_ceiling is None:
-            # A new row: no restart can resume it below this ceiling, so records below it are
-            # safe before the write lands (if it never does, nothing is resumed at all).
-            assoc.seq_ceiling = assoc.seq_asked
+        assoc.stored = True
+        record_state = b""
+        if self.resumable:
+            record_state = conn.export_record_state().encode()
+            assoc.seq_asked = seq_ceiling_after(next_seq)
+            if assoc.seq_ceiling is None:
+                # A new row: no restart can resume it below this ceiling, so records below
+                # it are safe before the write lands (if it never does, nothing is resumed).
+                assoc.seq_ceiling = assoc.seq_asked
         self._persist.append(
             SaveAssociation(
                 association_id=assoc.association_id,
@@ -829,10 +842,22 @@ class KmfEngine(TunnelServerEngine):
                 tls_id=None if n.peer_tls_id is None else n.peer_tls_id.decode("ascii", "replace"),
                 profile=n.srtp_profile,
                 ekt_cipher=n.ekt_cipher,
-                record_state=conn.export_record_state().encode(),
+                record_state=record_state,
                 next_seq=next_seq,
             )
         )
+
+    def _end_orphans(self, conference: str, fingerprint: str) -> None:
+        """The endpoint joined again: its associations from before the restart that this
+        process could not resume are dead; the MDD drops them (D3), freeing their SSRCs."""
+        for aid, mdd in self._orphans.pop((conference, fingerprint), []):
+            for tunnel in self.tunnels.values():
+                if (
+                    tunnel.is_up
+                    and tunnel.mdd_fingerprint == mdd
+                    and self.send(tunnel.tunnel_id, EndpointDisconnect(aid))
+                ):
+                    self.stats.disconnects_sent += 1
 
     def _want_seq(self, assoc: KmfAssociation) -> None:
         """Ask for the next block of record numbers once fewer than half a block is left."""
@@ -1352,8 +1377,9 @@ class KmfEngine(TunnelServerEngine):
         assoc.profile = event.srtp_profile
         assoc.joined = now
         self.stats.joined += 1
-        if self.resumable:
+        if self.persistent:
             self._save(assoc, conf.id)
+        self._end_orphans(conf.id, event.peer_fingerprint)
         if key is not None:
             if first:
                 self._new_key_event(conf, key, "first", len(conf.members))
@@ -1406,7 +1432,8 @@ class KmfEngine(TunnelServerEngine):
         self._release(assoc)
         conf = assoc.conference
         aid = assoc.association_id
-        if assoc.seq_ceiling is not None:
+        if assoc.stored:
+            assoc.stored = False
             assoc.seq_ceiling = None
             assoc.held.clear()
             self._persist.append(ForgetAssociation(aid))

@@ -196,7 +196,7 @@ def test_records_past_the_ceiling_wait_for_its_write(who: SimpleNamespace, tmp_p
     assert ceiling is not None and ceiling == assoc.seq_asked
     # Rekeys without the writer: the engine asks for the next block half way, and what lies
     # past the confirmed ceiling waits.
-    asked: list[PersistRequest] = []
+    asked: list[ReserveSeq] = []
     while assoc.connection.next_record_sequence <= ceiling:
         shell.mem.now += 1.0
         shell.mem.rekey("demo")
@@ -216,19 +216,31 @@ def test_records_past_the_ceiling_wait_for_its_write(who: SimpleNamespace, tmp_p
     shell.state.close()
 
 
-def test_without_persist_keys_nothing_is_stored_or_resumed(
+def test_without_persist_keys_no_key_is_stored_and_old_associations_end_on_rejoin(
     who: SimpleNamespace, tmp_path: Path
 ) -> None:
     path = tmp_path / "s.sqlite"
     shell = start(who, path, persist_keys=False)
     tunnel = shell.mem.tunnel(who.mdd.fingerprint)
-    join(shell, who.members[0], tunnel)
+    ep = join(shell, who.members[0], tunnel)
     kinds = {type(r) for r in shell.requests}
-    assert not kinds & {SaveAssociation, ReserveSeq, SaveEktKey}
-    assert shell.state.associations() == [] and shell.state.ekt_keys() == []
+    assert SaveAssociation in kinds and not kinds & {ReserveSeq, SaveEktKey}
+    assert all(not r.record_state for r in shell.requests if isinstance(r, SaveAssociation))
+    (row,) = shell.state.associations()
+    assert row.association_id == ep.aid and row.record_state is None
+    assert shell.state.ekt_keys() == []
     shell.state.close()
     again = start(who, path, persist_keys=False)
-    assert again.mem.engine.associations == {} and again.mem.engine.stats.resumed == 0
+    engine = again.mem.engine
+    assert engine.associations == {} and engine.stats.resumed == 0
+    assert again.state.associations() == []  # the row is gone, its id remembered
+    tunnel2 = again.mem.tunnel(who.mdd.fingerprint)
+    other = join(again, who.members[1], tunnel2)
+    assert tunnel2.disconnects == []
+    # The same endpoint joins again (D30): the MDD is told to drop its old association.
+    again_ep = join(again, who.members[0], tunnel2)
+    assert tunnel2.disconnects == [ep.aid]
+    assert again_ep.aid != other.aid
     again.state.close()
 
 
