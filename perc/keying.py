@@ -74,7 +74,7 @@ a leave nobody keeps using a key the leaver holds.*
   ``rekey_window`` (the MDD already has its hop-by-hop keys).
   With ``rekey_on_join`` off the joiner gets the current key at once, unless a rekey (from a
   leave) is pending: then it also waits for that one, so it never holds the leaver's key.
-* **Coalescing, leading edge** (D31; ``rekey_window``, default 0.5 s): the first request
+* **Coalescing, leading edge** (D31; ``rekey_window``, default 0.05 s): the first request
   reserves the next key (fresh random key and salt, the next SPI) and fixes its deadline:
   *now* after a quiet period (no rekey fired within the last ``rekey_window``), so a lone
   join or leave costs no wait and a leaver is locked out at once; otherwise ``last rekey +

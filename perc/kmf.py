@@ -94,6 +94,27 @@ no I/O; it asks, through :meth:`KmfEngine.persistence_requests`, for
   included), with conference, fingerprint, certificate common name, association id, SPI and
   MDD fingerprint, never key material. The shell writes them off the event loop.
 
+Resumable associations (D29; with ``resumable=True``, i.e. ``persist_keys``), asked for
+through the same :meth:`KmfEngine.persistence_requests`:
+
+* :class:`SaveAssociation` when an association joins: its facts and the DTLS engine's export
+  of its record state (:mod:`perc.dtls.resume`), with a sequence ceiling ``SEQ_BLOCK``
+  records ahead; :class:`ReserveSeq` for the next block once half of one is used (with a
+  fresh export); :class:`ForgetAssociation` when it ends; :class:`SaveEktKey` for each new
+  current key of a conference (None once it has none). The shell answers
+  :meth:`KmfEngine.seq_reserved` once a ceiling is durable. Records at or past the durable
+  ceiling are held in the engine until then, so a restart that resumes at the stored ceiling
+  never reuses a record number under the same key. A new row's first block needs no wait:
+  if its write is lost, nothing resumes the association at all.
+* :meth:`KmfEngine.resume` (before any tunnel): every stored association whose conference
+  has a stored key and whose fingerprint the roster still admits is rebuilt at its stored
+  ceiling, a member of its conference again, routed to its MDD's tunnel once that
+  reconnects (association ids are the MDD's and survive the tunnel); when an MDD's tunnel
+  comes up, each conference with resumed members behind it gets one ``restart`` rekey.
+  Rows that cannot be resumed are deleted; when the same endpoint joins again, the MDD is
+  told to drop its old association (``EndpointDisconnect``) so its SSRCs are free at once.
+  Without ``persist_keys`` rows carry no key material and only serve that last purpose.
+
 Timers: one heap of (deadline, owner) with lazy deletion (an entry is live only if it equals
 its owner's recorded deadline), so thousands of associations cost one shell task and one
 wake-up per distinct due deadline.
@@ -118,8 +139,12 @@ API::
         .stats: KeyingStats               .tls_id: bytes (sent in every ServerHello)
         rekey(conference_id, now) -> EktKeyMaterial | None   # new EKTKey to every member
         (with spi_starts={conference: counter}, persistent=True:)
-        persistence_requests() -> [ReserveSpis | AuditRecord]
+        persistence_requests() -> [ReserveSpis | AuditRecord | SaveAssociation | ReserveSeq
+                                   | ForgetAssociation | SaveEktKey]
         spis_reserved(conference_id, ceiling, now)           # a ReserveSpis is on disk
+        (and resumable=True, D29:)
+        seq_reserved(association_id, ceiling, now)           # a sequence ceiling is on disk
+        resume(rows: [perc.state.AssociationRow], keys: {conference: EktKeyMaterial}, now)
     EchoEngine: sends every datagram back (bench/tests)
 """
 

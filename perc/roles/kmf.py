@@ -51,6 +51,10 @@ is in the sans-IO engine :mod:`perc.kmf`; this module only does I/O for it:
   write that succeeds catches them all up (:class:`~perc.events.KmfStateCaughtUp`). The
   conference goes on in memory meanwhile: keys whose SPIs were already reserved still go out
   (the engine asks for the next block half a block early), later ones wait.
+* Resumption (D29): the writer also stores associations, their sequence ceilings (answered
+  with ``seq_reserved`` once durable) and each conference's current EKTKey (sealed, its
+  wall-clock age kept so the TTL carries over). On start :func:`serve` hands the stored rows
+  and keys to :meth:`perc.kmf.KmfEngine.resume` before it listens.
 * Supervision (STYLE practice 9): one failing tunnel never stops the others or the process.
   An exception from the engine while handling a tunnel's messages is a bug: it is logged with
   its traceback, counted, and closes that tunnel only.
