@@ -6,7 +6,9 @@ N,N`` (conference sizes, default 3,10,30), ``--leaves L`` (timed leaves per size
 default 4), ``--concurrency C,C`` (joiners in flight at saturation, default 16,64),
 ``--window W`` (the conference's ``rekey_window``, default 0.05, perc's default),
 ``--identities K`` (distinct joiner certificates, default 1100 as in join_storm, more than the
-KMF's certificate-validation cache), ``--keep DIR`` (keep configs and logs), ``--check`` (exit
+KMF's certificate-validation cache), ``--kmf-extra LINES`` (more ``[kmf]`` lines for the join
+runs, e.g. ``persist_keys = false`` or ``state = ""`` to compare what the KMF's state costs),
+``--keep DIR`` (keep configs and logs), ``--check`` (exit
 1 if a target is missed), ``--quick`` (N=3, one leave, 5 joins, 4 in flight for 0.3 s, 4
 identities: a smoke run).
 
