@@ -332,6 +332,7 @@ def start_roles(
     log_format: str | None = None,
     rekey_window: float | None = None,
     mdd_extra: str = "",
+    kmf_extra: str = "",
 ) -> PercRoles:
     """New KMF and MDD identities, kmf.toml and mdd.toml in ``folder``; start ``perc kmf``, then
     ``perc mdd`` once the KMF's port is known; return when the MDD's tunnel is up.
@@ -340,7 +341,8 @@ def start_roles(
     join and leave; ``idle_timeout``: the MDD's (None: perc's default); ``profile``: "kmf" or
     "mdd" runs that role under cProfile; ``log_level``, ``log_format``: both roles'
     ``--log-level`` and ``--log-format``; ``rekey_window``: the conference's (None: perc's
-    default, D22); ``mdd_extra``: more lines for the MDD's ``[mdd]`` table.
+    default, D22); ``mdd_extra``: more lines for the MDD's ``[mdd]`` table; ``kmf_extra``:
+    more ``[kmf]`` lines (e.g. ``persist_keys = false``).
     """
     kmf_id, mdd_id = identity.generate("kmf"), identity.generate("mdd")
     identity.write(kmf_id, folder, "kmf")
@@ -351,7 +353,7 @@ def start_roles(
         policy += f"rekey_window = {rekey_window}\n"
     (folder / "kmf.toml").write_text(
         f'[kmf]\nlisten = "{LOCAL}:0"\ncert = "kmf.crt"\nkey = "kmf.key"\n'
-        f'trusted_mdds = ["{mdd_id.fingerprint}"]\n\n'
+        f'trusted_mdds = ["{mdd_id.fingerprint}"]\n{kmf_extra}\n'
         f'[[conference]]\nid = "{conference}"\nparticipants = [{roster}]\n{policy}'
     )
     kmf = RoleProcess(

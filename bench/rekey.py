@@ -4,14 +4,16 @@ Run: ``.venv/bin/python bench/rekey.py`` (or ``bash dev.sh bench rekey``). Optio
 N,N`` (conference sizes, default 3,10,30), ``--leaves L`` (timed leaves per size, default 20),
 ``--joins J`` (the 10-concurrent join run, default 200), ``--seconds S`` (each saturation run,
 default 4), ``--concurrency C,C`` (joiners in flight at saturation, default 16,64),
-``--window W`` (the conference's ``rekey_window``, default 0.5, perc's default),
+``--window W`` (the conference's ``rekey_window``, default 0.05, perc's default),
 ``--identities K`` (distinct joiner certificates, default 1100 as in join_storm, more than the
-KMF's certificate-validation cache), ``--keep DIR`` (keep configs and logs), ``--check`` (exit
+KMF's certificate-validation cache), ``--kmf-extra LINES`` (more ``[kmf]`` lines for the join
+runs, e.g. ``persist_keys = false`` or ``state = ""`` to compare what the KMF's state costs),
+``--keep DIR`` (keep configs and logs), ``--check`` (exit
 1 if a target is missed), ``--quick`` (N=3, one leave, 5 joins, 4 in flight for 0.3 s, 4
 identities: a smoke run).
 
 Set-up: real ``perc kmf`` and ``perc mdd`` processes (bench/harness.py ``start_roles``, the
-conference's default policy: rekey on join and leave, ``rekey_window`` 0.5 s unless
+conference's default policy: rekey on join and leave, ``rekey_window`` 0.05 s unless
 ``--window``) with
 ``--log-format json``. The N members live in this process: one UDP socket each and perc's
 sans-IO DTLS client (:func:`perc.endpoint.dtls_configuration`, the endpoint's ClientHello),
@@ -65,7 +67,7 @@ TARGET_LEAVE_P99_MS = 300.0
 TARGET_JOIN_P50_MS = join_storm.TARGET_P50_MS
 TARGET_RATE = join_storm.TARGET_RATE
 #: perc's default rekey_window (D22): a leave after this much quiet is D31's leading edge
-WINDOW = 0.5
+WINDOW = 0.05
 CONFERENCE = "rekey"
 
 
@@ -264,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=WINDOW, help="rekey_window, seconds")
     parser.add_argument("--identities", type=int, default=1100, help="distinct joiner certs")
     parser.add_argument("--keep", type=Path, default=None, help="use (and keep) this folder")
+    parser.add_argument(
+        "--kmf-extra", default="", help="more [kmf] lines for the join runs, e.g. 'state = \"\"'"
+    )
     args = harness.parse(
         parser,
         argv,
@@ -294,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             conference="joins",
             rekey=True,
             rekey_window=args.window,
+            kmf_extra=args.kmf_extra.replace("\\n", "\n") + "\n" if args.kmf_extra else "",
         )
         try:
             gen = join_storm.LoadGenerator(roles.mdd_address, joiners, roles.kmf_fingerprint)

@@ -27,7 +27,7 @@ Files (the optional keys have the defaults shown)::
     tls_ids = { "sha-256 ..." = "..." } # optional expected tls-id per participant (D15)
     rekey_on_join = true               # D22
     rekey_on_leave = true              # D22
-    rekey_window = 0.5                 # seconds; joins/leaves within it of a rekey share one (D31)
+    rekey_window = 0.05                # seconds; joins/leaves within it of a rekey share one (D31)
     ekt_ttl = 86400                    # EKTKey ekt_ttl in seconds (D10)
 
     # mdd.toml
@@ -290,7 +290,7 @@ class KmfConference:
         ),
     )
     rekey_window: float = attrs.field(
-        default=0.5,
+        default=0.05,
         metadata=_doc(
             "a join/leave after a quiet period rekeys at once; joins/leaves within this "
             "many seconds of a rekey share one new EKTKey at the window's end (D22, D31)"

@@ -672,11 +672,16 @@ class KmfStateOpened(Event):
     path: str
     resumed: dict[str, int] = attrs.field(factory=dict)
     audit_rows: int = 0
+    #: associations of members who joined before a restart, taken up again (D29)
+    associations: int = 0
 
     def describe(self) -> str:
         where = self.path or "memory only"
         resumed = ",".join(f"{c}@{n}" for c, n in sorted(self.resumed.items())) or "none"
-        return f"state {where} resumed_spi_counters={resumed} audit_rows={self.audit_rows}"
+        return (
+            f"state {where} resumed_spi_counters={resumed} audit_rows={self.audit_rows} "
+            f"associations={self.associations}"
+        )
 
 
 @register

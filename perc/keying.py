@@ -74,7 +74,7 @@ a leave nobody keeps using a key the leaver holds.*
   ``rekey_window`` (the MDD already has its hop-by-hop keys).
   With ``rekey_on_join`` off the joiner gets the current key at once, unless a rekey (from a
   leave) is pending: then it also waits for that one, so it never holds the leaver's key.
-* **Coalescing, leading edge** (D31; ``rekey_window``, default 0.5 s): the first request
+* **Coalescing, leading edge** (D31; ``rekey_window``, default 0.05 s): the first request
   reserves the next key (fresh random key and salt, the next SPI) and fixes its deadline:
   *now* after a quiet period (no rekey fired within the last ``rekey_window``), so a lone
   join or leave costs no wait and a leaver is locked out at once; otherwise ``last rekey +
@@ -111,6 +111,7 @@ API::
     Conference: .id, .config, .members: dict[UUID, Member], .current, .pending
         (EktKeyMaterial | None), .cipher, .keys_issued, .rekey_pending_since
         join(Member, now) -> EktKeyMaterial | None     # None: first key comes with the rekey
+        restore(key, members)                          # a restarted KMF (D29), no rekey
         leave(association_id, now) -> Member | None    # may request a rekey
         next_deadline() -> float | None; poll(now) -> Rekey | None
         request_rekey(now, reason="manual", *, immediate=False); needs_rekey(now) -> bool
@@ -121,6 +122,7 @@ API::
     Rekey(key, previous, reasons, joins, leaves, members); .reason ("join+leave")
     Member(association_id, fingerprint, tls_id, tunnel, profile, ekt_cipher, joined, spi=None)
     EktKeyMaterial(key, salt, spi, ttl, cipher, created)      # repr hides key and salt
+        .encode(wall_created) -> bytes; EktKeyMaterial.decode(data, now=, wall_now=)  # D29
     choose_profile(preference, offered, mdd_profiles) -> int | None
     EKT_KEY_LENGTHS = {1: 16, 2: 32}; JOIN, LEAVE, TTL, MANUAL; refresh_lead(ttl)
 
@@ -132,6 +134,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -148,6 +151,7 @@ __all__ = [
     "LEAVE",
     "MANUAL",
     "REFRESH_LEAD_MAX",
+    "RESTART",
     "SALT_LENGTH",
     "TTL",
     "Admission",
@@ -179,6 +183,8 @@ JOIN = "join"
 LEAVE = "leave"
 TTL = "ttl"
 MANUAL = "manual"
+#: a restarted KMF resynchronises the members it resumed (D29)
+RESTART = "restart"
 #: A live conference's key is replaced this long before its ekt_ttl ends, at most (seconds).
 REFRESH_LEAD_MAX = 300.0
 
@@ -222,6 +228,34 @@ class EktKeyMaterial:
 
     def __repr__(self) -> str:  # never print key material
         return f"EktKeyMaterial(spi={self.spi}, cipher={self.cipher}, ttl={self.ttl})"
+
+    def encode(self, wall_created: float) -> bytes:
+        """Serialized for the KMF's state (D29; key material: the state seals it).
+        ``wall_created`` is the POSIX time the key was made (``created`` is monotonic)."""
+        return json.dumps(
+            [self.key.hex(), self.salt.hex(), self.spi, self.ttl, self.cipher, wall_created]
+        ).encode()
+
+    @classmethod
+    def decode(cls, data: bytes, *, now: float, wall_now: float) -> EktKeyMaterial:
+        """The key :meth:`encode` wrote, its age carried over to the monotonic ``now``;
+        KeyingError if ``data`` is not one."""
+        try:
+            key_hex, salt_hex, spi, ttl, cipher, wall = json.loads(data)
+            key, salt = bytes.fromhex(key_hex), bytes.fromhex(salt_hex)
+            age = max(0.0, wall_now - float(wall))
+        except (ValueError, TypeError, UnicodeDecodeError) as e:
+            raise KeyingError(f"stored EKTKey unusable: {e}") from None
+        if (
+            len(key) != EKT_KEY_LENGTHS.get(cipher)
+            or len(salt) != SALT_LENGTH
+            or not isinstance(spi, int)
+            or not 0 <= spi < 1 << 16
+            or not isinstance(ttl, int)
+            or not 0 <= ttl < 1 << 24
+        ):
+            raise KeyingError("stored EKTKey unusable: bad lengths or ranges")
+        return cls(key=key, salt=salt, spi=spi, ttl=ttl, cipher=cipher, created=now - age)
 
     def same_key(self, key: bytes, salt: bytes, spi: int) -> bool:
         """Constant-time check that an endpoint holds this key (tests, diagnostics)."""
@@ -570,6 +604,16 @@ class Conference:
         member.spi = key.spi if key is not None else None
         self.members[aid] = member
         return key
+
+    def restore(self, key: EktKeyMaterial, members: Iterable[Member]) -> None:
+        """A restarted KMF takes up the conference as it was (D29): ``key`` is what the
+        members hold; no rekey is requested (the shell asks for one once it can reach them)."""
+        if self.members or self.current is not None or self.pending is not None:
+            raise KeyingError(f"conference {self.id} is live: nothing to restore into")
+        self.current = key
+        for member in members:
+            member.spi = key.spi
+            self.members[member.association_id] = member
 
     def leave(self, association_id: uuid.UUID, now: float) -> Member | None:
         """Remove a member; returns it. The last one to leave retires the key (and any pending

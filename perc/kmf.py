@@ -104,6 +104,27 @@ rekey request, EndpointDisconnect after the last DTLS), then makes the pending r
 once (reason ``kick``, past ``rekey_window``) so the others stop using a key the removed
 member holds; ``--ban`` also takes its fingerprint off the roster (:class:`RosterEdit`).
 
+Resumable associations (D29; with ``resumable=True``, i.e. ``persist_keys``), asked for
+through the same :meth:`KmfEngine.persistence_requests`:
+
+* :class:`SaveAssociation` when an association joins: its facts and the DTLS engine's export
+  of its record state (:mod:`perc.dtls.resume`), with a sequence ceiling ``SEQ_BLOCK``
+  records ahead; :class:`ReserveSeq` for the next block once half of one is used (with a
+  fresh export); :class:`ForgetAssociation` when it ends; :class:`SaveEktKey` for each new
+  current key of a conference (None once it has none). The shell answers
+  :meth:`KmfEngine.seq_reserved` once a ceiling is durable. Records at or past the durable
+  ceiling are held in the engine until then, so a restart that resumes at the stored ceiling
+  never reuses a record number under the same key. A new row's first block needs no wait:
+  if its write is lost, nothing resumes the association at all.
+* :meth:`KmfEngine.resume` (before any tunnel): every stored association whose conference
+  has a stored key and whose fingerprint the roster still admits is rebuilt at its stored
+  ceiling, a member of its conference again, routed to its MDD's tunnel once that
+  reconnects (association ids are the MDD's and survive the tunnel); when an MDD's tunnel
+  comes up, each conference with resumed members behind it gets one ``restart`` rekey.
+  Rows that cannot be resumed are deleted; when the same endpoint joins again, the MDD is
+  told to drop its old association (``EndpointDisconnect``) so its SSRCs are free at once.
+  Without ``persist_keys`` rows carry no key material and only serve that last purpose.
+
 Timers: one heap of (deadline, owner) with lazy deletion (an entry is live only if it equals
 its owner's recorded deadline), so thousands of associations cost one shell task and one
 wake-up per distinct due deadline.
@@ -132,10 +153,14 @@ API::
         admin_roster(conf, fp, now, add=, name=), admin_rekey(conf, now)   # D33, dicts
         (roster_changes=[(conference, fingerprint, listed)]: run-time roster edits, D33)
         (with spi_starts={conference: counter}, persistent=True:)
-        persistence_requests() -> [ReserveSpis | AuditRecord]
+        persistence_requests() -> [ReserveSpis | AuditRecord | SaveAssociation | ReserveSeq
+                                   | ForgetAssociation | SaveEktKey]
         spis_reserved(conference_id, ceiling, now)           # a ReserveSpis is on disk
         .join_seconds, .rekey_seconds: Durations; .handshakes: Counter[(result, reason)];
         .rekey_causes: Counter[(conference, cause)]   # read by perc.metrics (D34)
+        (and resumable=True, D29:)
+        seq_reserved(association_id, ceiling, now)           # a sequence ceiling is on disk
+        resume(rows: [perc.state.AssociationRow], keys: {conference: EktKeyMaterial}, now)
     EchoEngine: sends every datagram back (bench/tests)
 """
 
@@ -171,8 +196,11 @@ from perc.dtls import (
     CookieGate,
     DtlsConfiguration,
     DtlsConnection,
+    LocalProtocolError,
     PeerIdentity,
+    RecordStateError,
     client_offer_untrusted,
+    decode_record_state,
 )
 from perc.dtls import events as dtls_events
 from perc.dtls.errors import AlertDescription
@@ -196,6 +224,7 @@ from perc.keying import (
     AESKW128,
     AESKW256,
     MANUAL,
+    RESTART,
     Conference,
     EktKeyMaterial,
     KeyingError,
@@ -207,6 +236,7 @@ from perc.keying import (
 )
 from perc.srtp.errors import SrtpError
 from perc.srtp.keys import outer_media_keys
+from perc.state import SEQ_BLOCK, AssociationRow, seq_ceiling_after
 from perc.tlsid import random_tls_id
 from perc.wire.tunnel import (
     TUNNEL_VERSION,
@@ -227,12 +257,16 @@ __all__ = [
     "CloseTunnel",
     "Durations",
     "EchoEngine",
+    "ForgetAssociation",
     "KeyingStats",
     "KmfAssociation",
     "KmfEngine",
     "PersistRequest",
+    "ReserveSeq",
     "ReserveSpis",
     "RosterEdit",
+    "SaveAssociation",
+    "SaveEktKey",
     "Tunnel",
     "TunnelServerEngine",
     "TunnelStats",
@@ -258,6 +292,8 @@ JOIN_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 REKEY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
 #: The rekey reason of an operator's kick (D33): immediate, past the rekey window.
 KICK = "kick"
+#: Datagrams one association may hold while its sequence ceiling is written (D29).
+MAX_HELD = 64
 
 
 def _profile_text(profiles: Sequence[int]) -> str:
@@ -514,7 +550,58 @@ class RosterEdit:
     name: str | None = None
 
 
-PersistRequest = ReserveSpis | AuditRecord | RosterEdit
+@attrs.frozen
+class SaveAssociation:
+    """Store a joined association so a restarted KMF can resume it (D29): its facts, its
+    exported record state (key material: the state seals it; empty without ``persist_keys``,
+    when the row only names who was connected) and the ceiling ``next_seq + SEQ_BLOCK``; the
+    shell answers :meth:`KmfEngine.seq_reserved` once it is on disk."""
+
+    association_id: uuid.UUID
+    mdd_fingerprint: str
+    conference: str
+    peer_fingerprint: str
+    tls_id: str | None
+    profile: int
+    ekt_cipher: int
+    record_state: bytes = attrs.field(repr=False)
+    next_seq: int
+
+
+@attrs.frozen
+class ReserveSeq:
+    """Raise the association's stored sequence ceiling to ``from_seq + SEQ_BLOCK`` (D29) and
+    refresh its record state; answered with :meth:`KmfEngine.seq_reserved`."""
+
+    association_id: uuid.UUID
+    from_seq: int
+    record_state: bytes = attrs.field(repr=False)
+
+
+@attrs.frozen
+class ForgetAssociation:
+    """The association ended: delete its row (D29)."""
+
+    association_id: uuid.UUID
+
+
+@attrs.frozen
+class SaveEktKey:
+    """The conference's current EKTKey (D29); None: the conference has none any more."""
+
+    conference: str
+    key: EktKeyMaterial | None
+
+
+PersistRequest = (
+    ReserveSpis
+    | AuditRecord
+    | RosterEdit
+    | SaveAssociation
+    | ReserveSeq
+    | ForgetAssociation
+    | SaveEktKey
+)
 
 
 def _common_name(der: bytes) -> str | None:
@@ -569,6 +656,15 @@ class KmfAssociation:
     """The tunnel whose pending budget this association uses until it joins or ends."""
     timer_at: float | None = None
     """The DTLS engine's deadline as recorded in the timer heap."""
+    seq_ceiling: int | None = None
+    """D29: epoch-1 record numbers below this may go out (durable, or no row can resume
+    past it); None when the association is not stored."""
+    seq_asked: int = 0
+    """The highest ceiling asked of the state so far."""
+    held: list[bytes] = attrs.Factory(list)
+    """Datagrams waiting for a ceiling write (records at or past ``seq_ceiling``)."""
+    stored: bool = False
+    """Its row was asked for (D29): it is deleted when the association ends."""
     connection: DtlsConnection = attrs.field(init=False)
     """Set right after construction (its callbacks refer to this object)."""
 
@@ -638,6 +734,14 @@ class KeyingStats:
     """Rekeys that could not be made (a KeyingError, reported as RekeyFailed)."""
     ekt_key_retransmissions: int = 0
     """EKTKey messages sent again because their ACK had not come (D9)."""
+    resumed: int = 0
+    """Associations taken up from the state after a restart (D29)."""
+    resume_dropped: int = 0
+    """Stored associations that could not be resumed (no key, off the roster, unusable)."""
+    held_for_ceiling: int = 0
+    """Datagrams that waited for a sequence-ceiling write (D29)."""
+    dropped_held: int = 0
+    """Held datagrams dropped because too many waited (DTLS retransmits)."""
 
 
 class KmfEngine(TunnelServerEngine):
@@ -654,6 +758,7 @@ class KmfEngine(TunnelServerEngine):
         spi_starts: Mapping[str, int] | None = None,
         persistent: bool = False,
         roster_changes: Iterable[tuple[str, str, bool]] = (),
+        resumable: bool = False,
     ) -> None:
         super().__init__()
         self.max_pending_per_tunnel = (
@@ -665,6 +770,14 @@ class KmfEngine(TunnelServerEngine):
         self.state = KeyingState(config.conferences, spi_starts=spi_starts, durable_spis=persistent)
         #: D28/D32: the shell keeps a state; SPIs wait for reservations, audit rows are asked for
         self.persistent = persistent
+        #: D29: associations and EKTKeys are stored so that a restart can resume them
+        self.resumable = persistent and resumable
+        #: conference -> MDD fingerprints whose resumed members wait for a resync rekey
+        self._resync: dict[str, set[str]] = {}
+        #: (conference, fingerprint) -> (association id, MDD fingerprint) of stored
+        #: associations this process could not resume: ended at their MDD when the same
+        #: endpoint joins again (it evidently moved to a new association)
+        self._orphans: dict[tuple[str, str], list[tuple[uuid.UUID, str]]] = {}
         self._persist: list[PersistRequest] = []
         self._spi_requested: dict[str, int] = {}
         self.stats = KeyingStats()
@@ -725,6 +838,160 @@ class KmfEngine(TunnelServerEngine):
             return
         conf.spis_reserved(ceiling)
         self._schedule_conference(conf)
+
+    def seq_reserved(self, association_id: uuid.UUID, ceiling: int, now: float) -> None:
+        """A :class:`SaveAssociation` or :class:`ReserveSeq` write is durable: records below
+        ``ceiling`` may go out; datagrams held for it are released."""
+        assoc = self.associations.get(association_id)
+        if assoc is None or assoc.seq_ceiling is None:
+            return
+        assoc.seq_ceiling = max(assoc.seq_ceiling, ceiling)
+        self._flush(assoc)
+
+    def resume(
+        self,
+        rows: Iterable[AssociationRow],
+        keys: Mapping[str, EktKeyMaterial],
+        now: float,
+    ) -> int:
+        """Take up the associations and EKTKeys a previous process stored (D29); returns how
+        many associations were resumed. Each goes on at its stored sequence ceiling (nothing
+        is sent at or past it until the new ceiling is durable); rows that cannot be resumed
+        (conference gone or without a key, fingerprint off the roster, no record state) are
+        deleted. Members get a resync rekey once their MDD's tunnel is back up."""
+        resumed: dict[str, list[Member]] = {}
+        for row in rows:
+            assoc = self._resume_one(row, keys, now) if self.resumable else None
+            if assoc is None:
+                self.stats.resume_dropped += 1
+                self._persist.append(ForgetAssociation(row.association_id))
+                orphan = (row.association_id, row.mdd_fingerprint)
+                self._orphans.setdefault((row.conference, row.peer_fingerprint), []).append(orphan)
+                continue
+            conf = assoc.conference
+            assert conf is not None  # set by _resume_one
+            resumed.setdefault(conf.id, []).append(
+                Member(
+                    association_id=assoc.association_id,
+                    fingerprint=assoc.fingerprint or "",
+                    tls_id=None if row.tls_id is None else row.tls_id.encode("ascii", "replace"),
+                    tunnel=assoc.tunnel,
+                    profile=row.profile,
+                    ekt_cipher=row.ekt_cipher,
+                    joined=now,
+                )
+            )
+            self._resync.setdefault(conf.id, set()).add(row.mdd_fingerprint)
+        for conf_id, members in resumed.items():
+            conf = self.state.conferences[conf_id]
+            conf.restore(keys[conf_id], members)
+            self.stats.resumed += len(members)
+            self._schedule_conference(conf)
+        for conf_id in keys:
+            if conf_id not in resumed:
+                self._persist.append(SaveEktKey(conf_id, None))
+        return sum(len(m) for m in resumed.values())
+
+    def _resume_one(
+        self, row: AssociationRow, keys: Mapping[str, EktKeyMaterial], now: float
+    ) -> KmfAssociation | None:
+        conf = self.state.conferences.get(row.conference)
+        key = keys.get(row.conference)
+        if (
+            conf is None
+            or key is None
+            or row.record_state is None
+            or key.cipher != row.ekt_cipher
+            or row.association_id in self.associations
+        ):
+            return None
+        try:
+            saved = decode_record_state(row.record_state)
+            conn = DtlsConnection.resume(
+                self._base,
+                saved,
+                next_sequence=row.seq_ceiling,
+                cookie_identity=row.association_id.bytes,
+            )
+        except (RecordStateError, LocalProtocolError) as e:
+            log.warning("association=%s not resumed: %s", row.association_id, e)
+            return None
+        n = saved.negotiated
+        if self.state.admit(n.peer_fingerprint, n.peer_tls_id).conference is not conf:
+            return None  # the roster changed while the KMF was down
+        tunnel = Tunnel(-1, "(before restart)", row.mdd_fingerprint, phase=TunnelPhase.CLOSED)
+        assoc = KmfAssociation(
+            association_id=row.association_id,
+            tunnel=tunnel,
+            client_random=n.client_random,
+            created=now,
+            ekt_cipher=row.ekt_cipher,
+            conference=conf,
+            fingerprint=n.peer_fingerprint,
+            name=_common_name(n.peer_certificate_der),
+            profile=row.profile,
+            spi=key.spi,
+            joined=now,
+            seq_ceiling=row.seq_ceiling,
+        )
+        assoc.connection = conn
+        self.associations[row.association_id] = assoc
+        self._save(assoc, row.conference)
+        return assoc
+
+    def _save(self, assoc: KmfAssociation, conference: str) -> None:
+        """Ask for the association's row (D29), its ceiling one block past the next record."""
+        conn = assoc.connection
+        n = conn.negotiated
+        if n is None or n.srtp_profile is None or n.ekt_cipher is None:
+            return
+        next_seq = conn.next_record_sequence
+        assoc.stored = True
+        record_state = b""
+        if self.resumable:
+            record_state = conn.export_record_state().encode()
+            assoc.seq_asked = seq_ceiling_after(next_seq)
+            if assoc.seq_ceiling is None:
+                # A new row: no restart can resume it below this ceiling, so records below
+                # it are safe before the write lands (if it never does, nothing is resumed).
+                assoc.seq_ceiling = assoc.seq_asked
+        self._persist.append(
+            SaveAssociation(
+                association_id=assoc.association_id,
+                mdd_fingerprint=assoc.tunnel.mdd_fingerprint,
+                conference=conference,
+                peer_fingerprint=n.peer_fingerprint,
+                tls_id=None if n.peer_tls_id is None else n.peer_tls_id.decode("ascii", "replace"),
+                profile=n.srtp_profile,
+                ekt_cipher=n.ekt_cipher,
+                record_state=record_state,
+                next_seq=next_seq,
+            )
+        )
+
+    def _end_orphans(self, conference: str, fingerprint: str) -> None:
+        """The endpoint joined again: its associations from before the restart that this
+        process could not resume are dead; the MDD drops them (D3), freeing their SSRCs."""
+        for aid, mdd in self._orphans.pop((conference, fingerprint), []):
+            for tunnel in self.tunnels.values():
+                if (
+                    tunnel.is_up
+                    and tunnel.mdd_fingerprint == mdd
+                    and self.send(tunnel.tunnel_id, EndpointDisconnect(aid))
+                ):
+                    self.stats.disconnects_sent += 1
+
+    def _want_seq(self, assoc: KmfAssociation) -> None:
+        """Ask for the next block of record numbers once fewer than half a block is left."""
+        conn = assoc.connection
+        next_seq = conn.next_record_sequence
+        if assoc.seq_asked - next_seq > SEQ_BLOCK // 2 or not conn.is_established:
+            return
+        start = max(assoc.seq_asked, next_seq)
+        assoc.seq_asked = seq_ceiling_after(start)
+        self._persist.append(
+            ReserveSeq(assoc.association_id, start, conn.export_record_state().encode())
+        )
 
     def _want_spis(self, conf: Conference) -> None:
         # Ask for the next block once fewer than half a block is reserved or asked for, so in a
@@ -824,6 +1091,26 @@ class KmfEngine(TunnelServerEngine):
         self._push(deadline, conf.id)
 
     # --- tunnels -----------------------------------------------------------------------------
+
+    def on_tunnel_up(self, tunnel: Tunnel, now: float) -> None:
+        # D29: members resumed after a restart may have missed a key the previous process
+        # sent just before it died; once their MDD is back, one rekey puts everyone on the
+        # same, newest key.
+        for conf_id, mdds in list(self._resync.items()):
+            if tunnel.mdd_fingerprint not in mdds:
+                continue
+            mdds.discard(tunnel.mdd_fingerprint)
+            if not mdds:
+                del self._resync[conf_id]
+            conf = self.state.conferences[conf_id]
+            if conf.current is None:
+                continue
+            try:
+                conf.request_rekey(now, RESTART, immediate=True)
+            except KeyingError as e:
+                self._rekey_failed(conf, e)
+                continue
+            self._schedule_conference(conf)
 
     def on_dtls(self, tunnel: Tunnel, association_id: uuid.UUID, data: bytes, now: float) -> None:
         assoc = self.associations.get(association_id)
@@ -955,6 +1242,8 @@ class KmfEngine(TunnelServerEngine):
             )
         )
         self._audit(AuditRecord("rekey", conference=conf.id, spi=key.spi))
+        if self.resumable:
+            self._persist.append(SaveEktKey(conf.id, key))
 
     def _send_ekt_key(self, assoc: KmfAssociation, key: EktKeyMaterial, now: float) -> None:
         assoc.connection.send_ekt_key(key.key, key.salt, key.spi, key.ttl, now)
@@ -1129,6 +1418,8 @@ class KmfEngine(TunnelServerEngine):
 
     def _flush(self, assoc: KmfAssociation) -> None:
         datagrams = assoc.connection.datagrams_to_send()
+        if assoc.seq_ceiling is not None:
+            datagrams = self._gate(assoc, datagrams)
         if not datagrams:
             return
         tunnels = self._route(assoc)
@@ -1138,6 +1429,25 @@ class KmfEngine(TunnelServerEngine):
                 self.stats.dropped_tunnel_send += 1
             for tunnel in tunnels:
                 self._out.append((tunnel.tunnel_id, TunneledDtls(aid, datagram)))
+
+    def _gate(self, assoc: KmfAssociation, datagrams: list[bytes]) -> list[bytes]:
+        """D29: hold what the DTLS engine produced while any of its records lies at or past
+        the durable sequence ceiling; released by :meth:`seq_reserved`."""
+        ceiling = assoc.seq_ceiling
+        assert ceiling is not None  # callers check
+        self._want_seq(assoc)
+        if assoc.connection.next_record_sequence > ceiling:
+            if datagrams:
+                self.stats.held_for_ceiling += len(datagrams)
+                assoc.held += datagrams
+                excess = len(assoc.held) - MAX_HELD
+                if excess > 0:
+                    self.stats.dropped_held += excess
+                    del assoc.held[:excess]
+            return []
+        if assoc.held:
+            datagrams, assoc.held = assoc.held + datagrams, []
+        return datagrams
 
     @staticmethod
     def _release(assoc: KmfAssociation) -> None:
@@ -1212,6 +1522,9 @@ class KmfEngine(TunnelServerEngine):
         self.stats.joined += 1
         self.handshakes["joined", "ok"] += 1
         self.join_seconds.observe(now - assoc.created)
+        if self.persistent:
+            self._save(assoc, conf.id)
+        self._end_orphans(conf.id, event.peer_fingerprint)
         if key is not None:
             if first:
                 self._new_key_event(conf, key, "first", len(conf.members))
@@ -1264,6 +1577,11 @@ class KmfEngine(TunnelServerEngine):
         self._release(assoc)
         conf = assoc.conference
         aid = assoc.association_id
+        if assoc.stored:
+            assoc.stored = False
+            assoc.seq_ceiling = None
+            assoc.held.clear()
+            self._persist.append(ForgetAssociation(aid))
         if assoc.joined is not None and conf is not None:
             try:
                 conf.leave(aid, now)  # may request a rekey (D22: rekey_on_leave)
@@ -1271,6 +1589,8 @@ class KmfEngine(TunnelServerEngine):
                 self._rekey_failed(conf, e)
             else:
                 self._schedule_conference(conf)
+            if self.resumable and conf.current is None:
+                self._persist.append(SaveEktKey(conf.id, None))
             self.stats.left += 1
             self._rekey_acked(conf.id, aid, None, now)
             if assoc.refusal is not None:  # we ended a member (MediaKeys not delivered)

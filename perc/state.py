@@ -889,11 +889,14 @@ class KmfState:
         self._flush(ceiling)
         return ceiling
 
-    def reserve_seq(self, association_id: uuid.UUID, next_seq: int) -> int:
+    def reserve_seq(
+        self, association_id: uuid.UUID, next_seq: int, *, record_state: bytes | None = None
+    ) -> int:
         """Make ``next_seq`` usable: returns the ceiling (exclusive) it now lies below (D29).
 
         Below the stored ceiling nothing is written. At or past it, ``next_seq + 1024`` is
-        written (durably) before this returns. Ceilings only grow.
+        written (durably) before this returns, with ``record_state`` (if given: a fresher
+        export, sealed like the first) in the same row. Ceilings only grow.
         """
         row = self._associations.get(association_id)
         if row is None:
@@ -901,15 +904,30 @@ class KmfState:
         if not seq_needs_reservation(next_seq, row.seq_ceiling):
             return row.seq_ceiling
         ceiling = seq_ceiling_after(next_seq)
-        self._associations[association_id] = attrs.evolve(row, seq_ceiling=ceiling)
         aid = str(association_id)
-        self._queue(
-            ("ceiling", association_id),
-            lambda c: c.execute(
-                "UPDATE association SET seq_ceiling = max(seq_ceiling, ?) WHERE id = ?",
-                (ceiling, aid),
-            ),
-        )
+        kept = record_state if self.persist_keys and record_state is not None else None
+        if kept is None:
+            self._associations[association_id] = attrs.evolve(row, seq_ceiling=ceiling)
+            self._queue(
+                ("ceiling", association_id),
+                lambda c: c.execute(
+                    "UPDATE association SET seq_ceiling = max(seq_ceiling, ?) WHERE id = ?",
+                    (ceiling, aid),
+                ),
+            )
+        else:
+            self._associations[association_id] = attrs.evolve(
+                row, seq_ceiling=ceiling, record_state=kept
+            )
+            sealed = self._sealer.seal(kept, "association", "record_state", aid)
+            self._queue(
+                ("ceiling", association_id),
+                lambda c: c.execute(
+                    "UPDATE association SET seq_ceiling = max(seq_ceiling, ?), "
+                    "record_state = ? WHERE id = ?",
+                    (ceiling, sealed, aid),
+                ),
+            )
         self._flush(ceiling)
         return ceiling
 

@@ -70,7 +70,7 @@ def test_good_kmf_config(ids: dict[str, Any]) -> None:
     # Defaults come from the schema.
     assert cfg.kmf.dtls_cookies is True
     assert cfg.kmf.profiles == (0x0009, 0x000A)
-    assert (conf.rekey_on_join, conf.rekey_on_leave, conf.rekey_window) == (True, True, 0.5)
+    assert (conf.rekey_on_join, conf.rekey_on_leave, conf.rekey_window) == (True, True, 0.05)
     assert conf.ekt_ttl == 86400
     assert conf.tls_ids == {}
     assert cfg.conference("demo") is conf

@@ -30,6 +30,10 @@ Public API (the contract, as built)::
     conn.stats                              # DtlsStats counters (drops, retransmissions, ...)
     conn.negotiated                         # Negotiated | None (set on completion)
     conn.is_established, conn.is_closed, conn.state, conn.cookie_identity
+    conn.export_record_state() -> RecordState   # server, established: keys, IVs, numbers
+    DtlsConnection.resume(configuration, state, *, next_sequence, cookie_identity=b"")
+    conn.next_record_sequence               # next epoch-1 record number we send
+    RecordState.encode() / decode_record_state(bytes)   # RecordStateError (perc.dtls.resume)
 
     gate = CookieGate(secret=None, rotate_every=60.0)
     gate.check(datagram, identity, now) -> CookieVerdict(reply: bytes | None, accepted: bool)
@@ -83,6 +87,7 @@ from perc.dtls.cookie import CookieGate, CookieVerdict
 from perc.dtls.errors import AlertDescription, LocalProtocolError
 from perc.dtls.events import ClientOffer, Negotiated
 from perc.dtls.offer import client_offer_untrusted
+from perc.dtls.resume import RecordState, RecordStateError, decode_record_state
 
 __all__ = [
     "AlertDescription",
@@ -95,7 +100,10 @@ __all__ = [
     "LocalProtocolError",
     "Negotiated",
     "PeerIdentity",
+    "RecordState",
+    "RecordStateError",
     "client_offer_untrusted",
+    "decode_record_state",
     "errors",
     "events",
 ]

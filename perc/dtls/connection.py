@@ -16,6 +16,9 @@ Public API (the contract)::
     conn.export_keying_material(label, length)    # RFC 5705, no context
     conn.stats                              # DtlsStats: drop and retransmission counters
     conn.negotiated                         # Negotiated, once the handshake completed
+    conn.export_record_state() -> RecordState      # server, established (D29)
+    DtlsConnection.resume(configuration, state, next_sequence=N)   # server, established
+    conn.next_record_sequence               # the next epoch-1 sequence number we send
 
 Theory of operation
 -------------------
@@ -88,6 +91,7 @@ from perc.dtls.flight import (
 )
 from perc.dtls.handshake import EKT_KEY_LENGTHS, CcsRoute, Handshake, Output, Route, State
 from perc.dtls.record import INTEGRITY_LIMIT, RecordLayer
+from perc.dtls.resume import RecordState
 from perc.srtp.keys import SrtpProfile
 from perc.wire.dtls import (
     DTLS_1_2,
@@ -105,6 +109,8 @@ from perc.wire.dtls import (
 )
 
 MAX_FUTURE_RECORDS = 8
+MAX_RECORD_SEQUENCE = (1 << 48) - 1
+MAX_MESSAGE_SEQ = 0xFFFF
 MIN_RETRANSMIT_GAP = 0.1  # seconds; limits amplification by spoofed or duplicated flights
 MIN_MTU = 128
 MIN_ALERT_REPEAT_GAP = 0.5  # seconds between repeats of our fatal alert
@@ -360,6 +366,75 @@ class DtlsConnection:
         if not 0 < length <= 0xFFFF:
             raise LocalProtocolError("exporter length must be 1..65535 bytes")
         return self._hs.export_keying_material(label, length)
+
+    # --- resumption (D29; theory in perc.dtls.resume) ------------------------------------
+
+    @property
+    def next_record_sequence(self) -> int:
+        """The sequence number our next epoch-1 record takes."""
+        return self._record.next_sequence(1)
+
+    def export_record_state(self) -> RecordState:
+        """What :meth:`resume` needs to carry on this server association in another process.
+
+        Key material: the caller must keep it secret (the KMF seals it, D28)."""
+        material = self._record.epoch1_material
+        if (
+            self._config.is_client
+            or not self.is_established
+            or self._negotiated is None
+            or material is None
+        ):
+            raise LocalProtocolError("export_record_state() needs an established server")
+        _, write_key, write_iv, read_key, read_iv = material
+        return RecordState(
+            negotiated=self._negotiated,
+            write_key=write_key,
+            write_iv=write_iv,
+            read_key=read_key,
+            read_iv=read_iv,
+            write_seq=self._record.next_sequence(1),
+            read_top=self._record.read_top,
+            message_seq=self._hs.message_seq,
+        )
+
+    @classmethod
+    def resume(
+        cls,
+        configuration: DtlsConfiguration,
+        state: RecordState,
+        *,
+        next_sequence: int,
+        cookie_identity: bytes = b"",
+    ) -> DtlsConnection:
+        """An established server association from :meth:`export_record_state` output.
+
+        ``next_sequence`` must lie past every epoch-1 record number the exporting
+        connection may have sent after the export (D29: the durably reserved ceiling); it is
+        never below ``state.write_seq``. No HandshakeCompleted is reported (the handshake
+        completed in the earlier process); the exporter is unavailable. LocalProtocolError
+        if the state does not fit the configuration or the numbers ran out."""
+        if configuration.is_client:
+            raise LocalProtocolError("only a server association can be resumed")
+        n = state.negotiated
+        if n.cipher_suite not in configuration.cipher_suites:
+            raise LocalProtocolError(f"cipher suite 0x{n.cipher_suite:04X} not configured")
+        if not state.write_seq <= next_sequence <= MAX_RECORD_SEQUENCE:
+            raise LocalProtocolError("next_sequence below the exported one or past 2^48-1")
+        message_seq = state.message_seq + (next_sequence - state.write_seq)
+        if message_seq > MAX_MESSAGE_SEQ:
+            raise LocalProtocolError("handshake message_seq exhausted: cannot resume")
+        conn = cls(configuration, cookie_identity=cookie_identity)
+        suite = keys.CIPHER_SUITES[n.cipher_suite]
+        conn._record.install_keys(
+            suite, state.write_key, state.write_iv, state.read_key, state.read_iv
+        )
+        conn._record.resume_epoch1(next_sequence, state.read_top)
+        conn._hs.resume(n, message_seq)
+        conn._reasm.any_order = True
+        conn._established = True
+        conn._negotiated = n
+        return conn
 
     @property
     def negotiated(self) -> Negotiated | None:

@@ -24,6 +24,7 @@ table is an ``unexpected_message`` alert. States and flights (RFC 6347 §4.2.4, 
           -Cert-> EXPECT_CLIENT_KEY_EXCHANGE -CKE-> EXPECT_CERTIFICATE_VERIFY
           -CV-> EXPECT_CCS -CCS-> EXPECT_FINISHED -Finished-> flight 6 (CCS, Finished)
           -> ESTABLISHED
+  server: EXPECT_CLIENT_HELLO -RESUME-> ESTABLISHED   (a KMF restart, D29; perc.dtls.resume)
   ESTABLISHED: client takes EKTKey (RFC 8870 §5.2.2); everything else is unexpected.
 
 Fragments are admitted by the same state (``_FRAGMENT_ROUTES``, :meth:`Handshake.route_fragment`)
@@ -111,6 +112,7 @@ EKT_KEY_LENGTHS = {1: 16, 2: 32}  # aeskw_128, aeskw_256 (D6)
 MAX_HELLO_VERIFY_REQUESTS = 3  # bound HVR loops (RFC 6347 §4.2.1)
 CCS = -1  # pseudo input: the peer's ChangeCipherSpec
 START = -2  # pseudo input: the client's connect()
+RESUME = -3  # pseudo input: a server association resumed from an exported state (D29)
 
 
 class State(Enum):
@@ -332,6 +334,29 @@ class Handshake:
         if (self.state, msg_type) in _TABLE and epoch != want_epoch:
             raise AlertError(AD.unexpected_message, f"{_type_name(msg_type)} in epoch {epoch}")
         self._step(msg_type, seq, body, record_seq, out)
+
+    def resume(self, negotiated: Negotiated, next_message_seq: int) -> None:
+        """Server: take up an association established by an earlier process (D29), from the
+        parameters it exported. No secrets come back: the exporter stays unavailable."""
+        self._suite = keys.CIPHER_SUITES[negotiated.cipher_suite]
+        self._group = negotiated.named_group
+        self._srtp_profile = negotiated.srtp_profile
+        self._ekt_cipher = negotiated.ekt_cipher
+        self._client_random = negotiated.client_random
+        self._server_random = negotiated.server_random
+        self._local_tls_id = negotiated.local_tls_id
+        self._peer_tls_id = negotiated.peer_tls_id
+        self._peer_fingerprint = negotiated.peer_fingerprint
+        self._peer_certificate_der = negotiated.peer_certificate_der
+        self._step(RESUME, next_message_seq, b"", 0, Output())
+
+    @property
+    def message_seq(self) -> int:
+        """The next message_seq we would send."""
+        return self._send_seq
+
+    def _server_resume(self, out: Output, seq: int, body: bytes, record_seq: int) -> None:
+        self._send_seq = seq
 
     def handle_ccs(self) -> None:
         """The peer's ChangeCipherSpec (only called when ``ccs_route()`` is ACCEPT)."""
@@ -945,6 +970,7 @@ _TABLE: dict[tuple[State, int], tuple[_Handler | None, State]] = {
     (S.CLIENT_EXPECT_CCS, CCS): (None, S.CLIENT_EXPECT_FINISHED),
     (S.CLIENT_EXPECT_FINISHED, H.FINISHED): (Handshake._client_finished, S.ESTABLISHED),
     # server
+    (S.SERVER_EXPECT_CLIENT_HELLO, RESUME): (Handshake._server_resume, S.ESTABLISHED),
     (S.SERVER_EXPECT_CLIENT_HELLO, H.CLIENT_HELLO): (
         Handshake._server_client_hello,
         S.SERVER_EXPECT_CERTIFICATE,

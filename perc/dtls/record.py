@@ -126,6 +126,8 @@ class RecordLayer:
         self._write_states: list[CipherState | None] = [None, None]
         self._read_states: list[CipherState | None] = [None, None]
         self._window = ReplayWindow()  # epoch 1 only
+        #: (suite, write key, write IV, read key, read IV) of epoch 1, for export (D29)
+        self.epoch1_material: tuple[CipherSuite, bytes, bytes, bytes, bytes] | None = None
 
     # --- keys ----------------------------------------------------------------------------------
 
@@ -135,6 +137,21 @@ class RecordLayer:
         """Prepare epoch 1 in both directions; each switches later (CCS sent / CCS received)."""
         self._write_states[1] = CipherState(suite, write_key, write_iv)
         self._read_states[1] = CipherState(suite, read_key, read_iv)
+        self.epoch1_material = (suite, write_key, write_iv, read_key, read_iv)
+
+    def resume_epoch1(self, next_write_seq: int, read_top: int) -> None:
+        """Both directions in epoch 1 at once (a resumed association, D29): we write from
+        ``next_write_seq``; the peer's records up to ``read_top`` count as already seen, and
+        epoch 0 is closed for writing."""
+        self.write_epoch = self.read_epoch = 1
+        self._write_seq = [MAX_SEQUENCE + 1, next_write_seq]
+        self._window.top = read_top
+        self._window.mask = _WINDOW_MASK if read_top >= 0 else 0
+
+    @property
+    def read_top(self) -> int:
+        """The highest epoch-1 record number received so far (-1: none)."""
+        return self._window.top
 
     @property
     def has_next_read_keys(self) -> bool:
@@ -150,6 +167,7 @@ class RecordLayer:
         """A fatal alert wipes the association's secrets (RFC 5246 §7.2.2)."""
         self._write_states = [None, None]
         self._read_states = [None, None]
+        self.epoch1_material = None
 
     # --- sending -------------------------------------------------------------------------------
 

@@ -51,6 +51,10 @@ is in the sans-IO engine :mod:`perc.kmf`; this module only does I/O for it:
   write that succeeds catches them all up (:class:`~perc.events.KmfStateCaughtUp`). The
   conference goes on in memory meanwhile: keys whose SPIs were already reserved still go out
   (the engine asks for the next block half a block early), later ones wait.
+* Resumption (D29): the writer also stores associations, their sequence ceilings (answered
+  with ``seq_reserved`` once durable) and each conference's current EKTKey (sealed, its
+  wall-clock age kept so the TTL carries over). On start :func:`serve` hands the stored rows
+  and keys to :meth:`perc.kmf.KmfEngine.resume` before it listens.
 * Supervision (STYLE practice 9): one failing tunnel never stops the others or the process.
   An exception from the engine while handling a tunnel's messages is a bug: it is logged with
   its traceback, counted, and closes that tunnel only.
@@ -75,6 +79,7 @@ import logging
 import math
 import operator
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -99,14 +104,19 @@ from perc.events import (
     emit,
 )
 from perc.identity import fingerprint_matches
+from perc.keying import EktKeyMaterial, KeyingError
 from perc.keylog import keylog_from_env
 from perc.kmf import (
     AuditRecord,
     CloseTunnel,
+    ForgetAssociation,
     KmfEngine,
     PersistRequest,
+    ReserveSeq,
     ReserveSpis,
     RosterEdit,
+    SaveAssociation,
+    SaveEktKey,
     TunnelServerEngine,
 )
 from perc.roles.admin import serve_admin
@@ -120,7 +130,7 @@ from perc.roles.tunnel import (
     format_address,
     make_tls_context,
 )
-from perc.state import KmfState, StateWriteError, load_state_key
+from perc.state import KmfState, StateWriteError, load_state_key, seq_ceiling_after
 from perc.wire.tunnel import TunnelMessage
 
 if TYPE_CHECKING:
@@ -176,9 +186,13 @@ class StateWriter:
         report: Callable[[Event], None] = lambda e: None,
         *,
         retry: float = STATE_RETRY,
+        on_seq_reserved: Callable[[uuid.UUID, int], None] = lambda a, c: None,
     ) -> None:
         self.state = state
         self._on_reserved = on_reserved
+        self._on_seq_reserved = on_seq_reserved
+        # sequence ceilings submitted but not yet known to be on disk (association -> ceiling)
+        self._unconfirmed_seq: dict[uuid.UUID, int] = {}
         self._report = report
         self._retry = retry
         self._queue: list[tuple[PersistRequest, float]] = []
@@ -215,6 +229,16 @@ class StateWriter:
             if isinstance(request, ReserveSpis):
                 old = self._unconfirmed.get(request.conference, 0)
                 self._unconfirmed[request.conference] = max(old, request.ceiling)
+            elif isinstance(request, SaveAssociation | ReserveSeq):
+                if isinstance(request, SaveAssociation):
+                    start = request.next_seq
+                else:
+                    start = request.from_seq
+                aid = request.association_id
+                ceiling = seq_ceiling_after(start)
+                self._unconfirmed_seq[aid] = max(self._unconfirmed_seq.get(aid, 0), ceiling)
+            elif isinstance(request, ForgetAssociation):
+                self._unconfirmed_seq.pop(request.association_id, None)
         try:
             written = await trio.to_thread.run_sync(self._write, batch, limiter=self._limiter)
         except StateWriteError as e:
@@ -230,6 +254,9 @@ class StateWriter:
         confirmed, self._unconfirmed = self._unconfirmed, {}
         for conference, ceiling in confirmed.items():
             self._on_reserved(conference, ceiling)
+        seqs, self._unconfirmed_seq = self._unconfirmed_seq, {}
+        for aid, ceiling in seqs.items():
+            self._on_seq_reserved(aid, ceiling)
 
     def _write(self, batch: list[tuple[PersistRequest, float]]) -> int:
         # Worker thread: the only code that touches the state while the KMF runs.
@@ -244,6 +271,33 @@ class StateWriter:
                         state.roster_add(request.conference, request.fingerprint, request.name)
                     else:
                         state.roster_remove(request.conference, request.fingerprint)
+                elif isinstance(request, SaveAssociation):
+                    state.add_association(
+                        request.association_id,
+                        mdd_fingerprint=request.mdd_fingerprint,
+                        conference=request.conference,
+                        peer_fingerprint=request.peer_fingerprint,
+                        tls_id=request.tls_id,
+                        profile=request.profile,
+                        ekt_cipher=request.ekt_cipher,
+                        record_state=request.record_state,
+                        next_seq=request.next_seq,
+                    )
+                elif isinstance(request, ReserveSeq):
+                    if state.association(request.association_id) is not None:
+                        state.reserve_seq(
+                            request.association_id,
+                            request.from_seq,
+                            record_state=request.record_state,
+                        )
+                elif isinstance(request, ForgetAssociation):
+                    state.remove_association(request.association_id)
+                elif isinstance(request, SaveEktKey):
+                    if request.key is None:
+                        state.remove_ekt_key(request.conference)
+                    else:
+                        key = request.key
+                        state.set_ekt_key(request.conference, key.spi, key.encode(stamp))
                 else:
                     state.append_audit(
                         request.event,
@@ -310,7 +364,9 @@ class KmfServer:
         self.engine = engine
         self.writer: StateWriter | None = None
         if state is not None:
-            self.writer = StateWriter(state, self._spis_reserved, _report)
+            self.writer = StateWriter(
+                state, self._spis_reserved, _report, on_seq_reserved=self._seq_reserved
+            )
         self.stats = KmfStats()
         self.connections: dict[int, TunnelConnection] = {}
         self.address: tuple[str, int] = ("", 0)
@@ -397,6 +453,12 @@ class KmfServer:
         engine = self.engine
         if isinstance(engine, KmfEngine):
             engine.spis_reserved(conference, ceiling, trio.current_time())
+            self.service()
+
+    def _seq_reserved(self, association_id: uuid.UUID, ceiling: int) -> None:
+        engine = self.engine
+        if isinstance(engine, KmfEngine):
+            engine.seq_reserved(association_id, ceiling, trio.current_time())
             self.service()
 
     def send(self, tunnel_id: int, message: TunnelMessage) -> bool:
@@ -581,6 +643,19 @@ def _collector(server: KmfServer) -> Collector:
     return KmfCollector(server.engine, server.stats)
 
 
+def _stored_keys(state: KmfState) -> dict[str, EktKeyMaterial]:
+    """Each conference's stored EKTKey (D29), its age carried over to the trio clock."""
+    keys = {}
+    for row in state.ekt_keys():
+        try:
+            key = EktKeyMaterial.decode(row.material, now=trio.current_time(), wall_now=time.time())
+        except KeyingError as e:
+            log.warning("conference=%s: stored EKTKey not resumed: %s", row.conference, e)
+            continue
+        keys[row.conference] = key
+    return keys
+
+
 async def serve(
     config: KmfConfig,
     *,
@@ -611,13 +686,24 @@ async def serve(
         if state is not None:
             # D28: a restarted KMF resumes after everything the stored counters may cover.
             starts = {c: n + 1 for c, n in state.spi_counters().items()}
-            emit(log, KmfStateOpened(str(state.path or ""), starts, state.audit_seq))
         roster = [(c.conference, c.fingerprint, c.action == "add")
                   for c in (state.roster_changes() if state is not None else ())]  # fmt: skip
         engine = KmfEngine(
-            config, keylog=keylog, spi_starts=starts, persistent=state is not None,
+            config,
+            keylog=keylog,
+            spi_starts=starts,
+            persistent=state is not None,
+            resumable=config.kmf.persist_keys,
             roster_changes=roster,
-        )  # fmt: skip
+        )
+        if state is not None:
+            resumed = engine.resume(state.associations(), _stored_keys(state), trio.current_time())
+            emit(
+                log,
+                KmfStateOpened(
+                    str(state.path or ""), starts or {}, state.audit_seq, associations=resumed
+                ),
+            )
     server = KmfServer(config, engine, state if isinstance(engine, KmfEngine) else None)
     if server.writer is not None:
         server.writer.submit([AuditRecord("kmf_start", fingerprint=config.identity.fingerprint)])
