@@ -45,6 +45,7 @@ from trio_util import AsyncValue
 from perc import events, forwarding
 from perc.config import MddConference, MddConfig
 from perc.identity import fingerprint_matches
+from perc.links import LinkSpec
 from perc.mdd import Address, MddEngine, MddStats, key_isolation
 from perc.roles.tunnel import (
     TunnelConnection,
@@ -96,7 +97,7 @@ class ConferenceRelay:
         self.conference = conference
         self.id = conference.id
         self.settings = config.mdd
-        self.engine = MddEngine.from_config(conference, config.mdd)
+        self.engine = MddEngine.from_config(conference, config.mdd, identity=config.identity)
         self.io = IoStats()
         self.address: tuple[str, int] = ("", 0)
         #: Counts the engine's events: in-process programs wait on it for any change.
@@ -174,22 +175,63 @@ class ConferenceRelay:
             host, port = self.address = (str(name[0]), int(name[1]))
             self._sock = sock
             events.emit(log, events.ConferenceListening("conference", host, port, self.id))
+            self._add_links(family)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._tunnel_loop)
                 nursery.start_soon(self._udp_loop, sock)
                 nursery.start_soon(self._timer_loop)
                 task_status.started(self)
         finally:
+            self._close_links(sock)
             trio.lowlevel.notify_closing(sock)
             sock.close()
             self.engine.close(trio.current_time(), attrs.asdict(self.io))
             self._pump()
+
+    def _add_links(self, family: int) -> None:
+        """D25: each configured link, its peer resolved as recvfrom will report it."""
+        now = trio.current_time()
+        for link in self.conference.link:
+            infos = socket.getaddrinfo(
+                link.peer.host, link.peer.port, family=family, type=socket.SOCK_DGRAM
+            )
+            peer = tuple(infos[0][4])
+            self.engine.add_link(
+                LinkSpec(
+                    peer=peer, fingerprint=link.fingerprint, connect=link.connect,
+                    name=str(link.peer),
+                ),
+                now,
+            )  # fmt: skip
+        sock = self._sock
+        if sock is not None:
+            for addr, data in self.engine.datagrams_to_send():
+                try:
+                    sock.sendto(data, addr)
+                except OSError:
+                    self.io.dropped_udp_send += 1
+        self._pump()
+
+    def _close_links(self, sock: socket.socket) -> None:
+        """At exit: close_notify to every linked MDD (best effort), so it notices at once."""
+        lm = self.engine.link_manager
+        if lm is None or not lm.links:
+            return
+        lm.close(trio.current_time())
+        for addr, data in lm.datagrams_to_send():
+            try:
+                sock.sendto(data, addr)
+            except OSError:
+                self.io.dropped_udp_send += 1
 
     async def _timer_loop(self) -> None:
         engine = self.engine
         while True:
             await trio.sleep_until(engine.get_timer())
             engine.handle_timer(trio.current_time())
+            out = engine.datagrams_to_send()
+            if out:
+                await self._send(out)
             self._pump()
 
     # --- tunnel --------------------------------------------------------------------------------
