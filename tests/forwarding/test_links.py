@@ -129,7 +129,7 @@ def test_a_cycle_is_a_loop_the_later_direction_is_dropped() -> None:
     assert loops >= 2
     reports = [r for r in table.loop_reports if r[0] == a1.ssrc]
     assert len(reports) == 1  # one warning per SSRC
-    ssrc, owner, refused = reports[0]
+    _, owner, refused = reports[0]
     assert {owner.link, refused.link} == {"10.0.0.1", "10.0.0.2"}
 
 
