@@ -7,6 +7,8 @@ under a fake clock; nothing sleeps.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -237,3 +239,31 @@ def test_bad_link_config_is_one_line(tmp_path: Path, links: str, message: str) -
         _config(tmp_path, links.replace("{fp}", fp))
     text = str(info.value)
     assert text.startswith(message) and "\n" not in text, text
+
+
+def test_an_mdd_with_links_loads_no_end_to_end_code() -> None:
+    """Key isolation (RFC 8871 §4.1) with links: two engines link up and forward in a fresh
+    interpreter, which has then loaded neither trio nor any EKT/double/key-wrap module."""
+    code = (
+        "import sys\n"
+        "from perc import identity\n"
+        "from perc.forwarding import ForwardingConfig\n"
+        "from perc.links import LinkSpec\n"
+        "from perc.mdd import E2E_MODULES, MddEngine\n"
+        "ia, ib = identity.generate('a'), identity.generate('b')\n"
+        "A, B = ('10.0.0.1', 5004), ('10.0.0.2', 5004)\n"
+        "def eng(i):\n"
+        "    return MddEngine('demo', kmf='k:1', forwarding=ForwardingConfig(),\n"
+        "                     idle_timeout=10.0, stats_interval=10.0, identity=i)\n"
+        "a, b = eng(ia), eng(ib)\n"
+        "a.add_link(LinkSpec(B, ib.fingerprint, connect=True), 0.0)\n"
+        "b.add_link(LinkSpec(A, ia.fingerprint, connect=False), 0.0)\n"
+        "for _ in range(10):\n"
+        "    for src, e, dst in ((A, a, b), (B, b, a)):\n"
+        "        for addr, d in e.datagrams_to_send():\n"
+        "            dst.receive_datagram(d, src, 0.1)\n"
+        "assert a.links_up == b.links_up == 1\n"
+        "bad = [m for m in ('trio', *E2E_MODULES) if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
