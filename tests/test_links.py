@@ -267,3 +267,12 @@ def test_an_mdd_with_links_loads_no_end_to_end_code() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_link_key_is_in_the_man_page() -> None:
+    from perc import config
+
+    man = (Path(__file__).resolve().parent.parent / "man" / "perc.1").read_text()
+    for row in config.describe(config.MddLink):
+        assert f"\n.BR {row.key} " in man, row.key
+    assert "[[conference.link]]" in man
