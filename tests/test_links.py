@@ -276,3 +276,33 @@ def test_every_link_key_is_in_the_man_page() -> None:
     for row in config.describe(config.MddLink):
         assert f"\n.BR {row.key} " in man, row.key
     assert "[[conference.link]]" in man
+
+
+def test_the_demo_chains_its_mdds(tmp_path: Path) -> None:
+    from perc import demo
+
+    assert demo.check_arguments(3, 12.0, "both", None, mdds=2) is None
+    assert demo.check_arguments(3, 12.0, "both", None, mdds=4) == (
+        f"--mdds: 1 to {demo.MAX_MDDS} MDDs, at most one per participant"
+    )
+    assert demo.check_arguments(3, 12.0, "both", None, mdds=0) is not None
+    files = demo.make_demo_files(tmp_path, demo.NAMES[:4], mdds=3)
+    assert files.mdd_names == ("mdd1", "mdd2", "mdd3")
+    assert [files.mdd_of(n) for n in files.names] == [0, 1, 2, 0]
+    kmf = files.kmf_config.read_text()
+    assert all(fp in kmf for fp in files.mdd_fingerprints)
+    ports = [6001, 6002, 6003]
+    middle = demo.write_mdd_config(files, 4444, 1, ports)
+    loaded = build_mdd_config(tomllib.loads(middle.read_text()), base=tmp_path)
+    (conf,) = loaded.conferences
+    assert conf.listen.port == 6002
+    assert [(li.peer.port, li.connect) for li in conf.link] == [(6001, False), (6003, True)]
+    assert [li.fingerprint for li in conf.link] == [
+        files.mdd_fingerprints[0],
+        files.mdd_fingerprints[2],
+    ]
+    (tmp_path / "one").mkdir()
+    single = demo.make_demo_files(tmp_path / "one", demo.NAMES[:2])
+    assert single.mdd_names == ("mdd",)
+    one = demo.write_mdd_config(single, 4444)
+    assert one.name == "mdd.toml" and "[[conference.link]]" not in one.read_text()

@@ -483,3 +483,20 @@ async def test_the_chain_in_network_namespaces_with_delay_and_loss(
         assert_isolated(mdd)
         for e in mdd.find_events(LinkCounters, final=True):
             assert e.counters["packets_in"] > 0 and e.counters["drop_loop"] == 0, e
+
+
+async def test_perc_demo_with_two_mdds_passes(system: System) -> None:
+    """``perc demo --mdds 2``: the endpoints spread over two chained MDDs, everyone verifies
+    everyone across the link, both rekeys adopted: exit 0, and the table shows the MDDs."""
+    result = await trio.run_process(
+        [sys.executable, "-m", "perc", "demo", "--mdds", "2", "--participants", "3"],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=system.folder,
+    )
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    assert "2 MDDs (media distributors) in a chain of cascade links" in out
+    assert "mdd1  alice" in out and "mdd2  bob" in out
+    assert "PASS: every endpoint verified every other" in out
