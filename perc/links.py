@@ -406,7 +406,11 @@ class LinkManager:
             if link.state is LinkState.UP:
                 if now - link.last_heard > DEAD_AFTER:
                     self._lost(link, f"no record for {DEAD_AFTER:g} s", now)
-                elif now >= link.next_keepalive and link.established is not None:
+                elif (
+                    now >= link.next_keepalive
+                    and link.established is not None
+                    and link.established.is_established
+                ):
                     link.next_keepalive = now + KEEPALIVE
                     link.stats.keepalives += 1
                     link.established.send_application_data(_KEEPALIVE_RECORD, now)
