@@ -451,7 +451,7 @@ async def test_the_chain_in_network_namespaces_with_delay_and_loss(
         ("mdd-b", "mdd-c"): "10.78.2.2", ("mdd-c", "mdd-b"): "10.78.2.1",
     }  # fmt: skip
     config = system.kmf_config(
-        conferences={"demo": EVERYONE}, trusted_mdds=CHAIN, conference_extra=NO_REKEY
+        conferences={"demo": EVERYONE}, trusted_mdds=CHAIN, conference_extra=JOIN_REKEY
     )
     config.write_text(config.read_text().replace(f'"{LOCAL}:0"', '"0.0.0.0:0"'))
     kmf = await start_in(system, ns_kmf, "kmf", "kmf", "--config", str(config))
@@ -490,17 +490,22 @@ async def test_the_chain_in_network_namespaces_with_delay_and_loss(
                 "endpoint", "--mdd", f"127.0.0.1:{port}",
                 "--cert", f"{name}.crt", "--key", f"{name}.key",
                 "--kmf-fingerprint", system.fingerprint("kmf"), "--report", f"{name}.json",
-                "--join-timeout", "40", "--media", "both", "--duration", "5",
-                "--expect-peers", "5",
+                "--join-timeout", "40", "--media", "both", "--video-fps", "15",
+                "--video-bitrate", "150000", "--expect-peers", "5",
             ]  # fmt: skip
-            procs.append(await start_in(system, ns_mdd[i], name, *args))
+            proc = await start_in(system, ns_mdd[i], name, *args)
+            await proc.wait_event(EndpointMediaStarted, WAIT * 2, name=name)
+            procs.append(proc)
     for proc in procs:
-        assert await proc.wait_exit(90) == 0, proc.text
+        for other in set(EVERYONE) - {proc.name}:
+            await proc.wait_event(EndpointPeerVerified, WAIT * 3, name=proc.name, peer=other)
+    for proc in procs:
+        assert await system.stop(proc, signal.SIGTERM) == 0, proc.text[-3000:]
     for mdd in mdds.values():
         await system.stop(mdd)
     await system.stop(kmf)
     for name in EVERYONE:
-        assert_clean(report(system, name), set(EVERYONE) - {name}, lossy=True)
+        assert_clean(report(system, name), set(EVERYONE) - {name}, joiner=True, lossy=True)
     for mdd in mdds.values():
         assert_isolated(mdd)
         for e in mdd.find_events(LinkCounters, final=True):
