@@ -18,7 +18,7 @@
                                  [--codec synthetic|real] [--audio-file FILE]
                                  [--video-file FILE] [--loop] [--record DIR] [--no-repair]
     perc [--log-level LEVEL] demo [--participants N] [--duration S] [--media M] [--keep]
-                                  [--metrics]
+                                  [--mdds M] [--metrics]
     perc admin --socket PATH [--json] conferences | members CONF | kick CONF WHO [--ban]
                | roster add CONF FP [--name N] | roster remove CONF FP | rekey CONF
                | audit [--verify] [--limit N] | status | links CONF
@@ -667,6 +667,14 @@ async def _endpoint_main(args: tuple[Any, float | None, Any, float | None]) -> N
     help=f"What every endpoint sends [default: {demo_plan.DEFAULT_MEDIA}].",
 )
 @click.option(
+    "--mdds",
+    metavar="M",
+    type=int,
+    default=None,
+    help=f"MDD processes, chained by cascade links, 1 to {demo_plan.MAX_MDDS}; the endpoints "
+    "are spread over them [default: 1].",
+)
+@click.option(
     "--keep",
     is_flag=True,
     default=None,
@@ -687,6 +695,8 @@ def demo_command(
     media: str | None,
     keep: bool | None,
     metrics: bool,
+    mdds: int | None,
+    keep: bool | None,
 ) -> NoReturn:
     """Run a whole conference on loopback: one KMF, one MDD and N endpoints as processes.
 
@@ -706,6 +716,8 @@ def demo_command(
         given["media"] = media
     if metrics:
         given["metrics"] = True
+    if mdds is not None:
+        given["mdds"] = mdds
     sys.exit(demo.main(**given, keep=keep or None))
 
 

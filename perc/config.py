@@ -60,6 +60,10 @@ Files (the optional keys have the defaults shown)::
     repair_rate = 500.0                # retransmissions per second to one receiver
     frame_marking_id = 4               # RFC 9626 id: last_n feeds start at key frames (D35)
     keyframe_wait = 0.1                # seconds a last_n feed waits for a key frame before a PLI
+    [[conference.link]]                # cascade link to another MDD of this conference (D25)
+    peer = "192.0.2.7:5004"            # its UDP listen address for this conference
+    fingerprint = "sha-256 ..."        # its certificate (D20); any other is refused
+    connect = true                     # this side dials; the other side says false
 
 Relative ``cert``/``key`` paths are relative to the folder of the config file. Loading also
 loads both identities (:func:`perc.identity.load`) and canonicalises every fingerprint. Any
@@ -110,6 +114,7 @@ __all__ = [
     "KmfSettings",
     "MddConference",
     "MddConfig",
+    "MddLink",
     "MddSettings",
     "Setting",
     "default",
@@ -362,6 +367,23 @@ class MddSettings:
 
 
 @attrs.frozen
+class MddLink:
+    """One ``[[conference.link]]`` table: a cascade link to another MDD of the conference (D25)."""
+
+    peer: HostPort = attrs.field(
+        metadata=_doc("the other MDD's UDP host:port for this conference (its listen address)")
+    )
+    fingerprint: Fingerprint = attrs.field(
+        metadata=_doc("the other MDD's certificate fingerprint (D20); any other is refused")
+    )
+    connect: bool = attrs.field(
+        metadata=_doc(
+            "true: this side starts the DTLS handshake (the other side lists us with false)"
+        )
+    )
+
+
+@attrs.frozen
 class MddConference:
     """One ``[[conference]]`` table of an MDD config: one UDP port and one tunnel (D1)."""
 
@@ -419,6 +441,10 @@ class MddConference:
         metadata=_doc(
             "seconds a last_n feed waits for a key frame before the MDD sends the sender a PLI"
         ),
+    )
+    link: tuple[MddLink, ...] = attrs.field(
+        default=(),
+        metadata=_doc("cascade links to other MDDs serving this conference (D25)"),
     )
 
 
@@ -855,6 +881,32 @@ def _check_role(data: dict[str, Any], own: str, other: str) -> None:
     )
 
 
+#: Listen hosts that mean "every local address": a link to one of our own ports is refused.
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "", "*"})  # noqa: S104 - compared, not bound
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def _check_links(c: MddConference, key: str) -> None:
+    """D25: a link names another MDD (not this conference's own address), once."""
+    seen: dict[tuple[str, int], int] = {}
+    for j, link in enumerate(c.link):
+        where = f"{key}.link[{j}].peer"
+        peer = link.peer
+        _check(peer.port != 0, where, f"bad host:port {str(peer)!r}: port 0")
+        own = peer.port == c.listen.port and (
+            peer.host.lower() == c.listen.host.lower()
+            or (c.listen.host in _WILDCARD_HOSTS and peer.host.lower() in _LOOPBACK_HOSTS)
+        )
+        _check(not own, where, f"{peer} is this conference's own listen address")
+        addr = (peer.host.lower(), peer.port)
+        _check(
+            addr not in seen,
+            where,
+            f"{peer} is already the peer of {key}.link[{seen.get(addr)}] (one link per peer)",
+        )
+        seen[addr] = j
+
+
 def _load_identity(
     cert: Path, key: Path, base: Path, cert_key: str, key_key: str
 ) -> tuple[Path, Path, _identity.Identity]:
@@ -1060,6 +1112,7 @@ def build_mdd_config(
                     f"{c.listen} is already the listen address of conference[{listens.get(addr)}]",
                 )
                 listens[addr] = i
+            _check_links(c, key)
         cert, key_path, ident = _load_identity(mdd.cert, mdd.key, base, "mdd.cert", "mdd.key")
     except ConfigError as e:
         key, _, problem = str(e).partition(": ")

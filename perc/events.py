@@ -921,3 +921,124 @@ class EndpointPeersSilent(Event):
     def describe(self) -> str:
         who = ", ".join(f"{p} (last verified at {t:.1f} s)" for p, t in self.peers.items())
         return f"peers silent name={self.name} limit={self.limit:g}s: {who}"
+
+
+# --- MDD cascade link events (D25, D26) ---------------------------------------------------------
+# ``link`` names a cascade link (its peer's address unless named otherwise); ``peer`` is the
+# other MDD's conference UDP address.
+
+
+@register
+@attrs.frozen
+class LinkUp(Event):
+    """A cascade link to another MDD is keyed (its DTLS handshake completed): media crosses it.
+    ``keys`` is a one-way digest of the link's SRTP keys (the same on both MDDs);
+    ``replaced``: a new handshake replaced a live association (a peer restart)."""
+
+    kind: ClassVar[str] = "mdd_link_up"
+    conference: str
+    link: str
+    peer: str
+    fingerprint: str
+    profile: int
+    role: str
+    keys: str = ""
+    replaced: bool = False
+
+    def describe(self) -> str:
+        return (
+            f"link up conference={self.conference} link={self.link} peer={self.peer} "
+            f"mdd={self.fingerprint} profile=0x{self.profile:04X} role={self.role} "
+            f"keys={self.keys}" + (" (replaced)" if self.replaced else "")
+        )
+
+
+@register
+@attrs.frozen
+class LinkDown(Event):
+    """A cascade link went down (its peer closed, or went silent); the dialing side tries
+    again in ``retry_in`` seconds (None on the listening side, which waits and pokes)."""
+
+    kind: ClassVar[str] = "mdd_link_down"
+    conference: str
+    link: str
+    peer: str
+    reason: str
+    retry_in: float | None = None
+
+    def describe(self) -> str:
+        text = (
+            f"link down conference={self.conference} link={self.link} peer={self.peer}: "
+            f"{self.reason}"
+        )
+        if self.retry_in is not None:
+            text += f"; retry in {self.retry_in:.3g} s"
+        return text
+
+
+@register
+@attrs.frozen
+class LinkRefused(Event):
+    """A handshake from a link's peer address showed another certificate: refused with a
+    fatal alert (counted; logged once per link)."""
+
+    kind: ClassVar[str] = "mdd_link_refused"
+    conference: str
+    link: str
+    peer: str
+    fingerprint: str
+    expected: str
+
+    def describe(self) -> str:
+        return (
+            f"link refused conference={self.conference} link={self.link} peer={self.peer}: "
+            f"certificate {self.fingerprint} is not {self.expected}"
+        )
+
+
+@register
+@attrs.frozen
+class LinkCounters(Event):
+    """One link's counters: forwarding (packets/bytes in and out, drops by reason, summed
+    over the link's associations) and the link's own (handshakes, refusals, pokes, media
+    before keys). Periodic while they change, and ``final`` at exit."""
+
+    kind: ClassVar[str] = "mdd_link_counters"
+    conference: str
+    link: str
+    state: str
+    counters: dict[str, int]
+    final: bool = False
+
+    def describe(self) -> str:
+        c = self.counters
+        drops = " ".join(
+            f"{k}={v}" for k, v in c.items() if k.startswith(("drop", "refused")) and v
+        )
+        return (
+            f"link counters conference={self.conference} link={self.link} state={self.state} "
+            f"in={c.get('packets_in', 0)}/{c.get('bytes_in', 0)}B "
+            f"out={c.get('packets_out', 0)}/{c.get('bytes_out', 0)}B "
+            f"handshakes={c.get('handshakes', 0)} drops: {drops or 'none'}"
+            + (" (final)" if self.final else "")
+        )
+
+
+@register
+@attrs.frozen
+class SsrcLoop(Event):
+    """One SSRC arrived from two directions (a cycle in the links, or a link bringing an SSRC
+    a local endpoint sends): the later direction's packets are dropped (``drop_loop``).
+    Logged once per SSRC. A direction is ``link <name>`` or ``endpoint <address>``."""
+
+    kind: ClassVar[str] = "mdd_ssrc_loop"
+    conference: str
+    ssrc: int
+    owner: str
+    refused: str
+
+    def describe(self) -> str:
+        return (
+            f"ssrc loop conference={self.conference} ssrc={self.ssrc}: owned by {self.owner}, "
+            f"dropped from {self.refused}"
+        )

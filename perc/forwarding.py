@@ -161,6 +161,19 @@ joining receiver are made; a leave reranks only when the leaver had a ranked str
 wanted set depends only on the ranking). The result is identical to a from-scratch rebuild
 (tested against one on random interleavings).
 
+**Links** (D25, D26). A cascade link to another MDD is one more member, made by
+:meth:`ForwardingTable.add_link` with the link's single-layer keys (``Association.link`` names
+it). So split horizon is the rule every member already has: nothing goes back to its sender.
+A link may carry a split-horizon ``group`` (D27's worker mesh): a grouped link's routes leave
+out the links of its group (its route lists are rebuilt on each membership change rather than
+patched; links are few). A link may bring many SSRCs (``max_associations`` x the per-endpoint
+bound); an SSRC that one direction owns and another brings (a cycle, or a link bringing a
+local endpoint's SSRC) is dropped as ``drop_loop`` and reported once per SSRC in
+``loop_reports`` for the MDD engine's warning. Under ``last_n`` links get no feed: every video
+packet goes to them unchanged (``_to_links``), and the MDD that serves the receiver applies its
+own ``last_n``. Feedback a link forwards is not throttled again (its MDD did), and links are
+never idle-expired (the link manager has keepalives).
+
 **Removal.** :meth:`ForwardingTable.remove` (EndpointDisconnect, D3) drops the association,
 its keys and SSRCs, and its routes; :meth:`ForwardingTable.expire_idle` removes those
 silent for longer than a timeout and returns their ids (the MDD engine, :mod:`perc.mdd`, then
@@ -181,6 +194,9 @@ keyframe_wait=0.1)``.
 
 ``ForwardingTable(config=ForwardingConfig())`` (generic in the address type):
 
+- ``add_link(association_id, address, now, *, inbound=(key, salt), outbound=(key, salt),
+  name, group=None) -> Association`` (a cascade link, keyed; ``remove`` ends it);
+  ``loop_reports`` (``(ssrc, owner, refused)``, drained by the caller).
 - ``add(association_id, address, now) -> Association``; ``install_keys(media_keys, now) ->
   list[(address, bytes)]`` (held datagrams released); ``remove(association_id) -> bool``;
   ``expire_idle(now, timeout) -> list[UUID]``; ``tick(now)`` (last_n ranking upkeep);
@@ -374,6 +390,7 @@ class AssociationCounters:
         "drop_feedback_throttled",
         "drop_last_n",
         "drop_limit",
+        "drop_loop",
         "drop_malformed",
         "drop_no_keys",
         "drop_queue_full",
@@ -432,6 +449,8 @@ class AssociationCounters:
         self.pli_throttled = 0
         #: D35: PLIs the MDD sent a video sender on this receiver's behalf (last_n feed start)
         self.pli_originated = 0
+        #: RTP whose SSRC another direction owns, a link on either side (D26: a loop)
+        self.drop_loop = 0
 
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -492,6 +511,8 @@ class Association(Generic[AddrT]):
         "_flush",
         "_hop",
         "_in_session",
+        "_links_out",
+        "_max_ssrcs",
         "_out_session",
         "_protect_rtcp",
         "_protect_rtp",
@@ -506,8 +527,10 @@ class Association(Generic[AddrT]):
         "created",
         "dtls_in",
         "dtls_out",
+        "group",
         "held",
         "last_seen",
+        "link",
         "media_keys",
         "reported",
         "ssrcs",
@@ -563,6 +586,15 @@ class Association(Generic[AddrT]):
         self._repair: dict[int, RepairCache] = {}
         #: D36: retransmissions to it: [tokens, when last updated] (empty: full)
         self._rtx: list[float] = []
+        #: D25/D26: the link's name when this is a cascade link to another MDD (None: an
+        #: endpoint); ``group``: its split-horizon group (media from a link never goes to a
+        #: link of the same group; None: a group of its own)
+        self.link: str | None = None
+        self.group: str | None = None
+        #: RTP SSRCs it may send (a link carries every remote SSRC)
+        self._max_ssrcs = 0
+        #: the links among its routes (for the last_n path: links carry every stream)
+        self._links_out: list[Association[AddrT]] = []
 
     @property
     def counters(self) -> AssociationCounters:
@@ -681,6 +713,11 @@ class ForwardingTable(Generic[AddrT]):
         self._pruned_at = float("-inf")
         self._prune_every = self.config.last_n_idle / 8
         self._repair_on = self.config.repair
+        #: D26 loops: (ssrc, owner, refused sender), once per SSRC; the MDD engine drains it
+        self.loop_reports: list[tuple[int, Association[AddrT], Association[AddrT]]] = []
+        self._loops_seen: set[int] = set()
+        #: keyed links with a split-horizon group (their route lists are rebuilt, not patched)
+        self._grouped: list[Association[AddrT]] = []
 
     # --- membership -----------------------------------------------------------------------------
 
@@ -707,8 +744,52 @@ class ForwardingTable(Generic[AddrT]):
             association_id, address, now, self.flush, self._next_seq
         )
         self._next_seq += 1
+        assoc._max_ssrcs = self.config.max_ssrcs_per_association
         self._by_id[association_id] = assoc
         self._by_address[address] = assoc
+        return assoc
+
+    def add_link(
+        self,
+        association_id: uuid.UUID,
+        address: AddrT,
+        now: float,
+        *,
+        inbound: tuple[bytes, bytes],
+        outbound: tuple[bytes, bytes],
+        name: str,
+        group: str | None = None,
+    ) -> Association[AddrT]:
+        """A keyed cascade link to another MDD (D25), as one more member of the table.
+
+        ``inbound``/``outbound``: (master key, master salt) of the link's single AES-GCM
+        layer for what the peer sends us and what we send it (from the link's DTLS exporter).
+        Forwarding (D26): what arrives over it goes to every other member (split horizon:
+        never back; never to a link of the same ``group``), what a local endpoint sends goes
+        over it, RTCP feedback about an SSRC it brought goes to it. Removed with
+        :meth:`remove` (its SSRCs are then free again)."""
+        for key, salt in (inbound, outbound):
+            if len(key) not in (16, 32) or len(salt) != GCM_SALT_LENGTH:
+                raise ForwardingUsageError("link keys are 16 or 32 bytes, salts 12")
+        if inbound[0] == outbound[0]:
+            raise ForwardingUsageError("link inbound and outbound keys are equal (RFC 8723 §9)")
+        assoc = self.add(association_id, address, now)
+        assoc.link = name
+        assoc.group = group
+        # A link carries every remote SSRC of the conference.
+        assoc._max_ssrcs = self.config.max_associations * self.config.max_ssrcs_per_association
+        window = self.config.replay_window
+        assoc._in_session = SrtpSession(
+            inbound[0], inbound[1], replay_window=window, max_streams=_OUTBOUND_MAX_STREAMS
+        )
+        out = assoc._out_session = SrtpSession(
+            outbound[0], outbound[1], max_streams=_OUTBOUND_MAX_STREAMS
+        )
+        assoc._hop = MediaDistributorHop(assoc._in_session, expect_ekt=True)
+        assoc._protect_rtp = out.protect_rtp
+        assoc._protect_rtcp = out.protect_rtcp
+        self.stats.keys_installed += 1
+        self._join_routes(assoc)
         return assoc
 
     def install_keys(self, keys: MediaKeys, now: float) -> Output[AddrT]:
@@ -809,7 +890,11 @@ class ForwardingTable(Generic[AddrT]):
 
     def expire_idle(self, now: float, timeout: float) -> list[uuid.UUID]:
         """Remove associations silent for more than ``timeout`` (D3); returns their ids."""
-        gone = [a.association_id for a in self._by_id.values() if now - a.last_seen > timeout]
+        gone = [
+            a.association_id
+            for a in self._by_id.values()
+            if now - a.last_seen > timeout and a.link is None  # links: their own liveness
+        ]
         for aid in gone:
             self.remove(aid)
         return gone
@@ -831,7 +916,11 @@ class ForwardingTable(Generic[AddrT]):
         p = bisect.bisect_left(keyed, r._seq, key=_seq_of)
         entry = (r.address, r._protect_rtp)
         rc = r._counters
+        for g in self._grouped:
+            self._flush_one(g)  # its routes are rebuilt below
         for i, s in enumerate(keyed):
+            if s.group is not None:
+                continue  # rebuilt below
             j = p - 1 if i < p else p  # r's index in s's list (s is not in its own list)
             s._routes.insert(j, entry)  # type: ignore[arg-type]  # keyed: protect is set
             s._route_counters.insert(j, rc)
@@ -841,10 +930,14 @@ class ForwardingTable(Generic[AddrT]):
                 rc.packets_out -= s._fan_packets
                 rc.bytes_out -= s._fan_bytes
         keyed.insert(p, r)
-        others = keyed[:p] + keyed[p + 1 :]
-        r._rtcp_routes = others
-        r._routes = [(b.address, b._protect_rtp) for b in others]  # type: ignore[misc]
-        r._route_counters = [b._counters for b in others]
+        if r.group is not None:
+            self._grouped.append(r)
+        else:
+            others = keyed[:p] + keyed[p + 1 :]
+            r._rtcp_routes = others
+            r._routes = [(b.address, b._protect_rtp) for b in others]  # type: ignore[misc]
+            r._route_counters = [b._counters for b in others]
+        self._links_changed(r)
 
     def _replace_routes(self, r: Association[AddrT]) -> None:
         """New keys for keyed ``r``: swap its protect in every member's routes. O(k)."""
@@ -852,17 +945,26 @@ class ForwardingTable(Generic[AddrT]):
         p = self._keyed_index(r)
         entry = (r.address, r._protect_rtp)
         for i, s in enumerate(keyed):
-            if i != p:
+            if i != p and s.group is None:
                 s._routes[p - 1 if i < p else p] = entry  # type: ignore[assignment]
+        for g in self._grouped:
+            self._flush_one(g)
+        self._links_changed(r)
 
     def _leave_routes(self, r: Association[AddrT]) -> None:
         """Keyed ``r`` leaves: delete it from every member's routes. O(k)."""
         self._flush_one(r)  # credit r's pending fan-out while its routes still exist
+        for g in self._grouped:
+            self._flush_one(g)  # its routes are rebuilt below
+        if r.group is not None:
+            self._grouped.remove(r)
         keyed = self._keyed
         p = self._keyed_index(r)
         del keyed[p]
         rc = r._counters
         for i, s in enumerate(keyed):
+            if s.group is not None:
+                continue  # rebuilt below
             j = p - 1 if i < p else p
             del s._routes[j]
             del s._route_counters[j]
@@ -874,6 +976,29 @@ class ForwardingTable(Generic[AddrT]):
         r._routes = []
         r._route_counters = []
         r._rtcp_routes = []
+        r._links_out = []
+        self._links_changed(r)
+
+    def _links_changed(self, r: Association[AddrT]) -> None:
+        """After ``r`` joined, left or was rekeyed: rebuild the route lists of the grouped links
+        (D27: a link's list leaves out its own group; links are few, so O(k) each) and the
+        ``_links_out`` lists (every member's links, for the last_n path)."""
+        keyed = self._keyed
+        for g in self._grouped:
+            if g._protect_rtp is None:
+                continue
+            others = [b for b in keyed if b is not g and b.group != g.group]
+            g._rtcp_routes = others
+            g._routes = [(b.address, b._protect_rtp) for b in others]  # type: ignore[misc]
+            g._route_counters = [b._counters for b in others]
+        if r.link is not None:
+            links = [b for b in keyed if b.link is not None]
+            for s in keyed:
+                s._links_out = [
+                    b for b in links if b is not s and (s.group is None or b.group != s.group)
+                ]
+        elif r._protect_rtp is not None and r in keyed:
+            r._links_out = [b for b in keyed if b.link is not None]
 
     def _keyed_index(self, r: Association[AddrT]) -> int:
         keyed = self._keyed
@@ -1069,9 +1194,19 @@ class ForwardingTable(Generic[AddrT]):
         """First authenticated RTP of ``ssrc`` from ``assoc``: take ownership if free."""
         owner = self._ssrc_owner.get(ssrc)
         if owner is not None and owner is not assoc:
-            assoc._counters.drop_ssrc_conflict += 1
+            if owner.link is None and assoc.link is None:
+                assoc._counters.drop_ssrc_conflict += 1
+            else:
+                # D26: one SSRC from two directions (a loop, or a link bringing an SSRC a
+                # local endpoint owns): the first direction keeps it.
+                assoc._counters.drop_loop += 1
+                if ssrc not in self._loops_seen:
+                    if len(self._loops_seen) >= 4096:
+                        self._loops_seen.clear()
+                    self._loops_seen.add(ssrc)
+                    self.loop_reports.append((ssrc, owner, assoc))
             return False
-        if len(assoc.ssrcs) >= self.config.max_ssrcs_per_association:
+        if len(assoc.ssrcs) >= assoc._max_ssrcs:
             assoc._counters.drop_limit += 1
             return False
         assoc.ssrcs.add(ssrc)
@@ -1086,7 +1221,8 @@ class ForwardingTable(Generic[AddrT]):
 
     def _sync_feeds(self, vs: _VideoStream[AddrT]) -> None:
         """Make ``vs.feeds`` match the current keyed receivers (state of survivors kept)."""
-        receivers = {a.association_id: a for a in vs.owner._rtcp_routes}
+        # Links carry every stream (D26): they get no feed, see _to_links.
+        receivers = {a.association_id: a for a in vs.owner._rtcp_routes if a.link is None}
         for aid in [aid for aid in vs.feeds if aid not in receivers]:
             del vs.feeds[aid]
         for aid, a in receivers.items():
@@ -1162,7 +1298,8 @@ class ForwardingTable(Generic[AddrT]):
         frame_start = vs.prev_marker
         vs.prev_marker = marker
         timeout = self.config.last_n_switch_timeout
-        out: Output[AddrT] = []
+        # D26: last_n is the receiving MDD's choice; links get every packet, unchanged.
+        out: Output[AddrT] = self._to_links(assoc, inbound) if assoc._links_out else []
         hop = assoc._hop
         if hop is None:  # pragma: no cover - decrypt succeeded, so the keys are there
             return out
@@ -1344,6 +1481,27 @@ class ForwardingTable(Generic[AddrT]):
         oc.rtcp_out += 1
         oc.bytes_out += len(sealed)
         out.append((owner.address, sealed))
+
+    def _to_links(self, assoc: Association[AddrT], inbound: Inbound) -> Output[AddrT]:
+        """A last_n video packet for every link among the sender's routes (no feed, no
+        renumbering: the MDD that serves the receiver applies its own last_n)."""
+        out: Output[AddrT] = []
+        header, payload, seq = inbound.header, inbound.payload, inbound.seq
+        ssrc, ekt = inbound.ssrc, inbound.ekt_field
+        for r in assoc._links_out:
+            session = r._out_session
+            if session is None:  # pragma: no cover - links are keyed while in the table
+                continue
+            try:
+                data = header + session.send_stream(ssrc, seq).seal(seq, payload, header) + ekt
+            except SrtpError:
+                assoc._counters.drop_limit += 1
+                continue
+            rc = r._counters
+            rc.packets_out += 1
+            rc.bytes_out += len(data)
+            out.append((r.address, data))
+        return out
 
     def _start_feed(self, feed: _Feed[AddrT], seq: int) -> None:
         if feed.ever_on:
@@ -1595,6 +1753,8 @@ class ForwardingTable(Generic[AddrT]):
         one per 500 ms at the default 2/s), NACKed packets at ``nack_rate`` (burst one
         second's worth). ``nacked``: the packets a NACK asks for, 0 for PLI/FIR. What does
         not fit is dropped and counted."""
+        if sender.link is not None:
+            return per  # an MDD link: its receivers were throttled by their own MDD
         nack = nacked > 0
         cost = float(nacked) if nack else 1.0
         buckets = sender._feedback

@@ -15,6 +15,9 @@ API::
     engine.next_event() -> perc.events.Event | None
     engine.get_timer() -> float;  engine.handle_timer(now)
     engine.close(now, extra_totals)               # at exit: counters and totals events
+    engine.add_link(LinkSpec(peer, fingerprint, connect), now)   # a cascade link (D25)
+    engine.remove_link(peer, now);  engine.link_manager;  engine.links_up
+    engine.link_counters(peer)    # forwarding + link counters of one link (LinkCounters)
     engine.associations      # the forwarding table's associations by id (the only table)
     engine.stats             # MddStats
     engine.stats_and_totals()  # and the association counters summed, ended ones included
@@ -127,6 +130,16 @@ never makes it earlier, so a shell may simply sleep until it:
 :class:`~perc.events.MddTotals`. They never carry key
 material: ``AssociationKeyed.keys`` is a one-way digest (:func:`perc.keying.key_digest`).
 
+**Cascade links** (D25, D26; :mod:`perc.links`). With the MDD's identity the engine has a
+:class:`~perc.links.LinkManager`. DTLS from a configured link peer's address goes to it, never
+to the KMF; SRTP from a link peer whose link has no keys is dropped and counted there. When a
+link is keyed (or re-keyed after a peer restart) the engine replaces its forwarding-table entry
+(:meth:`ForwardingTable.add_link`, a fresh association id each time, so the SSRCs it brought
+are free again); when it goes down the entry goes. A link's counters (the entries' forwarding
+counters summed, and the link's own) are :class:`~perc.events.LinkCounters`, reported with
+the associations' (not as MddCounters); an SSRC seen from two directions is one
+:class:`~perc.events.SsrcLoop` warning. Links are never idle-expired: they have keepalives.
+
 **Key isolation** (RFC 8871 §3.1, §4.1). ``MediaKeys`` carries only the outer halves (D4);
 this module and the forwarding core never import the code that unwraps EKT tags or removes the
 inner layer (:data:`E2E_MODULES`); :func:`key_isolation` reports which of them a process has
@@ -138,6 +151,7 @@ from __future__ import annotations
 import sys
 import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -147,11 +161,14 @@ from perc.config import DOUBLE_PROFILES, MddConference, MddSettings
 from perc.dtls.offer import first_client_hello_untrusted
 from perc.forwarding import (
     Association,
+    AssociationCounters,
     ForwardingConfig,
     ForwardingTable,
     MediaKeysError,
 )
+from perc.identity import Identity
 from perc.keying import key_digest
+from perc.links import LinkKeyed, LinkManager, LinkSpec, LinkState
 from perc.logsetup import format_address
 from perc.wire.demux import is_dtls, is_srtp
 from perc.wire.dtls import (
@@ -210,7 +227,15 @@ _PACKET_DROPS = (
     "drop_no_keys",
     "drop_ssrc_conflict",
     "drop_limit",
+    "drop_loop",
 )
+
+
+def _direction(assoc: Association[Address]) -> str:
+    """How a loop warning names a direction (D26)."""
+    if assoc.link is not None:
+        return f"link {assoc.link}"
+    return f"endpoint {format_address(assoc.address)}"
 
 
 def loaded_e2e_modules() -> list[str]:
@@ -357,6 +382,8 @@ class MddEngine:
         stats_interval: float,
         profiles: tuple[int, ...] | None = None,
         admission: AdmissionConfig | None = None,
+        identity: Identity | None = None,
+        keylog: Callable[[str], None] | None = None,
     ) -> None:
         self.conference = conference
         self.kmf = kmf
@@ -407,9 +434,29 @@ class MddEngine:
         self._next_stats = float("-inf")
         self._next_admission = float("-inf")
         self._next_summary = float("-inf")
+        #: D25 cascade links (the MDD's certificate is the links' DTLS identity).
+        self.link_manager: LinkManager | None = (
+            LinkManager(conference, identity.certificate, identity.private_key, keylog=keylog)
+            if identity is not None
+            else None
+        )
+        #: Link peers without keys: their SRTP is dropped and counted, not "unknown source".
+        self._unkeyed_links: set[Address] = set()
+        #: Per link peer: the forwarding counters of its past table entries, summed.
+        self._link_retired: dict[Address, dict[str, int]] = {}
+        self._link_reported: dict[Address, dict[str, int]] = {}
 
     @classmethod
-    def from_config(cls, conference: MddConference, settings: MddSettings) -> MddEngine:
+    def from_config(
+        cls,
+        conference: MddConference,
+        settings: MddSettings,
+        *,
+        identity: Identity | None = None,
+        keylog: Callable[[str], None] | None = None,
+    ) -> MddEngine:
+        """The engine of one configured conference; ``identity`` (the MDD's certificate) is
+        needed for its links (:meth:`add_link`, with addresses the shell resolved)."""
         return cls(
             conference.id,
             kmf=str(conference.kmf),
@@ -433,6 +480,8 @@ class MddEngine:
                 max_pending_per_ip=settings.max_pending_per_ip,
                 pending_timeout=settings.pending_timeout,
             ),
+            identity=identity,
+            keylog=keylog,
         )
 
     # --- observation ---------------------------------------------------------------------------
@@ -520,13 +569,144 @@ class MddEngine:
 
     def get_timer(self) -> float:
         """When :meth:`handle_timer` is next due (absolute; input never makes it earlier)."""
-        return min(self._next_idle, self._next_tick, self._next_stats, self._next_admission)
+        due = min(self._next_idle, self._next_tick, self._next_stats, self._next_admission)
+        if self.link_manager is not None:
+            due = min(due, self.link_manager.get_timer())
+        return due
+
+    # --- cascade links (D25, D26) --------------------------------------------------------------
+
+    def add_link(self, spec: LinkSpec, now: float) -> None:
+        """A cascade link to another MDD (``spec.peer`` resolved as ``recvfrom`` reports it).
+        From then on DTLS from that address is the link's, never the KMF's."""
+        if self.link_manager is None:
+            raise ValueError("links need the MDD's identity (MddEngine(identity=...))")
+        self._now = now
+        stale = self.table.association_for(spec.peer)
+        if stale is not None:
+            self._end(stale, "link")
+        self.link_manager.add(spec, now)
+        self._unkeyed_links.add(spec.peer)
+        self._drain_links(now)
+
+    def remove_link(self, peer: Address, now: float) -> None:
+        if self.link_manager is None:
+            return
+        self.link_manager.remove(peer, now)
+        self._drain_links(now)
+        self._unkeyed_links.discard(peer)
+
+    def _drain_links(self, now: float) -> None:
+        """Apply the link manager's changes to the table; queue its datagrams and events."""
+        lm = self.link_manager
+        if lm is None:
+            return
+        out = lm.datagrams_to_send()
+        if out:
+            self._datagrams += out
+        while (change := lm.next_change()) is not None:
+            link = change.link
+            self._retire_link(link.peer, link.association)
+            link.association = None
+            if isinstance(change, LinkKeyed):
+                aid = uuid.uuid4()
+                stale = self.table.association_for(link.peer)
+                if stale is not None:  # pragma: no cover - add_link ended it
+                    self._end(stale, "link")
+                keys = change.keys
+                self.table.add_link(
+                    aid,
+                    link.peer,
+                    now,
+                    inbound=keys.inbound,
+                    outbound=keys.outbound,
+                    name=link.label,
+                    group=link.spec.group,
+                )
+                link.association = aid
+                self._unkeyed_links.discard(link.peer)
+            else:
+                self._unkeyed_links.add(link.peer)
+        while (event := lm.next_event()) is not None:
+            self._events.append(event)
+
+    def _retire_link(self, peer: Address, aid: uuid.UUID | None) -> None:
+        if aid is None:
+            return
+        assoc = self.table.associations.get(aid)
+        if assoc is None:
+            return
+        retired = self._link_retired.setdefault(peer, {})
+        for name, value in assoc.counters.as_dict().items():
+            retired[name] = retired.get(name, 0) + value
+        self.table.remove(aid)
+
+    def _drain_loops(self) -> None:
+        """D26: one warning per SSRC seen from two directions."""
+        for ssrc, owner, refused in self.table.loop_reports:
+            self._events.append(
+                events.SsrcLoop(
+                    conference=self.conference,
+                    ssrc=ssrc,
+                    owner=_direction(owner),
+                    refused=_direction(refused),
+                )
+            )
+        self.table.loop_reports.clear()
+
+    def link_counters(self, peer: Address) -> dict[str, int]:
+        """One link's counters: forwarding (all its table entries) and the link's own."""
+        totals = AssociationCounters().as_dict()  # every key, zero until counted
+        for name, value in self._link_retired.get(peer, {}).items():
+            totals[name] += value
+        lm = self.link_manager
+        link = lm.links.get(peer) if lm is not None else None
+        if link is not None and link.association is not None:
+            assoc = self.table.associations.get(link.association)
+            if assoc is not None:
+                for name, value in assoc.counters.as_dict().items():
+                    totals[name] = totals.get(name, 0) + value
+        if link is not None:
+            totals.update(attrs.asdict(link.stats))
+        return totals
+
+    def _report_links(self, *, changed_only: bool, final: bool = False) -> None:
+        lm = self.link_manager
+        if lm is None:
+            return
+        for peer, link in lm.links.items():
+            counters = self.link_counters(peer)
+            if changed_only and counters == self._link_reported.get(peer):
+                continue
+            self._link_reported[peer] = counters
+            self._events.append(
+                events.LinkCounters(
+                    conference=self.conference,
+                    link=link.label,
+                    state=link.state.value,
+                    counters=counters,
+                    final=final,
+                )
+            )
+
+    @property
+    def links_up(self) -> int:
+        """How many links are keyed."""
+        lm = self.link_manager
+        return 0 if lm is None else sum(li.state is LinkState.UP for li in lm.links.values())
 
     # --- endpoint side -------------------------------------------------------------------------
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
         """One datagram from ``addr`` on the conference's port (never raises on its content)."""
         if is_srtp(data):  # SRTP/SRTCP (RFC 7983 §7)
+            if self._unkeyed_links and addr in self._unkeyed_links:
+                # D25: a link peer's media before its link is keyed: dropped, counted.
+                lm = self.link_manager
+                if lm is not None:
+                    lm.media_before_keys(addr, now)
+                    self._drain_links(now)
+                return
             if self._pending and self._is_pending(addr):
                 # Not held (D5) for a pending association: its endpoint has not even got
                 # the KMF's ServerHello, so it has no keys to send SRTP with.
@@ -535,11 +715,19 @@ class MddEngine:
             out = self.table.handle_datagram(addr, data, now)
             if out:
                 self._datagrams += out
+            if self.table.loop_reports:
+                self._drain_loops()
             return
         self._now = now
         self._other_in += 1
         if not is_dtls(data):  # not DTLS (RFC 7983 §7: MUST drop)
             self._stats.dropped_other += 1
+            return
+        lm = self.link_manager
+        if lm is not None and lm.links and addr in lm.links:
+            # D25: DTLS from a configured link peer is the MDD's own, never the KMF's.
+            lm.receive(addr, data, now)
+            self._drain_links(now)
             return
         assoc = self.table.association_for(addr)
         adm = self.admission_stats
@@ -859,6 +1047,9 @@ class MddEngine:
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now``: idle expiry, last_n upkeep, periodic counters."""
         self._now = now
+        if self.link_manager is not None and now >= self.link_manager.get_timer():
+            self.link_manager.handle_timer(now)
+            self._drain_links(now)
         if now >= self._next_tick:
             self.table.tick(now)
             self._next_tick = now + TICK_INTERVAL
@@ -926,6 +1117,8 @@ class MddEngine:
             if aid in self._pending:
                 continue  # nothing to report: no SRTP is taken from it (see "Admission")
             assoc = self.table.associations[aid]
+            if assoc.link is not None:
+                continue  # a link's counters are LinkCounters (see _report_links)
             last = assoc.reported
             if changed_only and (counters == last or (last is None and not any(counters.values()))):
                 continue  # unchanged (a new association with nothing counted yet included)
@@ -934,13 +1127,18 @@ class MddEngine:
                 events.MddCounters(conference=self.conference, association=aid, counters=counters)
             )
             reported += 1
+        self._report_links(changed_only=changed_only)
         return reported
 
     def close(self, now: float, extra_totals: dict[str, int] | None = None) -> None:
         """At exit: every association's counters, then the conference totals (with the
         shell's I/O counters, ``extra_totals``, at the end)."""
         self._now = now
+        if self.link_manager is not None:
+            self.link_manager.close(now)
+            self._drain_links(now)
         self.report_counters(now, changed_only=False)
+        self._report_links(changed_only=False, final=True)
         st = self.stats
         totals = {
             "associations": len(self.table.associations),

@@ -18,7 +18,12 @@ it sends what the engine queued and logs the engine's events (:func:`perc.events
   or the engine wants it closed (``UnsupportedVersion``, D2), reconnect after a capped
   exponential backoff (``reconnect_min`` doubling to ``reconnect_max``; reset once a tunnel
   stayed up ``STABLE_AFTER`` or carried a message; the longest after ``UnsupportedVersion``).
-* **Timer**: sleep until ``engine.get_timer()``, then ``engine.handle_timer(now)``.
+* **Timer**: sleep until ``engine.get_timer()``, then ``engine.handle_timer(now)``, and send
+  what that queued (cascade links' handshakes, retries and keepalives).
+* **Links** (D25): at start each ``[[conference.link]]`` peer is resolved (``getaddrinfo``,
+  the socket's family) to the address ``recvfrom`` will report and handed to
+  ``engine.add_link``; at exit every link gets a close_notify before the socket closes, so
+  the peer MDDs notice at once.
 
 At exit each relay logs every association's counters and the totals, and the server which
 end-to-end modules the process loaded (key isolation, RFC 8871 §4.1).
@@ -49,6 +54,7 @@ from perc import events, forwarding
 from perc.admin import MDD_OPS, AdminError, Links, Request
 from perc.config import MddConference, MddConfig
 from perc.identity import fingerprint_matches
+from perc.links import LinkSpec
 from perc.mdd import Address, MddEngine, MddStats, key_isolation
 from perc.roles.admin import serve_admin
 from perc.roles.metrics import serving as serving_metrics
@@ -58,6 +64,7 @@ from perc.roles.tunnel import (
     TunnelProtocolError,
     TunnelStats,
     make_tls_context,
+    tunnel_keylog,
 )
 
 if TYPE_CHECKING:
@@ -105,7 +112,13 @@ class ConferenceRelay:
         self.conference = conference
         self.id = conference.id
         self.settings = config.mdd
-        self.engine = MddEngine.from_config(conference, config.mdd)
+        self.engine = MddEngine.from_config(
+            conference,
+            config.mdd,
+            identity=config.identity,
+            # D21: link DTLS secrets go to SSLKEYLOGFILE too (the tunnel's writer, one file).
+            keylog=tunnel_keylog() if conference.link else None,
+        )
         self.io = IoStats()
         #: CPU seconds of this thread spent in the UDP loop's batches (D34 metrics).
         self.forwarding_cpu = 0.0
@@ -185,22 +198,63 @@ class ConferenceRelay:
             host, port = self.address = (str(name[0]), int(name[1]))
             self._sock = sock
             events.emit(log, events.ConferenceListening("conference", host, port, self.id))
+            self._add_links(family)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._tunnel_loop)
                 nursery.start_soon(self._udp_loop, sock)
                 nursery.start_soon(self._timer_loop)
                 task_status.started(self)
         finally:
+            self._close_links(sock)
             trio.lowlevel.notify_closing(sock)
             sock.close()
             self.engine.close(trio.current_time(), attrs.asdict(self.io))
             self._pump()
+
+    def _add_links(self, family: int) -> None:
+        """D25: each configured link, its peer resolved as recvfrom will report it."""
+        now = trio.current_time()
+        for link in self.conference.link:
+            infos = socket.getaddrinfo(
+                link.peer.host, link.peer.port, family=family, type=socket.SOCK_DGRAM
+            )
+            peer = tuple(infos[0][4])
+            self.engine.add_link(
+                LinkSpec(
+                    peer=peer, fingerprint=link.fingerprint, connect=link.connect,
+                    name=str(link.peer),
+                ),
+                now,
+            )  # fmt: skip
+        sock = self._sock
+        if sock is not None:
+            for addr, data in self.engine.datagrams_to_send():
+                try:
+                    sock.sendto(data, addr)
+                except OSError:
+                    self.io.dropped_udp_send += 1
+        self._pump()
+
+    def _close_links(self, sock: socket.socket) -> None:
+        """At exit: close_notify to every linked MDD (best effort), so it notices at once."""
+        lm = self.engine.link_manager
+        if lm is None or not lm.links:
+            return
+        lm.close(trio.current_time())
+        for addr, data in lm.datagrams_to_send():
+            try:
+                sock.sendto(data, addr)
+            except OSError:
+                self.io.dropped_udp_send += 1
 
     async def _timer_loop(self) -> None:
         engine = self.engine
         while True:
             await trio.sleep_until(engine.get_timer())
             engine.handle_timer(trio.current_time())
+            out = engine.datagrams_to_send()
+            if out:
+                await self._send(out)
             self._pump()
 
     # --- tunnel --------------------------------------------------------------------------------
