@@ -690,13 +690,13 @@ async def _endpoint_main(args: tuple[Any, float | None, Any, float | None]) -> N
 )
 @_log_level_option
 def demo_command(
+    *,
     participants: int | None,
     duration: float | None,
     media: str | None,
     keep: bool | None,
     metrics: bool,
     mdds: int | None,
-    keep: bool | None,
 ) -> NoReturn:
     """Run a whole conference on loopback: one KMF, one MDD and N endpoints as processes.
 
