@@ -295,6 +295,10 @@ _RTCP_HEADER = struct.Struct("!BBH")
 _OUTBOUND_MAX_STREAMS = 1 << 20
 
 
+#: How far a last_n feed's resume point may trail its newest packet (RTP SEQ units).
+_RESUME_TRAIL = 0x4000
+
+
 class ForwardingError(Exception):
     """Base of the forwarding core's errors."""
 
@@ -1356,9 +1360,15 @@ class ForwardingTable(Generic[AddrT]):
             if not send:
                 c.drop_last_n += 1
                 continue
-            if (seq - feed.start_seq) & 0x8000:
+            ahead = (seq - feed.start_seq) & 0xFFFF
+            if ahead & 0x8000:
                 c.drop_reorder += 1  # from before this feed's resume point (RFC 7714 §8.4)
                 continue
+            if ahead >= _RESUME_TRAIL:
+                # A feed that stays on: the resume point trails the newest packet by at most
+                # a quarter of the SEQ space, so "before it" never comes to mean "everything"
+                # after 2^15 packets; older packets are far outside any replay window anyway.
+                feed.start_seq = (seq - _RESUME_TRAIL) & 0xFFFF
             out_seq = (seq - feed.offset) & 0xFFFF
             try:
                 if out_seq == seq:

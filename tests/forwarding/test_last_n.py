@@ -258,3 +258,18 @@ def test_tick_prunes_silent_streams_without_traffic() -> None:
     assert table.video_ranking() == []
     table.remove(eps[0].association_id)
     assert eps[0].ssrc not in table._video
+
+
+def test_a_feed_that_stays_on_keeps_forwarding_past_half_the_seq_space() -> None:
+    """A receiver's feed of one sender that never pauses: its packets keep flowing after
+    32,768 of them (the resume-point check must not turn into "everything is old")."""
+    table: ForwardingTable[Address] = ForwardingTable(ForwardingConfig(last_n=1))
+    eps = conference(table, 2)
+    a, b = eps
+    v = Video(table, eps)
+    count = 33_500
+    for _ in range(count):
+        v.now += 0.001
+        v.feed(a, v.wire(a))
+    assert table.associations[a.association_id].counters.drop_reorder == 0
+    assert sum(1 for p in b.got if p.ssrc == a.ssrc) == count
