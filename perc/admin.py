@@ -382,6 +382,14 @@ def render(op: str, answer: Mapping[str, Any]) -> list[str]:
         return out
     if op == "links":
         links = answer.get("links")
-        keys = ("name", "peer", "up")
-        return table(keys, _rows(links, keys)) if links else ["no links"]
+        keys = ("name", "peer", "connect", "state", "profile", "group")
+        if not links:
+            return ["no links"]
+        out = table(keys, _rows(links, keys))
+        for link in links if isinstance(links, list) else []:
+            counters = link.get("counters") if isinstance(link, dict) else None
+            if isinstance(counters, dict):
+                text = " ".join(f"{k}={v}" for k, v in counters.items() if v)
+                out.append(f"{link.get('name')}: {text or 'no counters yet'}")
+        return out
     return [json.dumps(dict(answer))]

@@ -541,8 +541,27 @@ class MddEngine:
         }
 
     def admin_links(self) -> list[dict[str, object]]:
-        """D33 ``links``: the conference's cascade links (D25); none are configured yet."""
-        return []
+        """D33 ``links``: the conference's cascade links (D25): peer, name, who dials, the
+        pinned fingerprint, state, profile, split-horizon group and counters (no keys)."""
+        lm = self.link_manager
+        if lm is None:
+            return []
+        out: list[dict[str, object]] = []
+        for peer, link in lm.links.items():
+            spec = link.spec
+            out.append(
+                {
+                    "peer": format_address(peer),
+                    "name": link.label,
+                    "connect": spec.connect,
+                    "fingerprint": spec.fingerprint,
+                    "state": link.state.value,
+                    "profile": link.profile,
+                    "group": spec.group,
+                    "counters": self.link_counters(peer),
+                }
+            )
+        return out
 
     def _forwarding_totals(self) -> dict[str, int]:
         totals = dict(self._retired)

@@ -121,6 +121,27 @@ def test_two_mdds_link_with_pinned_certificates_and_the_same_keys() -> None:
     assert w.a.admission_stats.dropped_not_hello == 0
 
 
+def test_the_admin_socket_lists_the_links_without_keys() -> None:
+    """D33 ``links``: each link's peer, dialer, pinned fingerprint, state and counters."""
+    from perc.admin import render
+
+    w = Wire()
+    w.configure()
+    w.run(0.5)
+    (row,) = w.a.admin_links()
+    assert row["state"] == "up" and row["connect"] is True and row["profile"] == 0x0007
+    assert row["fingerprint"] == w.idb.fingerprint
+    counters = row["counters"]
+    assert isinstance(counters, dict) and counters["handshakes"] == 1
+    assert w.a.admin_status()["links"] == 1
+    text = "\n".join(render("links", {"links": w.a.admin_links()}))
+    assert "up" in text and "handshakes=1" in text
+    link = link_of(w.a, B)
+    assert link.keys is not None
+    for secret in (link.keys.outbound, link.keys.inbound):
+        assert repr(secret) not in repr(row)
+
+
 def test_another_certificate_is_refused_counted_and_logged_once() -> None:
     w = Wire()
     other = identity.generate("impostor").fingerprint
