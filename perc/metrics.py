@@ -262,12 +262,22 @@ class MddCollector(Collector):
             "CPU seconds spent receiving, forwarding and sending media",
             label,
         )
+        link_packets = _counter(
+            "perc_mdd_link_packets",
+            "Packets over each cascade link (D25), by direction",
+            [*label, "link", "direction"],
+        )
+        link_bytes = _counter(
+            "perc_mdd_link_bytes",
+            "Bytes over each cascade link, by direction",
+            [*label, "link", "direction"],
+        )
         for view in self.conferences():
             cid, engine = view.id, view.engine
             stats, totals = engine.stats_and_totals()
             tunnel.add_metric([cid], 1 if engine.tunnel_is_up else 0)
             assocs.add_metric([cid], len(engine.associations))
-            links.add_metric([cid], _links_up(engine))
+            links.add_metric([cid], engine.links_up)
             rtcp_in, rtcp_out = totals.get("rtcp_in", 0), totals.get("rtcp_out", 0)
             packets_in.add_metric([cid, "rtp"], totals.get("packets_in", 0) - rtcp_in)
             packets_in.add_metric([cid, "rtcp"], rtcp_in)
@@ -288,15 +298,13 @@ class MddCollector(Collector):
             dtls.add_metric([cid, "to_kmf"], stats.dtls_to_kmf)
             dtls.add_metric([cid, "to_endpoint"], stats.dtls_to_endpoint)
             cpu.add_metric([cid], view.forwarding_cpu)
+            for row in engine.admin_links():
+                name, c = str(row["name"]), row["counters"]
+                assert isinstance(c, dict)
+                for direction in ("in", "out"):
+                    link_packets.add_metric([cid, name, direction], c[f"packets_{direction}"])
+                    link_bytes.add_metric([cid, name, direction], c[f"bytes_{direction}"])
         yield from (tunnel, assocs, links, packets_in, packets_out, bytes_in, bytes_out)
-        yield from (datagrams, held, dropped, dtls, cpu)
+        yield from (datagrams, held, dropped, dtls, cpu, link_packets, link_bytes)
 
 
-def _links_up(engine: MddEngine) -> int:
-    """Links to other MDDs that are up (0 for an engine without links)."""
-    links: object = getattr(engine, "links", None)
-    if isinstance(links, Mapping):
-        links = links.values()
-    if not isinstance(links, Iterable):
-        return 0
-    return sum(1 for link in links if getattr(link, "is_up", True))

@@ -142,6 +142,28 @@ def test_the_admin_socket_lists_the_links_without_keys() -> None:
         assert repr(secret) not in repr(row)
 
 
+def test_metrics_count_the_links_up_and_their_packets() -> None:
+    from types import SimpleNamespace
+
+    from perc.metrics import MddCollector
+
+    from .test_metrics import scrape, value
+
+    w = Wire()
+    w.configure()
+    w.run(0.5)
+    view = SimpleNamespace(id="demo", engine=w.a, io=None, forwarding_cpu=0.0)
+    s = scrape(MddCollector(lambda: [view]))
+    assert value(s, "perc_mdd_links_up", conference="demo") == 1
+    (row,) = w.a.admin_links()
+    name = str(row["name"])
+    for direction in ("in", "out"):
+        key = f"packets_{direction}"
+        got = value(s, "perc_mdd_link_packets_total", conference="demo", link=name,
+                    direction=direction)  # fmt: skip
+        assert isinstance(row["counters"], dict) and got == row["counters"][key]
+
+
 def test_another_certificate_is_refused_counted_and_logged_once() -> None:
     w = Wire()
     other = identity.generate("impostor").fingerprint

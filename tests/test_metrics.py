@@ -7,7 +7,6 @@ parses the text back with its parser, as Prometheus would.
 
 from __future__ import annotations
 
-import uuid
 from types import SimpleNamespace
 from typing import Any
 
@@ -214,11 +213,8 @@ def test_mdd_metrics_are_the_engines_counters(monkeypatch: pytest.MonkeyPatch) -
     assert value(s, "perc_mdd_datagrams_in_total", conference="demo") == st.datagrams_in
     assert value(s, "perc_mdd_dtls_total", conference="demo", direction="to_kmf") == 3
     assert value(s, "perc_mdd_forwarding_cpu_seconds_total", conference="demo") == 1.5
-
-    # Links (cascading MDDs) are counted once the engine has them; up ones only.
-    links = {uuid.uuid4(): SimpleNamespace(is_up=up_) for up_ in (True, True, False)}
-    monkeypatch.setattr(e, "links", links, raising=False)
-    assert value(scrape(collector), "perc_mdd_links_up", conference="demo") == 2
+    # An MDD without cascade links (D25): none up (tests/test_links.py counts real ones).
+    assert value(s, "perc_mdd_links_up", conference="demo") == 0
 
 
 def test_mdd_counters_survive_the_associations_that_made_them() -> None:
