@@ -361,6 +361,15 @@ _QUICK = ("kmf", "kmf_fingerprint", "listen", "cert", "key")
     + _doc(config.MddSettings, "idle_timeout")
     + f" [default: {_default(config.MddSettings, 'idle_timeout')}]",
 )
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    metavar="N",
+    help=_doc(config.MddSettings, "workers")
+    + f" Overrides [mdd] workers [default: {_default(config.MddSettings, 'workers')}]",
+)
+@click.option("--worker-plan", hidden=True, default=None)
 @_log_level_option
 def mdd_command(
     *,
@@ -372,6 +381,8 @@ def mdd_command(
     key: str | None,
     conference: str,
     idle_timeout: float | None,
+    workers: int | None,
+    worker_plan: str | None,
 ) -> None:
     """Run the Media Distributor: UDP for endpoints, one RFC 9185 tunnel per conference.
 
@@ -415,11 +426,73 @@ def mdd_command(
             )
         except config.ConfigError as e:
             raise CliError(str(e)) from None
+    listens = ", ".join(str(c.listen) for c in cfg.conferences)
+    if worker_plan is not None:
+        _run_worker(cfg, worker_plan, listens)
+        return
+    if workers is not None:
+        try:
+            cfg = config.with_workers(cfg, workers)
+        except config.ConfigError as e:
+            raise CliError(str(e)) from None
     _setup_logging()
+    if cfg.mdd.workers > 1:
+        if config_path is not None:
+            args = ["mdd", "--config", str(config_path.resolve())]
+        else:
+            args = ["mdd", "--conference", conference]
+            args += [f"--{n.replace('_', '-')}={v}" for n, v in quick.items()]
+            if idle_timeout is not None:
+                args.append(f"--idle-timeout={idle_timeout}")
+        _run_supervisor(cfg, args, listens)
+        return
     from perc.roles import mdd
 
-    listens = ", ".join(str(c.listen) for c in cfg.conferences)
     _run_role(mdd.serve, cfg, f"MDD on {listens}")
+
+
+def _run_supervisor(cfg: config.MddConfig, args: list[str], listens: str) -> None:
+    """D27: run ``cfg.mdd.workers`` copies of this command as workers, supervised."""
+    import functools
+
+    from perc.roles import workers
+
+    meta = click.get_current_context().find_root().meta
+    command = workers.worker_command(
+        args,
+        meta.get(_LEVEL_KEY, logsetup.DEFAULT_LEVEL),
+        meta.get(_FORMAT_KEY, logsetup.DEFAULT_FORMAT),
+    )
+    try:
+        _run_role(
+            functools.partial(workers.supervise, worker_command=command),
+            cfg,
+            f"MDD on {listens}",
+        )
+    except workers.WorkerFailed as e:
+        raise RuntimeFailure(str(e)) from None
+
+
+def _run_worker(cfg: config.MddConfig, text: str, listens: str) -> None:
+    """One D27 worker, started by a supervising ``perc mdd`` (the hidden --worker-plan)."""
+    import functools
+
+    from perc import workers as plans
+    from perc.roles import workers
+
+    try:
+        plan = plans.WorkerPlan.from_json(text)
+    except plans.WorkerPlanError as e:
+        raise CliError(str(e)) from None
+    missing = sorted(set(plan.conferences) ^ {c.id for c in cfg.conferences})
+    if missing:
+        raise CliError(f"bad worker plan: conferences {', '.join(missing)} do not match")
+    _setup_logging()
+    _run_role(
+        functools.partial(workers.serve_worker, plan=plan),
+        cfg,
+        f"MDD worker {plan.index} on {listens}",
+    )
 
 
 # Kept in step with perc.endpoint.ExitCode (a test checks); here so that --help does not

@@ -40,6 +40,7 @@ Files (the optional keys have the defaults shown)::
     max_pending = 1000                 # associations still before the KMF's ServerHello
     max_pending_per_ip = 64            # ... of them from one source IP address
     pending_timeout = 2.0              # seconds a pending association has to progress
+    workers = 1                        # worker processes under one supervisor (D27)
     [[conference]]
     id = "demo"
     listen = "127.0.0.1:5004"          # UDP port where endpoints of this conference send
@@ -78,7 +79,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NewType, TypeVar
 
@@ -225,7 +226,7 @@ class KmfSettings:
         default=None,
         metadata=_doc(
             f"SQLite state file (D28: SPIs that survive restarts, the audit log of D32); in a "
-            f"config file the default is {DEFAULT_STATE_FILE} beside it, and \"\" keeps "
+            f'config file the default is {DEFAULT_STATE_FILE} beside it, and "" keeps '
             "everything in memory"
         ),
     )
@@ -329,6 +330,13 @@ class MddSettings:
         default=2.0,
         metadata=_doc(
             "seconds a pending association has to get the KMF's ServerHello or MediaKeys"
+        ),
+    )
+    workers: int = attrs.field(
+        default=1,
+        metadata=_doc(
+            "worker processes (D27): more than 1 runs them under one supervisor, each "
+            "conference port shared with SO_REUSEPORT and the workers linked as a mesh"
         ),
     )
 
@@ -963,6 +971,7 @@ def build_mdd_config(
             "mdd.reconnect_max",
             "must be >= mdd.reconnect_min",
         )
+        _check_workers(mdd.workers, raw.conference, "mdd.workers")
         listens: dict[tuple[str, int], int] = {}
         for i, c in enumerate(raw.conference):
             key = f"conference[{i}]"
@@ -1001,6 +1010,25 @@ def build_mdd_config(
         identity=ident,
         source=source,
     )
+
+
+def _check_workers(workers: int, conferences: Sequence[MddConference], key: str) -> None:
+    _check(workers >= 1, key, f"must be >= 1, got {workers}")
+    if workers > 1:
+        linked = next((c.id for c in conferences if c.link), None)
+        _check(
+            linked is None,
+            key,
+            f"{workers} workers cannot serve conference {linked!r}: its [[conference.link]] "
+            "needs a single MDD process (workers = 1)",
+        )
+
+
+def with_workers(cfg: MddConfig, workers: int, key: str = "--workers") -> MddConfig:
+    """``cfg`` with ``[mdd] workers`` replaced (the ``--workers`` option); checked as the
+    config file's value is (:class:`ConfigError` naming ``key``)."""
+    _check_workers(workers, cfg.conferences, key)
+    return attrs.evolve(cfg, mdd=attrs.evolve(cfg.mdd, workers=workers))
 
 
 #: Config keys of the MDD quick form and the CLI options that set them.
