@@ -14,7 +14,7 @@
                                  [--join-timeout S] [--duration S] [--keepalive S]
                                  [--media audio|video|both|none] [--expect-peers N]
                                  [--report FILE] [--video-fps F] [--video-bitrate B]
-    perc [--log-level LEVEL] demo [--participants N] [--duration S] [--media M] [--keep]
+    perc [--log-level LEVEL] demo [--participants N] [--duration S] [--media M] [--mdds M] [--keep]
 
 ``--log-level`` and ``--log-format human|json`` are also accepted after the subcommand; with
 ``json`` every log record is one JSON object and typed events (:mod:`perc.events`) carry their
@@ -648,6 +648,14 @@ async def _endpoint_main(args: tuple[Any, float | None, Any, float | None]) -> N
     help=f"What every endpoint sends [default: {demo_plan.DEFAULT_MEDIA}].",
 )
 @click.option(
+    "--mdds",
+    metavar="M",
+    type=int,
+    default=None,
+    help=f"MDD processes, chained by cascade links, 1 to {demo_plan.MAX_MDDS}; the endpoints "
+    "are spread over them [default: 1].",
+)
+@click.option(
     "--keep",
     is_flag=True,
     default=None,
@@ -656,7 +664,11 @@ async def _endpoint_main(args: tuple[Any, float | None, Any, float | None]) -> N
 )
 @_log_level_option
 def demo_command(
-    participants: int | None, duration: float | None, media: str | None, keep: bool | None
+    participants: int | None,
+    duration: float | None,
+    media: str | None,
+    mdds: int | None,
+    keep: bool | None,
 ) -> NoReturn:
     """Run a whole conference on loopback: one KMF, one MDD and N endpoints as processes.
 
@@ -674,4 +686,6 @@ def demo_command(
         given["duration"] = duration
     if media is not None:
         given["media"] = media
+    if mdds is not None:
+        given["mdds"] = mdds
     sys.exit(demo.main(**given, keep=keep or None))

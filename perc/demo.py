@@ -50,6 +50,7 @@ __all__ = [
     "check_arguments",
     "join_names",
     "make_demo_files",
+    "mdd_names",
     "write_mdd_config",
 ]
 
@@ -69,6 +70,8 @@ MIN_DURATION = 4.0
 #: The conference's rekey window (D22): short, so a join takes ~0.2 s, yet a burst of joins
 #: (all endpoints start together) still shares one new key.
 REKEY_WINDOW = 0.2
+#: Most MDDs the demo chains (``--mdds``).
+MAX_MDDS = 8
 #: Known values of PERC_DEMO_FAULT.
 FAULTS = ("outsider",)
 
@@ -88,9 +91,11 @@ REFRESH = 1.0
 
 
 def check_arguments(
-    participants: int, duration: float, media: str, fault: str | None
+    participants: int, duration: float, media: str, fault: str | None, mdds: int = 1
 ) -> str | None:
     """The problem with the demo's arguments (one line naming the option), or None."""
+    if not 1 <= mdds <= MAX_MDDS or mdds > participants:
+        return f"--mdds: 1 to {MAX_MDDS} MDDs, at most one per participant"
     if not 2 <= participants <= len(NAMES):
         return f"--participants: a conference here has 2 to {len(NAMES)} participants"
     if not (math.isfinite(duration) and duration >= MIN_DURATION):
@@ -119,10 +124,29 @@ class DemoFiles:
     mdd_fingerprint: str
     names: tuple[str, ...]
     on_roster: tuple[str, ...]
+    mdd_fingerprints: tuple[str, ...] = ()
+    """Every MDD's, in chain order (the first is ``mdd_fingerprint``)."""
+
+    @property
+    def mdd_names(self) -> tuple[str, ...]:
+        return mdd_names(max(1, len(self.mdd_fingerprints)))
+
+    def mdd_of(self, name: str) -> int:
+        """Which MDD (index in the chain) an endpoint uses: spread round robin."""
+        return self.names.index(name) % max(1, len(self.mdd_fingerprints))
+
+
+def mdd_names(mdds: int) -> tuple[str, ...]:
+    """``mdd`` for one MDD; ``mdd1`` .. ``mddM`` for a chain of M (``--mdds``)."""
+    return ("mdd",) if mdds == 1 else tuple(f"mdd{i}" for i in range(1, mdds + 1))
 
 
 def make_demo_files(
-    folder: Path, names: Sequence[str] = NAMES[:2], *, outsiders: Sequence[str] = ()
+    folder: Path,
+    names: Sequence[str] = NAMES[:2],
+    *,
+    outsiders: Sequence[str] = (),
+    mdds: int = 1,
 ) -> DemoFiles:
     """Identities (kmf, mdd, each name) and kmf.toml for one loopback conference.
 
@@ -130,7 +154,8 @@ def make_demo_files(
     but the KMF does not know them). The KMF listens on port 0 (the kernel picks a free one:
     no race with other programs); :func:`write_mdd_config` is called once its port is known.
     """
-    idents = {name: identity.generate(name) for name in ("kmf", "mdd", *names)}
+    chain = mdd_names(mdds)
+    idents = {name: identity.generate(name) for name in ("kmf", *chain, *names)}
     for name, ident in idents.items():
         identity.write(ident, folder, name)
     roster = tuple(n for n in names if n not in outsiders)
@@ -142,7 +167,7 @@ def make_demo_files(
 listen = "127.0.0.1:0"
 cert = "kmf.crt"
 key = "kmf.key"
-trusted_mdds = ["{idents["mdd"].fingerprint}"]
+trusted_mdds = [{", ".join(f'"{idents[m].fingerprint}"' for m in chain)}]
 
 [[conference]]
 id = "demo"
@@ -158,28 +183,46 @@ rekey_window = {REKEY_WINDOW}
         folder=folder,
         kmf_config=kmf_toml,
         kmf_fingerprint=idents["kmf"].fingerprint,
-        mdd_fingerprint=idents["mdd"].fingerprint,
+        mdd_fingerprint=idents[chain[0]].fingerprint,
         names=tuple(names),
         on_roster=roster,
+        mdd_fingerprints=tuple(idents[m].fingerprint for m in chain),
     )
 
 
-def write_mdd_config(files: DemoFiles, kmf_port: int) -> Path:
-    """mdd.toml: one conference on a kernel-chosen UDP port, its tunnel to the KMF's port."""
-    mdd_toml = files.folder / "mdd.toml"
+def write_mdd_config(
+    files: DemoFiles, kmf_port: int, index: int = 0, ports: Sequence[int] = ()
+) -> Path:
+    """mdd.toml: one conference on a kernel-chosen UDP port, its tunnel to the KMF's port.
+
+    With several MDDs (``ports``: each one's UDP port, in chain order) MDD ``index`` listens
+    on its port and has a cascade link (D25) to its neighbours in the chain, dialing the next.
+    """
+    name = files.mdd_names[index]
+    mdd_toml = files.folder / f"{name}.toml"
+    listen = ports[index] if ports else 0
+    links = ""
+    for j in (index - 1, index + 1):
+        if ports and 0 <= j < len(ports):
+            links += f"""
+[[conference.link]]                # the next MDD of the chain
+peer = "127.0.0.1:{ports[j]}"
+fingerprint = "{files.mdd_fingerprints[j]}"
+connect = {"true" if j > index else "false"}
+"""
     mdd_toml.write_text(
         f"""# perc demo: the Media Distributor
 [mdd]
-cert = "mdd.crt"
-key = "mdd.key"
+cert = "{name}.crt"
+key = "{name}.key"
 stats_interval = 5.0
 
 [[conference]]
 id = "demo"
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{listen}"
 kmf = "127.0.0.1:{kmf_port}"
 kmf_fingerprint = "{files.kmf_fingerprint}"
-"""
+{links}"""
     )
     return mdd_toml
 

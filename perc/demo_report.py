@@ -28,6 +28,7 @@ from perc.demo import join_names
 
 __all__ = [
     "HEADER",
+    "HEADER_MDD",
     "EndpointOutcome",
     "RoleOutcome",
     "Screen",
@@ -46,6 +47,8 @@ HEADER = (
     f"{'endpoint':<10} {'state':<9} {'peers':>5} {'sent':>6} {'received':>8} {'verified':>8}"
     f" {'hbh-fail':>8} {'e2e-fail':>8} {'spi':>6}"
 )
+#: The header with the MDD column (``perc demo --mdds M``, M > 1).
+HEADER_MDD = f"{'mdd':<5} " + HEADER
 
 
 def as_int(value: object) -> int:
@@ -106,12 +109,21 @@ def own_ssrcs(report: Report) -> set[str]:
     return out
 
 
-def table_row(label: str, state: str, report: Report | None, spi: int | None, others: int) -> str:
-    """One endpoint's row under :data:`HEADER`; ``spi`` None: the report's latest."""
+def table_row(
+    label: str,
+    state: str,
+    report: Report | None,
+    spi: int | None,
+    others: int,
+    *,
+    mdd: str | None = None,
+) -> str:
+    """One endpoint's row under :data:`HEADER` (with ``mdd``: under :data:`HEADER_MDD`, the
+    endpoint's MDD first); ``spi`` None: the report's latest."""
     s = sums(report)
     if spi is None and report and isinstance(report.get("spis"), list) and report["spis"]:
         spi = as_int(report["spis"][-1])
-    return (
+    return (f"{mdd:<5} " if mdd is not None else "") + (
         f"{label:<10} {state:<9} {len(verified_peers(report)):>2}/{others:<2} "
         f"{as_int(report.get('sent')) if report else 0:>6} {s['received']:>8} {s['verified']:>8} "
         f"{s['hbh_failures']:>8} {s['e2e_failures']:>8} {spi if spi is not None else '-':>6}"

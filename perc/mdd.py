@@ -143,6 +143,7 @@ from perc.config import DOUBLE_PROFILES, MddConference, MddSettings
 from perc.dtls.offer import first_client_hello_untrusted
 from perc.forwarding import (
     Association,
+    AssociationCounters,
     ForwardingConfig,
     ForwardingTable,
     MediaKeysError,
@@ -607,7 +608,9 @@ class MddEngine:
 
     def link_counters(self, peer: Address) -> dict[str, int]:
         """One link's counters: forwarding (all its table entries) and the link's own."""
-        totals = dict(self._link_retired.get(peer, {}))
+        totals = AssociationCounters().as_dict()  # every key, zero until counted
+        for name, value in self._link_retired.get(peer, {}).items():
+            totals[name] += value
         lm = self.link_manager
         link = lm.links.get(peer) if lm is not None else None
         if link is not None and link.association is not None:

@@ -7,6 +7,8 @@ under a fake clock; nothing sleeps.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -237,3 +239,70 @@ def test_bad_link_config_is_one_line(tmp_path: Path, links: str, message: str) -
         _config(tmp_path, links.replace("{fp}", fp))
     text = str(info.value)
     assert text.startswith(message) and "\n" not in text, text
+
+
+def test_an_mdd_with_links_loads_no_end_to_end_code() -> None:
+    """Key isolation (RFC 8871 §4.1) with links: two engines link up and forward in a fresh
+    interpreter, which has then loaded neither trio nor any EKT/double/key-wrap module."""
+    code = (
+        "import sys\n"
+        "from perc import identity\n"
+        "from perc.forwarding import ForwardingConfig\n"
+        "from perc.links import LinkSpec\n"
+        "from perc.mdd import E2E_MODULES, MddEngine\n"
+        "ia, ib = identity.generate('a'), identity.generate('b')\n"
+        "A, B = ('10.0.0.1', 5004), ('10.0.0.2', 5004)\n"
+        "def eng(i):\n"
+        "    return MddEngine('demo', kmf='k:1', forwarding=ForwardingConfig(),\n"
+        "                     idle_timeout=10.0, stats_interval=10.0, identity=i)\n"
+        "a, b = eng(ia), eng(ib)\n"
+        "a.add_link(LinkSpec(B, ib.fingerprint, connect=True), 0.0)\n"
+        "b.add_link(LinkSpec(A, ia.fingerprint, connect=False), 0.0)\n"
+        "for _ in range(10):\n"
+        "    for src, e, dst in ((A, a, b), (B, b, a)):\n"
+        "        for addr, d in e.datagrams_to_send():\n"
+        "            dst.receive_datagram(d, src, 0.1)\n"
+        "assert a.links_up == b.links_up == 1\n"
+        "bad = [m for m in ('trio', *E2E_MODULES) if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_link_key_is_in_the_man_page() -> None:
+    from perc import config
+
+    man = (Path(__file__).resolve().parent.parent / "man" / "perc.1").read_text()
+    for row in config.describe(config.MddLink):
+        assert f"\n.BR {row.key} " in man, row.key
+    assert "[[conference.link]]" in man
+
+
+def test_the_demo_chains_its_mdds(tmp_path: Path) -> None:
+    from perc import demo
+
+    assert demo.check_arguments(3, 12.0, "both", None, mdds=2) is None
+    assert demo.check_arguments(3, 12.0, "both", None, mdds=4) == (
+        f"--mdds: 1 to {demo.MAX_MDDS} MDDs, at most one per participant"
+    )
+    assert demo.check_arguments(3, 12.0, "both", None, mdds=0) is not None
+    files = demo.make_demo_files(tmp_path, demo.NAMES[:4], mdds=3)
+    assert files.mdd_names == ("mdd1", "mdd2", "mdd3")
+    assert [files.mdd_of(n) for n in files.names] == [0, 1, 2, 0]
+    kmf = files.kmf_config.read_text()
+    assert all(fp in kmf for fp in files.mdd_fingerprints)
+    ports = [6001, 6002, 6003]
+    middle = demo.write_mdd_config(files, 4444, 1, ports)
+    loaded = build_mdd_config(tomllib.loads(middle.read_text()), base=tmp_path)
+    (conf,) = loaded.conferences
+    assert conf.listen.port == 6002
+    assert [(li.peer.port, li.connect) for li in conf.link] == [(6001, False), (6003, True)]
+    assert [li.fingerprint for li in conf.link] == [
+        files.mdd_fingerprints[0],
+        files.mdd_fingerprints[2],
+    ]
+    (tmp_path / "one").mkdir()
+    single = demo.make_demo_files(tmp_path / "one", demo.NAMES[:2])
+    assert single.mdd_names == ("mdd",)
+    one = demo.write_mdd_config(single, 4444)
+    assert one.name == "mdd.toml" and "[[conference.link]]" not in one.read_text()

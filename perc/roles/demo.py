@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +47,7 @@ from perc.demo import (
 )
 from perc.demo_report import (
     HEADER,
+    HEADER_MDD,
     EndpointOutcome,
     RoleOutcome,
     Screen,
@@ -211,6 +213,9 @@ class _Demo:
         self.endpoints: list[_Endpoint] = []
         self.kmf: _Child | None = None
         self.mdd: _Child | None = None
+        #: every MDD, in chain order (``--mdds``; the first is ``mdd``), and their UDP ports
+        self.mdds: list[_Child] = []
+        self.mdd_ports: list[int] = []
         self.failures: list[str] = []
         self.step = "starting"
         self.interrupted = False
@@ -254,13 +259,18 @@ class _Demo:
     def refresh(self) -> None:
         others = len(self.files.names) - 1
         current: dict[str, _Endpoint] = {ep.name: ep for ep in self.endpoints}
-        rows = [HEADER]
+        chain = len(self.mdds) > 1
+        rows = [HEADER_MDD if chain else HEADER]
         for ep in self.endpoints:
             self._update_state(ep)
+        mdd_names = self.files.mdd_names
         rows += [
-            table_row(ep.label, ep.state, ep.read_report(), ep.current_spi(), others)
+            table_row(
+                ep.label, ep.state, ep.read_report(), ep.current_spi(), others,
+                mdd=mdd_names[self.files.mdd_of(ep.name)] if chain else None,
+            )
             for ep in current.values()
-        ]
+        ]  # fmt: skip
         self.screen.table(rows)
 
     def _update_state(self, ep: _Endpoint) -> None:
@@ -294,21 +304,7 @@ class _Demo:
             f"conference 'demo': {roster}; new EKTKey on every join and leave)",
             stamp=True,
         )
-        self.step = "starting the MDD"
-        mdd_config = write_mdd_config(f, kmf_port)
-        self.mdd = await self.start(nursery, "mdd", ["mdd", "--config", str(mdd_config)])
-        await self._wait_event(
-            self.mdd, events.MddTunnelUp, "the MDD's tunnel to the KMF did not come up"
-        )
-        udp = self.mdd.last_event(events.Listening, what="conference")
-        if udp is None:
-            raise _Failed("the MDD did not say which UDP port it listens on")
-        self.mdd_port = udp.port
-        say(
-            f"MDD up: endpoints send to udp 127.0.0.1:{self.mdd_port}; its TLS tunnel to the KMF "
-            "is up (each side pinned the other's certificate fingerprint)",
-            stamp=True,
-        )
+        await self._start_mdds(nursery, kmf_port)
 
         self.step = "joining"
         mark = len(self.kmf.events)
@@ -363,6 +359,57 @@ class _Demo:
             stamp=True,
         )
 
+    async def _start_mdds(self, nursery: trio.Nursery, kmf_port: int) -> None:
+        """One MDD, or ``--mdds`` of them in a chain joined by cascade links (D25)."""
+        f = self.files
+        say = self.screen.say
+        names = f.mdd_names
+        chain = len(names) > 1
+        ports = _free_udp_ports(len(names)) if chain else []
+        for i, name in enumerate(names):
+            self.step = f"starting {name}"
+            config = write_mdd_config(f, kmf_port, i, ports)
+            child = await self.start(nursery, name, ["mdd", "--config", str(config)])
+            self.mdds.append(child)
+        self.mdd = self.mdds[0]
+        for child in self.mdds:
+            await self._wait_event(
+                child, events.MddTunnelUp, f"{child.label}'s tunnel to the KMF did not come up"
+            )
+            udp = child.last_event(events.Listening, what="conference")
+            if udp is None:
+                raise _Failed(f"{child.label} did not say which UDP port it listens on")
+            self.mdd_ports.append(udp.port)
+        self.mdd_port = self.mdd_ports[0]
+        if not chain:
+            say(
+                f"MDD up: endpoints send to udp 127.0.0.1:{self.mdd_port}; its TLS tunnel to "
+                "the KMF is up (each side pinned the other's certificate fingerprint)",
+                stamp=True,
+            )
+            return
+        self.step = "linking the MDDs"
+        for i, child in enumerate(self.mdds):
+            neighbours = (i > 0) + (i < len(self.mdds) - 1)
+
+            def linked(c: _Child = child, n: int = neighbours) -> bool:
+                return sum(1 for e in c.events if isinstance(e, events.LinkUp)) >= n
+
+            def settled(c: _Child = child) -> bool:
+                return linked(c) or not c.running
+
+            await self.until(settled, START_TIMEOUT)
+            if not linked():
+                why = f"{child.label}'s cascade links did not come up"
+                raise _Failed(self._with_cause(why, child))
+        hops = " - ".join(f"{n} (udp {p})" for n, p in zip(names, self.mdd_ports, strict=True))
+        say(
+            f"{len(names)} MDDs up, each with its TLS tunnel to the KMF, chained by cascade "
+            f"links (DTLS-SRTP between MDDs, certificates pinned; the KMF never sees their "
+            f"keys): {hops}",
+            stamp=True,
+        )
+
     async def _wait_event(self, child: _Child, kind: type[E], failure: str, **fields: object) -> E:
         def seen() -> bool:
             return child.last_event(kind, **fields) is not None or not child.running
@@ -388,7 +435,7 @@ class _Demo:
         args = endpoint_arguments(
             f,
             name,
-            mdd_port=self.mdd_port or 0,
+            mdd_port=self.mdd_ports[f.mdd_of(name)] if self.mdd_ports else 0,
             media=self.media,
             report=report,
             duration=duration,
@@ -537,8 +584,8 @@ class _Demo:
 
     async def stop_all(self) -> None:
         """SIGTERM every child still running, endpoints first, then the MDD, then the KMF."""
-        order = [c for c in self.children if c not in (self.kmf, self.mdd)]
-        order += [c for c in (self.mdd, self.kmf) if c is not None]
+        order = [c for c in self.children if c is not self.kmf and c not in self.mdds]
+        order += [*self.mdds, *([self.kmf] if self.kmf is not None else [])]
         for child in order:
             if child.running:
                 await _stop(child)
@@ -562,7 +609,7 @@ class _Demo:
         """Collect every reason the run is not a success (:func:`perc.demo_report.verdict`)."""
         roles = [
             RoleOutcome(c.label, c.returncode, strip_error(c.error_line()))
-            for c in (self.kmf, self.mdd)
+            for c in (self.kmf, *self.mdds)
             if c is not None
         ]
         isolation = self._isolation()
@@ -579,30 +626,47 @@ class _Demo:
 
     def _isolation(self) -> str | None:
         """The MDD's key-isolation report as text (``... loaded: none``), None if not seen."""
-        seen = self.mdd.last_event(events.KeyIsolation) if self.mdd is not None else None
-        if seen is None:
+        reports = [c.last_event(events.KeyIsolation) for c in self.mdds]
+        if not reports or any(r is None for r in reports):
             return None
-        return f"key isolation: end-to-end modules loaded: {', '.join(seen.loaded) or 'none'}"
+        loaded = sorted({m for r in reports if r is not None for m in r.loaded})
+        return f"key isolation: end-to-end modules loaded: {', '.join(loaded) or 'none'}"
 
     def summary(self) -> list[str]:
         """What the reports and the MDD's exit log say, for the newcomer."""
         out = [endpoint_summary(ep) for ep in self.outcomes()]
-        if self.mdd is not None:
-            totals = self.mdd.last_event(events.MddTotals, conference="demo")
+        for mdd in self.mdds:
+            totals = mdd.last_event(events.MddTotals, conference="demo")
+            label = "MDD" if len(self.mdds) == 1 else mdd.label
             if totals is not None:
                 t = totals.totals
                 out.append(
-                    f"  MDD       forwarded: in {t.get('srtp_in', '?')} SRTP packets, out "
+                    f"  {label:<9} forwarded: in {t.get('srtp_in', '?')} SRTP packets, out "
                     f"{t.get('srtp_out', '?')} (one copy per receiver), dropped "
                     f"{t.get('dropped_srtp', '?')}; it held hop-by-hop keys only"
                 )
+        if self.mdd is not None:
             isolation = self._isolation()
             if isolation is not None and "loaded: none" in isolation:
+                what = "the MDD process" if len(self.mdds) == 1 else "any MDD process"
                 out.append(
-                    "  MDD       no end-to-end code was ever loaded in the MDD process "
+                    f"  MDD       no end-to-end code was ever loaded in {what} "
                     "(perc.srtp.ekt, perc.srtp.double, AES key wrap): it could not read the media"
                 )
         return out
+
+
+def _free_udp_ports(count: int) -> list[int]:
+    """Ports the kernel reports free on 127.0.0.1 (the chained MDDs must know each other's
+    ports before they start; a port taken meanwhile makes that MDD fail with its message)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(count)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 def _trio_time(monotonic: float) -> float:
@@ -670,6 +734,7 @@ def main(
     duration: float = DEFAULT_DURATION,
     media: str = DEFAULT_MEDIA,
     *,
+    mdds: int = 1,
     keep: bool | None = None,
     fault: str | None = None,
     out: TextIO | None = None,
@@ -680,7 +745,7 @@ def main(
         keep = os.environ.get("PERC_DEMO_KEEP", "") not in ("", "0")
     if fault is None:
         fault = os.environ.get("PERC_DEMO_FAULT") or None
-    problem = check_arguments(participants, duration, media, fault)
+    problem = check_arguments(participants, duration, media, fault, mdds)
     if problem is not None:
         print(f"perc: error: {problem}", file=sys.stderr)
         return 2
@@ -690,16 +755,21 @@ def main(
     screen = Screen(out, tty, time.monotonic())
     say = screen.say
     say(
-        f"perc demo: a PERC conference (RFC 8871) on this machine: one KMF (key distributor), "
-        f"one MDD (media distributor), {participants} endpoints ({join_names(list(names))}) "
+        "perc demo: a PERC conference (RFC 8871) on this machine: one KMF (key distributor), "
+        + (
+            "one MDD (media distributor), "
+            if mdds == 1
+            else f"{mdds} MDDs (media distributors) in a chain of cascade links, "
+        )
+        + f"{participants} endpoints ({join_names(list(names))}) "
         f"sending {MEDIA_TEXT[media]} for {duration:g} s; {names[-1]} leaves halfway and rejoins."
     )
     folder = Path(tempfile.mkdtemp(prefix="perc-demo-"))
     try:
-        files = make_demo_files(folder, names, outsiders=outsiders)
+        files = make_demo_files(folder, names, outsiders=outsiders, mdds=mdds)
         say(
             f"throwaway identities and configs in {folder}: kmf.toml, mdd.toml, "
-            f"{', '.join(f'{n}.crt' for n in ('kmf', 'mdd', *names))}"
+            f"{', '.join(f'{n}.crt' for n in ('kmf', *files.mdd_names, *names))}"
         )
         if outsiders:
             say(
