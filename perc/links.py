@@ -32,7 +32,8 @@ tunnel, and the link keys never leave this module and the forwarding table.
 *Who dials.* The side configured with ``connect = true`` is the DTLS client. It starts a
 handshake at once, and after a failed attempt (no answer within :data:`ATTEMPT_TIMEOUT`, or
 an alert) again after a backoff of :data:`RETRY_MIN` doubling to :data:`RETRY_MAX`. The other
-side answers any whole ClientHello from the configured address with a new server connection;
+side answers a whole ClientHello from the configured address with a stateless
+HelloVerifyRequest cookie (D14) and one that returns the cookie with a new server connection;
 the established one stays until the new handshake completes, then is replaced (so a forged
 ClientHello, which cannot complete without the peer's key, changes nothing).
 
@@ -69,7 +70,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from perc import events
-from perc.dtls import DtlsConfiguration, DtlsConnection, PeerIdentity
+from perc.dtls import CookieGate, DtlsConfiguration, DtlsConnection, PeerIdentity
 from perc.dtls import events as dtls_events
 from perc.dtls.errors import AlertDescription
 from perc.dtls.offer import client_offer_untrusted
@@ -289,6 +290,7 @@ class LinkManager:
         self._changes: deque[LinkKeyed | LinkLost] = deque()
         self._events: deque[events.Event] = deque()
         self._next_tick = float("inf")
+        self._cookies = CookieGate()
 
     # --- configuration ---------------------------------------------------------------------
 
@@ -356,6 +358,15 @@ class LinkManager:
             if offer is not None and (
                 link.pending is None or offer.client_random != link.pending_random
             ):
+                # A stateless cookie first (D14): a ClientHello with the peer's address forged
+                # costs us neither state nor a signature.
+                verdict = self._cookies.check(data, format_address(addr).encode(), now)
+                if verdict.reply is not None:
+                    self._out.append((addr, verdict.reply))
+                    return
+                if not verdict.accepted:
+                    link.stats.dropped_dtls += 1
+                    return
                 self._answer(link, offer.client_random, now)
             if link.pending is not None:
                 self._feed(link, link.pending, data, now)
@@ -395,7 +406,11 @@ class LinkManager:
             if link.state is LinkState.UP:
                 if now - link.last_heard > DEAD_AFTER:
                     self._lost(link, f"no record for {DEAD_AFTER:g} s", now)
-                elif now >= link.next_keepalive and link.established is not None:
+                elif (
+                    now >= link.next_keepalive
+                    and link.established is not None
+                    and link.established.is_established
+                ):
                     link.next_keepalive = now + KEEPALIVE
                     link.stats.keepalives += 1
                     link.established.send_application_data(_KEEPALIVE_RECORD, now)

@@ -15,6 +15,9 @@ API::
     engine.next_event() -> perc.events.Event | None
     engine.get_timer() -> float;  engine.handle_timer(now)
     engine.close(now, extra_totals)               # at exit: counters and totals events
+    engine.add_link(LinkSpec(peer, fingerprint, connect), now)   # a cascade link (D25)
+    engine.remove_link(peer, now);  engine.link_manager;  engine.links_up
+    engine.link_counters(peer)    # forwarding + link counters of one link (LinkCounters)
     engine.associations      # the forwarding table's associations by id (the only table)
     engine.stats             # MddStats
     engine.tunnel_is_up, engine.tunnel_close_reason, engine.kmf_highest_version, engine.version
@@ -121,6 +124,16 @@ never makes it earlier, so a shell may simply sleep until it:
 :class:`~perc.events.MddCounters`, :class:`~perc.events.MddAdmission` and
 :class:`~perc.events.MddTotals`. They never carry key
 material: ``AssociationKeyed.keys`` is a one-way digest (:func:`perc.keying.key_digest`).
+
+**Cascade links** (D25, D26; :mod:`perc.links`). With the MDD's identity the engine has a
+:class:`~perc.links.LinkManager`. DTLS from a configured link peer's address goes to it, never
+to the KMF; SRTP from a link peer whose link has no keys is dropped and counted there. When a
+link is keyed (or re-keyed after a peer restart) the engine replaces its forwarding-table entry
+(:meth:`ForwardingTable.add_link`, a fresh association id each time, so the SSRCs it brought
+are free again); when it goes down the entry goes. A link's counters (the entries' forwarding
+counters summed, and the link's own) are :class:`~perc.events.LinkCounters`, reported with
+the associations' (not as MddCounters); an SSRC seen from two directions is one
+:class:`~perc.events.SsrcLoop` warning. Links are never idle-expired: they have keepalives.
 
 **Key isolation** (RFC 8871 §3.1, §4.1). ``MediaKeys`` carries only the outer halves (D4);
 this module and the forwarding core never import the code that unwraps EKT tags or removes the

@@ -306,3 +306,15 @@ def test_the_demo_chains_its_mdds(tmp_path: Path) -> None:
     assert single.mdd_names == ("mdd",)
     one = demo.write_mdd_config(single, 4444)
     assert one.name == "mdd.toml" and "[[conference.link]]" not in one.read_text()
+
+
+def test_a_forged_client_hello_from_the_peers_address_costs_no_state() -> None:
+    from tests.forwarding.helpers import client_hello
+
+    w = Wire()
+    w.configure(a=False)
+    w.b.datagrams_to_send()  # the start-up poke
+    w.b.receive_datagram(client_hello(), A, 0.1)
+    (reply,) = w.b.datagrams_to_send()
+    assert reply[0] == A and reply[1][13] == 3  # a HelloVerifyRequest, stateless (D14)
+    assert link_of(w.b, A).pending is None and link_of(w.b, A).stats.attempts == 0

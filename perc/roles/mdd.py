@@ -18,7 +18,12 @@ it sends what the engine queued and logs the engine's events (:func:`perc.events
   or the engine wants it closed (``UnsupportedVersion``, D2), reconnect after a capped
   exponential backoff (``reconnect_min`` doubling to ``reconnect_max``; reset once a tunnel
   stayed up ``STABLE_AFTER`` or carried a message; the longest after ``UnsupportedVersion``).
-* **Timer**: sleep until ``engine.get_timer()``, then ``engine.handle_timer(now)``.
+* **Timer**: sleep until ``engine.get_timer()``, then ``engine.handle_timer(now)``, and send
+  what that queued (cascade links' handshakes, retries and keepalives).
+* **Links** (D25): at start each ``[[conference.link]]`` peer is resolved (``getaddrinfo``,
+  the socket's family) to the address ``recvfrom`` will report and handed to
+  ``engine.add_link``; at exit every link gets a close_notify before the socket closes, so
+  the peer MDDs notice at once.
 
 At exit each relay logs every association's counters and the totals, and the server which
 end-to-end modules the process loaded (key isolation, RFC 8871 §4.1).
@@ -54,6 +59,7 @@ from perc.roles.tunnel import (
     TunnelProtocolError,
     TunnelStats,
     make_tls_context,
+    tunnel_keylog,
 )
 
 __all__ = ["ConferenceRelay", "IoStats", "MddServer", "serve"]
@@ -102,7 +108,13 @@ class ConferenceRelay:
         self.conference = conference
         self.id = conference.id
         self.settings = config.mdd
-        self.engine = MddEngine.from_config(conference, config.mdd, identity=config.identity)
+        self.engine = MddEngine.from_config(
+            conference,
+            config.mdd,
+            identity=config.identity,
+            # D21: link DTLS secrets go to SSLKEYLOGFILE too (the tunnel's writer, one file).
+            keylog=tunnel_keylog() if conference.link else None,
+        )
         self.io = IoStats()
         self.address: tuple[str, int] = ("", 0)
         #: Counts the engine's events: in-process programs wait on it for any change.

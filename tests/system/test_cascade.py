@@ -29,9 +29,11 @@ import pytest
 import trio
 
 from perc.events import (
+    AssociationKeyed,
     EndpointEktKey,
     EndpointLeft,
     EndpointMediaStarted,
+    EndpointRejoin,
     KeyIsolation,
     LinkCounters,
     LinkUp,
@@ -285,6 +287,10 @@ async def test_b_killed_and_restarted_cross_mdd_media_resumes(system: System) ->
         where=lambda e: e.counters["packets_in"] > a_before + 20,
     )  # fmt: skip
     assert a.time_of(resumed_a) - listening_at <= 3.0
+    # B's endpoints rejoined by themselves (D30) through the restarted B.
+    await restarted.wait_event(AssociationKeyed, WAIT * 2, 2)
+    for name in PEOPLE["mdd-b"]:
+        assert procs[name].find_events(EndpointRejoin, name=name), procs[name].text
     # Nobody was restarted: every endpoint process is the first one and still running.
     for proc in procs.values():
         assert proc.process.returncode is None, proc.text
