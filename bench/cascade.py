@@ -25,8 +25,9 @@ b. **Largest lossless conference** for 1 and 2 workers (audio 50 pkt/s from ever
 c. **Latency per link hop.** Two ``perc mdd`` processes joined by a D25 link (the same
    conference, ``[[conference.link]]`` on both), four endpoints on each; one endpoint on the
    first MDD sends. Every packet reaches a receiver on the same MDD and a receiver across the
-   link; the difference of the two arrival times, per packet, is what the hop added (the
-   second MDD's work and the loopback hop). p50 and p99 over the step.
+   link; the difference of the two arrival times (kernel timestamps), per packet, is what the
+   hop added (the second MDD's work and the loopback hop; negative when the first MDD sent
+   the link's copy before the local one). p50 and p99 over the step.
 
 Then the per-delivery costs projected to a 4-core machine (two workers on two cores, the load
 generator and the sink on the others). On a 2-core machine the two workers, the load

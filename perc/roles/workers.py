@@ -19,7 +19,8 @@ binds, spawns, waits and signals.
   :class:`WorkerRelay`: the conference socket is the inherited one, the mesh links are added
   beside the configured ones, and datagrams for a mesh peer leave from the mesh socket (the
   peer knows this worker by that address; the shared port would reach a worker chosen by
-  the kernel's hash).
+  the kernel's hash). Its log records name it (``perc.roles.mdd[w1]``): every worker writes
+  to the supervisor's stderr.
 """
 
 from __future__ import annotations
@@ -92,6 +93,26 @@ class WorkerRelay(ConferenceRelay):
         super()._add_links(family)
 
 
+class _WorkerTag(logging.Filter):
+    """Name the worker in each record's logger (``perc.roles.mdd[w1]``): N workers share the
+    supervisor's stderr."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.suffix = f"[w{index}]"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.endswith(self.suffix):
+            record.name += self.suffix
+        return True
+
+
+def tag_logs(index: int) -> None:
+    """Every log handler of this process names worker ``index``."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerTag(index))
+
+
 async def _watch_parent(fd: int, scope: trio.CancelScope) -> None:
     """Stop the worker when the supervisor is gone (its end of the pipe closed)."""
     await trio.lowlevel.wait_readable(fd)
@@ -110,6 +131,7 @@ async def serve_worker(
     def relay(conference: MddConference, cfg: MddConfig) -> ConferenceRelay:
         return WorkerRelay(conference, cfg, plan)
 
+    tag_logs(plan.index)
     log.info("MDD worker %d of %d pid=%d", plan.index, plan.count, os.getpid())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_parent, plan.parent_fd, nursery.cancel_scope)
