@@ -125,7 +125,7 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             rf"^workers2\s+500 pkt/s x2{NUMBER}",
             rf"^ratio 2 workers / 1 worker \(CPU per delivery\){RATIO}",
             r"^largest lossless conference: 1 worker \d+, 2 workers \d+ endpoints",
-            r"^hop latency: \d+ of \d+ packets seen on both sides, .* p50 [\d.]+ ms, p99 ",
+            r"^hop latency: \d+ of \d+ packets seen on both sides, .* p50 -?[\d.]+ ms, p99 ",
             r"^2 workers: [\d,]+ deliveries/s = a conference of \d+",
         ],
     ),
