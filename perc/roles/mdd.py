@@ -97,10 +97,6 @@ class IoStats:
     udp_receive_errors: int = 0
 
 
-def _not_bound(data: bytes, addr: Address) -> int:
-    raise OSError("the conference socket is not bound yet")
-
-
 class ConferenceRelay:
     """One conference: its UDP socket, its tunnel to the KMF and its engine."""
 
@@ -121,7 +117,8 @@ class ConferenceRelay:
         self.changed = AsyncValue(0)
         self._tunnel: TunnelConnection | None = None
         self._sock: socket.socket | None = None
-        self._sendto: Callable[[bytes, Address], int] = _not_bound
+        #: How datagrams leave; run() sets the bound socket's own sendto (see _sender).
+        self._sendto: Callable[[bytes, Address], int] = self._send_on_socket
         #: One task at a time waits for the socket to become writable (see _wait_writable).
         self._write_lock = trio.Lock()
         expected = conference.kmf_fingerprint
@@ -194,6 +191,11 @@ class ConferenceRelay:
             sock.close()
             raise
         return sock
+
+    def _send_on_socket(self, data: bytes, addr: Address) -> int:
+        if self._sock is None:
+            raise OSError("the conference socket is not bound")
+        return self._sock.sendto(data, addr)
 
     def _sender(self, sock: socket.socket) -> Callable[[bytes, Address], int]:
         """How datagrams leave (a D27 worker sends to its mesh peers from another socket)."""
