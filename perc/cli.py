@@ -6,7 +6,7 @@
     perc [--log-level LEVEL] identity show FILE.crt [--key FILE.key]
     perc [--log-level LEVEL] kmf --config kmf.toml [--reset-state]
     perc [--log-level LEVEL] kmf audit --state FILE [--state-key FILE] [--verify]
-    perc [--log-level LEVEL] mdd --config mdd.toml
+    perc [--log-level LEVEL] mdd --config mdd.toml [--workers N]
     perc [--log-level LEVEL] mdd --kmf HOST:PORT --kmf-fingerprint FP --listen HOST:PORT
                                  --cert F --key F [--conference ID] [--idle-timeout S]
     perc [--log-level LEVEL] endpoint --mdd HOST:PORT --cert F --key F --kmf-fingerprint FP
