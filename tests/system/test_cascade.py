@@ -33,6 +33,7 @@ from perc.events import (
     EndpointEktKey,
     EndpointLeft,
     EndpointMediaStarted,
+    EndpointPeerVerified,
     EndpointRejoin,
     KeyIsolation,
     LinkCounters,
@@ -185,25 +186,40 @@ EVERYONE = [p for pair in PEOPLE.values() for p in pair]
 
 async def test_three_mdds_in_a_chain_everyone_verifies_everyone(system: System) -> None:
     cascade = Cascade(system)
-    # One EKTKey: under a loaded machine's loopback losses, a key switch whose three Full EKT
-    # tags were all lost is an E2E failure by design (RFC 8870 §4.6); rekeys have their test.
-    await cascade.start(EVERYONE, kmf_extra=NO_REKEY)
+    # Each join rekeys (as in test_conference.py): every sender announces a new key in Full EKT
+    # tags, video included, so a joiner never waits for a key frame. The endpoints join one
+    # after another, each once the previous one sends, so the rekeys do not pile up.
+    await cascade.start(EVERYONE, kmf_extra=JOIN_REKEY)
     procs = []
     for mdd, pair in PEOPLE.items():
         for name in pair:
-            procs.append(
-                await cascade.endpoint(
-                    name, mdd, "--media", "both", "--duration", "4", "--expect-peers", "5"
-                )
-            )
+            proc = await cascade.endpoint(
+                name, mdd, "--media", "both", "--video-fps", "15", "--video-bitrate", "150000",
+                "--expect-peers", "5",
+            )  # fmt: skip
+            await proc.wait_event(EndpointMediaStarted, WAIT * 2, name=name)
+            procs.append(proc)
+    for proc in procs:  # each verified all five others, across the links
+        for other in set(EVERYONE) - {proc.name}:
+            await proc.wait_event(EndpointPeerVerified, WAIT * 2, name=proc.name, peer=other)
+    # A little longer, for every video stream to reach a key frame everywhere: until about
+    # 300 more packets crossed each end of the chain.
+    for mdd, link in (("mdd-a", "mdd-b"), ("mdd-c", "mdd-b")):
+        proc = cascade.mdds[mdd]
+        before = link_in(proc, cascade.address(link))[-1][1]
+        await proc.wait_event(
+            LinkCounters, WAIT * 2, link=cascade.address(link),
+            where=lambda e, b=before: e.counters["packets_in"] > b + 300,  # type: ignore[misc]
+        )  # fmt: skip
     for proc in procs:
-        assert await proc.wait_exit(60) == 0, proc.text  # verified all five others
+        assert await system.stop(proc, signal.SIGTERM) == 0, proc.text[-3000:]
     await cascade.stop_all()
     for name in EVERYONE:
         rep = report(system, name)
         assert_clean(rep, set(EVERYONE) - {name}, joiner=True)
         for other, peer in rep["peers"].items():
-            assert {s["kind"] for s in peer["streams"].values()} == {"audio", "video"}, other
+            kinds = {s["kind"] for s in peer["streams"].values() if s["verified"] > 0}
+            assert kinds == {"audio", "video"}, (name, other, peer["streams"])
     for mdd in cascade.mdds.values():
         assert_isolated(mdd)
         # Every link carried media both ways and dropped nothing as a loop.
@@ -435,7 +451,7 @@ async def test_the_chain_in_network_namespaces_with_delay_and_loss(
         ("mdd-b", "mdd-c"): "10.78.2.2", ("mdd-c", "mdd-b"): "10.78.2.1",
     }  # fmt: skip
     config = system.kmf_config(
-        conferences={"demo": EVERYONE}, trusted_mdds=CHAIN, conference_extra=NO_REKEY
+        conferences={"demo": EVERYONE}, trusted_mdds=CHAIN, conference_extra=JOIN_REKEY
     )
     config.write_text(config.read_text().replace(f'"{LOCAL}:0"', '"0.0.0.0:0"'))
     kmf = await start_in(system, ns_kmf, "kmf", "kmf", "--config", str(config))
@@ -474,17 +490,22 @@ async def test_the_chain_in_network_namespaces_with_delay_and_loss(
                 "endpoint", "--mdd", f"127.0.0.1:{port}",
                 "--cert", f"{name}.crt", "--key", f"{name}.key",
                 "--kmf-fingerprint", system.fingerprint("kmf"), "--report", f"{name}.json",
-                "--join-timeout", "40", "--media", "both", "--duration", "5",
-                "--expect-peers", "5",
+                "--join-timeout", "40", "--media", "both", "--video-fps", "15",
+                "--video-bitrate", "150000", "--expect-peers", "5",
             ]  # fmt: skip
-            procs.append(await start_in(system, ns_mdd[i], name, *args))
+            proc = await start_in(system, ns_mdd[i], name, *args)
+            await proc.wait_event(EndpointMediaStarted, WAIT * 2, name=name)
+            procs.append(proc)
     for proc in procs:
-        assert await proc.wait_exit(90) == 0, proc.text
+        for other in set(EVERYONE) - {proc.name}:
+            await proc.wait_event(EndpointPeerVerified, WAIT * 3, name=proc.name, peer=other)
+    for proc in procs:
+        assert await system.stop(proc, signal.SIGTERM) == 0, proc.text[-3000:]
     for mdd in mdds.values():
         await system.stop(mdd)
     await system.stop(kmf)
     for name in EVERYONE:
-        assert_clean(report(system, name), set(EVERYONE) - {name}, lossy=True)
+        assert_clean(report(system, name), set(EVERYONE) - {name}, joiner=True, lossy=True)
     for mdd in mdds.values():
         assert_isolated(mdd)
         for e in mdd.find_events(LinkCounters, final=True):
