@@ -226,7 +226,7 @@ class KmfSettings:
         default=None,
         metadata=_doc(
             f"SQLite state file (D28: SPIs that survive restarts, the audit log of D32); in a "
-            f'config file the default is {DEFAULT_STATE_FILE} beside it, and "" keeps '
+            f"config file the default is {DEFAULT_STATE_FILE} beside it, and \"\" keeps "
             "everything in memory"
         ),
     )
