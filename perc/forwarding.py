@@ -142,6 +142,19 @@ joining receiver are made; a leave reranks only when the leaver had a ranked str
 wanted set depends only on the ranking). The result is identical to a from-scratch rebuild
 (tested against one on random interleavings).
 
+**Links** (D25, D26). A cascade link to another MDD is one more member, made by
+:meth:`ForwardingTable.add_link` with the link's single-layer keys (``Association.link`` names
+it). So split horizon is the rule every member already has: nothing goes back to its sender.
+A link may carry a split-horizon ``group`` (D27's worker mesh): a grouped link's routes leave
+out the links of its group (its route lists are rebuilt on each membership change rather than
+patched; links are few). A link may bring many SSRCs (``max_associations`` x the per-endpoint
+bound); an SSRC that one direction owns and another brings (a cycle, or a link bringing a
+local endpoint's SSRC) is dropped as ``drop_loop`` and reported once per SSRC in
+``loop_reports`` for the MDD engine's warning. Under ``last_n`` links get no feed: every video
+packet goes to them unchanged (``_to_links``), and the MDD that serves the receiver applies its
+own ``last_n``. Feedback a link forwards is not throttled again (its MDD did), and links are
+never idle-expired (the link manager has keepalives).
+
 **Removal.** :meth:`ForwardingTable.remove` (EndpointDisconnect, D3) drops the association,
 its keys and SSRCs, and its routes; :meth:`ForwardingTable.expire_idle` removes those
 silent for longer than a timeout and returns their ids (the MDD engine, :mod:`perc.mdd`, then
@@ -160,6 +173,9 @@ last_n_switch_timeout=1.0, replay_window=128)``.
 
 ``ForwardingTable(config=ForwardingConfig())`` (generic in the address type):
 
+- ``add_link(association_id, address, now, *, inbound=(key, salt), outbound=(key, salt),
+  name, group=None) -> Association`` (a cascade link, keyed; ``remove`` ends it);
+  ``loop_reports`` (``(ssrc, owner, refused)``, drained by the caller).
 - ``add(association_id, address, now) -> Association``; ``install_keys(media_keys, now) ->
   list[(address, bytes)]`` (held datagrams released); ``remove(association_id) -> bool``;
   ``expire_idle(now, timeout) -> list[UUID]``; ``tick(now)`` (last_n ranking upkeep);

@@ -355,8 +355,15 @@ class LinkManager:
             return
         if record.epoch == 0:
             offer = client_offer_untrusted(data) if not link.spec.connect else None
-            if offer is not None and (
-                link.pending is None or offer.client_random != link.pending_random
+            est = link.established
+            if (
+                offer is not None
+                and (link.pending is None or offer.client_random != link.pending_random)
+                and not (
+                    est is not None
+                    and est.negotiated is not None
+                    and est.negotiated.client_random == offer.client_random
+                )  # a late copy of the live association's own ClientHello
             ):
                 # A stateless cookie first (D14): a ClientHello with the peer's address forged
                 # costs us neither state nor a signature.

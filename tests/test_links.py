@@ -54,6 +54,7 @@ class Wire:
         self.now = 0.0
         self.cut = False  # True: everything is lost
         self.events: dict[str, list[events.Event]] = {"a": [], "b": []}
+        self.sent: list[tuple[tuple[str, int], bytes]] = []  # (source, datagram) delivered
 
     def configure(self, *, a: bool = True, b: bool = True, b_expects: str | None = None) -> None:
         if a:
@@ -69,6 +70,7 @@ class Wire:
             for src, eng, dst in ((A, self.a, self.b), (B, self.b, self.a)):
                 for addr, data in eng.datagrams_to_send():
                     if not self.cut and addr == (B if src == A else A):
+                        self.sent.append((src, data))
                         dst.receive_datagram(data, src, self.now)
                         moved = True
         for name, eng in (("a", self.a), ("b", self.b)):
@@ -318,3 +320,19 @@ def test_a_forged_client_hello_from_the_peers_address_costs_no_state() -> None:
     (reply,) = w.b.datagrams_to_send()
     assert reply[0] == A and reply[1][13] == 3  # a HelloVerifyRequest, stateless (D14)
     assert link_of(w.b, A).pending is None and link_of(w.b, A).stats.attempts == 0
+
+
+def test_a_late_copy_of_the_live_client_hello_starts_nothing() -> None:
+    from perc.dtls.offer import first_client_hello_untrusted
+
+    w = Wire()
+    w.configure()
+    w.run(1.0)
+    hellos = [d for src, d in w.sent if src == A and first_client_hello_untrusted(d)]
+    assert len(hellos) == 2  # the first, and the one returning the cookie (D14)
+    attempts = link_of(w.b, A).stats.attempts
+    w.b.receive_datagram(hellos[-1], A, w.now)
+    assert link_of(w.b, A).pending is None
+    assert link_of(w.b, A).stats.attempts == attempts
+    w.run(20.0)
+    assert w.b.links_up == 1 and link_of(w.b, A).stats.failures == 0
