@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterable
+from pathlib import Path
 
 import pytest
 import trio
@@ -142,9 +143,13 @@ async def test_two_workers_serve_one_conference_and_heal_a_killed_worker(
     for name in rejoiners:
         first = eps[name].find_events(EndpointRejoin)[0]
         assert first.reason in ("silence", "ended"), first
-    # The supervisor stops its workers on SIGTERM and exits 0.
+    # The supervisor stops its workers on SIGTERM (each logs its totals) and exits 0.
     assert await system.stop(mdd) == 0, mdd.text
-    assert len(mdd.find_events(WorkerStarted)) == 3
+    workers = [e.pid for e in mdd.find_events(WorkerStarted)]
+    assert len(workers) == 3
+    assert len(mdd.find(r"\[w[01]\]: totals conference=demo")) == 2, mdd.text
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists(), pid
 
 
 async def test_workers_zero_is_a_usage_error(system: System) -> None:
