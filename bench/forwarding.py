@@ -367,13 +367,17 @@ class Step:
         return 1 - self.received / self.expected if self.expected else 0.0
 
 
-def run_step(endpoints: list[Endpoint], schedule: Schedule, seconds: float, relay_pid: int) -> Step:
+def run_step(
+    endpoints: list[Endpoint], schedule: Schedule, seconds: float, relay_pid: int | list[int]
+) -> Step:
+    """One step; ``relay_pid``: the relay's process, or its processes (CPU summed)."""
+    pids = [relay_pid] if isinstance(relay_pid, int) else relay_pid
     socks = [e.sock for e in endpoints]
     drain(socks)
     start = time.monotonic() + 0.2
     ctx = multiprocessing.get_context("fork")
     load = ctx.Process(target=blast, args=(socks, schedule, start), daemon=True)
-    cpu0 = cpu_seconds(relay_pid)
+    cpu0 = sum(cpu_seconds(p) for p in pids)
     drops0 = rcvbuf_errors()
     self0 = resource.getrusage(resource.RUSAGE_SELF)
     child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -381,7 +385,7 @@ def run_step(endpoints: list[Endpoint], schedule: Schedule, seconds: float, rela
     counts = sink(socks, start + seconds + GRACE)
     load.join(10)
     wall = seconds + GRACE + 0.2
-    cpu = (cpu_seconds(relay_pid) - cpu0) / wall
+    cpu = (sum(cpu_seconds(p) for p in pids) - cpu0) / wall
     self1 = resource.getrusage(resource.RUSAGE_SELF)
     child1 = resource.getrusage(resource.RUSAGE_CHILDREN)
 

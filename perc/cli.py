@@ -6,7 +6,7 @@
     perc [--log-level LEVEL] identity show FILE.crt [--key FILE.key]
     perc [--log-level LEVEL] kmf --config kmf.toml [--reset-state] [--metrics HOST:PORT]
     perc [--log-level LEVEL] kmf audit --state FILE [--state-key FILE] [--verify]
-    perc [--log-level LEVEL] mdd --config mdd.toml
+    perc [--log-level LEVEL] mdd --config mdd.toml [--workers N]
     perc [--log-level LEVEL] mdd --kmf HOST:PORT --kmf-fingerprint FP --listen HOST:PORT
                                  --cert F --key F [--conference ID] [--idle-timeout S]
     perc [--log-level LEVEL] mdd ... [--metrics HOST:PORT]
@@ -417,6 +417,15 @@ _QUICK = ("kmf", "kmf_fingerprint", "listen", "cert", "key")
     + f" [default: {_default(config.MddSettings, 'idle_timeout')}]",
 )
 @_metrics_option
+@click.option(
+    "--workers",
+    type=int,
+    default=None,
+    metavar="N",
+    help=_doc(config.MddSettings, "workers")
+    + f" Overrides [mdd] workers [default: {_default(config.MddSettings, 'workers')}]",
+)
+@click.option("--worker-plan", hidden=True, default=None)
 @_log_level_option
 def mdd_command(
     *,
@@ -429,6 +438,8 @@ def mdd_command(
     conference: str,
     idle_timeout: float | None,
     metrics: str | None,
+    workers: int | None,
+    worker_plan: str | None,
 ) -> None:
     """Run the Media Distributor: UDP for endpoints, one RFC 9185 tunnel per conference.
 
@@ -472,13 +483,80 @@ def mdd_command(
             )
         except config.ConfigError as e:
             raise CliError(str(e)) from None
+    listens = ", ".join(str(c.listen) for c in cfg.conferences)
+    if worker_plan is not None:
+        _run_worker(cfg, worker_plan, listens)
+        return
+    if workers is not None:
+        try:
+            cfg = config.with_workers(cfg, workers)
+        except config.ConfigError as e:
+            raise CliError(str(e)) from None
     cfg = _with_metrics(cfg, "mdd", metrics)
+    if cfg.mdd.workers > 1 and (cfg.mdd.metrics is not None or cfg.mdd.admin_socket):
+        raise CliError(
+            "mdd.workers > 1 cannot be combined with mdd.metrics or mdd.admin_socket yet "
+            "(each worker would bind them); run with workers = 1 to use them"
+        )
     _check_admin_socket(cfg.mdd.admin_socket)
     _setup_logging()
+    if cfg.mdd.workers > 1:
+        if config_path is not None:
+            args = ["mdd", "--config", str(config_path.resolve())]
+        else:
+            args = ["mdd", "--conference", conference]
+            args += [f"--{n.replace('_', '-')}={v}" for n, v in quick.items()]
+            if idle_timeout is not None:
+                args.append(f"--idle-timeout={idle_timeout}")
+        _run_supervisor(cfg, args, listens)
+        return
     from perc.roles import mdd
 
-    listens = ", ".join(str(c.listen) for c in cfg.conferences)
     _run_role(mdd.serve, cfg, f"MDD on {listens}")
+
+
+def _run_supervisor(cfg: config.MddConfig, args: list[str], listens: str) -> None:
+    """D27: run ``cfg.mdd.workers`` copies of this command as workers, supervised."""
+    import functools
+
+    from perc.roles import workers
+
+    meta = click.get_current_context().find_root().meta
+    command = workers.worker_command(
+        args,
+        meta.get(_LEVEL_KEY, logsetup.DEFAULT_LEVEL),
+        meta.get(_FORMAT_KEY, logsetup.DEFAULT_FORMAT),
+    )
+    try:
+        _run_role(
+            functools.partial(workers.supervise, worker_command=command),
+            cfg,
+            f"MDD on {listens}",
+        )
+    except workers.WorkerFailed as e:
+        raise RuntimeFailure(str(e)) from None
+
+
+def _run_worker(cfg: config.MddConfig, text: str, listens: str) -> None:
+    """One D27 worker, started by a supervising ``perc mdd`` (the hidden --worker-plan)."""
+    import functools
+
+    from perc import workers as plans
+    from perc.roles import workers
+
+    try:
+        plan = plans.WorkerPlan.from_json(text)
+    except plans.WorkerPlanError as e:
+        raise CliError(str(e)) from None
+    missing = sorted(set(plan.conferences) ^ {c.id for c in cfg.conferences})
+    if missing:
+        raise CliError(f"bad worker plan: conferences {', '.join(missing)} do not match")
+    _setup_logging()
+    _run_role(
+        functools.partial(workers.serve_worker, plan=plan),
+        cfg,
+        f"MDD worker {plan.index} on {listens}",
+    )
 
 
 # Kept in step with perc.endpoint.ExitCode (a test checks); here so that --help does not

@@ -44,6 +44,7 @@ Files (the optional keys have the defaults shown)::
     pending_timeout = 2.0              # seconds a pending association has to progress
     # metrics = "127.0.0.1:9465"       # Prometheus GET /metrics (D34); unset: off
     # admin_socket = "mdd.sock"        # D33 admin socket (mode 0600); unset: none
+    workers = 1                        # worker processes under one supervisor (D27)
     [[conference]]
     id = "demo"
     listen = "127.0.0.1:5004"          # UDP port where endpoints of this conference send
@@ -88,7 +89,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NewType, TypeVar
 
@@ -362,6 +363,13 @@ class MddSettings:
         metadata=_doc(
             "Unix socket of the admin interface (D33, perc admin), created mode 0600, "
             "relative to the config file's folder; unset: none"
+        ),
+    )
+    workers: int = attrs.field(
+        default=1,
+        metadata=_doc(
+            "worker processes (D27): more than 1 runs them under one supervisor, each "
+            "conference port shared with SO_REUSEPORT and the workers linked as a mesh"
         ),
     )
 
@@ -1064,6 +1072,7 @@ def build_mdd_config(
             "mdd.reconnect_max",
             "must be >= mdd.reconnect_min",
         )
+        _check_workers(mdd.workers, raw.conference, "mdd.workers")
         listens: dict[tuple[str, int], int] = {}
         for i, c in enumerate(raw.conference):
             key = f"conference[{i}]"
@@ -1128,6 +1137,25 @@ def build_mdd_config(
         identity=ident,
         source=source,
     )
+
+
+def _check_workers(workers: int, conferences: Sequence[MddConference], key: str) -> None:
+    _check(workers >= 1, key, f"must be >= 1, got {workers}")
+    if workers > 1:
+        linked = next((c.id for c in conferences if c.link), None)
+        _check(
+            linked is None,
+            key,
+            f"{workers} workers cannot serve conference {linked!r}: its [[conference.link]] "
+            "needs a single MDD process (workers = 1)",
+        )
+
+
+def with_workers(cfg: MddConfig, workers: int, key: str = "--workers") -> MddConfig:
+    """``cfg`` with ``[mdd] workers`` replaced (the ``--workers`` option); checked as the
+    config file's value is (:class:`ConfigError` naming ``key``)."""
+    _check_workers(workers, cfg.conferences, key)
+    return attrs.evolve(cfg, mdd=attrs.evolve(cfg.mdd, workers=workers))
 
 
 #: Config keys of the MDD quick form and the CLI options that set them.

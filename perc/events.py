@@ -1042,3 +1042,43 @@ class SsrcLoop(Event):
             f"ssrc loop conference={self.conference} ssrc={self.ssrc}: owned by {self.owner}, "
             f"dropped from {self.refused}"
         )
+
+
+# --- MDD workers (D27) ------------------------------------------------------------------------
+# Emitted by the supervising ``perc mdd`` (perc.roles.workers).
+
+
+@register
+@attrs.frozen
+class WorkerStarted(Event):
+    """The supervisor started worker ``index`` of ``count`` (``restarts``: how often that
+    worker was restarted before)."""
+
+    kind: ClassVar[str] = "mdd_worker_started"
+    index: int
+    count: int
+    pid: int
+    restarts: int = 0
+
+    def describe(self) -> str:
+        return f"worker {self.index} of {self.count} started pid={self.pid}" + (
+            f" (restart {self.restarts})" if self.restarts else ""
+        )
+
+
+@register
+@attrs.frozen
+class WorkerExited(Event):
+    """Worker ``index`` exited: ``status`` is its exit status, or ``-N`` for signal N;
+    ``restart_in``: seconds until it is restarted (None: it is not, the supervisor stops)."""
+
+    kind: ClassVar[str] = "mdd_worker_exited"
+    index: int
+    pid: int
+    status: int
+    restart_in: float | None = None
+
+    def describe(self) -> str:
+        how = f"signal {-self.status}" if self.status < 0 else f"status {self.status}"
+        then = "not restarted" if self.restart_in is None else f"restart in {self.restart_in:g}s"
+        return f"worker {self.index} exited pid={self.pid} with {how}: {then}"

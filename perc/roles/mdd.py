@@ -42,6 +42,7 @@ from __future__ import annotations
 import logging
 import socket
 import uuid
+from collections.abc import Callable
 from functools import partial
 from time import thread_time
 from typing import TYPE_CHECKING, Any
@@ -127,6 +128,8 @@ class ConferenceRelay:
         self.changed = AsyncValue(0)
         self._tunnel: TunnelConnection | None = None
         self._sock: socket.socket | None = None
+        #: How datagrams leave; run() sets the bound socket's own sendto (see _sender).
+        self._sendto: Callable[[bytes, Address], int] = self._send_on_socket
         #: One task at a time waits for the socket to become writable (see _wait_writable).
         self._write_lock = trio.Lock()
         expected = conference.kmf_fingerprint
@@ -183,7 +186,8 @@ class ConferenceRelay:
 
     # --- lifetime ------------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[ConferenceRelay]) -> None:
+    def _open_socket(self) -> socket.socket:
+        """The conference's UDP socket, bound (a D27 worker adopts its supervisor's)."""
         listen = self.conference.listen
         infos = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_DGRAM)
         family, _, _, _, sockaddr = infos[0]
@@ -194,14 +198,38 @@ class ConferenceRelay:
             # Room for bursts between two drains, and for the times this process is not
             # scheduled (the kernel caps this at net.core.rmem_max).
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _send_on_socket(self, data: bytes, addr: Address) -> int:
+        if self._sock is None:
+            raise OSError("the conference socket is not bound")
+        return self._sock.sendto(data, addr)
+
+    def _sender(self, sock: socket.socket) -> Callable[[bytes, Address], int]:
+        """How datagrams leave (a D27 worker sends to its mesh peers from another socket)."""
+        return sock.sendto
+
+    def _more_sockets(self) -> list[socket.socket]:
+        """Further sockets whose datagrams go to the engine (a D27 worker's mesh socket)."""
+        return []
+
+    async def run(self, *, task_status: trio.TaskStatus[ConferenceRelay]) -> None:
+        sock = self._open_socket()
+        try:
             name = sock.getsockname()
             host, port = self.address = (str(name[0]), int(name[1]))
             self._sock = sock
+            self._sendto = self._sender(sock)
             events.emit(log, events.ConferenceListening("conference", host, port, self.id))
-            self._add_links(family)
+            self._add_links(sock.family)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._tunnel_loop)
                 nursery.start_soon(self._udp_loop, sock)
+                for more in self._more_sockets():
+                    nursery.start_soon(self._udp_loop, more)
                 nursery.start_soon(self._timer_loop)
                 task_status.started(self)
         finally:
@@ -226,13 +254,11 @@ class ConferenceRelay:
                 ),
                 now,
             )  # fmt: skip
-        sock = self._sock
-        if sock is not None:
-            for addr, data in self.engine.datagrams_to_send():
-                try:
-                    sock.sendto(data, addr)
-                except OSError:
-                    self.io.dropped_udp_send += 1
+        for addr, data in self.engine.datagrams_to_send():
+            try:
+                self._sendto(data, addr)
+            except OSError:
+                self.io.dropped_udp_send += 1
         self._pump()
 
     def _close_links(self, sock: socket.socket) -> None:
@@ -243,7 +269,7 @@ class ConferenceRelay:
         lm.close(trio.current_time())
         for addr, data in lm.datagrams_to_send():
             try:
-                sock.sendto(data, addr)
+                self._sendto(data, addr)
             except OSError:
                 self.io.dropped_udp_send += 1
 
@@ -328,7 +354,7 @@ class ConferenceRelay:
 
     async def _udp_loop(self, sock: socket.socket) -> None:
         recv = sock.recvfrom
-        sendto = sock.sendto
+        sendto = self._sendto
         receive = self.engine.receive_datagram
         to_send = self.engine.datagrams_to_send
         current_time = trio.current_time
@@ -380,14 +406,14 @@ class ConferenceRelay:
             index += 1
             if error is None:
                 try:
-                    sock.sendto(data, addr)
+                    self._sendto(data, addr)
                     continue
                 except OSError as e:
                     error = e
             if isinstance(error, BlockingIOError):
                 await self._wait_writable(sock)
                 try:
-                    sock.sendto(data, addr)
+                    self._sendto(data, addr)
                 except OSError:
                     self.io.dropped_udp_send += 1
             else:
@@ -408,9 +434,14 @@ class ConferenceRelay:
 class MddServer:
     """The running MDD: one :class:`ConferenceRelay` per configured conference."""
 
-    def __init__(self, config: MddConfig) -> None:
+    def __init__(
+        self,
+        config: MddConfig,
+        relay: Callable[[MddConference, MddConfig], ConferenceRelay] | None = None,
+    ) -> None:
         self.config = config
-        self.conferences = {c.id: ConferenceRelay(c, config) for c in config.conferences}
+        make = relay if relay is not None else ConferenceRelay
+        self.conferences = {c.id: make(c, config) for c in config.conferences}
 
     async def admin(self, request: Request) -> dict[str, Any]:
         """Answer one admin request (D33): ``status`` or ``links``; the engines' data."""

@@ -6,8 +6,8 @@ steps), warnings as errors, and must exit 0, print the machine line, print no tr
 print its table's rows and its ``ratio X / Y  N.NN`` (or summary) lines. No timing is
 asserted: on a loaded machine the numbers mean nothing, and that is not what is tested.
 
-The benches that start real ``perc`` processes (forwarding, join_storm, metrics_scrape,
-rekey, tunnel_relay) are marked slow like the other whole-system tests.
+The benches that start real ``perc`` processes (cascade, forwarding, join_storm,
+metrics_scrape, rekey, tunnel_relay) are marked slow like the other whole-system tests.
 """
 
 from __future__ import annotations
@@ -135,9 +135,21 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             rf"^ratio idle scrape CPU at 10 Hz / one core{RATIO}",
         ],
     ),
+    "cascade": (
+        [],
+        [
+            r"end-to-end check: 20/20 \(1 worker\), 20/20 \(2 workers",
+            rf"^workers1\s+500 pkt/s x2{NUMBER}",
+            rf"^workers2\s+500 pkt/s x2{NUMBER}",
+            rf"^ratio 2 workers / 1 worker \(CPU per delivery\){RATIO}",
+            r"^largest lossless conference: 1 worker \d+, 2 workers \d+ endpoints",
+            r"^hop latency: \d+ of \d+ packets seen on both sides, .* p50 -?[\d.]+ ms, p99 ",
+            r"^2 workers: [\d,]+ deliveries/s = a conference of \d+",
+        ],
+    ),
 }
 #: Benches that start perc role processes or a process of their own.
-PROCESSES = {"forwarding", "join_storm", "metrics_scrape", "rekey", "tunnel_relay"}
+PROCESSES = {"cascade", "forwarding", "join_storm", "metrics_scrape", "rekey", "tunnel_relay"}
 
 
 def _bench(name: str) -> pytest.ParameterSet:

@@ -1,0 +1,319 @@
+"""MDD workers (D27), the I/O: the supervising ``perc mdd`` and the worker's relays.
+
+Theory of operation
+-------------------
+The plan, the mesh and the restart policy are :mod:`perc.workers` (sans-IO); this module
+binds, spawns, waits and signals.
+
+* :func:`supervise` (``perc mdd`` with ``workers = N > 1``) binds, per conference, N UDP
+  sockets on the listen address with ``SO_REUSEPORT`` (the first decides the port when the
+  config says 0) and N private loopback sockets for the mesh, and a pipe. It starts N
+  ``python -m perc mdd ... --worker-plan PLAN`` processes, each inheriting its own sockets
+  and the pipe's read end, and keeps every descriptor open until it exits, so a restarted
+  worker gets the same sockets back. A worker that exits is logged
+  (:class:`~perc.events.WorkerExited`) and restarted after the policy's delay
+  (:class:`~perc.events.WorkerStarted`). On SIGINT/SIGTERM the supervisor sends SIGTERM to
+  every worker and waits for them (SIGKILL after :data:`STOP_WAIT`). If the supervisor
+  itself dies, the pipe's write end closes and every worker stops on its own.
+* :func:`serve_worker` runs an ordinary :class:`perc.roles.mdd.MddServer` whose relays are
+  :class:`WorkerRelay`: the conference socket is the inherited one, the mesh links are added
+  beside the configured ones, and datagrams for a mesh peer leave from the mesh socket (the
+  peer knows this worker by that address; the shared port would reach a worker chosen by
+  the kernel's hash). Its log records name it (``perc.roles.mdd[w1]``): every worker writes
+  to the supervisor's stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+
+import trio
+
+from perc import events
+from perc.config import MddConference, MddConfig
+from perc.mdd import Address
+from perc.roles.mdd import RECEIVE_BUFFER, ConferenceRelay, MddServer
+from perc.workers import MESH_HOST, ConferencePlan, RestartPolicy, WorkerPlan, mesh_links
+
+__all__ = ["STOP_WAIT", "WorkerRelay", "serve_worker", "supervise"]
+
+log = logging.getLogger(__name__)
+
+#: Seconds the supervisor waits for its workers after SIGTERM before it kills them.
+STOP_WAIT = 5.0
+
+
+# --- the worker -------------------------------------------------------------------------------
+
+
+class WorkerRelay(ConferenceRelay):
+    """A conference relay of one worker: inherited sockets, the mesh links beside the rest."""
+
+    def __init__(self, conference: MddConference, config: MddConfig, plan: WorkerPlan) -> None:
+        super().__init__(conference, config)
+        self.plan = plan
+        self.conference_plan: ConferencePlan = plan.conferences[conference.id]
+        self._mesh_sock: socket.socket | None = None
+        self._mesh_peers: set[Address] = set()
+        self._fingerprint = config.identity.fingerprint
+
+    def _open_socket(self) -> socket.socket:
+        cp = self.conference_plan
+        sock = socket.socket(fileno=cp.listen_fd)
+        mesh = socket.socket(fileno=cp.mesh_fd)
+        sock.setblocking(False)
+        mesh.setblocking(False)
+        self._mesh_sock = mesh
+        return sock
+
+    def _sender(self, sock: socket.socket) -> Callable[[bytes, Address], int]:
+        mesh, peers = self._mesh_sock, self._mesh_peers
+        assert mesh is not None
+        shared, private = sock.sendto, mesh.sendto
+
+        def sendto(data: bytes, addr: Address) -> int:
+            return (private if addr in peers else shared)(data, addr)
+
+        return sendto
+
+    def _more_sockets(self) -> list[socket.socket]:
+        return [self._mesh_sock] if self._mesh_sock is not None else []
+
+    def _add_links(self, family: int) -> None:
+        now = trio.current_time()
+        for spec in mesh_links(self.plan, self.id, self._fingerprint):
+            self._mesh_peers.add(spec.peer)
+            self.engine.add_link(spec, now)
+        super()._add_links(family)
+
+
+class _WorkerTag(logging.Filter):
+    """Name the worker in each record's logger (``perc.roles.mdd[w1]``): N workers share the
+    supervisor's stderr."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.suffix = f"[w{index}]"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.endswith(self.suffix):
+            record.name += self.suffix
+        return True
+
+
+def tag_logs(index: int) -> None:
+    """Every log handler of this process names worker ``index``."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerTag(index))
+
+
+async def _watch_parent(fd: int, scope: trio.CancelScope) -> None:
+    """Stop the worker when the supervisor is gone (its end of the pipe closed)."""
+    await trio.lowlevel.wait_readable(fd)
+    log.warning("supervisor gone: worker stopping")
+    scope.cancel()
+
+
+async def serve_worker(
+    config: MddConfig,
+    plan: WorkerPlan,
+    *,
+    task_status: trio.TaskStatus[MddServer] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run worker ``plan.index`` until cancelled or until the supervisor is gone."""
+
+    def relay(conference: MddConference, cfg: MddConfig) -> ConferenceRelay:
+        return WorkerRelay(conference, cfg, plan)
+
+    tag_logs(plan.index)
+    log.info("MDD worker %d of %d pid=%d", plan.index, plan.count, os.getpid())
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_watch_parent, plan.parent_fd, nursery.cancel_scope)
+        server = await nursery.start(MddServer(config, relay).serve)
+        task_status.started(server)
+
+
+# --- the supervisor ---------------------------------------------------------------------------
+
+
+def _bind_group(conference: MddConference, count: int) -> list[socket.socket]:
+    """``count`` SO_REUSEPORT sockets on the conference's listen address (one port)."""
+    listen = conference.listen
+    infos = socket.getaddrinfo(listen.host, listen.port, type=socket.SOCK_DGRAM)
+    family, _, _, _, sockaddr = infos[0]
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            sock.bind(sockaddr)
+            sockaddr = sock.getsockname()  # port 0: the others take the port the first got
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+def _bind_mesh(count: int) -> list[socket.socket]:
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            sock.bind((MESH_HOST, 0))
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
+class Supervisor:
+    """The sockets, the pipe and the worker processes of one supervising ``perc mdd``."""
+
+    def __init__(self, config: MddConfig, worker_command: Sequence[str]) -> None:
+        self.config = config
+        self.count = config.mdd.workers
+        self.command = list(worker_command)
+        self.policy = RestartPolicy()
+        self.processes: dict[int, trio.Process] = {}
+        self.stopping = False
+        self.failed: str | None = None
+        self._sockets: list[socket.socket] = []
+        self._plans: list[WorkerPlan] = []
+        self._pipe: tuple[int, int] | None = None
+
+    def bind(self) -> None:
+        read_end, write_end = os.pipe()
+        self._pipe = (read_end, write_end)
+        per_conf: dict[str, tuple[list[socket.socket], list[socket.socket]]] = {}
+        for conf in self.config.conferences:
+            group = _bind_group(conf, self.count)
+            self._sockets += group
+            mesh = _bind_mesh(self.count)
+            self._sockets += mesh
+            per_conf[conf.id] = (group, mesh)
+            host, port = group[0].getsockname()[:2]
+            events.emit(log, events.ConferenceListening("conference", str(host), port, conf.id))
+        for i in range(self.count):
+            confs = {}
+            for cid, (group, mesh) in per_conf.items():
+                addrs = tuple((MESH_HOST, int(m.getsockname()[1])) for m in mesh)
+                confs[cid] = ConferencePlan(group[i].fileno(), mesh[i].fileno(), addrs)
+            self._plans.append(WorkerPlan(i, self.count, read_end, confs))
+
+    def close(self) -> None:
+        for sock in self._sockets:
+            sock.close()
+        if self._pipe is not None:
+            for fd in self._pipe:
+                os.close(fd)
+            self._pipe = None
+
+    async def start(self, index: int) -> None:
+        plan = self._plans[index]
+        fds = [plan.parent_fd]
+        for cp in plan.conferences.values():
+            fds += [cp.listen_fd, cp.mesh_fd]
+        proc = await trio.lowlevel.open_process(
+            [*self.command, "--worker-plan", plan.to_json()],
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+        )
+        self.processes[index] = proc
+        now = trio.current_time()
+        self.policy.started(index, now)
+        events.emit(
+            log,
+            events.WorkerStarted(index, self.count, proc.pid, self.policy.restarts(index)),
+        )
+
+    async def stop(self) -> None:
+        """SIGTERM to every worker; SIGKILL to those still running after STOP_WAIT."""
+        self.stopping = True
+        running = [p for p in self.processes.values() if p.returncode is None]
+        for proc in running:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:  # pragma: no cover - exited meanwhile
+                pass
+        with trio.move_on_after(STOP_WAIT):
+            for proc in running:
+                await proc.wait()
+        for proc in running:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+class WorkerFailed(Exception):
+    """A worker exited in a way a restart cannot mend (its configuration was refused)."""
+
+
+async def supervise(
+    config: MddConfig,
+    worker_command: Sequence[str],
+    *,
+    task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run ``config.mdd.workers`` workers (``worker_command`` + ``--worker-plan PLAN``) until
+    cancelled; raise :class:`WorkerFailed` if one cannot be restarted."""
+    sup = Supervisor(config, worker_command)
+    log.info(
+        "MDD supervisor starting workers=%d fingerprint=%s conferences=%s",
+        sup.count,
+        config.identity.fingerprint,
+        ",".join(c.id for c in config.conferences),
+    )
+    sup.bind()
+    try:
+        async with trio.open_nursery() as nursery:
+            for i in range(sup.count):
+                await sup.start(i)
+            for i in range(sup.count):
+                nursery.start_soon(_watch_one, sup, i, nursery.cancel_scope)
+            task_status.started(sup)
+    finally:
+        with trio.CancelScope(shield=True):
+            await sup.stop()
+        sup.close()
+    if sup.failed is not None:
+        raise WorkerFailed(sup.failed)
+
+
+async def _watch_one(sup: Supervisor, index: int, scope: trio.CancelScope) -> None:
+    while True:
+        proc = sup.processes[index]
+        status = await proc.wait()
+        if sup.stopping:
+            return
+        delay = sup.policy.exited(index, trio.current_time(), status)
+        events.emit(
+            log,
+            events.WorkerExited(index, proc.pid, status, delay),
+            logging.WARNING if delay is not None else logging.ERROR,
+        )
+        if delay is None:
+            sup.failed = f"worker {index} exited with status {status}; stopping"
+            scope.cancel()
+            return
+        await trio.sleep(delay)
+        await sup.start(index)
+
+
+def worker_command(mdd_args: Sequence[str], log_level: str, log_format: str) -> list[str]:
+    """The command line of a worker: this Python, ``-m perc``, the log options, ``mdd_args``."""
+    return [
+        sys.executable, "-m", "perc", "--log-level", log_level, "--log-format", log_format,
+        *mdd_args,
+    ]  # fmt: skip
