@@ -187,3 +187,25 @@ def test_one_worker_runs_the_mdd_itself(
     result = CliRunner().invoke(main, ["mdd", "--config", str(path), "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert started[0][0] is mdd.serve
+
+
+@pytest.mark.parametrize("extra", [["--metrics", "127.0.0.1:0"], []])
+def test_workers_with_metrics_or_an_admin_socket_exit_2(
+    ids: dict[str, Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    extra: list[str],
+) -> None:
+    """Every worker would bind the metrics port and the admin socket: refused, one line."""
+    import perc.cli
+
+    started: list[object] = []
+    monkeypatch.setattr(perc.cli, "_run_role", lambda *a: started.append(a))
+    path = ids["dir"] / "mdd-workers-ops.toml"
+    text = mdd_toml(ids)
+    if not extra:
+        text = text.replace("[mdd]\n", '[mdd]\nadmin_socket = "mdd.sock"\n', 1)
+    path.write_text(text)
+    result = CliRunner().invoke(main, ["mdd", "--config", str(path), "--workers", "2", *extra])
+    assert result.exit_code == 2, result.output
+    assert "cannot be combined with mdd.metrics or mdd.admin_socket" in result.stderr
+    assert started == []
