@@ -562,8 +562,9 @@ class EndpointMedia:
             self.stats.duplicate_ekt_keys += 1
             return False
         self._ekt_params = params
-        # Receiver first, so Full tags under the new SPI from faster peers are readable.
-        self._rx.add_parameter_set(params)
+        # Receiver first, so Full tags under the new SPI from faster peers are readable (also
+        # those that came before this EKTKey: they announced keys we must not miss).
+        self._rx.add_parameter_set(params, now)
         if self._tx is not None:
             self._tx.rekey(params, now)
         if params.spi not in self.spis:
@@ -601,7 +602,7 @@ class EndpointMedia:
         self._rtcp_rx = rx_session
         self._e2e_mark = 0
         self._ekt_params = params
-        self._rx.add_parameter_set(params)
+        self._rx.add_parameter_set(params, now)
         if self._tx is not None:
             self._tx = DoubleSender(
                 outer.client_key, outer.client_salt, params, period=self._period

@@ -366,9 +366,13 @@ class DoubleReceiver:
     def outer_session(self) -> SrtpSession:
         return self._outer
 
-    def add_parameter_set(self, params: EktParameterSet) -> None:
-        """A new EKTKey arrived (RFC 8870 §5.2.2): keep it, keys under it become readable."""
+    def add_parameter_set(self, params: EktParameterSet, now: float | None = None) -> None:
+        """A new EKTKey arrived (RFC 8870 §5.2.2): keep it, keys under it become readable;
+        with ``now``, Full tags under its SPI that came before it are applied too
+        (:meth:`EktReceiver.apply_parked`)."""
         self._ekt.add_parameter_set(params)
+        if now is not None:
+            self._ekt.apply_parked(params.spi, now)
 
     def unprotect(self, packet: bytes, now: float) -> MediaPacket:
         """Verify and decrypt both layers; raises a :class:`SrtpError` to drop the packet."""

@@ -395,6 +395,8 @@ class EktReceiverStats:
     ignored_ssrc: int = 0
     ignored_type: int = 0
     unknown_spi: int = 0
+    #: Full tags under an unknown SPI kept, then applied when that SPI's EKTKey came
+    parked_applied: int = 0
     unwrap_failures: int = 0
     bad_plaintext: int = 0
     stream_limit: int = 0
@@ -412,6 +414,10 @@ class _InStream:
 
 
 SessionFactory = Callable[[bytes, bytes], InnerSession]
+
+
+#: Full tags under unknown SPIs an EKT receiver keeps for :meth:`EktReceiver.apply_parked`.
+_MAX_PARKED = 64
 
 
 class EktReceiver:
@@ -445,6 +451,10 @@ class EktReceiver:
         self._old_key_lifetime = old_key_lifetime
         self._sets: dict[int, EktParameterSet] = {}
         self._streams: dict[int, _InStream] = {}
+        #: (SPI, SSRC) -> the newest Full tag that named an SPI we lacked (bounded, oldest
+        #: out): a sender that switched to a new EKTKey before ours arrived announced its new
+        #: key only in its first few Full tags, so they are applied when the EKTKey comes.
+        self._parked: dict[tuple[int, int], FullEktField] = {}
         self.stats = EktReceiverStats()
 
     # parameter sets ------------------------------------------------------------------------
@@ -465,6 +475,23 @@ class EktReceiver:
         self._sets[params.spi] = params
         while len(self._sets) > self._max_sets:
             del self._sets[next(iter(self._sets))]
+
+    def apply_parked(self, spi: int, now: float) -> int:
+        """The EKTKey for ``spi`` arrived: apply the Full tags under it that came first
+        (unknown SPI then). Each is processed as on arrival (unwrap under the new key, SSRC
+        and epoch checks), so a forged one only counts as a failure. Returns how many
+        installed or refreshed a key."""
+        applied = 0
+        for key in [k for k in self._parked if k[0] == spi]:
+            field = self._parked.pop(key)
+            try:
+                outcome = self.process(field, key[1], now)
+            except EktError:
+                continue
+            if outcome in (EktOutcome.NEW_KEY, EktOutcome.ROC_UPDATED):
+                applied += 1
+        self.stats.parked_applied += applied
+        return applied
 
     def remove_parameter_set(self, spi: int) -> None:
         self._sets.pop(spi, None)
@@ -525,6 +552,12 @@ class EktReceiver:
         params = self._sets.get(field.spi)
         if params is None or params.expired(now):
             self.stats.unknown_spi += 1
+            if params is None:
+                parked = (field.spi, ssrc)
+                self._parked.pop(parked, None)
+                if len(self._parked) >= _MAX_PARKED:
+                    del self._parked[next(iter(self._parked))]
+                self._parked[parked] = field
             raise UnknownSpiError(f"no EKT parameter set for SPI {field.spi}")
         try:
             raw = ekt_unwrap(params.cipher, params.key, field.ciphertext)
@@ -604,11 +637,13 @@ class EktReceiver:
                 old.superseded_at = now
         st.keys.insert(0, key)
         # Bound the per-stream state: at most keys_per_stream keys, old ones only for a while.
+        # The key that last decrypted a packet stays beyond the count (one more at most): a
+        # sender that gets rekeys faster than it switches (each announcement postpones its
+        # switch, RFC 8870 §4.3.1) still encrypts with it while announcing newer ones.
         keep: list[ReceivedKey] = []
         for k in st.keys:
-            if len(keep) >= self._keys_per_stream or (
-                k.superseded_at is not None and now - k.superseded_at > self._old_key_lifetime
-            ):
+            aged = k.superseded_at is not None and now - k.superseded_at > self._old_key_lifetime
+            if aged or (len(keep) >= self._keys_per_stream and k is not st.preferred):
                 self.stats.evicted_keys += 1
                 if st.preferred is k:
                     st.preferred = None

@@ -499,3 +499,77 @@ def test_rekey_twice_before_switch_keeps_old_key_until_last_announcement() -> No
     assert chain.sender.inner_key != key0
     assert [v.spi for v in views] == [1, 1, 1, 1, 1, 3, 3, 3]  # switch at 0.02 + 0.25
     assert chain.receiver.stats.accepted == 9
+
+
+def test_full_tags_before_the_ekt_key_are_applied_when_it_comes() -> None:
+    """A receiver whose copy of a new EKTKey is late sees the sender's announcements of its
+    new E2E key (Full tags under the new SPI) before it can read them; once the EKTKey
+    arrives the receiver applies the kept tags, so the sender's packets under its new key
+    verify without waiting for its next Full tag."""
+    chain = make_chain()
+    ssrc, t, seq = 0x5566, 0.0, 100
+    accepted: list[bool] = []
+
+    def send(n: int) -> None:
+        nonlocal t, seq
+        for _ in range(n):
+            try:
+                chain.receiver.unprotect(chain.through(rtp(seq, ssrc), t), t)
+                accepted.append(True)
+            except SrtpError:
+                accepted.append(False)
+            t += 0.02
+            seq += 1
+
+    send(5)
+    params2 = new_params(spi=2)
+    chain.sender.rekey(params2, t)  # the receiver does not hold SPI 2 yet
+    send(40)  # announcements (dropped: unknown SPI), the switch, then Short tags
+    assert not any(accepted[-20:])
+    assert chain.receiver.ekt.stats.unknown_spi > 0
+    chain.receiver.add_parameter_set(params2, t)  # late, with its arrival time
+    assert chain.receiver.ekt.stats.parked_applied == 1
+    send(10)
+    assert all(accepted[-10:])
+
+
+def test_a_forged_parked_tag_installs_nothing() -> None:
+    """Parked tags are checked as on arrival: one wrapped under another key fails to unwrap."""
+    chain = make_chain()
+    key, salt = os.urandom(16), os.urandom(12)
+    forger = DoubleSender(key, salt, new_params(spi=9))
+    hop = MediaDistributorHop(SrtpSession(key, salt))
+    out = hop.encrypt_for(chain.md2_out, hop.decrypt(forger.protect(rtp(1), 0.0)))
+    with pytest.raises(UnknownSpiError):
+        chain.receiver.unprotect(out, 0.0)
+    chain.receiver.add_parameter_set(new_params(spi=9), 0.1)  # a different key under SPI 9
+    assert chain.receiver.ekt.stats.parked_applied == 0
+    assert chain.receiver.ekt.stats.unwrap_failures == 1
+
+
+def test_rekeys_faster_than_the_switch_never_lose_the_key_in_use() -> None:
+    """Leaves every 150 ms (each a rekey): the sender announces key after key and keeps
+    encrypting with the one in use until the last announcement ends; a receiver that holds
+    every EKTKey must keep that key although more than keys_per_stream newer ones came."""
+    chain = make_chain()
+    ssrc, t, seq = 0x7788, 0.0, 1
+    failed = 0
+
+    def send(n: int) -> None:
+        nonlocal t, seq, failed
+        for _ in range(n):
+            try:
+                chain.receiver.unprotect(chain.through(rtp(seq, ssrc), t), t)
+            except SrtpError:
+                failed += 1
+            t += 0.02
+            seq += 1
+
+    send(10)
+    for spi in range(2, 8):
+        params = new_params(spi=spi)
+        chain.receiver.add_parameter_set(params, t)
+        chain.sender.rekey(params, t)
+        send(8)  # 160 ms
+    send(40)
+    assert failed == 0
