@@ -4,7 +4,8 @@ Clients send to the proxy's address; for each client address the proxy opens its
 socket, so the upstream server (the MDD) sees one distinct 5-tuple per client, as it would
 without the proxy. Each datagram, in each direction independently, is
 
-* dropped with probability ``drop``;
+* dropped with probability ``drop`` (``drop_to_server``/``drop_to_client``, when given,
+  replace it for one direction: e.g. loss only on the MDD-to-client path);
 * otherwise, with probability ``reorder``, held back for a random delay in
   ``[reorder_delay / 2, reorder_delay]`` so that datagrams sent after it overtake it;
 * otherwise forwarded at once.
@@ -56,9 +57,14 @@ class ImpairmentProxy:
         reorder_delay: float = 0.03,
         seed: int = 0,
         host: str = "127.0.0.1",
+        drop_to_server: float | None = None,
+        drop_to_client: float | None = None,
     ) -> None:
         self.upstream = upstream
         self.drop = drop
+        #: per direction (``None``: ``drop``); attributes, so a test may change them mid-run
+        self.drop_to_server = drop_to_server
+        self.drop_to_client = drop_to_client
         self.reorder = reorder
         self.reorder_delay = reorder_delay
         self.host = host
@@ -83,7 +89,8 @@ class ImpairmentProxy:
                         up = _udp_socket(self.host)
                         self._clients[addr] = up
                         nursery.start_soon(self._pump_back, sock, up, addr, nursery)
-                    self._impair(nursery, self.to_server, up, data, self.upstream)
+                    drop = self.drop if self.drop_to_server is None else self.drop_to_server
+                    self._impair(nursery, self.to_server, up, data, self.upstream, drop)
         finally:
             sock.close()
             for up in self._clients.values():
@@ -94,7 +101,8 @@ class ImpairmentProxy:
     ) -> None:
         while True:
             data, _ = await _recv(up)
-            self._impair(nursery, self.to_client, sock, data, client)
+            drop = self.drop if self.drop_to_client is None else self.drop_to_client
+            self._impair(nursery, self.to_client, sock, data, client, drop)
 
     def _impair(
         self,
@@ -103,12 +111,13 @@ class ImpairmentProxy:
         sock: socket.socket,
         data: bytes,
         dest: Address,
+        drop: float,
     ) -> None:
         roll = self.rng.random()
-        if roll < self.drop:
+        if roll < drop:
             stats.dropped += 1
             return
-        if roll < self.drop + self.reorder:
+        if roll < drop + self.reorder:
             stats.reordered += 1
             delay = self.rng.uniform(self.reorder_delay / 2, self.reorder_delay)
             nursery.start_soon(self._later, delay, stats, sock, data, dest)
