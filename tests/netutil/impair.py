@@ -89,8 +89,7 @@ class ImpairmentProxy:
                         up = _udp_socket(self.host)
                         self._clients[addr] = up
                         nursery.start_soon(self._pump_back, sock, up, addr, nursery)
-                    drop = self.drop if self.drop_to_server is None else self.drop_to_server
-                    self._impair(nursery, self.to_server, up, data, self.upstream, drop)
+                    self._impair(nursery, self.to_server, up, data, self.upstream)
         finally:
             sock.close()
             for up in self._clients.values():
@@ -101,8 +100,7 @@ class ImpairmentProxy:
     ) -> None:
         while True:
             data, _ = await _recv(up)
-            drop = self.drop if self.drop_to_client is None else self.drop_to_client
-            self._impair(nursery, self.to_client, sock, data, client, drop)
+            self._impair(nursery, self.to_client, sock, data, client)
 
     def _impair(
         self,
@@ -111,8 +109,9 @@ class ImpairmentProxy:
         sock: socket.socket,
         data: bytes,
         dest: Address,
-        drop: float,
     ) -> None:
+        one_way = self.drop_to_server if stats is self.to_server else self.drop_to_client
+        drop = self.drop if one_way is None else one_way
         roll = self.rng.random()
         if roll < drop:
             stats.dropped += 1
