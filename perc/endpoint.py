@@ -1013,6 +1013,8 @@ class MediaOptions:
     """``synthetic`` or ``real`` (D35): what our payloads are."""
     real: RealSettings | None = None
     """Real media: what to send (with ``codec`` real) and where to record; needs PyAV."""
+    repair: bool = config.default(EndpointConfig, "repair")
+    """NACK missing packets of received real video (D36), whatever we send ourselves."""
 
     @classmethod
     def from_config(cls, cfg: EndpointConfig) -> MediaOptions:
@@ -1038,6 +1040,7 @@ class MediaOptions:
             rejoin=cfg.rejoin,
             rejoin_silence=cfg.rejoin_silence,
             silence_limit=cfg.silence_limit,
+            repair=cfg.repair,
         )
 
 
@@ -1085,7 +1088,7 @@ class MediaStatus:
             # RFC 3550 §6.4.1: SR NTP timestamps are wall-clock time; `now` is the shell's clock.
             ntp_offset=unix_time - now + NTP_UNIX_OFFSET,
             real=self.options.real if self.options.codec == "real" else None,
-            repair=self.options.real.repair if self.options.real is not None else True,
+            repair=self.options.repair,
             collect_media=self.collect_media,
         )
         self.result = result

@@ -1071,7 +1071,7 @@ class EndpointMedia:
             st = self.streams.get(ssrc)
             a, n = rx.assembler.stats, rx.stats
             values = (a.frames, a.frames_dropped, n.nacks_sent, n.nacked_seqs, n.recovered,
-                      n.given_up, n.plis_sent)  # fmt: skip
+                      n.given_up, n.plis_sent, n.feed_starts, n.feed_starts_keyframe)  # fmt: skip
             row = dict(zip(_REPAIR_KEYS, values, strict=True))
             if st is not None and st.name in peers:
                 video = peers[st.name].setdefault("video", dict.fromkeys(_REPAIR_KEYS, 0))
@@ -1123,7 +1123,8 @@ class EndpointMedia:
 
 
 _REPAIR_KEYS = ("frames_complete", "frames_incomplete", "nacks_sent", "nacked_seqs",
-                "recovered", "given_up", "plis_sent")  # fmt: skip
+                "recovered", "given_up", "plis_sent", "feed_starts",
+                "feed_starts_keyframe")  # fmt: skip
 
 
 def _e2e_reason(exc: SrtpError) -> str | None:

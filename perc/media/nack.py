@@ -21,6 +21,12 @@ receiver sends a PLI (RFC 4585 §6.3.1), at most one per ``pli_interval`` and ag
 objects (:class:`~perc.wire.rtcp.Nack` packing holes as PID + BLP, RFC 4585 §6.2.1, and
 :class:`~perc.wire.rtcp.Pli`); the caller serializes them into a compound SRTCP packet.
 
+A receiver also counts its *feed starts*: the stream's first packet, or a packet whose RTP
+timestamp is more than ``FEED_GAP`` (1 s of the 90 kHz clock) ahead of every earlier one, so
+the stream was off for this receiver meanwhile (a Media Distributor's ``last_n`` paused it, or
+the sender did); and how many of them began with the first packet of a key frame, read from
+the end-to-end decrypted VP8 payload (RFC 7741 §4.2 S = 1 and PID = 0, RFC 6386 §9.1 P = 0).
+
 Everything is sans-IO: the clock is injected (``now`` in seconds), ``timer()`` says when
 ``poll(now)`` has something to do next.
 """
@@ -31,13 +37,19 @@ import attrs
 
 from perc.media.packetize import AssembledFrame, Vp8FrameAssembler
 from perc.wire.rtcp import Nack, Pli
+from perc.wire.vp8 import Vp8DecodeError, split_vp8_payload
 
 __all__ = [
+    "FEED_GAP",
     "NackSettings",
     "NackStats",
     "NackTracker",
     "VideoReceiver",
 ]
+
+
+#: RTP timestamp ticks (90 kHz) ahead of the newest earlier packet that make a feed start
+FEED_GAP = 90_000
 
 
 @attrs.frozen
@@ -77,6 +89,8 @@ class NackStats:
     resets: int = 0  # gaps wider than max_tracked
     plis_sent: int = 0
     plis_throttled: int = 0
+    feed_starts: int = 0  # the stream's first packet, or one after a gap (module doc)
+    feed_starts_keyframe: int = 0  # ... that was the first packet of a key frame
 
 
 @attrs.define(slots=True)
@@ -189,6 +203,7 @@ class VideoReceiver:
         self._last_pli: float | None = None
         self._pli_pending = False
         self._pli_throttled_once = False
+        self._newest_ts: int | None = None
 
     @property
     def stats(self) -> NackStats:
@@ -198,9 +213,28 @@ class VideoReceiver:
         self, seq: int, timestamp: int, marker: bool, payload: bytes, now: float
     ) -> list[AssembledFrame]:
         """One decrypted packet (outer SEQ, timestamp, marker, payload): frames now ready."""
+        self._watch_feed(timestamp, payload)
         self.tracker.on_packet(seq, now)
         frames = self.assembler.push(seq, timestamp, marker, payload, now)
         return frames + self.poll(now)
+
+    def _watch_feed(self, timestamp: int, payload: bytes) -> None:
+        """Count a feed start, and whether it began with a key frame (module doc)."""
+        if self._newest_ts is not None:
+            ahead = (timestamp - self._newest_ts) & 0xFFFFFFFF
+            if ahead >= 1 << 31:
+                return  # older than the newest: reordered or retransmitted
+            self._newest_ts = timestamp
+            if ahead <= FEED_GAP:
+                return
+        self._newest_ts = timestamp
+        self.stats.feed_starts += 1
+        try:
+            descriptor, data = split_vp8_payload(payload)
+        except Vp8DecodeError:
+            return  # counted as malformed by the assembler
+        if descriptor.frame_start and len(data) >= 3 and not data[0] & 0x01:
+            self.stats.feed_starts_keyframe += 1
 
     def poll(self, now: float) -> list[AssembledFrame]:
         """Run the timers: queue NACKs and PLIs, release frames unblocked by giving up."""

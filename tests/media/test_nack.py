@@ -6,7 +6,7 @@ import heapq
 import random
 from collections.abc import Callable
 
-from perc.media.nack import NackSettings, NackTracker, VideoReceiver
+from perc.media.nack import FEED_GAP, NackSettings, NackTracker, VideoReceiver
 from perc.media.packetize import AssembledFrame, Vp8Packetizer
 from perc.wire.rtcp import Nack, Pli, parse_rtcp, serialize_rtcp
 from tests.media.test_packetize import fake_frame
@@ -163,3 +163,20 @@ def test_one_nack_asks_for_at_most_max_nack_seqs() -> None:
     second, _ = t.poll(0.0)
     assert first == list(range(1, 129)) and second == list(range(129, 257))
     assert len(Nack.from_lost(1, 2, first).items) == 8  # 128 consecutive SEQs: 8 PID + BLP
+
+
+def test_feed_starts_are_counted_with_whether_they_began_at_a_key_frame() -> None:
+    """The stream's first packet, and one more than FEED_GAP ahead (a last_n pause), start a
+    feed; reordered packets and the second packet of a frame never do."""
+    rx = VideoReceiver(1, 2, S)
+    packetizer = Vp8Packetizer(600)
+    key, delta = (packetizer.packetize(fake_frame(i, 1500, key=i == 0)) for i in range(2))
+    seq = 0
+    ts = 0xFFFF_FFFF - 2000  # the 32-bit timestamp wraps below
+    for frame, jump in ((key, 0), (delta, 3000), (delta, FEED_GAP + 1), (key, FEED_GAP + 3000)):
+        ts = (ts + jump) & 0xFFFFFFFF
+        for p in frame:
+            rx.push(seq, ts, p.marker, p.payload, 0.0)
+            seq += 1
+    rx.push(1, (ts - 5 * FEED_GAP) & 0xFFFFFFFF, False, delta[1].payload, 0.0)  # old: no start
+    assert (rx.stats.feed_starts, rx.stats.feed_starts_keyframe) == (3, 2)

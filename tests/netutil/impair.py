@@ -4,7 +4,8 @@ Clients send to the proxy's address; for each client address the proxy opens its
 socket, so the upstream server (the MDD) sees one distinct 5-tuple per client, as it would
 without the proxy. Each datagram, in each direction independently, is
 
-* dropped with probability ``drop``;
+* dropped with probability ``drop`` (``drop_to_server``/``drop_to_client``, when given,
+  replace it for one direction: e.g. loss only on the MDD-to-client path);
 * otherwise, with probability ``reorder``, held back for a random delay in
   ``[reorder_delay / 2, reorder_delay]`` so that datagrams sent after it overtake it;
 * otherwise forwarded at once.
@@ -56,9 +57,14 @@ class ImpairmentProxy:
         reorder_delay: float = 0.03,
         seed: int = 0,
         host: str = "127.0.0.1",
+        drop_to_server: float | None = None,
+        drop_to_client: float | None = None,
     ) -> None:
         self.upstream = upstream
         self.drop = drop
+        #: per direction (``None``: ``drop``); attributes, so a test may change them mid-run
+        self.drop_to_server = drop_to_server
+        self.drop_to_client = drop_to_client
         self.reorder = reorder
         self.reorder_delay = reorder_delay
         self.host = host
@@ -104,11 +110,13 @@ class ImpairmentProxy:
         data: bytes,
         dest: Address,
     ) -> None:
+        one_way = self.drop_to_server if stats is self.to_server else self.drop_to_client
+        drop = self.drop if one_way is None else one_way
         roll = self.rng.random()
-        if roll < self.drop:
+        if roll < drop:
             stats.dropped += 1
             return
-        if roll < self.drop + self.reorder:
+        if roll < drop + self.reorder:
             stats.reordered += 1
             delay = self.rng.uniform(self.reorder_delay / 2, self.reorder_delay)
             nursery.start_soon(self._later, delay, stats, sock, data, dest)
