@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One script for every set-up step on a fresh machine (Python >= 3.11 with venv is all it needs).
 #   bash dev.sh demo [ARGS]   make the virtualenv if needed, then run a whole conference on loopback
-#   bash dev.sh test          make the virtualenv if needed, then ruff, mypy and the test suite
+#   bash dev.sh test [ARGS]   make the virtualenv if needed, then ruff, mypy and the test suite
+#                             (with ARGS: pytest ARGS instead of the whole suite)
 #   bash dev.sh bench NAME    run a benchmark script from bench/
 #   bash dev.sh lock          re-pin constraints.txt (every dependency and tool, exact versions)
 # Everything is installed from constraints.txt, so every machine and every CI run uses the same
@@ -64,6 +65,13 @@ case "$cmd" in
         setup
         "$VENV/bin/ruff" check perc tests bench perc.py
         "$VENV/bin/mypy"
+        if [ $# -eq 0 ]; then
+            # The whole suite: unit, in-memory, interop and bench-smoke tests on every core
+            # (pytest-xdist), then the whole-system tests (real processes, bounds read from
+            # their logs) one at a time, so they never compete with each other for the CPU.
+            "$VENV/bin/python" -m pytest -n "${PERC_TEST_WORKERS:-2}" --ignore=tests/system
+            exec "$VENV/bin/python" -m pytest tests/system
+        fi
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     bench)

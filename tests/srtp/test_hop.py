@@ -54,6 +54,7 @@ def _hop() -> tuple[SrtpSession, MediaDistributorHop, SrtpSession, SrtpSession]:
         FullEktField(os.urandom(251), 0xFFFF, 0xFFFF).encode(),
         ExtensionEktField(0x10, b"future").encode(),
     ],
+    ids=["short", "full", "full-longest", "extension"],  # stable across pytest processes
 )
 def test_ekt_field_passes_unchanged(field: bytes) -> None:
     up, hop, to_b, b_in = _hop()
