@@ -16,10 +16,8 @@ unimpaired (the test prints so).
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
@@ -43,6 +41,7 @@ from perc.events import (
     MddTunnelUp,
     Rekeyed,
 )
+from tests.netutil.ports import unassigned_port
 
 from .conftest import LOCAL, WAIT, Proc, System
 from .test_conference import FAST_REKEY, JOIN_REKEY, NO_REKEY, assert_clean, report
@@ -53,33 +52,13 @@ STATS_INTERVAL = 0.1
 CHAIN = ("mdd-a", "mdd-b", "mdd-c")
 
 
-def free_udp_port(host: str = LOCAL) -> int:
-    """A free UDP port below the ephemeral range (the kernel never hands those out on its own,
-    so it stays free for the MDD that will bind it, and again after that MDD is killed)."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    low = max(low, 2048)
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(1024 + (low - 1024) // 3, low)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind((host, port))
-            except OSError:
-                continue
-        return port
-    raise AssertionError(f"no free UDP port below {low} on {host}")
-
-
 class Cascade:
     """The KMF, the MDDs of a chain and their endpoints (see the module docstring)."""
 
     def __init__(self, system: System, hosts: Sequence[str] | None = None) -> None:
         self.system = system
         self.hosts = list(hosts or [LOCAL] * len(CHAIN))
-        self.ports = {name: free_udp_port(LOCAL) for name in CHAIN}
+        self.ports = {name: unassigned_port() for name in CHAIN}
         self.mdds: dict[str, Proc] = {}
         self.configs: dict[str, Path] = {}
         self.kmf: Proc | None = None
@@ -284,8 +263,10 @@ async def test_b_killed_and_restarted_cross_mdd_media_resumes(system: System) ->
         await mdd.wait_event(
             MddCounters,
             WAIT,
-            where=lambda e, last=last: e.association in last  # type: ignore[misc]
-            and e.counters["packets_out"] > last[e.association] + 100,
+            where=lambda e, last=last: (
+                e.association in last  # type: ignore[misc]
+                and e.counters["packets_out"] > last[e.association] + 100
+            ),
         )
         await mdd.wait_event(LinkCounters, WAIT, link=link_cb, state="down")
     # B comes back on the same port: the links re-handshake, B's endpoints rejoin (D30).
@@ -339,9 +320,7 @@ async def test_last_n_1_on_c_gets_the_latest_video_from_any_mdd(system: System) 
     await c.wait_event(LinkCounters, WAIT, link=link_cb, where=lambda e: (
         e.counters["packets_in"] > 40
     ))  # fmt: skip
-    bob = await cascade.endpoint(
-        "bob", "mdd-b", *video, "--duration", "2", "--expect-peers", "1"
-    )
+    bob = await cascade.endpoint("bob", "mdd-b", *video, "--duration", "2", "--expect-peers", "1")
     assert await bob.wait_exit(60) == 0, bob.text
     before = link_in(c, link_cb)[-1][1]
     await c.wait_event(LinkCounters, WAIT, link=link_cb, where=lambda e: (

@@ -13,9 +13,7 @@ below the kernel's ephemeral range so that no other socket can take it while the
 from __future__ import annotations
 
 import json
-import random
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +21,7 @@ import pytest
 import trio
 
 from perc.events import EndpointPeerVerified, EndpointRejoin
+from tests.netutil.ports import unassigned_port
 
 from .conftest import LOCAL, WAIT, Proc, System
 
@@ -35,20 +34,6 @@ FAST_REKEY = "rekey_window = 0.05\n"
 HEAL_WITHIN = 5.0
 
 
-def free_udp_port() -> int:
-    """A UDP port on loopback that is free now and outside the ephemeral range."""
-    rng = random.Random()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            try:
-                s.bind((LOCAL, port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free UDP port in 20000-32000")
-
-
 async def conference(
     system: System, *extra: str, only: dict[str, tuple[str, ...]] | None = None
 ) -> tuple[Path, Proc, dict[str, Proc], int]:
@@ -56,7 +41,7 @@ async def conference(
     options for all, ``only[name]`` for one)."""
     kmf_config = system.kmf_config(conferences={"demo": list(PEOPLE)}, conference_extra=FAST_REKEY)
     _, kmf_port = await system.start_kmf(kmf_config)
-    port = free_udp_port()
+    port = unassigned_port()
     mdd_config = system.mdd_config("mdd", kmf_port)
     text = mdd_config.read_text()
     assert f'listen = "{LOCAL}:0"' in text

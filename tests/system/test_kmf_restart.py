@@ -42,6 +42,7 @@ from perc.events import (
     MddTunnelUp,
     Rekeyed,
 )
+from tests.netutil.ports import unassigned_port
 
 from .conftest import LOCAL, WAIT, Proc, System
 
@@ -55,13 +56,6 @@ JOIN_WITHIN = 2.0
 SWITCH_WITHIN = 1.0
 #: D30's promise without stored keys
 HEAL_WITHIN = 5.0
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def report(system: System, name: str) -> dict[str, Any]:
@@ -87,7 +81,7 @@ async def verified(ep: Proc, peer: str, *, after: float = 0.0) -> float:
 async def conference(
     system: System, kmf_extra: str = ""
 ) -> tuple[Proc, Proc, int, dict[str, Proc], Any]:
-    port = free_tcp_port()
+    port = unassigned_port(socket.SOCK_STREAM)
     cfg = system.kmf_config(conferences={"demo": list(EVERYONE)}, kmf_extra=kmf_extra)
     text = cfg.read_text()
     cfg.write_text(text.replace(f'listen = "{LOCAL}:0"', f'listen = "{LOCAL}:{port}"'))

@@ -27,7 +27,6 @@ import signal
 import socket
 import struct
 import uuid
-from pathlib import Path
 
 import pytest
 import trio
@@ -43,6 +42,7 @@ from perc.events import (
 from perc.roles.endpoint import JoinResult, JoinSettings, join
 from perc.srtp.double import DoubleReceiver, DoubleSender
 from perc.srtp.errors import SrtpError
+from tests.netutil.ports import unassigned_port
 
 from .conftest import LOCAL, WAIT, Proc, System
 
@@ -134,33 +134,11 @@ async def exchange(talkers: list[Talker], count: int) -> None:
                 assert got == sent[len(sent) - len(got) :]
 
 
-def _unassigned_port() -> int:
-    """A free TCP port on 127.0.0.1 below the ephemeral range (see the module docstring).
-
-    The kernel never hands such a port to a connecting or port-0 socket, so once free it
-    stays free for the KMF (only an explicit bind by another program could take it)."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    low = max(low, 2048)
-    rng = random.Random()
-    for _ in range(100):
-        port = rng.randrange(1024 + (low - 1024) // 3, low)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind((LOCAL, port))
-            except OSError:
-                continue
-        return port
-    raise AssertionError(f"no free TCP port below {low} on {LOCAL}")
-
-
 async def start(system: System, people: list[str]) -> tuple[int, int]:
     """KMF and MDD processes; returns (KMF tunnel port, MDD UDP port)."""
     kmf_config = system.kmf_config(conferences={"demo": people}, conference_extra=NO_REKEY)
     # A fixed port outside the ephemeral range: a restarted KMF is where the MDD looks.
-    port = _unassigned_port()
+    port = unassigned_port(socket.SOCK_STREAM)
     text = kmf_config.read_text().replace(f'listen = "{LOCAL}:0"', f'listen = "{LOCAL}:{port}"')
     kmf_config.write_text(text)
     _, kmf_port = await system.start_kmf(kmf_config)
