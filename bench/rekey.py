@@ -171,12 +171,12 @@ class Member:
 
     def step(self, datagrams: Iterable[bytes], now: float) -> None:
         """Feed ``datagrams``, run what is due at ``now``, send what results."""
-        if self.session is None:
-            self._join_step(datagrams, now)
-            if self.session is None:
+        s = self.session
+        if s is None:
+            s = self._join_step(datagrams, now)
+            if s is None:
                 return
             datagrams = ()
-        s = self.session
         for data in datagrams:
             s.receive_datagram(data, now)
             if is_media(data) and not is_rtcp(data):
@@ -191,7 +191,8 @@ class Member:
             self.keys.append((s.ekt.spi, now))
         self.timer = s.get_timer()
 
-    def _join_step(self, datagrams: Iterable[bytes], now: float) -> None:
+    def _join_step(self, datagrams: Iterable[bytes], now: float) -> Session | None:
+        """The join; at its end the session and its media engine (None until then)."""
         j = self.joiner
         try:
             for data in datagrams:
@@ -203,7 +204,7 @@ class Member:
         self._send(j.datagrams_to_send(), now)
         self.timer = j.get_timer()
         if not j.done:
-            return
+            return None
         name, peer = self.sock.getsockname(), self.sock.getpeername()
         s = Session(
             **j.session_fields(now),
@@ -223,6 +224,7 @@ class Member:
         self.session = s
         self.keys.append((s.ekt.spi, j.ekt_at))
         s.start(now, self.engine, KEEPALIVE)
+        return s
 
     def _check_verified(self, data: bytes, now: float) -> None:
         """After an RTP datagram went in: did its stream verify under an SPI it had not?"""
@@ -343,8 +345,9 @@ class Conference:
             (p.name, spi) in m.verified for m in members for p in members if p is not m
         )
 
-    def describe(self) -> str:
-        """Where each member is: its SPIs, what it sends under, whom it verified under what."""
+    def describe(self, limit: int = 2000) -> str:
+        """Where the members that lag are: their SPIs, what they send under, whom they have
+        not verified under their SPI (at most ``limit`` characters)."""
         out = []
         for m in self.members.values():
             missing = [
@@ -352,11 +355,13 @@ class Conference:
                 for p in self.members.values()
                 if p is not m and (p.name, m.spi) not in m.verified
             ]
-            out.append(
-                f"{m.name} keys {[s for s, _ in m.keys]} sends {sorted(m.sent_full)} "
-                f"not verified under {m.spi}: {missing}"
-            )
-        return "; ".join(out)
+            if missing or m.spi not in m.sent_full:
+                out.append(
+                    f"{m.name} keys {[s for s, _ in m.keys]} sends {sorted(m.sent_full)} "
+                    f"not verified under {m.spi}: {', '.join(missing)}"
+                )
+        text = "; ".join(out) or "every member verified every other"
+        return text if len(text) <= limit else text[:limit] + "..."
 
     def steady(self) -> bool:
         return self.switched(list(self.members.values()))
