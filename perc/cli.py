@@ -510,9 +510,11 @@ def mdd_command(
                 args.append(f"--idle-timeout={idle_timeout}")
         _run_supervisor(cfg, args, listens)
         return
+    import functools
+
     from perc.roles import mdd
 
-    _run_role(mdd.serve, cfg, f"MDD on {listens}")
+    _run_role(functools.partial(mdd.serve, freeze_heap=True), cfg, f"MDD on {listens}")
 
 
 def _run_supervisor(cfg: config.MddConfig, args: list[str], listens: str) -> None:
@@ -553,7 +555,7 @@ def _run_worker(cfg: config.MddConfig, text: str, listens: str) -> None:
         raise CliError(f"bad worker plan: conferences {', '.join(missing)} do not match")
     _setup_logging()
     _run_role(
-        functools.partial(workers.serve_worker, plan=plan),
+        functools.partial(workers.serve_worker, plan=plan, freeze_heap=True),
         cfg,
         f"MDD worker {plan.index} on {listens}",
     )

@@ -196,7 +196,8 @@ def test_mdd_config_and_quick_form_start_the_role(
     (_, from_file), (serve, from_flags) = started
     from perc.roles import mdd
 
-    assert serve is mdd.serve
+    assert serve.func is mdd.serve
+    assert serve.keywords == {"freeze_heap": True}  # a process role freezes its start-up heap
     assert from_file.conferences[0].id == "demo"
     assert from_flags.conferences[0].id == "room"
     assert from_flags.conferences[0].kmf_fingerprint == idents["kmf"]

@@ -124,9 +124,11 @@ async def serve_worker(
     config: MddConfig,
     plan: WorkerPlan,
     *,
+    freeze_heap: bool = False,
     task_status: trio.TaskStatus[MddServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run worker ``plan.index`` until cancelled or until the supervisor is gone."""
+    """Run worker ``plan.index`` until cancelled or until the supervisor is gone
+    (``freeze_heap``: see :func:`perc.roles.mdd.freeze_heap`)."""
 
     def relay(conference: MddConference, cfg: MddConfig) -> ConferenceRelay:
         return WorkerRelay(conference, cfg, plan)
@@ -135,7 +137,7 @@ async def serve_worker(
     log.info("MDD worker %d of %d pid=%d", plan.index, plan.count, os.getpid())
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_watch_parent, plan.parent_fd, nursery.cancel_scope)
-        server = await nursery.start(MddServer(config, relay).serve)
+        server = await nursery.start(MddServer(config, relay, freeze_heap=freeze_heap).serve)
         task_status.started(server)
 
 
