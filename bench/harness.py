@@ -37,6 +37,7 @@ a user runs) on loopback; :func:`cpu_seconds` reads a process's CPU time.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import os
 import platform
@@ -118,8 +119,34 @@ def machine() -> str:
 
 
 def print_machine() -> None:
-    """The line every bench prints first: ``# machine: <cpu>, N cores, Python x.y.z ...``."""
+    """The line every bench prints first: ``# machine: <cpu>, N cores, Python x.y.z ...``;
+    at exit a last line says how busy the machine was meanwhile (:func:`machine_load`)."""
     print(f"# machine: {machine()}", flush=True)
+    start = _cpu_times()
+    atexit.register(lambda: print(machine_load(start), flush=True))
+
+
+def _cpu_times() -> list[int]:
+    """The host's CPU time counters (``/proc/stat``'s ``cpu`` line; empty elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return []
+
+
+def machine_load(start: list[int]) -> str:
+    """``# load: ...``: the load average now and the share of CPU time the hypervisor gave to
+    other guests since ``start`` (*steal*, the 8th counter of ``/proc/stat``). On a virtual
+    machine whose neighbours are busy, steal makes every timing of the run slower by about
+    that much, and unevenly: compare runs only when it is low."""
+    now = _cpu_times()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    if len(start) < 8 or len(now) < 8:
+        return f"# load: load average {load}"
+    delta = [b - a for a, b in zip(start, now, strict=False)]
+    total = sum(delta[:8]) or 1
+    return f"# load: load average {load}; CPU steal during the run {100 * delta[7] / total:.1f}%"
 
 
 # --- timing --------------------------------------------------------------------------------------
