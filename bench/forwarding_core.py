@@ -19,6 +19,13 @@ conference of ``1 + R`` endpoints; each incoming packet becomes ``R`` outgoing d
 - ``core video renumbered``: last_n on and the stream resumed for every receiver after a
   pause, so every delivery is SEQ-rewritten with an OHB (``encrypt_for`` with changes).
 
+- ``core audio over a worker mesh link``: the same packets through two tables joined by a
+  D27 worker-mesh link, the sender and half the receivers on one, the rest on the other, so
+  each packet is sealed once more for the link and opened and fanned out by the second
+  table. Not held to the target: its ratio to ``core audio`` is what splitting a conference
+  over two workers costs per delivery before any I/O (bench/cascade.py part a measures the
+  processes).
+
 Baselines per size, measured alternately with the core rows:
 
 - ``python copy relay``: the per-delivery floor of any Python relay: for each incoming packet
@@ -61,6 +68,7 @@ from perc.srtp.double import DoubleSender
 from perc.srtp.ekt import EktCipher, EktParameterSet
 from perc.srtp.keys import exporter_length, outer_media_keys, split_exporter
 from perc.wire.tunnel import MediaKeys
+from perc.workers import MESH_GROUP
 
 Address = tuple[str, int]
 TARGET_US = 3.0
@@ -154,6 +162,47 @@ def core_factory(conf: Conference, config: ForwardingConfig, *, renumber: bool) 
             for p in packets:
                 handle(src, p, 0.0)
             return table
+
+        return run
+
+    return factory
+
+
+#: The two workers of the mesh row, as each other's link peer.
+_WORKER_A: Address = ("127.0.0.1", 40001)
+_WORKER_B: Address = ("127.0.0.1", 40002)
+
+
+def mesh_factory(conf: Conference, config: ForwardingConfig) -> Factory:
+    """The same packets through two tables joined by a worker-mesh link (D27): the sender and
+    the first half of the receivers on one, the other half on the other, so every packet
+    crosses the link once (sealed for the link, then opened and fanned out by the second
+    table). What a split conference costs beyond the deliveries, without any I/O."""
+
+    def factory() -> Runner:
+        a: ForwardingTable[Address] = ForwardingTable(config)
+        b: ForwardingTable[Address] = ForwardingTable(config)
+        half = 1 + (len(conf.keys) - 1) // 2
+        for i, (keys, address) in enumerate(zip(conf.keys, conf.addresses, strict=True)):
+            table = a if i < half else b
+            table.add(keys.association_id, address, 0.0)
+            table.install_keys(keys, 0.0)
+        size = conf.key_bytes
+        ab, ba = (os.urandom(size), os.urandom(12)), (os.urandom(size), os.urandom(12))
+        a.add_link(uuid.uuid4(), _WORKER_B, 0.0, inbound=ba, outbound=ab, name="w1",
+                   group=MESH_GROUP)  # fmt: skip
+        b.add_link(uuid.uuid4(), _WORKER_A, 0.0, inbound=ab, outbound=ba, name="w0",
+                   group=MESH_GROUP)  # fmt: skip
+        handle_a, handle_b = a.handle_datagram, b.handle_datagram
+        src = conf.addresses[0]
+        packets = conf.packets
+
+        def run() -> object:
+            for p in packets:
+                for dest, out in handle_a(src, p, 0.0):
+                    if dest == _WORKER_B:
+                        handle_b(_WORKER_A, out, 0.0)
+            return a
 
         return run
 
@@ -292,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             audio,
             [
                 Row("core audio", 160, core_factory(audio, plain, renumber=False), True),
+                Row("core audio over a worker mesh link", 160, mesh_factory(audio, plain), False),
                 Row("python copy relay", 160, copy_factory(audio), False),
                 Row(f"pylibsrtp 1 unprotect + {r} protect", 160, libsrtp_factory(audio), False),
             ],
@@ -334,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     table.header()
     failed = 0
     summary: list[tuple[str, float, float, float]] = []  # row, us, copy us, libsrtp us
+    mesh_ratio = float("nan")
     for _conf, rows in groups:
         # rows alternate within each repeat
         best = harness.best_of({row.name: row.factory for row in rows}, args.repeats)
@@ -362,10 +413,16 @@ def main(argv: list[str] | None = None) -> int:
             )
         core = rows[0]  # "core audio" / "core video": the plain forwarding row of the size
         summary.append((core.name, deliveries[core.name], copy_us, lib_us))
+        mesh = next((k for k in deliveries if "mesh" in k), None)
+        if mesh is not None:
+            mesh_ratio = deliveries[mesh] / deliveries[core.name]
     print()
     for name, us, copy_us, lib_us in summary:  # cost per delivery
         harness.ratio(name, "python copy relay", us / copy_us)
         harness.ratio(name, "pylibsrtp", us / lib_us)
+    # D27: the floor of what splitting one conference over two workers costs per delivery
+    # (bench/cascade.py part a measures the same with the processes and their I/O).
+    harness.ratio("core audio over a worker mesh link", "core audio", mesh_ratio)
     membership(args)
     return 1 if (args.check and failed) else 0
 
