@@ -254,30 +254,58 @@ def test_a_program_refuses_a_host_name_and_too_many_peers() -> None:
         steering_program(many)
 
 
-def test_the_kernel_runs_the_program_on_a_reuseport_group() -> None:
-    """Two SO_REUSEPORT sockets on loopback and the program attached as the supervisor does:
-    a peer's datagrams reach its owner's socket whichever owner it has, everyone else's are
-    spread by the hash (both sockets get some of 32 senders)."""
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(
+    ("listen", "sender"),
+    [
+        ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "127.0.0.1")),
+        ((socket.AF_INET6, "::1"), (socket.AF_INET6, "::1")),
+        ((socket.AF_INET6, "::"), (socket.AF_INET, "127.0.0.1")),  # dual stack: ::ffff:...
+    ],
+)
+def test_the_kernel_runs_the_program_on_a_reuseport_group(
+    listen: tuple[socket.AddressFamily, str], sender: tuple[socket.AddressFamily, str]
+) -> None:
+    """Two SO_REUSEPORT sockets and the program attached as the supervisor does: a peer's
+    datagrams reach its owner's socket whichever owner it has, everyone else's are spread by
+    the hash (both sockets get some of 32 senders)."""
     from perc.roles.workers import attach_steering
 
+    if socket.AF_INET6 in (listen[0], sender[0]) and not _ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
     for owner in (0, 1):
         group: list[socket.socket] = []
-        senders = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(32)]
+        senders = [socket.socket(sender[0], socket.SOCK_DGRAM) for _ in range(32)]
         try:
             for _ in range(2):
-                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                sock = socket.socket(listen[0], socket.SOCK_DGRAM)
                 group.append(sock)
+                if listen[0] == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-                sock.bind(("127.0.0.1", group[0].getsockname()[1] if len(group) > 1 else 0))
+                sock.bind((listen[1], group[0].getsockname()[1] if len(group) > 1 else 0))
                 sock.setblocking(False)
             for s in senders:
-                s.bind(("127.0.0.1", 0))
-            peer = senders[5].getsockname()
+                s.bind((sender[1], 0))
+            to = (sender[1], group[0].getsockname()[1])
+            # The peer as recvfrom on the group reports it (the supervisor's getaddrinfo).
+            peer = socket.getaddrinfo(
+                *senders[5].getsockname()[:2], family=listen[0], type=socket.SOCK_DGRAM,
+                flags=socket.AI_V4MAPPED,
+            )[0][4]  # fmt: skip
             attach_steering(group[0], steering_program([(peer, owner)]))
             for _ in range(3):
                 for s in senders:
-                    s.sendto(b"x", group[0].getsockname())
-            got: list[set[tuple[str, int]]] = [set(), set()]
+                    s.sendto(b"x", to)
+            got: list[set[tuple[Any, ...]]] = [set(), set()]
             count = 0
             while count < 3 * len(senders):
                 ready, _, _ = select.select(group, [], [], 10.0)
@@ -290,7 +318,7 @@ def test_the_kernel_runs_the_program_on_a_reuseport_group() -> None:
                         except BlockingIOError:
                             break
                         count += 1
-            assert peer in got[owner] and peer not in got[1 - owner]
+            assert peer in got[owner] and peer not in got[1 - owner], (peer, got)
             assert got[0] and got[1] and not got[0] & got[1]  # the others: by the hash
         finally:
             for s in group + senders:
