@@ -1,5 +1,6 @@
 """MDD workers (D27), sans-IO: the plan a supervisor hands each worker, the worker mesh's
-links, and the supervisor's restart policy.
+links, which worker runs each external link and the BPF program that steers its peer's
+datagrams there, and the supervisor's restart policy.
 
 API::
 
@@ -20,13 +21,13 @@ inherited file descriptors are its own.
 
 * **The conference port.** Per conference the supervisor binds N UDP sockets to the listen
   address with ``SO_REUSEPORT``; worker *i* reads and sends on socket *i*. The kernel picks
-  the socket for a datagram by a hash of its addresses, so one remote address always reaches
-  the same worker. The supervisor keeps every socket open for its whole life, so the
-  group of sockets never changes: a worker that dies and is restarted gets the same socket,
-  and the same remote addresses, back (the kernel's hash would move some addresses to
-  another worker if a socket left the group). Datagrams that arrive while a worker is down
-  wait in its socket's buffer; its endpoints, whose associations died with it, join again by
-  themselves (D30).
+  the socket for a datagram by a hash of its addresses (a link peer's: see *Steering*), so
+  one remote address always reaches the same worker. The supervisor keeps every socket open
+  for its whole life, so the group of sockets never changes: a worker that dies and is
+  restarted gets the same socket, and the same remote addresses, back (the kernel's hash
+  would move some addresses to another worker if a socket left the group). Datagrams that
+  arrive while a worker is down wait in its socket's buffer; its endpoints, whose
+  associations died with it, join again by themselves (D30).
 * **The mesh.** Per conference each worker also gets a private UDP socket on loopback (the
   supervisor's too, so its port never changes). Worker *i* has a D25 link to every other
   worker *j* whose peer is *j*'s private address; datagrams for that peer leave from *i*'s
@@ -55,7 +56,10 @@ inherited file descriptors are its own.
   link peer's gets its owner's index; any other gets :data:`STEER_BY_HASH`:
   ``run_bpf_filter`` returns no socket for an index >= the number of sockets, and
   ``reuseport_select_sock`` then falls back to ``reuseport_select_sock_by_hash``, the same
-  hash as without a program (endpoints land exactly as before). The program handles IPv4 (any
+  hash as without a program (endpoints land exactly as before). (Read in Linux's
+  net/core/sock_reuseport.c, the same since the option came in 4.5; the tests run the
+  program on the kernel at hand.) The program belongs to the group, not to a worker, so a
+  worker's restart does not touch it. The program handles IPv4 (any
   header length) and IPv6 whose fixed header is followed directly by UDP; an IPv4 peer of an
   IPv6 socket (``::ffff:a.b.c.d``) is matched in the IPv4 part. An IPv6 datagram with
   extension headers is steered by the hash. (A load the kernel cannot make ends a classic

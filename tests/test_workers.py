@@ -325,6 +325,81 @@ def test_the_kernel_runs_the_program_on_a_reuseport_group(
                 s.close()
 
 
+def linked_config(ids: dict[str, Any], workers: int) -> config.MddConfig:  # noqa: F811
+    """Two conferences on ports the kernel picks, with 1 and 2 external links."""
+    data = tomllib.loads(mdd_toml(ids))
+    data["mdd"]["workers"] = workers
+    first = dict(data["conference"][0], listen="127.0.0.1:0")
+    first["link"] = [{"peer": "127.0.0.1:7000", "fingerprint": FP, "connect": True}]
+    second = dict(first, id="other")
+    second["link"] = [
+        {"peer": "127.0.0.1:7001", "fingerprint": FP, "connect": False},
+        {"peer": "localhost:7002", "fingerprint": FP, "connect": True},
+    ]
+    data["conference"] = [first, second]
+    return config.build_mdd_config(data, base=ids["dir"])
+
+
+def test_the_supervisor_plans_each_link_with_its_owner_and_steers_the_group(
+    ids: dict[str, Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import perc.roles.workers as roles
+
+    attached: list[tuple[int, bytes]] = []
+    monkeypatch.setattr(roles, "attach_steering", lambda sock, prog: attached.append(
+        (sock.getsockname()[1], prog)
+    ))  # fmt: skip
+    sup = roles.Supervisor(linked_config(ids, 2), ["true"])
+    try:
+        sup.bind()
+        demo = [p.conferences["demo"] for p in sup._plans]
+        other = [p.conferences["other"] for p in sup._plans]
+        # The links of both conferences spread over the workers, every plan knows them all.
+        assert [x.owner for x in demo[0].links] == [0]
+        assert [x.owner for x in other[0].links] == [1, 0]
+        assert all(p.links == demo[0].links for p in demo)
+        assert [x.peer for x in other[0].links] == [("127.0.0.1", 7001), ("127.0.0.1", 7002)]
+        assert other[1].links[1].name == "localhost:7002"  # the config's words, resolved
+        # One program per conference, on its group, in the config's order.
+        assert [prog for _, prog in attached] == [
+            steering_program([(("127.0.0.1", 7000), 0)]),
+            steering_program([(("127.0.0.1", 7001), 1), (("127.0.0.1", 7002), 0)]),
+        ]
+        assert attached[0][0] != attached[1][0]
+        for i in range(2):  # a worker's plan names its own links only, and survives JSON
+            back = WorkerPlan.from_json(sup._plans[i].to_json())
+            assert [s.peer for s in owned_links(back, "other")] == [
+                x.peer for x in other[0].links if x.owner == i
+            ]
+    finally:
+        sup.close()
+
+
+def test_a_kernel_that_refuses_the_program_is_a_config_error(
+    ids: dict[str, Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    import perc.roles.workers as roles
+
+    def refuse(sock: socket.socket, program: bytes) -> None:
+        raise OSError(errno.ENOPROTOOPT, "Protocol not available")
+
+    monkeypatch.setattr(roles, "attach_steering", refuse)
+    sup = roles.Supervisor(linked_config(ids, 2), ["true"])
+    try:
+        with pytest.raises(ConfigError) as e:
+            sup.bind()
+    finally:
+        sup.close()
+    assert str(e.value) == (
+        "conference demo: cannot steer its [[conference.link]] peers to one of 2 workers "
+        "(SO_ATTACH_REUSEPORT_CBPF: Protocol not available); run it with workers = 1"
+    )
+
+
 def test_restarts_back_off_and_reset_after_a_stable_run() -> None:
     policy = RestartPolicy()
     policy.started(0, 0.0)
