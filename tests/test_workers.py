@@ -136,6 +136,39 @@ def test_each_external_link_has_one_owner_and_conferences_spread_theirs() -> Non
     assert sorted(runs) == sorted(x.name for x in links)  # every link, by exactly one worker
 
 
+def test_an_external_link_on_one_worker_serves_every_worker() -> None:
+    """D26/D27 in memory: MDD A's workers w0 and w1 (a mesh link, MESH_GROUP), w0 owns the
+    external link to MDD B (no group). Each stream crosses the external link once, both ways,
+    whichever worker its sender is on; feedback about B's SSRC goes w1 -> w0 -> B."""
+    from perc.wire.rtcp import Pli, SenderReport
+
+    from .forwarding.test_links import Net
+
+    net = Net()
+    w0, w1, b = net.mdd(1), net.mdd(2), net.mdd(9)
+    net.link(w0, w1, group=MESH_GROUP)
+    net.link(w0, b)
+    (e0,) = net.endpoints_on(w0, 1, 100)
+    (e1,) = net.endpoints_on(w1, 1, 200)
+    (eb,) = net.endpoints_on(b, 1, 900)
+    net.send(e1.address, e1.send(1.0))  # w1 -> mesh -> w0 -> link -> B
+    assert net.hops == [(w1, w0), (w0, b)]
+    assert len(e0.got) == len(eb.got) == 1
+    net.hops.clear()
+    net.send(eb.address, eb.send(1.0))  # B -> link -> w0 -> mesh -> w1
+    assert net.hops == [(b, w0), (w0, w1)]
+    assert len(e0.got) == 2 and len(e1.got) == 1  # e1's earlier packet and eb's
+    net.hops.clear()
+    net.send(e0.address, e0.send(1.0))  # the owner's own endpoint: to w1 and to B, once each
+    assert sorted(net.hops) == sorted([(w0, w1), (w0, b)])
+    net.hops.clear()
+    pli = SenderReport(e1.ssrc, 0, 0, 0, 0, ()).serialize() + Pli(e1.ssrc, eb.ssrc).serialize()
+    net.send(e1.address, e1.send_rtcp(pli))
+    assert (w1, w0) in net.hops and (w0, b) in net.hops
+    assert any(isinstance(p, Pli) and p.media_ssrc == eb.ssrc for p in eb.rtcp[-1])
+    assert not any(t.loop_reports for t in net.tables.values())
+
+
 # --- the steering program -----------------------------------------------------------------------
 
 
