@@ -149,6 +149,8 @@ class ExternalLink:
     @classmethod
     def from_json(cls, data: Any) -> ExternalLink:
         host, *rest = data["peer"]
+        if not rest:
+            raise ValueError(f"peer {host!r} without a port")
         connect = data["connect"]
         if not isinstance(connect, bool):
             raise TypeError(f"connect {connect!r} is not a boolean")

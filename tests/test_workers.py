@@ -86,6 +86,7 @@ def test_a_plan_goes_through_json() -> None:
                 '"owner": 0}',
                 '{"peer": [7, 1], "fingerprint": "x", "connect": true, "name": "n", "owner": 0}',
                 '{"peer": [], "fingerprint": "x", "connect": true, "name": "n", "owner": 0}',
+                '{"peer": ["h"], "fingerprint": "x", "connect": true, "name": "n", "owner": 0}',
                 '{"peer": ["192.0.2.7", 1], "connect": true, "name": "n", "owner": 0}',
             )
         ),
