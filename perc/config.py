@@ -89,7 +89,7 @@ from __future__ import annotations
 
 import math
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NewType, TypeVar
 
@@ -1072,7 +1072,7 @@ def build_mdd_config(
             "mdd.reconnect_max",
             "must be >= mdd.reconnect_min",
         )
-        _check_workers(mdd.workers, raw.conference, "mdd.workers")
+        _check_workers(mdd.workers, "mdd.workers")
         listens: dict[tuple[str, int], int] = {}
         for i, c in enumerate(raw.conference):
             key = f"conference[{i}]"
@@ -1139,22 +1139,16 @@ def build_mdd_config(
     )
 
 
-def _check_workers(workers: int, conferences: Sequence[MddConference], key: str) -> None:
+def _check_workers(workers: int, key: str) -> None:
+    # Any number of workers serves [[conference.link]] too: each link is run by one worker,
+    # and its peer's datagrams are steered to it (perc.workers).
     _check(workers >= 1, key, f"must be >= 1, got {workers}")
-    if workers > 1:
-        linked = next((c.id for c in conferences if c.link), None)
-        _check(
-            linked is None,
-            key,
-            f"{workers} workers cannot serve conference {linked!r}: its [[conference.link]] "
-            "needs a single MDD process (workers = 1)",
-        )
 
 
 def with_workers(cfg: MddConfig, workers: int, key: str = "--workers") -> MddConfig:
     """``cfg`` with ``[mdd] workers`` replaced (the ``--workers`` option); checked as the
     config file's value is (:class:`ConfigError` naming ``key``)."""
-    _check_workers(workers, cfg.conferences, key)
+    _check_workers(workers, key)
     return attrs.evolve(cfg, mdd=attrs.evolve(cfg.mdd, workers=workers))
 
 

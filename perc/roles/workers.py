@@ -19,12 +19,19 @@ binds, spawns, waits and signals.
   :class:`WorkerRelay`: the conference socket is the inherited one, the mesh links are added
   beside the configured ones, and datagrams for a mesh peer leave from the mesh socket (the
   peer knows this worker by that address; the shared port would reach a worker chosen by
-  the kernel's hash). Its log records name it (``perc.roles.mdd[w1]``): every worker writes
-  to the supervisor's stderr.
+  the kernel's hash). Of the conference's external links it adds only those the plan says it
+  owns (sent from the conference socket, as a single MDD would). Its log records name it
+  (``perc.roles.mdd[w1]``): every worker writes to the supervisor's stderr.
+* Steering (:func:`attach_steering`): when a conference has external links, the supervisor
+  resolves each peer as ``recvfrom`` will report it, names its owner in every plan and
+  attaches :func:`perc.workers.steering_program` to the conference's reuseport group (once,
+  on its first socket: the program belongs to the group, and the group outlives every
+  worker). A kernel that refuses it stops the supervisor with a configuration error (exit 2).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -36,12 +43,23 @@ from collections.abc import Callable, Sequence
 import trio
 
 from perc import events
-from perc.config import MddConference, MddConfig
+from perc.config import ConfigError, MddConference, MddConfig
 from perc.mdd import Address
 from perc.roles.mdd import RECEIVE_BUFFER, ConferenceRelay, MddServer
-from perc.workers import MESH_HOST, ConferencePlan, RestartPolicy, WorkerPlan, mesh_links
+from perc.workers import (
+    MESH_HOST,
+    SO_ATTACH_REUSEPORT_CBPF,
+    ConferencePlan,
+    ExternalLink,
+    RestartPolicy,
+    WorkerPlan,
+    link_owners,
+    mesh_links,
+    owned_links,
+    steering_program,
+)
 
-__all__ = ["STOP_WAIT", "WorkerRelay", "serve_worker", "supervise"]
+__all__ = ["STOP_WAIT", "WorkerRelay", "attach_steering", "serve_worker", "supervise"]
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +104,21 @@ class WorkerRelay(ConferenceRelay):
         return [self._mesh_sock] if self._mesh_sock is not None else []
 
     def _add_links(self, family: int) -> None:
+        """The mesh links, and the external links this worker owns (resolved by the
+        supervisor; the config's [[conference.link]] tables are not read again)."""
         now = trio.current_time()
         for spec in mesh_links(self.plan, self.id, self._fingerprint):
             self._mesh_peers.add(spec.peer)
             self.engine.add_link(spec, now)
-        super()._add_links(family)
+        for spec in owned_links(self.plan, self.id):
+            log.info("link %s conference=%s: this worker runs it", spec.name, self.id)
+            self.engine.add_link(spec, now)
+        for addr, data in self.engine.datagrams_to_send():
+            try:
+                self._sendto(data, addr)
+            except OSError:
+                self.io.dropped_udp_send += 1
+        self._pump()
 
 
 class _WorkerTag(logging.Filter):
@@ -165,6 +193,37 @@ def _bind_group(conference: MddConference, count: int) -> list[socket.socket]:
     return socks
 
 
+def _resolve_links(
+    conference: MddConference, family: int, count: int, first: int
+) -> tuple[ExternalLink, ...]:
+    """The conference's external links, each peer resolved as ``recvfrom`` on a socket of
+    ``family`` reports it (as a single MDD resolves them), with its owner among ``count``."""
+    owners = link_owners(count, len(conference.link), first)
+    links = []
+    for link, owner in zip(conference.link, owners, strict=True):
+        infos = socket.getaddrinfo(
+            link.peer.host, link.peer.port, family=family, type=socket.SOCK_DGRAM
+        )
+        peer = tuple(infos[0][4])
+        links.append(ExternalLink(peer, link.fingerprint, link.connect, str(link.peer), owner))
+    return tuple(links)
+
+
+class _SockFprog(ctypes.Structure):
+    """struct sock_fprog: the instruction count and a pointer to the instructions."""
+
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def attach_steering(sock: socket.socket, program: bytes) -> None:
+    """Attach classic BPF ``program`` (:func:`perc.workers.steering_program`) to the reuseport
+    group of bound ``sock`` (SO_ATTACH_REUSEPORT_CBPF; the kernel copies it). OSError if the
+    kernel refuses."""
+    code = ctypes.create_string_buffer(program, len(program))
+    fprog = _SockFprog(len(program) // 8, ctypes.addressof(code))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))
+
+
 def _bind_mesh(count: int) -> list[socket.socket]:
     socks: list[socket.socket] = []
     try:
@@ -198,21 +257,44 @@ class Supervisor:
     def bind(self) -> None:
         read_end, write_end = os.pipe()
         self._pipe = (read_end, write_end)
-        per_conf: dict[str, tuple[list[socket.socket], list[socket.socket]]] = {}
+        per_conf: dict[
+            str, tuple[list[socket.socket], list[socket.socket], tuple[ExternalLink, ...]]
+        ] = {}
+        first = 0  # links of the conferences before: theirs spread over the workers too
         for conf in self.config.conferences:
             group = _bind_group(conf, self.count)
             self._sockets += group
             mesh = _bind_mesh(self.count)
             self._sockets += mesh
-            per_conf[conf.id] = (group, mesh)
+            links = _resolve_links(conf, group[0].family, self.count, first)
+            first += len(links)
+            if links:
+                self._steer(conf.id, group[0], links)
+            per_conf[conf.id] = (group, mesh, links)
             host, port = group[0].getsockname()[:2]
             events.emit(log, events.ConferenceListening("conference", str(host), port, conf.id))
         for i in range(self.count):
             confs = {}
-            for cid, (group, mesh) in per_conf.items():
+            for cid, (group, mesh, links) in per_conf.items():
                 addrs = tuple((MESH_HOST, int(m.getsockname()[1])) for m in mesh)
-                confs[cid] = ConferencePlan(group[i].fileno(), mesh[i].fileno(), addrs)
+                confs[cid] = ConferencePlan(group[i].fileno(), mesh[i].fileno(), addrs, links)
             self._plans.append(WorkerPlan(i, self.count, read_end, confs))
+
+    def _steer(self, conference: str, sock: socket.socket, links: tuple[ExternalLink, ...]) -> None:
+        """Datagrams from each link peer go to its owner's socket (the rest: the hash)."""
+        try:
+            program = steering_program([(link.peer, link.owner) for link in links])
+            attach_steering(sock, program)
+        except (OSError, ValueError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(
+                f"conference {conference}: cannot steer its [[conference.link]] peers to one "
+                f"of {self.count} workers (SO_ATTACH_REUSEPORT_CBPF: {reason}); run it with "
+                "workers = 1"
+            ) from None
+        for link in links:
+            log.info("link %s conference=%s: worker %d runs it", link.name, conference,
+                     link.owner)  # fmt: skip
 
     def close(self) -> None:
         for sock in self._sockets:
@@ -277,7 +359,11 @@ async def supervise(
         config.identity.fingerprint,
         ",".join(c.id for c in config.conferences),
     )
-    sup.bind()
+    try:
+        sup.bind()
+    except BaseException:
+        sup.close()
+        raise
     try:
         async with trio.open_nursery() as nursery:
             for i in range(sup.count):
