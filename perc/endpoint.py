@@ -127,6 +127,10 @@ MAX_HELD_MEDIA = 64
 NTP_UNIX_OFFSET = 2208988800
 #: Seconds between two report writes while running.
 REPORT_INTERVAL = 1.0
+#: A peer whose media has not verified for this long is quiet, and the report's ``gap`` says
+#: what explains it; before that a peer is just between two packets (media runs at 15 packets
+#: per second and up), and a rekey in that moment explains nothing.
+QUIET_AFTER = 1.0
 #: D30: rejoin when peers' media names an EKT SPI newer than ours for longer than this.
 REJOIN_STALE_SPI = 1.0
 #: D30: the back-off before a rejoin attempt: the first waits this long, each further attempt
@@ -1154,8 +1158,9 @@ class MediaStatus:
         return out
 
     def report(self, exit_status: int | None = None, now: float | None = None) -> dict[str, Any]:
-        """The report; with ``now``, per peer ``silent_for`` and ``gap`` (what explains the
-        silence: ``bye``, ``rekey``, ``rejoin`` or null) and ``silent_peers``."""
+        """The report; with ``now``, per peer ``silent_for`` and ``gap`` (for a peer quiet for
+        :data:`QUIET_AFTER` or longer, what explains it: ``bye``, ``rekey``, ``rejoin``; else
+        null) and ``silent_peers``."""
         if self.engine is not None:
             data = self.engine.report()
         else:
@@ -1170,7 +1175,7 @@ class MediaStatus:
                 entry = data["peers"].get(peer)
                 if entry is not None:
                     entry["silent_for"] = round(now - last, 3)
-                    entry["gap"] = self._gap(last, bye)
+                    entry["gap"] = self._gap(last, bye) if now - last >= QUIET_AFTER else None
             data["silent_peers"] = {p: round(t, 3) for p, t in self.silent_peers(now).items()}
         if exit_status is not None:
             data["exit_status"] = exit_status

@@ -379,6 +379,19 @@ def test_a_peer_that_said_bye_or_was_followed_by_a_rekey_is_not_silent() -> None
     assert r.status.outcome(now=10.0) == (ExitCode.OK, None)
 
 
+def test_a_rekey_between_two_packets_of_a_live_peer_is_no_gap() -> None:
+    # The end of a run: a member left (rekey) a few ms after bob's last packet so far, and the
+    # run ends before his next one. bob is not quiet: nothing needs explaining.
+    r = Run(rejoin=False)
+    r.run(2.0)
+    last = r.engine.peers_last_verified()["bob"][0]
+    r.status.healer.rekeyed(last + 0.005)
+    rep = r.status.report(now=last + 0.01)
+    assert rep["peers"]["bob"]["gap"] is None and rep["silent_peers"] == {}
+    rep = r.status.report(now=last + 1.0)  # quiet for a second: the rekey explains it
+    assert rep["peers"]["bob"]["gap"] == "rekey"
+
+
 def test_our_own_rejoin_does_not_excuse_a_silent_peer() -> None:
     r = Run()
     r.run(2.0)
