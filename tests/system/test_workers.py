@@ -54,13 +54,14 @@ async def wait_all_verified(ep: Proc, peers: set[str], *, rejoined: bool = False
         await ep.wait_event(EndpointPeerVerified, 3 * WAIT, count=count + 1)
 
 
-async def any_event(procs: Iterable[Proc]) -> None:
-    """Until one of ``procs`` logs another event."""
+async def any_event(seen: Iterable[tuple[Proc, int]]) -> None:
+    """Until one of the processes has logged more events than counted in ``seen`` (counted
+    before the caller looked at them: an event logged meanwhile ends the wait at once)."""
     async with trio.open_nursery() as nursery:
-        for proc in procs:
+        for proc, count in seen:
 
-            async def one(proc: Proc = proc) -> None:
-                await proc.wait_event(Event, 3 * WAIT, count=len(proc.events) + 1)
+            async def one(proc: Proc = proc, count: int = count) -> None:
+                await proc.wait_event(Event, 3 * WAIT, count=count + 1)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(one)
@@ -124,6 +125,7 @@ async def test_two_workers_serve_one_conference_and_heal_a_killed_worker(
     healed: dict[str, float] = {}
     with trio.fail_after(3 * WAIT):
         while True:
+            seen = [(ep, len(ep.events)) for ep in eps.values()]
             rejoiners = [n for n, ep in eps.items() if ep.find_events(EndpointRejoin)]
             for name in rejoiners:
                 ep = eps[name]
@@ -132,7 +134,7 @@ async def test_two_workers_serve_one_conference_and_heal_a_killed_worker(
                     healed[name] = max(ep.time_of(e) for e in again) - listening
             if rejoiners and set(healed) == set(rejoiners):
                 break
-            await any_event(eps.values())
+            await any_event(seen)
     each = ", ".join(f"{n} {t:.2f}" for n, t in sorted(healed.items()))
     boot = listening - mdd.time_of(restarted)
     print(
