@@ -515,20 +515,14 @@ class LinkManager:
                 self._completed(link, conn, ev, now)
             elif isinstance(ev, dtls_events.ConnectionClosed):
                 self._closed(link, conn, ev, now)
-            elif (
-                isinstance(ev, dtls_events.ApplicationDataReceived) and conn is link.established
-            ):
+            elif isinstance(ev, dtls_events.ApplicationDataReceived) and conn is link.established:
                 link.last_heard = now
 
     def _completed(
         self, link: Link, conn: DtlsConnection, ev: dtls_events.HandshakeCompleted, now: float
     ) -> None:
         material = ev.srtp_keying_material
-        if (
-            conn is not link.pending
-            or ev.srtp_profile not in LINK_PROFILES
-            or material is None
-        ):
+        if conn is not link.pending or ev.srtp_profile not in LINK_PROFILES or material is None:
             conn.abort(int(AlertDescription.handshake_failure), now)
             return
         km = split_exporter(ev.srtp_profile, material)

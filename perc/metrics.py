@@ -306,5 +306,3 @@ class MddCollector(Collector):
                     link_bytes.add_metric([cid, name, direction], c[f"bytes_{direction}"])
         yield from (tunnel, assocs, links, packets_in, packets_out, bytes_in, bytes_out)
         yield from (datagrams, held, dropped, dtls, cpu, link_packets, link_bytes)
-
-

@@ -10,6 +10,9 @@ API::
     link_owners(count, links, first) -> [int]                 # external link k -> a worker
     owned_links(plan, conference) -> [LinkSpec]               # the external links it runs
     steering_program([(peer, owner)]) -> bytes                # classic BPF for the group
+    gso_runs([datagram]) -> [(buffer, segment size)]          # mesh batches (UDP GSO)
+    gso_control(size) -> (level, type, data)                  # the send's control message
+    gro_segments(buffer, ancillary) -> [datagram]              # one coalesced receive (GRO)
     policy = RestartPolicy();  policy.started(index, now)
     policy.exited(index, now, returncode) -> float | None    # restart delay; None: give up
 
@@ -65,6 +68,17 @@ inherited file descriptors are its own.
   extension headers is steered by the hash. (A load the kernel cannot make ends a classic
   program with 0, socket 0: the headers the program reads are in the linear part of every
   UDP packet the socket lookup sees, so this does not happen.)
+* **Mesh batches.** Every packet a worker's endpoints send crosses the mesh once per other
+  worker, and a crossing costs a send and a receive system call besides its crypto (on
+  loopback about 8 us, as much as a whole delivery). So a worker holds the SRTP and SRTCP it
+  has for a mesh peer until the end of the batch of datagrams it is handling (at most
+  :data:`MESH_BATCH`), and sends them with Linux's UDP segmentation offload (``UDP_SEGMENT``,
+  :func:`gso_runs`): one system call carries several datagrams, each still its own UDP
+  datagram with its own SRTP packet (what the link protocol needs; a GSO send segments
+  exactly as separate sends would). The receiving worker asks for them coalesced
+  (``UDP_GRO``) and splits them again by the segment size the kernel reports
+  (:func:`gro_segments`). Nothing changes on the wire or in the engines; DTLS (the links'
+  handshakes and keepalives) is never held. A kernel without GSO or GRO gets plain sends.
 * **Restarts.** :class:`RestartPolicy`: a worker that exits is restarted after
   :data:`RESTART_MIN` seconds, doubling for each exit up to :data:`RESTART_MAX`; a worker
   that ran :data:`STABLE_AFTER` seconds starts again from the shortest delay. A worker that
@@ -97,12 +111,17 @@ __all__ = [
     "RestartPolicy",
     "WorkerPlan",
     "WorkerPlanError",
+    "gro_segments",
+    "gso_control",
+    "gso_runs",
     "link_owners",
     "mesh_links",
     "owned_links",
     "steering_program",
 ]
 
+#: IPPROTO_UDP, the level of the UDP socket options.
+SOL_UDP = 17
 #: Split-horizon group of the worker mesh links (D26/D27).
 MESH_GROUP = "workers"
 #: Where the mesh sockets are bound.
@@ -115,6 +134,14 @@ STABLE_AFTER = 30.0
 """A worker that ran this long is restarted after RESTART_MIN again."""
 #: The exit status of a refused configuration (never worth a restart).
 CONFIG_EXIT = 2
+#: At most this many mesh datagrams are held for one peer, and sent by one GSO send.
+MESH_BATCH = 16
+#: Linux: ``SOL_UDP`` options (linux/udp.h) for segmentation offload on send and coalescing on
+#: receive.
+UDP_SEGMENT = 103
+UDP_GRO = 104
+#: The most bytes one GSO send carries (a UDP datagram's payload is at most 65,507 on IPv4).
+GSO_MAX_BYTES = 65_000
 
 
 class WorkerPlanError(ValueError):
@@ -378,6 +405,50 @@ def steering_program(peers: Sequence[tuple[tuple[Any, ...], int]]) -> bytes:
         raise ValueError(f"{len(peers)} links need {len(program)} BPF instructions, "
                          f"more than {BPF_MAXINSNS}")  # fmt: skip
     return b"".join(_INSN.pack(*insn) for insn in program)
+
+
+def gso_runs(datagrams: Sequence[bytes], max_segments: int = MESH_BATCH) -> list[tuple[bytes, int]]:
+    """``datagrams``, in order, as the sends of UDP segmentation offload: per send the
+    concatenated datagrams and the segment size. The kernel cuts a GSO send into segments of
+    that size and a last one that may be shorter, so a send holds datagrams of one size, at
+    most one shorter datagram at its end, at most ``max_segments`` of them and at most
+    :data:`GSO_MAX_BYTES`. A send of one datagram is a plain datagram."""
+    runs: list[tuple[bytes, int]] = []
+    held: list[bytes] = []
+    size = total = 0
+    for d in datagrams:
+        n = len(d)
+        if held and (n > size or len(held) >= max_segments or total + n > GSO_MAX_BYTES):
+            runs.append((b"".join(held), size))
+            held, total = [], 0
+        if not held:
+            size = n
+        held.append(d)
+        total += n
+        if n < size:  # a shorter one can only end a send
+            runs.append((b"".join(held), size))
+            held, total = [], 0
+    if held:
+        runs.append((b"".join(held), size))
+    return runs
+
+
+def gso_control(size: int) -> tuple[int, int, bytes]:
+    """The control message of a GSO send whose segments are ``size`` bytes (a u16)."""
+    return (SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))
+
+
+def gro_segments(data: bytes, ancillary: Sequence[tuple[int, int, bytes]]) -> list[bytes]:
+    """The datagrams of one receive on a socket with ``UDP_GRO``: the kernel may hand several
+    datagrams of one sender coalesced, with their size in a ``UDP_GRO`` control message (an
+    int; the last datagram may be shorter). Without that message ``data`` is one datagram."""
+    size = 0
+    for level, kind, value in ancillary:
+        if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+            size = struct.unpack_from("=i", value)[0]  # the kernel's int, native order
+    if size <= 0 or size >= len(data):
+        return [data]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 @attrs.define

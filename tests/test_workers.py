@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from perc import config
+from perc import config, workers
 from perc.cli import main
 from perc.config import ConfigError
 from perc.workers import (
@@ -564,3 +564,69 @@ def test_workers_with_metrics_or_an_admin_socket_exit_2(
     assert result.exit_code == 2, result.output
     assert "cannot be combined with mdd.metrics or mdd.admin_socket" in result.stderr
     assert started == []
+
+
+# --- mesh batches (UDP GSO/GRO) ------------------------------------------------------------------
+
+
+def _cut(runs: list[tuple[bytes, int]]) -> list[bytes]:
+    """What the kernel makes of GSO sends: each buffer cut into its segment size."""
+    return [b[i : i + size] for b, size in runs for i in range(0, len(b), size)]
+
+
+def test_gso_runs_keep_order_and_cut_back_into_the_same_datagrams() -> None:
+    sizes = [200, 200, 200, 150, 200, 300, 300, 1200, 1200, 1199, 1200, 60, 60]
+    datagrams = [bytes([i]) * n for i, n in enumerate(sizes)]
+    runs = workers.gso_runs(datagrams)
+    assert _cut(runs) == datagrams
+    for buffer, size in runs:
+        segments = [buffer[i : i + size] for i in range(0, len(buffer), size)]
+        assert all(len(s) == size for s in segments[:-1]) and len(segments[-1]) <= size
+    # A shorter datagram ends its run; a longer one starts a new run.
+    assert [(len(b), s) for b, s in runs] == [
+        (750, 200), (200, 200), (600, 300), (3599, 1200), (1260, 1200), (60, 60)
+    ]  # fmt: skip
+
+
+def test_gso_runs_respect_the_segment_and_byte_limits() -> None:
+    runs = workers.gso_runs([b"x" * 100] * 40, max_segments=16)
+    assert [len(b) // s for b, s in runs] == [16, 16, 8]
+    big = workers.gso_runs([b"y" * 9000] * 10)
+    assert all(len(b) <= workers.GSO_MAX_BYTES for b, _ in big)
+    assert _cut(big) == [b"y" * 9000] * 10
+    assert workers.gso_runs([]) == []
+
+
+def test_gro_segments_split_by_the_size_the_kernel_reports() -> None:
+    data = b"a" * 200 + b"b" * 200 + b"c" * 150
+    control = [(workers.SOL_UDP, workers.UDP_GRO, struct.pack("=i", 200))]
+    assert workers.gro_segments(data, control) == [b"a" * 200, b"b" * 200, b"c" * 150]
+    assert workers.gro_segments(data, []) == [data]  # not coalesced: one datagram
+    one = [(workers.SOL_UDP, workers.UDP_GRO, struct.pack("=i", 550))]
+    assert workers.gro_segments(data, one) == [data]
+    assert workers.gso_control(200) == (
+        workers.SOL_UDP,
+        workers.UDP_SEGMENT,
+        struct.pack("=H", 200),
+    )
+
+
+def test_this_kernel_coalesces_a_gso_send_for_a_gro_socket() -> None:
+    # What the mesh relies on, on the kernel at hand (loopback): one GSO send arrives as one
+    # coalesced receive on a socket with UDP_GRO, and as separate datagrams on one without.
+    datagrams = [bytes([i]) * 300 for i in range(5)] + [b"z" * 120]
+    ((buffer, size),) = workers.gso_runs(datagrams)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as tx,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as gro,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as plain,
+    ):
+        for s in (gro, plain):
+            s.bind(("127.0.0.1", 0))
+            s.settimeout(5)
+        gro.setsockopt(workers.SOL_UDP, workers.UDP_GRO, 1)
+        tx.sendmsg([buffer], [workers.gso_control(size)], 0, gro.getsockname())
+        data, control, _, _ = gro.recvmsg(65535, socket.CMSG_SPACE(4))
+        assert workers.gro_segments(data, control) == datagrams
+        tx.sendmsg([buffer], [workers.gso_control(size)], 0, plain.getsockname())
+        assert [plain.recv(65535) for _ in datagrams] == datagrams

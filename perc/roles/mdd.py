@@ -68,6 +68,7 @@ from perc.roles.tunnel import (
     make_tls_context,
     tunnel_keylog,
 )
+from perc.workers import MESH_BATCH, gro_segments
 
 if TYPE_CHECKING:
     from prometheus_client.registry import Collector
@@ -85,6 +86,8 @@ RECEIVE_BUFFER = 4 << 20
 #: Longest wait for a full socket send buffer before the datagram is dropped (seconds).
 SEND_WAIT = 0.05
 _UDP_MAX = 65535
+#: Room for the UDP_GRO control message (an int) of one coalesced receive.
+_GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _CONNECT_TIMEOUT = 10.0
 #: Log levels of the events that are not plain INFO.
 _LEVELS: dict[type[events.Event], int] = {
@@ -170,7 +173,9 @@ class ConferenceRelay:
     # --- the engine's outputs ------------------------------------------------------------------
 
     def _pump(self) -> None:
-        """Hand the engine's tunnel messages to the tunnel and log its events (no waiting)."""
+        """Send what the relay held back (:meth:`_flush`), hand the engine's tunnel messages
+        to the tunnel and log its events (no waiting)."""
+        self._flush()
         engine = self.engine
         messages = engine.tunnel_messages_to_send()
         if messages:
@@ -217,6 +222,13 @@ class ConferenceRelay:
         """Further sockets whose datagrams go to the engine (a D27 worker's mesh socket)."""
         return []
 
+    def _coalesced(self, sock: socket.socket) -> bool:
+        """Whether ``sock`` hands datagrams coalesced (``UDP_GRO``, a D27 worker's mesh)."""
+        return False
+
+    def _flush(self) -> None:
+        """Send what the sender held back during a batch (a D27 worker's mesh datagrams)."""
+
     async def run(self, *, task_status: trio.TaskStatus[ConferenceRelay]) -> None:
         sock = self._open_socket()
         try:
@@ -230,7 +242,8 @@ class ConferenceRelay:
                 nursery.start_soon(self._tunnel_loop)
                 nursery.start_soon(self._udp_loop, sock)
                 for more in self._more_sockets():
-                    nursery.start_soon(self._udp_loop, more)
+                    loop = self._coalesced_loop if self._coalesced(more) else self._udp_loop
+                    nursery.start_soon(loop, more)
                 nursery.start_soon(self._timer_loop)
                 task_status.started(self)
         finally:
@@ -385,6 +398,44 @@ class ConferenceRelay:
                         await self._send(out, index, e)
             else:
                 # A full batch: let other tasks (the tunnel writer) run before draining more.
+                self._pump()
+                self.forwarding_cpu += thread_time() - cpu
+                await trio.lowlevel.checkpoint()
+                continue
+            self._pump()
+            self.forwarding_cpu += thread_time() - cpu
+
+    async def _coalesced_loop(self, sock: socket.socket) -> None:
+        """:meth:`_udp_loop` for a socket with ``UDP_GRO``: one receive may bring several
+        datagrams of one sender (:func:`perc.workers.gro_segments`)."""
+        recvmsg = sock.recvmsg
+        receive = self.engine.receive_datagram
+        to_send = self.engine.datagrams_to_send
+        sendto = self._sendto
+        current_time = trio.current_time
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = current_time()
+            cpu = thread_time()
+            for _ in range(UDP_BATCH // MESH_BATCH):
+                try:
+                    data, ancillary, _, addr = recvmsg(_UDP_MAX, _GRO_CMSG_SPACE)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    self.io.udp_receive_errors += 1
+                    log.debug("udp receive error conference=%s: %s", self.id, e)
+                    continue
+                for datagram in gro_segments(data, ancillary):
+                    receive(datagram, addr, now)
+                    out = to_send()
+                    for index, (dest, packet) in enumerate(out):
+                        try:
+                            sendto(packet, dest)
+                        except OSError as e:
+                            await self._send(out, index, e)
+                            break
+            else:
                 self._pump()
                 self.forwarding_cpu += thread_time() - cpu
                 await trio.lowlevel.checkpoint()

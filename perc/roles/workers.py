@@ -32,6 +32,7 @@ binds, spawns, waits and signals.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -46,13 +47,19 @@ from perc import events
 from perc.config import ConfigError, MddConference, MddConfig
 from perc.mdd import Address
 from perc.roles.mdd import RECEIVE_BUFFER, ConferenceRelay, MddServer
+from perc.wire.demux import is_srtp
 from perc.workers import (
+    MESH_BATCH,
     MESH_HOST,
     SO_ATTACH_REUSEPORT_CBPF,
+    SOL_UDP,
+    UDP_GRO,
     ConferencePlan,
     ExternalLink,
     RestartPolicy,
     WorkerPlan,
+    gso_control,
+    gso_runs,
     link_owners,
     mesh_links,
     owned_links,
@@ -65,6 +72,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds the supervisor waits for its workers after SIGTERM before it kills them.
 STOP_WAIT = 5.0
+#: What a GSO send fails with where the kernel or the route cannot segment.
+_NO_GSO = frozenset((errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP))
 
 
 # --- the worker -------------------------------------------------------------------------------
@@ -80,6 +89,11 @@ class WorkerRelay(ConferenceRelay):
         self._mesh_sock: socket.socket | None = None
         self._mesh_peers: set[Address] = set()
         self._fingerprint = config.identity.fingerprint
+        #: SRTP/SRTCP held for each mesh peer until the end of the batch (perc.workers:
+        #: mesh batches); sent with UDP_SEGMENT while the kernel takes it
+        self._held: dict[Address, list[bytes]] = {}
+        self._gso = True
+        self._gro = False
 
     def _open_socket(self) -> socket.socket:
         cp = self.conference_plan
@@ -87,21 +101,76 @@ class WorkerRelay(ConferenceRelay):
         mesh = socket.socket(fileno=cp.mesh_fd)
         sock.setblocking(False)
         mesh.setblocking(False)
+        try:
+            mesh.setsockopt(SOL_UDP, UDP_GRO, 1)
+            self._gro = True
+        except OSError:
+            self._gro = False  # a kernel before 5.0: one datagram per receive
         self._mesh_sock = mesh
         return sock
 
     def _sender(self, sock: socket.socket) -> Callable[[bytes, Address], int]:
-        mesh, peers = self._mesh_sock, self._mesh_peers
+        mesh, peers, held = self._mesh_sock, self._mesh_peers, self._held
         assert mesh is not None
         shared, private = sock.sendto, mesh.sendto
 
         def sendto(data: bytes, addr: Address) -> int:
-            return (private if addr in peers else shared)(data, addr)
+            if addr not in peers:
+                return shared(data, addr)
+            if not self._gso or not is_srtp(data):
+                return private(data, addr)  # DTLS is never held
+            queue = held.get(addr)
+            if queue is None:
+                held[addr] = [data]
+            else:
+                queue.append(data)
+                if len(queue) >= MESH_BATCH:
+                    self._flush_peer(addr)
+            return len(data)
 
         return sendto
 
     def _more_sockets(self) -> list[socket.socket]:
         return [self._mesh_sock] if self._mesh_sock is not None else []
+
+    def _coalesced(self, sock: socket.socket) -> bool:
+        return self._gro and sock is self._mesh_sock
+
+    def _flush(self) -> None:
+        if self._held:
+            for addr in list(self._held):
+                self._flush_peer(addr)
+
+    def _flush_peer(self, addr: Address) -> None:
+        """Send what is held for mesh peer ``addr``: one system call per GSO run."""
+        queue = self._held.pop(addr, None)
+        mesh = self._mesh_sock
+        if not queue or mesh is None:
+            return
+        for buffer, size in gso_runs(queue):
+            try:
+                if len(buffer) == size:
+                    mesh.sendto(buffer, addr)
+                else:
+                    mesh.sendmsg([buffer], [gso_control(size)], 0, addr)
+            except OSError as e:
+                if len(buffer) > size and e.errno in _NO_GSO:
+                    # This kernel (or this socket) cannot segment: plain sends from now on.
+                    log.warning("conference=%s: no UDP segmentation offload here (%s): the "
+                                "mesh sends one datagram per call", self.id, e)  # fmt: skip
+                    self._gso = False
+                    self._send_each(buffer, size, addr)
+                else:
+                    self.io.dropped_udp_send += -(-len(buffer) // size)
+
+    def _send_each(self, buffer: bytes, size: int, addr: Address) -> None:
+        mesh = self._mesh_sock
+        assert mesh is not None
+        for i in range(0, len(buffer), size):
+            try:
+                mesh.sendto(buffer[i : i + size], addr)
+            except OSError:
+                self.io.dropped_udp_send += 1
 
     def _add_links(self, family: int) -> None:
         """The mesh links, and the external links this worker owns (resolved by the
