@@ -268,6 +268,11 @@ class ConferenceRelay:
                 ),
                 now,
             )  # fmt: skip
+        self._send_queued()
+
+    def _send_queued(self) -> None:
+        """Send what the engine queued outside the UDP loop (the links' first handshakes) at
+        once, without waiting: a datagram the socket refuses is counted; DTLS retransmits."""
         for addr, data in self.engine.datagrams_to_send():
             try:
                 self._sendto(data, addr)
@@ -382,8 +387,7 @@ class ConferenceRelay:
                 except BlockingIOError:
                     break
                 except OSError as e:
-                    self.io.udp_receive_errors += 1
-                    log.debug("udp receive error conference=%s: %s", self.id, e)
+                    self._receive_error(e)
                     continue
                 receive(data, addr, now)
                 out = to_send()
@@ -398,12 +402,10 @@ class ConferenceRelay:
                         await self._send(out, index, e)
             else:
                 # A full batch: let other tasks (the tunnel writer) run before draining more.
-                self._pump()
-                self.forwarding_cpu += thread_time() - cpu
+                self._batch_done(cpu)
                 await trio.lowlevel.checkpoint()
                 continue
-            self._pump()
-            self.forwarding_cpu += thread_time() - cpu
+            self._batch_done(cpu)
 
     async def _coalesced_loop(self, sock: socket.socket) -> None:
         """:meth:`_udp_loop` for a socket with ``UDP_GRO``: one receive may bring several
@@ -423,8 +425,7 @@ class ConferenceRelay:
                 except BlockingIOError:
                     break
                 except OSError as e:
-                    self.io.udp_receive_errors += 1
-                    log.debug("udp receive error conference=%s: %s", self.id, e)
+                    self._receive_error(e)
                     continue
                 for datagram in gro_segments(data, ancillary):
                     receive(datagram, addr, now)
@@ -436,12 +437,20 @@ class ConferenceRelay:
                             await self._send(out, index, e)
                             break
             else:
-                self._pump()
-                self.forwarding_cpu += thread_time() - cpu
+                self._batch_done(cpu)
                 await trio.lowlevel.checkpoint()
                 continue
-            self._pump()
-            self.forwarding_cpu += thread_time() - cpu
+            self._batch_done(cpu)
+
+    def _receive_error(self, error: OSError) -> None:
+        self.io.udp_receive_errors += 1
+        log.debug("udp receive error conference=%s: %s", self.id, error)
+
+    def _batch_done(self, cpu: float) -> None:
+        """The end of a receive batch: hand on what it produced (:meth:`_pump`) and add its
+        CPU time (since ``cpu``, this thread's) to :attr:`forwarding_cpu`."""
+        self._pump()
+        self.forwarding_cpu += thread_time() - cpu
 
     async def _send(
         self, out: list[tuple[Address, bytes]], index: int = 0, error: OSError | None = None

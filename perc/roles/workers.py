@@ -182,12 +182,7 @@ class WorkerRelay(ConferenceRelay):
         for spec in owned_links(self.plan, self.id):
             log.info("link %s conference=%s: this worker runs it", spec.name, self.id)
             self.engine.add_link(spec, now)
-        for addr, data in self.engine.datagrams_to_send():
-            try:
-                self._sendto(data, addr)
-            except OSError:
-                self.io.dropped_udp_send += 1
-        self._pump()
+        self._send_queued()
 
 
 class _WorkerTag(logging.Filter):
