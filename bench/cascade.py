@@ -18,8 +18,9 @@ a. **Cost of splitting.** One KMF; one ``perc mdd`` with ``workers = 1`` and one
    ``workers = 2`` (a supervisor and two workers sharing the conference port with
    SO_REUSEPORT, linked by their mesh). R + 1 endpoints join each. At every offered rate both
    get the same load in turn; the CPU per delivery is the relay's CPU time (summed over the
-   two workers, /proc/<pid>/stat) over the datagrams the sink received. Target: the two
-   workers together spend at most 1.15x what one worker spends per delivery.
+   two workers, /proc/<pid>/stat) over the datagrams the sink received; ``of sys`` is its
+   kernel part (the system calls; the rest is user time, the relay's own Python). Target: the
+   two workers together spend at most 1.15x what one worker spends per delivery.
 b. **Largest lossless conference** for 1 and 2 workers (audio 50 pkt/s from everyone, video
    from five, as bench/forwarding.py): N grows by ``--size-step`` until a step misses a packet.
 c. **Latency per link hop.** Two ``perc mdd`` processes joined by a D25 link (the same
@@ -286,7 +287,7 @@ def row(label: str, rate: float, step: Step, receivers: int) -> None:
         f"{label:<12} {rate:>8,.0f} pkt/s x{receivers:<3} {step.offered:>11,.0f} "
         f"{step.delivered:>11,.0f} {100 * step.loss:>7.2f}% {100 * step.cpu:>6.0f}% "
         f"{100 * step.sink_cpu:>5.0f}% {100 * step.load_cpu:>5.0f}% "
-        f"{step.us_per_delivery:>8.2f}",
+        f"{step.us_per_delivery:>8.2f} {step.us_system_per_delivery:>6.2f}",
         flush=True,
     )
 
@@ -375,7 +376,7 @@ def main() -> int:
         print("# a. the forwarding bench's load, alternating (cpu: summed over the workers)")
         print(
             f"{'mdd':<12} {'offered':>19} {'offered/s':>11} {'delivered/s':>11} {'loss':>8} "
-            f"{'cpu':>7} {'sink':>6} {'load':>6} {'us/dlv':>8}"
+            f"{'cpu':>7} {'sink':>6} {'load':>6} {'us/dlv':>8} {'of sys':>6}"
         )
         steps: dict[str, list[Step]] = {one.label: [], two.label: []}
         ratios: list[tuple[float, float, bool]] = []  # rate, ratio, both lossless
