@@ -331,6 +331,9 @@ class MddStats:
     """Datagrams that are neither DTLS nor SRTP (RFC 7983 §7: drop), including empty ones."""
     dropped_unknown_association: int = 0
     """Messages from the KMF naming an association we do not have (D2: count and ignore)."""
+    dropped_link_elsewhere: int = 0
+    """DTLS from a link peer that another worker of this MDD runs (D27), which reached this
+    one anyway: neither this worker's link nor an endpoint's join."""
     srtp_in: int = 0
     """SRTP/SRTCP datagrams received (first byte 128-191)."""
     srtp_out: int = 0
@@ -442,6 +445,8 @@ class MddEngine:
         )
         #: Link peers without keys: their SRTP is dropped and counted, not "unknown source".
         self._unkeyed_links: set[Address] = set()
+        #: D27: the peers of links another worker runs
+        self._links_elsewhere: set[Address] = set()
         #: Per link peer: the forwarding counters of its past table entries, summed.
         self._link_retired: dict[Address, dict[str, int]] = {}
         self._link_reported: dict[Address, dict[str, int]] = {}
@@ -608,6 +613,12 @@ class MddEngine:
         self._unkeyed_links.add(spec.peer)
         self._drain_links(now)
 
+    def link_elsewhere(self, peer: Address) -> None:
+        """``peer`` is a link another worker of this MDD runs (D27): DTLS from it that reaches
+        this worker is dropped and counted (``dropped_link_elsewhere``), never taken for an
+        endpoint's join and relayed to the KMF. (Its SRTP already is: no association.)"""
+        self._links_elsewhere.add(peer)
+
     def remove_link(self, peer: Address, now: float) -> None:
         if self.link_manager is None:
             return
@@ -747,6 +758,9 @@ class MddEngine:
             # D25: DTLS from a configured link peer is the MDD's own, never the KMF's.
             lm.receive(addr, data, now)
             self._drain_links(now)
+            return
+        if self._links_elsewhere and addr in self._links_elsewhere:
+            self._stats.dropped_link_elsewhere += 1
             return
         assoc = self.table.association_for(addr)
         adm = self.admission_stats

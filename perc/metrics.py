@@ -75,6 +75,7 @@ _MDD_DROPS = {
     "dropped_no_tunnel": "no_tunnel",
     "dropped_table_full": "table_full",
     "dropped_unknown_association": "unknown_association",
+    "dropped_link_elsewhere": "link_of_another_worker",
 }
 
 

@@ -9,6 +9,7 @@ API::
     mesh_links(plan, conference, fingerprint) -> [LinkSpec]  # one per other worker
     link_owners(count, links, first) -> [int]                 # external link k -> a worker
     owned_links(plan, conference) -> [LinkSpec]               # the external links it runs
+    links_elsewhere(plan, conference) -> [peer]               # ... and those it does not
     steering_program([(peer, owner)]) -> bytes                # classic BPF for the group
     gso_runs([datagram]) -> [(buffer, segment size)]          # mesh batches (UDP GSO)
     gso_control(size) -> (level, type, data)                  # the send's control message
@@ -65,7 +66,9 @@ inherited file descriptors are its own.
   worker's restart does not touch it. The program handles IPv4 (any
   header length) and IPv6 whose fixed header is followed directly by UDP; an IPv4 peer of an
   IPv6 socket (``::ffff:a.b.c.d``) is matched in the IPv4 part. An IPv6 datagram with
-  extension headers is steered by the hash. (A load the kernel cannot make ends a classic
+  extension headers is steered by the hash; if it reaches a worker that does not run the
+  link, that worker drops the peer's DTLS (:func:`links_elsewhere`, counted) rather than
+  take it for an endpoint's join. (A load the kernel cannot make ends a classic
   program with 0, socket 0: the headers the program reads are in the linear part of every
   UDP packet the socket lookup sees, so this does not happen.)
 * **Mesh batches.** Every packet a worker's endpoints send crosses the mesh once per other
@@ -115,6 +118,7 @@ __all__ = [
     "gso_control",
     "gso_runs",
     "link_owners",
+    "links_elsewhere",
     "mesh_links",
     "owned_links",
     "steering_program",
@@ -312,6 +316,11 @@ def owned_links(plan: WorkerPlan, conference: str) -> list[LinkSpec]:
         for link in plan.conferences[conference].links
         if link.owner == plan.index
     ]  # fmt: skip
+
+
+def links_elsewhere(plan: WorkerPlan, conference: str) -> list[tuple[Any, ...]]:
+    """The peers of the external links of ``conference`` that other workers run."""
+    return [link.peer for link in plan.conferences[conference].links if link.owner != plan.index]
 
 
 # --- steering (classic BPF) ---------------------------------------------------------------------

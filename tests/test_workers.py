@@ -33,6 +33,7 @@ from perc.workers import (
     WorkerPlan,
     WorkerPlanError,
     link_owners,
+    links_elsewhere,
     mesh_links,
     owned_links,
     steering_program,
@@ -134,7 +135,32 @@ def test_each_external_link_has_one_owner_and_conferences_spread_theirs() -> Non
             )  # fmt: skip
             assert spec.group is None  # not the mesh's group: mesh media goes out over it
         runs += [spec.name for spec in specs]
+        plan = WorkerPlan(me, 3, 3, {"demo": ConferencePlan(5, 6, mesh, links)})
+        others = links_elsewhere(plan, "demo")
+        assert sorted(others) == sorted(x.peer for x in links if x.owner != me)
     assert sorted(runs) == sorted(x.name for x in links)  # every link, by exactly one worker
+
+
+def test_dtls_from_a_link_another_worker_runs_is_dropped_not_relayed() -> None:
+    # Steering missed (an IPv6 datagram with extension headers goes by the hash): the worker
+    # that got the peer's ClientHello must not take it for an endpoint joining.
+    from perc.forwarding import ForwardingConfig
+    from perc.identity import generate
+    from perc.mdd import MddEngine
+    from tests.forwarding.helpers import client_hello
+
+    peer = ("192.0.2.7", 5004)
+    engine = MddEngine(
+        "demo", kmf="127.0.0.1:4444", forwarding=ForwardingConfig(), idle_timeout=10.0,
+        stats_interval=10.0, identity=generate("mdd"),
+    )  # fmt: skip
+    engine.link_elsewhere(peer)
+    engine.receive_datagram(client_hello(), peer, 0.0)
+    assert engine.stats.dropped_link_elsewhere == 1
+    assert engine.tunnel_messages_to_send() == [] and engine.datagrams_to_send() == []
+    # An endpoint's goes the usual way (no tunnel yet here: counted as such).
+    engine.receive_datagram(client_hello(), ("192.0.2.8", 5004), 0.0)
+    assert engine.stats.dropped_link_elsewhere == 1 and engine.stats.dropped_no_tunnel == 1
 
 
 def test_an_external_link_on_one_worker_serves_every_worker() -> None:

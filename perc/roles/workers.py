@@ -61,6 +61,7 @@ from perc.workers import (
     gso_control,
     gso_runs,
     link_owners,
+    links_elsewhere,
     mesh_links,
     owned_links,
     steering_program,
@@ -182,6 +183,8 @@ class WorkerRelay(ConferenceRelay):
         for spec in owned_links(self.plan, self.id):
             log.info("link %s conference=%s: this worker runs it", spec.name, self.id)
             self.engine.add_link(spec, now)
+        for peer in links_elsewhere(self.plan, self.id):
+            self.engine.link_elsewhere(peer)
         self._send_queued()
 
 
