@@ -121,6 +121,7 @@ __all__ = [
     "links_elsewhere",
     "mesh_links",
     "owned_links",
+    "split_segments",
     "steering_program",
 ]
 
@@ -455,9 +456,15 @@ def gro_segments(data: bytes, ancillary: Sequence[tuple[int, int, bytes]]) -> li
     for level, kind, value in ancillary:
         if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
             size = struct.unpack_from("=i", value)[0]  # the kernel's int, native order
-    if size <= 0 or size >= len(data):
-        return [data]
-    return [data[i : i + size] for i in range(0, len(data), size)]
+    return split_segments(data, size)
+
+
+def split_segments(buffer: bytes, size: int) -> list[bytes]:
+    """``buffer`` cut into datagrams of ``size`` bytes, the last one possibly shorter (what
+    the kernel makes of a GSO send); ``size`` 0 or at least ``len(buffer)``: one datagram."""
+    if size <= 0 or size >= len(buffer):
+        return [buffer]
+    return [buffer[i : i + size] for i in range(0, len(buffer), size)]
 
 
 @attrs.define

@@ -13,6 +13,9 @@ it sends what the engine queued and logs the engine's events (:func:`perc.events
   the batch's ``now``, and what that produced goes out at once with non-blocking ``sendto``.
   Only on EAGAIN does a send wait for writability (at most ``SEND_WAIT``) and retry once; a
   receiver whose socket stays full loses that datagram, counted. A full batch checkpoints.
+  A D27 worker's mesh socket receives with ``UDP_GRO`` (several datagrams of one sender per
+  receive, split by :func:`perc.workers.gro_segments`), and what the worker holds back for
+  its mesh peers goes out when the batch ends (:meth:`ConferenceRelay._flush`, in ``_pump``).
 * **Tunnel** (TLS client, the KMF pinned by fingerprint): on connect the engine queues
   ``SupportedProfiles`` (RFC 9185 §5.3), then gets every message read. When the tunnel ends,
   or the engine wants it closed (``UnsupportedVersion``, D2), reconnect after a capped

@@ -64,6 +64,7 @@ from perc.workers import (
     links_elsewhere,
     mesh_links,
     owned_links,
+    split_segments,
     steering_program,
 )
 
@@ -167,9 +168,9 @@ class WorkerRelay(ConferenceRelay):
     def _send_each(self, buffer: bytes, size: int, addr: Address) -> None:
         mesh = self._mesh_sock
         assert mesh is not None
-        for i in range(0, len(buffer), size):
+        for datagram in split_segments(buffer, size):
             try:
-                mesh.sendto(buffer[i : i + size], addr)
+                mesh.sendto(datagram, addr)
             except OSError:
                 self.io.dropped_udp_send += 1
 
