@@ -86,7 +86,9 @@ are classified:
 * **Key wait**: E2E failures that turn out to have waited for an EKTKey that arrived late
   (the failing Full tags named its SPI, and :meth:`EndpointMedia.rekey` then delivered it) are
   moved out of ``e2e_failures`` into ``key_wait`` (see :class:`perc.media.stats._Failures`). A
-  receiver that never gets the new EKTKey (a leaver) keeps them as E2E failures.
+  receiver that never gets the new EKTKey (a leaver) keeps them as E2E failures. So do, for a
+  stream that verified before, failures that end when it verifies under a newer SPI: the
+  Full tags with the sender's new key were lost, and a later one brought it.
 
 Counters are per SSRC and reported per sender name (learnt from the first verified payload of
 the SSRC); failures on an SSRC that never verified have no name and go to ``unattributed``.
@@ -755,11 +757,11 @@ class EndpointMedia:
     def _verified(self, st: RemoteStream, pkt: MediaPacket, kind: StreamKind, now: float) -> None:
         st.received += 1
         st.verified += 1
-        st.verified_one()
+        spis = st.spis
+        st.verified_one(now, newer_spi=bool(spis) and 1 <= (pkt.spi - spis[-1]) & 0xFFFF <= 0x7FFF)
         if st.name not in self._verified_since_join and st.name is not None:
             self._verified_since_join.add(st.name)
             self._new_verified.append(st.name)
-        spis = st.spis
         if (not spis or spis[-1] != pkt.spi) and pkt.spi not in spis:
             spis.append(pkt.spi)  # in order of first use
         seq = st.seq

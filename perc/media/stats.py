@@ -195,6 +195,13 @@ class _Failures:
     ``e2e_failures``. Once :meth:`key_arrived` names the awaited SPI they are moved to
     ``key_wait``, and so are failures until the stream verifies again (at most
     ``KEY_WAIT_GRACE`` seconds): they are the cost of late key delivery, not of tampering.
+
+    The same holds for a sender's new E2E key whose Full tags were all lost (a rekey is
+    announced in the next three packets, then video repeats it only on key frames, RFC 8870
+    §4.6): its packets fail (``inner_auth``, ``no_key``) until a later Full tag brings the key.
+    When the stream then verifies under an SPI newer than any it verified before, the
+    failures since its last verified packet (if they began at most ``KEY_WAIT_GRACE`` seconds
+    earlier) are moved to ``key_wait`` too (:meth:`verified_one`).
     """
 
     e2e_failures: int = 0
@@ -207,6 +214,10 @@ class _Failures:
     #: key arrives; the first key's failures must not be forgotten then)
     waiting: dict[int, dict[str, int]] = attrs.Factory(dict)
     key_arrived_at: float | None = None
+    #: failures (waiting reasons) since the last verified packet not already awaiting an
+    #: EKTKey, and when the first of them came
+    unsettled: dict[str, int] = attrs.Factory(dict)
+    unsettled_since: float = 0.0
 
     def count_e2e(self, reason: str, now: float, spi: int | None = None) -> None:
         if spi is not None and spi != self.waiting_spi:
@@ -225,6 +236,10 @@ class _Failures:
             else:
                 counts = self.waiting.setdefault(self.waiting_spi, {})
                 counts[reason] = counts.get(reason, 0) + 1
+        elif reason in _WAITING_REASONS:
+            if not self.unsettled:
+                self.unsettled_since = now
+            self.unsettled[reason] = self.unsettled.get(reason, 0) + 1
         self.e2e_failures += 1
         self.e2e_reasons[reason] = self.e2e_reasons.get(reason, 0) + 1
 
@@ -234,24 +249,34 @@ class _Failures:
         for awaited in list(self.waiting):
             if (spi - awaited) & 0xFFFF > 0x7FFF:
                 continue  # a newer key than this one: still awaited
-            for reason, count in self.waiting.pop(awaited).items():
-                self.e2e_failures -= count
-                left = self.e2e_reasons[reason] - count
-                if left:
-                    self.e2e_reasons[reason] = left
-                else:
-                    del self.e2e_reasons[reason]
-                self.key_wait += count
+            self._settle(self.waiting.pop(awaited))
         if self.waiting_spi is None or self.key_arrived_at is not None:
             return
         if (spi - self.waiting_spi) & 0xFFFF <= 0x7FFF:
             # the newest awaited key (or a later one) is here: the grace period begins
             self.key_arrived_at = now
 
-    def verified_one(self) -> None:
+    def verified_one(self, now: float = 0.0, *, newer_spi: bool = False) -> None:
+        """A packet verified; ``newer_spi``: under an SPI newer than any this stream verified
+        before (the sender's key changed and we learnt it late, see the class docstring)."""
         if self.key_arrived_at is not None:
             self.waiting_spi = None
             self.key_arrived_at = None
+        if self.unsettled:
+            if newer_spi and now - self.unsettled_since <= KEY_WAIT_GRACE:
+                self._settle(self.unsettled)
+            self.unsettled = {}
+
+    def _settle(self, counts: dict[str, int]) -> None:
+        """Move ``counts`` (reason -> failures) from ``e2e_failures`` to ``key_wait``."""
+        for reason, count in counts.items():
+            self.e2e_failures -= count
+            left = self.e2e_reasons[reason] - count
+            if left:
+                self.e2e_reasons[reason] = left
+            else:
+                del self.e2e_reasons[reason]
+            self.key_wait += count
 
 
 _WAITING_REASONS = frozenset(("unknown_spi", "inner_auth", "no_key"))

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from perc.media.payload import StreamKind
 from perc.media.stats import (
+    KEY_WAIT_GRACE,
     RemoteStream,
     SeqStats,
     Unattributed,
@@ -190,3 +191,27 @@ def test_a_left_out_receiver_keeps_its_failures() -> None:
         un.count_e2e("unknown_spi", float(spi), spi=spi)
     assert (un.e2e_failures, un.key_wait) == (15, 0)
     assert len(un.waiting) <= 8
+
+
+def test_failures_until_a_sender_new_key_is_learnt_late_are_key_wait() -> None:
+    """All three Full tags announcing a sender's new key were lost: its packets fail until a
+    later Full tag (a key frame) brings the key. The stream then verifies under the newer SPI:
+    those failures were the cost of the loss, not tampering."""
+    st = RemoteStream(7)
+    st.verified_one(1.0)  # under SPI 5
+    st.count_e2e("inner_auth", 1.3)
+    st.count_e2e("inner_auth", 1.35)
+    st.verified_one(1.4, newer_spi=True)  # the first packet under SPI 6
+    assert (st.e2e_failures, st.e2e_reasons, st.key_wait) == (0, {}, 2)
+
+
+def test_failures_a_stream_recovers_from_without_a_new_key_stay_failures() -> None:
+    st = RemoteStream(7)
+    st.count_e2e("inner_auth", 1.0)  # a forged or damaged packet
+    st.verified_one(1.1)  # the same key verifies again: nothing excuses it
+    st.count_e2e("inner_auth", 2.0)
+    st.verified_one(2.0 + KEY_WAIT_GRACE + 0.1, newer_spi=True)  # too long ago to excuse
+    assert (st.e2e_failures, st.e2e_reasons, st.key_wait) == (2, {"inner_auth": 2}, 0)
+    st.count_e2e("payload", 3.0)  # not a key problem at all
+    st.verified_one(3.1, newer_spi=True)
+    assert (st.e2e_failures, st.key_wait) == (3, 0)
