@@ -21,7 +21,7 @@ import pytest
 import trio
 
 from perc import identity
-from perc.events import Listening, MddTunnelUp
+from perc.events import Event, Listening, MddTunnelUp
 from perc.identity import Identity
 from tests.procs import WAIT, Proc
 
@@ -180,3 +180,16 @@ async def system(tmp_path: Path) -> AsyncIterator[System]:
             with trio.CancelScope(shield=True):
                 await sys_.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def any_event(seen: Iterable[tuple[Proc, int]], timeout: float = 3 * WAIT) -> None:
+    """Until one of the processes has logged more events than counted in ``seen`` (counted
+    before the caller looked at them: an event logged meanwhile ends the wait at once)."""
+    async with trio.open_nursery() as nursery:
+        for proc, count in seen:
+
+            async def one(proc: Proc = proc, count: int = count) -> None:
+                await proc.wait_event(Event, timeout, count=count + 1)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(one)

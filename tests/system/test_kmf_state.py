@@ -79,7 +79,7 @@ async def test_sigkill_and_restart_resume_after_every_spi_sent(system: System) -
     assert events.count("kmf_start") == 2
     # Everything from the second start on was written (the first life's last rows may have
     # died with it: SIGKILL before their commit).
-    after = events[events.index("kmf_start", 1):]
+    after = events[events.index("kmf_start", 1) :]
     assert after[:1] == ["kmf_start"] and "join" in after and "rekey" in after
     assert str(first.spi) in out and "carol" in out
     for proc in system.procs:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ import trio
 from perc.events import (
     EndpointPeerVerified,
     EndpointRejoin,
-    Event,
     LinkUp,
     Listening,
     MddTunnelUp,
@@ -31,7 +29,7 @@ from perc.events import (
     WorkerStarted,
 )
 
-from .conftest import WAIT, Proc, System
+from .conftest import WAIT, Proc, System, any_event
 
 pytestmark = pytest.mark.slow
 
@@ -52,19 +50,6 @@ async def wait_all_verified(ep: Proc, peers: set[str], *, rejoined: bool = False
     while not done():
         count = len(ep.find_events(EndpointPeerVerified))
         await ep.wait_event(EndpointPeerVerified, 3 * WAIT, count=count + 1)
-
-
-async def any_event(seen: Iterable[tuple[Proc, int]]) -> None:
-    """Until one of the processes has logged more events than counted in ``seen`` (counted
-    before the caller looked at them: an event logged meanwhile ends the wait at once)."""
-    async with trio.open_nursery() as nursery:
-        for proc, count in seen:
-
-            async def one(proc: Proc = proc, count: int = count) -> None:
-                await proc.wait_event(Event, 3 * WAIT, count=count + 1)
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(one)
 
 
 async def start_conference(system: System) -> tuple[Proc, int, dict[str, Proc]]:
