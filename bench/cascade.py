@@ -327,24 +327,11 @@ def size_search(
 
 def main() -> int:
     ap = harness.parser(__doc__)
-    ap.add_argument("--seconds", type=float, default=2.0)
-    ap.add_argument("--senders", type=int, default=4)
-    ap.add_argument("--receivers", type=int, default=10)
-    ap.add_argument("--size", type=int, default=160)
-    ap.add_argument(
-        "--rates",
-        type=lambda s: [float(x) for x in s.split(",")],
-        default=[2000.0, 4000.0, 6000.0, 8000.0],
+    fwd.load_options(
+        ap, rates=[2000.0, 4000.0, 6000.0, 8000.0], size_step=10, size_max=90, size_seconds=2.0
     )
-    ap.add_argument("--size-start", type=int, default=20)
-    ap.add_argument("--size-step", type=int, default=10)
-    ap.add_argument("--size-max", type=int, default=90)
-    ap.add_argument("--size-seconds", type=float, default=2.0)
-    ap.add_argument("--video-pps", type=float, default=100.0)
-    ap.add_argument("--video-size", type=int, default=1100)
     ap.add_argument("--latency-seconds", type=float, default=3.0)
     ap.add_argument("--latency-rate", type=float, default=None)
-    ap.add_argument("--keep", type=Path, default=None, help="keep configs and logs here")
     quick = {"seconds": 0.3, "senders": 1, "receivers": 2, "rates": [500.0]}
     quick |= {"size_start": 3, "size_max": 3, "size_seconds": 0.3}
     quick |= {"latency_seconds": 0.3, "latency_rate": 200.0}

@@ -511,25 +511,40 @@ def ladder(
     return steps
 
 
-def main() -> int:
-    ap = harness.parser(__doc__)
+def load_options(
+    ap: argparse.ArgumentParser,
+    *,
+    rates: list[float],
+    size_step: int,
+    size_max: int,
+    size_seconds: float,
+) -> None:
+    """The load and conference-size options of this bench, shared with bench/cascade.py
+    (its defaults differ where the arguments say)."""
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--senders", type=int, default=4)
     ap.add_argument("--receivers", type=int, default=10)
     ap.add_argument("--size", type=int, default=160)
-    ap.add_argument(
-        "--rates",
-        type=lambda s: [float(x) for x in s.split(",")],
-        default=[5000.0, 10000.0, 15000.0, 20000.0, 25000.0, 30000.0],
-    )
-    ap.add_argument("--size-search", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--size-step", type=int, default=5)
+    ap.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=rates)
+    ap.add_argument("--size-step", type=int, default=size_step)
     ap.add_argument("--size-start", type=int, default=20)
-    ap.add_argument("--size-max", type=int, default=150)
-    ap.add_argument("--size-seconds", type=float, default=3.0)
+    ap.add_argument("--size-max", type=int, default=size_max)
+    ap.add_argument("--size-seconds", type=float, default=size_seconds)
     ap.add_argument("--video-pps", type=float, default=100.0)
     ap.add_argument("--video-size", type=int, default=1100)
     ap.add_argument("--keep", type=Path, default=None, help="keep configs and logs here")
+
+
+def main() -> int:
+    ap = harness.parser(__doc__)
+    load_options(
+        ap,
+        rates=[5000.0, 10000.0, 15000.0, 20000.0, 25000.0, 30000.0],
+        size_step=5,
+        size_max=150,
+        size_seconds=3.0,
+    )
+    ap.add_argument("--size-search", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument(
         "--profile", action="store_true", help="run the MDD under cProfile; print its top 25"
     )

@@ -511,19 +511,29 @@ def test_bad_workers(ids: dict[str, Any], workers: int, message: str) -> None:  
     assert str(e.value) == message
 
 
+def _mdd_cli(
+    ids: dict[str, Any],  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    text: str | None = None,
+) -> tuple[Path, list[Any]]:
+    """An mdd.toml (``text``, else the usual one) and the list of what ``perc mdd`` would have
+    run (``_run_role`` records its arguments instead)."""
+    import perc.cli
+
+    started: list[Any] = []
+    monkeypatch.setattr(perc.cli, "_run_role", lambda *a: started.append(a))
+    path = ids["dir"] / "mdd-workers.toml"
+    path.write_text(mdd_toml(ids) if text is None else text)
+    return path, started
+
+
 @pytest.mark.parametrize("value", ["0", "-3"])
 def test_workers_option_below_one_exits_2(
     ids: dict[str, Any],  # noqa: F811
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     value: str,
 ) -> None:
-    import perc.cli
-
-    started: list[object] = []
-    monkeypatch.setattr(perc.cli, "_run_role", lambda *a: started.append(a))
-    path = ids["dir"] / "mdd-workers.toml"
-    path.write_text(mdd_toml(ids))
+    path, started = _mdd_cli(ids, monkeypatch)
     result = CliRunner().invoke(main, ["mdd", "--config", str(path), "--workers", value])
     assert result.exit_code == 2
     assert result.stderr == f"perc: error: --workers: must be >= 1, got {value}\n"
@@ -532,15 +542,9 @@ def test_workers_option_below_one_exits_2(
 
 def test_a_bad_worker_plan_exits_2(
     ids: dict[str, Any],  # noqa: F811
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import perc.cli
-
-    started: list[object] = []
-    monkeypatch.setattr(perc.cli, "_run_role", lambda *a: started.append(a))
-    path = ids["dir"] / "mdd-workers.toml"
-    path.write_text(mdd_toml(ids))
+    path, started = _mdd_cli(ids, monkeypatch)
     other = WorkerPlan(0, 1, 3, {"other": ConferencePlan(4, 5, (("127.0.0.1", 1),))})
     for text, error in (
         ("{", "bad worker plan: "),
@@ -554,17 +558,12 @@ def test_a_bad_worker_plan_exits_2(
 
 def test_one_worker_runs_the_mdd_itself(
     ids: dict[str, Any],  # noqa: F811
-    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """workers = 1 (the default) is the MDD as before: no supervisor."""
-    import perc.cli
     from perc.roles import mdd
 
-    started: list[Any] = []
-    monkeypatch.setattr(perc.cli, "_run_role", lambda *a: started.append(a))
-    path = ids["dir"] / "mdd-workers.toml"
-    path.write_text(mdd_toml(ids))
+    path, started = _mdd_cli(ids, monkeypatch)
     result = CliRunner().invoke(main, ["mdd", "--config", str(path), "--workers", "1"])
     assert result.exit_code == 0, result.output
     assert started[0][0].func is mdd.serve  # functools.partial(serve, freeze_heap=True)
@@ -577,15 +576,10 @@ def test_workers_with_metrics_or_an_admin_socket_exit_2(
     extra: list[str],
 ) -> None:
     """Every worker would bind the metrics port and the admin socket: refused, one line."""
-    import perc.cli
-
-    started: list[object] = []
-    monkeypatch.setattr(perc.cli, "_run_role", lambda *a: started.append(a))
-    path = ids["dir"] / "mdd-workers-ops.toml"
     text = mdd_toml(ids)
     if not extra:
         text = text.replace("[mdd]\n", '[mdd]\nadmin_socket = "mdd.sock"\n', 1)
-    path.write_text(text)
+    path, started = _mdd_cli(ids, monkeypatch, text)
     result = CliRunner().invoke(main, ["mdd", "--config", str(path), "--workers", "2", *extra])
     assert result.exit_code == 2, result.output
     assert "cannot be combined with mdd.metrics or mdd.admin_socket" in result.stderr

@@ -673,15 +673,8 @@ class EndpointMedia:
         except PayloadDecodeError:
             self._count_payload_failure(st)
             return
+        st = self._stream_for(st, pkt.ssrc, payload.name, payload.kind)
         if st is None:
-            if len(self.streams) >= self._max_streams:
-                self.unattributed.received += 1
-                self.unattributed.untracked += 1
-                return
-            st = self.streams[pkt.ssrc] = RemoteStream(pkt.ssrc, payload.name, payload.kind)
-        elif payload.name != st.name or payload.kind is not st.kind:
-            # Another sender (any EKTKey holder can make tags for any SSRC) or a confused one.
-            self._count_payload_failure(st)
             return
         offset = (pkt.original_sequence_number - payload.seq) & 0xFFFF
         if st.seq_offset is None:
@@ -698,14 +691,8 @@ class EndpointMedia:
         except PayloadDecodeError:
             self._count_payload_failure(st)
             return
+        st = self._stream_for(st, pkt.ssrc, name, kind)
         if st is None:
-            if len(self.streams) >= self._max_streams:
-                self.unattributed.received += 1
-                self.unattributed.untracked += 1
-                return
-            st = self.streams[pkt.ssrc] = RemoteStream(pkt.ssrc, name, kind)
-        elif name != st.name or kind is not st.kind:
-            self._count_payload_failure(st)
             return
         self._verified(st, pkt, kind, now)
         if kind is StreamKind.AUDIO:
@@ -722,6 +709,24 @@ class EndpointMedia:
             rx = self._video_rx[pkt.ssrc] = VideoReceiver(pkt.ssrc, self.rtcp_ssrc, settings)
         frames = rx.push(pkt.sequence_number, pkt.timestamp, pkt.marker, pkt.payload, now)
         self._video_out(rx, frames)
+
+    def _stream_for(
+        self, st: RemoteStream | None, ssrc: int, name: str, kind: StreamKind
+    ) -> RemoteStream | None:
+        """The stream a verified packet from ``name`` (``kind``) belongs to: ``st``, or a new
+        one for ``ssrc``. None (counted) when no stream may be added or ``st`` is someone
+        else's: another sender (any EKTKey holder can make tags for any SSRC) or a confused
+        one."""
+        if st is None:
+            if len(self.streams) >= self._max_streams:
+                self.unattributed.received += 1
+                self.unattributed.untracked += 1
+                return None
+            st = self.streams[ssrc] = RemoteStream(ssrc, name, kind)
+        elif name != st.name or kind is not st.kind:
+            self._count_payload_failure(st)
+            return None
+        return st
 
     def _video_out(self, rx: VideoReceiver, frames: list[AssembledFrame]) -> None:
         """Frames a video receiver released go to the shell; its NACK/PLI go out now
