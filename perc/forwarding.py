@@ -44,8 +44,10 @@ concatenations (header, EKT field) and one tuple in a list comprehension; the re
 This is exactly ``MediaDistributorHop.encrypt_for(session, inbound)`` without header changes,
 inlined: the hop's guard against re-encrypting with the sender's key is upheld structurally
 (a route never points back at its sender, and ``install_keys`` refuses ``client_write ==
-server_write``, RFC 8723 §5.2/§9). Renumbered deliveries (``last_n`` below) go through
-``encrypt_for`` with :class:`~perc.srtp.hop.HeaderChanges`, which updates the OHB.
+server_write``, RFC 8723 §5.2/§9). Renumbered deliveries (``last_n`` below) are
+``encrypt_for`` with :class:`~perc.srtp.hop.HeaderChanges` the same way: the hop's
+``rewrite`` (which updates the OHB) once per packet and SEQ change, then each feed's own
+``seal``.
 
 **SSRC ownership.** The first association whose authenticated RTP carries an SSRC owns it
 until it is removed; RTP with that SSRC from anyone else is dropped (``drop_ssrc_conflict``):
@@ -136,8 +138,8 @@ streams other than its own; audio and every other PT are always forwarded. The r
 - *Contiguous SEQ per receiver.* Each (receiver, SSRC) feed has an offset: ``out_seq = in_seq
   - offset (mod 2^16)``. The first time a feed starts the offset is 0 (no rewrite, no OHB
   change); when it resumes after a pause the offset is chosen so that ``out_seq`` continues
-  at the highest SEQ this receiver got for that SSRC plus one. Renumbered packets go through
-  ``encrypt_for`` with a SEQ change, so the OHB records the original SEQ (RFC 8723 §5.2) and
+  at the highest SEQ this receiver got for that SSRC plus one. Renumbered packets are
+  rewritten with a SEQ change, so the OHB records the original SEQ (RFC 8723 §5.2) and
   the receiver's end-to-end check still passes. Packets older than the current start point
   (late arrivals from the paused period) are dropped (``drop_reorder``): with the new offset
   they would reuse an index already sent, RFC 7714 §8.4. Within a running feed the map is
@@ -1307,7 +1309,7 @@ class ForwardingTable(Generic[AddrT]):
         hop = assoc._hop
         if hop is None:  # pragma: no cover - decrypt succeeded, so the keys are there
             return out
-        encrypt_for = hop.encrypt_for
+        rewrite = hop.rewrite
         ekt = inbound.ekt_field
         ext = -1  # D36: this packet's index in the stream's repair cache (-1: none)
         cache: RepairCache | None = None
@@ -1321,9 +1323,8 @@ class ForwardingTable(Generic[AddrT]):
                     cfg.repair_cache_packets, cfg.repair_cache_time, vs, seq
                 )
             ext = cache.add(seq, now, header, payload, ekt)
-        # Feeds that resumed together share an offset: one HeaderChanges object for them lets
-        # the hop reuse its rewritten packet (identity hit in its cache).
-        changes: HeaderChanges | None = None
+        changes: HeaderChanges | None = None  # the SEQ change of head and body below
+        head = body = b""
         key = -1  # D35: 2 starts a key frame, 1 another frame, 0 neither; -1 not looked at
         for feed in vs.feeds.values():
             send = feed.on
@@ -1371,16 +1372,19 @@ class ForwardingTable(Generic[AddrT]):
                 feed.start_seq = (seq - _RESUME_TRAIL) & 0xFFFF
             out_seq = (seq - feed.offset) & 0xFFFF
             try:
+                # hop.encrypt_for(feed.session, inbound, changes) on the feed's own stream.
+                seal = feed.seal
+                if seal is None:
+                    seal = feed.seal = feed.session.send_stream(ssrc, out_seq).seal
                 if out_seq == seq:
-                    # encrypt_for(session, inbound) without changes, on the feed's stream.
-                    seal = feed.seal
-                    if seal is None:
-                        seal = feed.seal = feed.session.send_stream(ssrc, seq).seal
                     data = header + seal(seq, payload, header) + ekt
                 else:
                     if changes is None or changes.sequence_number != out_seq:
+                        # Feeds that resumed together share an offset, so this packet is
+                        # rewritten once for all of them (the OHB updated, RFC 8723 §5.2).
                         changes = HeaderChanges(sequence_number=out_seq)
-                    data = encrypt_for(feed.session, inbound, changes)
+                        head, body = rewrite(inbound, changes)
+                    data = head + seal(out_seq, body, head) + ekt
             except SrtpDecodeError:  # the OHB does not parse (HopDecodeError)
                 c.drop_malformed += 1
                 continue
