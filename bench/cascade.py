@@ -19,8 +19,16 @@ a. **Cost of splitting.** One KMF; one ``perc mdd`` with ``workers = 1`` and one
    SO_REUSEPORT, linked by their mesh). R + 1 endpoints join each. At every offered rate both
    get the same load in turn; the CPU per delivery is the relay's CPU time (summed over the
    two workers, /proc/<pid>/stat) over the datagrams the sink received; ``of sys`` is its
-   kernel part (the system calls; the rest is user time, the relay's own Python). Target: the
-   two workers together spend at most 1.15x what one worker spends per delivery.
+   kernel part (the system calls; the rest is user time, the relay's own Python). Two
+   passes: *a1, floating*, every process free to run on any CPU, once per rate; *a2,
+   placed* (``--placed-rounds K``, default 3; skipped on one CPU), the MDDs' processes on
+   one CPU and the load generator and the sink on another, so that no instrument shares a
+   core with what it measures (as on a machine with cores to spare), K alternating rounds
+   over the rates and the median per rate. Target: the two workers together spend at most
+   1.15x what one worker spends per delivery, at the highest rate both carried without loss
+   (placed medians; floating on a one-CPU machine). Both passes' ratios are printed per rate.
+   The load generator and the sink run SCHED_BATCH unless ``--instruments normal`` (see
+   bench/forwarding.py).
 b. **Largest lossless conference** for 1 and 2 workers (audio 50 pkt/s from everyone, video
    from five, as bench/forwarding.py): N grows by ``--size-step`` until a step misses a packet.
 c. **Latency per link hop.** Two ``perc mdd`` processes joined by a D25 link (the same
@@ -39,16 +47,19 @@ little about what two workers carry; their CPU cost per delivery does not depend
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import re
 import select
 import shutil
 import socket
+import statistics
 import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -292,6 +303,80 @@ def row(label: str, rate: float, step: Step, receivers: int) -> None:
     )
 
 
+def header() -> None:
+    print(
+        f"{'mdd':<12} {'offered':>19} {'offered/s':>11} {'delivered/s':>11} {'loss':>8} "
+        f"{'cpu':>7} {'sink':>6} {'load':>6} {'us/dlv':>8} {'of sys':>6}"
+    )
+
+
+@dataclass
+class Placed:
+    steps: dict[str, list[Step]]
+    ratios: list[tuple[float, float, bool]]
+    """Per rate: the ratio of the median CPU per delivery, 2 workers / 1 worker, and whether
+    every step of both at that rate was lossless."""
+
+
+@contextlib.contextmanager
+def placement(relays: list[int]) -> Iterator[bool]:
+    """The relays' processes on the first CPU, this process (the sink) and the load generator
+    it forks on the second; afterwards all may run anywhere again. False (nothing placed) on a
+    machine with one CPU."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        yield False
+        return
+    try:
+        for pid in relays:
+            os.sched_setaffinity(pid, {cpus[0]})
+        os.sched_setaffinity(0, {cpus[1]})
+        yield True
+    finally:
+        for pid in relays:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(pid, cpus)
+        os.sched_setaffinity(0, cpus)
+
+
+def placed_rounds(
+    args: argparse.Namespace,
+    one: tuple[Mdd, list[Endpoint]],
+    two: tuple[Mdd, list[Endpoint]],
+    receivers: int,
+) -> Placed:
+    """Part a2: ``--placed-rounds`` alternating rounds over the rates with the MDDs' processes
+    on one CPU and the instruments on another; per rate the median of each."""
+    out = Placed({one[0].label: [], two[0].label: []}, [])
+    if args.placed_rounds < 1:
+        return out
+    with placement(one[0].pids + two[0].pids) as placed:
+        if not placed:
+            print("# a2. placed: skipped, this machine has one CPU")
+            return out
+        print(
+            f"# a2. placed: the MDDs' processes on one CPU, the load generator and the sink on "
+            f"another (no instrument shares\n#     a core with what it measures, as on a machine "
+            f"with cores for them); {args.placed_rounds} alternating round(s), medians below"
+        )
+        header()
+        for _ in range(args.placed_rounds):
+            for rate in args.rates:
+                for mdd, eps in (one, two):
+                    schedule = fwd.flat_schedule(eps, args.senders, rate, args.seconds, args.size)
+                    step = fwd.run_step(eps, schedule, args.seconds, mdd.pids)
+                    out.steps[mdd.label].append(step)
+                    row(mdd.label, rate, step, receivers)
+    n = len(args.rates)
+    for i, rate in enumerate(args.rates):
+        pair = [out.steps[mdd.label][i::n] for mdd in (one[0], two[0])]
+        if all(s.received for side in pair for s in side):
+            m1, m2 = (statistics.median(s.us_per_delivery for s in side) for side in pair)
+            lossless = all(s.received == s.expected for side in pair for s in side)
+            out.ratios.append((rate, m2 / m1, lossless))
+    return out
+
+
 def size_search(
     roles: Roles, mdd: Mdd, endpoints: list[Endpoint], args: argparse.Namespace
 ) -> tuple[int, list[Endpoint], list[Step]]:
@@ -330,19 +415,21 @@ def main() -> int:
     fwd.load_options(
         ap, rates=[2000.0, 4000.0, 6000.0, 8000.0], size_step=10, size_max=90, size_seconds=2.0
     )
+    ap.add_argument("--placed-rounds", type=int, default=3)
     ap.add_argument("--latency-seconds", type=float, default=3.0)
     ap.add_argument("--latency-rate", type=float, default=None)
-    quick = {"seconds": 0.3, "senders": 1, "receivers": 2, "rates": [500.0]}
+    quick = {"seconds": 0.3, "senders": 1, "receivers": 2, "rates": [500.0], "placed_rounds": 1}
     quick |= {"size_start": 3, "size_max": 3, "size_seconds": 0.3}
     quick |= {"latency_seconds": 0.3, "latency_rate": 200.0}
     args = harness.parse(ap, quick=quick)
+    fwd.INSTRUMENTS = args.instruments
 
     folder = Path(tempfile.mkdtemp(prefix="perc-bench-cascade-"))
     members = args.receivers + 1
     harness.print_machine()
     print(
         f"# cascade: {members} endpoints, {args.senders} senders, {args.size} B payload, "
-        f"{args.seconds:g} s per step, {os.cpu_count()} CPUs"
+        f"{args.seconds:g} s per step, {os.cpu_count()} CPUs, {fwd.instruments_note()}"
     )
     roles = Roles(folder, n_identities=8)
     all_eps: list[Endpoint] = []
@@ -361,12 +448,10 @@ def main() -> int:
         # --- a: the same load on 1 and 2 workers ----------------------------------------------
         print()
         print("# a. the forwarding bench's load, alternating (cpu: summed over the workers)")
-        print(
-            f"{'mdd':<12} {'offered':>19} {'offered/s':>11} {'delivered/s':>11} {'loss':>8} "
-            f"{'cpu':>7} {'sink':>6} {'load':>6} {'us/dlv':>8} {'of sys':>6}"
-        )
+        print("# a1. floating: every process may run on any CPU")
+        header()
         steps: dict[str, list[Step]] = {one.label: [], two.label: []}
-        ratios: list[tuple[float, float, bool]] = []  # rate, ratio, both lossless
+        floating: list[tuple[float, float, bool]] = []  # rate, ratio, both lossless
         for rate in args.rates:
             pair = []
             for mdd, eps in ((one, eps1), (two, eps2)):
@@ -377,7 +462,10 @@ def main() -> int:
                 pair.append(step)
             if all(s.received for s in pair):
                 value = pair[1].us_per_delivery / pair[0].us_per_delivery
-                ratios.append((rate, value, all(s.received == s.expected for s in pair)))
+                floating.append((rate, value, all(s.received == s.expected for s in pair)))
+        placed = placed_rounds(args, (one, eps1), (two, eps2), members - 1)
+        for label, more in placed.steps.items():
+            steps[label] += more
         us1 = min(s.us_per_delivery for s in steps[one.label] if s.received)
         us2 = min(s.us_per_delivery for s in steps[two.label] if s.received)
         lossless1 = [s.delivered for s in steps[one.label] if s.received == s.expected]
@@ -386,19 +474,24 @@ def main() -> int:
         print(f"{'result':<46} {'value':>10}  target")
         print(f"{'1 worker CPU us per delivery (best step)':<46} {us1:>10.2f}")
         print(f"{'2 workers CPU us per delivery, summed (best)':<46} {us2:>10.2f}")
-        # The same offered load: the highest rate both carried without loss (else any).
+        # The same offered load: the highest rate both carried without loss (else any); the
+        # placed medians when the machine has the CPUs to place them.
+        ratios = placed.ratios or floating
         same = [r for r in ratios if r[2]] or ratios
         if same:
-            rate, value, lossless = same[-1]
+            rate, value, clean = same[-1]
+            how = "placed, median" if placed.ratios else "floating"
             harness.ratio(
                 "2 workers",
-                "1 worker (CPU per delivery)",
+                f"1 worker (CPU per delivery, {how})",
                 value,
                 at_most=TARGET_RATIO,
-                note=f"at {rate:,.0f} pkt/s{'' if lossless else ' (with loss)'}",
+                note=f"at {rate:,.0f} pkt/s{'' if clean else ' (with loss)'}",
             )
-            print(f"{'per-rate ratios 2 workers / 1 worker':<46} "
-                  + " ".join(f"{r:,.0f}:{v:.2f}" for r, v, _ in ratios))  # fmt: skip
+        for how, values in (("placed", placed.ratios), ("floating", floating)):
+            if values:
+                print(f"{'per-rate ratios, ' + how:<46} "
+                      + " ".join(f"{r:,.0f}:{v:.2f}" for r, v, _ in values))  # fmt: skip
         print(f"{'load generator + sink CPU us per delivery':<46} {sink_load:>10.2f}")
 
         # --- b: the largest lossless conference -----------------------------------------------

@@ -24,6 +24,9 @@ What happens:
 3. **Load.** A forked *load* process sends the packets from the senders' own sockets, paced to
    the offered rate (K senders round-robin). The bench process is the *sink*: it drains every
    endpoint socket (epoll, non-blocking ``recv_into`` until EAGAIN) and counts SRTP datagrams.
+   Both run SCHED_BATCH (``--instruments batch``, the default; ``normal`` for SCHED_OTHER):
+   they get their fair share of the CPU, but their wake-ups never preempt the relay on its
+   core, which would charge the relay for cache refills it did not cause.
    Every packet is forwarded to every other endpoint, so offered deliveries/s = packets/s x R.
 4. **Baselines, same harness.** A plain Python UDP relay in its own process (blocking
    ``recvfrom``, then ``sendto`` of the same bytes to the R other members; no crypto, no
@@ -61,6 +64,7 @@ comparison.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import multiprocessing
 import os
@@ -73,6 +77,7 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -375,6 +380,35 @@ class Step:
         return 1 - self.received / self.expected if self.expected else 0.0
 
 
+#: How the load generator and the sink are scheduled: ``batch`` (SCHED_BATCH, the default) or
+#: ``normal`` (SCHED_OTHER; ``--instruments normal``). They are instruments: as SCHED_BATCH
+#: tasks they still get their fair share of the CPU, but their wake-ups never preempt a relay
+#: process on its core (Linux skips wake-up preemption for SCHED_BATCH), so the relay's CPU
+#: time does not include the cost of being thrown off its core at every packet the sink is
+#: woken for, a cost that depends on how many processes share the cores, not on the relay.
+INSTRUMENTS = "batch"
+
+
+@contextlib.contextmanager
+def instruments_policy() -> Iterator[None]:
+    """This process (the sink) and what it forks meanwhile (the load generator) run with the
+    :data:`INSTRUMENTS` policy."""
+    if INSTRUMENTS != "batch":
+        yield
+        return
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    try:
+        yield
+    finally:
+        os.sched_setscheduler(0, policy, param)
+
+
+def instruments_note() -> str:
+    policy = "SCHED_BATCH" if INSTRUMENTS == "batch" else "SCHED_OTHER"
+    return f"load generator and sink {policy} (--instruments {INSTRUMENTS})"
+
+
 def run_step(
     endpoints: list[Endpoint], schedule: Schedule, seconds: float, relay_pid: int | list[int]
 ) -> Step:
@@ -390,9 +424,10 @@ def run_step(
     drops0 = rcvbuf_errors()
     self0 = resource.getrusage(resource.RUSAGE_SELF)
     child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    load.start()
-    counts = sink(socks, start + seconds + GRACE)
-    load.join(10)
+    with instruments_policy():
+        load.start()
+        counts = sink(socks, start + seconds + GRACE)
+        load.join(10)
     wall = seconds + GRACE + 0.2
     cpu = (sum(cpu_seconds(p) for p in pids) - cpu0) / wall
     system = (sum(cpu_times(p)[1] for p in pids) - sys0) / wall
@@ -533,6 +568,12 @@ def load_options(
     ap.add_argument("--video-pps", type=float, default=100.0)
     ap.add_argument("--video-size", type=int, default=1100)
     ap.add_argument("--keep", type=Path, default=None, help="keep configs and logs here")
+    ap.add_argument(
+        "--instruments",
+        choices=["batch", "normal"],
+        default=INSTRUMENTS,
+        help="scheduling policy of the load generator and the sink (see INSTRUMENTS)",
+    )
 
 
 def main() -> int:
@@ -551,13 +592,15 @@ def main() -> int:
     quick = {"seconds": 0.3, "senders": 1, "receivers": 2, "rates": [1000.0]}
     quick |= {"size_start": 3, "size_max": 3, "size_seconds": 0.3}
     args = harness.parse(ap, quick=quick)
+    global INSTRUMENTS
+    INSTRUMENTS = args.instruments
 
     folder = Path(tempfile.mkdtemp(prefix="perc-bench-fwd-"))
     members = args.receivers + 1
     harness.print_machine()
     print(
         f"# forwarding: {members} endpoints, {args.senders} senders, {args.size} B payload, "
-        f"{args.seconds:g} s per step, {os.cpu_count()} CPUs"
+        f"{args.seconds:g} s per step, {os.cpu_count()} CPUs, {instruments_note()}"
     )
     header = (
         f"{'relay':<14} {'offered':>19} {'offered dlv/s':>12} {'delivered/s':>12} "
