@@ -1381,9 +1381,11 @@ class ForwardingTable(Generic[AddrT]):
                 else:
                     if changes is None or changes.sequence_number != out_seq:
                         # Feeds that resumed together share an offset, so this packet is
-                        # rewritten once for all of them (the OHB updated, RFC 8723 §5.2).
-                        changes = HeaderChanges(sequence_number=out_seq)
-                        head, body = rewrite(inbound, changes)
+                        # rewritten once for all of them (the OHB updated, RFC 8723 §5.2);
+                        # ``changes`` names head and body only once the rewrite succeeded.
+                        wanted = HeaderChanges(sequence_number=out_seq)
+                        head, body = rewrite(inbound, wanted)
+                        changes = wanted
                     data = head + seal(out_seq, body, head) + ekt
             except SrtpDecodeError:  # the OHB does not parse (HopDecodeError)
                 c.drop_malformed += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import struct
 
 import pytest
 
@@ -273,3 +274,28 @@ def test_a_feed_that_stays_on_keeps_forwarding_past_half_the_seq_space() -> None
         v.feed(a, v.wire(a))
     assert table.associations[a.association_id].counters.drop_reorder == 0
     assert sum(1 for p in b.got if p.ssrc == a.ssrc) == count
+
+
+def test_a_packet_whose_ohb_does_not_parse_is_dropped_by_every_renumbered_feed() -> None:
+    """Feeds that resumed together share one rewrite of each packet. When that rewrite fails
+    (the OHB does not parse), every one of those feeds drops the packet, counted; none is
+    sent parts left from another rewrite."""
+    table: ForwardingTable[Address] = ForwardingTable(ForwardingConfig(last_n=1))
+    eps = conference(table, 4, first_port=8100)
+    a, b, c, d = eps
+    v = Video(table, eps)
+    v.run(0.3, [a])
+    v.run(0.3, [a, b])  # c and d switch to b
+    v.run(2.5, [a])  # b pruned: c and d resume a, with one offset
+    for ep in (c, d):
+        assert ep.got[-1].sequence_number != ep.got[-1].original_sequence_number
+    header = struct.pack("!BBHII", 0x80, 96, (a.seq + 1) & 0xFFFF, 0, a.ssrc)
+    # a's outer key (so the hop opens it), a Short EKT field; the outer plaintext is a bare
+    # OHB config byte with B set and M clear (RFC 8723 §4: not an OHB).
+    wire = a.rtcp_tx.protect_rtp(header + b"\x08") + b"\x00"
+    counters = table.associations[a.association_id].counters
+    before = counters.drop_malformed
+    out = table.handle_datagram(a.address, wire, v.now + STEP)
+    # b's feed of a never paused: sent as it came, without a rewrite.
+    assert [address for address, _ in out] == [b.address]
+    assert counters.drop_malformed == before + 2
