@@ -137,6 +137,9 @@ class ConferenceRelay:
         self._sock: socket.socket | None = None
         #: How datagrams leave; run() sets the bound socket's own sendto (see _sender).
         self._sendto: Callable[[bytes, Address], int] = self._send_on_socket
+        #: Addresses whose datagrams the hot loops hand to :meth:`_hold` instead of sending
+        #: them from the conference socket (a D27 worker's mesh peers; empty otherwise).
+        self._held_peers: frozenset[Address] | set[Address] = frozenset()
         #: One task at a time waits for the socket to become writable (see _wait_writable).
         self._write_lock = trio.Lock()
         expected = conference.kmf_fingerprint
@@ -221,6 +224,10 @@ class ConferenceRelay:
         """How datagrams leave (a D27 worker sends to its mesh peers from another socket)."""
         return sock.sendto
 
+    def _sendto_plain(self) -> Callable[[bytes, Address], int]:
+        """The conference socket's own sendto (for every address but :attr:`_held_peers`)."""
+        return self._sock.sendto if self._sock is not None else self._send_on_socket
+
     def _more_sockets(self) -> list[socket.socket]:
         """Further sockets whose datagrams go to the engine (a D27 worker's mesh socket)."""
         return []
@@ -228,6 +235,10 @@ class ConferenceRelay:
     def _coalesced(self, sock: socket.socket) -> bool:
         """Whether ``sock`` hands datagrams coalesced (``UDP_GRO``, a D27 worker's mesh)."""
         return False
+
+    def _hold(self, data: bytes, addr: Address) -> None:
+        """A datagram for one of :attr:`_held_peers` (sent now or held until :meth:`_flush`)."""
+        self._sendto(data, addr)
 
     def _flush(self) -> None:
         """Send what the sender held back during a batch (a D27 worker's mesh datagrams)."""
@@ -376,7 +387,9 @@ class ConferenceRelay:
 
     async def _udp_loop(self, sock: socket.socket) -> None:
         recv = sock.recvfrom
-        sendto = self._sendto
+        # The hot path: the conference socket's own sendto, and the few held peers checked
+        # inline (a call per delivery through a router costs more than the check).
+        sendto, peers, hold = self._sendto_plain(), self._held_peers, self._hold
         receive = self.engine.receive_datagram
         to_send = self.engine.datagrams_to_send
         current_time = trio.current_time
@@ -398,7 +411,10 @@ class ConferenceRelay:
                     datagram = b""
                     try:
                         for addr, datagram in out:
-                            sendto(datagram, addr)
+                            if peers and addr in peers:
+                                hold(datagram, addr)
+                            else:
+                                sendto(datagram, addr)
                     except OSError as e:
                         # Rare (EAGAIN or an ICMP error): find where we stopped, by identity.
                         index = next(i for i, o in enumerate(out) if o[1] is datagram)
@@ -416,7 +432,7 @@ class ConferenceRelay:
         recvmsg = sock.recvmsg
         receive = self.engine.receive_datagram
         to_send = self.engine.datagrams_to_send
-        sendto = self._sendto
+        sendto, peers, hold = self._sendto_plain(), self._held_peers, self._hold
         current_time = trio.current_time
         while True:
             await trio.lowlevel.wait_readable(sock)
@@ -435,7 +451,10 @@ class ConferenceRelay:
                     out = to_send()
                     for index, (dest, packet) in enumerate(out):
                         try:
-                            sendto(packet, dest)
+                            if peers and dest in peers:
+                                hold(packet, dest)
+                            else:
+                                sendto(packet, dest)
                         except OSError as e:
                             await self._send(out, index, e)
                             break

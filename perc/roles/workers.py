@@ -112,25 +112,32 @@ class WorkerRelay(ConferenceRelay):
         return sock
 
     def _sender(self, sock: socket.socket) -> Callable[[bytes, Address], int]:
-        mesh, peers, held = self._mesh_sock, self._mesh_peers, self._held
-        assert mesh is not None
-        shared, private = sock.sendto, mesh.sendto
+        peers, shared, hold = self._mesh_peers, sock.sendto, self._hold
+        self._held_peers = peers  # the hot loops check these inline and call _hold
 
         def sendto(data: bytes, addr: Address) -> int:
             if addr not in peers:
                 return shared(data, addr)
-            if not self._gso or not is_srtp(data):
-                return private(data, addr)  # DTLS is never held
-            queue = held.get(addr)
-            if queue is None:
-                held[addr] = [data]
-            else:
-                queue.append(data)
-                if len(queue) >= MESH_BATCH:
-                    self._flush_peer(addr)
+            hold(data, addr)
             return len(data)
 
         return sendto
+
+    def _hold(self, data: bytes, addr: Address) -> None:
+        """Mesh SRTP/SRTCP waits for the end of the batch (:meth:`_flush`), at most
+        ``MESH_BATCH`` per peer; DTLS (or everything, without GSO) goes at once."""
+        mesh = self._mesh_sock
+        assert mesh is not None
+        if not self._gso or not is_srtp(data):
+            mesh.sendto(data, addr)  # DTLS is never held
+            return
+        queue = self._held.get(addr)
+        if queue is None:
+            self._held[addr] = [data]
+        else:
+            queue.append(data)
+            if len(queue) >= MESH_BATCH:
+                self._flush_peer(addr)
 
     def _more_sockets(self) -> list[socket.socket]:
         return [self._mesh_sock] if self._mesh_sock is not None else []
