@@ -348,6 +348,12 @@ def rcvbuf_errors() -> int:
     return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
+def step_wall(seconds: float) -> float:
+    """The wall time over which a step's CPU is measured: the 0.2 s lead before the load
+    starts, the ``seconds`` of load and the sink's ``GRACE``."""
+    return seconds + GRACE + 0.2
+
+
 @dataclass
 class Step:
     offered: float  # deliveries/s
@@ -365,14 +371,14 @@ class Step:
     def us_system_per_delivery(self) -> float:
         """The kernel's part of :attr:`us_per_delivery` (system calls: the relay's sendto
         delivers each datagram on loopback); the rest is user time, the relay's own code."""
-        wall = self.seconds + GRACE + 0.2
+        wall = step_wall(self.seconds)
         return 1e6 * self.system_cpu * wall / self.received if self.received else math.nan
 
     @property
     def us_per_delivery(self) -> float:
         """Relay CPU time per delivery (independent of how much CPU it was given); NaN if the
         step received nothing or was too short for one tick of /proc's CPU clock."""
-        wall = self.seconds + GRACE + 0.2
+        wall = step_wall(self.seconds)
         return 1e6 * self.cpu * wall / self.received if self.received and self.cpu else math.nan
 
     @property
@@ -428,7 +434,7 @@ def run_step(
         load.start()
         counts = sink(socks, start + seconds + GRACE)
         load.join(10)
-    wall = seconds + GRACE + 0.2
+    wall = step_wall(seconds)
     cpu = (sum(cpu_seconds(p) for p in pids) - cpu0) / wall
     system = (sum(cpu_times(p)[1] for p in pids) - sys0) / wall
     self1 = resource.getrusage(resource.RUSAGE_SELF)

@@ -17,7 +17,8 @@ conference of ``1 + R`` endpoints; each incoming packet becomes ``R`` outgoing d
 - ``core video last_n=R``: the same with last_n on (every receiver wants the stream, so the
   last_n bookkeeping is paid but nothing is withheld or renumbered).
 - ``core video renumbered``: last_n on and the stream resumed for every receiver after a
-  pause, so every delivery is SEQ-rewritten with an OHB (``encrypt_for`` with changes).
+  pause, so every delivery is SEQ-rewritten with an OHB (the hop's ``rewrite``, then the
+  receiver's seal).
 
 - ``core audio over a worker mesh link``: the same packets through two tables joined by a
   D27 worker-mesh link, the sender and half the receivers on one, the rest on the other, so

@@ -90,6 +90,7 @@ class WorkerRelay(ConferenceRelay):
         self.conference_plan: ConferencePlan = plan.conferences[conference.id]
         self._mesh_sock: socket.socket | None = None
         self._mesh_peers: set[Address] = set()
+        self._held_peers = self._mesh_peers  # the hot loops check these inline and call _hold
         self._fingerprint = config.identity.fingerprint
         #: SRTP/SRTCP held for each mesh peer until the end of the batch (perc.workers:
         #: mesh batches); sent with UDP_SEGMENT while the kernel takes it
@@ -113,7 +114,6 @@ class WorkerRelay(ConferenceRelay):
 
     def _sender(self, sock: socket.socket) -> Callable[[bytes, Address], int]:
         peers, shared, hold = self._mesh_peers, sock.sendto, self._hold
-        self._held_peers = peers  # the hot loops check these inline and call _hold
 
         def sendto(data: bytes, addr: Address) -> int:
             if addr not in peers:
