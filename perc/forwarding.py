@@ -1040,6 +1040,22 @@ class ForwardingTable(Generic[AddrT]):
         assoc.last_seen = now
         return self._process(assoc, data, now)
 
+    def handle_datagrams(self, address: AddrT, datagrams: list[bytes], now: float) -> Output[AddrT]:
+        """:meth:`handle_datagram` for several datagrams from ``address``, in order."""
+        assoc = self._by_address.get(address)
+        if assoc is None:
+            self.stats.unknown_source += len(datagrams)
+            return []
+        assoc._counters.received += len(datagrams)
+        assoc.last_seen = now
+        process = self._process
+        out: Output[AddrT] = []
+        for data in datagrams:
+            part = process(assoc, data, now)
+            if part:
+                out += part
+        return out
+
     def handle_from(self, association_id: uuid.UUID, data: bytes, now: float) -> Output[AddrT]:
         """:meth:`handle_datagram` for a datagram the shell already matched to its association."""
         assoc = self._by_id.get(association_id)

@@ -796,6 +796,25 @@ class MddEngine:
         self._tunnel_out.append(TunneledDtls(assoc.association_id, data))
         self._stats.dtls_to_kmf += 1
 
+    def receive_datagrams(self, datagrams: list[bytes], addr: Address, now: float) -> None:
+        """Several datagrams from ``addr`` at once (a coalesced receive): the same as
+        :meth:`receive_datagram` for each in order, with the checks that depend only on
+        ``addr`` made once when all of them are SRTP/SRTCP."""
+        if (
+            len(datagrams) > 1
+            and not (self._unkeyed_links and addr in self._unkeyed_links)
+            and not (self._pending and self._is_pending(addr))
+            and all(map(is_srtp, datagrams))
+        ):
+            out = self.table.handle_datagrams(addr, datagrams, now)
+            if out:
+                self._datagrams += out
+            if self.table.loop_reports:
+                self._drain_loops()
+            return
+        for data in datagrams:
+            self.receive_datagram(data, addr, now)
+
     def _is_pending(self, addr: Address) -> bool:
         assoc = self.table.association_for(addr)
         return assoc is not None and assoc.association_id in self._pending

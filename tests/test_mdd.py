@@ -168,6 +168,32 @@ def test_media_is_forwarded_to_every_other_keyed_endpoint() -> None:
     assert e.associations[a.association_id].counters.packets_in == 3
 
 
+def test_a_coalesced_receive_is_handled_as_its_datagrams_one_by_one() -> None:
+    e = engine()
+    up(e)
+    eps = endpoints(4)
+    a, d = eps[0], eps[3]
+    for ep in eps[:3]:
+        join(e, ep)
+    e.receive_datagrams([a.send(1.0), a.send(1.0), a.send(1.0)], a.address, 1.0)
+    assert deliver(eps, e.datagrams_to_send(), 1.0) == ["b", "c"] * 3
+    assert [p.sequence_number for p in eps[1].got] == [1001, 1002, 1003]
+    # DTLS among them: each datagram goes its own way, the record to the KMF.
+    e.receive_datagrams([a.send(2.0), DTLS], a.address, 2.0)
+    assert deliver(eps, e.datagrams_to_send(), 2.0) == ["b", "c"]
+    (msg,) = e.tunnel_messages_to_send()
+    assert isinstance(msg, TunneledDtls) and msg.dtls_message == DTLS
+    # From an address that is no association: each is unknown.
+    e.receive_datagrams([a.send(3.0), a.send(3.0)], ("10.0.0.9", 9), 3.0)
+    assert e.datagrams_to_send() == [] and e.table.stats.unknown_source == 2
+    # From a pending association: each is dropped and counted, as one by one.
+    join(e, d, keys=False, admit=False)
+    e.receive_datagrams([d.send(4.0), d.send(4.0)], d.address, 4.0)
+    assert e.datagrams_to_send() == [] and e.admission_stats.dropped_pending_srtp == 2
+    st = e.stats
+    assert (st.srtp_in, st.srtp_out, st.dropped_srtp) == (6, 8, 2)  # the unknown two
+
+
 # --- the tunnel --------------------------------------------------------------------------------
 
 

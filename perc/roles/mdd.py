@@ -430,7 +430,7 @@ class ConferenceRelay:
         """:meth:`_udp_loop` for a socket with ``UDP_GRO``: one receive may bring several
         datagrams of one sender (:func:`perc.workers.gro_segments`)."""
         recvmsg = sock.recvmsg
-        receive = self.engine.receive_datagram
+        receive = self.engine.receive_datagrams
         to_send = self.engine.datagrams_to_send
         sendto, peers, hold = self._sendto_plain(), self._held_peers, self._hold
         current_time = trio.current_time
@@ -446,18 +446,19 @@ class ConferenceRelay:
                 except OSError as e:
                     self._receive_error(e)
                     continue
-                for datagram in gro_segments(data, ancillary):
-                    receive(datagram, addr, now)
-                    out = to_send()
-                    for index, (dest, packet) in enumerate(out):
-                        try:
+                receive(gro_segments(data, ancillary), addr, now)
+                out = to_send()
+                if out:
+                    datagram = b""
+                    try:
+                        for dest, datagram in out:
                             if peers and dest in peers:
-                                hold(packet, dest)
+                                hold(datagram, dest)
                             else:
-                                sendto(packet, dest)
-                        except OSError as e:
-                            await self._send(out, index, e)
-                            break
+                                sendto(datagram, dest)
+                    except OSError as e:
+                        index = next(i for i, o in enumerate(out) if o[1] is datagram)
+                        await self._send(out, index, e)
             else:
                 self._batch_done(cpu)
                 await trio.lowlevel.checkpoint()

@@ -174,6 +174,22 @@ def test_malformed_and_unknown_source() -> None:
     assert table.stats.unknown_source == 2
 
 
+def test_several_datagrams_from_one_address_are_handled_as_one_by_one() -> None:
+    table: ForwardingTable[Address] = ForwardingTable()
+    eps = conference(table, 3)
+    a, b, c = eps
+    batch = [a.send(0.001), b"\x80", a.send(0.002), a.send(0.003)]
+    out = table.handle_datagrams(a.address, batch, 0.01)
+    assert sorted(dispatch(eps, out, 0.01)) == ["b"] * 3 + ["c"] * 3
+    assert [p.sequence_number for p in b.got] == [p.sequence_number for p in c.got]
+    assert [p.sequence_number for p in b.got] == [1001, 1002, 1003]
+    ca = table.associations[a.association_id].counters
+    assert (ca.received, ca.packets_in, ca.drop_malformed) == (4, 3, 1)
+    assert table.associations[a.association_id].last_seen == 0.01
+    assert table.handle_datagrams(("10.0.0.1", 1), batch, 0.02) == []
+    assert table.stats.unknown_source == 4
+
+
 def test_removal_and_idle_expiry() -> None:
     table: ForwardingTable[Address] = ForwardingTable()
     a, b, c = conference(table, 3)
