@@ -204,7 +204,8 @@ keyframe_wait=0.1)``.
   ``expire_idle(now, timeout) -> list[UUID]``; ``tick(now)`` (last_n ranking upkeep);
   ``touch(association_id, now)`` (other traffic, e.g. DTLS, also counts as activity).
 - ``handle_datagram(address, data, now) -> list[(address, bytes)]``;
-  ``handle_from(association_id, data, now)`` (the same, looked up by id).
+  ``handle_from(association_id, data, now)`` (the same, looked up by id);
+  ``handle_datagrams(address, [data, ...], now)`` (several from one address, in order).
 - ``associations`` (dict by id, read only; ``Association.counters`` is an
   :class:`AssociationCounters`), ``association_for(address)``, ``stats`` (:class:`TableStats`),
   ``snapshot(now) -> ForwardingSnapshot`` (plain dicts; ``totals()``, ``log_lines()``; cheap,

@@ -6,6 +6,7 @@ API::
     engine = MddEngine(conference_id, kmf="host:port", forwarding=ForwardingConfig(...),
                        idle_timeout=10.0, stats_interval=10.0)   # or MddEngine.from_config
     engine.receive_datagram(data, addr, now)      # anything from the conference's UDP port
+    engine.receive_datagrams([data, ...], addr, now)   # several from one sender (UDP_GRO)
     engine.receive_tunnel_message(msg, now)       # anything the KMF sent on the tunnel
     engine.tunnel_up(now, fingerprint=..., tls=...)          # SupportedProfiles is queued
     engine.tunnel_down(now, reason=..., retry_in=...)        # the shell's tunnel ended
