@@ -31,6 +31,7 @@ a. **Cost of splitting.** One KMF; one ``perc mdd`` with ``workers = 1`` and one
    bench/forwarding.py).
 b. **Largest lossless conference** for 1 and 2 workers (audio 50 pkt/s from everyone, video
    from five, as bench/forwarding.py): N grows by ``--size-step`` until a step misses a packet.
+   Part a's ratio is printed again for each size both carried without loss.
 c. **Latency per link hop.** Two ``perc mdd`` processes joined by a D25 link (the same
    conference, ``[[conference.link]]`` on both), four endpoints on each; one endpoint on the
    first MDD sends. Every packet reaches a receiver on the same MDD and a receiver across the
@@ -510,6 +511,16 @@ def main() -> int:
         all_eps = eps1 + eps2
         print(f"largest lossless conference: 1 worker {best1}, 2 workers {best2} endpoints "
               f"(step {args.size_step}, up to {args.size_max})")  # fmt: skip
+        # The same comparison as part a's, at each conference size both carried without loss
+        # (the steps of both searches go through the same sizes).
+        sizes = range(max(args.size_start, members), args.size_max + 1, args.size_step)
+        by_size = [
+            f"{n}:{b.us_per_delivery / a.us_per_delivery:.2f}"
+            for n, a, b in zip(sizes, more1, more2, strict=False)
+            if a.received == a.expected and b.received == b.expected and a.received
+        ]
+        print(f"{'per-size ratios, 2 workers / 1 worker':<46} "
+              + (" ".join(by_size) or "(no size both carried without loss)"))  # fmt: skip
         for e in all_eps:
             e.sock.close()
         all_eps = []

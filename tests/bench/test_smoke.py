@@ -153,6 +153,7 @@ EXPECTED: dict[str, tuple[list[str], list[str]]] = {
             r"^per-rate ratios, placed\s+500:\d+\.\d\d",
             r"^per-rate ratios, floating\s+500:\d+\.\d\d",
             r"^largest lossless conference: 1 worker \d+, 2 workers \d+ endpoints",
+            r"^per-size ratios, 2 workers / 1 worker\s+(3:\d+\.\d\d|\(no size)",
             r"^hop latency: \d+ of \d+ packets seen on both sides, .* p50 -?[\d.]+ ms, p99 ",
             r"^2 workers: [\d,]+ deliveries/s = a conference of \d+",
         ],
