@@ -12,6 +12,8 @@ import uuid
 
 import attrs
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from perc import events
 from perc.forwarding import ForwardingConfig
@@ -192,6 +194,32 @@ def test_a_coalesced_receive_is_handled_as_its_datagrams_one_by_one() -> None:
     assert e.datagrams_to_send() == [] and e.admission_stats.dropped_pending_srtp == 2
     st = e.stats
     assert (st.srtp_in, st.srtp_out, st.dropped_srtp) == (6, 8, 2)  # the unknown two
+
+
+_FUZZ_ENGINE = engine()
+up(_FUZZ_ENGINE)
+_FUZZ_EPS = endpoints(2)
+for _ep in _FUZZ_EPS:
+    join(_FUZZ_ENGINE, _ep)
+_FUZZ_ADDRESSES = [ep.address for ep in _FUZZ_EPS] + [("10.0.0.9", 9)]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(range(3)),
+    st.lists(
+        st.one_of(
+            st.binary(max_size=120),
+            st.builds(lambda b0, rest: bytes((b0,)) + rest, st.integers(0x80, 0xBF), st.binary()),
+            st.just(DTLS),
+        ),
+        max_size=6,
+    ),
+)
+def test_a_coalesced_receive_of_garbage_never_raises(which: int, batch: list[bytes]) -> None:
+    _FUZZ_ENGINE.receive_datagrams(batch, _FUZZ_ADDRESSES[which], 1.0)
+    assert _FUZZ_ENGINE.datagrams_to_send() == []  # nothing forged authenticates
+    _FUZZ_ENGINE.tunnel_messages_to_send()  # DTLS goes to the KMF
 
 
 # --- the tunnel --------------------------------------------------------------------------------

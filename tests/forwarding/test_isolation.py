@@ -66,6 +66,17 @@ def test_garbage_datagrams_never_raise(which: int, data: bytes, now: float) -> N
     assert out == []  # nothing forged authenticates
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(range(5)),
+    st.lists(st.one_of(st.binary(max_size=200), _rtpish), max_size=8),
+    st.floats(0, 100),
+)
+def test_garbage_batches_never_raise(which: int, batch: list[bytes], now: float) -> None:
+    # What a coalesced receive hands the table (handle_datagrams).
+    assert _TABLE.handle_datagrams(_ADDRESSES[which], batch, now) == []
+
+
 def test_truncations_and_bit_flips_of_valid_packets_never_raise_and_are_counted() -> None:
     table: ForwardingTable[Address] = ForwardingTable(ForwardingConfig(last_n=1))
     a, _b, _c = conference(table, 3)
