@@ -448,6 +448,8 @@ class ConferenceRelay:
                     continue
                 receive(gro_segments(data, ancillary), addr, now)
                 out = to_send()
+                # The send block of _udp_loop, kept inline in both loops: as a method called
+                # once per receive it cost 1% more instructions per delivery (callgrind).
                 if out:
                     datagram = b""
                     try:
