@@ -380,10 +380,11 @@ def placed_rounds(
 
 def size_search(
     roles: Roles, mdd: Mdd, endpoints: list[Endpoint], args: argparse.Namespace
-) -> tuple[int, list[Endpoint], list[Step]]:
-    """Part b for one MDD: the largest N without a missing packet, the endpoints, the steps."""
+) -> tuple[int, list[Endpoint], dict[int, Step]]:
+    """Part b for one MDD: the largest N without a missing packet, the endpoints, the steps
+    by N."""
     n, best = len(endpoints), 0
-    steps = []
+    steps: dict[int, Step] = {}
     target = max(args.size_start, n)
     while target <= args.size_max:
         if target > n:
@@ -393,7 +394,7 @@ def size_search(
             endpoints, args.size_seconds, args.size, args.video_pps, args.video_size
         )
         step = fwd.run_step(endpoints, schedule, args.size_seconds, mdd.pids)
-        steps.append(step)
+        steps[n] = step
         lost = step.expected - step.received
         print(
             f"{mdd.label:<12} {n:>9} {step.offered:>13,.0f} {step.received:>10,} {lost:>8,} "
@@ -511,12 +512,11 @@ def main() -> int:
         all_eps = eps1 + eps2
         print(f"largest lossless conference: 1 worker {best1}, 2 workers {best2} endpoints "
               f"(step {args.size_step}, up to {args.size_max})")  # fmt: skip
-        # The same comparison as part a's, at each conference size both carried without loss
-        # (the steps of both searches go through the same sizes).
-        sizes = range(max(args.size_start, members), args.size_max + 1, args.size_step)
+        # The same comparison as part a's, at each conference size both carried without loss.
+        pairs = [(n, a, more2[n]) for n, a in more1.items() if n in more2]
         by_size = [
             f"{n}:{b.us_per_delivery / a.us_per_delivery:.2f}"
-            for n, a, b in zip(sizes, more1, more2, strict=False)
+            for n, a, b in pairs
             if a.received == a.expected and b.received == b.expected and a.received
         ]
         print(f"{'per-size ratios, 2 workers / 1 worker':<46} "
@@ -566,9 +566,10 @@ def main() -> int:
         # --- projection ------------------------------------------------------------------------
         print()
         # The cheapest lossless step of parts a and b: per-wakeup costs amortised best.
-        lossless = [s for s in steps[one.label] + more1 if s.received == s.expected] or more1
+        b1, b2 = list(more1.values()), list(more2.values())
+        lossless = [s for s in steps[one.label] + b1 if s.received == s.expected] or b1
         p1 = min(s.us_per_delivery for s in lossless if s.received)
-        lossless = [s for s in steps[two.label] + more2 if s.received == s.expected] or more2
+        lossless = [s for s in steps[two.label] + b2 if s.received == s.expected] or b2
         p2 = min(s.us_per_delivery for s in lossless if s.received)
         d1, d2 = 1e6 / p1, 2e6 / p2
         print(
